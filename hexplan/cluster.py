@@ -1,0 +1,326 @@
+"""Cluster specs: nodes of GPUs, regions, and the network between them.
+
+A cluster YAML file (documented in docs/cluster-format.md)::
+
+    name: hexgen-case
+    coordinator: n0            # optional: the node that runs the gateway (default: first node)
+    gpu_types:                 # optional: custom GPU types or profiles for built-in ones
+      MyGPU: {memory: 24GB, memory_bandwidth: 936GB/s, fp16_tflops: 71, price_per_hour: 0.4}
+    nodes:
+      - {name: n0, gpu: A6000, count: 4, region: r1, interconnect: 32GB/s, address: 10.0.0.1:50051}
+    network:
+      default: {bandwidth: 10Gbps, latency: 0.5ms}
+      links:
+        - {between: [n0, n1], bandwidth: 25Gbps, latency: 0.2ms}   # node names or region names
+
+A link rule naming two nodes beats one naming a node and a region, which beats one naming two
+regions, which beats the default; among equally specific rules the last one wins. Bandwidth is
+per pair of nodes, in each direction.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from .errors import SpecError
+from .gpus import CATALOG, GpuType, Profile, ProfileTable
+from .units import UnitError, parse_bandwidth, parse_size, parse_time
+from .yamlio import Locator, load_document, loads_document
+
+INTRA_NODE_LATENCY = 5e-6  # s, one hop over NVLink/PCIe inside a node
+DEFAULT_BANDWIDTH = 10e9 / 8  # 10 Gbps
+DEFAULT_LATENCY = 1e-3
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    gpu: GpuType
+    count: int
+    region: str = ""
+    interconnect: float = 0.0  # bytes/s per GPU inside the node
+    address: str | None = None  # host:port of this node's executor
+
+
+@dataclass(frozen=True)
+class Link:
+    bandwidth: float  # bytes/s
+    latency: float    # s
+
+
+@dataclass(frozen=True)
+class LinkRule:
+    between: tuple[str, str]
+    link: Link
+
+
+@dataclass(frozen=True)
+class Cluster:
+    name: str
+    nodes: tuple[Node, ...]
+    default_link: Link = Link(DEFAULT_BANDWIDTH, DEFAULT_LATENCY)
+    links: tuple[LinkRule, ...] = ()
+    coordinator: str = ""  # node name; "" means the first node
+    source: str | None = field(default=None, compare=False)  # file it was read from
+
+    def __post_init__(self):
+        # Lookup caches (not fields: they do not take part in equality or repr).
+        object.__setattr__(self, "_by_name", {n.name: n for n in self.nodes})
+        object.__setattr__(self, "_links", {})
+
+    def node(self, name: str) -> Node:
+        return self._by_name[name]
+
+    @property
+    def coordinator_node(self) -> Node:
+        return self.node(self.coordinator) if self.coordinator else self.nodes[0]
+
+    @property
+    def regions(self) -> list[str]:
+        out: list[str] = []
+        for n in self.nodes:
+            if n.region not in out:
+                out.append(n.region)
+        return out
+
+    @property
+    def total_gpus(self) -> int:
+        return sum(n.count for n in self.nodes)
+
+    @property
+    def total_memory(self) -> float:
+        return sum(n.count * n.gpu.memory for n in self.nodes)
+
+    @property
+    def price_per_hour(self) -> float:
+        return sum(n.count * n.gpu.price_per_hour for n in self.nodes)
+
+    def link(self, a: str, b: str) -> Link:
+        """The link between nodes ``a`` and ``b`` (the node's own fabric when a == b)."""
+        cached = self._links.get((a, b))
+        if cached is not None:
+            return cached
+        na, nb = self.node(a), self.node(b)
+        if a == b:
+            link = self._links[(a, b)] = Link(na.interconnect, INTRA_NODE_LATENCY)
+            return link
+        best, best_score = self.default_link, -1
+        for rule in self.links:
+            x, y = rule.between
+            for p, q in ((x, y), (y, x)):
+                sp = 2 if p == na.name else (1 if na.region and p == na.region else 0)
+                sq = 2 if q == nb.name else (1 if nb.region and q == nb.region else 0)
+                if sp and sq and sp + sq >= best_score:
+                    best, best_score = rule.link, sp + sq
+        self._links[(a, b)] = best
+        return best
+
+    def with_nodes(self, nodes) -> "Cluster":
+        return replace(self, nodes=tuple(nodes))
+
+
+# ---------------------------------------------------------------------------------------
+# Parsing
+
+_NODE_KEYS = {"name", "gpu", "count", "region", "interconnect", "address"}
+_TOP_KEYS = {"name", "nodes", "network", "gpu_types", "coordinator", "description"}
+_GPU_KEYS = {"memory", "memory_bandwidth", "fp16_tflops", "interconnect", "price_per_hour", "profiles"}
+
+
+def load_cluster(path) -> Cluster:
+    """Read and check a cluster YAML file. Raises SpecError naming file, line and field."""
+    data, lines = load_document(path)
+    return cluster_from_dict(data, Locator(str(path), lines))
+
+
+def loads_cluster(text: str, file: str | None = None) -> Cluster:
+    data, lines = loads_document(text, file=file)
+    return cluster_from_dict(data, Locator(file, lines))
+
+
+def _check_keys(d: dict, allowed: set, path, loc: Locator) -> None:
+    for k in d:
+        if k not in allowed:
+            raise loc.error(path + (k,), f"unknown field {k!r}; expected one of {', '.join(sorted(allowed))}")
+
+
+def _positive(value, path, loc: Locator, parser, what: str, allow_zero=False) -> float:
+    if value is None:
+        raise loc.error(path, f"missing {what}")
+    try:
+        x = parser(value)
+    except UnitError as e:
+        raise loc.error(path, str(e)) from None
+    if x < 0 or (x == 0 and not allow_zero):
+        raise loc.error(path, f"must be {'non-negative' if allow_zero else 'positive'}, got {value!r}")
+    return x
+
+
+def _number(value, path, loc: Locator, what: str, allow_zero=False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise loc.error(path, f"{what} must be a number, got {value!r}")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise loc.error(path, f"{what} must be finite")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise loc.error(path, f"{what} must be {'non-negative' if allow_zero else 'positive'}, got {value!r}")
+    return float(value)
+
+
+def _table(d, path, loc: Locator) -> ProfileTable:
+    if not isinstance(d, dict) or not d:
+        raise loc.error(path, "expected a mapping like {1: 1.4, 100: 2.5} (x -> milliseconds)")
+    pts = []
+    for k, v in d.items():
+        x = _number(k, path + (k,), loc, "batch/tokens")
+        y = _number(v, path + (k,), loc, "milliseconds")
+        pts.append((x, y))
+    return ProfileTable(tuple(sorted(pts)))
+
+
+def _gpu_type(name: str, d, path, loc: Locator) -> GpuType:
+    if not isinstance(d, dict):
+        raise loc.error(path, "a GPU type must be a mapping of its figures")
+    _check_keys(d, _GPU_KEYS, path, loc)
+    base = CATALOG.get(name)
+
+    def get(key, parser, what, default=None):
+        if key in d:
+            return _positive(d[key], path + (key,), loc, parser, what)
+        if base is not None:
+            return getattr(base, key)
+        if default is not None:
+            return default
+        raise loc.error(path + (key,), f"missing {what} for custom GPU type {name!r}")
+
+    memory = get("memory", parse_size, "memory")
+    bw = get("memory_bandwidth", parse_bandwidth, "memory bandwidth")
+    if "fp16_tflops" in d:
+        tflops = _number(d["fp16_tflops"], path + ("fp16_tflops",), loc, "fp16_tflops")
+    elif base is not None:
+        tflops = base.fp16_tflops
+    else:
+        raise loc.error(path + ("fp16_tflops",), f"missing fp16_tflops for custom GPU type {name!r}")
+    inter = get("interconnect", parse_bandwidth, "interconnect", default=32e9)
+    price = (_number(d["price_per_hour"], path + ("price_per_hour",), loc, "price_per_hour", allow_zero=True)
+             if "price_per_hour" in d else (base.price_per_hour if base else 0.0))
+    profiles = base.profiles if base else ()
+    if "profiles" in d:
+        pd = d["profiles"]
+        if not isinstance(pd, dict):
+            raise loc.error(path + ("profiles",), "expected a mapping of model name -> {decode_ms, prefill_ms}")
+        profs = []
+        for model_name, tables in pd.items():
+            pp = path + ("profiles", model_name)
+            if not isinstance(tables, dict):
+                raise loc.error(pp, "expected {decode_ms: {...}, prefill_ms: {...}}")
+            _check_keys(tables, {"decode_ms", "prefill_ms"}, pp, loc)
+            profs.append((str(model_name), Profile(
+                decode_ms=_table(tables["decode_ms"], pp + ("decode_ms",), loc) if "decode_ms" in tables else None,
+                prefill_ms=_table(tables["prefill_ms"], pp + ("prefill_ms",), loc) if "prefill_ms" in tables else None,
+            )))
+        profiles = tuple(profs)
+    return GpuType(name, memory, bw, tflops, inter, price, profiles)
+
+
+def cluster_from_dict(data, loc: Locator) -> Cluster:
+    if not isinstance(data, dict):
+        raise loc.error((), "a cluster spec must be a YAML mapping with 'nodes' (and optional 'network')")
+    _check_keys(data, _TOP_KEYS, (), loc)
+    name = data.get("name", "cluster")
+    if not isinstance(name, str) or not name:
+        raise loc.error(("name",), "must be a non-empty string")
+
+    gpu_types = dict(CATALOG)
+    gt = data.get("gpu_types") or {}
+    if not isinstance(gt, dict):
+        raise loc.error(("gpu_types",), "expected a mapping of GPU type name -> figures")
+    for tname, td in gt.items():
+        if not isinstance(tname, str) or not tname:
+            raise loc.error(("gpu_types",), f"GPU type names must be strings, got {tname!r}")
+        gpu_types[tname] = _gpu_type(tname, td, ("gpu_types", tname), loc)
+
+    raw_nodes = data.get("nodes")
+    if not isinstance(raw_nodes, list) or not raw_nodes:
+        raise loc.error(("nodes",), "missing or empty: list at least one node")
+    nodes: list[Node] = []
+    names: set[str] = set()
+    for i, nd in enumerate(raw_nodes):
+        p = ("nodes", i)
+        if not isinstance(nd, dict):
+            raise loc.error(p, "each node must be a mapping like {name: n0, gpu: A100-80G, count: 8}")
+        _check_keys(nd, _NODE_KEYS, p, loc)
+        nname = nd.get("name")
+        if not isinstance(nname, str) or not nname:
+            raise loc.error(p + ("name",), "missing node name")
+        if nname in names:
+            raise loc.error(p + ("name",), f"duplicate node name {nname!r}")
+        names.add(nname)
+        gname = nd.get("gpu")
+        if gname is None:
+            raise loc.error(p + ("gpu",), "missing GPU type")
+        if not isinstance(gname, str) or gname not in gpu_types:
+            raise loc.error(p + ("gpu",), f"unknown GPU type {gname!r}; known: {', '.join(gpu_types)}")
+        count = nd.get("count")
+        if count is None:
+            raise loc.error(p + ("count",), "missing GPU count")
+        if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
+            raise loc.error(p + ("count",), f"must be a positive integer, got {count!r}")
+        region = nd.get("region", "")
+        if region is None:
+            region = ""
+        if not isinstance(region, str):
+            raise loc.error(p + ("region",), f"must be a string, got {region!r}")
+        gpu = gpu_types[gname]
+        inter = (_positive(nd["interconnect"], p + ("interconnect",), loc, parse_bandwidth, "interconnect")
+                 if "interconnect" in nd else gpu.interconnect)
+        address = nd.get("address")
+        if address is not None:
+            if not isinstance(address, str) or address.rpartition(":")[2].isdigit() is False or ":" not in address:
+                raise loc.error(p + ("address",), f"expected host:port, got {address!r}")
+        nodes.append(Node(nname, gpu, count, region, inter, address))
+
+    regions = {n.region for n in nodes if n.region}
+    clash = regions & names
+    if clash:
+        c = sorted(clash)[0]
+        raise loc.error(("nodes",), f"{c!r} is both a node name and a region name; link rules would be ambiguous")
+
+    net = data.get("network") or {}
+    if not isinstance(net, dict):
+        raise loc.error(("network",), "expected a mapping with 'default' and/or 'links'")
+    _check_keys(net, {"default", "links"}, ("network",), loc)
+
+    def link(d, p) -> Link:
+        if not isinstance(d, dict):
+            raise loc.error(p, "expected {bandwidth: 10Gbps, latency: 1ms}")
+        _check_keys(d, {"bandwidth", "latency", "between"}, p, loc)
+        bw = _positive(d.get("bandwidth"), p + ("bandwidth",), loc, parse_bandwidth, "bandwidth")
+        lat = _positive(d.get("latency"), p + ("latency",), loc, parse_time, "latency", allow_zero=True)
+        return Link(bw, lat)
+
+    default = link(net["default"], ("network", "default")) if "default" in net else Link(DEFAULT_BANDWIDTH, DEFAULT_LATENCY)
+    if "between" in (net.get("default") or {}):
+        raise loc.error(("network", "default", "between"), "the default link applies to every pair; remove 'between'")
+    rules: list[LinkRule] = []
+    raw_links = net.get("links") or []
+    if not isinstance(raw_links, list):
+        raise loc.error(("network", "links"), "expected a list of {between: [a, b], bandwidth, latency}")
+    known = names | regions
+    for i, ld in enumerate(raw_links):
+        p = ("network", "links", i)
+        lk = link(ld, p)
+        between = ld.get("between")
+        if not isinstance(between, list) or len(between) != 2:
+            raise loc.error(p + ("between",), "expected two node or region names, like [n0, n1]")
+        for j, x in enumerate(between):
+            if not isinstance(x, str) or x not in known:
+                raise loc.error(p + ("between", j), f"{x!r} is neither a node nor a region; "
+                                f"nodes: {', '.join(sorted(names))}" + (f"; regions: {', '.join(sorted(regions))}" if regions else ""))
+        if between[0] == between[1] and between[0] in names:
+            raise loc.error(p + ("between",), "a link joins two different nodes (use the node's 'interconnect' for its own fabric)")
+        rules.append(LinkRule((between[0], between[1]), lk))
+
+    coord = data.get("coordinator", "")
+    if coord and (not isinstance(coord, str) or coord not in names):
+        raise loc.error(("coordinator",), f"unknown node {coord!r}; nodes: {', '.join(sorted(names))}")
+
+    return Cluster(name, tuple(nodes), default, tuple(rules), coord or "", loc.file)

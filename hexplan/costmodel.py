@@ -1,0 +1,198 @@
+"""The cost model: one source of truth for stage times, link times and memory.
+
+The planner, the plan validator, the simulator and the executor's router all read their
+numbers from here. docs/cost-model.md writes every formula out; tests/test_costmodel.py checks
+them against hand calculations. Notation: H hidden size, I intermediate size, b bytes per
+element, d TP degree, B decode batch (sequences per step), P prompt tokens, O output tokens.
+
+* Roofline per layer:  t = max(bytes / (BW * eta_mem), flops / (F * eta_flops)) + 2 * allreduce
+* Ring all-reduce of m bytes over d GPUs:  2 (d - 1) (alpha + m / (d * beta))
+* Activation send of n tokens over a link:  latency + n * H * b / bandwidth
+* Memory per GPU:  layers * (layer_bytes / d + KV(concurrency, P + O) / d) + embedding / LM head
+  shares on the first / last stage + workspace, within (1 - headroom) of the GPU's memory.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .errors import SpecError
+from .gpus import GpuType
+from .models import ModelSpec
+
+TOKEN_ID_BYTES = 4
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the plan is optimised for. Defaults are documented in docs/cost-model.md."""
+
+    prompt_tokens: int = 512   # average prompt length
+    output_tokens: int = 128   # average generated tokens per request
+    batch_size: int = 16       # sequences in one decode step of a stage (a micro-batch)
+    concurrency: int = 64      # sequences in flight per pipeline; KV cache is reserved for them
+
+    def __post_init__(self):
+        for f in ("prompt_tokens", "output_tokens", "batch_size", "concurrency"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise SpecError(f"must be a positive integer, got {v!r}", field=f)
+        if self.concurrency < self.batch_size:
+            raise SpecError(f"concurrency {self.concurrency} is below batch_size {self.batch_size}",
+                            field="concurrency")
+
+    @property
+    def context(self) -> int:
+        """Tokens of KV cache reserved per sequence (prompt + output)."""
+        return self.prompt_tokens + self.output_tokens
+
+    @property
+    def mean_decode_context(self) -> float:
+        """Average context length seen by a decode step."""
+        return self.prompt_tokens + (self.output_tokens + 1) / 2
+
+    def to_dict(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "output_tokens": self.output_tokens,
+                "batch_size": self.batch_size, "concurrency": self.concurrency}
+
+
+@dataclass(frozen=True)
+class CostParams:
+    """Efficiency factors and overheads (calibrated against Helix's published profiles)."""
+
+    mem_efficiency: float = 0.7      # achieved / datasheet memory bandwidth
+    flops_efficiency: float = 0.5    # achieved / datasheet dense fp16 FLOPS
+    allreduce_alpha: float = 10e-6   # s, per ring step inside a node
+    memory_headroom: float = 0.10    # share of GPU memory kept free (CUDA context, allocator)
+
+    def to_dict(self) -> dict:
+        return {"mem_efficiency": self.mem_efficiency, "flops_efficiency": self.flops_efficiency,
+                "allreduce_alpha": self.allreduce_alpha, "memory_headroom": self.memory_headroom}
+
+
+DEFAULT_PARAMS = CostParams()
+
+
+def ring_allreduce_time(nbytes: float, d: int, bandwidth: float, alpha: float) -> float:
+    """Ring all-reduce of ``nbytes`` over ``d`` GPUs: 2 (d-1) steps of alpha + nbytes/(d*bw)."""
+    if d <= 1:
+        return 0.0
+    return 2 * (d - 1) * (alpha + nbytes / (d * bandwidth))
+
+
+def send_time(nbytes: float, bandwidth: float, latency: float) -> float:
+    """One message over a link: latency + bytes / bandwidth."""
+    return latency + nbytes / bandwidth
+
+
+def local_kv_heads(model: ModelSpec, tp: int) -> int:
+    """KV heads held by one TP rank: split when there are enough, else replicated (GQA)."""
+    return max(1, model.num_kv_heads // tp)
+
+
+@dataclass(frozen=True)
+class StageCost:
+    """Per-layer costs of one TP group (``tp`` GPUs of one type inside one node)."""
+
+    gpu: str
+    tp: int
+    decode_layer_s: float      # one decode step of ``batch_size`` sequences, one layer
+    prefill_layer_s: float     # prefill of one prompt of ``prompt_tokens``, one layer
+    layer_rate: float          # output tokens x layers per second (decode + amortised prefill)
+    mem_per_layer: float       # bytes per GPU per layer: weight shard + KV cache shard
+    usable_memory: float       # bytes per GPU available for layers
+    embed_bytes: float         # bytes per GPU for the embedding (first stage)
+    head_bytes: float          # bytes per GPU for final norm + LM head (last stage)
+
+    def max_layers(self, first: bool = False, last: bool = False) -> int:
+        extra = (self.embed_bytes if first else 0.0) + (self.head_bytes if last else 0.0)
+        return max(0, math.floor((self.usable_memory - extra) / self.mem_per_layer + 1e-9))
+
+    def memory_used(self, layers: int, first: bool, last: bool, workspace: bool = True) -> float:
+        """Bytes per GPU for ``layers`` layers (without the headroom)."""
+        extra = (self.embed_bytes if first else 0.0) + (self.head_bytes if last else 0.0)
+        return layers * self.mem_per_layer + extra
+
+    def capacity(self, layers: int) -> float:
+        """Output tokens/s this stage sustains when it holds ``layers`` layers."""
+        return self.layer_rate / layers if layers > 0 else math.inf
+
+
+def _roofline(nbytes: float, flops: float, gpu: GpuType, p: CostParams) -> float:
+    return max(nbytes / (gpu.memory_bandwidth * p.mem_efficiency), flops / (gpu.flops * p.flops_efficiency))
+
+
+def decode_layer_time(model: ModelSpec, gpu: GpuType, tp: int, batch: int, context: float,
+                      interconnect: float, p: CostParams = DEFAULT_PARAMS) -> float:
+    """Seconds for one decode step of ``batch`` sequences through one layer on a TP group."""
+    hd, b = model.dim_head, model.bytes_per_param
+    heads_local = model.num_heads // tp
+    kv_tok = 2 * local_kv_heads(model, tp) * hd * b
+    prof = gpu.profile_for(model.name)
+    if prof and prof.decode_ms:
+        compute = prof.decode_ms.ms(batch) / 1e3 / tp
+    else:
+        nbytes = model.layer_bytes / tp + batch * context * kv_tok
+        flops = 2 * model.params_per_layer / tp * batch + 4 * batch * context * hd * heads_local
+        compute = _roofline(nbytes, flops, gpu, p)
+    comm = 2 * ring_allreduce_time(batch * model.hidden_size * b, tp, interconnect, p.allreduce_alpha)
+    return compute + comm
+
+
+def prefill_layer_time(model: ModelSpec, gpu: GpuType, tp: int, tokens: int, interconnect: float,
+                       p: CostParams = DEFAULT_PARAMS) -> float:
+    """Seconds to prefill one prompt of ``tokens`` tokens through one layer on a TP group."""
+    hd, b = model.dim_head, model.bytes_per_param
+    heads_local = model.num_heads // tp
+    kv_tok = 2 * local_kv_heads(model, tp) * hd * b
+    prof = gpu.profile_for(model.name)
+    if prof and prof.prefill_ms:
+        compute = prof.prefill_ms.ms(tokens) / 1e3 / tp
+    else:
+        nbytes = model.layer_bytes / tp + tokens * kv_tok
+        flops = 2 * model.params_per_layer / tp * tokens + 2 * tokens * tokens * hd * heads_local
+        compute = _roofline(nbytes, flops, gpu, p)
+    comm = 2 * ring_allreduce_time(tokens * model.hidden_size * b, tp, interconnect, p.allreduce_alpha)
+    return compute + comm
+
+
+def stage_cost(model: ModelSpec, gpu: GpuType, tp: int, workload: Workload, interconnect: float,
+               p: CostParams = DEFAULT_PARAMS) -> StageCost:
+    """All per-layer figures of a TP group of ``tp`` GPUs of type ``gpu``."""
+    w = workload
+    dec = decode_layer_time(model, gpu, tp, w.batch_size, w.mean_decode_context, interconnect, p)
+    pre = prefill_layer_time(model, gpu, tp, w.prompt_tokens, interconnect, p)
+    # Each output token costs 1/B of a decode step plus 1/O of its request's prefill.
+    rate = 1.0 / (dec / w.batch_size + pre / w.output_tokens)
+    b = model.bytes_per_param
+    kv_tok = 2 * local_kv_heads(model, tp) * model.dim_head * b
+    kv_layer = w.concurrency * w.context * kv_tok
+    mem_per_layer = model.layer_bytes / tp + kv_layer
+    # Workspace: activations of one prompt in flight (hidden, q/k/v/o and the MLP shard).
+    workspace = w.prompt_tokens * (4 * model.hidden_size + 2 * model.intermediate_size / tp) * b
+    usable = gpu.memory * (1 - p.memory_headroom) - workspace
+    embed = model.embedding_bytes / tp
+    head = model.head_bytes / tp
+    return StageCost(gpu.name, tp, dec, pre, rate, mem_per_layer, usable, embed, head)
+
+
+def hop_decode_time(model: ModelSpec, workload: Workload, bandwidth: float, latency: float) -> float:
+    """Activations of one decode micro-batch over one link."""
+    return send_time(workload.batch_size * model.activation_bytes_per_token, bandwidth, latency)
+
+
+def hop_prefill_time(model: ModelSpec, workload: Workload, bandwidth: float, latency: float) -> float:
+    """Activations of one prompt over one link."""
+    return send_time(workload.prompt_tokens * model.activation_bytes_per_token, bandwidth, latency)
+
+
+def link_token_capacity(model: ModelSpec, workload: Workload, bandwidth: float) -> float:
+    """Output tokens/s a link between two stages can carry (decode + the prompt's activations)."""
+    per_token = model.activation_bytes_per_token * (1 + workload.prompt_tokens / workload.output_tokens)
+    return bandwidth / per_token
+
+
+def coordinator_token_capacity(workload: Workload, bandwidth: float) -> float:
+    """Output tokens/s a coordinator link carries (token ids only)."""
+    per_token = TOKEN_ID_BYTES * (1 + workload.prompt_tokens / workload.output_tokens)
+    return bandwidth / per_token

@@ -1,0 +1,97 @@
+"""GPU types: the built-in catalog of datasheet figures and optional measured profiles.
+
+Figures are vendor datasheet values: dense fp16/bf16 tensor TFLOPS (no sparsity), memory
+bandwidth, and ``interconnect``, the per-GPU one-direction bandwidth of the intra-node fabric
+(NVLink where the part has it, else the PCIe slot). ``price_per_hour`` is an approximate
+on-demand cloud list price per GPU-hour (2024-2025), used only for budget comparisons.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class ProfileTable:
+    """Measured milliseconds per transformer layer (TP 1) against batch size or token count.
+
+    Between points the time is interpolated linearly; beyond the last point it is extrapolated
+    from the last two points (or scaled proportionally from a single point).
+    """
+
+    points: tuple[tuple[float, float], ...]  # sorted (x, ms)
+
+    def ms(self, x: float) -> float:
+        xs = [p[0] for p in self.points]
+        if len(self.points) == 1:
+            x0, y0 = self.points[0]
+            return y0 * x / x0 if x > x0 else y0
+        i = bisect.bisect_left(xs, x)
+        if i == 0:
+            return self.points[0][1]
+        if i >= len(xs):
+            (x0, y0), (x1, y1) = self.points[-2], self.points[-1]
+        else:
+            (x0, y0), (x1, y1) = self.points[i - 1], self.points[i]
+        return max(0.0, y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Measured per-layer times of one model on one GPU type, at TP 1."""
+
+    decode_ms: ProfileTable | None = None   # x = batch size (sequences per decode step)
+    prefill_ms: ProfileTable | None = None  # x = prompt tokens in the step
+
+
+@dataclass(frozen=True)
+class GpuType:
+    name: str
+    memory: float             # bytes
+    memory_bandwidth: float   # bytes/s
+    fp16_tflops: float        # dense fp16/bf16 tensor TFLOPS
+    interconnect: float       # bytes/s, per GPU, one direction, inside a node
+    price_per_hour: float = 0.0
+    profiles: tuple[tuple[str, Profile], ...] = field(default=())  # (model name, profile)
+
+    @property
+    def flops(self) -> float:
+        return self.fp16_tflops * 1e12
+
+    def profile_for(self, model_name: str) -> Profile | None:
+        for name, prof in self.profiles:
+            if name == model_name:
+                return prof
+        return None
+
+
+def _g(name, mem_gb, bw_gbs, tflops, link_gbs, price):
+    return GpuType(name, mem_gb * GB, bw_gbs * GB, float(tflops), link_gbs * GB, price)
+
+
+# name: memory GB, memory bandwidth GB/s, dense fp16 TFLOPS, intra-node GB/s per direction, $/h
+CATALOG: dict[str, GpuType] = {g.name: g for g in [
+    _g("H100-80G", 80, 3350, 989, 450, 3.00),   # SXM5, NVLink 4 (900 GB/s both ways)
+    _g("H200", 141, 4800, 989, 450, 3.80),      # SXM, NVLink 4
+    _g("A100-80G", 80, 2039, 312, 300, 1.80),   # SXM4, NVLink 3 (600 GB/s both ways)
+    _g("A100-40G", 40, 1555, 312, 300, 1.30),   # SXM4
+    _g("L40S", 48, 864, 362, 32, 1.00),         # PCIe 4.0 x16
+    _g("L4", 24, 300, 121, 32, 0.70),           # PCIe 4.0 x16
+    _g("A10G", 24, 600, 125, 32, 1.00),         # PCIe 4.0 x16
+    _g("T4", 16, 320, 65, 16, 0.35),            # PCIe 3.0 x16
+    _g("V100-16G", 16, 900, 125, 150, 2.48),    # SXM2, NVLink 2
+    _g("V100-32G", 32, 900, 125, 150, 2.90),    # SXM2, NVLink 2
+    _g("A6000", 48, 768, 155, 32, 0.80),        # RTX A6000, PCIe 4.0 x16
+    _g("A5000", 24, 768, 111, 32, 0.45),        # RTX A5000, PCIe 4.0 x16
+    _g("A4000", 16, 448, 77, 32, 0.30),         # RTX A4000, PCIe 4.0 x16
+    _g("RTX3090", 24, 936, 142, 32, 0.30),      # fp16 accumulate; PCIe 4.0 x16
+    _g("RTX4090", 24, 1008, 330, 32, 0.45),     # fp16 accumulate; PCIe 4.0 x16
+    # One CPU worker process of the executor (no GPU): modest figures for planning CPU tests.
+    _g("cpu", 16, 20, 0.5, 10, 0.05),
+]}
+
+
+def known_gpu_names() -> list[str]:
+    return list(CATALOG)

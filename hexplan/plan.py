@@ -1,0 +1,195 @@
+"""Plans: pipelines of TP stages with layer ranges, routing weights and predictions.
+
+A plan file is YAML (or JSON) and self-contained: it embeds the model's shape (unless it is a
+built-in model), the nodes it uses with their addresses, the workload it was optimised for and
+the solver's report. This module is the only place plans enter or leave as text.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+
+import yaml
+
+from .errors import SpecError
+from .models import BUILTIN_MODELS, ModelSpec, load_model, model_from_dict
+from .yamlio import Locator, load_document, loads_document
+
+
+@dataclass(frozen=True)
+class Stage:
+    node: str
+    gpus: tuple[int, ...]
+    tp: int
+    layers: tuple[int, int]  # half-open [start, end)
+    gpu: str = ""            # GPU type name, for readers
+
+    @property
+    def num_layers(self) -> int:
+        return self.layers[1] - self.layers[0]
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    stages: tuple[Stage, ...]
+    weight: float = 0.0                  # share of requests routed here
+    throughput_tokens_per_s: float | None = None
+    decode_ms_per_token: float | None = None
+    ttft_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: ModelSpec
+    pipelines: tuple[Pipeline, ...]
+    predicted: dict = field(default_factory=dict)
+    solver: dict = field(default_factory=dict)
+    assumptions: dict = field(default_factory=dict)
+    cluster: dict = field(default_factory=dict)   # name, coordinator, nodes used (gpu, count, address)
+
+    @property
+    def throughput(self) -> float:
+        return float(self.predicted.get("throughput_tokens_per_s") or 0.0)
+
+    @property
+    def num_gpus(self) -> int:
+        return sum(len(s.gpus) for p in self.pipelines for s in p.stages)
+
+    # ---- text IO --------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        model = self.model.name if BUILTIN_MODELS.get(self.model.name) == self.model else self.model.to_dict()
+        d: dict = {"model": model, "pipelines": []}
+        for p in self.pipelines:
+            pd: dict = {"weight": _r(p.weight)}
+            for k in ("throughput_tokens_per_s", "decode_ms_per_token", "ttft_ms"):
+                v = getattr(p, k)
+                if v is not None:
+                    pd[k] = _r(v)
+            pd["stages"] = [{"node": s.node, **({"gpu": s.gpu} if s.gpu else {}), "gpus": list(s.gpus),
+                             "tp": s.tp, "layers": [s.layers[0], s.layers[1]]} for s in p.stages]
+            d["pipelines"].append(pd)
+        if self.predicted:
+            d["predicted"] = {k: _r(v) for k, v in self.predicted.items()}
+        if self.solver:
+            d["solver"] = {k: _r(v) for k, v in self.solver.items()}
+        if self.assumptions:
+            d["assumptions"] = self.assumptions
+        if self.cluster:
+            d["cluster"] = self.cluster
+        return d
+
+    def to_yaml(self) -> str:
+        return yaml.dump(self.to_dict(), Dumper=_FlowStagesDumper, sort_keys=False, width=120)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def dump(self, fmt: str = "yaml") -> str:
+        return self.to_json() if fmt == "json" else self.to_yaml()
+
+    def with_pipelines(self, pipelines) -> "Plan":
+        return replace(self, pipelines=tuple(pipelines))
+
+
+def _r(v):
+    if isinstance(v, float):
+        return float(f"{v:.6g}")
+    return v
+
+
+class _FlowStagesDumper(yaml.SafeDumper):
+    """Writes each stage (and short lists) on one line, like the examples in the README."""
+
+
+def _repr_dict(dumper, data):
+    flow = "node" in data and "layers" in data
+    return dumper.represent_mapping("tag:yaml.org,2002:map", data, flow_style=flow)
+
+
+def _repr_list(dumper, data):
+    flow = all(isinstance(x, (int, float, str)) for x in data) and len(data) <= 16
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_FlowStagesDumper.add_representer(dict, _repr_dict)
+_FlowStagesDumper.add_representer(list, _repr_list)
+
+
+# ---------------------------------------------------------------------------------------
+
+def load_plan(path) -> Plan:
+    data, lines = load_document(path)
+    return plan_from_dict(data, Locator(str(path), lines))
+
+
+def loads_plan(text: str, file: str | None = None) -> Plan:
+    data, lines = loads_document(text, file=file)
+    return plan_from_dict(data, Locator(file, lines))
+
+
+def _int(v, path, loc, what, minimum=0) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise loc.error(path, f"{what} must be an integer >= {minimum}, got {v!r}")
+    return v
+
+
+def plan_from_dict(data, loc: Locator | None = None) -> Plan:
+    """Parse a plan. Only ``model`` and ``pipelines`` are required (hand-written plans)."""
+    loc = loc or Locator(None, {})
+    if not isinstance(data, dict):
+        raise loc.error((), "a plan must be a mapping with 'model' and 'pipelines'")
+    if "model" not in data:
+        raise loc.error(("model",), "missing model")
+    m = data["model"]
+    try:
+        model = model_from_dict(m, file=loc.file) if isinstance(m, dict) else load_model(m)
+    except SpecError as e:
+        raise e.located(loc.file, loc.line(("model",))) from None
+    pls = data.get("pipelines")
+    if not isinstance(pls, list) or not pls:
+        raise loc.error(("pipelines",), "missing or empty: a plan needs at least one pipeline")
+    pipelines = []
+    for i, pd in enumerate(pls):
+        pp = ("pipelines", i)
+        if not isinstance(pd, dict):
+            raise loc.error(pp, "each pipeline must be a mapping with 'stages'")
+        weight = pd.get("weight", 1.0 / len(pls))
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+            raise loc.error(pp + ("weight",), f"must be a non-negative number, got {weight!r}")
+        stages_raw = pd.get("stages")
+        if not isinstance(stages_raw, list) or not stages_raw:
+            raise loc.error(pp + ("stages",), "missing or empty list of stages")
+        stages = []
+        for j, sd in enumerate(stages_raw):
+            sp = pp + ("stages", j)
+            if not isinstance(sd, dict):
+                raise loc.error(sp, "each stage must be a mapping {node, gpus, tp, layers}")
+            node = sd.get("node")
+            if not isinstance(node, str) or not node:
+                raise loc.error(sp + ("node",), "missing node name")
+            gpus = sd.get("gpus")
+            if not isinstance(gpus, list) or not gpus:
+                raise loc.error(sp + ("gpus",), "expected a non-empty list of GPU indices")
+            gpus_t = tuple(_int(g, sp + ("gpus",), loc, "GPU index") for g in gpus)
+            tp = _int(sd.get("tp", len(gpus_t)), sp + ("tp",), loc, "tp", 1)
+            layers = sd.get("layers")
+            if not isinstance(layers, list) or len(layers) != 2:
+                raise loc.error(sp + ("layers",), "expected [start, end) like [0, 40]")
+            a = _int(layers[0], sp + ("layers",), loc, "layer start")
+            b = _int(layers[1], sp + ("layers",), loc, "layer end")
+            gpu = sd.get("gpu", "")
+            stages.append(Stage(node, gpus_t, tp, (a, b), gpu if isinstance(gpu, str) else ""))
+        pipelines.append(Pipeline(tuple(stages), float(weight), _opt(pd, "throughput_tokens_per_s"),
+                                  _opt(pd, "decode_ms_per_token"), _opt(pd, "ttft_ms")))
+    def mapping(key):
+        v = data.get(key) or {}
+        if not isinstance(v, dict):
+            raise loc.error((key,), "expected a mapping")
+        return v
+    return Plan(model, tuple(pipelines), mapping("predicted"), mapping("solver"),
+                mapping("assumptions"), mapping("cluster"))
+
+
+def _opt(d, key):
+    v = d.get(key)
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None

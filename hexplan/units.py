@@ -1,0 +1,87 @@
+"""Parse quantities written with unit suffixes: sizes, bandwidths, durations.
+
+All results are in base SI units: bytes, bytes per second, seconds.
+Bandwidths accept bits (``10Gbps``, ``100Mbps``) or bytes (``600GB/s``, ``25GiB/s``).
+"""
+from __future__ import annotations
+
+import math
+import re
+
+_NUM = r"([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
+
+_SIZE = {
+    "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
+    "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40,
+}
+_BITRATE = {"bps": 1 / 8, "kbps": 1e3 / 8, "mbps": 1e6 / 8, "gbps": 1e9 / 8, "tbps": 1e12 / 8}
+_BYTERATE = {k + "/s": v for k, v in _SIZE.items()}
+_TIME = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+
+
+class UnitError(ValueError):
+    """A quantity that does not parse; the message says what was expected."""
+
+
+def _parse(value, table: dict, what: str, example: str) -> float:
+    if isinstance(value, bool):
+        raise UnitError(f"expected a {what} like {example!r}, got {value!r}")
+    if isinstance(value, (int, float)):
+        raise UnitError(f"{value!r} has no unit; write a {what} like {example!r}")
+    if not isinstance(value, str):
+        raise UnitError(f"expected a {what} like {example!r}, got {type(value).__name__}")
+    m = re.fullmatch(r"\s*" + _NUM + r"\s*([A-Za-zµ/]+)\s*", value)
+    if not m:
+        raise UnitError(f"cannot parse {value!r} as a {what} (example: {example!r})")
+    number, unit = float(m.group(1)), m.group(2)
+    # Case matters for bits vs bytes only in the b/B distinction; accept common spellings.
+    key = unit.lower()
+    if table is _BITRATE or table is _BYTERATE:
+        if unit.endswith("ps") and not unit.endswith("/s"):
+            if unit[-3] == "B":  # e.g. "GBps" means bytes
+                key = key[:-2] + "/s"
+                table = _BYTERATE
+            else:
+                table = _BITRATE
+        else:
+            table = _BYTERATE
+    if key not in table:
+        raise UnitError(f"unknown unit {unit!r} in {value!r}; use one of {', '.join(_units_for(what))}")
+    result = number * table[key]
+    if not math.isfinite(result):
+        raise UnitError(f"{value!r} is not a finite {what}")
+    return result
+
+
+def _units_for(what: str) -> list[str]:
+    if what == "size":
+        return ["B", "KB", "MB", "GB", "TB", "KiB", "MiB", "GiB", "TiB"]
+    if what == "bandwidth":
+        return ["Mbps", "Gbps", "MB/s", "GB/s", "GiB/s"]
+    return ["s", "ms", "us", "ns"]
+
+
+def parse_size(value) -> float:
+    """``"24GB"`` -> 24e9 bytes; ``"16GiB"`` -> 16 * 2**30 bytes."""
+    return _parse(value, _SIZE, "size", "24GB")
+
+
+def parse_bandwidth(value) -> float:
+    """``"10Gbps"`` -> 1.25e9 bytes/s; ``"600GB/s"`` -> 6e11 bytes/s."""
+    return _parse(value, _BITRATE, "bandwidth", "10Gbps")
+
+
+def parse_time(value) -> float:
+    """``"0.5ms"`` -> 5e-4 s."""
+    return _parse(value, _TIME, "duration", "0.5ms")
+
+
+def format_size(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.1f} GB"
+
+
+def format_bandwidth(bps: float) -> str:
+    bits = bps * 8
+    if bits >= 1e9:
+        return f"{bits / 1e9:g} Gbps"
+    return f"{bits / 1e6:g} Mbps"

@@ -1,0 +1,135 @@
+"""Independent plan checker: every plan any planner emits must pass it.
+
+It re-derives everything from the cluster, the model and the cost model, and never calls
+solver code: coverage and contiguity of layer ranges, TP groups inside one node with a degree
+the model can split, each GPU used at most once, memory per GPU, SLOs, and the predicted
+throughput recomputed (sum over disjoint pipelines of their bottleneck) and compared.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .cluster import Cluster
+from .costmodel import DEFAULT_PARAMS, CostParams, Workload
+from .errors import HexplanError
+from .evaluate import CostCache, evaluate_plan_pipelines
+from .plan import Plan
+
+TP_DEGREES = (1, 2, 4, 8)
+
+
+class PlanInvalid(HexplanError):
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+@dataclass(frozen=True)
+class Assumptions:
+    workload: Workload
+    params: CostParams
+    slo_tpot_s: float | None
+    slo_ttft_s: float | None
+
+
+def plan_assumptions(plan: Plan) -> Assumptions:
+    a = plan.assumptions or {}
+    wd = a.get("workload") or {}
+    workload = Workload(**{k: int(v) for k, v in wd.items() if k in Workload.__dataclass_fields__})
+    pd = a.get("cost_params") or {}
+    params = CostParams(**{k: float(v) for k, v in pd.items() if k in CostParams.__dataclass_fields__})
+    tpot = a.get("slo_tpot_ms")
+    ttft = a.get("slo_ttft_ms")
+    return Assumptions(workload, params, tpot / 1e3 if tpot else None, ttft / 1e3 if ttft else None)
+
+
+def validate_plan(plan: Plan, cluster: Cluster, check_predictions: bool = True) -> list[str]:
+    """Return the list of problems (empty when the plan is valid)."""
+    problems: list[str] = []
+    model = plan.model
+    L = model.num_layers
+    nodes = {n.name: n for n in cluster.nodes}
+    used: dict = {}
+    structural_ok = True
+    for pi, p in enumerate(plan.pipelines):
+        if not p.stages:
+            problems.append(f"pipeline {pi}: no stages")
+            structural_ok = False
+            continue
+        expect = 0
+        for si, s in enumerate(p.stages):
+            where = f"pipeline {pi} stage {si}"
+            node = nodes.get(s.node)
+            if node is None:
+                problems.append(f"{where}: unknown node {s.node!r}")
+                structural_ok = False
+                continue
+            if s.gpu and s.gpu != node.gpu.name:
+                problems.append(f"{where}: says GPU {s.gpu} but node {s.node} has {node.gpu.name}")
+            if s.tp not in TP_DEGREES:
+                problems.append(f"{where}: TP degree {s.tp} is not one of {TP_DEGREES}")
+            if len(s.gpus) != s.tp:
+                problems.append(f"{where}: TP {s.tp} but {len(s.gpus)} GPUs listed")
+            if len(set(s.gpus)) != len(s.gpus):
+                problems.append(f"{where}: a GPU is listed twice")
+            for g in s.gpus:
+                if not 0 <= g < node.count:
+                    problems.append(f"{where}: GPU index {g} outside node {s.node} (0..{node.count - 1})")
+                elif (s.node, g) in used:
+                    problems.append(f"{where}: GPU {s.node}:{g} already used by {used[(s.node, g)]}")
+                else:
+                    used[(s.node, g)] = where
+            reason = model.tp_degree_ok(s.tp)
+            if reason:
+                problems.append(f"{where}: {reason}")
+            a, b = s.layers
+            if a != expect:
+                problems.append(f"{where}: layers start at {a}, expected {expect} (ranges must be contiguous)")
+                structural_ok = False
+            if b <= a:
+                problems.append(f"{where}: empty or reversed layer range [{a}, {b})")
+                structural_ok = False
+            expect = b
+        if expect != L:
+            problems.append(f"pipeline {pi}: layers end at {expect}, model has {L}")
+            structural_ok = False
+    if not structural_ok or problems:
+        return problems
+
+    asm = plan_assumptions(plan)
+    costs = CostCache(model, asm.workload, asm.params)
+    metrics = evaluate_plan_pipelines(cluster, costs, plan.pipelines)
+    for pi, (p, m) in enumerate(zip(plan.pipelines, metrics)):
+        for si, (used_b, lim) in enumerate(zip(m.memory_per_gpu, m.memory_limit)):
+            if used_b > lim * (1 + 1e-9):
+                problems.append(f"pipeline {pi} stage {si}: needs {used_b / 1e9:.2f} GB per GPU, "
+                                f"only {lim / 1e9:.2f} GB usable")
+        if p.weight > 0 and asm.slo_tpot_s and m.tpot_s > asm.slo_tpot_s * (1 + 1e-6):
+            problems.append(f"pipeline {pi}: TPOT {m.tpot_s * 1e3:.2f} ms exceeds SLO {asm.slo_tpot_s * 1e3:.2f} ms")
+        if p.weight > 0 and asm.slo_ttft_s and m.ttft_s > asm.slo_ttft_s * (1 + 1e-6):
+            problems.append(f"pipeline {pi}: TTFT {m.ttft_s * 1e3:.1f} ms exceeds SLO {asm.slo_ttft_s * 1e3:.1f} ms")
+    if problems or not check_predictions:
+        return problems
+
+    weights = [p.weight for p in plan.pipelines]
+    if any(w < 0 for w in weights) or abs(sum(weights) - 1) > 1e-3:
+        problems.append(f"routing weights must be non-negative and sum to 1, got {sum(weights):.6f}")
+    total = sum(m.throughput for m in metrics)
+    pred = plan.predicted.get("throughput_tokens_per_s")
+    if pred is not None and abs(pred - total) > 1e-3 * max(1.0, total):
+        problems.append(f"predicted throughput {pred:.6g} tokens/s, recomputed {total:.6g}")
+    for pi, (p, m) in enumerate(zip(plan.pipelines, metrics)):
+        if p.throughput_tokens_per_s is not None and abs(p.throughput_tokens_per_s - m.throughput) > 1e-3 * max(1.0, m.throughput):
+            problems.append(f"pipeline {pi}: recorded {p.throughput_tokens_per_s:.6g} tokens/s, recomputed {m.throughput:.6g}")
+        if total > 0 and abs(p.weight - m.throughput / total) > 1e-3:
+            problems.append(f"pipeline {pi}: weight {p.weight:.4f} but its share of the flow is {m.throughput / total:.4f}")
+    ub = plan.predicted.get("upper_bound_tokens_per_s")
+    if ub is not None and pred is not None and pred > ub * (1 + 1e-6):
+        problems.append(f"throughput {pred:.6g} exceeds the reported upper bound {ub:.6g}")
+    return problems
+
+
+def check_plan(plan: Plan, cluster: Cluster, check_predictions: bool = True) -> None:
+    problems = validate_plan(plan, cluster, check_predictions)
+    if problems:
+        raise PlanInvalid(problems)

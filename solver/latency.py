@@ -1,0 +1,157 @@
+"""Minimum-latency pipeline: the placement with the lowest time per output token (or TTFT).
+
+MILP (small: one pipeline):
+    x_g in {0,1}, l_g integer      group g is a stage holding l_g layers
+    min  sum_g t_g l_g + sum_g h_g x_g - h_max + c0   (t = decode or prefill seconds per layer,
+                                                      h = cheapest hop into g, c0 = coordinator)
+    s.t. sum_{g on n} d_g x_g <= count_n;  x_g <= l_g <= m_g x_g;  sum_g l_g = L
+Its optimum is a lower bound on any pipeline's latency (hops and ends are relaxed); the decoded
+pipeline is then ordered and given its exact layers, and a short local search polishes it.
+"""
+from __future__ import annotations
+
+import math
+
+from hexplan.evaluate import evaluate_pipeline
+
+from . import milp
+from .formulation import _coord_min, _min_hop
+from .layers import ChainEvaluator, candidate_orders, order_slots
+from .problem import Problem
+
+
+def _fill_min_latency(problem: Problem, ordered, kind: str):
+    """Layers minimising TPOT (or TTFT) for stages in this order; None if they do not fit."""
+    k, L = len(ordered), problem.L
+    costs = [problem.cost(*s) for s in ordered]
+    caps = [c.max_layers(first=(i == 0), last=(i == k - 1)) for i, c in enumerate(costs)]
+    if min(caps) < 1 or sum(caps) < L or k > L:
+        return None
+    t = [c.decode_layer_s if kind == "tpot" else c.prefill_layer_s for c in costs]
+    l = [1] * k
+    rem = L - k
+    for i in sorted(range(k), key=lambda i: (t[i], i)):
+        add = min(rem, caps[i] - 1)
+        l[i] += add
+        rem -= add
+    m = evaluate_pipeline(problem.cluster, problem.costs, [s[0] for s in ordered], [s[1] for s in ordered], l)
+    return (m.tpot_s if kind == "tpot" else m.ttft_s), l
+
+
+def chain_latency(problem: Problem, slots, kind: str = "tpot"):
+    """(latency in s, ordered slots, layers) of the best order, or None."""
+    best = None
+    for order in candidate_orders(problem, order_slots(problem, slots)):
+        r = _fill_min_latency(problem, order, kind)
+        if r and (best is None or r[0] < best[0]):
+            best = (r[0], order, r[1])
+    return best
+
+
+def min_latency(problem: Problem, kind: str = "tpot", time_limit: float = 10.0, seed: int = 0,
+                backend: str = "highs"):
+    """Return (latency s, ordered slots, layers, lower bound s) of the fastest single pipeline."""
+    cands = []
+    for n in problem.nodes:
+        for d in problem.allowed_tp[n.name]:
+            for j in range(n.count // d):
+                cands.append((n.name, d, j))
+    lm = milp.LinearModel()
+    prefill = kind == "ttft"
+    t = [(problem.cost(c[0], c[1]).prefill_layer_s if prefill else problem.cost(c[0], c[1]).decode_layer_s) for c in cands]
+    h = [_min_hop(problem, c[0], prefill) for c in cands]
+    hmax = max(h, default=0.0)
+    x = [lm.binary(f"x[{c[0]}/tp{c[1]}#{c[2]}]") for c in cands]
+    l = [lm.var(f"l[{c[0]}/tp{c[1]}#{c[2]}]", 0, problem.max_layers((c[0], c[1])), integer=True) for c in cands]
+    for n in problem.nodes:
+        lm.add({x[g]: c[1] for g, c in enumerate(cands) if c[0] == n.name}, hi=n.count)
+    for g, c in enumerate(cands):
+        lm.add({l[g]: 1, x[g]: -problem.max_layers((c[0], c[1]))}, hi=0)
+        lm.add({l[g]: 1, x[g]: -1}, lo=0)
+        if g + 1 < len(cands) and cands[g + 1][:2] == c[:2]:
+            lm.add({x[g]: 1, x[g + 1]: -1}, lo=0)
+    lm.add({v: 1 for v in l}, lo=problem.L, hi=problem.L)
+    obj = {}
+    for g in range(len(cands)):
+        obj[l[g]] = -t[g]
+        obj[x[g]] = -h[g]
+    lm.objective = obj  # maximise the negated latency
+    res = milp.solve(lm, backend, time_limit, seed)
+    c0 = _coord_min(problem, prefill)
+    lower = None
+    if res.bound is not None:
+        lower = -res.bound - hmax + c0
+    best = None
+    if res.values is not None:
+        slots = [(c[0], c[1]) for g, c in enumerate(cands) if res.values[x[g]] > 0.5]
+        best = chain_latency(problem, slots, kind)
+    # Greedy alternative and polish: fastest groups first, then drop/swap while it helps.
+    greedy = _greedy(problem, kind)
+    if greedy and (best is None or greedy[0] < best[0]):
+        best = greedy
+    if best is None:
+        return None
+    best = _polish(problem, best, kind)
+    if lower is not None:
+        lower = min(lower, best[0])
+    return best[0], best[1], best[2], lower
+
+
+def _greedy(problem: Problem, kind: str):
+    best = None
+    for prefer in (8, 4, 2, 1):
+        groups = []
+        for n in problem.nodes:
+            rem = n.count
+            for d in sorted(problem.allowed_tp[n.name], reverse=True):
+                if d > prefer:
+                    continue
+                while rem >= d:
+                    groups.append((n.name, d))
+                    rem -= d
+        speed = lambda s: problem.cost(*s).decode_layer_s if kind == "tpot" else problem.cost(*s).prefill_layer_s
+        groups.sort(key=lambda s: (speed(s), s))
+        chosen, cap = [], 0
+        for g in groups:
+            chosen.append(g)
+            cap += problem.max_layers(g)
+            if cap >= problem.L + 2:
+                break
+        r = chain_latency(problem, chosen, kind)
+        if r and (best is None or r[0] < best[0]):
+            best = r
+    return best
+
+
+def _polish(problem: Problem, best, kind: str, rounds: int = 20):
+    lat, order, layers = best
+    slots = list(order)
+    for _ in range(rounds):
+        improved = False
+        used: dict = {}
+        for s in slots:
+            used[s[0]] = used.get(s[0], 0) + s[1]
+        free = [(n.name, d) for n in problem.nodes for d in problem.allowed_tp[n.name]
+                if n.count - used.get(n.name, 0) >= d]
+        trials = [slots[:i] + slots[i + 1:] for i in range(len(slots))]
+        trials += [slots[:i] + slots[i + 1:] + [f] for i in range(len(slots)) for f in free if f[0] != slots[i][0] or True]
+        trials += [slots + [f] for f in free]
+        for cand in trials:
+            cnt: dict = {}
+            ok = True
+            for s in cand:
+                cnt[s[0]] = cnt.get(s[0], 0) + s[1]
+                if cnt[s[0]] > problem.node_by_name[s[0]].count:
+                    ok = False
+                    break
+            if not ok or not cand:
+                continue
+            r = chain_latency(problem, cand, kind)
+            if r and r[0] < lat * (1 - 1e-9):
+                lat, order, layers = r
+                slots = list(order)
+                improved = True
+                break
+        if not improved:
+            break
+    return lat, order, layers

@@ -1,0 +1,199 @@
+"""Order a pipeline's groups and give them integer layer counts that maximise its throughput.
+
+For a fixed order, throughput T is feasible when integer layers l_s exist with
+    1 <= l_s <= min(max_layers_s, floor(rate_s / T)),   sum_s l_s = L,
+    T * TPOT(l) <= concurrency,   T <= link limits,   TPOT(l) <= SLO,   TTFT(l) <= SLO,
+where TPOT(l) = fixed + sum_s l_s * decode_s. For a given T the layers minimising TPOT fill the
+stages with the smallest decode time first (a greedy that is exact for unit-weight items), so
+feasibility is checked in O(k log k) and T* is found by bisection (feasibility is monotone in T).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+from hexplan.evaluate import PipelineMetrics, evaluate_pipeline, pipeline_overheads
+
+from .problem import Problem
+
+
+@dataclass(frozen=True)
+class ChainResult:
+    slots: tuple            # ordered (node, tp)
+    layers: tuple[int, ...]
+    metrics: PipelineMetrics
+
+    @property
+    def throughput(self) -> float:
+        return self.metrics.throughput
+
+
+def order_slots(problem: Problem, slots) -> list:
+    """Stages on one node stay adjacent (widest TP first); nodes are ordered to make the round
+    trip coordinator -> ... -> coordinator cheap (nearest neighbour, then 2-opt)."""
+    by_node: dict = {}
+    for s in slots:
+        by_node.setdefault(s[0], []).append(s)
+    nodes = sorted(by_node)
+    cl = problem.cluster
+    coord = cl.coordinator_node.name
+    w, m = problem.workload, problem.model
+    act = (w.prompt_tokens + w.batch_size) * m.activation_bytes_per_token
+
+    def cost(a, b):
+        if a == b:
+            return 0.0
+        lk = cl.link(a, b)
+        return 2 * lk.latency + act / lk.bandwidth
+
+    if len(nodes) > 1:
+        route, rest, cur = [], set(nodes), coord
+        while rest:
+            nxt = min(sorted(rest), key=lambda n: cost(cur, n))
+            route.append(nxt)
+            rest.remove(nxt)
+            cur = nxt
+
+        def total(r):
+            return cost(coord, r[0]) + sum(cost(a, b) for a, b in zip(r, r[1:])) + cost(r[-1], coord)
+
+        best = total(route)
+        improved = len(route) <= 40
+        while improved:
+            improved = False
+            for i, j in itertools.combinations(range(len(route)), 2):
+                cand = route[:i] + route[i:j + 1][::-1] + route[j + 1:]
+                c = total(cand)
+                if c < best - 1e-12:
+                    route, best, improved = cand, c, True
+        nodes = route
+    out = []
+    for n in nodes:
+        out += sorted(by_node[n], key=lambda s: -s[1])
+    return out
+
+
+def candidate_orders(problem: Problem, base) -> list:
+    """The network-cheapest order, plus, for each kind of group (GPU type, TP degree), the
+    variants that move one node of that kind to the front or to the back: which stage pays for
+    the embedding (first) and the LM head (last) changes how many layers the others can take."""
+    out = [list(base)]
+    blocks: dict = {}
+    for s in base:
+        blocks.setdefault(s[0], []).append(s)
+    if len(blocks) < 2:
+        return out
+    names = list(blocks)
+    kinds: dict = {}
+    for n in names:
+        key = (problem.node_by_name[n].gpu.name, tuple(s[1] for s in blocks[n]))
+        kinds.setdefault(key, n)
+    for n in kinds.values():
+        for front in (True, False):
+            rest = [m for m in names if m != n]
+            seq = [n] + rest if front else rest + [n]
+            o = [s for m in seq for s in blocks[m]]
+            if o not in out:
+                out.append(o)
+    return out
+
+
+def best_layers(problem: Problem, ordered) -> ChainResult | None:
+    """Integer layer counts maximising throughput for stages in this order (None: infeasible)."""
+    k, L = len(ordered), problem.L
+    if k == 0 or k > L:
+        return None
+    nodes = [s[0] for s in ordered]
+    tps = [s[1] for s in ordered]
+    ov = pipeline_overheads(problem.cluster, problem.costs, nodes, tps)
+    sc = ov.costs
+    caps = [c.max_layers(first=(i == 0), last=(i == k - 1)) for i, c in enumerate(sc)]
+    if min(caps) < 1 or sum(caps) < L:
+        return None
+    dec = [c.decode_layer_s for c in sc]
+    pre = [c.prefill_layer_s for c in sc]
+    rate = [c.layer_rate for c in sc]
+    C = problem.workload.concurrency
+    slo_tpot, slo_ttft = problem.slo_tpot, problem.slo_ttft
+    by_dec = sorted(range(k), key=lambda i: (dec[i], i))
+    by_pre = sorted(range(k), key=lambda i: (pre[i], i))
+    link_limit = min(x[0] for x in ov.limits)
+
+    def fill(upper, order):
+        l = [1] * k
+        rem = L - k
+        for i in order:
+            add = min(rem, upper[i] - 1)
+            l[i] += add
+            rem -= add
+            if rem == 0:
+                break
+        return l
+
+    def feasible(T):
+        upper = [min(caps[i], math.floor(rate[i] / T * (1 + 1e-12))) if T > 0 else caps[i] for i in range(k)]
+        if min(upper) < 1 or sum(upper) < L:
+            return None
+        for order in (by_dec, by_pre):
+            l = fill(upper, order)
+            tpot = ov.tpot_fixed_s + sum(a * b for a, b in zip(l, dec))
+            if T * tpot > C * (1 + 1e-12) or (slo_tpot and tpot > slo_tpot):
+                if order is by_dec:
+                    return None  # by_dec minimises TPOT: nothing else can do better
+                continue
+            if slo_ttft:
+                ttft = ov.ttft_fixed_s + sum(a * b for a, b in zip(l, pre))
+                if ttft > slo_ttft:
+                    continue
+            return l
+        return None
+
+    l0 = feasible(0.0)
+    if l0 is None:
+        return None
+    lo, hi, best = 0.0, min(link_limit, sum(rate) / L * 1.0000001), l0
+    # Bisection on T; T* has a closed form only without the TPOT-coupled terms.
+    for _ in range(48):
+        if hi - lo <= 1e-6 * max(hi, 1e-9):
+            break
+        mid = (lo + hi) / 2
+        l = feasible(mid)
+        if l is None:
+            hi = mid
+        else:
+            lo, best = mid, l
+    metrics = evaluate_pipeline(problem.cluster, problem.costs, nodes, tps, best)
+    if not metrics.fits:
+        return None
+    if slo_tpot and metrics.tpot_s > slo_tpot * (1 + 1e-9):
+        return None
+    if slo_ttft and metrics.ttft_s > slo_ttft * (1 + 1e-9):
+        return None
+    return ChainResult(tuple(ordered), tuple(best), metrics)
+
+
+class ChainEvaluator:
+    """Memoised best_layers over the multiset of slots (order is derived)."""
+
+    def __init__(self, problem: Problem):
+        self.problem = problem
+        self._cache: dict = {}
+        self.calls = 0
+
+    def __call__(self, slots) -> ChainResult | None:
+        key = tuple(sorted(slots))
+        if key in self._cache:
+            return self._cache[key]
+        self.calls += 1
+        res = None
+        for order in candidate_orders(self.problem, order_slots(self.problem, key)) if key else []:
+            r = best_layers(self.problem, order)
+            if r is not None and (res is None or r.throughput > res.throughput * (1 + 1e-9)):
+                res = r
+        self._cache[key] = res
+        return res
+
+    def value(self, slots) -> float:
+        r = self(slots)
+        return r.throughput if r else 0.0

@@ -1,0 +1,205 @@
+"""A small solver-neutral MILP container and its backends: HiGHS (highspy) and CBC (PuLP).
+
+OR-Tools is not offered as a backend: its wheel bundles its own HiGHS, and loading it next to
+highspy in one process fails with undefined symbols (seen with ortools 9.15 + highspy 1.15).
+
+The formulation (solver/formulation.py) writes rows into ``LinearModel``; a backend solves it
+and returns a ``MilpResult``. Every variable carries a readable name (``x[n0/tp4#0,p1]``) so a
+model dump (``LinearModel.to_lp()``) can be read by a person.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+INF = math.inf
+
+
+@dataclass
+class LinearModel:
+    names: list = field(default_factory=list)
+    lb: list = field(default_factory=list)
+    ub: list = field(default_factory=list)
+    integer: list = field(default_factory=list)
+    rows: list = field(default_factory=list)       # (dict index -> coef, lo, hi, name)
+    objective: dict = field(default_factory=dict)  # maximised
+
+    def var(self, name: str, lb: float = 0.0, ub: float = INF, integer: bool = False) -> int:
+        self.names.append(name)
+        self.lb.append(lb)
+        self.ub.append(ub)
+        self.integer.append(integer)
+        return len(self.names) - 1
+
+    def binary(self, name: str) -> int:
+        return self.var(name, 0.0, 1.0, True)
+
+    def add(self, coeffs: dict, lo: float = -INF, hi: float = INF, name: str = "") -> None:
+        coeffs = {i: c for i, c in coeffs.items() if c != 0}
+        if coeffs:
+            self.rows.append((coeffs, lo, hi, name or f"r{len(self.rows)}"))
+
+    @property
+    def num_vars(self) -> int:
+        return len(self.names)
+
+    def violations(self, values, tol: float = 1e-6) -> list[str]:
+        """Names of rows and bounds that ``values`` violates (to check warm starts)."""
+        out = []
+        for i, v in enumerate(values):
+            if v < self.lb[i] - tol or v > self.ub[i] + tol:
+                out.append(f"bound {self.names[i]}={v}")
+        for coeffs, lo, hi, name in self.rows:
+            a = sum(c * values[i] for i, c in coeffs.items())
+            scale = tol * max(1.0, abs(lo) if lo > -INF else 0, abs(hi) if hi < INF else 0)
+            if a < lo - scale or a > hi + scale:
+                out.append(f"{name}: {a} not in [{lo}, {hi}]")
+        return out
+
+    def to_lp(self) -> str:
+        """A readable dump (CPLEX-LP-like) for debugging."""
+        def expr(c):
+            return " ".join(f"{'+' if v >= 0 else '-'} {abs(v):g} {self.names[i]}" for i, v in c.items())
+        out = ["Maximize", " obj: " + expr(self.objective), "Subject To"]
+        for c, lo, hi, name in self.rows:
+            if lo == hi:
+                out.append(f" {name}: {expr(c)} = {lo:g}")
+            else:
+                if lo > -INF:
+                    out.append(f" {name}_lo: {expr(c)} >= {lo:g}")
+                if hi < INF:
+                    out.append(f" {name}_hi: {expr(c)} <= {hi:g}")
+        out.append("End")
+        return "\n".join(out)
+
+
+@dataclass
+class MilpResult:
+    status: str                 # optimal | feasible | time_limit | infeasible | error
+    values: list | None
+    objective: float | None
+    bound: float | None         # best proven upper bound on the (maximised) objective
+    seconds: float
+    backend: str
+
+
+def solve(model: LinearModel, backend: str = "highs", time_limit: float = 60.0, seed: int = 0,
+          warm_start: list | None = None, on_incumbent=None) -> MilpResult:
+    if backend == "highs":
+        return _solve_highs(model, time_limit, seed, warm_start, on_incumbent)
+    if backend == "cbc":
+        return _solve_cbc(model, time_limit, seed, warm_start)
+    raise ValueError(f"unknown MILP backend {backend!r}; use highs or cbc")
+
+
+# ---- HiGHS ----------------------------------------------------------------------------
+
+def _solve_highs(model, time_limit, seed, warm, on_incumbent) -> MilpResult:
+    import highspy
+    import numpy as np
+
+    t0 = time.perf_counter()
+    h = highspy.Highs()
+    h.setOptionValue("output_flag", False)
+    h.setOptionValue("time_limit", float(max(0.1, time_limit)))
+    h.setOptionValue("random_seed", int(seed) % (2 ** 31))
+    h.setOptionValue("mip_rel_gap", 1e-4)
+    h.setOptionValue("threads", 1)
+    lp = highspy.HighsLp()
+    n = model.num_vars
+    lp.num_col_ = n
+    lp.num_row_ = len(model.rows)
+    cost = np.zeros(n)
+    for i, c in model.objective.items():
+        cost[i] = -c  # HiGHS minimises
+    lp.col_cost_ = cost
+    lp.col_lower_ = np.array(model.lb, dtype=float)
+    lp.col_upper_ = np.array([u if u < INF else highspy.kHighsInf for u in model.ub], dtype=float)
+    lp.row_lower_ = np.array([lo if lo > -INF else -highspy.kHighsInf for _, lo, _, _ in model.rows], dtype=float)
+    lp.row_upper_ = np.array([hi if hi < INF else highspy.kHighsInf for _, _, hi, _ in model.rows], dtype=float)
+    cols: list[list] = [[] for _ in range(n)]
+    for r, (coeffs, _, _, _) in enumerate(model.rows):
+        for i, c in coeffs.items():
+            cols[i].append((r, c))
+    start, index, value = [0], [], []
+    for col in cols:
+        for r, c in col:
+            index.append(r)
+            value.append(c)
+        start.append(len(index))
+    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
+    lp.a_matrix_.start_ = np.array(start, dtype=np.int32)
+    lp.a_matrix_.index_ = np.array(index, dtype=np.int32)
+    lp.a_matrix_.value_ = np.array(value, dtype=float)
+    lp.integrality_ = [highspy.HighsVarType.kInteger if z else highspy.HighsVarType.kContinuous
+                       for z in model.integer]
+    h.passModel(lp)
+    if warm is not None:
+        sol = highspy.HighsSolution()
+        sol.col_value = list(map(float, warm))
+        sol.value_valid = True
+        h.setSolution(sol)
+    if on_incumbent is not None:
+        def _cb(e):
+            d = e.data_out
+            on_incumbent(-d.objective_function_value, -d.mip_dual_bound, d.running_time)
+        h.cbMipImprovingSolution.subscribe(_cb)
+    h.run()
+    status = h.getModelStatus()
+    info = h.getInfo()
+    S = highspy.HighsModelStatus
+    has_sol = info.primal_solution_status == 2  # kSolutionStatusFeasible
+    if status == S.kOptimal:
+        st = "optimal"
+    elif status in (S.kTimeLimit, S.kIterationLimit, S.kInterrupt, S.kSolutionLimit):
+        st = "time_limit"
+    elif status == S.kInfeasible:
+        st = "infeasible"
+    else:
+        st = "feasible" if has_sol else "error"
+    values = list(h.getSolution().col_value) if has_sol else None
+    obj = -info.objective_function_value if has_sol else None
+    bound = -info.mip_dual_bound if math.isfinite(info.mip_dual_bound) else None
+    if st == "optimal" and obj is not None:
+        bound = obj if bound is None else max(bound, obj)
+    return MilpResult(st, values, obj, bound, time.perf_counter() - t0, "highs")
+
+
+# ---- CBC (PuLP) -------------------------------------------------------------------------
+
+def _solve_cbc(model, time_limit, seed, warm) -> MilpResult:
+    import pulp
+
+    t0 = time.perf_counter()
+    prob = pulp.LpProblem("hexplan", pulp.LpMaximize)
+    vs = []
+    for i, name in enumerate(model.names):
+        safe = f"v{i}"
+        vs.append(pulp.LpVariable(safe, lowBound=model.lb[i], upBound=None if model.ub[i] == INF else model.ub[i],
+                                  cat=pulp.LpInteger if model.integer[i] else pulp.LpContinuous))
+    prob += pulp.lpSum(c * vs[i] for i, c in model.objective.items())
+    for coeffs, lo, hi, name in model.rows:
+        e = pulp.lpSum(c * vs[i] for i, c in coeffs.items())
+        if lo == hi:
+            prob += e == lo
+        else:
+            if lo > -INF:
+                prob += e >= lo
+            if hi < INF:
+                prob += e <= hi
+    if warm is not None:
+        for v, x in zip(vs, warm):
+            v.setInitialValue(round(x) if v.cat == pulp.LpInteger else x)
+    solver = pulp.PULP_CBC_CMD(msg=False, timeLimit=max(1, int(math.ceil(time_limit))), warmStart=warm is not None,
+                               options=[f"randomSeed {int(seed) % 2**31 or 1}", "randomCbcSeed 1"], threads=1)
+    prob.solve(solver)
+    st = pulp.LpStatus[prob.status]
+    values = [v.value() if v.value() is not None else 0.0 for v in vs]
+    has = prob.sol_status in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible)
+    obj = pulp.value(prob.objective) if has else None
+    status = {"Optimal": "optimal"}.get(st, "infeasible" if st == "Infeasible" else "time_limit")
+    if prob.sol_status == pulp.LpSolutionIntegerFeasible:
+        status = "time_limit"
+    return MilpResult(status, values if has else None, obj, obj if status == "optimal" else None,
+                      time.perf_counter() - t0, "cbc")

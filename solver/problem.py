@@ -1,0 +1,93 @@
+"""The solver's view of one planning problem: candidate TP groups, their costs, options.
+
+A *slot* is ``(node name, tp degree)``: one TP group of ``tp`` GPUs inside that node. A
+pipeline under construction is a list of slots; which physical GPU indices a slot gets is
+decided only when the plan is written (solver/optimizer.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hexplan.cluster import Cluster
+from hexplan.costmodel import DEFAULT_PARAMS, CostParams, StageCost, Workload
+from hexplan.evaluate import CostCache
+from hexplan.models import ModelSpec
+
+TP_DEGREES = (1, 2, 4, 8)
+OBJECTIVES = ("throughput", "latency")
+
+
+@dataclass(frozen=True)
+class SolveOptions:
+    objective: str = "throughput"        # throughput | latency
+    slo_tpot_ms: float | None = None     # time per output token, per pipeline, no queueing
+    slo_ttft_ms: float | None = None     # time to first token, per pipeline, no queueing
+    time_limit: float = 60.0             # seconds for the whole solve
+    seed: int = 0
+    backend: str = "highs"               # highs | cbc | none (heuristic only)
+    workload: Workload = field(default_factory=Workload)
+    params: CostParams = DEFAULT_PARAMS
+    max_pipelines: int | None = None
+
+
+class Problem:
+    def __init__(self, cluster: Cluster, model: ModelSpec, options: SolveOptions):
+        self.cluster, self.model, self.options = cluster, model, options
+        self.workload = options.workload
+        self.costs = CostCache(model, options.workload, options.params)
+        self.L = model.num_layers
+        self.slo_tpot = options.slo_tpot_ms / 1e3 if options.slo_tpot_ms else None
+        self.slo_ttft = options.slo_ttft_ms / 1e3 if options.slo_ttft_ms else None
+        self.nodes = list(cluster.nodes)
+        self.node_by_name = {n.name: n for n in self.nodes}
+        # TP degrees each node can host: divides the model, fits in the node, holds >= 1 layer.
+        self.allowed_tp: dict[str, list[int]] = {}
+        for n in self.nodes:
+            ok = []
+            for d in TP_DEGREES:
+                if d <= n.count and model.tp_degree_ok(d) is None and self.cost(n.name, d).max_layers() >= 1:
+                    ok.append(d)
+            self.allowed_tp[n.name] = ok
+
+    def cost(self, node: str, tp: int) -> StageCost:
+        n = self.node_by_name[node]
+        return self.costs.get(n.gpu, tp, n.interconnect)
+
+    def max_layers(self, slot) -> int:
+        return self.cost(*slot).max_layers()
+
+    def rate(self, slot) -> float:
+        return self.cost(*slot).layer_rate
+
+    def all_slots(self) -> list[tuple[str, int]]:
+        """Every candidate group: node n offers count // d groups of each allowed degree d."""
+        out = []
+        for n in self.nodes:
+            for d in self.allowed_tp[n.name]:
+                out += [(n.name, d)] * (n.count // d)
+        return out
+
+    def best_partition_rate(self, node: str) -> tuple[float, float]:
+        """(max total layer rate, max total layers) over the ways to split one node into groups."""
+        n = self.node_by_name[node]
+        best_rate, best_mem = 0.0, 0.0
+        for part in partitions(n.count, self.allowed_tp[node]):
+            best_rate = max(best_rate, sum(self.rate((node, d)) for d in part))
+            best_mem = max(best_mem, sum(self.max_layers((node, d)) for d in part))
+        return best_rate, best_mem
+
+
+def partitions(count: int, degrees) -> list[tuple[int, ...]]:
+    """Multisets of allowed degrees (non-increasing) with sum <= count; unused GPUs allowed."""
+    degrees = sorted(degrees, reverse=True)
+    out: list[tuple[int, ...]] = []
+
+    def rec(remaining, start, acc):
+        out.append(tuple(acc))
+        for i in range(start, len(degrees)):
+            d = degrees[i]
+            if d <= remaining:
+                rec(remaining - d, i, acc + [d])
+
+    rec(count, 0, [])
+    return out
