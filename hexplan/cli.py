@@ -1,0 +1,268 @@
+"""The ``hexplan`` command line. It owns all IO and exit codes.
+
+Exit codes: 0 success, 2 bad input or an infeasible request (one line on stderr, no traceback),
+130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from . import __version__
+from .cluster import Cluster, load_cluster
+from .costmodel import Workload
+from .errors import HexplanError, SpecError
+from .gpus import CATALOG
+from .models import BUILTIN_MODELS, load_model
+from .plan import Plan, load_plan
+from .validate import validate_plan
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse's default prints usage too)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="hexplan", description="Place and serve LLMs on heterogeneous GPU clusters.")
+    p.add_argument("--version", action="version", version=f"hexplan {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    s = sub.add_parser("solve", help="plan a model on a cluster (asymmetric TP/PP + routing)",
+                       description="Find pipelines of tensor-parallel stages and routing weights that "
+                                   "maximise throughput (or minimise latency) for a model on a cluster.")
+    s.add_argument("cluster", help="cluster YAML file")
+    s.add_argument("--model", "-m", required=True, help="built-in model name (see `hexplan models`) or a HF config.json")
+    s.add_argument("-o", "--output", help="plan file to write (default: <cluster>-<model>.plan.yaml; '-' for stdout)")
+    s.add_argument("--format", choices=("yaml", "json"), default="yaml", help="plan file format (default yaml)")
+    s.add_argument("--objective", choices=("throughput", "latency"), default="throughput",
+                   help="maximise tokens/s (default) or minimise time per output token")
+    s.add_argument("--slo-tpot-ms", type=float, help="max time per output token of every pipeline (ms)")
+    s.add_argument("--slo-ttft-ms", type=float, help="max time to first token of every pipeline (ms)")
+    s.add_argument("--time-limit", type=float, default=60.0, help="seconds for the search (default 60)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0); same seed, same plan")
+    s.add_argument("--solver", choices=("highs", "cbc", "none"), default="highs",
+                   help="MILP backend: highs (default), cbc, or none (heuristic only)")
+    s.add_argument("--max-pipelines", type=int, help="at most this many pipelines (replicas)")
+    w = s.add_argument_group("workload (what the plan is optimised for)")
+    d = Workload()
+    w.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens, help=f"average prompt length (default {d.prompt_tokens})")
+    w.add_argument("--output-tokens", type=int, default=d.output_tokens, help=f"average output length (default {d.output_tokens})")
+    w.add_argument("--batch-size", type=int, default=d.batch_size, help=f"sequences per decode step of a stage (default {d.batch_size})")
+    w.add_argument("--concurrency", type=int, default=d.concurrency,
+                   help=f"sequences in flight per pipeline; KV cache is reserved for them (default {d.concurrency})")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+
+    v = sub.add_parser("validate", help="check a cluster spec (and optionally a plan against it)")
+    v.add_argument("cluster", help="cluster YAML file")
+    v.add_argument("--plan", help="also check this plan file against the cluster")
+
+    sh = sub.add_parser("show", help="print a plan file as a table")
+    sh.add_argument("plan", help="plan file (YAML or JSON)")
+    sh.add_argument("--cluster", help="re-check the plan against this cluster")
+
+    sub.add_parser("gpus", help="list the built-in GPU catalog")
+    sub.add_parser("models", help="list the built-in models")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except HexplanError as e:
+        print(f"hexplan: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hexplan: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+# ---- commands ---------------------------------------------------------------------------
+
+def cmd_solve(args) -> int:
+    from .solver import SolveOptions, solve
+
+    cluster = load_cluster(args.cluster)
+    model = load_model(args.model)
+    try:
+        workload = Workload(args.prompt_tokens, args.output_tokens, args.batch_size, args.concurrency)
+    except SpecError as e:  # name the command-line flag, not the dataclass field
+        raise SpecError(e.message, field="--" + (e.field or "workload").replace("_", "-")) from None
+    opts = SolveOptions(objective=args.objective, slo_tpot_ms=args.slo_tpot_ms, slo_ttft_ms=args.slo_ttft_ms,
+                        time_limit=args.time_limit, seed=args.seed, backend=args.solver, workload=workload,
+                        max_pipelines=args.max_pipelines)
+    if args.max_pipelines is not None and args.max_pipelines < 1:
+        raise SpecError("must be at least 1", field="--max-pipelines")
+    err = sys.stderr
+    if not args.quiet:
+        print(f"hexplan: planning {model.name} on {cluster.name} ({_gpu_summary(cluster)}), "
+              f"objective {args.objective}, time limit {args.time_limit:g}s", file=err)
+    progress = None if args.quiet else _Progress(err)
+    plan = solve(cluster, model, opts, progress)
+    out = args.output or f"{_slug(cluster.name)}-{_slug(model.name)}.plan.{args.format}"
+    text = plan.dump(args.format)
+    table_stream = sys.stderr if out == "-" else sys.stdout
+    print(format_plan(plan, cluster), file=table_stream)
+    if out == "-":
+        sys.stdout.write(text)
+    else:
+        Path(out).write_text(text, encoding="utf-8")
+        print(f"plan written to {out}", file=table_stream)
+    return 0
+
+
+class _Progress:
+    def __init__(self, stream):
+        self.stream = stream
+        self.last_inc = -1.0
+
+    def __call__(self, event, elapsed=0.0, **info):
+        if "incumbent" in info:
+            inc, bd = info["incumbent"], info.get("bound")
+            if inc <= self.last_inc + 1e-9:
+                return
+            self.last_inc = inc
+            msg = f"MILP incumbent {inc:.1f} tokens/s (relaxed model), bound {bd:.1f}" if bd and bd < 1e300 \
+                else f"MILP incumbent {inc:.1f} tokens/s (relaxed model)"
+        elif "message" in info:
+            msg = info["message"]
+        elif event == "heuristic":
+            if not info.get("throughput") and not info.get("done"):
+                return
+            msg = f"heuristic plan {info.get('throughput', 0):.1f} tokens/s" + (" (done)" if info.get("done") else "")
+        elif event == "milp":
+            msg = f"MILP {info.get('status')}: plan {info.get('throughput', 0):.1f} tokens/s, upper bound {info.get('bound', 0):.1f}"
+        elif event == "latency":
+            msg = f"fastest pipeline: {info.get('tpot_ms', 0):.2f} ms per output token"
+        elif event == "done":
+            return
+        else:
+            msg = f"{event} {info}"
+        print(f"[{elapsed:6.1f}s] {msg}", file=self.stream, flush=True)
+
+
+def cmd_validate(args) -> int:
+    cluster = load_cluster(args.cluster)
+    print(f"{args.cluster}: ok: cluster {cluster.name!r}, {len(cluster.nodes)} nodes, {_gpu_summary(cluster)}, "
+          f"{cluster.total_memory / 1e9:.0f} GB GPU memory" + (f", regions {', '.join(r for r in cluster.regions if r)}"
+                                                                if any(cluster.regions) else ""))
+    if args.plan:
+        plan = load_plan(args.plan)
+        problems = validate_plan(plan, cluster)
+        if problems:
+            raise HexplanError(f"{args.plan}: invalid plan: " + "; ".join(problems))
+        print(f"{args.plan}: ok: {len(plan.pipelines)} pipelines, {plan.num_gpus} GPUs")
+    return 0
+
+
+def cmd_show(args) -> int:
+    plan = load_plan(args.plan)
+    cluster = load_cluster(args.cluster) if args.cluster else None
+    if cluster is not None:
+        problems = validate_plan(plan, cluster)
+        if problems:
+            raise HexplanError(f"{args.plan}: invalid plan: " + "; ".join(problems))
+    print(format_plan(plan, cluster))
+    return 0
+
+
+def cmd_gpus(args) -> int:
+    rows = [(g.name, f"{g.memory / 1e9:.0f} GB", f"{g.memory_bandwidth / 1e9:.0f} GB/s", f"{g.fp16_tflops:g}",
+             f"{g.interconnect / 1e9:.0f} GB/s", f"{g.price_per_hour:.2f}") for g in CATALOG.values()]
+    print(_table(("gpu", "memory", "mem bandwidth", "fp16 TFLOPS", "intra-node", "$/hour"), rows))
+    return 0
+
+
+def cmd_models(args) -> int:
+    rows = [(m.name, m.num_layers, m.hidden_size, m.intermediate_size, m.num_heads, m.num_kv_heads, m.vocab_size,
+             m.dtype, f"{m.total_params / 1e9:.1f}B") for m in BUILTIN_MODELS.values()]
+    print(_table(("model", "layers", "hidden", "intermediate", "heads", "kv heads", "vocab", "dtype", "params"), rows))
+    return 0
+
+
+_COMMANDS = {"solve": cmd_solve, "validate": cmd_validate, "show": cmd_show, "gpus": cmd_gpus, "models": cmd_models}
+
+
+# ---- rendering --------------------------------------------------------------------------
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", s).strip("-") or "plan"
+
+
+def _gpu_summary(cluster: Cluster) -> str:
+    counts: dict = {}
+    for n in cluster.nodes:
+        counts[n.gpu.name] = counts.get(n.gpu.name, 0) + n.count
+    return f"{cluster.total_gpus} GPUs: " + ", ".join(f"{c}x {g}" for g, c in counts.items())
+
+
+def _table(header, rows) -> str:
+    cols = list(zip(*([header] + [tuple(str(x) for x in r) for r in rows])))
+    widths = [max(len(x) for x in c) for c in cols]
+    line = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip()
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def format_plan(plan: Plan, cluster: Cluster | None = None) -> str:
+    """A readable summary: one diagram line per pipeline, a stage table and the predictions."""
+    out = []
+    m = plan.model
+    out.append(f"plan for {m.name} ({m.num_layers} layers), {len(plan.pipelines)} pipeline(s), {plan.num_gpus} GPUs")
+    coord = (plan.cluster or {}).get("coordinator")
+    coord = f"coordinator({coord})" if coord else "coordinator"
+    for i, p in enumerate(plan.pipelines):
+        hops = " -> ".join(f"{s.node}[{_gpus(s.gpus)}] TP{s.tp} L{s.layers[0]}-{s.layers[1] - 1}" for s in p.stages)
+        out.append(f"  pipeline {i} ({p.weight:.0%} of requests): {coord} -> {hops} -> {coord}")
+    rows = []
+    for i, p in enumerate(plan.pipelines):
+        for j, s in enumerate(p.stages):
+            rows.append((i if j == 0 else "", f"{p.weight:.3f}" if j == 0 else "",
+                         _fmt(p.throughput_tokens_per_s) if j == 0 else "", j, s.node, s.gpu or "", _gpus(s.gpus), s.tp,
+                         f"[{s.layers[0]}, {s.layers[1]})", s.num_layers))
+    out.append("")
+    out.append(_table(("pipeline", "weight", "tokens/s", "stage", "node", "gpu", "gpus", "tp", "layers", "#layers"), rows))
+    pr = plan.predicted or {}
+    if pr:
+        out.append("")
+        tp, ub = pr.get("throughput_tokens_per_s"), pr.get("upper_bound_tokens_per_s")
+        line = f"predicted throughput {_fmt(tp)} tokens/s"
+        if ub:
+            line += f" (upper bound {_fmt(ub)}, {tp / ub:.1%} of it)"
+        out.append(line)
+        out.append(f"time per output token {_fmt(pr.get('decode_ms_per_token'))} ms, time to first token "
+                   f"{_fmt(pr.get('ttft_ms'))} ms (routing-weighted, no queueing)")
+    so = plan.solver or {}
+    if so:
+        out.append(f"solver: {so.get('backend')} {so.get('status')} in {_fmt(so.get('seconds'))} s"
+                   + (f" (heuristic {_fmt(so.get('heuristic_tokens_per_s'))} tokens/s, MILP {so.get('milp_status')})"
+                      if "heuristic_tokens_per_s" in so else ""))
+    wl = (plan.assumptions or {}).get("workload")
+    if wl:
+        out.append("workload: " + ", ".join(f"{k} {v}" for k, v in wl.items()))
+    return "\n".join(out)
+
+
+def _gpus(g) -> str:
+    g = list(g)
+    if len(g) > 1 and g == list(range(g[0], g[0] + len(g))):
+        return f"{g[0]}-{g[-1]}"
+    return ",".join(map(str, g))
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 10 else f"{v:,.1f}"
+    return str(v)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
