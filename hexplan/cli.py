@@ -75,7 +75,8 @@ def main(argv=None) -> int:
     try:
         return _COMMANDS[args.command](args)
     except HexplanError as e:
-        print(f"hexplan: error: {e}", file=sys.stderr)
+        msg = " ".join(str(e).splitlines()) or type(e).__name__  # the contract: exactly one line
+        print(f"hexplan: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("hexplan: interrupted", file=sys.stderr)
@@ -113,7 +114,10 @@ def cmd_solve(args) -> int:
     if out == "-":
         sys.stdout.write(text)
     else:
-        Path(out).write_text(text, encoding="utf-8")
+        try:
+            Path(out).write_text(text, encoding="utf-8")
+        except OSError as e:
+            raise SpecError(f"cannot write the plan: {e.strerror or e}", file=out, field="--output") from None
         print(f"plan written to {out}", file=table_stream)
     return 0
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from .errors import SpecError
 from .gpus import CATALOG, GpuType, Profile, ProfileTable
 from .units import UnitError, parse_bandwidth, parse_size, parse_time
-from .yamlio import Locator, load_document, loads_document
+from .yamlio import Locator, load_document, loads_document, show
 
 INTRA_NODE_LATENCY = 5e-6  # s, one hop over NVLink/PCIe inside a node
 DEFAULT_BANDWIDTH = 10e9 / 8  # 10 Gbps
@@ -140,7 +140,7 @@ def loads_cluster(text: str, file: str | None = None) -> Cluster:
 def _check_keys(d: dict, allowed: set, path, loc: Locator) -> None:
     for k in d:
         if k not in allowed:
-            raise loc.error(path + (k,), f"unknown field {k!r}; expected one of {', '.join(sorted(allowed))}")
+            raise loc.error(path + (k,), f"unknown field {show(k)}; expected one of {', '.join(sorted(allowed))}")
 
 
 def _positive(value, path, loc: Locator, parser, what: str, allow_zero=False) -> float:
@@ -151,17 +151,17 @@ def _positive(value, path, loc: Locator, parser, what: str, allow_zero=False) ->
     except UnitError as e:
         raise loc.error(path, str(e)) from None
     if x < 0 or (x == 0 and not allow_zero):
-        raise loc.error(path, f"must be {'non-negative' if allow_zero else 'positive'}, got {value!r}")
+        raise loc.error(path, f"must be {'non-negative' if allow_zero else 'positive'}, got {show(value)}")
     return x
 
 
 def _number(value, path, loc: Locator, what: str, allow_zero=False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise loc.error(path, f"{what} must be a number, got {value!r}")
+        raise loc.error(path, f"{what} must be a number, got {show(value)}")
     if value != value or value in (float("inf"), float("-inf")):
         raise loc.error(path, f"{what} must be finite")
     if value < 0 or (value == 0 and not allow_zero):
-        raise loc.error(path, f"{what} must be {'non-negative' if allow_zero else 'positive'}, got {value!r}")
+        raise loc.error(path, f"{what} must be {'non-negative' if allow_zero else 'positive'}, got {show(value)}")
     return float(value)
 
 
@@ -189,7 +189,7 @@ def _gpu_type(name: str, d, path, loc: Locator) -> GpuType:
             return getattr(base, key)
         if default is not None:
             return default
-        raise loc.error(path + (key,), f"missing {what} for custom GPU type {name!r}")
+        raise loc.error(path + (key,), f"missing {what} for custom GPU type {show(name)}")
 
     memory = get("memory", parse_size, "memory")
     bw = get("memory_bandwidth", parse_bandwidth, "memory bandwidth")
@@ -198,7 +198,7 @@ def _gpu_type(name: str, d, path, loc: Locator) -> GpuType:
     elif base is not None:
         tflops = base.fp16_tflops
     else:
-        raise loc.error(path + ("fp16_tflops",), f"missing fp16_tflops for custom GPU type {name!r}")
+        raise loc.error(path + ("fp16_tflops",), f"missing fp16_tflops for custom GPU type {show(name)}")
     inter = get("interconnect", parse_bandwidth, "interconnect", default=32e9)
     price = (_number(d["price_per_hour"], path + ("price_per_hour",), loc, "price_per_hour", allow_zero=True)
              if "price_per_hour" in d else (base.price_per_hour if base else 0.0))
@@ -235,7 +235,7 @@ def cluster_from_dict(data, loc: Locator) -> Cluster:
         raise loc.error(("gpu_types",), "expected a mapping of GPU type name -> figures")
     for tname, td in gt.items():
         if not isinstance(tname, str) or not tname:
-            raise loc.error(("gpu_types",), f"GPU type names must be strings, got {tname!r}")
+            raise loc.error(("gpu_types",), f"GPU type names must be strings, got {show(tname)}")
         gpu_types[tname] = _gpu_type(tname, td, ("gpu_types", tname), loc)
 
     raw_nodes = data.get("nodes")
@@ -252,37 +252,37 @@ def cluster_from_dict(data, loc: Locator) -> Cluster:
         if not isinstance(nname, str) or not nname:
             raise loc.error(p + ("name",), "missing node name")
         if nname in names:
-            raise loc.error(p + ("name",), f"duplicate node name {nname!r}")
+            raise loc.error(p + ("name",), f"duplicate node name {show(nname)}")
         names.add(nname)
         gname = nd.get("gpu")
         if gname is None:
             raise loc.error(p + ("gpu",), "missing GPU type")
         if not isinstance(gname, str) or gname not in gpu_types:
-            raise loc.error(p + ("gpu",), f"unknown GPU type {gname!r}; known: {', '.join(gpu_types)}")
+            raise loc.error(p + ("gpu",), f"unknown GPU type {show(gname)}; known: {', '.join(gpu_types)}")
         count = nd.get("count")
         if count is None:
             raise loc.error(p + ("count",), "missing GPU count")
         if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
-            raise loc.error(p + ("count",), f"must be a positive integer, got {count!r}")
+            raise loc.error(p + ("count",), f"must be a positive integer, got {show(count)}")
         region = nd.get("region", "")
         if region is None:
             region = ""
         if not isinstance(region, str):
-            raise loc.error(p + ("region",), f"must be a string, got {region!r}")
+            raise loc.error(p + ("region",), f"must be a string, got {show(region)}")
         gpu = gpu_types[gname]
         inter = (_positive(nd["interconnect"], p + ("interconnect",), loc, parse_bandwidth, "interconnect")
                  if "interconnect" in nd else gpu.interconnect)
         address = nd.get("address")
         if address is not None:
             if not isinstance(address, str) or address.rpartition(":")[2].isdigit() is False or ":" not in address:
-                raise loc.error(p + ("address",), f"expected host:port, got {address!r}")
+                raise loc.error(p + ("address",), f"expected host:port, got {show(address)}")
         nodes.append(Node(nname, gpu, count, region, inter, address))
 
     regions = {n.region for n in nodes if n.region}
     clash = regions & names
     if clash:
         c = sorted(clash)[0]
-        raise loc.error(("nodes",), f"{c!r} is both a node name and a region name; link rules would be ambiguous")
+        raise loc.error(("nodes",), f"{show(c)} is both a node name and a region name; link rules would be ambiguous")
 
     net = data.get("network") or {}
     if not isinstance(net, dict):
@@ -313,7 +313,7 @@ def cluster_from_dict(data, loc: Locator) -> Cluster:
             raise loc.error(p + ("between",), "expected two node or region names, like [n0, n1]")
         for j, x in enumerate(between):
             if not isinstance(x, str) or x not in known:
-                raise loc.error(p + ("between", j), f"{x!r} is neither a node nor a region; "
+                raise loc.error(p + ("between", j), f"{show(x)} is neither a node nor a region; "
                                 f"nodes: {', '.join(sorted(names))}" + (f"; regions: {', '.join(sorted(regions))}" if regions else ""))
         if between[0] == between[1] and between[0] in names:
             raise loc.error(p + ("between",), "a link joins two different nodes (use the node's 'interconnect' for its own fabric)")
@@ -321,6 +321,6 @@ def cluster_from_dict(data, loc: Locator) -> Cluster:
 
     coord = data.get("coordinator", "")
     if coord and (not isinstance(coord, str) or coord not in names):
-        raise loc.error(("coordinator",), f"unknown node {coord!r}; nodes: {', '.join(sorted(names))}")
+        raise loc.error(("coordinator",), f"unknown node {show(coord)}; nodes: {', '.join(sorted(names))}")
 
     return Cluster(name, tuple(nodes), default, tuple(rules), coord or "", loc.file)

@@ -6,10 +6,12 @@ key/value heads, vocabulary and dtype. Parameter and byte counts are derived her
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import SpecError
+from .yamlio import show
 
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -124,15 +126,31 @@ def model_from_hf_config(cfg: dict, name: str, file: str | None = None) -> Model
     if not isinstance(cfg, dict):
         raise err(None, "config.json must hold a JSON object")
     mt = cfg.get("model_type", "llama")
-    if mt not in SUPPORTED_MODEL_TYPES:
-        raise err("model_type", f"unsupported model type {mt!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    if not isinstance(mt, str) or mt not in SUPPORTED_MODEL_TYPES:
+        raise err("model_type", f"unsupported model type {show(mt)}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
 
     def pos_int(key, default=None):
         v = cfg.get(key, default)
         if v is None:
             raise err(key, "missing")
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise err(key, f"must be a positive integer, got {v!r}")
+            raise err(key, f"must be a positive integer, got {show(v)}")
+        return v
+
+    def number(key, default):
+        v = cfg.get(key)
+        if v is None:
+            return float(default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise err(key, f"must be a positive number, got {show(v)}")
+        return float(v)
+
+    def flag(key, default):
+        v = cfg.get(key)
+        if v is None:
+            return default
+        if not isinstance(v, bool):
+            raise err(key, f"must be true or false, got {show(v)}")
         return v
 
     heads = pos_int("num_attention_heads")
@@ -140,12 +158,12 @@ def model_from_hf_config(cfg: dict, name: str, file: str | None = None) -> Model
     if heads % kv:
         raise err("num_key_value_heads", f"{kv} does not divide num_attention_heads {heads}")
     dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "float16"
-    if dtype not in DTYPE_BYTES:
-        raise err("torch_dtype", f"unsupported dtype {dtype!r}; use one of {', '.join(DTYPE_BYTES)}")
+    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
+        raise err("torch_dtype", f"unsupported dtype {show(dtype)}; use one of {', '.join(DTYPE_BYTES)}")
     hidden = pos_int("hidden_size")
     head_dim = cfg.get("head_dim")
-    if head_dim is not None and (not isinstance(head_dim, int) or head_dim <= 0):
-        raise err("head_dim", f"must be a positive integer, got {head_dim!r}")
+    if head_dim is not None and (isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim <= 0):
+        raise err("head_dim", f"must be a positive integer, got {show(head_dim)}")
     if head_dim is None and hidden % heads:
         raise err("hidden_size", f"{hidden} is not divisible by num_attention_heads {heads}")
     return ModelSpec(
@@ -158,12 +176,12 @@ def model_from_hf_config(cfg: dict, name: str, file: str | None = None) -> Model
         vocab_size=pos_int("vocab_size"),
         dtype=dtype,
         max_position_embeddings=pos_int("max_position_embeddings", 4096),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        tie_word_embeddings=flag("tie_word_embeddings", False),
         model_type=mt,
         head_dim=head_dim if head_dim and head_dim != hidden // heads else None,
-        attention_bias=bool(cfg.get("attention_bias", mt == "qwen2")),
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-        rope_theta=float(cfg.get("rope_theta", 10000.0)),
+        attention_bias=flag("attention_bias", mt == "qwen2"),
+        rms_norm_eps=number("rms_norm_eps", 1e-5),
+        rope_theta=number("rope_theta", 10000.0),
     )
 
 
@@ -175,18 +193,40 @@ def model_from_dict(d: dict, file: str | None = None) -> ModelSpec:
     unknown = set(d) - known
     if unknown:
         raise SpecError(f"unknown field(s) {sorted(unknown)}", file=file, field="model")
-    try:
-        spec = ModelSpec(**d)
-    except TypeError as e:
-        raise SpecError(str(e), file=file, field="model") from None
-    for f in ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "vocab_size"):
-        v = getattr(spec, f)
+    def bad(f, msg):
+        return SpecError(msg, file=file, field=f"model.{f}")
+
+    missing = [f for f in ("name", "num_layers", "hidden_size", "intermediate_size", "num_heads",
+                           "num_kv_heads", "vocab_size") if f not in d]
+    if missing:
+        raise SpecError(f"missing field(s) {missing}", file=file, field="model")
+    clean = dict(d)
+    for f in ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "vocab_size",
+              "max_position_embeddings", "head_dim"):
+        if f not in d or (f == "head_dim" and d[f] is None):
+            continue
+        v = d[f]
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise SpecError(f"must be a positive integer, got {v!r}", file=file, field=f"model.{f}")
-    if spec.dtype not in DTYPE_BYTES:
-        raise SpecError(f"unsupported dtype {spec.dtype!r}", file=file, field="model.dtype")
+            raise bad(f, f"must be a positive integer, got {show(v)}")
+    for f in ("name", "dtype", "model_type"):
+        if f in d and (not isinstance(d[f], str) or not d[f]):
+            raise bad(f, f"must be a non-empty string, got {show(d[f])}")
+    for f in ("tie_word_embeddings", "attention_bias"):
+        if f in d and not isinstance(d[f], bool):
+            raise bad(f, f"must be true or false, got {show(d[f])}")
+    for f in ("rms_norm_eps", "rope_theta"):
+        if f in d:
+            v = d[f]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise bad(f, f"must be a positive number, got {show(v)}")
+            clean[f] = float(v)
+    if clean.get("dtype", "float16") not in DTYPE_BYTES:
+        raise bad("dtype", f"unsupported dtype {show(clean['dtype'])}; use one of {', '.join(DTYPE_BYTES)}")
+    spec = ModelSpec(**clean)
     if spec.num_heads % spec.num_kv_heads:
-        raise SpecError("num_kv_heads must divide num_heads", file=file, field="model.num_kv_heads")
+        raise bad("num_kv_heads", "num_kv_heads must divide num_heads")
+    if spec.head_dim is None and spec.hidden_size % spec.num_heads:
+        raise bad("hidden_size", f"{spec.hidden_size} is not divisible by num_heads {spec.num_heads}")
     return spec
 
 
@@ -209,7 +249,11 @@ def load_model(model) -> ModelSpec:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             line = getattr(e, "lineno", None)
             raise SpecError(f"not valid JSON ({getattr(e, 'msg', e)})", file=str(p), line=line) from None
+        except RecursionError:
+            raise SpecError("not valid JSON (nested too deeply)", file=str(p)) from None
+        except OSError as e:
+            raise SpecError(f"cannot read: {e.strerror or e}", file=str(p), field="model") from None
         name = p.parent.name if p.name == "config.json" and p.parent.name else p.stem
         return model_from_hf_config(cfg, name=name, file=str(p))
-    raise SpecError(f"unknown model {model!r}; built-in models: {', '.join(BUILTIN_MODELS)}; "
+    raise SpecError(f"unknown model {show(model)}; built-in models: {', '.join(BUILTIN_MODELS)}; "
                     "or give a path to a Hugging Face config.json", field="model")

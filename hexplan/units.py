@@ -8,7 +8,9 @@ from __future__ import annotations
 import math
 import re
 
-_NUM = r"([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
+from .yamlio import show
+
+_NUM = r"([-+]?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
 
 _SIZE = {
     "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12,
@@ -25,20 +27,26 @@ class UnitError(ValueError):
 
 def _parse(value, table: dict, what: str, example: str) -> float:
     if isinstance(value, bool):
-        raise UnitError(f"expected a {what} like {example!r}, got {value!r}")
+        raise UnitError(f"expected a {what} like {example!r}, got {show(value)}")
     if isinstance(value, (int, float)):
-        raise UnitError(f"{value!r} has no unit; write a {what} like {example!r}")
+        raise UnitError(f"{show(value)} has no unit; write a {what} like {example!r}")
     if not isinstance(value, str):
         raise UnitError(f"expected a {what} like {example!r}, got {type(value).__name__}")
     m = re.fullmatch(r"\s*" + _NUM + r"\s*([A-Za-zµ/]+)\s*", value)
     if not m:
-        raise UnitError(f"cannot parse {value!r} as a {what} (example: {example!r})")
+        raise UnitError(f"cannot parse {show(value)} as a {what} (example: {example!r})")
     number, unit = float(m.group(1)), m.group(2)
     # Case matters for bits vs bytes only in the b/B distinction; accept common spellings.
     key = unit.lower()
     if table is _BITRATE or table is _BYTERATE:
-        if unit.endswith("ps") and not unit.endswith("/s"):
-            if unit[-3] == "B":  # e.g. "GBps" means bytes
+        if unit.endswith("/s"):
+            # "GB/s" and "GiB/s" are bytes; "Gb/s" (lower-case b) is bits, like "Gbps".
+            if unit[:-2].endswith("b"):
+                key, table = unit[:-2].lower() + "ps", _BITRATE
+            else:
+                table = _BYTERATE
+        elif unit.endswith("ps"):
+            if len(unit) >= 3 and unit[-3] == "B":  # e.g. "GBps" means bytes
                 key = key[:-2] + "/s"
                 table = _BYTERATE
             else:
@@ -46,10 +54,10 @@ def _parse(value, table: dict, what: str, example: str) -> float:
         else:
             table = _BYTERATE
     if key not in table:
-        raise UnitError(f"unknown unit {unit!r} in {value!r}; use one of {', '.join(_units_for(what))}")
+        raise UnitError(f"unknown unit {show(unit)} in {show(value)}; use one of {', '.join(_units_for(what))}")
     result = number * table[key]
     if not math.isfinite(result):
-        raise UnitError(f"{value!r} is not a finite {what}")
+        raise UnitError(f"{show(value)} is not a finite {what}")
     return result
 
 

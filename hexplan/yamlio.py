@@ -7,6 +7,7 @@ objects are ever constructed from input.
 """
 from __future__ import annotations
 
+import reprlib
 from pathlib import Path
 
 import yaml
@@ -16,48 +17,100 @@ from .errors import SpecError
 Path_ = tuple
 
 
-def _walk(node, path: tuple, lines: dict, file: str | None) -> None:
-    lines[path] = node.start_mark.line + 1
+MAX_DEPTH = 64  # no spec nests anywhere near this deep; deeper input is rejected, not recursed into
+
+
+def _key_id(key_node):
+    """What makes two mapping keys the same key: resolved tag and text (``1`` and ``"1"`` differ)."""
+    if isinstance(key_node, yaml.ScalarNode):
+        return (key_node.tag, key_node.value)
+    return None
+
+
+def _walk(node, path: tuple, lines: dict, file: str | None, active: set, done: set) -> None:
+    lines.setdefault(path, node.start_mark.line + 1)
+    if id(node) in active:
+        raise SpecError("recursive YAML alias (a value that contains itself)", file=file,
+                        line=node.start_mark.line + 1, field=_dotted(path) or None)
+    if id(node) in done:  # an alias of a node already walked: do not expand it again
+        return
+    if len(path) > MAX_DEPTH:
+        raise SpecError(f"nested more than {MAX_DEPTH} levels deep", file=file,
+                        line=node.start_mark.line + 1, field=None)
+    active.add(id(node))
     if isinstance(node, yaml.MappingNode):
         seen = set()
         for key_node, value_node in node.value:
             key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-            if key in seen:
+            kid = _key_id(key_node)
+            if kid is not None and kid in seen and key != "<<":
                 raise SpecError(f"duplicate key {key!r}", file=file,
                                 line=key_node.start_mark.line + 1, field=_dotted(path + (key,)))
-            seen.add(key)
-            lines[path + (key,)] = key_node.start_mark.line + 1
-            _walk(value_node, path + (key,), lines, file)
+            seen.add(kid)
+            lines.setdefault(path + (key,), key_node.start_mark.line + 1)
+            _walk(value_node, path + (key,), lines, file, active, done)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _walk(item, path + (i,), lines, file)
+            _walk(item, path + (i,), lines, file, active, done)
+    active.discard(id(node))
+    done.add(id(node))
 
 
 def _dotted(path) -> str:
     out = ""
     for p in path:
-        if isinstance(p, int):
+        if isinstance(p, int) and not isinstance(p, bool):
             out += f"[{p}]"
         else:
             out += ("." if out else "") + str(p)
     return out
 
 
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlist = _REPR.maxdict = _REPR.maxtuple = _REPR.maxset = 6
+_REPR.maxlevel = 3
+_REPR.maxlong = 40
+
+
+def show(value) -> str:
+    """``repr`` for error messages, bounded in size (input can hold huge or aliased structures)."""
+    try:
+        return _REPR.repr(value)
+    except Exception:  # pragma: no cover - a repr that fails must not hide the real error
+        return f"<{type(value).__name__}>"
+
+
+def _one_line(s: str) -> str:
+    return " ".join(str(s).split())
+
+
 def loads_document(text: str, file: str | None = None):
     """Parse YAML text; return ``(data, lines)``. Raises SpecError on syntax errors."""
+    lines: dict = {}
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None:
+            # Check the node graph (duplicate keys, recursive aliases) before constructing data.
+            _walk(node, (), lines, file, set(), set())
         data = yaml.load(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else None
         problem = e.problem or e.context or "invalid YAML"
-        raise SpecError(f"YAML syntax error: {problem}", file=file, line=line) from None
+        raise SpecError(f"YAML syntax error: {_one_line(problem)}", file=file, line=line) from None
+    except yaml.reader.ReaderError as e:  # a character YAML does not allow (NUL, lone surrogates, ...)
+        line = text.count("\n", 0, e.position) + 1 if isinstance(e.position, int) else None
+        ch = e.character
+        what = f"U+{ch:04X}" if isinstance(ch, int) else repr(ch)
+        raise SpecError(f"YAML syntax error: character {what} is not allowed in YAML", file=file,
+                        line=line) from None
     except yaml.YAMLError as e:  # pragma: no cover - other YAML errors carry no mark
-        raise SpecError(f"YAML error: {e}", file=file) from None
-    lines: dict = {}
-    if node is not None:
-        _walk(node, (), lines, file)
+        raise SpecError(f"YAML error: {_one_line(e)}", file=file) from None
+    except RecursionError:
+        raise SpecError("YAML nested too deeply", file=file) from None
+    except (ValueError, OverflowError) as e:  # e.g. a timestamp with a day that does not exist
+        raise SpecError(f"YAML value error: {_one_line(e)}", file=file) from None
     return data, lines
 
 

@@ -31,6 +31,7 @@ from .routing import route
 
 INTEGER_LAYER_LIMIT = 150   # use the integer-layer MILP when candidates x pipelines <= this
 BACKENDS = ("highs", "cbc", "none")
+EARLY_STOP_GAP = 0.005
 
 
 def _check_options(o: SolveOptions) -> None:
@@ -104,7 +105,8 @@ def solve(cluster: Cluster, model: ModelSpec, options: SolveOptions = SolveOptio
 
     bound = compute_bound(problem)
     milp_status = "skipped"
-    if options.backend != "none" and time.perf_counter() < deadline - 0.2:
+    # Like Helix, stop early once a plan is within 0.5% of the compute-only bound.
+    if options.backend != "none" and h_value < bound * (1 - EARLY_STOP_GAP) and time.perf_counter() < deadline - 0.2:
         K = max_pipelines(problem)
         if options.max_pipelines:
             K = min(K, options.max_pipelines)

@@ -1,0 +1,551 @@
+"""The cost model and the pipeline evaluation checked against hand calculations.
+
+Every expected number below is computed from the model shapes and the GPU datasheet figures
+with plain arithmetic written out in the test (the comments carry the same arithmetic with
+rounded values), never by calling the function under test. docs/cost-model.md states the
+formulas; this file is their executable check.
+
+Units: bytes, seconds, FLOPs; 1 Gbps = 1e9 / 8 = 125e6 bytes/s.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+
+from hexplan.cluster import loads_cluster
+from hexplan.costmodel import (DEFAULT_PARAMS, TOKEN_ID_BYTES, CostParams, Workload,
+                               coordinator_token_capacity, decode_layer_time, hop_decode_time,
+                               hop_prefill_time, link_token_capacity, local_kv_heads,
+                               prefill_layer_time, ring_allreduce_time, send_time, stage_cost)
+from hexplan.evaluate import CostCache, evaluate_pipeline, pipeline_overheads
+from hexplan.gpus import CATALOG, ProfileTable
+from hexplan.models import BUILTIN_MODELS
+
+EXACT = 1e-9  # relative tolerance where the hand formula is the code's formula
+
+# ---------------------------------------------------------------------------------------
+# Hand-copied shapes and datasheet figures (the tests below never read them back from code
+# except to check that they match these).
+
+# Llama-2-70B: 80 layers, H 8192, I 28672, 64 query heads, 8 KV heads (GQA), vocab 32000, fp16.
+H70, I70, NH70, KV70, HD70, V70, B2 = 8192, 28672, 64, 8, 128, 32000, 2
+# Llama-2-7B: 32 layers, H 4096, I 11008, 32 heads, 32 KV heads (MHA), vocab 32000, fp16.
+H7, I7, NH7, KV7, HD7, V7 = 4096, 11008, 32, 32, 128, 32000
+
+# A100-40G SXM4: 40 GB, 1555 GB/s, 312 dense fp16 TFLOPS, NVLink 300 GB/s per direction.
+A100_MEM, A100_BW, A100_F, A100_NVL = 40e9, 1555e9, 312e12, 300e9
+# L4: 24 GB, 300 GB/s, 121 TFLOPS, PCIe 4.0 x16 32 GB/s.
+L4_MEM, L4_BW, L4_F, L4_PCIE = 24e9, 300e9, 121e12, 32e9
+# T4: 16 GB, 320 GB/s, 65 TFLOPS.
+T4_BW, T4_F = 320e9, 65e12
+
+ETA_MEM, ETA_F, ALPHA, HEADROOM = 0.7, 0.5, 10e-6, 0.10
+P, O, BATCH, CONC = 512, 128, 16, 64          # default Workload
+CTX = P + O                                    # 640 tokens of KV reserved per sequence
+MEAN_CTX = P + (O + 1) / 2                     # 576.5 tokens seen by the average decode step
+
+GBPS = 1e9 / 8
+
+# Llama-2-70B per layer, by hand:
+#   q = H * NH*HD            = 8192 * 8192       =  67,108,864
+#   k, v = 2 * H * KV*HD     = 2 * 8192 * 1024   =  16,777,216
+#   o = NH*HD * H            = 8192 * 8192       =  67,108,864
+#   MLP gate/up/down = 3 H I = 3 * 8192 * 28672  = 704,643,072
+#   two RMSNorm weights 2 H  =                         16,384
+#   total                                          = 855,654,400 params = 1,711,308,800 bytes
+P70 = H70 * NH70 * HD70 + 2 * H70 * KV70 * HD70 + NH70 * HD70 * H70 + 3 * H70 * I70 + 2 * H70
+LB70 = P70 * B2
+KV70_TOK = 2 * KV70 * HD70 * B2                # K and V, 8 heads x 128 x 2 bytes = 4096 B
+# Llama-2-7B per layer: 4 H^2 + 3 H I + 2 H = 67,108,864 + 135,266,304 + 8,192 = 202,383,360
+P7 = 4 * H7 * H7 + 3 * H7 * I7 + 2 * H7
+LB7 = P7 * B2                                  # 404,766,720 bytes
+KV7_TOK = 2 * KV7 * HD7 * B2                   # 16,384 B
+
+
+def roofline(nbytes, flops, bw, f):
+    return max(nbytes / (bw * ETA_MEM), flops / (f * ETA_F))
+
+
+def ring(m, d, beta):
+    return 0.0 if d <= 1 else 2 * (d - 1) * (ALPHA + m / (d * beta))
+
+
+def m70():
+    return BUILTIN_MODELS["llama-2-70b"]
+
+
+def m7():
+    return BUILTIN_MODELS["llama-2-7b"]
+
+
+# ---------------------------------------------------------------------------------------
+# Inputs: defaults, datasheet figures, model shapes
+
+def test_defaults():
+    w = Workload()
+    assert (w.prompt_tokens, w.output_tokens, w.batch_size, w.concurrency) == (512, 128, 16, 64)
+    assert w.context == 640                      # 512 + 128
+    assert w.mean_decode_context == 576.5        # 512 + (128 + 1) / 2
+    p = CostParams()
+    assert p == DEFAULT_PARAMS
+    assert (p.mem_efficiency, p.flops_efficiency, p.allreduce_alpha, p.memory_headroom) == (0.7, 0.5, 10e-6, 0.10)
+    assert TOKEN_ID_BYTES == 4
+
+
+def test_catalog_figures_used_below():
+    a, l4, t4 = CATALOG["A100-40G"], CATALOG["L4"], CATALOG["T4"]
+    assert (a.memory, a.memory_bandwidth, a.flops, a.interconnect) == (A100_MEM, A100_BW, A100_F, A100_NVL)
+    assert (l4.memory, l4.memory_bandwidth, l4.flops, l4.interconnect) == (L4_MEM, L4_BW, L4_F, L4_PCIE)
+    assert (t4.memory_bandwidth, t4.flops) == (T4_BW, T4_F)
+
+
+def test_llama2_70b_params_and_bytes():
+    m = m70()
+    assert m.dim_head == 128                     # 8192 / 64
+    assert P70 == 855_654_400
+    assert m.params_per_layer == P70
+    assert m.layer_bytes == LB70 == 1_711_308_800
+    # Embedding V*H*b = 32000 * 8192 * 2 = 524,288,000; LM head adds the final norm: + 8192*2.
+    assert m.embedding_bytes == V70 * H70 * B2 == 524_288_000
+    assert m.head_bytes == (V70 * H70 + H70) * B2 == 524_304_384
+    # Total = 80 * 855,654,400 + embedding 262,144,000 + LM head 262,144,000 + final norm 8,192
+    #       = 68,976,648,192 (the published "69B" figure).
+    assert m.total_params == 80 * P70 + 2 * V70 * H70 + H70 == 68_976_648_192
+
+
+def test_llama2_7b_params():
+    m = m7()
+    assert m.params_per_layer == P7 == 202_383_360
+    # 32 * 202,383,360 + 2 * 131,072,000 + 4096 = 6,738,415,616 (the published "6.7B").
+    assert m.total_params == 32 * P7 + 2 * V7 * H7 + H7 == 6_738_415_616
+
+
+def test_qwen_attention_bias_adds_qkv_bias():
+    m = BUILTIN_MODELS["qwen2.5-72b"]
+    # Same attention as Llama-2-70B, I = 29568, plus q/k/v biases (64 + 2*8) * 128 = 10,240.
+    expected = (8192 * 8192 + 2 * 8192 * 8 * 128 + 8192 * 8192 + 3 * 8192 * 29568 + 2 * 8192
+                + (64 + 2 * 8) * 128)
+    assert m.params_per_layer == expected
+
+
+def test_kv_and_activation_bytes_per_token():
+    # 70B: 2 (K and V) * 8 KV heads * 128 * 2 bytes = 4096 B per token per layer (GQA: 8x less
+    # than the 64 query heads would need). 7B (MHA): 2 * 32 * 128 * 2 = 16,384 B.
+    assert m70().kv_bytes_per_token_per_layer == KV70_TOK == 4096
+    assert m7().kv_bytes_per_token_per_layer == KV7_TOK == 16384
+    # Hidden state between stages: H * b = 8192 * 2 = 16,384 B (70B), 4096 * 2 = 8192 B (7B).
+    assert m70().activation_bytes_per_token == 16384
+    assert m7().activation_bytes_per_token == 8192
+
+
+def test_local_kv_heads_split_then_replicated():
+    # 8 KV heads: TP 1, 2, 4, 8 split them (8, 4, 2, 1); TP 16 replicates: 1 head per rank.
+    assert [local_kv_heads(m70(), d) for d in (1, 2, 4, 8, 16)] == [8, 4, 2, 1, 1]
+    assert local_kv_heads(m7(), 4) == 8          # 32 / 4
+
+
+# ---------------------------------------------------------------------------------------
+# Communication
+
+def test_ring_allreduce_hand_values():
+    m = BATCH * H70 * B2                         # one decode micro-batch: 16 * 8192 * 2 = 262,144 B
+    assert ring_allreduce_time(m, 1, A100_NVL, ALPHA) == 0.0
+    # d = 2: 2 (2-1) (10 us + 262144 / (2 * 300e9)) = 2 * (10 us + 0.43691 us) = 20.874 us
+    d2 = 2 * 1 * (10e-6 + 262144 / (2 * 300e9))
+    assert ring_allreduce_time(m, 2, A100_NVL, ALPHA) == pytest.approx(d2, rel=EXACT)
+    assert d2 == pytest.approx(20.874e-6, rel=1e-4)
+    # d = 4: 2 (4-1) (10 us + 262144 / (4 * 300e9)) = 6 * (10 us + 0.21845 us) = 61.311 us
+    d4 = 6 * (10e-6 + 262144 / (4 * 300e9))
+    assert ring_allreduce_time(m, 4, A100_NVL, ALPHA) == pytest.approx(d4, rel=EXACT)
+    assert d4 == pytest.approx(61.311e-6, rel=1e-4)
+
+
+def test_send_time_and_hops():
+    # 1 Gbps = 125e6 B/s, 1 ms. 16 decode tokens of 70B: 16 * 16384 = 262,144 B
+    #   1 ms + 262144 / 125e6 = 1 ms + 2.097152 ms = 3.097152 ms
+    assert send_time(262144, GBPS, 1e-3) == pytest.approx(3.097152e-3, rel=EXACT)
+    assert hop_decode_time(m70(), Workload(), GBPS, 1e-3) == pytest.approx(3.097152e-3, rel=EXACT)
+    # One 512-token prompt: 512 * 16384 = 8,388,608 B -> 1 ms + 67.108864 ms = 68.108864 ms
+    assert hop_prefill_time(m70(), Workload(), GBPS, 1e-3) == pytest.approx(68.108864e-3, rel=EXACT)
+    assert send_time(0, GBPS, 0.5e-3) == 0.5e-3
+
+
+def test_link_token_capacity():
+    # Per output token a stage link carries its decode activation plus P/O prompt activations:
+    #   16384 * (1 + 512/128) = 81,920 B  ->  125e6 / 81920 = 1525.88 tokens/s on 1 Gbps.
+    assert link_token_capacity(m70(), Workload(), GBPS) == pytest.approx(125e6 / 81920, rel=EXACT)
+    # Coordinator link in: token ids, 4 * (1 + 512/128) = 20 B per output token -> 6.25e6 tokens/s.
+    assert coordinator_token_capacity(Workload(), GBPS) == pytest.approx(125e6 / 20, rel=EXACT)
+
+
+# ---------------------------------------------------------------------------------------
+# Per-layer times
+
+def test_decode_layer_70b_a100_tp1_memory_bound():
+    m, g = m70(), CATALOG["A100-40G"]
+    # bytes = weights 1,711,308,800 + KV read 16 * 576.5 * 4096 = 37,781,504  -> 1,749,090,304
+    nbytes = LB70 + BATCH * MEAN_CTX * KV70_TOK
+    assert nbytes == 1_749_090_304
+    # flops = 2 * 855,654,400 * 16 = 27,380,940,800 + attention 4 * 16 * 576.5 * 128 * 64
+    #       = 302,252,032  -> 2.7683e10;  / (312e12 * 0.5) = 0.177 ms
+    flops = 2 * P70 * BATCH + 4 * BATCH * MEAN_CTX * HD70 * NH70
+    t_mem, t_flop = nbytes / (A100_BW * ETA_MEM), flops / (A100_F * ETA_F)
+    # memory: 1.749e9 / (1555e9 * 0.7 = 1.0885e12) = 1.6069 ms  >  0.177 ms: memory-bound
+    assert t_mem > 5 * t_flop
+    assert t_mem == pytest.approx(1.6069e-3, rel=1e-4)
+    # TP 1: no all-reduce.
+    got = decode_layer_time(m, g, 1, BATCH, MEAN_CTX, A100_NVL)
+    assert got == pytest.approx(t_mem, rel=EXACT)
+
+
+def test_decode_layer_70b_a100_tp4_with_allreduce():
+    m, g = m70(), CATALOG["A100-40G"]
+    # Per rank: weights 1,711,308,800 / 4 = 427,827,200; KV heads 8 / 4 = 2 -> 1024 B/token:
+    #   16 * 576.5 * 1024 = 9,445,376  ->  437,272,576 B / 1.0885e12 = 0.40172 ms (memory-bound:
+    #   flops (27,380,940,800 / 4 + 4 * 16 * 576.5 * 128 * 16) / 156e12 = 0.0444 ms)
+    kv_tok = 2 * (KV70 // 4) * HD70 * B2
+    nbytes = LB70 / 4 + BATCH * MEAN_CTX * kv_tok
+    flops = 2 * P70 / 4 * BATCH + 4 * BATCH * MEAN_CTX * HD70 * (NH70 // 4)
+    compute = roofline(nbytes, flops, A100_BW, A100_F)
+    assert compute == pytest.approx(0.40172e-3, rel=1e-4)
+    # Two all-reduces per layer (after attention and after the MLP) of 16 * 8192 * 2 = 262,144 B:
+    #   2 * 6 * (10 us + 262144 / (4 * 300e9)) = 2 * 61.311 us = 122.62 us
+    comm = 2 * 6 * (ALPHA + BATCH * H70 * B2 / (4 * A100_NVL))
+    assert comm == pytest.approx(122.62e-6, rel=1e-4)
+    got = decode_layer_time(m, g, 4, BATCH, MEAN_CTX, A100_NVL)
+    assert got == pytest.approx(compute + comm, rel=EXACT)       # 0.52434 ms
+
+
+def test_prefill_layer_70b_a100_512_tokens_compute_bound():
+    m, g = m70(), CATALOG["A100-40G"]
+    # flops = 2 * 855,654,400 * 512 = 876,190,105,600 + causal attention 2 * 512^2 * 128 * 64
+    #       = 4,294,967,296  ->  880,485,072,896 FLOPs / 156e12 = 5.6441 ms
+    flops = 2 * P70 * P + 2 * P * P * HD70 * NH70
+    assert flops == 880_485_072_896
+    # bytes = weights + the KV written: 1,711,308,800 + 512 * 4096 -> / 1.0885e12 = 1.5741 ms
+    nbytes = LB70 + P * KV70_TOK
+    assert flops / (A100_F * ETA_F) > 3 * nbytes / (A100_BW * ETA_MEM)   # compute-bound
+    expected = flops / (A100_F * ETA_F)
+    assert expected == pytest.approx(5.6441e-3, rel=1e-4)
+    assert prefill_layer_time(m, g, 1, P, A100_NVL) == pytest.approx(expected, rel=EXACT)
+
+
+def test_prefill_layer_short_prompt_is_memory_bound():
+    # 16 tokens: flops 2 * 855.65e6 * 16 + 2 * 16^2 * 128 * 64 = 2.738e10 -> 0.176 ms, but the
+    # weights still have to be read: (1,711,308,800 + 16 * 4096) / 1.0885e12 = 1.5722 ms.
+    m, g = m70(), CATALOG["A100-40G"]
+    nbytes = LB70 + 16 * KV70_TOK
+    flops = 2 * P70 * 16 + 2 * 16 * 16 * HD70 * NH70
+    assert nbytes / (A100_BW * ETA_MEM) > flops / (A100_F * ETA_F)
+    assert prefill_layer_time(m, g, 1, 16, A100_NVL) == pytest.approx(nbytes / (A100_BW * ETA_MEM), rel=EXACT)
+
+
+def test_prefill_layer_tp2_adds_two_allreduces_of_the_prompt():
+    m, g = m70(), CATALOG["A100-40G"]
+    flops = 2 * P70 / 2 * P + 2 * P * P * HD70 * (NH70 // 2)
+    nbytes = LB70 / 2 + P * (2 * 4 * HD70 * B2)
+    # all-reduce of 512 * 8192 * 2 = 8,388,608 B over 2 GPUs: 2 * (10 us + 8388608 / 600e9)
+    #   = 2 * (10 + 13.98) us = 47.96 us, twice per layer = 95.92 us
+    comm = 2 * (2 * 1 * (ALPHA + P * H70 * B2 / (2 * A100_NVL)))
+    assert comm == pytest.approx(95.92e-6, rel=1e-4)
+    assert prefill_layer_time(m, g, 2, P, A100_NVL) == pytest.approx(
+        roofline(nbytes, flops, A100_BW, A100_F) + comm, rel=EXACT)
+
+
+def test_efficiency_factors_scale_the_roofline():
+    # With both efficiencies at 1 the decode step is the raw datasheet roofline:
+    #   1,749,090,304 / 1555e9 = 1.1248 ms  (0.7 x the default 1.6069 ms)
+    m, g = m70(), CATALOG["A100-40G"]
+    p = CostParams(mem_efficiency=1.0, flops_efficiency=1.0)
+    got = decode_layer_time(m, g, 1, BATCH, MEAN_CTX, A100_NVL, p)
+    assert got == pytest.approx((LB70 + BATCH * MEAN_CTX * KV70_TOK) / A100_BW, rel=EXACT)
+
+
+# ---------------------------------------------------------------------------------------
+# Stage cost: rate and memory
+
+def test_stage_cost_70b_a100_tp1():
+    m, g, w = m70(), CATALOG["A100-40G"], Workload()
+    sc = stage_cost(m, g, 1, w, A100_NVL)
+    dec = (LB70 + BATCH * MEAN_CTX * KV70_TOK) / (A100_BW * ETA_MEM)          # 1.6069 ms
+    pre = (2 * P70 * P + 2 * P * P * HD70 * NH70) / (A100_F * ETA_F)           # 5.6441 ms
+    assert sc.decode_layer_s == pytest.approx(dec, rel=EXACT)
+    assert sc.prefill_layer_s == pytest.approx(pre, rel=EXACT)
+    # layer_rate = 1 / (dec / B + pre / O) = 1 / (1.6069/16 + 5.6441/128 ms)
+    #            = 1 / (100.43 us + 44.095 us) = 6919.2 output tokens x layers / s
+    rate = 1 / (dec / BATCH + pre / O)
+    assert sc.layer_rate == pytest.approx(rate, rel=EXACT)
+    assert rate == pytest.approx(6919.2, rel=1e-4)
+    assert sc.capacity(18) == pytest.approx(rate / 18, rel=EXACT)            # 384.4 tokens/s
+    assert sc.capacity(0) == math.inf
+    # Memory per layer per GPU: weights 1,711,308,800 + KV for 64 sequences x 640 tokens:
+    #   64 * 640 * 4096 = 167,772,160  ->  1,879,080,960 B
+    mpl = LB70 + CONC * CTX * KV70_TOK
+    assert mpl == 1_879_080_960
+    assert sc.mem_per_layer == mpl
+    # Usable: 40e9 * 0.9 = 36e9 minus the workspace of one prompt in flight
+    #   512 * (4 * 8192 + 2 * 28672) * 2 = 92,274,688  ->  35,907,725,312 B
+    ws = P * (4 * H70 + 2 * I70) * B2
+    assert ws == 92_274_688
+    usable = A100_MEM * (1 - HEADROOM) - ws
+    assert sc.usable_memory == pytest.approx(usable, rel=EXACT)
+    emb, head = V70 * H70 * B2, (V70 * H70 + H70) * B2
+    assert (sc.embed_bytes, sc.head_bytes) == (emb, head)
+    # max layers: 35,907,725,312 / 1,879,080,960 = 19.11 -> 19; with the embedding (first stage)
+    # (35,907,725,312 - 524,288,000) / ... = 18.83 -> 18; the LM head alike; both: 18.55 -> 18.
+    assert sc.max_layers() == math.floor(usable / mpl) == 19
+    assert sc.max_layers(first=True) == math.floor((usable - emb) / mpl) == 18
+    assert sc.max_layers(last=True) == math.floor((usable - head) / mpl) == 18
+    assert sc.max_layers(first=True, last=True) == math.floor((usable - emb - head) / mpl) == 18
+    assert sc.memory_used(18, first=True, last=False) == 18 * mpl + emb
+
+
+def test_stage_cost_70b_a100_tp4_memory():
+    sc = stage_cost(m70(), CATALOG["A100-40G"], 4, Workload(), A100_NVL)
+    # Weights / 4 = 427,827,200; KV split over ranks (2 of 8 heads): 64 * 640 * 1024 = 41,943,040
+    mpl = LB70 / 4 + CONC * CTX * (2 * 2 * HD70 * B2)
+    assert sc.mem_per_layer == mpl == 469_770_240
+    # Workspace keeps 4 H per token whole and shards the MLP: 512 * (32768 + 2 * 7168) * 2
+    usable = A100_MEM * 0.9 - P * (4 * H70 + 2 * I70 / 4) * B2
+    assert sc.usable_memory == pytest.approx(usable, rel=EXACT)
+    emb, head = V70 * H70 * B2 / 4, (V70 * H70 + H70) * B2 / 4
+    # 35,951,765,504 / 469,770,240 = 76.53 -> 76; minus both embedding and head shards: 75.97 -> 75
+    assert sc.max_layers() == math.floor(usable / mpl) == 76
+    assert sc.max_layers(True, True) == math.floor((usable - emb - head) / mpl) == 75
+
+
+def test_kv_cache_replicated_past_num_kv_heads():
+    # TP 8: one KV head per rank; TP 16 cannot split 8 heads further, each rank keeps a copy of
+    # one head, so the KV bytes per GPU stop shrinking: 64 * 640 * (2 * 1 * 128 * 2) = 20,971,520.
+    w = Workload()
+    s8 = stage_cost(m70(), CATALOG["A100-40G"], 8, w, A100_NVL)
+    s16 = stage_cost(m70(), CATALOG["A100-40G"], 16, w, A100_NVL)
+    kv_rank = CONC * CTX * (2 * 1 * HD70 * B2)
+    assert kv_rank == 20_971_520
+    assert s8.mem_per_layer == LB70 / 8 + kv_rank
+    assert s16.mem_per_layer == LB70 / 16 + kv_rank      # not + kv_rank / 2
+
+
+# ---------------------------------------------------------------------------------------
+# Calibration against Helix's published Llama-2-70B profiles (ms per layer, TP 1).
+# Source: the Helix artifact (Mei et al., ASPLOS'25), simulator/model_manager/llama2_70b/
+# {a100,l4,t4}/{decode,prompt}_bs2time.csv: decode at batch 2 = 1.4 / 6.9 / 7.1 ms,
+# prompt of 500 tokens = 4 / 20 / 30 ms. docs/cost-model.md tabulates the comparison.
+
+@pytest.mark.parametrize("gpu,bw,f,helix_decode,helix_prefill", [
+    ("A100-40G", A100_BW, A100_F, 1.4e-3, 4e-3),
+    ("L4", L4_BW, L4_F, 6.9e-3, 20e-3),
+    ("T4", T4_BW, T4_F, 7.1e-3, 30e-3),
+])
+def test_close_to_helix_profiles(gpu, bw, f, helix_decode, helix_prefill):
+    m, g = m70(), CATALOG[gpu]
+    dec = decode_layer_time(m, g, 1, 2, MEAN_CTX, 0)
+    pre = prefill_layer_time(m, g, 1, 500, 0)
+    assert dec == pytest.approx((LB70 + 2 * MEAN_CTX * KV70_TOK) / (bw * ETA_MEM), rel=EXACT)
+    assert pre == pytest.approx((2 * P70 * 500 + 2 * 500 * 500 * HD70 * NH70) / (f * ETA_F), rel=EXACT)
+    # Decode: the model is 8-18% slower than measured (eta_mem 0.7 is a conservative choice;
+    # the profiles imply 75-83% of datasheet bandwidth). Prefill: within a factor 1.4 either way.
+    assert 1.0 <= dec / helix_decode <= 1.2
+    assert 0.7 <= pre / helix_prefill <= 1.4
+
+
+# ---------------------------------------------------------------------------------------
+# Profiles
+
+def test_profile_table_interpolation_and_extrapolation():
+    t = ProfileTable(((2, 1.4), (16, 1.5), (100, 2.5)))
+    assert t.ms(2) == pytest.approx(1.4, rel=EXACT)
+    assert t.ms(1) == 1.4                                   # below the first point: clamped
+    assert t.ms(9) == pytest.approx(1.4 + 0.1 * 7 / 14, rel=EXACT)       # 1.45
+    assert t.ms(16) == pytest.approx(1.5, rel=EXACT)
+    assert t.ms(58) == pytest.approx(1.5 + 1.0 * 42 / 84, rel=EXACT)     # 2.0
+    # beyond the last point: the last segment's slope 1.0 / 84 ms per sequence
+    assert t.ms(200) == pytest.approx(2.5 + 1.0 * 100 / 84, rel=EXACT)   # 3.6905
+    one = ProfileTable(((500, 4.0),))
+    assert one.ms(250) == 4.0                               # single point: constant below
+    assert one.ms(1000) == pytest.approx(8.0, rel=EXACT)    # ... and proportional above
+    falling = ProfileTable(((1, 2.0), (2, 1.0)))
+    assert falling.ms(10) == 0.0                            # extrapolation never goes negative
+
+
+PROFILED = """
+name: profiled
+gpu_types:
+  A100-40G:
+    profiles:
+      llama-2-70b:
+        decode_ms: {2: 1.4, 16: 1.5}
+        prefill_ms: {250: 2, 500: 4}
+nodes:
+  - {name: n0, gpu: A100-40G, count: 4}
+"""
+
+
+def test_profile_replaces_roofline():
+    c = loads_cluster(PROFILED)
+    g = c.node("n0").gpu
+    assert g.memory_bandwidth == A100_BW                   # the catalog figures are kept
+    m = m70()
+    # TP 1, batch 16: the table's 1.5 ms; the context no longer matters.
+    assert decode_layer_time(m, g, 1, 16, MEAN_CTX, A100_NVL) == pytest.approx(1.5e-3, rel=EXACT)
+    # TP 2: 1.5 ms / 2 + two all-reduces of 262,144 B: 2 * 2 * (10 us + 262144 / 600e9) = 41.75 us
+    comm = 2 * 2 * (ALPHA + BATCH * H70 * B2 / (2 * A100_NVL))
+    assert decode_layer_time(m, g, 2, 16, MEAN_CTX, A100_NVL) == pytest.approx(0.75e-3 + comm, rel=EXACT)
+    # Prefill 512 tokens: extrapolated from (250, 2), (500, 4): 4 + 2 * 12 / 250 = 4.096 ms
+    assert prefill_layer_time(m, g, 1, 512, A100_NVL) == pytest.approx(4.096e-3, rel=EXACT)
+    # stage rate: 1 / (1.5/16 + 4.096/128 ms) = 1 / (93.75 + 32) us = 7952.3
+    sc = stage_cost(m, g, 1, Workload(), A100_NVL)
+    assert sc.layer_rate == pytest.approx(1 / (1.5e-3 / 16 + 4.096e-3 / 128), rel=EXACT)
+    # other models keep the roofline
+    assert decode_layer_time(m7(), g, 1, 16, MEAN_CTX, A100_NVL) == pytest.approx(
+        (LB7 + 16 * MEAN_CTX * KV7_TOK) / (A100_BW * ETA_MEM), rel=EXACT)
+
+
+# ---------------------------------------------------------------------------------------
+# Pipeline evaluation on a hand-made cluster: llama-2-7b over an A100-40G node (coordinator)
+# and an L4 node, one GPU each, joined by one link.
+
+def tiny(bandwidth="1Gbps"):
+    return loads_cluster(f"""
+name: tiny
+nodes:
+  - {{name: a, gpu: A100-40G, count: 1}}
+  - {{name: b, gpu: L4, count: 1}}
+network:
+  default: {{bandwidth: 40Gbps, latency: 0.1ms}}   # never used: the rule below beats it
+  links:
+    - {{between: [a, b], bandwidth: {bandwidth}, latency: 1ms}}
+""")
+
+
+# Per-layer times of llama-2-7b, by hand (all memory-bound decode, compute-bound prefill):
+#   decode bytes = 404,766,720 + 16 * 576.5 * 16384 (= 151,126,016) = 555,892,736
+#     A100: / 1.0885e12 = 0.51070 ms     L4: / (300e9 * 0.7 = 210e9) = 2.64711 ms
+#   prefill flops = 2 * 202,383,360 * 512 + 2 * 512^2 * 128 * 32 = 209,388,044,288
+#     A100: / 156e12 = 1.34223 ms        L4: / (121e12 * 0.5 = 60.5e12) = 3.46096 ms
+DEC_BYTES7 = LB7 + BATCH * MEAN_CTX * KV7_TOK
+PRE_FLOPS7 = 2 * P7 * P + 2 * P * P * HD7 * NH7
+DEC_A, DEC_B = DEC_BYTES7 / (A100_BW * ETA_MEM), DEC_BYTES7 / (L4_BW * ETA_MEM)
+PRE_A, PRE_B = PRE_FLOPS7 / (A100_F * ETA_F), PRE_FLOPS7 / (L4_F * ETA_F)
+RATE_A = 1 / (DEC_A / BATCH + PRE_A / O)       # 23,582 token-layers/s
+RATE_B = 1 / (DEC_B / BATCH + PRE_B / O)       #  5,195 token-layers/s
+
+
+def hand_tpot(link_bw, la, lb):
+    # coordinator a -> stage a: inside node a (NVLink 300 GB/s, 5 us), 16 token ids = 64 B
+    # stage a -> stage b: 1 ms + 16 * 8192 B / link_bw
+    # stage b -> coordinator a: 1 ms + 64 B / link_bw
+    return ((5e-6 + BATCH * 4 / A100_NVL) + (1e-3 + BATCH * H7 * B2 / link_bw)
+            + (1e-3 + BATCH * 4 / link_bw) + la * DEC_A + lb * DEC_B)
+
+
+def test_tiny_cluster_links():
+    c = tiny()
+    assert c.link("a", "b").bandwidth == 125e6 and c.link("a", "b").latency == 1e-3
+    assert c.link("b", "a").bandwidth == 125e6
+    assert c.link("a", "a").bandwidth == A100_NVL and c.link("a", "a").latency == 5e-6
+
+
+def test_evaluate_pipeline_16_16_stage_bound():
+    c, w = tiny(), Workload()
+    cc = CostCache(m7(), w)
+    r = evaluate_pipeline(c, cc, ["a", "b"], [1, 1], [16, 16])
+    # TPOT = 5.0002 us + (1 + 1.048576) ms + (1 + 0.000512) ms + 16 * 0.51070 + 16 * 2.64711 ms
+    #      = 0.005 + 2.048576 + 1.000512 + 8.17114 + 42.35373 ms = 53.5790 ms
+    tpot = hand_tpot(GBPS, 16, 16)
+    assert r.tpot_s == pytest.approx(tpot, rel=EXACT)
+    assert tpot == pytest.approx(53.579e-3, rel=1e-4)
+    # TTFT = (5 us + 2048 B / 300e9) + (1 ms + 512 * 8192 / 125e6 = 33.554432 ms)
+    #        + (1 ms + 4 B / 125e6) + 16 * 1.34223 + 16 * 3.46096 ms = 112.41 ms
+    ttft = ((5e-6 + P * 4 / A100_NVL) + (1e-3 + P * H7 * B2 / GBPS) + (1e-3 + 4 / GBPS)
+            + 16 * PRE_A + 16 * PRE_B)
+    assert r.ttft_s == pytest.approx(ttft, rel=EXACT)
+    assert ttft == pytest.approx(112.41e-3, rel=1e-4)
+    # Limits, output tokens/s:
+    #   stage a: 23,582 / 16 = 1473.9        stage b: 5,195.3 / 16 = 324.70   <- the minimum
+    #   link a->b: 125e6 / (8192 * (1 + 512/128)) = 125e6 / 40960 = 3051.8
+    #   coordinator in (NVLink): 300e9 / 20 = 1.5e10;  out: 125e6 / 20 = 6.25e6
+    #   concurrency / TPOT = 64 / 53.579 ms = 1194.5
+    assert r.stage_capacity == pytest.approx((RATE_A / 16, RATE_B / 16), rel=EXACT)
+    assert r.bottleneck == "stage 1 compute"
+    assert r.throughput == pytest.approx(RATE_B / 16, rel=EXACT)
+    assert r.throughput == pytest.approx(324.70, rel=1e-4)
+    assert CONC / tpot > r.throughput and 125e6 / 40960 > r.throughput
+    # Memory per GPU: 16 * (404,766,720 + 64 * 640 * 16384 = 671,088,640) = 17,213,685,760
+    #   + embedding 32000 * 4096 * 2 = 262,144,000 on a / + LM head 262,152,192 on b
+    mpl = LB7 + CONC * CTX * KV7_TOK
+    assert r.memory_per_gpu == (16 * mpl + V7 * H7 * B2, 16 * mpl + (V7 * H7 + H7) * B2)
+    # Usable: 36e9 / 21.6e9 minus workspace 512 * (4 * 4096 + 2 * 11008) * 2 = 39,321,600
+    ws = P * (4 * H7 + 2 * I7) * B2
+    assert r.memory_limit == pytest.approx((A100_MEM * 0.9 - ws, L4_MEM * 0.9 - ws), rel=EXACT)
+    assert r.fits
+
+
+def test_evaluate_pipeline_28_4_moves_the_bottleneck_to_the_a100():
+    r = evaluate_pipeline(tiny(), CostCache(m7(), Workload()), ["a", "b"], [1, 1], [28, 4])
+    # stage a: 23,582 / 28 = 842.2 < stage b: 5195.3 / 4 = 1298.8; 64 / 27.94 ms = 2290
+    assert r.bottleneck == "stage 0 compute"
+    assert r.throughput == pytest.approx(RATE_A / 28, rel=EXACT)
+    assert r.tpot_s == pytest.approx(hand_tpot(GBPS, 28, 4), rel=EXACT)
+
+
+def test_evaluate_pipeline_concurrency_bound():
+    # Concurrency 16 (one micro-batch in flight): 16 / 53.579 ms = 298.62 < 324.70
+    w = Workload(concurrency=16)
+    r = evaluate_pipeline(tiny(), CostCache(m7(), w), ["a", "b"], [1, 1], [16, 16])
+    tpot = hand_tpot(GBPS, 16, 16)
+    assert r.bottleneck == "concurrency / TPOT"
+    assert r.throughput == pytest.approx(16 / tpot, rel=EXACT)
+    assert r.throughput == pytest.approx(298.62, rel=1e-4)
+
+
+def test_evaluate_pipeline_link_bound():
+    # 100 Mbps = 12.5e6 B/s: link a->b carries 12.5e6 / 40960 = 305.18 tokens/s < 324.70
+    r = evaluate_pipeline(tiny("100Mbps"), CostCache(m7(), Workload()), ["a", "b"], [1, 1], [16, 16])
+    assert r.bottleneck == "link a->b"
+    assert r.throughput == pytest.approx(12.5e6 / (H7 * B2 * (1 + P / O)), rel=EXACT)
+    # TPOT now carries the slower hop: 1 ms + 131,072 / 12.5e6 = 11.486 ms; 64 / 63.6 ms = 1006
+    assert r.tpot_s == pytest.approx(hand_tpot(12.5e6, 16, 16), rel=EXACT)
+
+
+def test_shared_link_divides_its_capacity():
+    # 200 Mbps: alone the link carries 25e6 / 40960 = 610.35 tokens/s (stage b, 324.70, binds);
+    # shared by two pipelines each gets 305.18 and the link binds.
+    c, cc = tiny("200Mbps"), CostCache(m7(), Workload())
+    alone = evaluate_pipeline(c, cc, ["a", "b"], [1, 1], [16, 16])
+    shared = evaluate_pipeline(c, cc, ["a", "b"], [1, 1], [16, 16], Counter({("a", "b"): 2}))
+    assert alone.bottleneck == "stage 1 compute"
+    assert shared.bottleneck == "link a->b"
+    assert shared.throughput == pytest.approx(25e6 / 40960 / 2, rel=EXACT)
+    assert shared.tpot_s == alone.tpot_s            # sharing limits throughput, not latency
+
+
+def test_evaluate_pipeline_not_fitting_gives_zero():
+    # 20 layers on the L4: 20 * 1,075,855,360 + 262,152,192 = 21,779,259,392 B
+    #   > usable 21,600,000,000 - 39,321,600 = 21,560,678,400 B
+    r = evaluate_pipeline(tiny(), CostCache(m7(), Workload()), ["a", "b"], [1, 1], [12, 20])
+    assert 20 * (LB7 + CONC * CTX * KV7_TOK) + (V7 * H7 + H7) * B2 > L4_MEM * 0.9 - P * (4 * H7 + 2 * I7) * B2
+    assert not r.fits
+    assert r.throughput == 0.0
+
+
+def test_coordinator_link_in_capacity():
+    # Link in (coordinator -> first stage) carries the prompt's P token ids and one id per
+    # decode step: 4 * (512 + 128) / 128 = 20 B per output token.
+    ov = pipeline_overheads(tiny(), CostCache(m7(), Workload()), ["a", "b"], [1, 1])
+    lim = dict((what, x) for x, what in ov.limits)
+    assert lim["coordinator link in"] == pytest.approx(A100_NVL / 20, rel=EXACT)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "hexplan/evaluate.py pipeline_overheads charges the coordinator link OUT with "
+    "coordinator_token_capacity(), 4 * (1 + P/O) = 20 B per output token, as if prompts flowed "
+    "back to the coordinator; the last stage only returns one 4-byte token id per output token "
+    "(the TPOT/TTFT terms of the same function send B ids and 1 id), so the capacity is bw / 4."))
+def test_coordinator_link_out_carries_one_token_id_per_output_token():
+    ov = pipeline_overheads(tiny(), CostCache(m7(), Workload()), ["a", "b"], [1, 1])
+    lim = dict((what, x) for x, what in ov.limits)
+    # 125e6 B/s / 4 B = 31.25e6 output tokens/s (the code gives 6.25e6)
+    assert lim["coordinator link out"] == pytest.approx(125e6 / TOKEN_ID_BYTES, rel=EXACT)
