@@ -8,8 +8,11 @@ element, d TP degree, B decode batch (sequences per step), P prompt tokens, O ou
 * Roofline per layer:  t = max(bytes / (BW * eta_mem), flops / (F * eta_flops)) + 2 * allreduce
 * Ring all-reduce of m bytes over d GPUs:  2 (d - 1) (alpha + m / (d * beta))
 * Activation send of n tokens over a link:  latency + n * H * b / bandwidth
-* Memory per GPU:  layers * (layer_bytes / d + KV(concurrency, P + O) / d) + embedding / LM head
-  shares on the first / last stage + workspace, within (1 - headroom) of the GPU's memory.
+* Memory per GPU:  layers * (layer_bytes / d + KV shard(concurrency, P + O)) + embedding / LM head
+  shares on the first / last stage + workspace, within (1 - headroom) of the GPU's memory. The KV
+  shard is KV / d while KV heads can be split, and one KV head per GPU once they are replicated.
+* The last stage also runs the LM head (a roofline of its own) on every decode step and on the
+  last position of every prompt.
 """
 from __future__ import annotations
 
@@ -103,6 +106,15 @@ class StageCost:
     usable_memory: float       # bytes per GPU available for layers
     embed_bytes: float         # bytes per GPU for the embedding (first stage)
     head_bytes: float          # bytes per GPU for final norm + LM head (last stage)
+    head_decode_s: float = 0.0   # LM head on one decode step (last stage only)
+    head_prefill_s: float = 0.0  # LM head on the last token of one prompt (last stage only)
+    batch_size: int = 1
+    output_tokens: int = 1
+
+    @property
+    def head_cost_per_token(self) -> float:
+        """Seconds of LM head work per output token (decode step share + prefill share)."""
+        return self.head_decode_s / self.batch_size + self.head_prefill_s / self.output_tokens
 
     def max_layers(self, first: bool = False, last: bool = False) -> int:
         extra = (self.embed_bytes if first else 0.0) + (self.head_bytes if last else 0.0)
@@ -113,9 +125,11 @@ class StageCost:
         extra = (self.embed_bytes if first else 0.0) + (self.head_bytes if last else 0.0)
         return layers * self.mem_per_layer + extra
 
-    def capacity(self, layers: int) -> float:
-        """Output tokens/s this stage sustains when it holds ``layers`` layers."""
-        return self.layer_rate / layers if layers > 0 else math.inf
+    def capacity(self, layers: int, last: bool = False) -> float:
+        """Output tokens/s this stage sustains when it holds ``layers`` layers (and, for the
+        last stage, the LM head): 1 / (layers / layer_rate + head cost per token)."""
+        per_token = layers / self.layer_rate + (self.head_cost_per_token if last else 0.0)
+        return 1.0 / per_token if per_token > 0 else math.inf
 
 
 def _roofline(nbytes: float, flops: float, gpu: GpuType, p: CostParams) -> float:
@@ -156,6 +170,13 @@ def prefill_layer_time(model: ModelSpec, gpu: GpuType, tp: int, tokens: int, int
     return compute + comm
 
 
+def lm_head_time(model: ModelSpec, gpu: GpuType, tp: int, tokens: int, p: CostParams = DEFAULT_PARAMS) -> float:
+    """Seconds for the final norm + LM head (vocab-parallel over TP) on ``tokens`` tokens."""
+    nbytes = model.head_bytes / tp + tokens * model.vocab_size / tp * 4  # weights + fp32 logits
+    flops = 2 * model.vocab_size * model.hidden_size / tp * tokens
+    return _roofline(nbytes, flops, gpu, p)
+
+
 def stage_cost(model: ModelSpec, gpu: GpuType, tp: int, workload: Workload, interconnect: float,
                p: CostParams = DEFAULT_PARAMS) -> StageCost:
     """All per-layer figures of a TP group of ``tp`` GPUs of type ``gpu``."""
@@ -173,7 +194,10 @@ def stage_cost(model: ModelSpec, gpu: GpuType, tp: int, workload: Workload, inte
     usable = gpu.memory * (1 - p.memory_headroom) - workspace
     embed = model.embedding_bytes / tp
     head = model.head_bytes / tp
-    return StageCost(gpu.name, tp, dec, pre, rate, mem_per_layer, usable, embed, head)
+    head_dec = lm_head_time(model, gpu, tp, w.batch_size, p)
+    head_pre = lm_head_time(model, gpu, tp, 1, p)  # only the prompt's last position needs logits
+    return StageCost(gpu.name, tp, dec, pre, rate, mem_per_layer, usable, embed, head,
+                     head_dec, head_pre, w.batch_size, w.output_tokens)
 
 
 def hop_decode_time(model: ModelSpec, workload: Workload, bandwidth: float, latency: float) -> float:
@@ -193,6 +217,12 @@ def link_token_capacity(model: ModelSpec, workload: Workload, bandwidth: float) 
 
 
 def coordinator_token_capacity(workload: Workload, bandwidth: float) -> float:
-    """Output tokens/s a coordinator link carries (token ids only)."""
+    """Output tokens/s the coordinator -> first stage link carries: the prompt's token ids
+    (P/O per output token) and each generated token fed back (1 per output token)."""
     per_token = TOKEN_ID_BYTES * (1 + workload.prompt_tokens / workload.output_tokens)
     return bandwidth / per_token
+
+
+def coordinator_out_capacity(bandwidth: float) -> float:
+    """Output tokens/s the last stage -> coordinator link carries: one token id each."""
+    return bandwidth / TOKEN_ID_BYTES

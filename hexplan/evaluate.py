@@ -3,10 +3,10 @@
 For one pipeline (stages in order, coordinator C at both ends):
 
     TPOT  = hop(C -> s1, B token ids) + sum_s l_s * decode_layer_s + sum_hops hop(B activations)
-            + hop(s_k -> C, B token ids)
+            + LM head(B tokens) + hop(s_k -> C, B token ids)
     TTFT  = hop(C -> s1, P token ids) + sum_s l_s * prefill_layer_s + sum_hops hop(P activations)
-            + hop(s_k -> C, one token id)
-    T     = min( min_s layer_rate_s / l_s,            # each stage's compute
+            + LM head(1 token) + hop(s_k -> C, one token id)
+    T     = min( min_s 1 / (l_s / layer_rate_s [+ LM head per token, last stage]),   # compute
                  min_hops link capacity / sharing,    # activation bytes per output token
                  coordinator link capacities,         # token ids
                  concurrency / TPOT )                 # Little's law: in-flight sequences / round trip
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from .cluster import Cluster
 from .costmodel import (DEFAULT_PARAMS, TOKEN_ID_BYTES, CostParams, StageCost, Workload,
-                        coordinator_token_capacity, hop_decode_time, hop_prefill_time,
+                        coordinator_out_capacity, coordinator_token_capacity, hop_decode_time, hop_prefill_time,
                         link_token_capacity, send_time, stage_cost)
 from .models import ModelSpec
 
@@ -69,8 +69,8 @@ class Overheads:
     """What a pipeline costs besides its layers: fixed latency terms and link limits."""
 
     costs: tuple[StageCost, ...]
-    tpot_fixed_s: float       # coordinator links + activation hops, per decode round
-    ttft_fixed_s: float       # coordinator links + activation hops, per prompt
+    tpot_fixed_s: float       # coordinator links + activation hops + LM head, per decode round
+    ttft_fixed_s: float       # coordinator links + activation hops + LM head, per prompt
     limits: tuple[tuple[float, str], ...]  # (output tokens/s, what) for links
 
 
@@ -86,16 +86,18 @@ def pipeline_overheads(cluster: Cluster, costs: CostCache, nodes, tps,
     hops = [cluster.link(a, b) for a, b in zip(nodes, nodes[1:])]
     tpot = (send_time(w.batch_size * TOKEN_ID_BYTES, link_in.bandwidth, link_in.latency)
             + sum(hop_decode_time(model, w, h.bandwidth, h.latency) for h in hops)
+            + sc[-1].head_decode_s
             + send_time(w.batch_size * TOKEN_ID_BYTES, link_out.bandwidth, link_out.latency))
     ttft = (send_time(w.prompt_tokens * TOKEN_ID_BYTES, link_in.bandwidth, link_in.latency)
             + sum(hop_prefill_time(model, w, h.bandwidth, h.latency) for h in hops)
+            + sc[-1].head_prefill_s
             + send_time(TOKEN_ID_BYTES, link_out.bandwidth, link_out.latency))
     limits = []
     for h, a, b in zip(hops, nodes, nodes[1:]):
         share = (shares or {}).get((a, b), 1) if a != b else 1
         limits.append((link_token_capacity(model, w, h.bandwidth) / max(1, share), f"link {a}->{b}"))
     limits.append((coordinator_token_capacity(w, link_in.bandwidth), "coordinator link in"))
-    limits.append((coordinator_token_capacity(w, link_out.bandwidth), "coordinator link out"))
+    limits.append((coordinator_out_capacity(link_out.bandwidth), "coordinator link out"))
     return Overheads(tuple(sc), tpot, ttft, tuple(limits))
 
 
@@ -108,7 +110,7 @@ def evaluate_pipeline(cluster: Cluster, costs: CostCache, nodes, tps, layer_coun
     sc = ov.costs
     tpot = ov.tpot_fixed_s + sum(l * s.decode_layer_s for l, s in zip(layer_counts, sc))
     ttft = ov.ttft_fixed_s + sum(l * s.prefill_layer_s for l, s in zip(layer_counts, sc))
-    limits = [(s.capacity(l), f"stage {i} compute") for i, (l, s) in enumerate(zip(layer_counts, sc))]
+    limits = [(s.capacity(l, last=(i == k - 1)), f"stage {i} compute") for i, (l, s) in enumerate(zip(layer_counts, sc))]
     limits += list(ov.limits)
     limits.append((w.concurrency / tpot, "concurrency / TPOT"))
     throughput, bottleneck = min(limits, key=lambda x: x[0])

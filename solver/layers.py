@@ -2,6 +2,7 @@
 
 For a fixed order, throughput T is feasible when integer layers l_s exist with
     1 <= l_s <= min(max_layers_s, floor(rate_s / T)),   sum_s l_s = L,
+    (last stage: floor(rate * (1/T - LM head seconds per token)))
     T * TPOT(l) <= concurrency,   T <= link limits,   TPOT(l) <= SLO,   TTFT(l) <= SLO,
 where TPOT(l) = fixed + sum_s l_s * decode_s. For a given T the layers minimising TPOT fill the
 stages with the smallest decode time first (a greedy that is exact for unit-weight items), so
@@ -131,8 +132,12 @@ def best_layers(problem: Problem, ordered) -> ChainResult | None:
                 break
         return l
 
+    head = sc[-1].head_cost_per_token
+
     def feasible(T):
         upper = [min(caps[i], math.floor(rate[i] / T * (1 + 1e-12))) if T > 0 else caps[i] for i in range(k)]
+        if T > 0:  # the last stage also runs the LM head: l / rate + head <= 1 / T
+            upper[-1] = min(caps[-1], math.floor(rate[-1] * (1 / T - head) * (1 + 1e-12)))
         if min(upper) < 1 or sum(upper) < L:
             return None
         for order in (by_dec, by_pre):
