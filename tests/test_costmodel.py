@@ -16,8 +16,9 @@ import pytest
 
 from hexplan.cluster import loads_cluster
 from hexplan.costmodel import (DEFAULT_PARAMS, TOKEN_ID_BYTES, CostParams, Workload,
-                               coordinator_token_capacity, decode_layer_time, hop_decode_time,
-                               hop_prefill_time, link_token_capacity, local_kv_heads,
+                               coordinator_out_capacity, coordinator_token_capacity,
+                               decode_layer_time, hop_decode_time, hop_prefill_time,
+                               link_token_capacity, lm_head_time, local_kv_heads,
                                prefill_layer_time, ring_allreduce_time, send_time, stage_cost)
 from hexplan.evaluate import CostCache, evaluate_pipeline, pipeline_overheads
 from hexplan.gpus import CATALOG, ProfileTable
@@ -178,6 +179,8 @@ def test_link_token_capacity():
     assert link_token_capacity(m70(), Workload(), GBPS) == pytest.approx(125e6 / 81920, rel=EXACT)
     # Coordinator link in: token ids, 4 * (1 + 512/128) = 20 B per output token -> 6.25e6 tokens/s.
     assert coordinator_token_capacity(Workload(), GBPS) == pytest.approx(125e6 / 20, rel=EXACT)
+    # Coordinator link out: one 4-byte token id per output token -> 125e6 / 4 = 31.25e6 tokens/s.
+    assert coordinator_out_capacity(GBPS) == pytest.approx(125e6 / 4, rel=EXACT)
 
 
 # ---------------------------------------------------------------------------------------
@@ -329,6 +332,105 @@ def test_kv_cache_replicated_past_num_kv_heads():
 
 
 # ---------------------------------------------------------------------------------------
+# LM head (final norm + vocabulary projection), run by the last stage only:
+#   lm_head_time(tokens) = roofline( head_bytes / d + tokens * V / d * 4  [fp32 logits],
+#                                    2 * V * H / d * tokens )
+# On every decode step it runs on B tokens; on every prompt only on its last position (1 token).
+
+# Llama-3-8B: 32 layers, H 4096, I 14336, 32 query heads, 8 KV heads, vocab 128,256, bf16.
+H3, I3, NH3, KV3, HD3, V3 = 4096, 14336, 32, 8, 128, 128256
+
+
+def test_lm_head_70b_a100_decode_is_memory_bound():
+    m, g = m70(), CATALOG["A100-40G"]
+    # head_bytes = (32000 * 8192 + 8192) * 2 = 524,304,384; logits 16 * 32000 * 4 = 2,048,000
+    #   -> 526,352,384 B / 1.0885e12 = 0.48356 ms
+    # flops = 2 * 32000 * 8192 * 16 = 8,388,608,000 / 1.56e14 = 0.0538 ms  -> memory-bound
+    nbytes = (V70 * H70 + H70) * B2 + BATCH * V70 * 4
+    flops = 2 * V70 * H70 * BATCH
+    assert nbytes == 526_352_384 and flops == 8_388_608_000
+    t_mem, t_flop = nbytes / (A100_BW * ETA_MEM), flops / (A100_F * ETA_F)
+    assert t_mem > 5 * t_flop
+    assert t_mem == pytest.approx(0.48356e-3, rel=1e-4)
+    assert lm_head_time(m, g, 1, BATCH) == pytest.approx(t_mem, rel=EXACT)
+    # About 0.30 of one decode layer (1.6069 ms): the 32k vocabulary is small next to H and I.
+    dec = (LB70 + BATCH * MEAN_CTX * KV70_TOK) / (A100_BW * ETA_MEM)
+    assert t_mem / dec == pytest.approx(0.3009, rel=1e-3)
+    # The prompt's last position only: 524,304,384 + 32000 * 4 = 524,432,384 B -> 0.48179 ms
+    pre = ((V70 * H70 + H70) * B2 + V70 * 4) / (A100_BW * ETA_MEM)
+    assert pre == pytest.approx(0.48179e-3, rel=1e-4)
+    assert lm_head_time(m, g, 1, 1) == pytest.approx(pre, rel=EXACT)
+    # Vocabulary-parallel over TP 4: bytes and flops both / 4, no communication term:
+    #   526,352,384 / 4 = 131,588,096 B -> 0.12089 ms
+    assert lm_head_time(m, g, 4, BATCH) == pytest.approx(t_mem / 4, rel=EXACT)
+    assert t_mem / 4 == pytest.approx(0.12089e-3, rel=1e-4)
+    # StageCost carries both, and the head's share per output token:
+    #   0.48356 / 16 + 0.48179 / 128 ms = 30.222 + 3.764 us = 33.986 us
+    sc = stage_cost(m, g, 1, Workload(), A100_NVL)
+    assert sc.head_decode_s == pytest.approx(t_mem, rel=EXACT)
+    assert sc.head_prefill_s == pytest.approx(pre, rel=EXACT)
+    per_token = t_mem / BATCH + pre / O
+    assert per_token == pytest.approx(33.986e-6, rel=1e-4)
+    assert sc.head_cost_per_token == pytest.approx(per_token, rel=EXACT)
+    # Last stage of 16 layers: 1 / (16 / 6919.2 + 33.986 us) = 1 / (2312.4 + 34.0 us) = 426.19
+    # tokens/s, against 6919.2 / 16 = 432.45 for the same stage in the middle of a pipeline.
+    rate = 1 / (dec / BATCH + (2 * P70 * P + 2 * P * P * HD70 * NH70) / (A100_F * ETA_F) / O)
+    assert sc.capacity(16) == pytest.approx(rate / 16, rel=EXACT)
+    assert sc.capacity(16, last=True) == pytest.approx(1 / (16 / rate + per_token), rel=EXACT)
+    assert sc.capacity(16, last=True) == pytest.approx(426.19, rel=1e-4)
+    # A last stage with no layers is still bounded by its LM head.
+    assert sc.capacity(0, last=True) == pytest.approx(1 / per_token, rel=EXACT)
+
+
+def test_lm_head_large_vocab_costs_more_than_a_layer():
+    m, g = BUILTIN_MODELS["llama-3-8b"], CATALOG["A100-40G"]
+    assert (m.hidden_size, m.intermediate_size, m.num_heads, m.num_kv_heads, m.vocab_size,
+            m.bytes_per_param) == (H3, I3, NH3, KV3, V3, 2)
+    # One layer: 4096^2 (q) + 2 * 4096 * 1024 (k, v) + 4096^2 (o) + 3 * 4096 * 14336 + 2 * 4096
+    #   = 16,777,216 + 8,388,608 + 16,777,216 + 176,160,768 + 8,192 = 218,112,000 params
+    p3 = H3 * NH3 * HD3 + 2 * H3 * KV3 * HD3 + NH3 * HD3 * H3 + 3 * H3 * I3 + 2 * H3
+    assert p3 == m.params_per_layer == 218_112_000
+    kv3_tok = 2 * KV3 * HD3 * 2                                   # 4096 B
+    # Decode layer: 436,224,000 + 16 * 576.5 * 4096 (= 37,781,504) = 474,005,504 B -> 0.43547 ms
+    dec = (p3 * 2 + BATCH * MEAN_CTX * kv3_tok) / (A100_BW * ETA_MEM)
+    assert dec == pytest.approx(0.43547e-3, rel=1e-4)
+    assert decode_layer_time(m, g, 1, BATCH, MEAN_CTX, A100_NVL) == pytest.approx(dec, rel=EXACT)
+    # LM head, decode: (128256 * 4096 + 4096) * 2 = 1,050,681,344 B of weights (2.41 layers)
+    #   + 16 * 128256 * 4 = 8,208,384 B of logits = 1,058,889,728 B -> 0.97280 ms, 2.23 layers;
+    #   flops 2 * 128256 * 4096 * 16 = 16,810,770,432 / 1.56e14 = 0.108 ms: memory-bound.
+    head_w = (V3 * H3 + H3) * 2
+    assert head_w == m.head_bytes == 1_050_681_344
+    nbytes, flops = head_w + BATCH * V3 * 4, 2 * V3 * H3 * BATCH
+    assert nbytes == 1_058_889_728 and flops == 16_810_770_432
+    head_dec = nbytes / (A100_BW * ETA_MEM)
+    assert head_dec > flops / (A100_F * ETA_F)
+    assert head_dec == pytest.approx(0.97280e-3, rel=1e-4)
+    assert lm_head_time(m, g, 1, BATCH) == pytest.approx(head_dec, rel=EXACT)
+    assert head_dec > 2 * dec                                      # 0.97280 / 0.43547 = 2.234
+    # Prefill head: 1,050,681,344 + 128256 * 4 = 1,051,194,368 B -> 0.96573 ms
+    head_pre = (head_w + V3 * 4) / (A100_BW * ETA_MEM)
+    assert head_pre == pytest.approx(0.96573e-3, rel=1e-4)
+    assert lm_head_time(m, g, 1, 1) == pytest.approx(head_pre, rel=EXACT)
+    # Per output token: head 0.97280 / 16 + 0.96573 / 128 ms = 60.800 + 7.545 = 68.345 us,
+    # a layer 0.43547 / 16 + 1.44548 / 128 ms = 27.217 + 11.293 = 38.509 us (prefill layer:
+    # (2 * 218,112,000 * 512 + 2 * 512^2 * 128 * 32 = 225,494,171,648) / 1.56e14 = 1.44548 ms).
+    pre = (2 * p3 * P + 2 * P * P * HD3 * NH3) / (A100_F * ETA_F)
+    assert pre == pytest.approx(1.44548e-3, rel=1e-4)
+    per_head = head_dec / BATCH + head_pre / O
+    per_layer = dec / BATCH + pre / O
+    assert per_head == pytest.approx(68.345e-6, rel=1e-4)
+    assert per_layer == pytest.approx(38.509e-6, rel=1e-4)
+    assert per_head > per_layer                                    # 1.77 layers' worth
+    sc = stage_cost(m, g, 1, Workload(), A100_NVL)
+    assert sc.head_cost_per_token == pytest.approx(per_head, rel=EXACT)
+    # All 32 layers on one stage (first and last): 1 / (32 * 38.509 + 68.345 us) = 768.85
+    # tokens/s instead of 1 / (32 * 38.509 us) = 811.49 without the head.
+    assert sc.capacity(32) == pytest.approx(1 / (32 * per_layer), rel=EXACT)
+    assert sc.capacity(32, last=True) == pytest.approx(1 / (32 * per_layer + per_head), rel=EXACT)
+    assert sc.capacity(32, last=True) == pytest.approx(768.85, rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------
 # Calibration against Helix's published Llama-2-70B profiles (ms per layer, TP 1).
 # Source: the Helix artifact (Mei et al., ASPLOS'25), simulator/model_manager/llama2_70b/
 # {a100,l4,t4}/{decode,prompt}_bs2time.csv: decode at batch 2 = 1.4 / 6.9 / 7.1 ms,
@@ -430,15 +532,37 @@ PRE_FLOPS7 = 2 * P7 * P + 2 * P * P * HD7 * NH7
 DEC_A, DEC_B = DEC_BYTES7 / (A100_BW * ETA_MEM), DEC_BYTES7 / (L4_BW * ETA_MEM)
 PRE_A, PRE_B = PRE_FLOPS7 / (A100_F * ETA_F), PRE_FLOPS7 / (L4_F * ETA_F)
 RATE_A = 1 / (DEC_A / BATCH + PRE_A / O)       # 23,582 token-layers/s
-RATE_B = 1 / (DEC_B / BATCH + PRE_B / O)       #  5,195 token-layers/s
+RATE_B = 1 / (DEC_B / BATCH + PRE_B / O)       #  5,195 token-layers/s (192.48 us per token-layer)
+# The LM head runs on the last stage, b (L4), memory-bound on both paths:
+#   weights (32000 * 4096 + 4096) * 2 = 262,152,192 B
+#   decode, 16 tokens: + 16 * 32000 * 4 = 2,048,000 B of logits = 264,200,192 B / 210e9
+#     = 1.25810 ms   (flops 2 * 32000 * 4096 * 16 = 4.194e9 / 60.5e12 = 0.069 ms)
+#   prefill, the prompt's last token: + 128,000 B = 262,280,192 B / 210e9 = 1.24895 ms
+#   per output token: 1.25810 / 16 + 1.24895 / 128 ms = 78.631 + 9.757 us = 88.388 us
+HEAD_W7 = (V7 * H7 + H7) * B2
+HEAD_DEC_B = (HEAD_W7 + BATCH * V7 * 4) / (L4_BW * ETA_MEM)
+HEAD_PRE_B = (HEAD_W7 + V7 * 4) / (L4_BW * ETA_MEM)
+HEAD_TOK_B = HEAD_DEC_B / BATCH + HEAD_PRE_B / O
 
 
 def hand_tpot(link_bw, la, lb):
     # coordinator a -> stage a: inside node a (NVLink 300 GB/s, 5 us), 16 token ids = 64 B
     # stage a -> stage b: 1 ms + 16 * 8192 B / link_bw
+    # LM head on stage b: 1.25810 ms
     # stage b -> coordinator a: 1 ms + 64 B / link_bw
-    return ((5e-6 + BATCH * 4 / A100_NVL) + (1e-3 + BATCH * H7 * B2 / link_bw)
+    return ((5e-6 + BATCH * 4 / A100_NVL) + (1e-3 + BATCH * H7 * B2 / link_bw) + HEAD_DEC_B
             + (1e-3 + BATCH * 4 / link_bw) + la * DEC_A + lb * DEC_B)
+
+
+def test_tiny_cluster_lm_head_by_hand():
+    assert HEAD_W7 == 262_152_192
+    assert HEAD_DEC_B == pytest.approx(1.25810e-3, rel=1e-4)
+    assert HEAD_PRE_B == pytest.approx(1.24895e-3, rel=1e-4)
+    assert HEAD_TOK_B == pytest.approx(88.388e-6, rel=1e-4)
+    # memory-bound: the flops of either path are far below
+    assert HEAD_DEC_B > 10 * 2 * V7 * H7 * BATCH / (L4_F * ETA_F)
+    sc = stage_cost(m7(), CATALOG["L4"], 1, Workload(), L4_PCIE)
+    assert (sc.head_decode_s, sc.head_prefill_s) == pytest.approx((HEAD_DEC_B, HEAD_PRE_B), rel=EXACT)
 
 
 def test_tiny_cluster_links():
@@ -452,26 +576,31 @@ def test_evaluate_pipeline_16_16_stage_bound():
     c, w = tiny(), Workload()
     cc = CostCache(m7(), w)
     r = evaluate_pipeline(c, cc, ["a", "b"], [1, 1], [16, 16])
-    # TPOT = 5.0002 us + (1 + 1.048576) ms + (1 + 0.000512) ms + 16 * 0.51070 + 16 * 2.64711 ms
-    #      = 0.005 + 2.048576 + 1.000512 + 8.17114 + 42.35373 ms = 53.5790 ms
+    # TPOT = 5.0002 us + (1 + 1.048576) ms + LM head 1.25810 ms + (1 + 0.000512) ms
+    #        + 16 * 0.51070 + 16 * 2.64711 ms
+    #      = 0.005 + 2.048576 + 1.25810 + 1.000512 + 8.17114 + 42.35373 ms = 54.8371 ms
     tpot = hand_tpot(GBPS, 16, 16)
     assert r.tpot_s == pytest.approx(tpot, rel=EXACT)
-    assert tpot == pytest.approx(53.579e-3, rel=1e-4)
+    assert tpot == pytest.approx(54.837e-3, rel=1e-4)
     # TTFT = (5 us + 2048 B / 300e9) + (1 ms + 512 * 8192 / 125e6 = 33.554432 ms)
-    #        + (1 ms + 4 B / 125e6) + 16 * 1.34223 + 16 * 3.46096 ms = 112.41 ms
-    ttft = ((5e-6 + P * 4 / A100_NVL) + (1e-3 + P * H7 * B2 / GBPS) + (1e-3 + 4 / GBPS)
+    #        + LM head on the last token 1.24895 ms + (1 ms + 4 B / 125e6)
+    #        + 16 * 1.34223 + 16 * 3.46096 ms = 113.66 ms
+    ttft = ((5e-6 + P * 4 / A100_NVL) + (1e-3 + P * H7 * B2 / GBPS) + HEAD_PRE_B + (1e-3 + 4 / GBPS)
             + 16 * PRE_A + 16 * PRE_B)
     assert r.ttft_s == pytest.approx(ttft, rel=EXACT)
-    assert ttft == pytest.approx(112.41e-3, rel=1e-4)
+    assert ttft == pytest.approx(113.66e-3, rel=1e-4)
     # Limits, output tokens/s:
-    #   stage a: 23,582 / 16 = 1473.9        stage b: 5,195.3 / 16 = 324.70   <- the minimum
+    #   stage a: 23,582 / 16 = 1473.9
+    #   stage b (last, runs the LM head): 1 / (16 * 192.48 us + 88.388 us) = 1 / 3168.1 us
+    #     = 315.64   <- the minimum (324.70 without the head)
     #   link a->b: 125e6 / (8192 * (1 + 512/128)) = 125e6 / 40960 = 3051.8
-    #   coordinator in (NVLink): 300e9 / 20 = 1.5e10;  out: 125e6 / 20 = 6.25e6
-    #   concurrency / TPOT = 64 / 53.579 ms = 1194.5
-    assert r.stage_capacity == pytest.approx((RATE_A / 16, RATE_B / 16), rel=EXACT)
+    #   coordinator in (NVLink): 300e9 / 20 = 1.5e10;  out: 125e6 / 4 = 3.125e7
+    #   concurrency / TPOT = 64 / 54.837 ms = 1167.1
+    cap_b = 1 / (16 / RATE_B + HEAD_TOK_B)
+    assert r.stage_capacity == pytest.approx((RATE_A / 16, cap_b), rel=EXACT)
     assert r.bottleneck == "stage 1 compute"
-    assert r.throughput == pytest.approx(RATE_B / 16, rel=EXACT)
-    assert r.throughput == pytest.approx(324.70, rel=1e-4)
+    assert r.throughput == pytest.approx(cap_b, rel=EXACT)
+    assert r.throughput == pytest.approx(315.64, rel=1e-4)
     assert CONC / tpot > r.throughput and 125e6 / 40960 > r.throughput
     # Memory per GPU: 16 * (404,766,720 + 64 * 640 * 16384 = 671,088,640) = 17,213,685,760
     #   + embedding 32000 * 4096 * 2 = 262,144,000 on a / + LM head 262,152,192 on b
@@ -485,33 +614,69 @@ def test_evaluate_pipeline_16_16_stage_bound():
 
 def test_evaluate_pipeline_28_4_moves_the_bottleneck_to_the_a100():
     r = evaluate_pipeline(tiny(), CostCache(m7(), Workload()), ["a", "b"], [1, 1], [28, 4])
-    # stage a: 23,582 / 28 = 842.2 < stage b: 5195.3 / 4 = 1298.8; 64 / 27.94 ms = 2290
+    # stage a: 23,582 / 28 = 842.2 < stage b with the LM head: 1 / (4 * 192.48 + 88.388 us)
+    #   = 1 / 858.32 us = 1165.1
+    # TPOT = 0.005 + 2.048576 + 1.25810 + 1.000512 + 28 * 0.51070 + 4 * 2.64711 ms = 29.200 ms;
+    #   64 / 29.200 ms = 2191.8
+    tpot = hand_tpot(GBPS, 28, 4)
+    assert tpot == pytest.approx(29.200e-3, rel=1e-4)
+    assert r.stage_capacity == pytest.approx((RATE_A / 28, 1 / (4 / RATE_B + HEAD_TOK_B)), rel=EXACT)
+    assert r.stage_capacity[1] == pytest.approx(1165.1, rel=1e-4)
     assert r.bottleneck == "stage 0 compute"
     assert r.throughput == pytest.approx(RATE_A / 28, rel=EXACT)
-    assert r.tpot_s == pytest.approx(hand_tpot(GBPS, 28, 4), rel=EXACT)
+    assert r.throughput == pytest.approx(842.22, rel=1e-4)
+    assert r.tpot_s == pytest.approx(tpot, rel=EXACT)
+
+
+def test_single_stage_pipeline_runs_the_lm_head():
+    # All 32 layers of llama-2-7b on the A100 (the coordinator's node): the one stage is also the
+    # last and pays the LM head, here on the A100 (1.0885e12 B/s):
+    #   decode 264,200,192 B -> 0.24272 ms; prefill 262,280,192 B -> 0.24096 ms
+    #   per output token 0.24272 / 16 + 0.24096 / 128 ms = 15.170 + 1.882 = 17.052 us
+    #   capacity 1 / (32 / 23,582 + 17.052 us) = 1 / (1356.95 + 17.05 us) = 727.80 (736.95 without)
+    r = evaluate_pipeline(tiny(), CostCache(m7(), Workload()), ["a"], [1], [32])
+    head_dec = (HEAD_W7 + BATCH * V7 * 4) / (A100_BW * ETA_MEM)
+    head_pre = (HEAD_W7 + V7 * 4) / (A100_BW * ETA_MEM)
+    cap = 1 / (32 / RATE_A + head_dec / BATCH + head_pre / O)
+    assert cap == pytest.approx(727.80, rel=1e-4)
+    assert r.fits and r.bottleneck == "stage 0 compute"
+    assert r.throughput == pytest.approx(cap, rel=EXACT)
+    # Both coordinator links are node a's own fabric (5 us + 64 B / 300e9):
+    #   TPOT = 2 * 5.0002 us + 0.24272 + 32 * 0.51070 ms = 16.595 ms
+    #   TTFT = (5 us + 2048 B / 300e9) + (5 us + 4 B / 300e9) + 0.24096 + 32 * 1.34223 ms = 43.202 ms
+    tpot = 2 * (5e-6 + BATCH * 4 / A100_NVL) + head_dec + 32 * DEC_A
+    ttft = (5e-6 + P * 4 / A100_NVL) + (5e-6 + 4 / A100_NVL) + head_pre + 32 * PRE_A
+    assert (tpot, ttft) == pytest.approx((16.595e-3, 43.202e-3), rel=1e-4)
+    assert r.tpot_s == pytest.approx(tpot, rel=EXACT)
+    assert r.ttft_s == pytest.approx(ttft, rel=EXACT)
 
 
 def test_evaluate_pipeline_concurrency_bound():
-    # Concurrency 16 (one micro-batch in flight): 16 / 53.579 ms = 298.62 < 324.70
+    # Concurrency 16 (one micro-batch in flight): 16 / 54.837 ms = 291.77 < stage b's 315.64
     w = Workload(concurrency=16)
     r = evaluate_pipeline(tiny(), CostCache(m7(), w), ["a", "b"], [1, 1], [16, 16])
     tpot = hand_tpot(GBPS, 16, 16)
     assert r.bottleneck == "concurrency / TPOT"
     assert r.throughput == pytest.approx(16 / tpot, rel=EXACT)
-    assert r.throughput == pytest.approx(298.62, rel=1e-4)
+    assert r.throughput == pytest.approx(291.77, rel=1e-4)
 
 
 def test_evaluate_pipeline_link_bound():
-    # 100 Mbps = 12.5e6 B/s: link a->b carries 12.5e6 / 40960 = 305.18 tokens/s < 324.70
+    # 100 Mbps = 12.5e6 B/s: link a->b carries 12.5e6 / 40960 = 305.18 tokens/s < stage b's 315.64
     r = evaluate_pipeline(tiny("100Mbps"), CostCache(m7(), Workload()), ["a", "b"], [1, 1], [16, 16])
     assert r.bottleneck == "link a->b"
     assert r.throughput == pytest.approx(12.5e6 / (H7 * B2 * (1 + P / O)), rel=EXACT)
-    # TPOT now carries the slower hop: 1 ms + 131,072 / 12.5e6 = 11.486 ms; 64 / 63.6 ms = 1006
-    assert r.tpot_s == pytest.approx(hand_tpot(12.5e6, 16, 16), rel=EXACT)
+    assert r.throughput == pytest.approx(305.18, rel=1e-4)
+    # TPOT now carries the slower hops: a->b 1 ms + 131,072 / 12.5e6 = 11.486 ms, b->coordinator
+    # 1 ms + 64 / 12.5e6 = 1.00512 ms:
+    #   0.005 + 11.486 + 1.25810 + 1.00512 + 8.17114 + 42.35373 ms = 64.279 ms; 64 / 64.279 ms = 995.7
+    tpot = hand_tpot(12.5e6, 16, 16)
+    assert tpot == pytest.approx(64.279e-3, rel=1e-4)
+    assert r.tpot_s == pytest.approx(tpot, rel=EXACT)
 
 
 def test_shared_link_divides_its_capacity():
-    # 200 Mbps: alone the link carries 25e6 / 40960 = 610.35 tokens/s (stage b, 324.70, binds);
+    # 200 Mbps: alone the link carries 25e6 / 40960 = 610.35 tokens/s (stage b, 315.64, binds);
     # shared by two pipelines each gets 305.18 and the link binds.
     c, cc = tiny("200Mbps"), CostCache(m7(), Workload())
     alone = evaluate_pipeline(c, cc, ["a", "b"], [1, 1], [16, 16])
@@ -539,13 +704,64 @@ def test_coordinator_link_in_capacity():
     assert lim["coordinator link in"] == pytest.approx(A100_NVL / 20, rel=EXACT)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "hexplan/evaluate.py pipeline_overheads charges the coordinator link OUT with "
-    "coordinator_token_capacity(), 4 * (1 + P/O) = 20 B per output token, as if prompts flowed "
-    "back to the coordinator; the last stage only returns one 4-byte token id per output token "
-    "(the TPOT/TTFT terms of the same function send B ids and 1 id), so the capacity is bw / 4."))
 def test_coordinator_link_out_carries_one_token_id_per_output_token():
+    # Link out (last stage -> coordinator) returns only the sampled token: one 4-byte id per
+    # output token, no prompt ids (the TPOT/TTFT terms send B ids and 1 id over it).
     ov = pipeline_overheads(tiny(), CostCache(m7(), Workload()), ["a", "b"], [1, 1])
     lim = dict((what, x) for x, what in ov.limits)
-    # 125e6 B/s / 4 B = 31.25e6 output tokens/s (the code gives 6.25e6)
+    # 125e6 B/s / 4 B = 31.25e6 output tokens/s (5x the link-in formula's 6.25e6)
     assert lim["coordinator link out"] == pytest.approx(125e6 / TOKEN_ID_BYTES, rel=EXACT)
+    assert lim["coordinator link out"] == pytest.approx(31.25e6, rel=EXACT)
+
+
+# ---------------------------------------------------------------------------------------
+# docs/cost-model.md section 12: Llama-2-70B over five A100-40G nodes, one GPU each, 1 Gbps and
+# 1 ms between nodes, 16 layers per stage, coordinator on n0.
+
+FIVE = """
+name: five
+nodes:
+  - {name: n0, gpu: A100-40G, count: 1}
+  - {name: n1, gpu: A100-40G, count: 1}
+  - {name: n2, gpu: A100-40G, count: 1}
+  - {name: n3, gpu: A100-40G, count: 1}
+  - {name: n4, gpu: A100-40G, count: 1}
+network:
+  default: {bandwidth: 1Gbps, latency: 1ms}
+"""
+
+
+def test_worked_example_five_a100s():
+    c = loads_cluster(FIVE)
+    r = evaluate_pipeline(c, CostCache(m70(), Workload()), ["n0", "n1", "n2", "n3", "n4"],
+                          [1] * 5, [16] * 5)
+    dec = (LB70 + BATCH * MEAN_CTX * KV70_TOK) / (A100_BW * ETA_MEM)            # 1.6069 ms
+    pre = (2 * P70 * P + 2 * P * P * HD70 * NH70) / (A100_F * ETA_F)             # 5.6441 ms
+    rate = 1 / (dec / BATCH + pre / O)                                           # 6919.2
+    head_w = (V70 * H70 + H70) * B2
+    head_dec = (head_w + BATCH * V70 * 4) / (A100_BW * ETA_MEM)                  # 0.48356 ms
+    head_pre = (head_w + V70 * 4) / (A100_BW * ETA_MEM)                          # 0.48179 ms
+    # TPOT = (5 us + 64 B / 300e9) + 80 * 1.6069 + 4 * (1 + 262,144 / 125e6 = 3.097152)
+    #        + 0.48356 + (1 + 64 / 125e6) ms = 0.005 + 128.5505 + 12.3886 + 0.4836 + 1.0005
+    #      = 142.428 ms
+    tpot = ((5e-6 + BATCH * 4 / A100_NVL) + 80 * dec + 4 * (1e-3 + BATCH * H70 * B2 / GBPS)
+            + head_dec + (1e-3 + BATCH * 4 / GBPS))
+    assert tpot == pytest.approx(142.428e-3, rel=1e-4)
+    assert r.tpot_s == pytest.approx(tpot, rel=EXACT)
+    # TTFT = (5 us + 2048 B / 300e9) + 80 * 5.6441 + 4 * (1 + 8,388,608 / 125e6 = 68.108864)
+    #        + 0.48179 + (1 + 4 / 125e6) ms = 0.005 + 451.5308 + 272.4355 + 0.4818 + 1.0000
+    #      = 725.453 ms
+    ttft = ((5e-6 + P * 4 / A100_NVL) + 80 * pre + 4 * (1e-3 + P * H70 * B2 / GBPS)
+            + head_pre + (1e-3 + 4 / GBPS))
+    assert ttft == pytest.approx(725.453e-3, rel=1e-4)
+    assert r.ttft_s == pytest.approx(ttft, rel=EXACT)
+    # Stages 0-3: 6919.2 / 16 = 432.45; stage 4: 1 / (16 / 6919.2 + 33.986 us)
+    #   = 1 / (2312.40 + 33.99 us) = 426.19  <- the minimum
+    # Links 125e6 / 81,920 = 1525.9; coordinator in 300e9 / 20 = 1.5e10, out 125e6 / 4 = 3.125e7;
+    # 64 / 142.428 ms = 449.35
+    last = 1 / (16 / rate + head_dec / BATCH + head_pre / O)
+    assert r.stage_capacity == pytest.approx((rate / 16,) * 4 + (last,), rel=EXACT)
+    assert (rate / 16, last) == pytest.approx((432.45, 426.19), rel=1e-4)
+    assert CONC / tpot == pytest.approx(449.35, rel=1e-4)
+    assert r.fits and r.bottleneck == "stage 4 compute"
+    assert r.throughput == pytest.approx(last, rel=EXACT)
