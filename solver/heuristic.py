@@ -191,6 +191,25 @@ def _try(ev, state: State, vals, mv):
     return None
 
 
+def prune(ev: ChainEvaluator, state: State) -> State:
+    """Drop stages whose removal costs no throughput (a link-bound pipeline does not need
+    every GPU it was given); frees GPUs without changing the objective."""
+    pipes = []
+    for p in state.pipes:
+        p = list(p)
+        v = ev.value(p)
+        changed = True
+        while changed and len(p) > 1:
+            changed = False
+            for i in sorted(range(len(p)), key=lambda i: (-p[i][1], i)):  # widest groups first
+                cand = p[:i] + p[i + 1:]
+                if ev.value(cand) >= v * (1 - 1e-9):
+                    p, v, changed = cand, ev.value(cand), True
+                    break
+        pipes.append(p)
+    return State(state.problem, pipes)
+
+
 def heuristic_solve(problem: Problem, ev: ChainEvaluator, deadline: float, seed: int = 0,
                     progress=None) -> State:
     """Best state over TP policies and pipeline counts, polished by local search."""

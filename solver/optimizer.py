@@ -4,7 +4,8 @@
 2. The placement MILP (solver/formulation.py) starts from it (warm start) and improves it until
    it is proven optimal or the time limit is near; its dual bound is the upper bound reported
    (with the compute-only bound of solver/bounds.py when that is tighter).
-3. The MILP's pipelines get exact integer layers and a last local search.
+3. The MILP's pipelines get exact integer layers and a last local search; stages whose removal
+   costs no throughput are then dropped, freeing their GPUs.
 4. Max-flow over the placed graph (solver/routing.py) gives the routing weights.
 Pure function: no IO, no printing; ``progress(event, **info)`` reports what happens.
 """
@@ -23,7 +24,7 @@ from hexplan.plan import Pipeline, Plan, Stage
 
 from . import formulation, milp
 from .bounds import compute_bound, max_pipelines
-from .heuristic import State, heuristic_solve, local_search, total_value
+from .heuristic import State, heuristic_solve, local_search, prune, total_value
 from .latency import min_latency
 from .layers import ChainEvaluator
 from .problem import OBJECTIVES, Problem, SolveOptions
@@ -132,6 +133,7 @@ def solve(cluster: Cluster, model: ModelSpec, options: SolveOptions = SolveOptio
                     state = cand
         emit("milp", status=res.status, throughput=total_value(ev, state), bound=bound)
     info["milp_status"] = milp_status
+    state = prune(ev, state)
 
     plan = build_plan(problem, ev, state, options, bound, milp_status, info, time.perf_counter() - t0)
     emit("done", throughput=plan.throughput, bound=bound)
