@@ -14,7 +14,7 @@ from pathlib import Path
 from . import __version__
 from .cluster import Cluster, load_cluster
 from .costmodel import Workload
-from .errors import HexplanError, SpecError
+from .errors import HexplanError, InfeasibleError, SpecError
 from .gpus import CATALOG
 from .models import BUILTIN_MODELS, load_model
 from .plan import Plan, load_plan
@@ -106,7 +106,10 @@ def cmd_solve(args) -> int:
         print(f"hexplan: planning {model.name} on {cluster.name} ({_gpu_summary(cluster)}), "
               f"objective {args.objective}, time limit {args.time_limit:g}s", file=err)
     progress = None if args.quiet else _Progress(err)
-    plan = solve(cluster, model, opts, progress)
+    try:
+        plan = solve(cluster, model, opts, progress)
+    except InfeasibleError as e:  # say which cluster file the request was infeasible on
+        raise InfeasibleError(f"{args.cluster}: {e}") from None
     out = args.output or f"{_slug(cluster.name)}-{_slug(model.name)}.plan.{args.format}"
     text = plan.dump(args.format)
     table_stream = sys.stderr if out == "-" else sys.stdout

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from .errors import SpecError
 from .gpus import CATALOG, GpuType, Profile, ProfileTable
 from .units import UnitError, parse_bandwidth, parse_size, parse_time
-from .yamlio import Locator, load_document, loads_document, show
+from .yamlio import Locator, load_document, loads_document, plain, show
 
 INTRA_NODE_LATENCY = 5e-6  # s, one hop over NVLink/PCIe inside a node
 DEFAULT_BANDWIDTH = 10e9 / 8  # 10 Gbps
@@ -258,7 +258,7 @@ def cluster_from_dict(data, loc: Locator) -> Cluster:
         if gname is None:
             raise loc.error(p + ("gpu",), "missing GPU type")
         if not isinstance(gname, str) or gname not in gpu_types:
-            raise loc.error(p + ("gpu",), f"unknown GPU type {show(gname)}; known: {', '.join(gpu_types)}")
+            raise loc.error(p + ("gpu",), f"unknown GPU type {show(gname)}; known: {', '.join(map(plain, gpu_types))}")
         count = nd.get("count")
         if count is None:
             raise loc.error(p + ("count",), "missing GPU count")
@@ -314,13 +314,13 @@ def cluster_from_dict(data, loc: Locator) -> Cluster:
         for j, x in enumerate(between):
             if not isinstance(x, str) or x not in known:
                 raise loc.error(p + ("between", j), f"{show(x)} is neither a node nor a region; "
-                                f"nodes: {', '.join(sorted(names))}" + (f"; regions: {', '.join(sorted(regions))}" if regions else ""))
+                                f"nodes: {', '.join(map(plain, sorted(names)))}" + (f"; regions: {', '.join(map(plain, sorted(regions)))}" if regions else ""))
         if between[0] == between[1] and between[0] in names:
             raise loc.error(p + ("between",), "a link joins two different nodes (use the node's 'interconnect' for its own fabric)")
         rules.append(LinkRule((between[0], between[1]), lk))
 
     coord = data.get("coordinator", "")
     if coord and (not isinstance(coord, str) or coord not in names):
-        raise loc.error(("coordinator",), f"unknown node {show(coord)}; nodes: {', '.join(sorted(names))}")
+        raise loc.error(("coordinator",), f"unknown node {show(coord)}; nodes: {', '.join(map(plain, sorted(names)))}")
 
     return Cluster(name, tuple(nodes), default, tuple(rules), coord or "", loc.file)

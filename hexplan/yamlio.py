@@ -56,13 +56,20 @@ def _walk(node, path: tuple, lines: dict, file: str | None, active: set, done: s
     done.add(id(node))
 
 
+def plain(name) -> str:
+    """A name as written when it prints safely on one line, else its bounded repr."""
+    if isinstance(name, str) and 0 < len(name) <= 80 and name.isprintable():
+        return name
+    return show(name)
+
+
 def _dotted(path) -> str:
     out = ""
     for p in path:
         if isinstance(p, int) and not isinstance(p, bool):
             out += f"[{p}]"
         else:
-            out += ("." if out else "") + str(p)
+            out += ("." if out else "") + plain(p)
     return out
 
 
@@ -90,10 +97,11 @@ def loads_document(text: str, file: str | None = None):
     lines: dict = {}
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = None
         if node is not None:
             # Check the node graph (duplicate keys, recursive aliases) before constructing data.
             _walk(node, (), lines, file, set(), set())
-        data = yaml.load(text, Loader=yaml.SafeLoader)
+            data = _construct(node, file)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark else None
@@ -109,9 +117,45 @@ def loads_document(text: str, file: str | None = None):
         raise SpecError(f"YAML error: {_one_line(e)}", file=file) from None
     except RecursionError:
         raise SpecError("YAML nested too deeply", file=file) from None
-    except (ValueError, OverflowError) as e:  # e.g. a timestamp with a day that does not exist
-        raise SpecError(f"YAML value error: {_one_line(e)}", file=file) from None
     return data, lines
+
+
+def _construct(node, file):
+    """Build Python data from a composed node (what ``yaml.safe_load`` does, in one step)."""
+    try:
+        return yaml.SafeLoader("").construct_document(node)
+    except (yaml.YAMLError, RecursionError):
+        raise
+    except Exception:
+        # PyYAML's constructors raise bare ValueError/IndexError/KeyError/TypeError on some
+        # explicitly tagged or out-of-range scalars (``!!int ''``, ``!!bool x``, ``2020-02-30``).
+        bad = _bad_scalar(node)
+        if bad is None:  # pragma: no cover - every failure found so far is a scalar
+            raise SpecError("YAML value that cannot be read", file=file) from None
+        tag = bad.tag.rpartition(":")[2] if bad.tag.startswith("tag:yaml.org,2002:") else bad.tag
+        raise SpecError(f"YAML syntax error: {show(bad.value)} is not a valid {tag}", file=file,
+                        line=bad.start_mark.line + 1) from None
+
+
+def _bad_scalar(root):
+    """The first scalar node under ``root`` that PyYAML's safe constructor cannot build."""
+    stack, seen = [root], set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.ScalarNode):
+            try:
+                yaml.SafeLoader("").construct_object(node)
+            except Exception:
+                return node
+        elif isinstance(node, yaml.MappingNode):
+            for k, v in reversed(node.value):
+                stack += [v, k]
+        elif isinstance(node, yaml.SequenceNode):
+            stack += list(reversed(node.value))
+    return None
 
 
 def load_document(path) -> tuple:
