@@ -162,18 +162,25 @@ def cmd_validate(args) -> int:
                                                                 if any(cluster.regions) else ""))
     if args.plan:
         plan = load_plan(args.plan)
-        problems = validate_plan(plan, cluster)
+        problems = _validate_plan_file(plan, cluster, args.plan)
         if problems:
             raise HexplanError(f"{args.plan}: invalid plan: " + "; ".join(problems))
         print(f"{args.plan}: ok: {len(plan.pipelines)} pipelines, {plan.num_gpus} GPUs")
     return 0
 
 
+def _validate_plan_file(plan, cluster, path):
+    try:
+        return validate_plan(plan, cluster)
+    except SpecError as e:
+        raise e.located(str(path)) from None
+
+
 def cmd_show(args) -> int:
     plan = load_plan(args.plan)
     cluster = load_cluster(args.cluster) if args.cluster else None
     if cluster is not None:
-        problems = validate_plan(plan, cluster)
+        problems = _validate_plan_file(plan, cluster, args.plan)
         if problems:
             raise HexplanError(f"{args.plan}: invalid plan: " + "; ".join(problems))
     print(format_plan(plan, cluster))

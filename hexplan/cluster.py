@@ -29,6 +29,7 @@ from .yamlio import Locator, load_document, loads_document, plain, show
 INTRA_NODE_LATENCY = 5e-6  # s, one hop over NVLink/PCIe inside a node
 DEFAULT_BANDWIDTH = 10e9 / 8  # 10 Gbps
 DEFAULT_LATENCY = 1e-3
+MAX_GPUS_PER_NODE = 64
 
 
 @dataclass(frozen=True)
@@ -264,6 +265,9 @@ def cluster_from_dict(data, loc: Locator) -> Cluster:
             raise loc.error(p + ("count",), "missing GPU count")
         if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
             raise loc.error(p + ("count",), f"must be a positive integer, got {show(count)}")
+        if count > MAX_GPUS_PER_NODE:
+            raise loc.error(p + ("count",), f"{count} GPUs in one machine; a node is one machine "
+                            f"(at most {MAX_GPUS_PER_NODE}): list the machines as separate nodes")
         region = nd.get("region", "")
         if region is None:
             region = ""

@@ -186,6 +186,14 @@ def plan_from_dict(data, loc: Locator | None = None) -> Plan:
         if not isinstance(v, dict):
             raise loc.error((key,), "expected a mapping")
         return v
+    for k, v in mapping("predicted").items():
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise loc.error(("predicted", k), f"must be a number, got {v!r}")
+    for i, pd in enumerate(pls):
+        for k in ("throughput_tokens_per_s", "decode_ms_per_token", "ttft_ms"):
+            v = pd.get(k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise loc.error(("pipelines", i, k), f"must be a number, got {v!r}")
     return Plan(model, tuple(pipelines), mapping("predicted"), mapping("solver"),
                 mapping("assumptions"), mapping("cluster"))
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from .cluster import Cluster
 from .costmodel import DEFAULT_PARAMS, CostParams, Workload
-from .errors import HexplanError
+from .errors import HexplanError, SpecError
 from .evaluate import CostCache, evaluate_plan_pipelines
 from .plan import Plan
 
@@ -33,14 +33,44 @@ class Assumptions:
 
 
 def plan_assumptions(plan: Plan) -> Assumptions:
+    """The workload, cost parameters and SLOs a plan was made under (defaults where absent)."""
     a = plan.assumptions or {}
-    wd = a.get("workload") or {}
-    workload = Workload(**{k: int(v) for k, v in wd.items() if k in Workload.__dataclass_fields__})
-    pd = a.get("cost_params") or {}
-    params = CostParams(**{k: float(v) for k, v in pd.items() if k in CostParams.__dataclass_fields__})
-    tpot = a.get("slo_tpot_ms")
-    ttft = a.get("slo_ttft_ms")
-    return Assumptions(workload, params, tpot / 1e3 if tpot else None, ttft / 1e3 if ttft else None)
+
+    def section(key):
+        v = a.get(key) or {}
+        if not isinstance(v, dict):
+            raise SpecError("expected a mapping", field=f"assumptions.{key}")
+        return v
+
+    def number(key, v, positive=True):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
+            raise SpecError(f"must be a number, got {v!r}", field=key)
+        if positive and v <= 0:
+            raise SpecError(f"must be positive, got {v!r}", field=key)
+        return v
+
+    wd = section("workload")
+    for k, v in wd.items():
+        if k not in Workload.__dataclass_fields__:
+            raise SpecError("unknown workload field", field=f"assumptions.workload.{k}")
+    try:
+        workload = Workload(**wd)
+    except SpecError as e:
+        raise SpecError(e.message, field=f"assumptions.workload.{e.field}") from None
+    pd = section("cost_params")
+    vals = {}
+    for k, v in pd.items():
+        if k not in CostParams.__dataclass_fields__:
+            raise SpecError("unknown cost parameter", field=f"assumptions.cost_params.{k}")
+        vals[k] = float(number(f"assumptions.cost_params.{k}", v, positive=(k != "memory_headroom")))
+    if not 0 <= vals.get("memory_headroom", 0.0) < 1:
+        raise SpecError("must be in [0, 1)", field="assumptions.cost_params.memory_headroom")
+    params = CostParams(**vals)
+    slo = {}
+    for k in ("slo_tpot_ms", "slo_ttft_ms"):
+        v = a.get(k)
+        slo[k] = number(f"assumptions.{k}", v) / 1e3 if v is not None else None
+    return Assumptions(workload, params, slo["slo_tpot_ms"], slo["slo_ttft_ms"])
 
 
 def validate_plan(plan: Plan, cluster: Cluster, check_predictions: bool = True) -> list[str]:

@@ -225,6 +225,8 @@ def heuristic_solve(problem: Problem, ev: ChainEvaluator, deadline: float, seed:
     starts = []
     for groups in policies:
         for K in range(1, kmax + 1):
+            if starts and time.perf_counter() > deadline:
+                break
             st = construct(problem, groups, K)
             starts.append((total_value(ev, st), len(starts), st))
         if len(problem.cluster.regions) > 1:

@@ -68,26 +68,16 @@ class Problem:
         return out
 
     def best_partition_rate(self, node: str) -> tuple[float, float]:
-        """(max total layer rate, max total layers) over the ways to split one node into groups."""
+        """(max total layer rate, max total layers) over the ways to split one node into groups
+        (each maximised separately: an unbounded knapsack over the allowed degrees)."""
         n = self.node_by_name[node]
-        best_rate, best_mem = 0.0, 0.0
-        for part in partitions(n.count, self.allowed_tp[node]):
-            best_rate = max(best_rate, sum(self.rate((node, d)) for d in part))
-            best_mem = max(best_mem, sum(self.max_layers((node, d)) for d in part))
-        return best_rate, best_mem
-
-
-def partitions(count: int, degrees) -> list[tuple[int, ...]]:
-    """Multisets of allowed degrees (non-increasing) with sum <= count; unused GPUs allowed."""
-    degrees = sorted(degrees, reverse=True)
-    out: list[tuple[int, ...]] = []
-
-    def rec(remaining, start, acc):
-        out.append(tuple(acc))
-        for i in range(start, len(degrees)):
-            d = degrees[i]
-            if d <= remaining:
-                rec(remaining - d, i, acc + [d])
-
-    rec(count, 0, [])
-    return out
+        degs = self.allowed_tp[node]
+        rate = [0.0] * (n.count + 1)
+        mem = [0.0] * (n.count + 1)
+        for c in range(1, n.count + 1):
+            rate[c], mem[c] = rate[c - 1], mem[c - 1]
+            for d in degs:
+                if d <= c:
+                    rate[c] = max(rate[c], rate[c - d] + self.rate((node, d)))
+                    mem[c] = max(mem[c], mem[c - d] + self.max_layers((node, d)))
+        return rate[n.count], mem[n.count]
