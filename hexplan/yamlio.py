@@ -10,6 +10,8 @@ from __future__ import annotations
 import reprlib
 from pathlib import Path
 
+import re
+
 import yaml
 
 from .errors import SpecError
@@ -92,11 +94,20 @@ def _one_line(s: str) -> str:
     return " ".join(str(s).split())
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads exponent floats without a dot (``1e-05``), as JSON and YAML 1.2
+    do; PyYAML's YAML 1.1 rules would make them strings, so JSON plans would not load back."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+(?:\.[0-9]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
 def loads_document(text: str, file: str | None = None):
     """Parse YAML text; return ``(data, lines)``. Raises SpecError on syntax errors."""
     lines: dict = {}
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=_Loader)
         data = None
         if node is not None:
             # Check the node graph (duplicate keys, recursive aliases) before constructing data.
@@ -123,7 +134,7 @@ def loads_document(text: str, file: str | None = None):
 def _construct(node, file):
     """Build Python data from a composed node (what ``yaml.safe_load`` does, in one step)."""
     try:
-        return yaml.SafeLoader("").construct_document(node)
+        return _Loader("").construct_document(node)
     except (yaml.YAMLError, RecursionError):
         raise
     except Exception:
@@ -147,7 +158,7 @@ def _bad_scalar(root):
         seen.add(id(node))
         if isinstance(node, yaml.ScalarNode):
             try:
-                yaml.SafeLoader("").construct_object(node)
+                _Loader("").construct_object(node)
             except Exception:
                 return node
         elif isinstance(node, yaml.MappingNode):

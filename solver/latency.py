@@ -2,9 +2,11 @@
 
 MILP (small: one pipeline):
     x_g in {0,1}, l_g integer      group g is a stage holding l_g layers
-    min  sum_g t_g l_g + sum_g h_g x_g - h_max + c0   (t = decode or prefill seconds per layer,
-                                                      h = cheapest hop into g, c0 = coordinator)
-    s.t. sum_{g on n} d_g x_g <= count_n;  x_g <= l_g <= m_g x_g;  sum_g l_g = L
+    min  sum_g t_g l_g + sum_g h_g x_g - h_max + sum_g (in_g first_g + out_g last_g)
+         (t = decode or prefill seconds per layer, h = cheapest hop into g, in/out = the
+         coordinator's links to g's node, out also the LM head on g)
+    s.t. sum_{g on n} d_g x_g <= count_n;  x_g <= l_g <= m_g x_g;  sum_g l_g = L;
+         first_g, last_g <= x_g;  sum_g first_g = sum_g last_g = 1
 Its optimum is a lower bound on any pipeline's latency (hops and ends are relaxed); the decoded
 pipeline is then ordered and given its exact layers, and a short local search polishes it.
 """
@@ -12,10 +14,11 @@ from __future__ import annotations
 
 import math
 
+from hexplan.costmodel import TOKEN_ID_BYTES, hop_decode_time, hop_prefill_time, send_time
 from hexplan.evaluate import evaluate_pipeline
 
 from . import milp
-from .formulation import _coord_min, _min_hop
+from .formulation import _min_hop
 from .layers import ChainEvaluator, candidate_orders, order_slots
 from .problem import Problem
 
@@ -71,16 +74,53 @@ def min_latency(problem: Problem, kind: str = "tpot", time_limit: float = 10.0, 
         if g + 1 < len(cands) and cands[g + 1][:2] == c[:2]:
             lm.add({x[g]: 1, x[g + 1]: -1}, lo=0)
     lm.add({v: 1 for v in l}, lo=problem.L, hi=problem.L)
-    obj = {}
+    # The first stage receives from the coordinator, the last runs the LM head and answers it.
+    cl, w = problem.cluster, problem.workload
+    coord = cl.coordinator_node.name
+    ids_in = w.prompt_tokens if prefill else w.batch_size
+    ids_out = 1 if prefill else w.batch_size
+    first = [lm.binary(f"first[{c[0]}/tp{c[1]}#{c[2]}]") for c in cands]
+    last = [lm.binary(f"last[{c[0]}/tp{c[1]}#{c[2]}]") for c in cands]
     for g in range(len(cands)):
+        lm.add({first[g]: 1, x[g]: -1}, hi=0)
+        lm.add({last[g]: 1, x[g]: -1}, hi=0)
+    lm.add({v: 1 for v in first}, lo=1, hi=1)
+    lm.add({v: 1 for v in last}, lo=1, hi=1)
+    n_g = len(cands)
+    for g in range(n_g):  # one group is both first and last only when it is the only stage
+        c = {x[h_]: 1 for h_ in range(n_g) if h_ != g}
+        c[first[g]] = n_g
+        c[last[g]] = n_g
+        lm.add(c, hi=2 * n_g)
+    obj = {}
+    # A pipeline spanning regions has an inter-stage hop across regions.
+    regions = cl.regions
+    if len(regions) > 1:
+        f = hop_prefill_time if prefill else hop_decode_time
+        cross = min((f(problem.model, w, cl.link(a.name, b.name).bandwidth, cl.link(a.name, b.name).latency)
+                     for a in problem.nodes for b in problem.nodes if a.region != b.region), default=0.0)
+        if cross > hmax:
+            multi = lm.var("multi_region", 0.0, 1.0)
+            v = {r: lm.var(f"v[{r or 'default'}]", 0.0, 1.0) for r in regions}
+            for g, c in enumerate(cands):
+                lm.add({v[problem.node_by_name[c[0]].region]: 1, x[g]: -1}, lo=0)
+            for i, ra in enumerate(regions):
+                for rb in regions[i + 1:]:
+                    lm.add({multi: 1, v[ra]: -1, v[rb]: -1}, lo=-1)
+            obj[multi] = -(cross - hmax)
+    for g, c in enumerate(cands):
+        a, b = cl.link(coord, c[0]), cl.link(c[0], coord)
+        sc = problem.cost(c[0], c[1])
         obj[l[g]] = -t[g]
         obj[x[g]] = -h[g]
+        obj[first[g]] = -send_time(ids_in * TOKEN_ID_BYTES, a.bandwidth, a.latency)
+        obj[last[g]] = -(send_time(ids_out * TOKEN_ID_BYTES, b.bandwidth, b.latency)
+                         + (sc.head_prefill_s if prefill else sc.head_decode_s))
     lm.objective = obj  # maximise the negated latency
     res = milp.solve(lm, backend, time_limit, seed)
-    c0 = _coord_min(problem, prefill)
     lower = None
     if res.bound is not None:
-        lower = -res.bound - hmax + c0
+        lower = -res.bound - hmax
     best = None
     if res.values is not None:
         slots = [(c[0], c[1]) for g, c in enumerate(cands) if res.values[x[g]] > 0.5]

@@ -14,7 +14,7 @@ import itertools
 import math
 from dataclasses import dataclass
 
-from hexplan.evaluate import PipelineMetrics, evaluate_pipeline, pipeline_overheads
+from hexplan.evaluate import PipelineMetrics, evaluate_pipeline, hop_shares, pipeline_overheads
 
 from .problem import Problem
 
@@ -76,38 +76,52 @@ def order_slots(problem: Problem, slots) -> list:
 
 
 def candidate_orders(problem: Problem, base) -> list:
-    """The network-cheapest order, plus, for each kind of group (GPU type, TP degree), the
-    variants that move one node of that kind to the front or to the back: which stage pays for
-    the embedding (first) and the LM head (last) changes how many layers the others can take."""
-    out = [list(base)]
+    """Orders worth trying for one pipeline. Which stage pays for the embedding (first) and the
+    LM head (last) matters as much as the network, so besides the network-cheapest order
+    ``base`` this tries its reverse, every node moved to the front or the back (every
+    permutation of up to 4 nodes; per kind of node beyond 8), and inside a node the narrowest
+    TP group last as well as first."""
     blocks: dict = {}
     for s in base:
         blocks.setdefault(s[0], []).append(s)
-    if len(blocks) < 2:
-        return out
     names = list(blocks)
-    kinds: dict = {}
-    for n in names:
-        key = (problem.node_by_name[n].gpu.name, tuple(s[1] for s in blocks[n]))
-        kinds.setdefault(key, n)
-    for n in kinds.values():
-        for front in (True, False):
+    if len(names) <= 4:
+        seqs = [list(p) for p in itertools.permutations(names)]
+    else:
+        movers = names
+        if len(names) > 8:
+            kinds: dict = {}
+            for n in names:
+                kinds.setdefault((problem.node_by_name[n].gpu.name, tuple(s[1] for s in blocks[n])), n)
+            movers = list(kinds.values())
+        seqs = [names, names[::-1]]
+        for n in movers:
             rest = [m for m in names if m != n]
-            seq = [n] + rest if front else rest + [n]
-            o = [s for m in seq for s in blocks[m]]
-            if o not in out:
+            seqs += [[n] + rest, rest + [n]]
+    mixed = [n for n in names if len({s[1] for s in blocks[n]}) > 1]
+    out, seen = [], set()
+    for seq in seqs:
+        variants = [[s for n in seq for s in blocks[n]]]
+        if mixed:
+            variants.append([s for n in seq for s in (blocks[n][::-1] if n in mixed else blocks[n])])
+        for o in variants:
+            key = tuple(o)
+            if key not in seen:
+                seen.add(key)
                 out.append(o)
+    # The network-cheapest order first: ties keep it.
+    out.sort(key=lambda o: o != list(base))
     return out
 
 
-def best_layers(problem: Problem, ordered) -> ChainResult | None:
+def best_layers(problem: Problem, ordered, shares=None) -> ChainResult | None:
     """Integer layer counts maximising throughput for stages in this order (None: infeasible)."""
     k, L = len(ordered), problem.L
     if k == 0 or k > L:
         return None
     nodes = [s[0] for s in ordered]
     tps = [s[1] for s in ordered]
-    ov = pipeline_overheads(problem.cluster, problem.costs, nodes, tps)
+    ov = pipeline_overheads(problem.cluster, problem.costs, nodes, tps, shares)
     sc = ov.costs
     caps = [c.max_layers(first=(i == 0), last=(i == k - 1)) for i, c in enumerate(sc)]
     if min(caps) < 1 or sum(caps) < L:
@@ -168,7 +182,7 @@ def best_layers(problem: Problem, ordered) -> ChainResult | None:
             hi = mid
         else:
             lo, best = mid, l
-    metrics = evaluate_pipeline(problem.cluster, problem.costs, nodes, tps, best)
+    metrics = evaluate_pipeline(problem.cluster, problem.costs, nodes, tps, best, shares)
     if not metrics.fits:
         return None
     if slo_tpot and metrics.tpot_s > slo_tpot * (1 + 1e-9):
@@ -202,3 +216,31 @@ class ChainEvaluator:
     def value(self, slots) -> float:
         r = self(slots)
         return r.throughput if r else 0.0
+
+
+def resolve_sharing(problem: Problem, chains: list) -> list:
+    """Pipelines that send over the same ordered pair of nodes share its bandwidth, which the
+    per-pipeline search does not see. Re-order (and re-layer) each such pipeline with the
+    others' hops counted, keeping whatever is best."""
+    chains = list(chains)
+    for _ in range(2):
+        changed = False
+        for i, ch in enumerate(chains):
+            others = [[s[0] for s in c.slots] for j, c in enumerate(chains) if j != i]
+            nodes = [s[0] for s in ch.slots]
+            if not any(hop_shares(problem.cluster, others + [nodes]).get(h, 1) > 1
+                       for h in zip(nodes, nodes[1:]) if h[0] != h[1]):
+                continue
+            best = None
+            for order in candidate_orders(problem, list(ch.slots)) + [list(ch.slots)[::-1]]:
+                shares = hop_shares(problem.cluster, others + [[s[0] for s in order]])
+                r = best_layers(problem, order, shares)
+                if r is not None and (best is None or r.throughput > best.throughput * (1 + 1e-9)):
+                    best = r
+            current = best_layers(problem, list(ch.slots), hop_shares(problem.cluster, others + [nodes]))
+            if best is not None and (current is None or best.throughput > current.throughput * (1 + 1e-9)):
+                chains[i] = best
+                changed = True
+        if not changed:
+            break
+    return chains

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 INF = math.inf
@@ -189,10 +190,16 @@ def _solve_cbc(model, time_limit, seed, warm) -> MilpResult:
             if hi < INF:
                 prob += e <= hi
     if warm is not None:
-        for v, x in zip(vs, warm):
+        for i, (v, x) in enumerate(zip(vs, warm)):
+            x = min(max(x, model.lb[i]), model.ub[i])  # PuLP rejects values a rounding step outside
             v.setInitialValue(round(x) if v.cat == pulp.LpInteger else x)
-    solver = pulp.PULP_CBC_CMD(msg=False, timeLimit=max(1, int(math.ceil(time_limit))), warmStart=warm is not None,
-                               options=[f"randomSeed {int(seed) % 2**31 or 1}", "randomCbcSeed 1"], threads=1)
+    kw = dict(msg=False, timeLimit=max(1, int(math.ceil(time_limit))), warmStart=warm is not None,
+              options=[f"randomSeed {int(seed) % 2**31 or 1}", "randomCbcSeed 1"], threads=1)
+    solver = pulp.COIN_CMD(**kw)
+    if not solver.available():  # no `cbc` on PATH (pulp[cbc] installs one): PuLP's bundled binary
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            solver = pulp.PULP_CBC_CMD(**kw)
     prob.solve(solver)
     st = pulp.LpStatus[prob.status]
     values = [v.value() if v.value() is not None else 0.0 for v in vs]

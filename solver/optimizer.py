@@ -26,7 +26,7 @@ from . import formulation, milp
 from .bounds import compute_bound, max_pipelines
 from .heuristic import State, heuristic_solve, local_search, prune, total_value
 from .latency import min_latency
-from .layers import ChainEvaluator
+from .layers import ChainEvaluator, resolve_sharing
 from .problem import OBJECTIVES, Problem, SolveOptions
 from .routing import route
 
@@ -171,8 +171,9 @@ def _raise_unmeetable(problem: Problem, options: SolveOptions):
 def build_plan(problem: Problem, ev: ChainEvaluator, state: State, options: SolveOptions, bound: float,
                milp_status: str, info: dict, seconds: float) -> Plan:
     cl = problem.cluster
-    chains = [ev(p) for p in state.pipes]
-    chains = sorted([c for c in chains if c is not None and c.throughput > 0], key=lambda c: -c.throughput)
+    chains = [c for c in (ev(p) for p in state.pipes) if c is not None and c.throughput > 0]
+    chains = resolve_sharing(problem, chains)
+    chains = sorted([c for c in chains if c.throughput > 0], key=lambda c: -c.throughput)
     # Physical GPU indices: per node, widest groups first, contiguous (hence aligned) ranges.
     next_gpu: dict = {}
     demands = sorted(((s[0], s[1], pi, si) for pi, c in enumerate(chains) for si, s in enumerate(c.slots)),

@@ -339,10 +339,12 @@ def test_hexgen_case_is_asymmetric_and_valid():
     assert sum(p.weight for p in plan.pipelines) == pytest.approx(1.0, abs=1e-6)
 
 
-# ---- known misses (strict xfails: they start failing when the solver is fixed) -------------
+# ---- instances the solver once missed (now fixed), and known misses (strict xfails) ---------
 #
 # Each instance is small enough to read: the brute-force optimum and the solver's plan are in
-# the assertion message. Numbers in the reasons are from the cost model at the time of writing.
+# the assertion message. Numbers in the xfail reasons are from the cost model at the time of
+# writing. Fixed: link sharing (resolve_sharing), stage orders (candidate_orders), the latency
+# MILP's coordinator and region costs, CBC warm starts.
 
 def _assert_reaches_optimum(model, yaml_text, seed=0):
     cl = cluster_of(yaml_text)
@@ -364,11 +366,7 @@ network:
 """
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="solver misses optimum: 915.5 vs 1577.9 tok/s. Both pipelines "
-                   "a->b cross the 300Mbps link in the same direction and share it (457.8 each); "
-                   "the optimum runs a x6 -> b x2 (809.6) and b x2 -> a x6 (768.3): no sharing. The chain "
-                   "evaluator and the MILP ignore link sharing; it only appears in build_plan.")
-def test_xfail_solver_ignores_link_sharing():
+def test_solver_ignores_link_sharing():
     _assert_reaches_optimum(M8, SHARED_LINK)
 
 
@@ -384,11 +382,7 @@ network:
 """
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="solver misses optimum: 2091.9 vs 2428.7 tok/s. Optimum "
-                   "n2(Big) x2 -> n0(Fast) x2 -> n1(Mid) x4 (embedding on the big GPU, LM head on the "
-                   "Mid); the solver's candidate orders move only one node to the front or the back "
-                   "of its base order and end with the slow Big GPU running the LM head.")
-def test_xfail_stage_order_first_and_last_node():
+def test_stage_order_first_and_last_node():
     _assert_reaches_optimum(M8, FIRST_AND_LAST)
 
 
@@ -423,10 +417,7 @@ network:
 """
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="solver misses optimum: 8258.3 vs 8724.9 tok/s. Optimum "
-                   "n1/tp1 x3 -> n1/tp1 x3 -> n1/tp2 x4 (the TP-2 group runs the LM head); the solver "
-                   "orders a node's groups widest first, so a TP-1 GPU gets the LM head.")
-def test_xfail_stage_order_inside_a_node():
+def test_stage_order_inside_a_node():
     _assert_reaches_optimum(M10, WITHIN_NODE)
 
 
@@ -462,13 +453,7 @@ network:
 """
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="solver misses optimum (latency): the plan keeps a 68.0 ms pipeline "
-                   "(n1/tp2, across the 30ms WAN link); the true minimum is 14.06 ms (n2 x6 -> n0 x4, "
-                   "inside the coordinator's region). min_latency's "
-                   "MILP charges every node the cheapest coordinator round trip, picks n1/tp2 across "
-                   "the 30ms WAN link, and its polish (single add/drop/replace moves) cannot reach "
-                   "{n0, n2} from {n1/tp2}.")
-def test_xfail_latency_objective_across_regions():
+def test_latency_objective_across_regions():
     cl = cluster_of(LATENCY_REGIONS)
     tmin, _ = BruteForce(cl, M10).min_tpot()
     plan = hexplan.solve(cl, model=M10, objective="latency", time_limit=TIME_LIMIT, seed=0)
@@ -478,17 +463,10 @@ def test_xfail_latency_objective_across_regions():
         f"slowest pipeline {worst:.6g} ms, minimum {tmin * 1e3:.6g} ms; plan {describe(plan)}")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="solver misses optimum under an SLO: "
-                   "3883.9 vs 4247.7 tok/s at TPOT <= 1.3 x minimum. Optimum n0/tp2 x1 -> n1/tp1 x3 -> "
-                   "n1/tp2 x6 (one stage on the Big node); the solver returns n1/tp2 x7 -> n1/tp1 x3.")
-def test_xfail_slo_plan_is_the_best_under_the_slo_gqa():
+def test_slo_plan_is_the_best_under_the_slo_gqa():
     _assert_best_under_slo("gqa-3-pipelines")
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="backend cbc crashes: PuLP rejects the warm "
-                   "start 'initial value 12134.132080931562 is greater than upBound 12134.13208093156' "
-                   "(w[g,p] = T * layers of a compute-bound stage rounds one ulp above its bound r_g; "
-                   "solver/milp.py _solve_cbc passes warm values to setInitialValue unclamped).")
-def test_xfail_cbc_backend_warm_start_rounding():
+def test_cbc_backend_warm_start_rounding():
     plan = solved("mixed-3-nodes", backend="cbc")
     assert hexplan.validate_plan(plan, case_cluster("mixed-3-nodes")) == []

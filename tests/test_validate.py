@@ -222,12 +222,6 @@ def test_round_trip_json_of_hand_built_plan(base, hexgen):
     assert_round_trip(base, hexgen, "json")
 
 
-@pytest.mark.xfail(strict=True, raises=(hexplan.SpecError, AssertionError), reason=(
-    "JSON plans written by the solver do not load back: json.dumps writes cost_params.allreduce_alpha "
-    "as 1e-05, loads_plan parses JSON with PyYAML's YAML 1.1 SafeLoader, which reads 1e-05 (no '.') "
-    "as the string '1e-05', and plan_assumptions then raises SpecError 'assumptions.cost_params."
-    "allreduce_alpha: must be a number, got '1e-05''. Same through the CLI: hexplan solve --format json "
-    "then hexplan validate --plan exits 2."))
 def test_round_trip_json_of_solver_plans(solved_plans):
     for plan, cl in solved_plans:
         assert_round_trip(plan, cl, "json")
