@@ -170,6 +170,12 @@ def _solve_highs(model, time_limit, seed, warm, on_incumbent) -> MilpResult:
 # ---- CBC (PuLP) -------------------------------------------------------------------------
 
 def _solve_cbc(model, time_limit, seed, warm) -> MilpResult:
+    with warnings.catch_warnings():  # PuLP 3.x announces its 4.0 API on every variable
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _solve_cbc_inner(model, time_limit, seed, warm)
+
+
+def _solve_cbc_inner(model, time_limit, seed, warm) -> MilpResult:
     import pulp
 
     t0 = time.perf_counter()
