@@ -65,6 +65,49 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("plan", help="plan file (YAML or JSON)")
     sh.add_argument("--cluster", help="re-check the plan against this cluster")
 
+    def tls_args(parser, server=True):
+        if server:
+            parser.add_argument("--tls-cert", help="PEM certificate: serve with TLS")
+            parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
+        parser.add_argument("--tls-ca", help="PEM CA certificate to verify the peers' TLS certificates")
+
+    nd = sub.add_parser("node", help="run the executor of one machine (stage workers of a plan)")
+    nd.add_argument("--listen", default="127.0.0.1:50061", help="HOST:PORT to listen on (default 127.0.0.1:50061; port 0 = any)")
+    nd.add_argument("--name", required=True, help="this node's name in the cluster spec and plan")
+    nd.add_argument("--threads", type=int, help="CPU threads per worker process (default: torch's choice)")
+    tls_args(nd)
+
+    sv = sub.add_parser("serve", help="run the gateway: load a plan on its node executors and serve requests")
+    sv.add_argument("--plan", required=True, help="plan file from `hexplan solve` (or hand-written)")
+    sv.add_argument("--checkpoint", required=True, help="Hugging Face safetensors checkpoint directory (same path on every node)")
+    sv.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT for clients (default 127.0.0.1:50051)")
+    sv.add_argument("--nodes", default="", help="node addresses NAME=HOST:PORT,... (default: the plan's cluster section)")
+    sv.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    sv.add_argument("--max-batch", type=int, default=32, help="sequences per micro-batch (default 32)")
+    tls_args(sv)
+
+    la = sub.add_parser("launch", help="start every node executor of a plan and the gateway on this host")
+    la.add_argument("plan", help="plan file")
+    la.add_argument("--checkpoint", required=True, help="Hugging Face safetensors checkpoint directory")
+    la.add_argument("--listen", default="127.0.0.1:50051", help="gateway HOST:PORT (default 127.0.0.1:50051; port 0 = any)")
+    la.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    la.add_argument("--threads", type=int, help="CPU threads per worker process (default: cores / workers)")
+    tls_args(la)
+
+    ge = sub.add_parser("generate", help="send one request to a gateway and print the tokens")
+    ge.add_argument("--target", required=True, help="gateway HOST:PORT")
+    src = ge.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text (the checkpoint needs a tokenizer)")
+    src.add_argument("--token-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
+    ge.add_argument("--max-new-tokens", type=int, default=32)
+    ge.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    ge.add_argument("--top-k", type=int, default=0)
+    ge.add_argument("--top-p", type=float)
+    ge.add_argument("--seed", type=int)
+    ge.add_argument("--timeout", type=float, default=600, help="deadline in seconds (default 600)")
+    ge.add_argument("--json", action="store_true", help='print {"token_ids": [...], "text": ..., "finish_reason": ...}')
+    tls_args(ge, server=False)
+
     sub.add_parser("gpus", help="list the built-in GPU catalog")
     sub.add_parser("models", help="list the built-in models")
     return p
@@ -201,7 +244,103 @@ def cmd_models(args) -> int:
     return 0
 
 
-_COMMANDS = {"solve": cmd_solve, "validate": cmd_validate, "show": cmd_show, "gpus": cmd_gpus, "models": cmd_models}
+def _executor():
+    """Import the executor lazily: the planner runs without torch and grpc."""
+    try:
+        import grpc  # noqa: F401
+        import torch  # noqa: F401
+
+        from . import executor
+    except ImportError as e:
+        raise HexplanError(f"the executor needs torch and grpc ({e.name} is missing): "
+                           "pip install torch and then pip install 'hexplan[executor]'") from None
+    return executor
+
+
+def _tls(args):
+    from .executor.wire import Tls
+
+    cert, key, ca = getattr(args, "tls_cert", None), getattr(args, "tls_key", None), args.tls_ca
+    if bool(cert) != bool(key):
+        raise SpecError("give both --tls-cert and --tls-key", field="--tls-cert")
+    for f, v in (("--tls-cert", cert), ("--tls-key", key), ("--tls-ca", ca)):
+        if v and not Path(v).is_file():
+            raise SpecError(f"file not found: {v}", field=f)
+    return Tls(cert, key, ca) if (cert or ca) else None
+
+
+def _listen(value: str, flag: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise SpecError(f"expected HOST:PORT, got {value!r}", field=flag)
+    return value
+
+
+def cmd_node(args) -> int:
+    _executor()
+    from .executor.node import serve_node
+
+    listen = _listen(args.listen, "--listen")
+    host = listen.rpartition(":")[0]
+    serve_node(listen, args.name, _tls(args), args.threads,
+               on_ready=lambda port: print(f"hexplan node {args.name} listening on {host}:{port}", flush=True))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    _executor()
+    import signal
+    import threading
+
+    from .executor.gateway import Gateway, GatewayError, serve_gateway
+
+    plan = load_plan(args.plan)
+    nodes = {n["name"]: n["address"] for n in (plan.cluster or {}).get("nodes", []) if n.get("address")}
+    for item in filter(None, args.nodes.split(",")):
+        name, sep, addr = item.partition("=")
+        if not sep:
+            raise SpecError(f"expected NAME=HOST:PORT, got {item!r}", field="--nodes")
+        nodes[name.strip()] = _listen(addr.strip(), "--nodes")
+    tls = _tls(args)
+    try:
+        gw = Gateway(plan, args.checkpoint, nodes, tls, args.dtype, max_batch=args.max_batch)
+        gw.start()
+    except GatewayError as e:
+        raise HexplanError(str(e)) from None
+    server, port = serve_gateway(gw, _listen(args.listen, "--listen"), tls)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"hexplan: ready: serving {plan.model.name} on {args.listen.rpartition(':')[0]}:{port}", flush=True)
+    while not stop.wait(0.5):
+        pass
+    server.stop(grace=2).wait()
+    gw.stop()
+    return 0
+
+
+def cmd_launch(args) -> int:
+    _executor()
+    from .executor.gateway import GatewayError
+    from .executor.launch import run_launch
+
+    plan = load_plan(args.plan)
+    try:
+        return run_launch(plan, args.checkpoint, _listen(args.listen, "--listen"), _tls(args), args.dtype, args.threads)
+    except (GatewayError, RuntimeError) as e:
+        raise HexplanError(str(e)) from None
+
+
+def cmd_generate(args) -> int:
+    _executor()
+    from .executor.client import run_generate
+
+    _listen(args.target, "--target")
+    return run_generate(args)
+
+
+_COMMANDS = {"solve": cmd_solve, "validate": cmd_validate, "show": cmd_show, "gpus": cmd_gpus, "models": cmd_models,
+             "node": cmd_node, "serve": cmd_serve, "launch": cmd_launch, "generate": cmd_generate}
 
 
 # ---- rendering --------------------------------------------------------------------------

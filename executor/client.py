@@ -1,0 +1,56 @@
+"""``hexplan generate``: a small client for the gateway's Inference service."""
+from __future__ import annotations
+
+import json
+import sys
+
+import grpc
+
+from ._proto import hexplan_v1_pb2 as pb
+from ._proto import hexplan_v1_pb2_grpc as pbg
+from .wire import Tls, channel
+
+
+def generate(target: str, *, prompt: str = "", token_ids=None, max_new_tokens: int = 32, temperature: float = 0.0,
+             top_k: int = 0, top_p: float | None = None, seed: int | None = None, stop_token_ids=(),
+             tls: Tls | None = None, timeout: float | None = 600, on_tokens=None) -> dict:
+    """Stream one generation; returns {"token_ids", "text", "finish_reason"}."""
+    sampling = pb.SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                 stop_token_ids=list(stop_token_ids))
+    if top_p is not None:
+        sampling.top_p = top_p
+    if seed is not None:
+        sampling.seed = seed
+    req = pb.GenerateRequest(prompt=prompt, token_ids=list(token_ids or []), sampling=sampling)
+    with channel(target, tls) as ch:
+        stub = pbg.InferenceStub(ch)
+        ids, text, reason = [], "", ""
+        for msg in stub.Generate(req, timeout=timeout):
+            ids += list(msg.token_ids)
+            text += msg.text
+            if on_tokens and msg.token_ids:
+                on_tokens(list(msg.token_ids), msg.text)
+            if msg.finish_reason:
+                reason = msg.finish_reason
+    return {"token_ids": ids, "text": text, "finish_reason": reason}
+
+
+def run_generate(args) -> int:
+    tls = Tls(ca=args.tls_ca) if args.tls_ca else None
+    ids = [int(x) for x in args.token_ids.split(",") if x.strip()] if args.token_ids else None
+    stream = None
+    if not args.json:
+        stream = lambda toks, text: (sys.stdout.write(text if text else " ".join(map(str, toks)) + " "),
+                                     sys.stdout.flush())
+    try:
+        out = generate(args.target, prompt=args.prompt or "", token_ids=ids, max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                       tls=tls, timeout=args.timeout, on_tokens=stream)
+    except grpc.RpcError as e:
+        print(f"hexplan: error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"\n[{out['finish_reason']}, {len(out['token_ids'])} tokens]")
+    return 0

@@ -1,0 +1,450 @@
+"""``hexplan serve``: the gateway. Clients call ``Inference``; the gateway does the rest.
+
+* Start: check the checkpoint against the plan's model, ask every node executor to load its
+  stages (``LoadShard``), load the tokenizer if the checkpoint has one.
+* Routing: a new request goes to the live pipeline with the least load per unit of routing
+  weight (the plan's max-flow shares).
+* Continuous batching: each pipeline runs one loop per micro-batch (as many as it has stages,
+  so every stage has work while the others compute). Every iteration a loop admits waiting
+  requests (their prompts are prefilled in the same step as the running requests' decode
+  tokens), sends the ragged batch down the pipeline, samples one token per request from the
+  returned logits, streams it, and retires finished requests (their KV caches are released on
+  every stage).
+* Faults: when a pipeline's step fails, its stages are probed, nodes that do not answer are
+  marked down, every pipeline using them stops, and their requests move to a live pipeline,
+  where they are prefilled again from prompt + tokens already streamed: the client sees a
+  delay, never a lost or repeated token. With no pipeline left, requests fail UNAVAILABLE and
+  the gateway keeps running.
+
+The scheduler never touches tensors beyond sampling; workers make no policy decisions.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import queue
+import threading
+import uuid
+from collections import deque
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import torch
+
+from hexplan.models import ModelSpec
+from hexplan.plan import Plan
+
+from ._proto import hexplan_v1_pb2 as pb
+from ._proto import hexplan_v1_pb2_grpc as pbg
+from .sampling import Sampling, sample
+from .wire import Tls, add_health_and_reflection, bind, channel, from_proto, make_server, to_proto
+
+log = logging.getLogger("hexplan.gateway")
+
+STEP_TIMEOUT_S = 300.0
+
+
+class GatewayError(Exception):
+    """A problem at start (bad checkpoint, unreachable node): the message says which."""
+
+
+@dataclass(eq=False)
+class Request:
+    id: str
+    prompt: list[int]
+    sampling: Sampling
+    generated: list[int] = field(default_factory=list)
+    events: queue.Queue = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    finished: bool = False
+    cached: int = 0            # context tokens held in the KV cache of its current pipeline
+    pipeline: "Pipeline | None" = None
+
+    def context(self) -> list[int]:
+        return self.prompt + self.generated
+
+
+@dataclass(eq=False)
+class Pipeline:
+    index: int
+    weight: float
+    stages: list[str]          # worker addresses, first to last
+    nodes: list[str]
+    alive: bool = True
+    pending: deque = field(default_factory=deque)
+    groups: list = field(default_factory=list)   # one list of running requests per micro-batch loop
+    load: int = 0              # requests routed here and not finished
+    served: int = 0            # requests ever routed here
+
+
+def check_checkpoint(checkpoint: str, model: ModelSpec) -> dict:
+    """Read config.json and compare its shape with the plan's model; returns the config."""
+    path = Path(checkpoint) / "config.json"
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise GatewayError(f"checkpoint {checkpoint}: no config.json") from None
+    except (OSError, ValueError) as e:
+        raise GatewayError(f"checkpoint {checkpoint}: cannot read config.json ({e})") from None
+    pairs = [("num_hidden_layers", "num_layers"), ("hidden_size", "hidden_size"),
+             ("intermediate_size", "intermediate_size"), ("num_attention_heads", "num_heads"),
+             ("num_key_value_heads", "num_kv_heads"), ("vocab_size", "vocab_size")]
+    diffs = []
+    for ck, mk in pairs:
+        have = cfg.get(ck, cfg.get("num_attention_heads") if ck == "num_key_value_heads" else None)
+        want = getattr(model, mk)
+        if have != want:
+            diffs.append(f"{ck} {have} vs {want}")
+    if diffs:
+        raise GatewayError(f"checkpoint {checkpoint} does not match the plan's model {model.name}: "
+                           + ", ".join(diffs) + " (checkpoint vs plan)")
+    return cfg
+
+
+def _load_tokenizer(checkpoint: str):
+    files = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    if not any((Path(checkpoint) / f).exists() for f in files):
+        return None
+    try:
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
+    except Exception as e:  # a broken tokenizer must not stop token-id serving
+        log.warning("checkpoint %s: tokenizer not loaded (%s); token ids only", checkpoint, e)
+        return None
+
+
+class Gateway:
+    def __init__(self, plan: Plan, checkpoint: str, node_addresses: dict, tls: Tls | None = None,
+                 dtype: str = "float32", max_batch: int = 32, prefill_tokens: int = 4096):
+        self.plan, self.checkpoint, self.tls, self.dtype = plan, str(checkpoint), tls, dtype
+        self.node_addresses = dict(node_addresses)
+        self.max_batch, self.prefill_tokens = max_batch, prefill_tokens
+        self.config = check_checkpoint(self.checkpoint, plan.model)
+        self.vocab = int(self.config["vocab_size"])
+        self.context_limit = int(self.config.get("max_position_embeddings") or plan.model.max_position_embeddings)
+        self.tokenizer = _load_tokenizer(self.checkpoint)
+        self.cv = threading.Condition()
+        self.stop_event = threading.Event()
+        self.pipelines: list[Pipeline] = []
+        self.down_nodes: set = set()
+        self._stubs: dict = {}
+        self._threads: list = []
+
+    # ---- start / stop -------------------------------------------------------------------
+    def stub(self, address: str) -> pbg.StageStub:
+        s = self._stubs.get(address)
+        if s is None:
+            s = self._stubs[address] = pbg.StageStub(channel(address, self.tls))
+        return s
+
+    def start(self) -> None:
+        missing = sorted({s.node for p in self.plan.pipelines for s in p.stages} - set(self.node_addresses))
+        if missing:
+            raise GatewayError(f"no address for node(s) {', '.join(missing)}: give them in the plan's cluster "
+                               "section or with --nodes NAME=HOST:PORT")
+        model_json = json.dumps(self.plan.model.to_dict())
+        jobs = []
+        with futures.ThreadPoolExecutor(max_workers=8) as pool:
+            for pi, p in enumerate(self.plan.pipelines):
+                for si, s in enumerate(p.stages):
+                    req = pb.LoadShardRequest(stage_id=f"p{pi}s{si}", checkpoint=str(Path(self.checkpoint).resolve()),
+                                              layer_start=s.layers[0], layer_end=s.layers[1], is_first=si == 0,
+                                              is_last=si == len(p.stages) - 1, tp=s.tp, gpus=list(s.gpus),
+                                              dtype=self.dtype, model_json=model_json)
+                    jobs.append((pi, si, s.node, pool.submit(self.stub(self.node_addresses[s.node]).LoadShard, req,
+                                                             timeout=900)))
+            addresses: dict = {}
+            for pi, si, node, fut in jobs:
+                try:
+                    addresses[pi, si] = fut.result().address
+                except grpc.RpcError as e:
+                    raise GatewayError(f"node {node} ({self.node_addresses[node]}): {e.details() or e.code().name}") from None
+        total_w = sum(p.weight for p in self.plan.pipelines) or 1.0
+        for pi, p in enumerate(self.plan.pipelines):
+            pl = Pipeline(pi, (p.weight or 0.0) / total_w, [addresses[pi, si] for si in range(len(p.stages))],
+                          [s.node for s in p.stages])
+            pl.groups = [[] for _ in range(max(1, len(p.stages)))]
+            self.pipelines.append(pl)
+            for gi in range(len(pl.groups)):
+                t = threading.Thread(target=self._loop, args=(pl, gi), daemon=True, name=f"pipeline{pi}-mb{gi}")
+                t.start()
+                self._threads.append(t)
+        log.info("gateway: %d pipeline(s) loaded", len(self.pipelines))
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        with self.cv:
+            self.cv.notify_all()
+        for t in self._threads:
+            t.join(timeout=5)
+
+    # ---- requests -----------------------------------------------------------------------
+    def submit(self, token_ids: list[int], sampling: Sampling, request_id: str = "") -> Request:
+        req = Request(request_id or uuid.uuid4().hex, list(token_ids), sampling)
+        with self.cv:
+            self._route_locked(req)
+            self.cv.notify_all()
+        return req
+
+    def _route_locked(self, req: Request) -> None:
+        live = [p for p in self.pipelines if p.alive]
+        if not live:
+            req.finished = True
+            req.events.put(("error", grpc.StatusCode.UNAVAILABLE,
+                            "no pipeline is available: every pipeline has a node that is down "
+                            f"({', '.join(sorted(self.down_nodes)) or 'none loaded'})"))
+            return
+        p = min(live, key=lambda p: ((p.load + 1) / max(p.weight, 1e-6), p.index))
+        req.pipeline, req.cached = p, 0
+        p.load += 1
+        p.served += 1
+        p.pending.append(req)
+
+    def _retire_locked(self, req: Request) -> None:
+        if req.pipeline is not None:
+            req.pipeline.load -= 1
+            req.pipeline = None
+
+    # ---- the per-micro-batch loop ----------------------------------------------------------
+    def _loop(self, p: Pipeline, gi: int) -> None:
+        group = p.groups[gi]
+        while not self.stop_event.is_set():
+            to_release: list[Request] = []
+            with self.cv:
+                if not p.alive:
+                    self._reroute_locked(group)
+                    group.clear()
+                    return
+                keep = []
+                for r in group:
+                    if r.finished:
+                        continue
+                    (to_release if r.cancelled.is_set() else keep).append(r)
+                for r in to_release:
+                    r.finished = True
+                    self._retire_locked(r)
+                budget = self.prefill_tokens
+                while p.pending and len(keep) < self.max_batch:
+                    r = p.pending[0]
+                    if r.cancelled.is_set():
+                        p.pending.popleft()
+                        r.finished = True
+                        self._retire_locked(r)
+                        continue
+                    n = len(r.context())
+                    if n > budget and keep:
+                        break
+                    budget -= n
+                    keep.append(p.pending.popleft())
+                group[:] = keep
+                if not keep:
+                    if not to_release:
+                        self.cv.wait(0.05)
+                    running = []
+                else:
+                    running = list(keep)
+            if to_release:
+                self._release(p, [r for r in to_release if r.cached > 0])
+            if not running:
+                continue
+            if not self._step(p, running):
+                with self.cv:
+                    group.clear()
+                return
+
+    def _step(self, p: Pipeline, running: list[Request]) -> bool:
+        chunks, tokens = [], []
+        for r in running:
+            ctx = r.context()
+            chunks.append(pb.SeqChunk(request_id=r.id, start=r.cached, length=len(ctx) - r.cached))
+            tokens += ctx[r.cached:]
+        req = pb.ForwardRequest(chunks=chunks, inputs=to_proto(torch.tensor(tokens, dtype=torch.int64)),
+                                downstream=p.stages[1:])
+        try:
+            resp = self.stub(p.stages[0]).Forward(req, timeout=STEP_TIMEOUT_S)
+            logits = from_proto(resp.logits)
+        except grpc.RpcError as e:
+            self._pipeline_failed(p, running, f"{e.code().name}: {e.details()}")
+            return False
+        done = []
+        for r, row in zip(running, logits):
+            r.cached = len(r.context())
+            if r.cancelled.is_set():
+                continue
+            tok = sample(row, r.sampling)
+            r.generated.append(tok)
+            r.events.put(("tokens", [tok]))
+            reason = None
+            if tok in r.sampling.stop_token_ids:
+                reason = "stop"
+            elif len(r.generated) >= r.sampling.max_new_tokens or len(r.context()) >= self.context_limit:
+                reason = "length"
+            if reason:
+                r.events.put(("done", reason))
+                done.append(r)
+        if done:
+            with self.cv:
+                for r in done:
+                    r.finished = True
+                    self._retire_locked(r)
+            self._release(p, done)
+        return True
+
+    def _release(self, p: Pipeline, reqs: list[Request]) -> None:
+        if not reqs or not p.alive:
+            return
+        try:
+            self.stub(p.stages[0]).Release(pb.ReleaseRequest(request_ids=[r.id for r in reqs], downstream=p.stages[1:]),
+                                           timeout=30)
+        except grpc.RpcError as e:
+            log.warning("pipeline %d: release failed: %s", p.index, e.details())
+
+    # ---- faults -------------------------------------------------------------------------
+    def _pipeline_failed(self, p: Pipeline, running: list[Request], why: str) -> None:
+        dead = []
+        for node, addr in zip(p.nodes, p.stages):
+            try:
+                self.stub(addr).Stats(pb.StatsRequest(), timeout=2)
+            except grpc.RpcError:
+                dead.append(node)
+        with self.cv:
+            if p.alive:
+                log.warning("pipeline %d failed (%s); nodes down: %s", p.index, why, ", ".join(dead) or "none")
+            self.down_nodes.update(dead)
+            for q in self.pipelines:
+                if q is p or any(n in self.down_nodes for n in q.nodes):
+                    q.alive = False
+            self._reroute_locked(running)
+            for q in self.pipelines:
+                if not q.alive:
+                    self._reroute_locked(list(q.pending))
+                    q.pending.clear()
+            self.cv.notify_all()
+
+    def _reroute_locked(self, reqs) -> None:
+        for r in reqs:
+            if r.finished:
+                continue
+            self._retire_locked(r)
+            if r.cancelled.is_set():
+                r.finished = True
+                continue
+            self._route_locked(r)
+
+    # ---- stats ----------------------------------------------------------------------------
+    def kv_stats(self) -> dict:
+        out = {}
+        for p in self.pipelines:
+            for addr in p.stages:
+                try:
+                    s = self.stub(addr).Stats(pb.StatsRequest(), timeout=5)
+                    out[addr] = (s.kv_bytes, s.sequences)
+                except grpc.RpcError:
+                    out[addr] = None
+        return out
+
+
+class InferenceServicer(pbg.InferenceServicer):
+    """Thin adapter: validate, convert, submit, stream."""
+
+    def __init__(self, gw: Gateway):
+        self.gw = gw
+
+    def _request(self, request, context) -> Request:
+        gw = self.gw
+        bad = lambda field, msg: context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {msg}")
+        if request.token_ids:
+            ids = list(request.token_ids)
+        elif request.prompt:
+            if gw.tokenizer is None:
+                bad("prompt", "this checkpoint has no tokenizer; send token_ids")
+            ids = list(gw.tokenizer(request.prompt)["input_ids"])
+        else:
+            bad("prompt", "empty prompt: give prompt or token_ids")
+        if not ids:
+            bad("prompt", "the prompt has no tokens")
+        for t in ids:
+            if not 0 <= t < gw.vocab:
+                bad("token_ids", f"token id {t} is outside the vocabulary [0, {gw.vocab})")
+        s = request.sampling
+        if s.max_new_tokens <= 0:
+            bad("sampling.max_new_tokens", f"must be positive, got {s.max_new_tokens}")
+        if len(ids) + s.max_new_tokens > gw.context_limit:
+            bad("sampling.max_new_tokens", f"prompt ({len(ids)} tokens) + max_new_tokens ({s.max_new_tokens}) "
+                                           f"exceeds the model's context of {gw.context_limit} tokens")
+        if not math.isfinite(s.temperature) or s.temperature < 0:
+            bad("sampling.temperature", f"must be >= 0, got {s.temperature}")
+        top_p = s.top_p if s.HasField("top_p") else 1.0
+        if not (0 < top_p <= 1):
+            bad("sampling.top_p", f"must be in (0, 1], got {top_p}")
+        if s.top_k < 0:
+            bad("sampling.top_k", f"must be >= 0, got {s.top_k}")
+        for t in s.stop_token_ids:
+            if not 0 <= t < gw.vocab:
+                bad("sampling.stop_token_ids", f"token id {t} is outside the vocabulary [0, {gw.vocab})")
+        sampling = Sampling(temperature=s.temperature, top_k=s.top_k, top_p=top_p,
+                            seed=s.seed if s.HasField("seed") else None, stop_token_ids=tuple(s.stop_token_ids),
+                            max_new_tokens=s.max_new_tokens)
+        req = gw.submit(ids, sampling, request.request_id)
+
+        def on_done():
+            req.cancelled.set()
+            with gw.cv:
+                gw.cv.notify_all()
+        context.add_callback(on_done)
+        return req
+
+    def _events(self, req: Request, context):
+        while True:
+            try:
+                ev = req.events.get(timeout=0.1)
+            except queue.Empty:
+                if not context.is_active():
+                    req.cancelled.set()
+                    return
+                continue
+            if ev[0] == "error":
+                context.abort(ev[1], ev[2])
+            yield ev
+            if ev[0] == "done":
+                return
+
+    def _text(self, ids) -> str:
+        tok = self.gw.tokenizer
+        return tok.decode(ids, skip_special_tokens=True) if tok is not None and ids else ""
+
+    def Generate(self, request, context):
+        req = self._request(request, context)
+        shown = ""
+        for ev in self._events(req, context):
+            if ev[0] == "tokens":
+                text = ""
+                if self.gw.tokenizer is not None:
+                    full = self._text(req.generated)
+                    text, shown = full[len(shown):], full
+                yield pb.GenerateResponse(token_ids=ev[1], text=text)
+            else:
+                yield pb.GenerateResponse(finish_reason=ev[1])
+
+    def GenerateUnary(self, request, context):
+        req = self._request(request, context)
+        reason, ids = "", []
+        for ev in self._events(req, context):
+            if ev[0] == "tokens":
+                ids += ev[1]
+            else:
+                reason = ev[1]
+        return pb.GenerateResult(token_ids=ids, text=self._text(ids), finish_reason=reason)
+
+
+def serve_gateway(gw: Gateway, listen: str, tls: Tls | None = None) -> tuple[grpc.Server, int]:
+    """Start the client-facing server; returns (server, port)."""
+    server = make_server(workers=64)
+    pbg.add_InferenceServicer_to_server(InferenceServicer(gw), server)
+    add_health_and_reflection(server, [pb.DESCRIPTOR.services_by_name["Inference"].full_name])
+    port = bind(server, listen, tls)
+    server.start()
+    return server, port

@@ -1,0 +1,162 @@
+"""A stage worker: one process per GPU (or CPU worker) of a stage.
+
+Rank 0 serves the internal ``Stage`` service (Forward, Release, Stats) on its own port; the
+other ranks follow it: rank 0 broadcasts each step (a JSON header and tensors, never pickle)
+and every rank runs the same forward, so the TP all-reduces line up. After its forward, rank 0
+sends the activations straight to the next stage's worker (the ``downstream`` addresses in the
+request) and returns what comes back; the last stage returns the logits.
+
+The worker exits when its node executor (its parent process) goes away.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import grpc
+import torch
+
+from ._proto import hexplan_v1_pb2 as pb
+from ._proto import hexplan_v1_pb2_grpc as pbg
+from .distributed import TPContext, broadcast_message, init_tp
+from .model import SeqChunk, ShardSpec, StageModel
+from .wire import Tls, add_health_and_reflection, bind, channel, from_proto, make_server, to_proto
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _watch_parent(parent: int) -> None:
+    def run():
+        while True:
+            if os.getppid() != parent:
+                os._exit(3)
+            time.sleep(0.2)
+    threading.Thread(target=run, daemon=True, name="parent-watch").start()
+
+
+class StageWorker(pbg.StageServicer):
+    """Rank 0's Stage servicer over a loaded StageModel."""
+
+    def __init__(self, model: StageModel, ctx: TPContext, spec: dict, tls: Tls | None):
+        self.model, self.ctx, self.spec, self.tls = model, ctx, spec, tls
+        self.lock = threading.Lock()
+        self._stubs: dict = {}
+        self._stubs_lock = threading.Lock()
+
+    def _stub(self, address: str) -> pbg.StageStub:
+        with self._stubs_lock:
+            stub = self._stubs.get(address)
+            if stub is None:
+                stub = self._stubs[address] = pbg.StageStub(channel(address, self.tls))
+            return stub
+
+    def _run(self, header: dict, tensors: list):
+        if self.ctx.size > 1:
+            broadcast_message(self.ctx, header, tensors)
+        return _apply(self.model, header, tensors)
+
+    def Forward(self, request, context):
+        try:
+            chunks = [{"request_id": c.request_id, "start": int(c.start), "length": int(c.length)}
+                      for c in request.chunks]
+            inputs = from_proto(request.inputs)
+            total = sum(c["length"] for c in chunks)
+            if not chunks or any(c["length"] <= 0 or c["start"] < 0 for c in chunks):
+                raise ValueError("every chunk needs start >= 0 and length > 0")
+            if inputs.shape[0] != total:
+                raise ValueError(f"inputs have {inputs.shape[0]} tokens, chunks say {total}")
+            with self.lock:
+                out = self._run({"op": "forward", "chunks": chunks}, [inputs])
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"stage {self.spec['stage_id']}: {e}")
+        if request.downstream:
+            nxt = request.downstream[0]
+            try:
+                remaining = context.time_remaining()
+                return self._stub(nxt).Forward(
+                    pb.ForwardRequest(chunks=request.chunks, inputs=to_proto(out), downstream=request.downstream[1:]),
+                    timeout=remaining if remaining and remaining < 1e6 else None)
+            except grpc.RpcError as e:
+                code = e.code() if e.code() != grpc.StatusCode.UNKNOWN else grpc.StatusCode.UNAVAILABLE
+                context.abort(code, f"stage {nxt}: {e.details()}")
+        return pb.ForwardResponse(logits=to_proto(out.float()))
+
+    def Release(self, request, context):
+        ids = list(request.request_ids)
+        with self.lock:
+            released = self._run({"op": "release", "ids": ids}, [])
+        if request.downstream:
+            try:
+                self._stub(request.downstream[0]).Release(
+                    pb.ReleaseRequest(request_ids=ids, downstream=request.downstream[1:]), timeout=10)
+            except grpc.RpcError:
+                pass  # a dead stage holds no cache worth freeing
+        return pb.ReleaseResponse(released=released)
+
+    def Stats(self, request, context):
+        with self.lock:
+            return pb.StatsResponse(name=self.spec["stage_id"], kv_bytes=self.model.kv_bytes(),
+                                    sequences=self.model.num_sequences(), stages=[self.spec["stage_id"]])
+
+    def stop_followers(self):
+        if self.ctx.size > 1:
+            with self.lock:
+                broadcast_message(self.ctx, {"op": "stop"}, [])
+
+
+def _apply(model: StageModel, header: dict, tensors: list):
+    op = header["op"]
+    if op == "forward":
+        chunks = [SeqChunk(c["request_id"], c["start"], c["length"]) for c in header["chunks"]]
+        with torch.inference_mode():
+            return model.forward_batch(chunks, tensors[0])
+    if op == "release":
+        return sum(1 for r in header["ids"] if model.release(r))
+    raise ValueError(f"unknown op {op!r}")
+
+
+def worker_main(spec: dict, rank: int, master_port: int, ready, tls: dict | None, parent: int) -> None:
+    """Process entry point (multiprocessing spawn). Reports {"rank", "ok", "port"|"error"} on ``ready``."""
+    _watch_parent(parent)
+    try:
+        if spec.get("threads"):
+            torch.set_num_threads(int(spec["threads"]))
+        tp = int(spec["tp"])
+        ctx = init_tp(rank, tp, "127.0.0.1", master_port) if tp > 1 else TPContext(0, 1, None)
+        device = "cpu"
+        gpus = spec.get("gpus") or []
+        if torch.cuda.is_available() and spec.get("device", "auto") != "cpu" and gpus:
+            device = f"cuda:{gpus[rank] % torch.cuda.device_count()}"
+        shard = ShardSpec(spec["layer_start"], spec["layer_end"], spec["is_first"], spec["is_last"])
+        model = StageModel.load(spec["checkpoint"], shard, ctx, DTYPES[spec.get("dtype") or "float32"], device)
+    except Exception as e:  # report any load failure to the node, which reports it to the gateway
+        ready.put({"rank": rank, "ok": False, "error": f"{type(e).__name__}: {e}"})
+        return
+    tls_obj = Tls(**tls) if tls else None
+    if rank == 0:
+        worker = StageWorker(model, ctx, spec, tls_obj)
+        server = make_server()
+        pbg.add_StageServicer_to_server(worker, server)
+        add_health_and_reflection(server, [pb.DESCRIPTOR.services_by_name["Stage"].full_name])
+        try:
+            port = bind(server, f"{spec['host']}:0", tls_obj)
+        except Exception as e:
+            ready.put({"rank": rank, "ok": False, "error": str(e)})
+            return
+        server.start()
+        ready.put({"rank": rank, "ok": True, "port": port})
+        server.wait_for_termination()
+    else:
+        ready.put({"rank": rank, "ok": True})
+        while True:
+            try:
+                header, tensors = broadcast_message(ctx, None, None)
+            except Exception:  # rank 0 went away: nothing left to follow
+                return
+            if header["op"] == "stop":
+                return
+            try:
+                _apply(model, header, tensors)
+            except ValueError:
+                pass  # rank 0 raised the same error and reported it to the caller
