@@ -1,0 +1,97 @@
+"""`hexplan node` + `hexplan serve` as separate processes, prompts through a tokenizer, and the
+checked-in generated gRPC code."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+grpc = pytest.importorskip("grpc")
+pytest.importorskip("transformers")
+
+from executor_util import free_port, hf_greedy, make_checkpoint  # noqa: E402
+
+from hexplan.executor.client import generate  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _word_tokenizer(path, vocab):
+    """A word-level tokenizer: "w17" is token 17; saved next to the checkpoint."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(str(path))
+
+
+def _start(cmd):
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    return proc, line
+
+
+def test_node_and_serve_processes_with_a_tokenizer(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "ckpt", layers=4, vocab=256)
+    _word_tokenizer(tmp_path / "ckpt", 256)
+    procs = []
+    try:
+        nodes = {}
+        for name in ("left", "right"):
+            proc, line = _start([sys.executable, "-m", "hexplan.cli", "node", "--listen", "127.0.0.1:0", "--name", name])
+            procs.append(proc)
+            assert line.startswith(f"hexplan node {name} listening on 127.0.0.1:"), line
+            nodes[name] = line.split()[-1]
+        plan_file = tmp_path / "plan.yaml"
+        plan_file.write_text(f"model: {ckpt}\npipelines:\n  - stages:\n"
+                             "      - {node: left, gpus: [0], tp: 1, layers: [0, 1]}\n"
+                             "      - {node: right, gpus: [0, 1], tp: 2, layers: [1, 4]}\n")
+        port = free_port()
+        proc, line = _start([sys.executable, "-m", "hexplan.cli", "serve", "--plan", str(plan_file), "--checkpoint", ckpt,
+                             "--listen", f"127.0.0.1:{port}", "--nodes", ",".join(f"{k}={v}" for k, v in nodes.items())])
+        procs.append(proc)
+        assert line.startswith("hexplan: ready: serving"), line
+        got = generate(f"127.0.0.1:{port}", prompt="w5 w17 w33", max_new_tokens=8, timeout=120)
+        want = hf_greedy(ckpt, [5, 17, 33], 8)
+        assert got["token_ids"] == want
+        assert got["text"].split() == [f"w{t}" for t in want]
+        # --json through the CLI client
+        out = subprocess.run([sys.executable, "-m", "hexplan.cli", "generate", "--target", f"127.0.0.1:{port}",
+                              "--prompt", "w5 w17 w33", "--max-new-tokens", "4", "--json"],
+                             capture_output=True, text=True, timeout=120)
+        data = json.loads(out.stdout)
+        assert data["token_ids"] == want[:4] and data["text"].split() == [f"w{t}" for t in want[:4]]
+    finally:
+        for p in reversed(procs):
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                assert p.wait(timeout=30) == 0
+            finally:
+                if p.poll() is None:
+                    p.kill()
+
+
+def test_serve_reports_a_node_it_cannot_reach(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "ckpt", layers=2)
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text(f"model: {ckpt}\npipelines:\n  - stages:\n"
+                         "      - {node: gone, gpus: [0], tp: 1, layers: [0, 2]}\n")
+    out = subprocess.run([sys.executable, "-m", "hexplan.cli", "serve", "--plan", str(plan_file), "--checkpoint", ckpt,
+                          "--listen", f"127.0.0.1:{free_port()}"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "no address for node(s) gone" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_generated_grpc_code_is_up_to_date():
+    pytest.importorskip("grpc_tools")
+    out = subprocess.run([sys.executable, str(ROOT / "proto" / "generate.py"), "--check"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
