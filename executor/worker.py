@@ -123,11 +123,13 @@ def worker_main(spec: dict, rank: int, master_port: int, ready, tls: dict | None
         if spec.get("threads"):
             torch.set_num_threads(int(spec["threads"]))
         tp = int(spec["tp"])
-        ctx = init_tp(rank, tp, "127.0.0.1", master_port) if tp > 1 else TPContext(0, 1, None)
         device = "cpu"
         gpus = spec.get("gpus") or []
         if torch.cuda.is_available() and spec.get("device", "auto") != "cpu" and gpus:
             device = f"cuda:{gpus[rank] % torch.cuda.device_count()}"
+            torch.cuda.set_device(device)
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        ctx = init_tp(rank, tp, "127.0.0.1", master_port, backend=backend) if tp > 1 else TPContext(0, 1, None)
         shard = ShardSpec(spec["layer_start"], spec["layer_end"], spec["is_first"], spec["is_last"])
         model = StageModel.load(spec["checkpoint"], shard, ctx, DTYPES[spec.get("dtype") or "float32"], device)
     except Exception as e:  # report any load failure to the node, which reports it to the gateway
