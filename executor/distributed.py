@@ -1,0 +1,157 @@
+"""Tensor-parallel context for one pipeline stage: its rank, size and process group.
+
+A stage of a plan is a TP group of processes inside one node. Each process builds a
+``TPContext`` once (``init_tp``) and hands it to the model; helpers never read ranks from
+the environment. The context offers the two collectives the model needs (in-place sum,
+gather along the last dim) and ``broadcast_message``, which the stage leader (rank 0) uses to
+tell its followers what to run next.
+
+``broadcast_message`` carries data that arrived from the network, so it moves only JSON and
+raw tensor bytes, never pickles: a follower decodes a header it can validate (dtype names
+from a fixed table, shapes that must add up to the bytes received).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+# dtype names that may travel in a message header (never eval'd or getattr'd from input)
+_DTYPES = {str(d).removeprefix("torch."): d for d in (
+    torch.float16, torch.bfloat16, torch.float32, torch.float64,
+    torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool)}
+
+
+@dataclass(frozen=True)
+class TPContext:
+    """This process's place in its stage's TP group. ``group`` None means the default group;
+    ``device`` is where collective staging tensors live (a CUDA device under NCCL)."""
+    rank: int = 0
+    size: int = 1
+    group: Any = None
+    device: str = "cpu"
+
+    def __post_init__(self):
+        if not (self.size >= 1 and 0 <= self.rank < self.size):
+            raise ValueError(f"TP rank {self.rank} is outside a group of size {self.size}")
+
+    def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` over the group, in place; returns ``t``."""
+        if self.size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        return t
+
+    def all_gather_last_dim(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's ``t`` (same shape on all ranks) along the last dim, rank order."""
+        if self.size == 1:
+            return t
+        t = t.contiguous()
+        parts = [torch.empty_like(t) for _ in range(self.size)]
+        dist.all_gather(parts, t, group=self.group)
+        return torch.cat(parts, dim=-1)
+
+
+def init_tp(rank: int, size: int, master_addr: str, master_port: int,
+            backend: str = "gloo", timeout_s: float = 60) -> TPContext:
+    """Join (or, as rank 0, host) this stage's TP group over TCP; size 1 needs no group.
+
+    One TP group per process: it becomes this process's default torch.distributed group.
+    Under NCCL the caller picks the CUDA device (``torch.cuda.set_device``) first.
+    """
+    if size == 1:
+        return TPContext(rank, 1)
+    if dist.is_initialized():
+        raise RuntimeError("this process already belongs to a torch.distributed group; "
+                           "run one TP rank per process")
+    host = f"[{master_addr}]" if ":" in master_addr else master_addr
+    dist.init_process_group(backend, init_method=f"tcp://{host}:{master_port}", rank=rank,
+                            world_size=size, timeout=timedelta(seconds=timeout_s))
+    device = f"cuda:{torch.cuda.current_device()}" if backend == "nccl" else "cpu"
+    return TPContext(rank, size, dist.group.WORLD, device)
+
+
+def destroy_tp(ctx: TPContext) -> None:
+    """Leave the group ``init_tp`` joined (no-op for size 1)."""
+    if ctx.size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def broadcast_message(ctx: TPContext, obj: dict | None, tensors: list[torch.Tensor] | None
+                      ) -> tuple[dict, list[torch.Tensor]]:
+    """Rank 0 sends a JSON-serialisable dict and a list of tensors to the other ranks.
+
+    Rank 0 passes them (and gets the same objects back); followers pass None and receive
+    copies on ``ctx.device``. Two broadcasts: ``[header_len, body_len]`` (int64), then one
+    uint8 buffer = JSON header ``{"obj": ..., "tensors": [{"dtype", "shape"}, ...]}`` followed
+    by the tensors' raw bytes. If rank 0 cannot encode its message, the followers get a
+    ValueError too instead of waiting for the timeout.
+    """
+    if ctx.rank == 0:
+        tensors = list(tensors or [])
+        if ctx.size == 1:
+            return obj, tensors
+        try:
+            header, body = _encode(obj, tensors)
+        except (TypeError, ValueError):
+            dist.broadcast(torch.tensor([-1, 0], device=ctx.device), src=0, group=ctx.group)
+            raise
+        lengths = torch.tensor([header.numel(), body.numel()], dtype=torch.int64, device=ctx.device)
+        dist.broadcast(lengths, src=0, group=ctx.group)
+        dist.broadcast(torch.cat([header, body]).to(ctx.device), src=0, group=ctx.group)
+        return obj, tensors
+
+    if obj is not None or tensors is not None:
+        raise ValueError("followers (rank > 0) call broadcast_message with obj=None, tensors=None")
+    lengths = torch.empty(2, dtype=torch.int64, device=ctx.device)
+    dist.broadcast(lengths, src=0, group=ctx.group)
+    header_len, body_len = lengths.tolist()
+    if header_len < 0:
+        raise ValueError("TP rank 0 failed to encode its message")
+    buf = torch.empty(header_len + body_len, dtype=torch.uint8, device=ctx.device)
+    dist.broadcast(buf, src=0, group=ctx.group)
+    return _decode(buf[:header_len], buf[header_len:])
+
+
+def _encode(obj: dict | None, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(header, body) as uint8 CPU tensors."""
+    if not isinstance(obj, dict):
+        raise TypeError(f"broadcast_message sends a dict, got {type(obj).__name__}")
+    metas, chunks = [], []
+    for i, t in enumerate(tensors):
+        name = str(t.dtype).removeprefix("torch.")
+        if name not in _DTYPES:
+            raise ValueError(f"tensor {i}: dtype {name} cannot be broadcast; use one of {', '.join(_DTYPES)}")
+        metas.append({"dtype": name, "shape": list(t.shape)})
+        chunks.append(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8))
+    text = json.dumps({"obj": obj, "tensors": metas}, allow_nan=False).encode("utf-8")
+    header = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+    body = torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.uint8)
+    return header, body
+
+
+def _decode(header: torch.Tensor, body: torch.Tensor) -> tuple[dict, list[torch.Tensor]]:
+    """Inverse of ``_encode``; checks the header against the bytes received."""
+    try:
+        msg = json.loads(bytes(header.cpu().tolist()).decode("utf-8"))
+        obj, metas = msg["obj"], msg["tensors"]
+        specs = [(_DTYPES[m["dtype"]], [int(n) for n in m["shape"]]) for m in metas]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"malformed broadcast header: {e}") from None
+    tensors, offset = [], 0
+    for dtype, shape in specs:
+        if any(n < 0 for n in shape):
+            raise ValueError(f"malformed broadcast header: negative shape {shape}")
+        nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        if offset + nbytes > body.numel():
+            raise ValueError("malformed broadcast: tensors exceed the bytes received")
+        # clone: a dtype view needs its own, aligned storage
+        tensors.append(body[offset:offset + nbytes].clone().view(dtype).reshape(shape))
+        offset += nbytes
+    if offset != body.numel():
+        raise ValueError("malformed broadcast: unused bytes after the tensors")
+    return obj, tensors

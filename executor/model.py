@@ -1,0 +1,487 @@
+"""One pipeline stage of a Llama-family decoder (Llama 2/3, Mistral, Qwen2), tensor-parallel.
+
+Scope: weights in, tensors out. A stage holds layers ``[layer_start, layer_end)``, plus the
+token embedding if it is the first stage and the final norm and LM head if it is the last.
+It knows nothing about gRPC, scheduling or tokenisation: ``forward_batch`` takes a ragged
+batch (chunks of several sequences concatenated along the token dim), appends their K/V to
+per-request caches and returns hidden states, or the last token's logits of each chunk.
+
+Tensor parallelism is Megatron's, over ``TPContext``: q/k/v and gate/up are split by output
+rows (heads, intermediate units), o_proj and down_proj by input columns and summed with an
+all-reduce; KV heads are split when there are at least as many as ranks, else each rank keeps
+the one KV head its query heads use. The LM head is split over the vocabulary (padded to a
+multiple of the TP size) and its logits are all-gathered. Loading reads, with safetensors'
+``get_slice``, only this stage's tensors and only this rank's slice of them.
+
+Shapes: T tokens in the batch, H hidden size, D head dim, h / kv this rank's query / KV heads.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+
+from .distributed import TPContext
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    layer_start: int
+    layer_end: int
+    is_first: bool
+    is_last: bool
+
+
+@dataclass(frozen=True)
+class SeqChunk:
+    request_id: str
+    start: int      # positions [start, start + length) of one sequence
+    length: int
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """The shapes and constants of a checkpoint's config.json that the forward pass uses."""
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    tie_word_embeddings: bool
+    sliding_window: int | None   # Mistral: attend to the last `sliding_window` positions only
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
+        def bad(msg):
+            return ValueError(f"config.json: {msg}")
+
+        def need(key):
+            if not isinstance(cfg.get(key), int) or cfg[key] <= 0:
+                raise bad(f"{key} must be a positive integer, got {cfg.get(key)!r}")
+            return cfg[key]
+        mt = cfg.get("model_type", "llama")
+        if mt not in SUPPORTED_MODEL_TYPES:
+            raise bad(f"model_type {mt!r} is not supported; use one of {', '.join(SUPPORTED_MODEL_TYPES)}")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise bad(f"hidden_act {cfg['hidden_act']!r} is not supported (SwiGLU needs 'silu')")
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default" or rope.get("partial_rotary_factor", 1.0) != 1.0:
+            raise bad(f"rope {rope} is not supported; only default (unscaled, full) rotary embeddings")
+        if mt == "qwen2" and cfg.get("use_sliding_window"):
+            raise bad("Qwen2 use_sliding_window is not supported")
+        heads = need("num_attention_heads")
+        llama_bias = mt == "llama" and bool(cfg.get("attention_bias"))   # Mistral: never
+        return cls(
+            model_type=mt,
+            vocab_size=need("vocab_size"),
+            hidden_size=need("hidden_size"),
+            intermediate_size=need("intermediate_size"),
+            num_layers=need("num_hidden_layers"),
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or need("hidden_size") // heads,
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0),
+            qkv_bias=llama_bias or mt == "qwen2",           # Qwen2: always, on q/k/v only
+            o_bias=llama_bias,
+            mlp_bias=bool(cfg.get("mlp_bias", False)) and mt == "llama",
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            sliding_window=cfg.get("sliding_window") if mt == "mistral" else None,
+        )
+
+
+@dataclass(frozen=True)
+class TPLayout:
+    """This rank's part of each split dimension (heads, KV heads, MLP units, vocabulary)."""
+    heads: int          # query heads on this rank
+    head0: int          # first of them
+    kv_heads: int
+    kv_head0: int
+    inter: int
+    inter0: int
+    vocab: int          # rows of the padded LM-head shard (ceil(vocab / tp))
+    vocab0: int
+
+    @classmethod
+    def of(cls, a: ModelArgs, ctx: TPContext) -> "TPLayout":
+        tp, r = ctx.size, ctx.rank
+        if a.num_heads % tp or a.intermediate_size % tp:
+            raise ValueError(f"TP {tp} must divide num_attention_heads {a.num_heads} "
+                             f"and intermediate_size {a.intermediate_size}")
+        if a.num_kv_heads % tp and tp % a.num_kv_heads:
+            raise ValueError(f"{a.num_kv_heads} KV heads can be neither split nor replicated over TP {tp}")
+        h = a.num_heads // tp
+        if a.num_kv_heads >= tp:
+            kv, kv0 = a.num_kv_heads // tp, r * (a.num_kv_heads // tp)
+        else:   # replicated: rank r's query heads all use KV head r // (tp / num_kv_heads)
+            kv, kv0 = 1, r // (tp // a.num_kv_heads)
+        i = a.intermediate_size // tp
+        v = -(-a.vocab_size // tp)
+        return cls(h, r * h, kv, kv0, i, r * i, v, r * v)
+
+
+# ---- building blocks ------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):                                          # x: [T, H]
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(a: ModelArgs) -> torch.Tensor:
+    """Exactly transformers' default LlamaRotaryEmbedding (float32, computed on the CPU)."""
+    d = a.head_dim
+    return 1.0 / (a.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float, device="cpu") / d))
+
+
+def rope_cos_sin(positions, inv_freq, dtype):
+    freqs = positions[:, None].float() * inv_freq                  # [T, D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)                        # [T, D]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):                                       # x: [T, heads, D]; cos: [T, D]
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+def row_parallel(linear: nn.Linear, x, ctx: TPContext):
+    """A linear layer split by input columns: partial product, sum over ranks, then the bias."""
+    y = F.linear(x, linear.weight)
+    ctx.all_reduce_(y)
+    return y if linear.bias is None else y + linear.bias
+
+
+class SeqCache:
+    """K and V of one sequence for this stage's layers; capacity grows by doubling."""
+
+    def __init__(self, n_layers, kv_heads, head_dim, dtype, device):
+        self.k = torch.empty(n_layers, 0, kv_heads, head_dim, dtype=dtype, device=device)
+        self.v = torch.empty_like(self.k)                         # k, v: [L, capacity, kv, D]
+        self.length = 0
+
+    def reserve(self, n: int):
+        cap = self.k.shape[1]
+        if n <= cap:
+            return
+        extra = max(n, 2 * cap, 16) - cap
+        self.k = torch.cat([self.k, self.k.new_empty(self.k.shape[0], extra, *self.k.shape[2:])], dim=1)
+        self.v = torch.cat([self.v, self.v.new_empty(self.v.shape[0], extra, *self.v.shape[2:])], dim=1)
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+
+@dataclass
+class Batch:
+    """What every layer needs to know about the ragged batch being run."""
+    chunks: list[SeqChunk]
+    caches: list[SeqCache]
+    cos: torch.Tensor        # [T, D]
+    sin: torch.Tensor
+
+
+class Attention(nn.Module):
+    def __init__(self, a: ModelArgs, t: TPLayout, ctx: TPContext, local_idx: int):
+        super().__init__()
+        D = a.head_dim
+        self.q_proj = nn.Linear(a.hidden_size, t.heads * D, bias=a.qkv_bias)
+        self.k_proj = nn.Linear(a.hidden_size, t.kv_heads * D, bias=a.qkv_bias)
+        self.v_proj = nn.Linear(a.hidden_size, t.kv_heads * D, bias=a.qkv_bias)
+        self.o_proj = nn.Linear(t.heads * D, a.hidden_size, bias=a.o_bias)
+        self.heads, self.kv_heads, self.head_dim = t.heads, t.kv_heads, D
+        self.window = a.sliding_window
+        self.ctx, self.idx = ctx, local_idx
+
+    def forward(self, x, b: Batch):                                # x: [T, H]
+        T = x.shape[0]
+        q = self.q_proj(x).view(T, self.heads, self.head_dim)      # [T, h, D]
+        k = self.k_proj(x).view(T, self.kv_heads, self.head_dim)   # [T, kv, D]
+        v = self.v_proj(x).view(T, self.kv_heads, self.head_dim)
+        q, k = apply_rope(q, b.cos, b.sin), apply_rope(k, b.cos, b.sin)
+        out = torch.empty_like(q)
+        i = 0
+        for c, cache in zip(b.chunks, b.caches):
+            end = c.start + c.length
+            cache.k[self.idx, c.start:end] = k[i:i + c.length]
+            cache.v[self.idx, c.start:end] = v[i:i + c.length]
+            out[i:i + c.length] = self._attend(q[i:i + c.length], cache.k[self.idx, :end],
+                                               cache.v[self.idx, :end], c.start)
+            i += c.length
+        return row_parallel(self.o_proj, out.view(T, -1), self.ctx)
+
+    def _attend(self, q, k, v, start):    # q: [t, h, D]; k, v: [S, kv, D], S = start + t
+        t, S = q.shape[0], k.shape[0]
+        rep = self.heads // self.kv_heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)   # [S, h, D]
+        mask = None
+        if t > 1 or (self.window and S > self.window):   # causal within the chunk, full over the cache
+            q_pos = torch.arange(start, S, device=q.device)[:, None]
+            k_pos = torch.arange(S, device=q.device)[None, :]
+            mask = k_pos <= q_pos
+            if self.window:
+                mask &= k_pos > q_pos - self.window                        # [t, S]
+        out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1),
+                                             v.transpose(0, 1), attn_mask=mask)  # [h, t, D]
+        return out.transpose(0, 1)
+
+
+class MLP(nn.Module):
+    def __init__(self, a: ModelArgs, t: TPLayout, ctx: TPContext):
+        super().__init__()
+        self.gate_proj = nn.Linear(a.hidden_size, t.inter, bias=a.mlp_bias)
+        self.up_proj = nn.Linear(a.hidden_size, t.inter, bias=a.mlp_bias)
+        self.down_proj = nn.Linear(t.inter, a.hidden_size, bias=a.mlp_bias)
+        self.ctx = ctx
+
+    def forward(self, x):                                          # x: [T, H]
+        return row_parallel(self.down_proj, F.silu(self.gate_proj(x)) * self.up_proj(x), self.ctx)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, a: ModelArgs, t: TPLayout, ctx: TPContext, local_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.self_attn = Attention(a, t, ctx, local_idx)
+        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.mlp = MLP(a, t, ctx)
+
+    def forward(self, x, b: Batch):                                # x: [T, H]
+        x = x + self.self_attn(self.input_layernorm(x), b)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# ---- the stage -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TensorSlice:
+    """Where one local parameter comes from: a checkpoint tensor, optionally one dim's range."""
+    name: str
+    shape: tuple[int, ...]          # the full tensor's shape, as config.json implies
+    dim: int | None = None          # split dim, None if replicated
+    start: int = 0
+    stop: int = 0
+
+
+class StageModel(nn.Module):
+    def __init__(self, config: dict, shard: ShardSpec, ctx: TPContext):
+        super().__init__()
+        a = ModelArgs.from_hf_config(config)
+        if not 0 <= shard.layer_start <= shard.layer_end <= a.num_layers:
+            raise ValueError(f"layers [{shard.layer_start}, {shard.layer_end}) are outside "
+                             f"the model's {a.num_layers} layers")
+        self.config, self.args, self.shard, self.ctx = config, a, shard, ctx
+        self.tp = TPLayout.of(a, ctx)
+        n = shard.layer_end - shard.layer_start
+        self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size) if shard.is_first else None
+        self.layers = nn.ModuleList(DecoderLayer(a, self.tp, ctx, j) for j in range(n))
+        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps) if shard.is_last else None
+        self.lm_head = nn.Linear(a.hidden_size, self.tp.vocab, bias=False) if shard.is_last else None
+        self.register_buffer("inv_freq", rope_inv_freq(a), persistent=False)
+        self.caches: dict[str, SeqCache] = {}
+
+    # -- loading ---------------------------------------------------------------------------
+    @classmethod
+    def load(cls, checkpoint_dir, shard: ShardSpec, ctx: TPContext,
+             dtype=torch.float32, device="cpu") -> "StageModel":
+        """Build on the meta device, read this rank's slices, move to ``device``."""
+        ckpt = Path(checkpoint_dir)
+        config = json.loads((ckpt / "config.json").read_text(encoding="utf-8"))
+        with torch.device("meta"):
+            model = cls(config, shard, ctx)
+        state = read_slices(ckpt, model.checkpoint_slices())
+        state = {k: t.to(dtype) for k, t in state.items()}
+        model.load_state_dict(state, strict=True, assign=True)
+        return model.to(device).requires_grad_(False).eval()
+
+    def checkpoint_slices(self) -> dict[str, TensorSlice]:
+        """For each parameter of this stage, the checkpoint tensor and slice it is read from."""
+        a, t = self.args, self.tp
+        H, D, I = a.hidden_size, a.head_dim, a.intermediate_size
+        q_rows = (t.head0 * D, (t.head0 + t.heads) * D)
+        kv_rows = (t.kv_head0 * D, (t.kv_head0 + t.kv_heads) * D)
+        i_rows = (t.inter0, t.inter0 + t.inter)
+        full = {   # suffix -> (full shape, split dim, range); None: replicated
+            "input_layernorm.weight": ((H,), None, None),
+            "post_attention_layernorm.weight": ((H,), None, None),
+            "self_attn.q_proj.weight": ((a.num_heads * D, H), 0, q_rows),
+            "self_attn.q_proj.bias": ((a.num_heads * D,), 0, q_rows),
+            "self_attn.k_proj.weight": ((a.num_kv_heads * D, H), 0, kv_rows),
+            "self_attn.k_proj.bias": ((a.num_kv_heads * D,), 0, kv_rows),
+            "self_attn.v_proj.weight": ((a.num_kv_heads * D, H), 0, kv_rows),
+            "self_attn.v_proj.bias": ((a.num_kv_heads * D,), 0, kv_rows),
+            "self_attn.o_proj.weight": ((H, a.num_heads * D), 1, q_rows),
+            "self_attn.o_proj.bias": ((H,), None, None),
+            "mlp.gate_proj.weight": ((I, H), 0, i_rows),
+            "mlp.gate_proj.bias": ((I,), 0, i_rows),
+            "mlp.up_proj.weight": ((I, H), 0, i_rows),
+            "mlp.up_proj.bias": ((I,), 0, i_rows),
+            "mlp.down_proj.weight": ((H, I), 1, i_rows),
+            "mlp.down_proj.bias": ((H,), None, None),
+        }
+        out = {}
+        for local in self.state_dict():
+            if local.startswith("layers."):
+                _, j, suffix = local.split(".", 2)
+                name = f"model.layers.{self.shard.layer_start + int(j)}.{suffix}"
+                shape, dim, rng = full[suffix]
+                out[local] = TensorSlice(name, shape, dim, *(rng or (0, 0)))
+            elif local == "embed_tokens.weight":
+                out[local] = TensorSlice("model.embed_tokens.weight", (a.vocab_size, H))
+            elif local == "norm.weight":
+                out[local] = TensorSlice("model.norm.weight", (H,))
+            elif local == "lm_head.weight":
+                name = "model.embed_tokens.weight" if a.tie_word_embeddings else "lm_head.weight"
+                out[local] = TensorSlice(name, (a.vocab_size, H), 0, t.vocab0, t.vocab0 + t.vocab)
+        return out
+
+    # -- running ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward_batch(self, chunks: list[SeqChunk], inputs: torch.Tensor) -> torch.Tensor:
+        """Run a ragged batch; see the module docstring. inputs: token ids [T] on the first
+        stage, hidden states [T, H] otherwise. Returns [T, H], or float32 logits
+        [len(chunks), vocab] of each chunk's last token on the last stage."""
+        self._check_batch(chunks, inputs)
+        device, dtype = self.inv_freq.device, self.layers_dtype
+        new = [c.request_id for c in chunks if c.request_id not in self.caches]
+        for rid in new:
+            self.caches[rid] = SeqCache(len(self.layers), self.tp.kv_heads, self.args.head_dim,
+                                        dtype, device)
+        try:
+            caches = [self.caches[c.request_id] for c in chunks]
+            for c, cache in zip(chunks, caches):
+                cache.reserve(c.start + c.length)
+            positions = torch.cat([torch.arange(c.start, c.start + c.length) for c in chunks])
+            cos, sin = rope_cos_sin(positions.to(device), self.inv_freq, dtype)
+            b = Batch(chunks, caches, cos, sin)
+            x = self.embed_tokens(inputs.to(device)) if self.shard.is_first else inputs.to(device, dtype)
+            for layer in self.layers:                              # x: [T, H]
+                x = layer(x, b)
+        except BaseException:
+            for rid in new:                                        # leave no half-made caches
+                del self.caches[rid]
+            raise
+        for c, cache in zip(chunks, caches):
+            cache.length = c.start + c.length
+        if not self.shard.is_last:
+            return x
+        last = torch.tensor([c.length for c in chunks], device=device).cumsum(0) - 1
+        logits = F.linear(self.norm(x[last]), self.lm_head.weight)  # [n, vocab / tp]
+        return self.ctx.all_gather_last_dim(logits)[:, :self.args.vocab_size].float()
+
+    def _check_batch(self, chunks, inputs):
+        if not chunks:
+            raise ValueError("empty batch")
+        seen = set()
+        for c in chunks:
+            if c.request_id in seen:
+                raise ValueError(f"request {c.request_id!r} appears twice in one batch")
+            seen.add(c.request_id)
+            if c.length < 1:
+                raise ValueError(f"request {c.request_id!r}: chunk length {c.length} < 1")
+            cache = self.caches.get(c.request_id)
+            have = cache.length if cache else 0
+            if c.start != have:
+                raise ValueError(f"request {c.request_id!r}: chunk starts at position {c.start} "
+                                 f"but its KV cache holds {have} positions")
+        T = sum(c.length for c in chunks)
+        if self.shard.is_first:
+            if inputs.shape != (T,) or inputs.dtype not in (torch.int32, torch.int64):
+                raise ValueError(f"first stage takes token ids int64 [{T}], got "
+                                 f"{inputs.dtype} {list(inputs.shape)}")
+            if T and (inputs.min() < 0 or inputs.max() >= self.args.vocab_size):
+                raise ValueError(f"token ids must lie in [0, {self.args.vocab_size})")
+        elif inputs.shape != (T, self.args.hidden_size) or not inputs.is_floating_point():
+            raise ValueError(f"stage takes hidden states [{T}, {self.args.hidden_size}], got "
+                             f"{inputs.dtype} {list(inputs.shape)}")
+
+    @property
+    def layers_dtype(self) -> torch.dtype:
+        return next(self.parameters(), self.inv_freq).dtype
+
+    def release(self, request_id: str) -> bool:
+        """Drop a request's KV cache; False if this stage holds none for it."""
+        return self.caches.pop(request_id, None) is not None
+
+    def kv_bytes(self) -> int:
+        """Bytes allocated to KV caches on this rank (reserved capacity, not only used)."""
+        return sum(c.nbytes for c in self.caches.values())
+
+    def num_sequences(self) -> int:
+        return len(self.caches)
+
+
+# ---- checkpoint reading --------------------------------------------------------------------
+
+def read_slices(ckpt: Path, slices: dict[str, TensorSlice]) -> dict[str, torch.Tensor]:
+    """Read each slice from a single-file or sharded safetensors checkpoint, opening only the
+    files that hold them. Rows of a vocab split past the vocabulary are zero padding."""
+    index = ckpt / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        for s in slices.values():
+            if s.name not in weight_map:
+                raise ValueError(f"{index}: missing tensor {s.name}")
+        file_of = {s.name: ckpt / weight_map[s.name] for s in slices.values()}
+    elif (ckpt / "model.safetensors").exists():
+        file_of = {s.name: ckpt / "model.safetensors" for s in slices.values()}
+    else:
+        raise ValueError(f"{ckpt}: no model.safetensors or model.safetensors.index.json")
+
+    out = {}
+    for file in sorted(set(file_of.values())):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            names = set(f.keys())
+            for local, s in slices.items():
+                if file_of[s.name] != file:
+                    continue
+                if s.name not in names:
+                    raise ValueError(f"{file}: missing tensor {s.name}")
+                src = f.get_slice(s.name)
+                shape = tuple(src.get_shape())
+                if shape != s.shape:
+                    raise ValueError(f"{file}: tensor {s.name} has shape {list(shape)}, "
+                                     f"config.json implies {list(s.shape)}")
+                out[local] = _read(src, s)
+    return out
+
+
+def _read(src, s: TensorSlice) -> torch.Tensor:
+    if s.dim is None:
+        return src[:]
+    n = s.shape[s.dim]
+    stop = min(s.stop, n)
+    if s.start >= stop:                                            # all padding
+        part = torch.zeros(*s.shape[:s.dim], 0, *s.shape[s.dim + 1:])
+    else:
+        part = src[s.start:stop] if s.dim == 0 else src[:, s.start:stop]
+    pad = s.stop - s.start - part.shape[s.dim]
+    if pad:
+        zeros = part.new_zeros(*part.shape[:s.dim], pad, *part.shape[s.dim + 1:])
+        part = torch.cat([part, zeros], dim=s.dim)
+    return part
