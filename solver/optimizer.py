@@ -18,17 +18,16 @@ from dataclasses import replace
 
 from hexplan.cluster import Cluster
 from hexplan.errors import InfeasibleError, SpecError
-from hexplan.evaluate import evaluate_plan_pipelines, hop_shares, pipeline_overheads
 from hexplan.models import ModelSpec
-from hexplan.plan import Pipeline, Plan, Stage
+from hexplan.plan import Plan
 
 from . import formulation, milp
+from .assemble import assemble_plan
 from .bounds import compute_bound, max_pipelines
 from .heuristic import State, heuristic_solve, local_search, prune, total_value
 from .latency import min_latency
 from .layers import ChainEvaluator, resolve_sharing
-from .problem import OBJECTIVES, Problem, SolveOptions
-from .routing import route
+from .problem import OBJECTIVES, TP_DEGREES, Problem, SolveOptions
 
 INTEGER_LAYER_LIMIT = 150   # use the integer-layer MILP when candidates x pipelines <= this
 BACKENDS = ("highs", "cbc", "none")
@@ -42,6 +41,13 @@ def _check_options(o: SolveOptions) -> None:
         raise SpecError(f"unknown solver backend {o.backend!r}; use one of {', '.join(BACKENDS)}", field="solver")
     if not (isinstance(o.time_limit, (int, float)) and o.time_limit > 0 and math.isfinite(o.time_limit)):
         raise SpecError(f"must be a positive number of seconds, got {o.time_limit!r}", field="time_limit")
+    degs = o.tp_degrees
+    if (not isinstance(degs, tuple) or not degs or len(set(degs)) != len(degs)
+            or any(isinstance(d, bool) or d not in TP_DEGREES for d in degs)):
+        raise SpecError(f"must be a non-empty tuple of distinct degrees from {TP_DEGREES}, got {degs!r}",
+                        field="tp_degrees")
+    if o.nodes is not None and (not isinstance(o.nodes, tuple) or not all(isinstance(n, str) for n in o.nodes)):
+        raise SpecError(f"must be a tuple of node names or None, got {o.nodes!r}", field="nodes")
     for f in ("slo_tpot_ms", "slo_ttft_ms"):
         v = getattr(o, f)
         if v is not None and not (v > 0 and math.isfinite(v)):
@@ -53,11 +59,16 @@ def _memory_message(problem: Problem) -> str:
     kv = w.concurrency * w.context * m.kv_bytes_per_token_per_layer * m.num_layers
     weights = m.num_layers * m.layer_bytes + m.embedding_bytes + m.head_bytes
     usable = sum(n.count * problem.cost(n.name, 1).usable_memory for n in problem.nodes)
-    total = problem.cluster.total_memory
-    return (f"{m.name} does not fit in cluster {problem.cluster.name!r}: one copy needs "
+    total = sum(n.count * n.gpu.memory for n in problem.nodes)
+    gpus = sum(n.count for n in problem.nodes)
+    where, has = f"cluster {problem.cluster.name!r}", "the cluster has"
+    if len(problem.nodes) < len(problem.cluster.nodes):
+        where += f" restricted to node(s) {', '.join(n.name for n in problem.nodes) or 'none'}"
+        has = "those have"
+    return (f"{m.name} does not fit in {where}: one copy needs "
             f"{(weights + kv) / 1e9:.1f} GB ({weights / 1e9:.1f} GB of weights + {kv / 1e9:.1f} GB of KV cache "
-            f"for {w.concurrency} sequences of {w.context} tokens), the cluster has "
-            f"{usable / 1e9:.1f} GB usable of {total / 1e9:.1f} GB on {problem.cluster.total_gpus} GPUs "
+            f"for {w.concurrency} sequences of {w.context} tokens), {has} "
+            f"{usable / 1e9:.1f} GB usable of {total / 1e9:.1f} GB on {gpus} GPUs "
             f"(lower --concurrency or the context, or add GPUs)")
 
 
@@ -170,61 +181,13 @@ def _raise_unmeetable(problem: Problem, options: SolveOptions):
 
 def build_plan(problem: Problem, ev: ChainEvaluator, state: State, options: SolveOptions, bound: float,
                milp_status: str, info: dict, seconds: float) -> Plan:
-    cl = problem.cluster
     chains = [c for c in (ev(p) for p in state.pipes) if c is not None and c.throughput > 0]
     chains = resolve_sharing(problem, chains)
     chains = sorted([c for c in chains if c.throughput > 0], key=lambda c: -c.throughput)
-    # Physical GPU indices: per node, widest groups first, contiguous (hence aligned) ranges.
-    next_gpu: dict = {}
-    demands = sorted(((s[0], s[1], pi, si) for pi, c in enumerate(chains) for si, s in enumerate(c.slots)),
-                     key=lambda x: (x[0], -x[1], x[2], x[3]))
-    gpus_of: dict = {}
-    for node, tp, pi, si in demands:
-        start = next_gpu.get(node, 0)
-        gpus_of[pi, si] = tuple(range(start, start + tp))
-        next_gpu[node] = start + tp
-    pipelines = []
-    for pi, c in enumerate(chains):
-        stages, a = [], 0
-        for si, ((node, tp), l) in enumerate(zip(c.slots, c.layers)):
-            stages.append(Stage(node, gpus_of[pi, si], tp, (a, a + l), cl.node(node).gpu.name))
-            a += l
-        pipelines.append(Pipeline(tuple(stages)))
-    # Final metrics with shared links, then max-flow routing.
-    metrics = evaluate_plan_pipelines(cl, problem.costs, pipelines)
-    shares = hop_shares(cl, [[s.node for s in p.stages] for p in pipelines])
-    graph = []
-    for p, m in zip(pipelines, metrics):
-        ov = pipeline_overheads(cl, problem.costs, [s.node for s in p.stages], [s.tp for s in p.stages], shares)
-        hop_caps = [c for c, what in ov.limits if what.startswith("link ")]
-        coord_caps = [c for c, what in ov.limits if what.startswith("coordinator")]
-        graph.append((list(m.stage_capacity), hop_caps, min(coord_caps + [problem.workload.concurrency / m.tpot_s])))
-    total, flows = route(graph)
-    weights = [f / total if total > 0 else 0.0 for f in flows]
-    pipelines = [replace(p, weight=w_, throughput_tokens_per_s=f, decode_ms_per_token=m.tpot_s * 1e3,
-                         ttft_ms=m.ttft_s * 1e3) for p, w_, f, m in zip(pipelines, weights, flows, metrics)]
-    bound = max(bound, total)  # numerical safety: a bound below a feasible plan is a rounding artefact
-    gap = 1 - total / bound if bound > 0 else 0.0
+    plan = assemble_plan(problem, chains, bound, {})
+    gap = plan.predicted["gap"]
     status = "optimal" if milp_status == "optimal" and gap <= 1e-4 else (
         "time_limit" if milp_status == "time_limit" else "feasible")
-    predicted = {
-        "throughput_tokens_per_s": total,
-        "upper_bound_tokens_per_s": bound,
-        "gap": gap,
-        "requests_per_s": total / problem.workload.output_tokens,
-        "decode_ms_per_token": sum(w_ * m.tpot_s for w_, m in zip(weights, metrics)) * 1e3,
-        "ttft_ms": sum(w_ * m.ttft_s for w_, m in zip(weights, metrics)) * 1e3,
-    }
-    solver = {"name": "hexplan", "backend": options.backend, "status": status, "seconds": seconds,
-              "time_limit": options.time_limit, "seed": options.seed, **info}
-    assumptions = {"objective": options.objective,
-                   "slo_tpot_ms": options.slo_tpot_ms if options.objective != "latency" else problem.options.slo_tpot_ms,
-                   "slo_ttft_ms": options.slo_ttft_ms,
-                   "workload": problem.workload.to_dict(), "cost_params": problem.options.params.to_dict()}
-    used = {s.node for p in pipelines for s in p.stages} | {cl.coordinator_node.name}
-    cluster_info = {"name": cl.name, "coordinator": cl.coordinator_node.name,
-                    "nodes": [{"name": n.name, "gpu": n.gpu.name, "count": n.count,
-                               **({"region": n.region} if n.region else {}),
-                               **({"address": n.address} if n.address else {})}
-                              for n in cl.nodes if n.name in used]}
-    return Plan(problem.model, tuple(pipelines), predicted, solver, assumptions, cluster_info)
+    return replace(plan, solver={"name": "hexplan", "backend": options.backend, "status": status,
+                                 "seconds": seconds, "time_limit": options.time_limit, "seed": options.seed,
+                                 **info})

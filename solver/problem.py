@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from hexplan.cluster import Cluster
 from hexplan.costmodel import DEFAULT_PARAMS, CostParams, StageCost, Workload
+from hexplan.errors import SpecError
 from hexplan.evaluate import CostCache
 from hexplan.models import ModelSpec
 
@@ -28,6 +29,9 @@ class SolveOptions:
     workload: Workload = field(default_factory=Workload)
     params: CostParams = DEFAULT_PARAMS
     max_pipelines: int | None = None
+    tp_degrees: tuple[int, ...] = TP_DEGREES   # TP degrees a stage may use (Helix-style: (1,))
+    nodes: tuple[str, ...] | None = None      # use only these nodes' GPUs (None: every node); the
+                                              # coordinator and the network stay the cluster's
 
 
 class Problem:
@@ -38,13 +42,19 @@ class Problem:
         self.L = model.num_layers
         self.slo_tpot = options.slo_tpot_ms / 1e3 if options.slo_tpot_ms else None
         self.slo_ttft = options.slo_ttft_ms / 1e3 if options.slo_ttft_ms else None
-        self.nodes = list(cluster.nodes)
-        self.node_by_name = {n.name: n for n in self.nodes}
-        # TP degrees each node can host: divides the model, fits in the node, holds >= 1 layer.
+        self.node_by_name = {n.name: n for n in cluster.nodes}
+        if options.nodes is not None:
+            unknown = sorted(set(options.nodes) - set(self.node_by_name))
+            if unknown:
+                raise SpecError(f"unknown node(s) {', '.join(unknown)} in cluster {cluster.name!r}", field="nodes")
+        # The nodes whose GPUs may be placed (the others can still be the coordinator).
+        self.nodes = [n for n in cluster.nodes if options.nodes is None or n.name in options.nodes]
+        # TP degrees each node can host: allowed by the options, divides the model, fits in the
+        # node, holds >= 1 layer.
         self.allowed_tp: dict[str, list[int]] = {}
         for n in self.nodes:
             ok = []
-            for d in TP_DEGREES:
+            for d in sorted(set(options.tp_degrees)):
                 if d <= n.count and model.tp_degree_ok(d) is None and self.cost(n.name, d).max_layers() >= 1:
                     ok.append(d)
             self.allowed_tp[n.name] = ok
