@@ -15,6 +15,7 @@ from .errors import HexplanError, InfeasibleError, SpecError
 from .gpus import CATALOG as GPU_CATALOG, GpuType
 from .models import BUILTIN_MODELS, ModelSpec, load_model
 from .plan import Pipeline, Plan, Stage, load_plan, loads_plan
+from .simulator import SimResult, WorkloadSpec, simulate
 from .validate import PlanInvalid, check_plan, validate_plan
 
 __version__ = "0.1.0"
@@ -44,4 +45,5 @@ __all__ = [
     "Link", "ModelSpec", "Node", "Pipeline", "Plan", "PlanInvalid", "SpecError", "Stage", "Workload",
     "check_plan", "load_cluster", "load_model", "load_plan", "loads_cluster", "loads_plan", "solve",
     "validate_plan",
+    "SimResult", "WorkloadSpec", "simulate",
 ]

@@ -65,6 +65,32 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("plan", help="plan file (YAML or JSON)")
     sh.add_argument("--cluster", help="re-check the plan against this cluster")
 
+    sm = sub.add_parser("simulate", help="replay traffic against a plan in a discrete-event simulator",
+                        description="Simulate a plan under traffic: Poisson/gamma arrivals or a trace, continuous "
+                                    "batching, KV admission, FIFO stages and links. See docs/simulator.md.")
+    sm.add_argument("plan", help="plan file (YAML or JSON)")
+    sm.add_argument("--cluster", required=True, help="the cluster the plan runs on")
+    sm.add_argument("--workload", help="trace file: JSON lines {arrival_s, prompt_tokens, output_tokens}; replayed, "
+                                       "or with --rate/--sweep-rate the source of the lengths")
+    sm.add_argument("--rate", type=float, help="requests/s (Poisson or gamma arrivals)")
+    sm.add_argument("--duration", type=float, help="seconds of traffic (default 600 with --rate; a trace: its last arrival)")
+    sm.add_argument("--prompt-len", help="prompt tokens: N, A-B (uniform) or trace (default: the plan's workload)")
+    sm.add_argument("--output-len", help="output tokens: N, A-B (uniform) or trace (default: the plan's workload)")
+    sm.add_argument("--arrival", choices=("poisson", "gamma"), help="arrival process with --rate (default poisson)")
+    sm.add_argument("--cv", type=float, default=2.0, help="gamma arrivals: coefficient of variation of the gaps (default 2)")
+    sm.add_argument("--warmup", type=float, help="seconds left out of the measurement (default 10%% of the duration)")
+    sm.add_argument("--seed", type=int, default=0, help="random seed (default 0); same seed, same result")
+    sm.add_argument("--slo-ttft-ms", type=float, help="time to first token objective (ms)")
+    sm.add_argument("--slo-tpot-ms", type=float, help="time per output token objective (ms)")
+    sm.add_argument("--slo-e2e-s", type=float, help="end-to-end latency objective (s)")
+    sm.add_argument("--sweep-rate", action="store_true",
+                    help="binary-search the highest request rate whose run meets the SLO at --slo-percentile")
+    sm.add_argument("--slo-percentile", type=int, choices=(50, 90, 99), default=90, help="percentile the SLO applies to in a sweep (default 90)")
+    sm.add_argument("--prefill-budget", type=int, default=4096, help="prompt tokens admitted per step (default 4096, as the gateway)")
+    sm.add_argument("--loops", type=int, help="micro-batch loops per pipeline (default: one per stage, as the gateway)")
+    sm.add_argument("--json", action="store_true", help="print the results as JSON")
+    sm.add_argument("--plot", help="write a PNG: latency CDFs, or throughput/latency against rate for a sweep")
+
     def tls_args(parser, server=True):
         if server:
             parser.add_argument("--tls-cert", help="PEM certificate: serve with TLS")
@@ -244,6 +270,12 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_simulate(args) -> int:
+    from .simulator.command import run_simulate
+
+    return run_simulate(args)
+
+
 def _executor():
     """Import the executor lazily: the planner runs without torch and grpc."""
     try:
@@ -341,6 +373,7 @@ def cmd_generate(args) -> int:
 
 _COMMANDS = {"solve": cmd_solve, "validate": cmd_validate, "show": cmd_show, "gpus": cmd_gpus, "models": cmd_models,
              "node": cmd_node, "serve": cmd_serve, "launch": cmd_launch, "generate": cmd_generate}
+_COMMANDS["simulate"] = cmd_simulate
 
 
 # ---- rendering --------------------------------------------------------------------------

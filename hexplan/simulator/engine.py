@@ -1,0 +1,422 @@
+"""The event loop: requests through a plan's pipelines, one batched step at a time.
+
+The engine knows plans, the cluster's links and the cost model; it knows nothing about
+percentiles or output formats (metrics.py) or where requests come from (workload.py).
+
+* Routing: each arrival goes to pipeline i with probability weight_i (seeded).
+* Admission, per pipeline, first come first served: a request waits in the pipeline's queue
+  until a loop has room (< batch_size sequences), the pipeline has < concurrency sequences in
+  flight, and its prompt + output tokens fit in the KV cache the plan reserved on every stage
+  (concurrency x (P + O) tokens of the plan's workload). A request that could never fit is
+  rejected at arrival.
+* Continuous batching, as the gateway does it: a pipeline runs ``loops`` micro-batch loops (one
+  per stage by default). An iteration of a loop is a step: admit waiting requests (up to
+  ``prefill_budget`` prompt tokens per step; the first prompt always fits), then send the batch
+  through coordinator link -> stage 0 -> link -> stage 1 -> ... -> last stage -> link back to
+  the coordinator. Every stage and every link is a FIFO server. A step yields one token for
+  each of its sequences; a request's first token comes from the step that prefilled it.
+* Service times come from hexplan.costmodel (the planner's own functions):
+    stage s:  l_s * (decode_layer_time(n_dec, mean context) + sum of prefill_layer_time(p))
+              (+ lm_head_time(n_dec + n_prefill) on the last stage)
+    link:     send_time(bytes): activations (n_dec + prompt tokens) * H * b between stages,
+              4-byte token ids in from and out to the coordinator.
+  Links between two nodes are shared by every pipeline that uses the ordered pair; a link
+  inside a node belongs to its pipeline hop.
+
+Speed: only links shared by several pipeline hops need an event per visit. Every other server
+is fed by exactly one upstream server whose departures are computed in time order, so a step
+is walked through consecutive private servers at once (FIFO order is preserved); the heap holds
+arrivals, step completions and visits to shared links.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from bisect import bisect_right
+from collections import deque
+from dataclasses import dataclass, field
+from itertools import accumulate
+
+from ..cluster import Cluster
+from ..costmodel import (TOKEN_ID_BYTES, CostParams, Workload, decode_layer_time, lm_head_time,
+                         prefill_layer_time, send_time)
+from ..plan import Plan
+from .workload import RequestStream
+
+ARRIVAL, STEP_DONE, RESUME = 0, 1, 2
+_CACHE_LIMIT = 200_000
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    prefill_budget: int = 4096     # prompt tokens admitted per step (the gateway's default)
+    loops: int | None = None       # micro-batch loops per pipeline; None: one per stage (the gateway)
+
+
+@dataclass
+class EngineStats:
+    """Raw counts and samples of one run; metrics.py turns them into a SimResult."""
+
+    window: tuple[float, float]
+    end_time: float = 0.0
+    arrived: int = 0
+    arrived_in_window: int = 0
+    rejected: int = 0
+    truncated: int = 0
+    unfinished: int = 0
+    steps: int = 0
+    tokens_in_window: int = 0
+    in_system_area: float = 0.0                        # integral of requests in the system over the window
+    ttft: list = field(default_factory=list)           # per request completed in the window
+    tpot: list = field(default_factory=list)           # nan where output is one token
+    e2e: list = field(default_factory=list)
+    pipe_tokens: list = field(default_factory=list)    # per pipeline, in the window
+    pipe_completed: list = field(default_factory=list)
+    pipe_routed: list = field(default_factory=list)
+    stage_busy: list = field(default_factory=list)     # per pipeline, per stage: busy seconds in the window
+    link_busy: dict = field(default_factory=dict)      # "a->b" (between nodes): busy seconds in the window
+
+
+class _Kind:
+    """Per-layer step times of one TP group type (GPU, degree, intra-node bandwidth), memoised."""
+
+    __slots__ = ("model", "gpu", "tp", "ic", "params", "dec", "pre")
+
+    def __init__(self, model, gpu, tp, ic, params):
+        self.model, self.gpu, self.tp, self.ic, self.params = model, gpu, tp, ic, params
+        self.dec: dict = {}
+        self.pre: dict = {}
+
+    def decode(self, n: int, ctx_sum: int) -> float:
+        key = (n, ctx_sum)
+        t = self.dec.get(key)
+        if t is None:
+            if len(self.dec) > _CACHE_LIMIT:
+                self.dec.clear()
+            t = self.dec[key] = decode_layer_time(self.model, self.gpu, self.tp, n, ctx_sum / n, self.ic,
+                                                  self.params)
+        return t
+
+    def prefill(self, tokens: int) -> float:
+        t = self.pre.get(tokens)
+        if t is None:
+            t = self.pre[tokens] = prefill_layer_time(self.model, self.gpu, self.tp, tokens, self.ic, self.params)
+        return t
+
+
+class _Loop:
+    __slots__ = ("k", "n_dec", "sum_p", "sum_j", "finish", "new")
+
+    def __init__(self):
+        self.k = 0          # index of the step in flight (steps completed so far)
+        self.n_dec = 0      # sequences past their prefill
+        self.sum_p = 0      # their prompt tokens
+        self.sum_j = 0      # the steps that prefilled them (context at step k: p + k - j)
+        self.finish: dict = {}   # step index -> requests whose last token it produces
+        self.new: list = []      # requests prefilled by the step in flight
+
+
+class _Pipe:
+    __slots__ = ("index", "stage_kind", "stage_layers", "kinds", "head", "head_cache", "links", "chain", "delay",
+                 "act_bytes", "batch", "conc", "kv_cap", "n_loops", "loops", "idle", "pending", "inflight",
+                 "kv_used")
+
+
+class Engine:
+    def __init__(self, plan: Plan, cluster: Cluster, workload: Workload, params: CostParams,
+                 options: EngineOptions = EngineOptions()):
+        self.model, self.params, self.options = plan.model, params, options
+        coord = cluster.coordinator_node.name
+        kinds: dict = {}
+        keys: dict = {}        # resource key -> id
+        users: list = []       # resource id -> number of pipeline positions using it
+        self.res_names: list = []
+
+        def resource(key, name):
+            rid = keys.get(key)
+            if rid is None:
+                rid = keys[key] = len(users)
+                users.append(0)
+                self.res_names.append(name)
+            users[rid] += 1
+            return rid
+
+        def link_key(a, b, p, pos):   # links between nodes are shared; inside a node, per hop
+            return (("net", a, b), f"{a}->{b}") if a != b else (("local", p, pos), "")
+
+        self.pipes: list[_Pipe] = []
+        for pi, pl in enumerate(plan.pipelines):
+            pp = _Pipe()
+            pp.index = pi
+            nodes = [s.node for s in pl.stages]
+            pp.kinds, pp.stage_kind, pp.stage_layers = [], [], []
+            local_kinds: dict = {}
+            for s in pl.stages:
+                node = cluster.node(s.node)
+                key = (node.gpu, s.tp, node.interconnect)
+                if key not in kinds:
+                    kinds[key] = _Kind(self.model, node.gpu, s.tp, node.interconnect, params)
+                if key not in local_kinds:
+                    local_kinds[key] = len(pp.kinds)
+                    pp.kinds.append(kinds[key])
+                pp.stage_kind.append(local_kinds[key])
+                pp.stage_layers.append(s.num_layers)
+            last = cluster.node(nodes[-1])
+            pp.head = (last.gpu, pl.stages[-1].tp)
+            pp.head_cache = {}
+            hops = [(coord, nodes[0])] + list(zip(nodes, nodes[1:])) + [(nodes[-1], coord)]
+            pp.links = [cluster.link(a, b) for a, b in hops]
+            chain, delay = [], []
+            for i, ((a, b), lk) in enumerate(zip(hops, pp.links)):
+                chain.append(resource(*link_key(a, b, pi, i)))
+                delay.append(lk.latency)     # propagation: after the link, not holding it
+                if i < len(nodes):
+                    chain.append(resource(("stage", pi, i), ""))
+                    delay.append(0.0)
+            pp.chain, pp.delay = chain, delay
+            pp.act_bytes = self.model.activation_bytes_per_token
+            pp.batch, pp.conc = workload.batch_size, workload.concurrency
+            pp.kv_cap = workload.concurrency * workload.context
+            pp.n_loops = options.loops or len(nodes)
+            self.pipes.append(pp)
+        self.shared = [u > 1 for u in users]
+        self.n_res = len(users)
+        self.weights = [max(0.0, p.weight) for p in plan.pipelines]
+
+    # ---- one run ------------------------------------------------------------------------
+    def run(self, stream: RequestStream, window: tuple[float, float], seed: int = 0) -> EngineStats:
+        for pipe in self.pipes:
+            pipe.loops = [_Loop() for _ in range(pipe.n_loops)]
+            pipe.idle = list(range(pipe.n_loops))   # a heap: the lowest idle loop is woken first
+            pipe.pending = deque()
+            pipe.inflight = pipe.kv_used = 0
+        self.free = [0.0] * self.n_res
+        self.busy = [0.0] * self.n_res
+        self.heap: list = []
+        self.seq = 0
+        self.w0, self.w1 = window
+        self.stream = stream
+        self.prompt: list[int] = []
+        self.output: list[int] = []
+        self.arrival: list[float] = []
+        self.first: list[float] = []
+        st = self.stats = EngineStats(window=window)
+        n = len(self.pipes)
+        st.pipe_tokens, st.pipe_completed, st.pipe_routed = [0] * n, [0] * n, [0] * n
+        self.in_system = 0
+        self.last_t = 0.0
+        cum = list(accumulate(self.weights))
+        total = cum[-1]
+        route = random.Random(f"{seed}:routing")
+        kv_cap = self.pipes[0].kv_cap
+        horizon = stream.horizon if stream.horizon > 0 else math.inf
+
+        nxt = stream.next()
+        if nxt is not None:
+            self._push(nxt[0], ARRIVAL, nxt, None)
+        heap, pipes = self.heap, self.pipes
+        pop = heapq.heappop
+        now = 0.0
+        while heap:
+            ev = pop(heap)
+            now = ev[0]
+            if now > horizon:
+                now = horizon
+                break
+            code = ev[2]
+            if code == STEP_DONE:
+                self._step_done(ev[3], ev[4], now)
+            elif code == RESUME:
+                pipe, g, svc = ev[3]
+                self._walk(pipe, g, svc, ev[4], now, now)
+            else:
+                t, p, o = ev[3]
+                nxt = stream.next()
+                if nxt is not None:
+                    self._push(nxt[0], ARRIVAL, nxt, None)
+                st.arrived += 1
+                if self.w0 <= now <= self.w1:
+                    st.arrived_in_window += 1
+                if p + o > kv_cap:
+                    st.rejected += 1
+                    continue
+                r = len(self.arrival)
+                self.arrival.append(t)
+                self.prompt.append(p)
+                self.output.append(o)
+                self.first.append(math.nan)
+                pi = min(bisect_right(cum, route.random() * total), n - 1)
+                pipe = pipes[pi]
+                st.pipe_routed[pi] += 1
+                self._count(now, +1)
+                pipe.pending.append(r)
+                self._wake(pipe, now)
+        if horizon < math.inf:
+            now = horizon          # the window runs to the end of the traffic, idle or not
+        st.end_time = now
+        st.truncated = stream.truncated
+        st.unfinished = self.in_system
+        self._count(now, 0)
+        st.window = (self.w0, min(self.w1, now))
+        for pipe in pipes:
+            st.stage_busy.append([self.busy[pipe.chain[2 * i + 1]] for i in range(len(pipe.stage_layers))])
+        for rid, name in enumerate(self.res_names):
+            if name:
+                st.link_busy[name] = self.busy[rid]
+        return st
+
+    def _push(self, t, code, a, b):
+        self.seq += 1
+        heapq.heappush(self.heap, (t, self.seq, code, a, b))
+
+    def _count(self, now: float, delta: int) -> None:
+        """Requests in the system: integrate the count over the window (Little's law)."""
+        a = min(max(self.last_t, self.w0), self.w1)
+        b = min(max(now, self.w0), self.w1)
+        self.stats.in_system_area += self.in_system * (b - a)
+        self.last_t = now
+        self.in_system += delta
+
+    def _wake(self, pipe: _Pipe, now: float) -> None:
+        while pipe.idle and pipe.pending:
+            g = heapq.heappop(pipe.idle)
+            if not self._start(pipe, g, now):
+                break
+
+    # ---- a step -------------------------------------------------------------------------
+    def _start(self, pipe: _Pipe, g: int, now: float) -> bool:
+        """Admit into loop g and send its step down the pipeline; False when it has nothing to run."""
+        lp = pipe.loops[g]
+        new = []
+        room = pipe.batch - lp.n_dec
+        pend = pipe.pending
+        if room > 0 and pend:
+            prompt, output = self.prompt, self.output
+            budget, ptoks = self.options.prefill_budget, 0
+            while pend and room > 0 and pipe.inflight < pipe.conc:
+                r = pend[0]
+                p = prompt[r]
+                need = p + output[r]
+                if pipe.kv_used + need > pipe.kv_cap or (ptoks and ptoks + p > budget):
+                    break
+                pend.popleft()
+                new.append(r)
+                ptoks += p
+                room -= 1
+                pipe.inflight += 1
+                pipe.kv_used += need
+        n_dec = lp.n_dec
+        if not new and not n_dec:
+            heapq.heappush(pipe.idle, g)
+            return False
+        lp.new = new
+        n_new = len(new)
+        # Per-layer time of this batch on each kind of stage: one decode step of the running
+        # sequences at their mean context, plus the prefill of each admitted prompt.
+        ctx_sum = lp.sum_p + n_dec * lp.k - lp.sum_j
+        prompt = self.prompt
+        per_layer = []
+        for kind in pipe.kinds:
+            t = kind.decode(n_dec, ctx_sum) if n_dec else 0.0
+            for r in new:
+                t += kind.prefill(prompt[r])
+            per_layer.append(t)
+        tokens_in = n_dec + (sum(prompt[r] for r in new) if new else 0)
+        links = pipe.links
+        lk = links[0]
+        # Links: the message holds the link for bytes / bandwidth (send_time without latency);
+        # the latency is added after it (pipe.delay), so back-to-back messages overlap in flight.
+        svc = [send_time(TOKEN_ID_BYTES * tokens_in, lk.bandwidth, 0.0)]
+        last = len(pipe.stage_layers) - 1
+        act = tokens_in * pipe.act_bytes
+        for i, layers in enumerate(pipe.stage_layers):
+            t = layers * per_layer[pipe.stage_kind[i]]
+            if i == last:
+                nlog = n_dec + n_new   # positions that need logits
+                h = pipe.head_cache.get(nlog)
+                if h is None:
+                    gpu, tp = pipe.head
+                    h = pipe.head_cache[nlog] = lm_head_time(self.model, gpu, tp, nlog, self.params)
+                svc.append(t + h)
+                lk = links[i + 1]
+                svc.append(send_time(TOKEN_ID_BYTES * nlog, lk.bandwidth, 0.0))
+            else:
+                svc.append(t)
+                lk = links[i + 1]
+                svc.append(send_time(act, lk.bandwidth, 0.0))
+        self._walk(pipe, g, svc, 0, now, now)
+        return True
+
+    def _walk(self, pipe: _Pipe, g: int, svc: list, i: int, t: float, now: float) -> None:
+        """Serve the step from chain position i (arriving at t) until a shared link in the
+        future or the end of the pipeline."""
+        chain, delay, free, busy, shared = pipe.chain, pipe.delay, self.free, self.busy, self.shared
+        w0, w1 = self.w0, self.w1
+        n = len(chain)
+        while i < n:
+            r = chain[i]
+            if t > now and shared[r]:
+                self._push(t, RESUME, (pipe, g, svc), i)
+                return
+            f = free[r]
+            start = t if t > f else f
+            end = start + svc[i]
+            free[r] = end
+            if end > w0 and start < w1:
+                busy[r] += (end if end < w1 else w1) - (start if start > w0 else w0)
+            t = end + delay[i]
+            i += 1
+        self._push(t, STEP_DONE, pipe, g)
+
+    def _step_done(self, pipe: _Pipe, g: int, now: float) -> None:
+        st = self.stats
+        lp = pipe.loops[g]
+        k = lp.k
+        new = lp.new
+        ntok = lp.n_dec + len(new)
+        st.steps += 1
+        in_window = self.w0 <= now <= self.w1
+        if in_window:
+            st.tokens_in_window += ntok
+            st.pipe_tokens[pipe.index] += ntok
+        prompt, output = self.prompt, self.output
+        for r in new:
+            self.first[r] = now
+            o = output[r]
+            if o == 1:
+                self._complete(pipe, r, now, in_window)
+                continue
+            lp.n_dec += 1
+            lp.sum_p += prompt[r]
+            lp.sum_j += k
+            f = k + o - 1
+            lst = lp.finish.get(f)
+            if lst is None:
+                lp.finish[f] = [r]
+            else:
+                lst.append(r)
+        lp.new = []
+        done = lp.finish.pop(k, None)
+        if done:
+            for r in done:
+                lp.n_dec -= 1
+                lp.sum_p -= prompt[r]
+                lp.sum_j -= k - output[r] + 1
+                self._complete(pipe, r, now, in_window)
+        lp.k = k + 1
+        self._start(pipe, g, now)
+        if pipe.pending and pipe.idle:
+            self._wake(pipe, now)
+
+    def _complete(self, pipe: _Pipe, r: int, now: float, in_window: bool) -> None:
+        pipe.inflight -= 1
+        pipe.kv_used -= self.prompt[r] + self.output[r]
+        self._count(now, -1)
+        if in_window:
+            st = self.stats
+            a, f, o = self.arrival[r], self.first[r], self.output[r]
+            st.ttft.append(f - a)
+            st.e2e.append(now - a)
+            st.tpot.append((now - f) / (o - 1) if o > 1 else math.nan)
+            st.pipe_completed[pipe.index] += 1

@@ -1,0 +1,162 @@
+"""``simulate(plan, cluster, workload) -> SimResult`` and the rate sweep built on it.
+
+Pure functions of their inputs and the seed: no printing, no files (the CLI reads the plan,
+cluster and trace files and renders the results).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from ..cluster import Cluster, load_cluster
+from ..errors import SpecError
+from ..evaluate import CostCache, evaluate_plan_pipelines
+from ..plan import Plan, load_plan
+from ..validate import plan_assumptions, validate_plan
+from .engine import Engine, EngineOptions
+from .metrics import SimResult, Slo, summarise
+from .workload import RequestStream, WorkloadSpec, mean_output_tokens
+
+
+def simulate(plan: Plan | str, cluster: Cluster | str, workload_spec: WorkloadSpec, seed: int = 0, *,
+             slo: Slo | None = None, prefill_budget: int = 4096, loops: int | None = None,
+             keep_samples: bool = True) -> SimResult:
+    """Replay ``workload_spec`` against ``plan`` on ``cluster`` (objects or file paths).
+
+    ``slo`` defaults to the plan's own SLOs (``assumptions.slo_*``) where it has them.
+    ``loops``: micro-batch loops per pipeline (default one per stage, as the gateway runs).
+    Raises SpecError when the plan does not fit the cluster or an input is out of range.
+    """
+    plan = load_plan(plan) if not isinstance(plan, Plan) else plan
+    cluster = load_cluster(cluster) if not isinstance(cluster, Cluster) else cluster
+    setup = _setup(plan, cluster, workload_spec, slo, prefill_budget, loops)
+    return _run(setup, workload_spec, seed, keep_samples)
+
+
+@dataclass(frozen=True)
+class _Setup:
+    plan: Plan
+    engine: Engine
+    prompt: int
+    output: int
+    slo: Slo
+    predicted: float
+
+
+def _setup(plan, cluster, spec, slo, prefill_budget, loops) -> _Setup:
+    if not isinstance(spec, WorkloadSpec):
+        raise SpecError(f"expected a WorkloadSpec, got {type(spec).__name__}", field="workload_spec")
+    for name, v, lo in (("prefill_budget", prefill_budget, 1), ("loops", loops, 1)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
+            raise SpecError(f"must be an integer >= {lo}, got {v!r}", field=name)
+    problems = validate_plan(plan, cluster, check_predictions=False)
+    if problems:
+        raise SpecError(f"does not match cluster {cluster.name!r}: " + "; ".join(problems), field="plan")
+    if sum(max(0.0, p.weight) for p in plan.pipelines) <= 0:
+        raise SpecError("every pipeline has routing weight 0: no request could be served", field="plan")
+    asm = plan_assumptions(plan)
+    if slo is None:
+        slo = Slo(ttft_s=asm.slo_ttft_s, tpot_s=asm.slo_tpot_s)
+    predicted = plan.throughput or sum(
+        m.throughput for m in evaluate_plan_pipelines(cluster, CostCache(plan.model, asm.workload, asm.params),
+                                                      plan.pipelines))
+    engine = Engine(plan, cluster, asm.workload, asm.params, EngineOptions(prefill_budget, loops))
+    return _Setup(plan, engine, asm.workload.prompt_tokens, asm.workload.output_tokens, slo, predicted)
+
+
+def _run(s: _Setup, spec: WorkloadSpec, seed: int, keep_samples: bool) -> SimResult:
+    stream = RequestStream(spec, s.prompt, s.output, s.plan.model.max_position_embeddings, seed)
+    horizon = spec.horizon
+    window = (spec.warmup_s, horizon if horizon > 0 else math.inf)
+    stats = s.engine.run(stream, window, seed)
+    return summarise(stats, slo=s.slo, weights=[p.weight for p in s.plan.pipelines], predicted=s.predicted,
+                     workload=spec.describe(s.prompt, s.output), seed=seed, keep_samples=keep_samples)
+
+
+# ---- the highest rate that meets the SLO -----------------------------------------------------
+
+@dataclass(frozen=True)
+class Probe:
+    rate: float
+    result: SimResult
+    ok: bool
+    why: str          # what failed ("" when ok)
+
+
+@dataclass(frozen=True)
+class Sweep:
+    best_rate: float | None         # highest probed rate that met the SLO (None: none did)
+    percentile: int
+    probes: tuple[Probe, ...]
+
+    @property
+    def best(self) -> Probe | None:
+        ok = [p for p in self.probes if p.ok]
+        return max(ok, key=lambda p: p.rate) if ok else None
+
+    def to_dict(self) -> dict:
+        return {"best_rate_per_s": self.best_rate, "percentile": self.percentile,
+                "probes": [{"rate_per_s": p.rate, "ok": p.ok, "why": p.why, **p.result.to_dict()}
+                           for p in self.probes]}
+
+
+STABLE_SHARE = 0.9   # a probe must complete this share of the requests that arrived in its window
+
+
+def meets(result: SimResult, slo: Slo, percentile: int = 90) -> tuple[bool, str]:
+    """The SLO holds at the given percentile, and the run kept up with its arrivals."""
+    why = []
+    for name, target, stats in (("TTFT", slo.ttft_s, result.ttft_s), ("TPOT", slo.tpot_s, result.tpot_s),
+                                ("E2E", slo.e2e_s, result.e2e_s)):
+        v = stats.pct(percentile)
+        if target is not None and not (v <= target):
+            why.append(f"P{percentile} {name} {v:.3g} s > {target:.3g} s" if not math.isnan(v)
+                       else f"no {name} measured")
+    if result.requests_completed < STABLE_SHARE * result.arrivals_in_window:
+        why.append(f"overloaded: completed {result.requests_completed} of {result.arrivals_in_window} arrivals")
+    return not why, "; ".join(why)
+
+
+def sweep_rate(plan: Plan | str, cluster: Cluster | str, workload_spec: WorkloadSpec, slo: Slo, seed: int = 0, *,
+               percentile: int = 90, start_rate: float | None = None, max_probes: int = 12,
+               tolerance: float = 0.02, on_probe=None, prefill_budget: int = 4096,
+               loops: int | None = None) -> Sweep:
+    """Binary search for the highest Poisson/gamma request rate whose run meets ``slo``.
+
+    Starts at ``start_rate`` (default: the plan's predicted tokens/s over the mean output
+    length), grows by 1.5x while probes pass, then bisects until the bracket is within
+    ``tolerance`` of its upper end or ``max_probes`` runs. ``on_probe(probe)`` sees each run.
+    """
+    plan = load_plan(plan) if not isinstance(plan, Plan) else plan
+    cluster = load_cluster(cluster) if not isinstance(cluster, Cluster) else cluster
+    if not slo:
+        raise SpecError("a rate sweep needs an objective: a TTFT, TPOT or end-to-end SLO", field="slo")
+    if percentile not in (50, 90, 99):
+        raise SpecError(f"must be 50, 90 or 99, got {percentile!r}", field="percentile")
+    if workload_spec.arrival == "trace":
+        raise SpecError("a rate sweep draws arrivals at each rate: use poisson or gamma arrivals "
+                        "(a trace can still supply the lengths)", field="arrival")
+    s = _setup(plan, cluster, workload_spec, slo, prefill_budget, loops)
+    if start_rate is None:
+        start_rate = max(s.predicted, 1e-6) / mean_output_tokens(workload_spec, s.prompt, s.output)
+    probes: list[Probe] = []
+
+    def probe(rate: float) -> bool:
+        res = _run(s, replace(workload_spec, rate=rate), seed, keep_samples=False)
+        ok, why = meets(res, slo, percentile)
+        p = Probe(rate, res, ok, why)
+        probes.append(p)
+        if on_probe:
+            on_probe(p)
+        return ok
+
+    lo, hi = 0.0, start_rate
+    while len(probes) < max_probes and probe(hi):
+        lo, hi = hi, hi * 1.5
+    while len(probes) < max_probes and hi - lo > tolerance * hi:
+        mid = (lo + hi) / 2
+        if probe(mid):
+            lo = mid
+        else:
+            hi = mid
+    return Sweep(lo if lo > 0 else None, percentile, tuple(probes))
