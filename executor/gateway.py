@@ -4,12 +4,14 @@
   stages (``LoadShard``), load the tokenizer if the checkpoint has one.
 * Routing: a new request goes to the live pipeline with the least load per unit of routing
   weight (the plan's max-flow shares).
-* Continuous batching: each pipeline runs one loop per micro-batch (as many as it has stages,
-  so every stage has work while the others compute). Every iteration a loop admits waiting
-  requests (their prompts are prefilled in the same step as the running requests' decode
-  tokens), sends the ragged batch down the pipeline, samples one token per request from the
-  returned logits, streams it, and retires finished requests (their KV caches are released on
-  every stage).
+* Continuous batching, on the schedule the plan was made for (its workload): each pipeline runs
+  one loop per micro-batch (max(stages, concurrency / batch_size), so every stage has work while
+  the others compute), each of up to batch_size sequences, at most `concurrency` in flight per
+  pipeline. Every iteration a loop admits waiting requests (about one prompt per step: a budget
+  of the workload's prompt length, the first prompt always fits; prompts are prefilled in the
+  same step as the running requests' decode tokens), sends the ragged batch down the pipeline,
+  samples one token per request from the returned logits, streams it, and retires finished
+  requests (their KV caches are released on every stage).
 * Faults: when a pipeline's step fails, its stages are probed, nodes that do not answer are
   marked down, every pipeline using them stops, and their requests move to a live pipeline,
   where they are prefilled again from prompt + tokens already streamed: the client sees a
@@ -36,6 +38,7 @@ import torch
 
 from hexplan.models import ModelSpec
 from hexplan.plan import Plan
+from hexplan.validate import plan_assumptions
 
 from ._proto import hexplan_v1_pb2 as pb
 from ._proto import hexplan_v1_pb2_grpc as pbg
@@ -118,10 +121,15 @@ def _load_tokenizer(checkpoint: str):
 
 class Gateway:
     def __init__(self, plan: Plan, checkpoint: str, node_addresses: dict, tls: Tls | None = None,
-                 dtype: str = "float32", max_batch: int = 32, prefill_tokens: int = 4096):
+                 dtype: str = "float32", max_batch: int | None = None, prefill_tokens: int | None = None):
         self.plan, self.checkpoint, self.tls, self.dtype = plan, str(checkpoint), tls, dtype
         self.node_addresses = dict(node_addresses)
-        self.max_batch, self.prefill_tokens = max_batch, prefill_tokens
+        # The plan's workload sets the schedule the planner assumed: micro-batches of batch_size
+        # sequences, at most `concurrency` in flight per pipeline, about one prompt per step.
+        self.workload = plan_assumptions(plan).workload
+        self.max_batch = max_batch or self.workload.batch_size
+        self.concurrency = max(self.workload.concurrency, self.max_batch)
+        self.prefill_tokens = prefill_tokens or self.workload.prompt_tokens
         self.config = check_checkpoint(self.checkpoint, plan.model)
         self.vocab = int(self.config["vocab_size"])
         self.context_limit = int(self.config.get("max_position_embeddings") or plan.model.max_position_embeddings)
@@ -166,7 +174,7 @@ class Gateway:
         for pi, p in enumerate(self.plan.pipelines):
             pl = Pipeline(pi, (p.weight or 0.0) / total_w, [addresses[pi, si] for si in range(len(p.stages))],
                           [s.node for s in p.stages])
-            pl.groups = [[] for _ in range(max(1, len(p.stages)))]
+            pl.groups = [[] for _ in range(self.workload.micro_batches(len(p.stages)))]
             self.pipelines.append(pl)
             for gi in range(len(pl.groups)):
                 t = threading.Thread(target=self._loop, args=(pl, gi), daemon=True, name=f"pipeline{pi}-mb{gi}")
@@ -227,7 +235,8 @@ class Gateway:
                     r.finished = True
                     self._retire_locked(r)
                 budget = self.prefill_tokens
-                while p.pending and len(keep) < self.max_batch:
+                in_flight = sum(len(g) for g in p.groups if g is not group) + len(keep)
+                while p.pending and len(keep) < self.max_batch and in_flight < self.concurrency:
                     r = p.pending[0]
                     if r.cancelled.is_set():
                         p.pending.popleft()
@@ -238,6 +247,7 @@ class Gateway:
                     if n > budget and keep:
                         break
                     budget -= n
+                    in_flight += 1
                     keep.append(p.pending.popleft())
                 group[:] = keep
                 if not keep:

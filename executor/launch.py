@@ -51,7 +51,7 @@ class Launch:
     """Processes and the gateway started for one plan; ``close()`` stops all of them."""
 
     def __init__(self, plan: Plan, checkpoint: str, listen: str = "127.0.0.1:0", tls: Tls | None = None,
-                 dtype: str = "float32", threads: int | None = None, max_batch: int = 32):
+                 dtype: str = "float32", threads: int | None = None, max_batch: int | None = None):
         self.nodes: dict = {}
         self.server = None
         self.gateway = None

@@ -86,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--sweep-rate", action="store_true",
                     help="binary-search the highest request rate whose run meets the SLO at --slo-percentile")
     sm.add_argument("--slo-percentile", type=int, choices=(50, 90, 99), default=90, help="percentile the SLO applies to in a sweep (default 90)")
-    sm.add_argument("--prefill-budget", type=int, default=4096, help="prompt tokens admitted per step (default 4096, as the gateway)")
-    sm.add_argument("--loops", type=int, help="micro-batch loops per pipeline (default: one per stage, as the gateway)")
+    sm.add_argument("--prefill-budget", type=int, help="prompt tokens admitted per step (default: the plan's prompt length, as the gateway)")
+    sm.add_argument("--loops", type=int, help="micro-batch loops per pipeline (default: max(stages, concurrency / batch), as the gateway)")
     sm.add_argument("--json", action="store_true", help="print the results as JSON")
     sm.add_argument("--plot", help="write a PNG: latency CDFs, or throughput/latency against rate for a sweep")
 
@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT for clients (default 127.0.0.1:50051)")
     sv.add_argument("--nodes", default="", help="node addresses NAME=HOST:PORT,... (default: the plan's cluster section)")
     sv.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
-    sv.add_argument("--max-batch", type=int, default=32, help="sequences per micro-batch (default 32)")
+    sv.add_argument("--max-batch", type=int, help="sequences per micro-batch (default: the plan's batch_size)")
     tls_args(sv)
 
     la = sub.add_parser("launch", help="start every node executor of a plan and the gateway on this host")

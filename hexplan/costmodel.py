@@ -54,6 +54,12 @@ class Workload:
         """Average context length seen by a decode step."""
         return self.prompt_tokens + (self.output_tokens + 1) / 2
 
+    def micro_batches(self, stages: int) -> int:
+        """Micro-batches a pipeline of ``stages`` stages keeps in flight: enough to hold the
+        concurrency in batches of ``batch_size``, and at least one per stage so every stage has
+        work (the gateway and the simulator both run this many loops)."""
+        return max(stages, -(-self.concurrency // self.batch_size))
+
     def to_dict(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "output_tokens": self.output_tokens,
                 "batch_size": self.batch_size, "concurrency": self.concurrency}

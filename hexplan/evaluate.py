@@ -9,7 +9,9 @@ For one pipeline (stages in order, coordinator C at both ends):
     T     = min( min_s 1 / (l_s / layer_rate_s [+ LM head per token, last stage]),   # compute
                  min_hops link capacity / sharing,    # activation bytes per output token
                  coordinator link capacities,         # token ids
-                 concurrency / TPOT )                 # Little's law: in-flight sequences / round trip
+                 concurrency / ROUND )                # Little's law: in-flight sequences / round trip
+    ROUND = TPOT + (B / O) * TTFT      # a micro-batch's step also carries the prefill of the B/O
+                                       # requests that replace its finished ones
 
 The plan's throughput is the max-flow over these pipelines (hexplan.solver.routing), which for
 disjoint chains is the sum of their T.
@@ -37,6 +39,7 @@ class PipelineMetrics:
     memory_per_gpu: tuple[float, ...]   # bytes used per GPU of each stage
     memory_limit: tuple[float, ...]     # bytes usable per GPU of each stage
     fits: bool
+    round_s: float = 0.0       # one micro-batch's round trip, with its share of prefill work
 
 
 class CostCache:
@@ -52,6 +55,13 @@ class CostCache:
         if sc is None:
             sc = self._cache[key] = stage_cost(self.model, gpu, tp, self.workload, interconnect, self.params)
         return sc
+
+
+def round_trip(w, tpot_s: float, ttft_s: float) -> float:
+    """A micro-batch's round trip through the pipeline in steady state: one decode step of its
+    B sequences plus, on average, the prefill of the B/O requests that replace finished ones
+    (continuous batching puts both in the same steps). Little's law: T <= concurrency / round."""
+    return tpot_s + w.batch_size / w.output_tokens * ttft_s
 
 
 def hop_shares(cluster: Cluster, pipelines_nodes) -> Counter:
@@ -110,9 +120,10 @@ def evaluate_pipeline(cluster: Cluster, costs: CostCache, nodes, tps, layer_coun
     sc = ov.costs
     tpot = ov.tpot_fixed_s + sum(l * s.decode_layer_s for l, s in zip(layer_counts, sc))
     ttft = ov.ttft_fixed_s + sum(l * s.prefill_layer_s for l, s in zip(layer_counts, sc))
+    round_s = round_trip(w, tpot, ttft)
     limits = [(s.capacity(l, last=(i == k - 1)), f"stage {i} compute") for i, (l, s) in enumerate(zip(layer_counts, sc))]
     limits += list(ov.limits)
-    limits.append((w.concurrency / tpot, "concurrency / TPOT"))
+    limits.append((w.concurrency / round_s, "concurrency / round trip"))
     throughput, bottleneck = min(limits, key=lambda x: x[0])
 
     mem, lim = [], []
@@ -121,7 +132,7 @@ def evaluate_pipeline(cluster: Cluster, costs: CostCache, nodes, tps, layer_coun
         lim.append(s.usable_memory)
     fits = all(m <= u * (1 + 1e-9) for m, u in zip(mem, lim)) and all(l > 0 for l in layer_counts)
     return PipelineMetrics(throughput if fits else 0.0, tpot, ttft, bottleneck,
-                           tuple(x[0] for x in limits[:k]), tuple(mem), tuple(lim), fits)
+                           tuple(x[0] for x in limits[:k]), tuple(mem), tuple(lim), fits, round_s)
 
 
 def evaluate_plan_pipelines(cluster: Cluster, costs: CostCache, plan_pipelines) -> list[PipelineMetrics]:

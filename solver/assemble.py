@@ -49,7 +49,7 @@ def assemble_plan(problem: Problem, chains, bound: float, solver: dict) -> Plan:
         ov = pipeline_overheads(cl, problem.costs, [s.node for s in p.stages], [s.tp for s in p.stages], shares)
         hop_caps = [c for c, what in ov.limits if what.startswith("link ")]
         coord_caps = [c for c, what in ov.limits if what.startswith("coordinator")]
-        graph.append((list(m.stage_capacity), hop_caps, min(coord_caps + [problem.workload.concurrency / m.tpot_s])))
+        graph.append((list(m.stage_capacity), hop_caps, min(coord_caps + [problem.workload.concurrency / m.round_s])))
     total, flows = route(graph)
     weights = [f / total if total > 0 else 0.0 for f in flows]
     pipelines = [replace(p, weight=w_, throughput_tokens_per_s=f, decode_ms_per_token=m.tpot_s * 1e3,

@@ -19,7 +19,8 @@ Constraints
     (5) w[g,p] <= r_g x[g,p]                                             stage compute: T l_g <= r_g
     (6) w[g,p] <= m_g T[p]                                               stage memory:  l_g <= m_g
     (7) z[g,p] >= T[p] - U (1 - x[g,p])
-    (8) sum_g dec_g w[g,p] + sum_g h_g z[g,p] + (c0 - h_max) T[p] <= C  Little's law: T * TPOT <= C
+    (8) sum_g rt_g w[g,p] + sum_g h_g z[g,p] + (c0 - h_max) T[p] <= C   Little's law: T * ROUND <= C
+        (rt = decode + B/O prefill seconds per layer; h, c0 likewise for hops and coordinator)
     (9) T[p] <= U y[p];  y[p] >= y[p+1];  T[p] >= T[p+1];  u[n,d,j] >= u[n,d,j+1]   symmetry
     (10) regions: v[p,r] >= x[g,p] (g in r);  multi[p] >= v[p,r] + v[p,s] - 1;
          T[p] <= cap_out(r) + U (2 - v[p,r] - multi[p])                  a crossing pipeline is
@@ -126,6 +127,7 @@ def build(problem: Problem, K: int, upper: float, integer_layers: bool = False) 
     hmax_pre = max(h_pre.values(), default=0.0)
     c0_dec, c0_pre = _coord_min(problem, False), _coord_min(problem, True)
     L, C, U = problem.L, problem.workload.concurrency, upper
+    share = problem.workload.batch_size / problem.workload.output_tokens
     name = lambda g: f"{cands[g][0]}/tp{cands[g][1]}#{cands[g][2]}"
 
     T = [lm.var(f"T[p{p}]", 0.0, U) for p in P]
@@ -228,10 +230,10 @@ def build(problem: Problem, K: int, upper: float, integer_layers: bool = False) 
                 c[firsts[g]] = n_g
                 c[lasts[g]] = n_g
                 lm.add(c, hi=2 * n_g)
-        # (8) Little's law
-        c = {w[g, p]: dec[g] for g in G}
-        c.update({z[g, p]: h_dec[cands[g][0]] for g in G})
-        c[T[p]] = c0_dec - hmax_dec
+        # (8) Little's law on the round trip (decode + B/O of a prefill per round)
+        c = {w[g, p]: dec[g] + share * pre[g] for g in G}
+        c.update({z[g, p]: h_dec[cands[g][0]] + share * h_pre[cands[g][0]] for g in G})
+        c[T[p]] = c0_dec + share * c0_pre - hmax_dec - share * hmax_pre
         lm.add(c, hi=C, name=f"little[p{p}]")
         # (11) SLOs
         if problem.slo_tpot:

@@ -3,9 +3,10 @@
 For a fixed order, throughput T is feasible when integer layers l_s exist with
     1 <= l_s <= min(max_layers_s, floor(rate_s / T)),   sum_s l_s = L,
     (last stage: floor(rate * (1/T - LM head seconds per token)))
-    T * TPOT(l) <= concurrency,   T <= link limits,   TPOT(l) <= SLO,   TTFT(l) <= SLO,
-where TPOT(l) = fixed + sum_s l_s * decode_s. For a given T the layers minimising TPOT fill the
-stages with the smallest decode time first (a greedy that is exact for unit-weight items), so
+    T * ROUND(l) <= concurrency,   T <= link limits,   TPOT(l) <= SLO,   TTFT(l) <= SLO,
+where ROUND(l) = fixed + sum_s l_s * (decode_s + B/O * prefill_s) (hexplan.evaluate.round_trip)
+and TPOT(l) = fixed + sum_s l_s * decode_s. For a given T the layers minimising ROUND fill the
+stages with the smallest per-layer cost first (a greedy that is exact for unit-weight items), so
 feasibility is checked in O(k log k) and T* is found by bisection (feasibility is monotone in T).
 """
 from __future__ import annotations
@@ -130,9 +131,14 @@ def best_layers(problem: Problem, ordered, shares=None) -> ChainResult | None:
     pre = [c.prefill_layer_s for c in sc]
     rate = [c.layer_rate for c in sc]
     C = problem.workload.concurrency
+    share = problem.workload.batch_size / problem.workload.output_tokens   # prompts per round, B/O
     slo_tpot, slo_ttft = problem.slo_tpot, problem.slo_ttft
+    rnd = [d + share * p for d, p in zip(dec, pre)]
+    round_fixed = ov.tpot_fixed_s + share * ov.ttft_fixed_s
+    by_round = sorted(range(k), key=lambda i: (rnd[i], i))
     by_dec = sorted(range(k), key=lambda i: (dec[i], i))
     by_pre = sorted(range(k), key=lambda i: (pre[i], i))
+    orders = [by_round] + ([by_dec] if slo_tpot else []) + ([by_pre] if slo_ttft else [])
     link_limit = min(x[0] for x in ov.limits)
 
     def fill(upper, order):
@@ -154,17 +160,22 @@ def best_layers(problem: Problem, ordered, shares=None) -> ChainResult | None:
             upper[-1] = min(caps[-1], math.floor(rate[-1] * (1 / T - head) * (1 + 1e-12)))
         if min(upper) < 1 or sum(upper) < L:
             return None
-        for order in (by_dec, by_pre):
+        # Each order minimises one of the coupled terms (greedy is exact for unit items); the
+        # first that meets them all wins. If the order minimising a term fails it, nothing can.
+        for order in orders:
             l = fill(upper, order)
-            tpot = ov.tpot_fixed_s + sum(a * b for a, b in zip(l, dec))
-            if T * tpot > C * (1 + 1e-12) or (slo_tpot and tpot > slo_tpot):
-                if order is by_dec:
-                    return None  # by_dec minimises TPOT: nothing else can do better
+            if T * (round_fixed + sum(a * b for a, b in zip(l, rnd))) > C * (1 + 1e-12):
+                if order is by_round:
+                    return None
                 continue
-            if slo_ttft:
-                ttft = ov.ttft_fixed_s + sum(a * b for a, b in zip(l, pre))
-                if ttft > slo_ttft:
-                    continue
+            if slo_tpot and ov.tpot_fixed_s + sum(a * b for a, b in zip(l, dec)) > slo_tpot:
+                if order is by_dec:
+                    return None
+                continue
+            if slo_ttft and ov.ttft_fixed_s + sum(a * b for a, b in zip(l, pre)) > slo_ttft:
+                if order is by_pre:
+                    return None
+                continue
             return l
         return None
 

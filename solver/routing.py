@@ -4,7 +4,7 @@ Graph: coordinator (source) -> first stage -> ... -> last stage -> coordinator (
 stage is split into an in- and an out-vertex joined by an edge of the stage's capacity
 (layer_rate / layers); edges between stages carry the link capacity (in output tokens/s,
 shared among the pipelines that use the same pair of nodes); source and sink edges carry the
-coordinator links' capacity and the pipeline's concurrency limit (concurrency / TPOT). The max
+coordinator links' capacity and the pipeline's concurrency limit (concurrency / round trip). The max
 flow is the plan's throughput and each pipeline's share of it is its routing weight.
 """
 from __future__ import annotations

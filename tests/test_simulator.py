@@ -116,18 +116,16 @@ def test_saturation_four_stages_compute_bound():
     assert res.throughput_tokens_per_s == pytest.approx(pred, rel=0.05)   # 409.1 of 409.9
 
 
-def test_saturation_hexgen_matches_round_trip_with_prefill(hexgen):
-    # The HexGen plan sits where the cost model's stage bound (283.3) and concurrency bound
-    # C / TPOT (64 / 0.2257 s = 283.5) meet. Run it the way the cost model assumes it runs
-    # (C / B = 4 micro-batches of B = 16, prefill amortised: one prompt per step): a sequence's
-    # round trip also carries the prefill of the B / O prompts admitted into its micro-batch per
-    # round, so the throughput is C / (TPOT + (B / O) TTFT), not C / TPOT.
+def test_saturation_hexgen_within_ten_percent(hexgen):
+    # The HexGen plan is balanced: four stages at 277-283 tokens/s and the concurrency bound
+    # C / round trip (64 / (TPOT + B/O TTFT)) = 277.2 all meet. With the gateway's schedule
+    # (C / B = 4 micro-batches of 16, about one prompt per step) the simulation reaches 258.8,
+    # 93% of it: steps that carry a prompt are longer, and with every stage near its limit
+    # they delay the steps behind them, which the fluid model does not see.
     plan, cluster = hexgen
-    w = plan_assumptions(plan).workload
-    m = metrics(plan, cluster)[0]
-    res = offline(plan, cluster, 600.0, loops=w.concurrency // w.batch_size, prefill_budget=w.prompt_tokens)
-    round_trip = m.tpot_s + w.batch_size / w.output_tokens * m.ttft_s
-    assert res.throughput_tokens_per_s == pytest.approx(w.concurrency / round_trip, rel=0.03)   # 192.3 vs 190.9
+    res = offline(plan, cluster, 600.0)
+    pred = predicted(plan, cluster)
+    assert 0.90 * pred <= res.throughput_tokens_per_s <= 1.01 * pred
 
 
 def test_saturation_on_a_shared_link():
@@ -147,10 +145,8 @@ def test_saturation_on_a_shared_link():
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "cost model: T = min(stage capacity, C / TPOT) leaves the prefill of co-batched prompts out of "
-    "the round trip (C / (TPOT + B/O * TTFT) = 190.9 tokens/s, not 283.5) and assumes C / B full "
-    "micro-batches where the gateway runs one loop per stage; simulated with the gateway's "
-    "scheduling (6 loops, 4096-token prefill budget): 181.9 tokens/s, 64% of the predicted 283.3"))
+    "where the stage bound and the concurrency bound coincide (the HexGen plan: 277-283 and 277.2 "
+    "tokens/s), the fluid model is about 7% optimistic: simulated 258.8 tokens/s, 93% of 277.2"))
 def test_saturation_hexgen_reaches_predicted_throughput(hexgen):
     plan, cluster = hexgen
     res = offline(plan, cluster, 600.0)

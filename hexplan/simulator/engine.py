@@ -50,8 +50,8 @@ _CACHE_LIMIT = 200_000
 
 @dataclass(frozen=True)
 class EngineOptions:
-    prefill_budget: int = 4096     # prompt tokens admitted per step (the gateway's default)
-    loops: int | None = None       # micro-batch loops per pipeline; None: one per stage (the gateway)
+    prefill_budget: int | None = None  # prompt tokens admitted per step; None: the workload's prompt length
+    loops: int | None = None       # micro-batch loops per pipeline; None: Workload.micro_batches (the gateway's rule)
 
 
 @dataclass
@@ -126,7 +126,7 @@ class _Pipe:
 class Engine:
     def __init__(self, plan: Plan, cluster: Cluster, workload: Workload, params: CostParams,
                  options: EngineOptions = EngineOptions()):
-        self.model, self.params, self.options = plan.model, params, options
+        self.model, self.params, self.options, self.workload = plan.model, params, options, workload
         coord = cluster.coordinator_node.name
         kinds: dict = {}
         keys: dict = {}        # resource key -> id
@@ -178,7 +178,7 @@ class Engine:
             pp.act_bytes = self.model.activation_bytes_per_token
             pp.batch, pp.conc = workload.batch_size, workload.concurrency
             pp.kv_cap = workload.concurrency * workload.context
-            pp.n_loops = options.loops or len(nodes)
+            pp.n_loops = options.loops or workload.micro_batches(len(nodes))
             self.pipes.append(pp)
         self.shared = [u > 1 for u in users]
         self.n_res = len(users)
@@ -293,7 +293,7 @@ class Engine:
         pend = pipe.pending
         if room > 0 and pend:
             prompt, output = self.prompt, self.output
-            budget, ptoks = self.options.prefill_budget, 0
+            budget, ptoks = self.options.prefill_budget or self.workload.prompt_tokens, 0
             while pend and room > 0 and pipe.inflight < pipe.conc:
                 r = pend[0]
                 p = prompt[r]

@@ -19,12 +19,13 @@ from .workload import RequestStream, WorkloadSpec, mean_output_tokens
 
 
 def simulate(plan: Plan | str, cluster: Cluster | str, workload_spec: WorkloadSpec, seed: int = 0, *,
-             slo: Slo | None = None, prefill_budget: int = 4096, loops: int | None = None,
+             slo: Slo | None = None, prefill_budget: int | None = None, loops: int | None = None,
              keep_samples: bool = True) -> SimResult:
     """Replay ``workload_spec`` against ``plan`` on ``cluster`` (objects or file paths).
 
     ``slo`` defaults to the plan's own SLOs (``assumptions.slo_*``) where it has them.
-    ``loops``: micro-batch loops per pipeline (default one per stage, as the gateway runs).
+    ``loops``: micro-batch loops per pipeline and ``prefill_budget``: prompt tokens per step
+    (defaults: Workload.micro_batches and the workload's prompt length, as the gateway runs).
     Raises SpecError when the plan does not fit the cluster or an input is out of range.
     """
     plan = load_plan(plan) if not isinstance(plan, Plan) else plan
@@ -119,7 +120,7 @@ def meets(result: SimResult, slo: Slo, percentile: int = 90) -> tuple[bool, str]
 
 def sweep_rate(plan: Plan | str, cluster: Cluster | str, workload_spec: WorkloadSpec, slo: Slo, seed: int = 0, *,
                percentile: int = 90, start_rate: float | None = None, max_probes: int = 12,
-               tolerance: float = 0.02, on_probe=None, prefill_budget: int = 4096,
+               tolerance: float = 0.02, on_probe=None, prefill_budget: int | None = None,
                loops: int | None = None) -> Sweep:
     """Binary search for the highest Poisson/gamma request rate whose run meets ``slo``.
 
