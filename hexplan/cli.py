@@ -57,6 +57,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"sequences in flight per pipeline; KV cache is reserved for them (default {d.concurrency})")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
 
+    cp = sub.add_parser("compare", help="every planner (hexplan and the baselines) on one cluster, predicted and simulated",
+                        description="Plan with hexplan and every baseline, replay the same traffic against each plan, "
+                                    "and print one table. Without --rate or --workload the traffic is offline (twice "
+                                    "the best predicted request rate for 300 s), so throughput is each plan's capacity.")
+    cp.add_argument("cluster", help="cluster YAML file")
+    cp.add_argument("--model", "-m", required=True, help="built-in model name or a HF config.json")
+    cp.add_argument("--workload", help="trace file (JSON lines) to replay")
+    cp.add_argument("--rate", type=float, help="requests/s (online, Poisson or gamma arrivals)")
+    cp.add_argument("--duration", type=float, help="seconds of traffic (default 600 with --rate)")
+    cp.add_argument("--prompt-len", help="prompt tokens: N, A-B or trace (default: the workload's)")
+    cp.add_argument("--output-len", help="output tokens: N, A-B or trace (default: the workload's)")
+    cp.add_argument("--arrival", choices=("poisson", "gamma"), help="arrival process with --rate")
+    cp.add_argument("--cv", type=float, default=2.0, help="gamma arrivals: coefficient of variation (default 2)")
+    cp.add_argument("--planners", help="comma-separated subset (default: all)")
+    cp.add_argument("--budget-per-hour", type=float, help="also plan homogeneous clusters of this list price ($/hour)")
+    cp.add_argument("--time-limit", type=float, default=30.0, help="seconds per planner (default 30)")
+    cp.add_argument("--seed", type=int, default=0)
+    cp.add_argument("--json", action="store_true", help="print a list of objects instead of the table")
+    for flag, default in (("--prompt-tokens", d.prompt_tokens), ("--output-tokens", d.output_tokens),
+                          ("--batch-size", d.batch_size), ("--concurrency", d.concurrency)):
+        cp.add_argument(flag, type=int, default=default, help=f"planning workload (default {default})")
+
     v = sub.add_parser("validate", help="check a cluster spec (and optionally a plan against it)")
     v.add_argument("cluster", help="cluster YAML file")
     v.add_argument("--plan", help="also check this plan file against the cluster")
@@ -224,6 +246,44 @@ class _Progress:
         print(f"[{elapsed:6.1f}s] {msg}", file=self.stream, flush=True)
 
 
+def cmd_compare(args) -> int:
+    from .compare import compare
+    from .simulator import load_trace
+    from .simulator.command import _workload
+    from .solver import SolveOptions
+
+    cluster = load_cluster(args.cluster)
+    model = load_model(args.model)
+    try:
+        workload = Workload(args.prompt_tokens, args.output_tokens, args.batch_size, args.concurrency)
+    except SpecError as e:
+        raise SpecError(e.message, field="--" + (e.field or "workload").replace("_", "-")) from None
+    opts = SolveOptions(time_limit=args.time_limit, seed=args.seed, workload=workload)
+    spec = None
+    if args.rate is not None or args.workload:
+        if args.rate is not None and not (args.rate > 0):
+            raise SpecError(f"must be positive, got {args.rate:g}", field="--rate")
+        args.sweep_rate, args.warmup = False, None
+        spec = _workload(args, load_trace(args.workload) if args.workload else ())
+    planners = [p.strip() for p in args.planners.split(",") if p.strip()] if args.planners else None
+    progress = (lambda msg: None) if args.json else (lambda msg: print(f"hexplan: {msg}", file=sys.stderr, flush=True))
+    rows = compare(cluster, model, opts, spec, args.seed, planners, args.budget_per_hour, progress)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    f = lambda v, fmt: "-" if v is None else format(v, fmt)
+    table = [(r["planner"], f(r["predicted_throughput"], ".1f"), f(r["simulated_throughput"], ".1f"),
+              f(r["p50_latency_s"], ".2f"), f(r["p90_latency_s"], ".2f"), f(r["solve_seconds"], ".1f"),
+              f(r["ratio"], ".2f"), r.get("gpus") or "-", r.get("reason", "")[:60]) for r in rows]
+    head = ("planner", "predicted tok/s", "simulated tok/s", "P50 s", "P90 s", "solve s", "vs hexplan", "GPUs", "note")
+    if args.budget_per_hour is not None:
+        table = [t[:-1] + (f"${r.get('price_per_hour', 0):.2f}/h", t[-1]) for t, r in zip(table, rows)]
+        head = head[:-1] + ("price", "note")
+    print(f"{model.name} on {cluster.name} ({_gpu_summary(cluster)}, ${cluster.price_per_hour:.2f}/h)")
+    print(_table(head, table))
+    return 0
+
+
 def cmd_validate(args) -> int:
     cluster = load_cluster(args.cluster)
     print(f"{args.cluster}: ok: cluster {cluster.name!r}, {len(cluster.nodes)} nodes, {_gpu_summary(cluster)}, "
@@ -371,7 +431,7 @@ def cmd_generate(args) -> int:
     return run_generate(args)
 
 
-_COMMANDS = {"solve": cmd_solve, "validate": cmd_validate, "show": cmd_show, "gpus": cmd_gpus, "models": cmd_models,
+_COMMANDS = {"compare": cmd_compare, "solve": cmd_solve, "validate": cmd_validate, "show": cmd_show, "gpus": cmd_gpus, "models": cmd_models,
              "node": cmd_node, "serve": cmd_serve, "launch": cmd_launch, "generate": cmd_generate}
 _COMMANDS["simulate"] = cmd_simulate
 
