@@ -20,7 +20,7 @@ from hexplan.costmodel import (DEFAULT_PARAMS, TOKEN_ID_BYTES, CostParams, Workl
                                decode_layer_time, hop_decode_time, hop_prefill_time,
                                link_token_capacity, lm_head_time, local_kv_heads,
                                prefill_layer_time, ring_allreduce_time, send_time, stage_cost)
-from hexplan.evaluate import CostCache, evaluate_pipeline, pipeline_overheads
+from hexplan.evaluate import CostCache, evaluate_pipeline, pipeline_overheads, round_trip
 from hexplan.gpus import CATALOG, ProfileTable
 from hexplan.models import BUILTIN_MODELS
 
@@ -93,6 +93,39 @@ def test_defaults():
     assert p == DEFAULT_PARAMS
     assert (p.mem_efficiency, p.flops_efficiency, p.allreduce_alpha, p.memory_headroom) == (0.7, 0.5, 10e-6, 0.10)
     assert TOKEN_ID_BYTES == 4
+
+
+def test_workload_micro_batches():
+    # max(stages, ceil(C / B)): enough micro-batches of B to hold the concurrency, and at least
+    # one per stage. Defaults: ceil(64 / 16) = 4, so 1-4 stages run 4 loops, 5 stages 5, 8 stages 8.
+    w = Workload()
+    assert [w.micro_batches(k) for k in (1, 2, 3, 4, 5, 6, 8)] == [4, 4, 4, 4, 5, 6, 8]
+    # C not a multiple of B rounds up: ceil(70 / 16) = ceil(4.375) = 5; ceil(100 / 16) = 7.
+    assert Workload(concurrency=70).micro_batches(3) == 5
+    assert Workload(concurrency=100).micro_batches(5) == 7
+    # C = B: one micro-batch holds everything, so the stage count decides: max(1, 1) = 1, max(3, 1) = 3.
+    assert Workload(concurrency=16).micro_batches(1) == 1
+    assert Workload(concurrency=16).micro_batches(3) == 3
+    # ceil(17 / 16) = 2 (one full batch and one of a single sequence).
+    assert Workload(concurrency=17).micro_batches(1) == 2
+    # B = 1: one micro-batch per sequence, ceil(64 / 1) = 64.
+    assert Workload(batch_size=1).micro_batches(6) == 64
+
+
+def test_round_trip_adds_b_over_o_prompts_per_round():
+    # ROUND = TPOT + (B / O) * TTFT: in steady state a micro-batch of B sequences, each living O
+    # rounds, retires and admits B / O sequences per round, and their prefill runs in its steps.
+    # Defaults B / O = 16 / 128 = 0.125: 100 ms + 0.125 * 800 ms = 200 ms.
+    assert round_trip(Workload(), 0.1, 0.8) == pytest.approx(0.1 + 16 / 128 * 0.8, rel=EXACT)
+    assert round_trip(Workload(), 0.1, 0.8) == pytest.approx(0.2, rel=EXACT)
+    # B 8, O 256: 8 / 256 = 1/32 of a prompt per round: 100 + 800 / 32 = 125 ms.
+    assert round_trip(Workload(batch_size=8, output_tokens=256), 0.1, 0.8) == pytest.approx(0.125, rel=EXACT)
+    # B = O: a whole prompt every round, 100 + 800 = 900 ms.
+    assert round_trip(Workload(batch_size=16, output_tokens=16), 0.1, 0.8) == pytest.approx(0.9, rel=EXACT)
+    # Neither P nor C enters (P only through TTFT, C is what the round trip divides).
+    assert round_trip(Workload(prompt_tokens=2048, concurrency=256), 0.1, 0.8) == pytest.approx(0.2, rel=EXACT)
+    # No prefill, no extra: ROUND = TPOT.
+    assert round_trip(Workload(), 0.1, 0.0) == 0.1
 
 
 def test_catalog_figures_used_below():
@@ -595,13 +628,18 @@ def test_evaluate_pipeline_16_16_stage_bound():
     #     = 315.64   <- the minimum (324.70 without the head)
     #   link a->b: 125e6 / (8192 * (1 + 512/128)) = 125e6 / 40960 = 3051.8
     #   coordinator in (NVLink): 300e9 / 20 = 1.5e10;  out: 125e6 / 4 = 3.125e7
-    #   concurrency / TPOT = 64 / 54.837 ms = 1167.1
+    #   concurrency / round trip: ROUND = TPOT + (16 / 128) * TTFT = 54.837 + 14.207 = 69.044 ms,
+    #     64 / 69.044 ms = 926.94
+    rnd = tpot + BATCH / O * ttft
+    assert r.round_s == pytest.approx(rnd, rel=EXACT)
+    assert rnd == pytest.approx(69.044e-3, rel=1e-4)
+    assert CONC / rnd == pytest.approx(926.94, rel=1e-4)
     cap_b = 1 / (16 / RATE_B + HEAD_TOK_B)
     assert r.stage_capacity == pytest.approx((RATE_A / 16, cap_b), rel=EXACT)
     assert r.bottleneck == "stage 1 compute"
     assert r.throughput == pytest.approx(cap_b, rel=EXACT)
     assert r.throughput == pytest.approx(315.64, rel=1e-4)
-    assert CONC / tpot > r.throughput and 125e6 / 40960 > r.throughput
+    assert CONC / rnd > r.throughput and 125e6 / 40960 > r.throughput
     # Memory per GPU: 16 * (404,766,720 + 64 * 640 * 16384 = 671,088,640) = 17,213,685,760
     #   + embedding 32000 * 4096 * 2 = 262,144,000 on a / + LM head 262,152,192 on b
     mpl = LB7 + CONC * CTX * KV7_TOK
@@ -616,10 +654,20 @@ def test_evaluate_pipeline_28_4_moves_the_bottleneck_to_the_a100():
     r = evaluate_pipeline(tiny(), CostCache(m7(), Workload()), ["a", "b"], [1, 1], [28, 4])
     # stage a: 23,582 / 28 = 842.2 < stage b with the LM head: 1 / (4 * 192.48 + 88.388 us)
     #   = 1 / 858.32 us = 1165.1
-    # TPOT = 0.005 + 2.048576 + 1.25810 + 1.000512 + 28 * 0.51070 + 4 * 2.64711 ms = 29.200 ms;
-    #   64 / 29.200 ms = 2191.8
+    # TPOT = 0.005 + 2.048576 + 1.25810 + 1.000512 + 28 * 0.51070 + 4 * 2.64711 ms = 29.200 ms
+    # TTFT = 0.005 + 34.554 + 1.24895 + 1.00000 + 28 * 1.34223 + 4 * 3.46096 ms
+    #      = 36.808 + 37.582 + 13.844 = 88.235 ms
+    # ROUND = 29.200 + 88.235 / 8 = 29.200 + 11.029 = 40.229 ms;  64 / 40.229 ms = 1590.9
     tpot = hand_tpot(GBPS, 28, 4)
     assert tpot == pytest.approx(29.200e-3, rel=1e-4)
+    ttft = ((5e-6 + P * 4 / A100_NVL) + (1e-3 + P * H7 * B2 / GBPS) + HEAD_PRE_B + (1e-3 + 4 / GBPS)
+            + 28 * PRE_A + 4 * PRE_B)
+    assert ttft == pytest.approx(88.235e-3, rel=1e-4)
+    assert r.ttft_s == pytest.approx(ttft, rel=EXACT)
+    rnd = tpot + BATCH / O * ttft
+    assert rnd == pytest.approx(40.229e-3, rel=1e-4)
+    assert r.round_s == pytest.approx(rnd, rel=EXACT)
+    assert CONC / rnd == pytest.approx(1590.9, rel=1e-4)
     assert r.stage_capacity == pytest.approx((RATE_A / 28, 1 / (4 / RATE_B + HEAD_TOK_B)), rel=EXACT)
     assert r.stage_capacity[1] == pytest.approx(1165.1, rel=1e-4)
     assert r.bottleneck == "stage 0 compute"
@@ -649,16 +697,52 @@ def test_single_stage_pipeline_runs_the_lm_head():
     assert (tpot, ttft) == pytest.approx((16.595e-3, 43.202e-3), rel=1e-4)
     assert r.tpot_s == pytest.approx(tpot, rel=EXACT)
     assert r.ttft_s == pytest.approx(ttft, rel=EXACT)
+    # ROUND = 16.595 + 43.202 / 8 = 16.595 + 5.400 = 21.995 ms; 64 / 21.995 ms = 2909.7 > 727.80
+    rnd = tpot + BATCH / O * ttft
+    assert rnd == pytest.approx(21.995e-3, rel=1e-4)
+    assert r.round_s == pytest.approx(rnd, rel=EXACT)
+    assert CONC / rnd == pytest.approx(2909.7, rel=1e-4)
+
+
+def tiny_ttft_16_16():
+    # TTFT of the 16 + 16 split on 1 Gbps (test_evaluate_pipeline_16_16_stage_bound): 113.66 ms
+    return ((5e-6 + P * 4 / A100_NVL) + (1e-3 + P * H7 * B2 / GBPS) + HEAD_PRE_B + (1e-3 + 4 / GBPS)
+            + 16 * PRE_A + 16 * PRE_B)
 
 
 def test_evaluate_pipeline_concurrency_bound():
-    # Concurrency 16 (one micro-batch in flight): 16 / 54.837 ms = 291.77 < stage b's 315.64
+    # Concurrency 16 (one micro-batch in flight). TPOT and TTFT do not depend on C (B and the
+    # decode context do not change): 54.837 and 113.66 ms, so
+    #   ROUND = 54.837 + (16 / 128) * 113.66 = 54.837 + 14.207 = 69.044 ms
+    #   16 / 69.044 ms = 231.73 < stage b's 315.64
     w = Workload(concurrency=16)
     r = evaluate_pipeline(tiny(), CostCache(m7(), w), ["a", "b"], [1, 1], [16, 16])
-    tpot = hand_tpot(GBPS, 16, 16)
-    assert r.bottleneck == "concurrency / TPOT"
-    assert r.throughput == pytest.approx(16 / tpot, rel=EXACT)
-    assert r.throughput == pytest.approx(291.77, rel=1e-4)
+    tpot, ttft = hand_tpot(GBPS, 16, 16), tiny_ttft_16_16()
+    rnd = tpot + BATCH / O * ttft
+    assert r.tpot_s == pytest.approx(tpot, rel=EXACT)
+    assert r.ttft_s == pytest.approx(ttft, rel=EXACT)
+    assert r.round_s == pytest.approx(rnd, rel=EXACT)
+    assert r.bottleneck == "concurrency / round trip"
+    assert r.throughput == pytest.approx(16 / rnd, rel=EXACT)
+    assert r.throughput == pytest.approx(231.73, rel=1e-4)
+    # Decode alone (the former C / TPOT) would have promised 16 / 54.837 ms = 291.77, 26% more:
+    # the ratio is ROUND / TPOT = 1 + B TTFT / (O TPOT) = 1 + 16 * 113.66 / (128 * 54.837) = 1.2591.
+    assert (16 / tpot) / r.throughput == pytest.approx(1 + BATCH * ttft / (O * tpot), rel=EXACT)
+    assert 1 + BATCH * ttft / (O * tpot) == pytest.approx(1.2591, rel=1e-4)
+
+
+def test_round_trip_binds_where_decode_alone_would_not():
+    # Concurrency 20: decode alone gives 20 / 54.837 ms = 364.72, above stage b's 315.64, but the
+    # round trip with its prefill share gives 20 / 69.044 ms = 289.67, below it.
+    w = Workload(concurrency=20)
+    r = evaluate_pipeline(tiny(), CostCache(m7(), w), ["a", "b"], [1, 1], [16, 16])
+    tpot, ttft = hand_tpot(GBPS, 16, 16), tiny_ttft_16_16()
+    rnd = tpot + BATCH / O * ttft
+    assert 20 / tpot == pytest.approx(364.72, rel=1e-4)
+    assert 20 / tpot > 1 / (16 / RATE_B + HEAD_TOK_B) > 20 / rnd
+    assert r.bottleneck == "concurrency / round trip"
+    assert r.throughput == pytest.approx(20 / rnd, rel=EXACT)
+    assert r.throughput == pytest.approx(289.67, rel=1e-4)
 
 
 def test_evaluate_pipeline_link_bound():
@@ -669,10 +753,19 @@ def test_evaluate_pipeline_link_bound():
     assert r.throughput == pytest.approx(305.18, rel=1e-4)
     # TPOT now carries the slower hops: a->b 1 ms + 131,072 / 12.5e6 = 11.486 ms, b->coordinator
     # 1 ms + 64 / 12.5e6 = 1.00512 ms:
-    #   0.005 + 11.486 + 1.25810 + 1.00512 + 8.17114 + 42.35373 ms = 64.279 ms; 64 / 64.279 ms = 995.7
+    #   0.005 + 11.486 + 1.25810 + 1.00512 + 8.17114 + 42.35373 ms = 64.279 ms
     tpot = hand_tpot(12.5e6, 16, 16)
     assert tpot == pytest.approx(64.279e-3, rel=1e-4)
     assert r.tpot_s == pytest.approx(tpot, rel=EXACT)
+    # TTFT: the prompt hop is 1 ms + 4,194,304 / 12.5e6 = 336.54 ms:
+    #   0.005 + 336.544 + 1.24895 + 1.00000 + 21.4757 + 55.3754 ms = 415.65 ms
+    # ROUND = 64.279 + 415.65 / 8 = 64.279 + 51.956 = 116.235 ms; 64 / 116.235 ms = 550.61 > 305.18
+    ttft = ((5e-6 + P * 4 / A100_NVL) + (1e-3 + P * H7 * B2 / 12.5e6) + HEAD_PRE_B + (1e-3 + 4 / 12.5e6)
+            + 16 * PRE_A + 16 * PRE_B)
+    assert ttft == pytest.approx(415.65e-3, rel=1e-4)
+    rnd = tpot + BATCH / O * ttft
+    assert r.round_s == pytest.approx(rnd, rel=EXACT)
+    assert CONC / rnd == pytest.approx(550.61, rel=1e-4)
 
 
 def test_shared_link_divides_its_capacity():
@@ -755,13 +848,68 @@ def test_worked_example_five_a100s():
             + head_pre + (1e-3 + 4 / GBPS))
     assert ttft == pytest.approx(725.453e-3, rel=1e-4)
     assert r.ttft_s == pytest.approx(ttft, rel=EXACT)
+    # ROUND = TPOT + (16 / 128) * TTFT = 142.428 + 90.682 = 233.110 ms
+    #   = 80 layers * (1.6069 + 5.6441 / 8 = 2.3124 ms) = 184.992 ms
+    #     + fixed 13.878 (TPOT: hops, LM head, coordinator) + 273.922 / 8 (TTFT's) = 48.118 ms
+    rnd = tpot + BATCH / O * ttft
+    assert rnd == pytest.approx(233.110e-3, rel=1e-4)
+    assert r.round_s == pytest.approx(rnd, rel=EXACT)
+    assert 80 * (dec + pre / 8) == pytest.approx(184.992e-3, rel=1e-4)
     # Stages 0-3: 6919.2 / 16 = 432.45; stage 4: 1 / (16 / 6919.2 + 33.986 us)
-    #   = 1 / (2312.40 + 33.99 us) = 426.19  <- the minimum
+    #   = 1 / (2312.40 + 33.99 us) = 426.19
     # Links 125e6 / 81,920 = 1525.9; coordinator in 300e9 / 20 = 1.5e10, out 125e6 / 4 = 3.125e7;
-    # 64 / 142.428 ms = 449.35
+    # concurrency / round trip 64 / 233.110 ms = 274.55  <- the minimum, 35.6% below stage 4
     last = 1 / (16 / rate + head_dec / BATCH + head_pre / O)
     assert r.stage_capacity == pytest.approx((rate / 16,) * 4 + (last,), rel=EXACT)
     assert (rate / 16, last) == pytest.approx((432.45, 426.19), rel=1e-4)
+    assert CONC / rnd == pytest.approx(274.55, rel=1e-4)
+    assert r.fits and r.bottleneck == "concurrency / round trip"
+    assert r.throughput == pytest.approx(CONC / rnd, rel=EXACT)
+    assert 1 - r.throughput / last == pytest.approx(0.3558, rel=1e-3)
+    # Each micro-batch keeps a middle stage busy 16 * 2.3124 = 36.998 ms per 233.110 ms round;
+    # 64 sequences are 4 micro-batches' worth: 4 * 36.998 / 233.110 = 63.5% busy = 274.55 / 432.45.
+    assert 4 * 16 * (dec + pre / 8) / rnd == pytest.approx(r.throughput / (rate / 16), rel=EXACT)
+    assert r.throughput / (rate / 16) == pytest.approx(0.6349, rel=1e-3)
+    # Decode alone (the former C / TPOT) gave 64 / 142.428 ms = 449.35, above the stage bound:
+    # 1 + B TTFT / (O TPOT) = 1 + 16 * 725.453 / (128 * 142.428) = 1.6367 times the true bound.
     assert CONC / tpot == pytest.approx(449.35, rel=1e-4)
-    assert r.fits and r.bottleneck == "stage 4 compute"
-    assert r.throughput == pytest.approx(last, rel=EXACT)
+    assert (CONC / tpot) / r.throughput == pytest.approx(1 + BATCH * ttft / (O * tpot), rel=EXACT)
+    assert 1 + BATCH * ttft / (O * tpot) == pytest.approx(1.6367, rel=1e-4)
+    # The gateway and the simulator run max(5 stages, ceil(64 / 16) = 4) = 5 micro-batch loops.
+    assert Workload().micro_batches(5) == 5
+
+
+@pytest.mark.parametrize("conc,bottleneck,expected", [
+    # 99 / 233.110 ms = 424.69 < 426.19: still the round trip
+    (99, "concurrency / round trip", 424.69),
+    # 100 / 233.110 ms = 428.98 > 426.19: the last stage (LM head) binds again
+    (100, "stage 4 compute", 426.19),
+])
+def test_worked_example_five_a100s_more_in_flight(conc, bottleneck, expected):
+    # docs/cost-model.md section 12: the stage bound needs C >= 426.19 * 0.233110 = 99.35 sequences.
+    # TPOT, TTFT and the round trip do not depend on C; the KV cache does: at C = 100 a layer takes
+    # 1,711,308,800 + 100 * 640 * 4096 = 1,973,452,800 B, the last stage 16 * 1,973,452,800
+    # + 524,304,384 = 32,099,549,184 B of its 35,907,725,312: 16 layers per stage still fit
+    # (at most 18 in the middle, 17 at either end).
+    c = loads_cluster(FIVE)
+    r = evaluate_pipeline(c, CostCache(m70(), Workload(concurrency=conc)), ["n0", "n1", "n2", "n3", "n4"],
+                          [1] * 5, [16] * 5)
+    dec = (LB70 + BATCH * MEAN_CTX * KV70_TOK) / (A100_BW * ETA_MEM)
+    pre = (2 * P70 * P + 2 * P * P * HD70 * NH70) / (A100_F * ETA_F)
+    rate = 1 / (dec / BATCH + pre / O)
+    head_w = (V70 * H70 + H70) * B2
+    head_dec = (head_w + BATCH * V70 * 4) / (A100_BW * ETA_MEM)
+    head_pre = (head_w + V70 * 4) / (A100_BW * ETA_MEM)
+    tpot = ((5e-6 + BATCH * 4 / A100_NVL) + 80 * dec + 4 * (1e-3 + BATCH * H70 * B2 / GBPS)
+            + head_dec + (1e-3 + BATCH * 4 / GBPS))
+    ttft = ((5e-6 + P * 4 / A100_NVL) + 80 * pre + 4 * (1e-3 + P * H70 * B2 / GBPS)
+            + head_pre + (1e-3 + 4 / GBPS))
+    rnd = tpot + BATCH / O * ttft
+    last = 1 / (16 / rate + head_dec / BATCH + head_pre / O)
+    assert 99 < last * rnd < 100                       # 99.35
+    mpl = LB70 + conc * CTX * KV70_TOK
+    assert r.memory_per_gpu[-1] == 16 * mpl + head_w
+    assert r.fits and r.round_s == pytest.approx(rnd, rel=EXACT)
+    assert r.bottleneck == bottleneck
+    assert r.throughput == pytest.approx(min(conc / rnd, last), rel=EXACT)
+    assert r.throughput == pytest.approx(expected, rel=1e-4)
