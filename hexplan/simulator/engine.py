@@ -9,12 +9,15 @@ percentiles or output formats (metrics.py) or where requests come from (workload
   flight, and its prompt + output tokens fit in the KV cache the plan reserved on every stage
   (concurrency x (P + O) tokens of the plan's workload). A request that could never fit is
   rejected at arrival.
-* Continuous batching, as the gateway does it: a pipeline runs ``loops`` micro-batch loops (one
-  per stage by default). An iteration of a loop is a step: admit waiting requests (up to
-  ``prefill_budget`` prompt tokens per step; the first prompt always fits), then send the batch
-  through coordinator link -> stage 0 -> link -> stage 1 -> ... -> last stage -> link back to
-  the coordinator. Every stage and every link is a FIFO server. A step yields one token for
-  each of its sequences; a request's first token comes from the step that prefilled it.
+* Continuous batching, as the gateway does it: a pipeline runs ``loops`` micro-batch loops
+  (max(stages, concurrency / batch) by default). An iteration of a loop is a step: admit waiting
+  requests (up to ``prefill_budget`` prompt tokens per step; the first prompt always fits), then
+  send the batch through coordinator link -> stage 0 -> link -> stage 1 -> ... -> last stage ->
+  link back to the coordinator. Every stage and every link is a FIFO server. A step yields one
+  token for each of its sequences; a request's first token comes from the step that prefilled
+  it. (With fixed output lengths and a queue, a freed slot is refilled by its loop's next step,
+  so which steps carry prompts repeats with the output length and is set by how the pipeline
+  filled: docs/simulator.md, "Fixed lengths".)
 * Service times come from hexplan.costmodel (the planner's own functions):
     stage s:  l_s * (decode_layer_time(n_dec, mean context) + sum of prefill_layer_time(p))
               (+ lm_head_time(n_dec + n_prefill) on the last stage)
