@@ -26,6 +26,18 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def traffic_args(parser) -> None:
+    """The traffic flags `simulate` and `compare` share (see hexplan.simulator.WorkloadSpec)."""
+    parser.add_argument("--workload", help="trace file: JSON lines {arrival_s, prompt_tokens, output_tokens}; "
+                                           "replayed, or with --rate the source of the lengths")
+    parser.add_argument("--rate", type=float, help="requests/s (Poisson or gamma arrivals)")
+    parser.add_argument("--duration", type=float, help="seconds of traffic (default 600 with --rate; a trace: its last arrival)")
+    parser.add_argument("--prompt-len", help="prompt tokens: N, A-B (uniform) or trace (default: the plan's workload)")
+    parser.add_argument("--output-len", help="output tokens: N, A-B (uniform) or trace (default: the plan's workload)")
+    parser.add_argument("--arrival", choices=("poisson", "gamma"), help="arrival process with --rate (default poisson)")
+    parser.add_argument("--cv", type=float, default=2.0, help="gamma arrivals: coefficient of variation of the gaps (default 2)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="hexplan", description="Place and serve LLMs on heterogeneous GPU clusters.")
     p.add_argument("--version", action="version", version=f"hexplan {__version__}")
@@ -63,13 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "the best predicted request rate for 300 s), so throughput is each plan's capacity.")
     cp.add_argument("cluster", help="cluster YAML file")
     cp.add_argument("--model", "-m", required=True, help="built-in model name or a HF config.json")
-    cp.add_argument("--workload", help="trace file (JSON lines) to replay")
-    cp.add_argument("--rate", type=float, help="requests/s (online, Poisson or gamma arrivals)")
-    cp.add_argument("--duration", type=float, help="seconds of traffic (default 600 with --rate)")
-    cp.add_argument("--prompt-len", help="prompt tokens: N, A-B or trace (default: the workload's)")
-    cp.add_argument("--output-len", help="output tokens: N, A-B or trace (default: the workload's)")
-    cp.add_argument("--arrival", choices=("poisson", "gamma"), help="arrival process with --rate")
-    cp.add_argument("--cv", type=float, default=2.0, help="gamma arrivals: coefficient of variation (default 2)")
+    traffic_args(cp)
     cp.add_argument("--planners", help="comma-separated subset (default: all)")
     cp.add_argument("--budget-per-hour", type=float, help="also plan homogeneous clusters of this list price ($/hour)")
     cp.add_argument("--time-limit", type=float, default=30.0, help="seconds per planner (default 30)")
@@ -92,14 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "batching, KV admission, FIFO stages and links. See docs/simulator.md.")
     sm.add_argument("plan", help="plan file (YAML or JSON)")
     sm.add_argument("--cluster", required=True, help="the cluster the plan runs on")
-    sm.add_argument("--workload", help="trace file: JSON lines {arrival_s, prompt_tokens, output_tokens}; replayed, "
-                                       "or with --rate/--sweep-rate the source of the lengths")
-    sm.add_argument("--rate", type=float, help="requests/s (Poisson or gamma arrivals)")
-    sm.add_argument("--duration", type=float, help="seconds of traffic (default 600 with --rate; a trace: its last arrival)")
-    sm.add_argument("--prompt-len", help="prompt tokens: N, A-B (uniform) or trace (default: the plan's workload)")
-    sm.add_argument("--output-len", help="output tokens: N, A-B (uniform) or trace (default: the plan's workload)")
-    sm.add_argument("--arrival", choices=("poisson", "gamma"), help="arrival process with --rate (default poisson)")
-    sm.add_argument("--cv", type=float, default=2.0, help="gamma arrivals: coefficient of variation of the gaps (default 2)")
+    traffic_args(sm)
     sm.add_argument("--warmup", type=float, help="seconds left out of the measurement (default 10%% of the duration)")
     sm.add_argument("--seed", type=int, default=0, help="random seed (default 0); same seed, same result")
     sm.add_argument("--slo-ttft-ms", type=float, help="time to first token objective (ms)")
