@@ -235,6 +235,7 @@ class Gateway:
                     r.finished = True
                     self._retire_locked(r)
                 budget = self.prefill_tokens
+                admitted = False
                 in_flight = sum(len(g) for g in p.groups if g is not group) + len(keep)
                 while p.pending and len(keep) < self.max_batch and in_flight < self.concurrency:
                     r = p.pending[0]
@@ -244,8 +245,9 @@ class Gateway:
                         self._retire_locked(r)
                         continue
                     n = len(r.context())
-                    if n > budget and keep:
+                    if n > budget and admitted:  # the first prompt of a step always fits
                         break
+                    admitted = True
                     budget -= n
                     in_flight += 1
                     keep.append(p.pending.popleft())
