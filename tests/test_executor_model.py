@@ -21,6 +21,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 safetensors = pytest.importorskip("safetensors")
+pytest.importorskip("safetensors.torch")
 
 from hexplan.executor import model as model_mod  # noqa: E402
 from hexplan.executor.distributed import (TPContext, broadcast_message, destroy_tp,  # noqa: E402
@@ -483,7 +484,10 @@ def broadcast_worker(rank, port, results):
             except ValueError as e:
                 error = str(e)
             after = broadcast_message(ctx, None, None)
-            results.put(("rank1", obj, tensors, error, after))
+            # Tensors go back as safetensors bytes: a tensor put on a torch queue is shared
+            # by file descriptor, which is gone if this process exits before the parent reads.
+            packed = safetensors.torch.save({f"t{i}": t.contiguous() for i, t in enumerate(tensors)})
+            results.put(("rank1", obj, packed, error, after))
         destroy_tp(ctx)
     except BaseException:
         results.put(("error", traceback.format_exc()))
@@ -502,7 +506,9 @@ def test_broadcast_message_round_trip():
         got = dict((r[0], r[1:]) for r in (results.get(timeout=60) for _ in procs))
         assert "error" not in got, got["error"][0]
         assert "TypeError" in got["rank0"][0]
-        obj, tensors, error, after = got["rank1"]
+        obj, packed, error, after = got["rank1"]
+        loaded = safetensors.torch.load(packed)
+        tensors = [loaded[f"t{i}"] for i in range(len(loaded))]
         assert obj == BROADCAST_OBJ
         assert "rank 0 failed" in error
         assert after == ({"after": 1}, [])
