@@ -7,10 +7,12 @@
 * Continuous batching, on the schedule the plan was made for (its workload): each pipeline runs
   one loop per micro-batch (max(stages, concurrency / batch_size), so every stage has work while
   the others compute), each of up to batch_size sequences, at most `concurrency` in flight per
-  pipeline. Every iteration a loop admits waiting requests (about one prompt per step: a budget
-  of the workload's prompt length, the first prompt always fits; prompts are prefilled in the
-  same step as the running requests' decode tokens), sends the ragged batch down the pipeline,
-  samples one token per request from the returned logits, streams it, and retires finished
+  pipeline. Every iteration a loop admits waiting requests and sends one ragged batch down the
+  pipeline: a token for each decoding sequence plus prompt chunks (chunked prefill: at most
+  B P / O prompt tokens per step, the workload's share, while the loop has sequences decoding,
+  so steps cost about the same and no stage waits on a long one; a whole prompt when nothing
+  is decoding; `_schedule_locked`). It then samples one token for each sequence whose context
+  is now all cached (a prompt's last chunk, or a decode step), streams it, and retires finished
   requests (their KV caches are released on every stage).
 * Faults: when a pipeline's step fails, its stages are probed, nodes that do not answer are
   marked down, every pipeline using them stops, and their requests move to a live pipeline,
@@ -121,15 +123,19 @@ def _load_tokenizer(checkpoint: str):
 
 class Gateway:
     def __init__(self, plan: Plan, checkpoint: str, node_addresses: dict, tls: Tls | None = None,
-                 dtype: str = "float32", max_batch: int | None = None, prefill_tokens: int | None = None):
+                 dtype: str = "float32", max_batch: int | None = None, prefill_tokens: int | None = None,
+                 prefill_chunk: int | None = None):
         self.plan, self.checkpoint, self.tls, self.dtype = plan, str(checkpoint), tls, dtype
         self.node_addresses = dict(node_addresses)
         # The plan's workload sets the schedule the planner assumed: micro-batches of batch_size
-        # sequences, at most `concurrency` in flight per pipeline, about one prompt per step.
+        # sequences, at most `concurrency` in flight per pipeline, prompts prefilled in chunks
+        # of B P / O tokens per step (a whole prompt when nothing else is decoding).
         self.workload = plan_assumptions(plan).workload
         self.max_batch = max_batch or self.workload.batch_size
         self.concurrency = max(self.workload.concurrency, self.max_batch)
         self.prefill_tokens = prefill_tokens or self.workload.prompt_tokens
+        self.prefill_chunk = prefill_chunk or self.workload.prefill_chunk
+        self.partial_chunks = 0        # prompt chunks sent that were not their prompt's last
         self.config = check_checkpoint(self.checkpoint, plan.model)
         self.vocab = int(self.config["vocab_size"])
         self.context_limit = int(self.config.get("max_position_embeddings") or plan.model.max_position_embeddings)
@@ -234,30 +240,10 @@ class Gateway:
                 for r in to_release:
                     r.finished = True
                     self._retire_locked(r)
-                budget = self.prefill_tokens
-                admitted = False
-                in_flight = sum(len(g) for g in p.groups if g is not group) + len(keep)
-                while p.pending and len(keep) < self.max_batch and in_flight < self.concurrency:
-                    r = p.pending[0]
-                    if r.cancelled.is_set():
-                        p.pending.popleft()
-                        r.finished = True
-                        self._retire_locked(r)
-                        continue
-                    n = len(r.context())
-                    if n > budget and admitted:  # the first prompt of a step always fits
-                        break
-                    admitted = True
-                    budget -= n
-                    in_flight += 1
-                    keep.append(p.pending.popleft())
+                running = self._schedule_locked(p, group, keep)
                 group[:] = keep
-                if not keep:
-                    if not to_release:
-                        self.cv.wait(0.05)
-                    running = []
-                else:
-                    running = list(keep)
+                if not keep and not to_release:
+                    self.cv.wait(0.05)
             if to_release:
                 self._release(p, [r for r in to_release if r.cached > 0])
             if not running:
@@ -267,23 +253,64 @@ class Gateway:
                     group.clear()
                 return
 
-    def _step(self, p: Pipeline, running: list[Request]) -> bool:
+    def _schedule_locked(self, p: Pipeline, group: list, keep: list[Request]) -> list[tuple[Request, int]]:
+        """One step of a loop: (request, tokens) for each sequence it carries. Decoding
+        sequences bring their one new token; prompts (and contexts being prefilled again after
+        a failover) are prefilled in chunks of at most ``prefill_chunk`` tokens per step while
+        the loop has sequences decoding, so every step costs about the same and no stage waits
+        on a long one; with nothing decoding the first prompt goes whole (no one to stall).
+        Admits waiting requests (appended to ``keep``) while the step has batch room, the
+        pipeline is under its concurrency and prompt budget is left."""
+        remaining = lambda r: len(r.prompt) + len(r.generated) - r.cached
+        if any(remaining(r) == 1 for r in keep):
+            budget = self.prefill_chunk
+        else:
+            first = next((r for r in keep if remaining(r) > 1), None)
+            if first is None and p.pending:
+                first = p.pending[0]
+            budget = max(self.prefill_tokens, remaining(first) if first is not None else 0)
+        step = []
+        for r in keep:
+            n = remaining(r)
+            take = n if n <= 1 else min(n, budget)
+            if n > 1:
+                budget -= take
+            if take > 0:
+                step.append((r, take))
+        in_flight = sum(len(g) for g in p.groups if g is not group) + len(keep)
+        while p.pending and budget > 0 and len(keep) < self.max_batch and in_flight < self.concurrency:
+            r = p.pending.popleft()
+            if r.cancelled.is_set():
+                r.finished = True
+                self._retire_locked(r)
+                continue
+            take = min(remaining(r), budget)
+            budget -= take
+            in_flight += 1
+            keep.append(r)
+            step.append((r, take))
+        return step
+
+    def _step(self, p: Pipeline, running: list[tuple[Request, int]]) -> bool:
         chunks, tokens = [], []
-        for r in running:
+        for r, n in running:
             ctx = r.context()
-            chunks.append(pb.SeqChunk(request_id=r.id, start=r.cached, length=len(ctx) - r.cached))
-            tokens += ctx[r.cached:]
+            chunks.append(pb.SeqChunk(request_id=r.id, start=r.cached, length=n))
+            tokens += ctx[r.cached:r.cached + n]
         req = pb.ForwardRequest(chunks=chunks, inputs=to_proto(torch.tensor(tokens, dtype=torch.int64)),
                                 downstream=p.stages[1:])
         try:
             resp = self.stub(p.stages[0]).Forward(req, timeout=STEP_TIMEOUT_S)
             logits = from_proto(resp.logits)
         except grpc.RpcError as e:
-            self._pipeline_failed(p, running, f"{e.code().name}: {e.details()}")
+            self._pipeline_failed(p, [r for r, _ in running], f"{e.code().name}: {e.details()}")
             return False
         done = []
-        for r, row in zip(running, logits):
-            r.cached = len(r.context())
+        for (r, n), row in zip(running, logits):
+            r.cached += n
+            if r.cached < len(r.context()):
+                self.partial_chunks += 1   # a prompt chunk that is not its last: no token yet
+                continue
             if r.cancelled.is_set():
                 continue
             tok = sample(row, r.sampling)

@@ -51,7 +51,8 @@ class Launch:
     """Processes and the gateway started for one plan; ``close()`` stops all of them."""
 
     def __init__(self, plan: Plan, checkpoint: str, listen: str = "127.0.0.1:0", tls: Tls | None = None,
-                 dtype: str = "float32", threads: int | None = None, max_batch: int | None = None):
+                 dtype: str = "float32", threads: int | None = None, max_batch: int | None = None,
+                 prefill_chunk: int | None = None):
         self.nodes: dict = {}
         self.server = None
         self.gateway = None
@@ -68,7 +69,7 @@ class Launch:
             for n in names:
                 self.nodes[n] = start_node(n, host, threads, tls)
             self.gateway = Gateway(plan, checkpoint, {n: a for n, (_, a) in self.nodes.items()}, tls, dtype,
-                                   max_batch=max_batch)
+                                   max_batch=max_batch, prefill_chunk=prefill_chunk)
             self.gateway.start()
             self.server, self.port = serve_gateway(self.gateway, listen, tls)
             self.address = f"{host}:{self.port}"

@@ -107,7 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--sweep-rate", action="store_true",
                     help="binary-search the highest request rate whose run meets the SLO at --slo-percentile")
     sm.add_argument("--slo-percentile", type=int, choices=(50, 90, 99), default=90, help="percentile the SLO applies to in a sweep (default 90)")
-    sm.add_argument("--prefill-budget", type=int, help="prompt tokens admitted per step (default: the plan's prompt length, as the gateway)")
+    sm.add_argument("--prefill-budget", type=int,
+                    help="prompt tokens of a step whose loop has nothing decoding (default: the plan's prompt length; "
+                         "the first prompt always goes whole), as the gateway")
+    sm.add_argument("--prefill-chunk", type=int,
+                    help="prompt tokens of a step whose loop has sequences decoding (chunked prefill; default "
+                         "batch x prompt / output tokens of the plan's workload), as the gateway")
     sm.add_argument("--loops", type=int, help="micro-batch loops per pipeline (default: max(stages, concurrency / batch), as the gateway)")
     sm.add_argument("--json", action="store_true", help="print the results as JSON")
     sm.add_argument("--plot", help="write a PNG: latency CDFs, or throughput/latency against rate for a sweep")
@@ -131,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--nodes", default="", help="node addresses NAME=HOST:PORT,... (default: the plan's cluster section)")
     sv.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     sv.add_argument("--max-batch", type=int, help="sequences per micro-batch (default: the plan's batch_size)")
+    sv.add_argument("--prefill-chunk", type=int,
+                    help="prompt tokens per step while a micro-batch has sequences decoding (chunked prefill; "
+                         "default batch x prompt / output tokens of the plan's workload)")
     tls_args(sv)
 
     la = sub.add_parser("launch", help="start every node executor of a plan and the gateway on this host")
@@ -392,9 +400,14 @@ def cmd_serve(args) -> int:
         if not sep:
             raise SpecError(f"expected NAME=HOST:PORT, got {item!r}", field="--nodes")
         nodes[name.strip()] = _listen(addr.strip(), "--nodes")
+    for flag in ("max_batch", "prefill_chunk"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            raise SpecError(f"must be a positive integer, got {v}", field="--" + flag.replace("_", "-"))
     tls = _tls(args)
     try:
-        gw = Gateway(plan, args.checkpoint, nodes, tls, args.dtype, max_batch=args.max_batch)
+        gw = Gateway(plan, args.checkpoint, nodes, tls, args.dtype, max_batch=args.max_batch,
+                     prefill_chunk=args.prefill_chunk)
         gw.start()
     except GatewayError as e:
         raise HexplanError(str(e)) from None

@@ -60,6 +60,15 @@ class Workload:
         work (the gateway and the simulator both run this many loops)."""
         return max(stages, -(-self.concurrency // self.batch_size))
 
+    @property
+    def prefill_chunk(self) -> int:
+        """Prompt tokens a micro-batch step carries while it has sequences decoding (chunked
+        prefill): B * P / O, the share of prompts a full micro-batch needs per step in steady
+        state (B sequences, each ending after O steps, each bringing P prompt tokens). Steps
+        then cost about the same, which is what keeps a pipeline's stages busy; a step with
+        nothing decoding takes its first prompt whole (no stall to avoid, lowest TTFT)."""
+        return -(-self.batch_size * self.prompt_tokens // self.output_tokens)
+
     def to_dict(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "output_tokens": self.output_tokens,
                 "batch_size": self.batch_size, "concurrency": self.concurrency}

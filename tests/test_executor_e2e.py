@@ -94,6 +94,16 @@ def test_eight_concurrent_requests_two_pipelines(ckpt):
         assert r["token_ids"] == hf_greedy(ckpt, p, n), f"prompt {p}"
 
 
+def test_chunked_prefill_is_token_identical(ckpt):
+    # A prefill chunk of 3 tokens: prompts of up to 20 tokens are prefilled over several steps
+    # while other sequences decode, through a TP-2 stage and a TP-1 stage.
+    with Launch(plan(ckpt, [("a", 2, 0, 2), ("b", 1, 2, 6)]), ckpt, prefill_chunk=3) as L:
+        results = concurrent(L.address, PROMPTS, NEW)
+        assert L.gateway.partial_chunks > 0, "no prompt was chunked"
+    for p, n, r in zip(PROMPTS, NEW, results):
+        assert r["token_ids"] == hf_greedy(ckpt, p, n), f"prompt {p}"
+
+
 # ---- faults ----------------------------------------------------------------------------------
 
 def test_killed_node_requests_finish_on_surviving_pipeline(ckpt):

@@ -53,7 +53,8 @@ _CACHE_LIMIT = 200_000
 
 @dataclass(frozen=True)
 class EngineOptions:
-    prefill_budget: int | None = None  # prompt tokens admitted per step; None: the workload's prompt length
+    prefill_budget: int | None = None  # prompt tokens of a step with nothing decoding; None: the workload's prompt length
+    prefill_chunk: int | None = None   # prompt tokens of a step with sequences decoding; None: Workload.prefill_chunk
     loops: int | None = None       # micro-batch loops per pipeline; None: Workload.micro_batches (the gateway's rule)
 
 
@@ -109,7 +110,7 @@ class _Kind:
 
 
 class _Loop:
-    __slots__ = ("k", "n_dec", "sum_p", "sum_j", "finish", "new")
+    __slots__ = ("k", "n_dec", "sum_p", "sum_j", "finish", "new", "pre")
 
     def __init__(self):
         self.k = 0          # index of the step in flight (steps completed so far)
@@ -117,7 +118,8 @@ class _Loop:
         self.sum_p = 0      # their prompt tokens
         self.sum_j = 0      # the steps that prefilled them (context at step k: p + k - j)
         self.finish: dict = {}   # step index -> requests whose last token it produces
-        self.new: list = []      # requests prefilled by the step in flight
+        self.new: list = []      # requests whose prefill the step in flight finishes
+        self.pre: deque = deque()  # [request, prompt tokens not yet prefilled], admission order
 
 
 class _Pipe:
@@ -183,6 +185,8 @@ class Engine:
             pp.kv_cap = workload.concurrency * workload.context
             pp.n_loops = options.loops or workload.micro_batches(len(nodes))
             self.pipes.append(pp)
+        self.whole = options.prefill_budget or workload.prompt_tokens
+        self.chunk = options.prefill_chunk or workload.prefill_chunk
         self.shared = [u > 1 for u in users]
         self.n_res = len(users)
         self.weights = [max(0.0, p.weight) for p in plan.pipelines]
@@ -291,41 +295,65 @@ class Engine:
     def _start(self, pipe: _Pipe, g: int, now: float) -> bool:
         """Admit into loop g and send its step down the pipeline; False when it has nothing to run."""
         lp = pipe.loops[g]
-        new = []
-        room = pipe.batch - lp.n_dec
+        n_dec = lp.n_dec
+        pre = lp.pre
+        prompt = self.prompt
+        # Chunked prefill: the step carries up to `budget` prompt tokens, first for prompts
+        # already being prefilled, then for newly admitted ones. With nothing decoding, the
+        # first prompt goes whole (nothing to stall).
+        budget = self.chunk
+        if not n_dec:
+            first = pre[0][1] if pre else (prompt[pipe.pending[0]] if pipe.pending else 0)
+            budget = max(budget, self.whole, first)
+        chunks = []                          # (request, tokens) in this step
+        new = []                             # requests whose prompt this step finishes
+        for item in pre:
+            if budget <= 0:
+                break
+            take = item[1] if item[1] < budget else budget
+            chunks.append((item[0], take))
+            budget -= take
+            item[1] -= take
+        while pre and pre[0][1] == 0:
+            new.append(pre.popleft()[0])
+        room = pipe.batch - n_dec - len(pre) - len(new)
         pend = pipe.pending
-        if room > 0 and pend:
-            prompt, output = self.prompt, self.output
-            budget, ptoks = self.options.prefill_budget or self.workload.prompt_tokens, 0
-            while pend and room > 0 and pipe.inflight < pipe.conc:
+        if room > 0 and pend and budget > 0:
+            output = self.output
+            while pend and room > 0 and budget > 0 and pipe.inflight < pipe.conc:
                 r = pend[0]
                 p = prompt[r]
                 need = p + output[r]
-                if pipe.kv_used + need > pipe.kv_cap or (ptoks and ptoks + p > budget):
+                if pipe.kv_used + need > pipe.kv_cap:
                     break
                 pend.popleft()
-                new.append(r)
-                ptoks += p
+                take = p if p < budget else budget
+                chunks.append((r, take))
+                budget -= take
+                if take == p:
+                    new.append(r)
+                else:
+                    pre.append([r, p - take])
                 room -= 1
                 pipe.inflight += 1
                 pipe.kv_used += need
-        n_dec = lp.n_dec
-        if not new and not n_dec:
+        if not chunks and not n_dec:
             heapq.heappush(pipe.idle, g)
             return False
         lp.new = new
         n_new = len(new)
         # Per-layer time of this batch on each kind of stage: one decode step of the running
-        # sequences at their mean context, plus the prefill of each admitted prompt.
+        # sequences at their mean context, plus each prompt chunk's share of its prompt's
+        # prefill (tokens / prompt tokens: chunking spreads a prompt's cost, it adds none).
         ctx_sum = lp.sum_p + n_dec * lp.k - lp.sum_j
-        prompt = self.prompt
         per_layer = []
         for kind in pipe.kinds:
             t = kind.decode(n_dec, ctx_sum) if n_dec else 0.0
-            for r in new:
-                t += kind.prefill(prompt[r])
+            for r, take in chunks:
+                p = prompt[r]
+                t += kind.prefill(p) if take == p else kind.prefill(p) * take / p
             per_layer.append(t)
-        tokens_in = n_dec + (sum(prompt[r] for r in new) if new else 0)
+        tokens_in = n_dec + sum(take for _, take in chunks)
         links = pipe.links
         lk = links[0]
         # Links: the message holds the link for bytes / bandwidth (send_time without latency);
