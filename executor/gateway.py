@@ -2,8 +2,10 @@
 
 * Start: check the checkpoint against the plan's model, ask every node executor to load its
   stages (``LoadShard``), load the tokenizer if the checkpoint has one.
-* Routing: a new request goes to the live pipeline with the least load per unit of routing
-  weight (the plan's max-flow shares).
+* Routing: a new request goes to the live pipeline with the shortest expected delay
+  (hexplan.dispatch: the plan's predicted latency while a pipeline is lightly loaded, its
+  share of the plan's throughput by the max-flow weights once it is not; a plan without
+  predictions: least load per unit of weight). The simulator routes the same way.
 * Continuous batching, on the schedule the plan was made for (its workload): each pipeline runs
   one loop per micro-batch (max(stages, concurrency / batch_size), so every stage has work while
   the others compute), each of up to batch_size sequences, at most `concurrency` in flight per
@@ -38,6 +40,7 @@ from pathlib import Path
 import grpc
 import torch
 
+from hexplan.dispatch import Dispatcher
 from hexplan.models import ModelSpec
 from hexplan.plan import Plan
 from hexplan.validate import plan_assumptions
@@ -136,6 +139,7 @@ class Gateway:
         self.prefill_tokens = prefill_tokens or self.workload.prompt_tokens
         self.prefill_chunk = prefill_chunk or self.workload.prefill_chunk
         self.partial_chunks = 0        # prompt chunks sent that were not their prompt's last
+        self.dispatcher = Dispatcher.for_plan(plan, self.workload.output_tokens)
         self.config = check_checkpoint(self.checkpoint, plan.model)
         self.vocab = int(self.config["vocab_size"])
         self.context_limit = int(self.config.get("max_position_embeddings") or plan.model.max_position_embeddings)
@@ -211,7 +215,8 @@ class Gateway:
                             "no pipeline is available: every pipeline has a node that is down "
                             f"({', '.join(sorted(self.down_nodes)) or 'none loaded'})"))
             return
-        p = min(live, key=lambda p: ((p.load + 1) / max(p.weight, 1e-6), p.index))
+        i = self.dispatcher.choose([q.load for q in self.pipelines], [q.alive for q in self.pipelines])
+        p = self.pipelines[i] if i >= 0 else min(live, key=lambda q: (q.load, q.index))   # live, weight 0
         req.pipeline, req.cached = p, 0
         p.load += 1
         p.served += 1

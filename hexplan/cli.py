@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--prefill-chunk", type=int,
                     help="prompt tokens of a step whose loop has sequences decoding (chunked prefill; default "
                          "batch x prompt / output tokens of the plan's workload), as the gateway")
+    sm.add_argument("--routing", choices=("delay", "weights"), default="delay",
+                    help="delay: shortest expected delay, as the gateway (default); weights: random by the plan's weights")
     sm.add_argument("--loops", type=int, help="micro-batch loops per pipeline (default: max(stages, concurrency / batch), as the gateway)")
     sm.add_argument("--json", action="store_true", help="print the results as JSON")
     sm.add_argument("--plot", help="write a PNG: latency CDFs, or throughput/latency against rate for a sweep")

@@ -58,7 +58,8 @@ def run_simulate(args) -> int:
         spec = _workload(args, trace)
         ms = lambda v: v / 1e3 if v is not None else None
         slo = sim.Slo(ttft_s=ms(args.slo_ttft_ms), tpot_s=ms(args.slo_tpot_ms), e2e_s=args.slo_e2e_s)
-        opts = dict(prefill_budget=args.prefill_budget, loops=args.loops, prefill_chunk=args.prefill_chunk)
+        opts = dict(prefill_budget=args.prefill_budget, loops=args.loops, prefill_chunk=args.prefill_chunk,
+                    routing=args.routing)
         if args.sweep_rate:
             if not slo:
                 raise SpecError("a rate sweep needs an objective: give --slo-ttft-ms, --slo-tpot-ms or --slo-e2e-s",

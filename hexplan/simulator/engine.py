@@ -3,7 +3,9 @@
 The engine knows plans, the cluster's links and the cost model; it knows nothing about
 percentiles or output formats (metrics.py) or where requests come from (workload.py).
 
-* Routing: each arrival goes to pipeline i with probability weight_i (seeded).
+* Routing: each arrival goes to the pipeline with the shortest expected delay
+  (hexplan.dispatch, as the gateway: the fastest pipelines at light load, the plan's weights
+  under heavy load), or with ``routing="weights"`` to pipeline i with probability weight_i (seeded).
 * Admission, per pipeline, first come first served: a request waits in the pipeline's queue
   until a loop has room (< batch_size sequences), the pipeline has < concurrency sequences in
   flight, and its prompt + output tokens fit in the KV cache the plan reserved on every stage
@@ -44,6 +46,7 @@ from itertools import accumulate
 from ..cluster import Cluster
 from ..costmodel import (TOKEN_ID_BYTES, CostParams, Workload, decode_layer_time, lm_head_time,
                          prefill_layer_time, send_time)
+from ..dispatch import Dispatcher
 from ..plan import Plan
 from .workload import RequestStream
 
@@ -56,6 +59,7 @@ class EngineOptions:
     prefill_budget: int | None = None  # prompt tokens of a step with nothing decoding; None: the workload's prompt length
     prefill_chunk: int | None = None   # prompt tokens of a step with sequences decoding; None: Workload.prefill_chunk
     loops: int | None = None       # micro-batch loops per pipeline; None: Workload.micro_batches (the gateway's rule)
+    routing: str = "delay"         # "delay": shortest expected delay (the gateway's); "weights": random by weight
 
 
 @dataclass
@@ -125,12 +129,12 @@ class _Loop:
 class _Pipe:
     __slots__ = ("index", "stage_kind", "stage_layers", "kinds", "head", "head_cache", "links", "chain", "delay",
                  "act_bytes", "batch", "conc", "kv_cap", "n_loops", "loops", "idle", "pending", "inflight",
-                 "kv_used")
+                 "kv_used", "n_sys")
 
 
 class Engine:
     def __init__(self, plan: Plan, cluster: Cluster, workload: Workload, params: CostParams,
-                 options: EngineOptions = EngineOptions()):
+                 options: EngineOptions = EngineOptions(), dispatcher: Dispatcher | None = None):
         self.model, self.params, self.options, self.workload = plan.model, params, options, workload
         coord = cluster.coordinator_node.name
         kinds: dict = {}
@@ -190,6 +194,9 @@ class Engine:
         self.shared = [u > 1 for u in users]
         self.n_res = len(users)
         self.weights = [max(0.0, p.weight) for p in plan.pipelines]
+        if options.routing not in ("delay", "weights"):
+            raise ValueError(f"routing must be 'delay' or 'weights', got {options.routing!r}")
+        self.dispatcher = dispatcher or Dispatcher(self.weights)
 
     # ---- one run ------------------------------------------------------------------------
     def run(self, stream: RequestStream, window: tuple[float, float], seed: int = 0) -> EngineStats:
@@ -197,7 +204,7 @@ class Engine:
             pipe.loops = [_Loop() for _ in range(pipe.n_loops)]
             pipe.idle = list(range(pipe.n_loops))   # a heap: the lowest idle loop is woken first
             pipe.pending = deque()
-            pipe.inflight = pipe.kv_used = 0
+            pipe.inflight = pipe.kv_used = pipe.n_sys = 0
         self.free = [0.0] * self.n_res
         self.busy = [0.0] * self.n_res
         self.heap: list = []
@@ -216,6 +223,8 @@ class Engine:
         cum = list(accumulate(self.weights))
         total = cum[-1]
         route = random.Random(f"{seed}:routing")
+        by_delay = self.options.routing == "delay"
+        choose = self.dispatcher.choose
         kv_cap = self.pipes[0].kv_cap
         horizon = stream.horizon if stream.horizon > 0 else math.inf
 
@@ -253,8 +262,12 @@ class Engine:
                 self.prompt.append(p)
                 self.output.append(o)
                 self.first.append(math.nan)
-                pi = min(bisect_right(cum, route.random() * total), n - 1)
+                if by_delay:
+                    pi = choose([q.n_sys for q in pipes])
+                else:
+                    pi = min(bisect_right(cum, route.random() * total), n - 1)
                 pipe = pipes[pi]
+                pipe.n_sys += 1
                 st.pipe_routed[pi] += 1
                 self._count(now, +1)
                 pipe.pending.append(r)
@@ -442,6 +455,7 @@ class Engine:
 
     def _complete(self, pipe: _Pipe, r: int, now: float, in_window: bool) -> None:
         pipe.inflight -= 1
+        pipe.n_sys -= 1
         pipe.kv_used -= self.prompt[r] + self.output[r]
         self._count(now, -1)
         if in_window:

@@ -12,6 +12,7 @@ from ..cluster import Cluster, load_cluster
 from ..errors import SpecError
 from ..evaluate import CostCache, evaluate_plan_pipelines
 from ..plan import Plan, load_plan
+from ..dispatch import Dispatcher
 from ..validate import plan_assumptions, validate_plan
 from .engine import Engine, EngineOptions
 from .metrics import SimResult, Slo, summarise
@@ -20,19 +21,20 @@ from .workload import RequestStream, WorkloadSpec, mean_output_tokens
 
 def simulate(plan: Plan | str, cluster: Cluster | str, workload_spec: WorkloadSpec, seed: int = 0, *,
              slo: Slo | None = None, prefill_budget: int | None = None, loops: int | None = None,
-             prefill_chunk: int | None = None, keep_samples: bool = True) -> SimResult:
+             prefill_chunk: int | None = None, routing: str = "delay", keep_samples: bool = True) -> SimResult:
     """Replay ``workload_spec`` against ``plan`` on ``cluster`` (objects or file paths).
 
     ``slo`` defaults to the plan's own SLOs (``assumptions.slo_*``) where it has them.
     The scheduler, as the gateway runs it: ``loops`` micro-batch loops per pipeline (default
     Workload.micro_batches), ``prefill_chunk`` prompt tokens per step while a loop has sequences
     decoding (default Workload.prefill_chunk) and ``prefill_budget`` when it has none (default
-    the workload's prompt length; the first prompt of such a step always goes whole).
+    the workload's prompt length; the first prompt of such a step always goes whole), and
+    ``routing``: "delay" (shortest expected delay, hexplan.dispatch) or "weights" (random by weight).
     Raises SpecError when the plan does not fit the cluster or an input is out of range.
     """
     plan = load_plan(plan) if not isinstance(plan, Plan) else plan
     cluster = load_cluster(cluster) if not isinstance(cluster, Cluster) else cluster
-    setup = _setup(plan, cluster, workload_spec, slo, prefill_budget, loops, prefill_chunk)
+    setup = _setup(plan, cluster, workload_spec, slo, prefill_budget, loops, prefill_chunk, routing)
     return _run(setup, workload_spec, seed, keep_samples)
 
 
@@ -46,9 +48,11 @@ class _Setup:
     predicted: float
 
 
-def _setup(plan, cluster, spec, slo, prefill_budget, loops, prefill_chunk=None) -> _Setup:
+def _setup(plan, cluster, spec, slo, prefill_budget, loops, prefill_chunk=None, routing="delay") -> _Setup:
     if not isinstance(spec, WorkloadSpec):
         raise SpecError(f"expected a WorkloadSpec, got {type(spec).__name__}", field="workload_spec")
+    if routing not in ("delay", "weights"):
+        raise SpecError(f"must be 'delay' or 'weights', got {routing!r}", field="routing")
     for name, v, lo in (("prefill_budget", prefill_budget, 1), ("loops", loops, 1),
                         ("prefill_chunk", prefill_chunk, 1)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
@@ -61,10 +65,11 @@ def _setup(plan, cluster, spec, slo, prefill_budget, loops, prefill_chunk=None) 
     asm = plan_assumptions(plan)
     if slo is None:
         slo = Slo(ttft_s=asm.slo_ttft_s, tpot_s=asm.slo_tpot_s)
-    predicted = plan.throughput or sum(
-        m.throughput for m in evaluate_plan_pipelines(cluster, CostCache(plan.model, asm.workload, asm.params),
-                                                      plan.pipelines))
-    engine = Engine(plan, cluster, asm.workload, asm.params, EngineOptions(prefill_budget, prefill_chunk, loops))
+    metrics = evaluate_plan_pipelines(cluster, CostCache(plan.model, asm.workload, asm.params), plan.pipelines)
+    predicted = plan.throughput or sum(m.throughput for m in metrics)
+    dispatcher = Dispatcher.for_plan(plan, asm.workload.output_tokens, metrics)
+    engine = Engine(plan, cluster, asm.workload, asm.params,
+                    EngineOptions(prefill_budget, prefill_chunk, loops, routing), dispatcher)
     return _Setup(plan, engine, asm.workload.prompt_tokens, asm.workload.output_tokens, slo, predicted)
 
 
@@ -124,7 +129,7 @@ def meets(result: SimResult, slo: Slo, percentile: int = 90) -> tuple[bool, str]
 def sweep_rate(plan: Plan | str, cluster: Cluster | str, workload_spec: WorkloadSpec, slo: Slo, seed: int = 0, *,
                percentile: int = 90, start_rate: float | None = None, max_probes: int = 12,
                tolerance: float = 0.02, on_probe=None, prefill_budget: int | None = None,
-               loops: int | None = None, prefill_chunk: int | None = None) -> Sweep:
+               loops: int | None = None, prefill_chunk: int | None = None, routing: str = "delay") -> Sweep:
     """Binary search for the highest Poisson/gamma request rate whose run meets ``slo``.
 
     Starts at ``start_rate`` (default: the plan's predicted tokens/s over the mean output
@@ -140,7 +145,7 @@ def sweep_rate(plan: Plan | str, cluster: Cluster | str, workload_spec: Workload
     if workload_spec.arrival == "trace":
         raise SpecError("a rate sweep draws arrivals at each rate: use poisson or gamma arrivals "
                         "(a trace can still supply the lengths)", field="arrival")
-    s = _setup(plan, cluster, workload_spec, slo, prefill_budget, loops, prefill_chunk)
+    s = _setup(plan, cluster, workload_spec, slo, prefill_budget, loops, prefill_chunk, routing)
     if start_rate is None:
         start_rate = max(s.predicted, 1e-6) / mean_output_tokens(workload_spec, s.prompt, s.output)
     probes: list[Probe] = []
