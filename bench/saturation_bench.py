@@ -5,7 +5,7 @@
 For each plan, four ways to saturate it (an offline batch at t = 0, Poisson arrivals at twice
 the predicted rate; the plan's 512/128 lengths or outputs uniform in 64-192), under the
 gateway's default schedule (chunked prefill: B P / O prompt tokens per step while a loop has
-sequences decoding) and with whole prompts in one step (--prefill-chunk = P). Prints a
+sequences decoding, on pipelines of more than one stage) and with whole prompts in one step (--prefill-chunk = P). Prints a
 markdown table of simulated output tokens/s and the share of the prediction; the results are
 recorded in docs/simulator.md ("Chunked prefill").
 """
@@ -83,7 +83,7 @@ def main() -> int:
             print("| plan | schedule | predicted | " + " | ".join(cols) + " |")
             print("|---" * (3 + len(cols)) + "|")
             header = True
-        for sched, kw in (("chunked (default)", {}), ("whole prompts", {"prefill_chunk": w.prompt_tokens})):
+        for sched, kw in (("default", {}), ("whole prompts", {"prefill_chunk": w.prompt_tokens})):
             cells = []
             for _, spec in cases:
                 res = simulate(plan, cluster, spec, **kw, keep_samples=False)

@@ -7,9 +7,9 @@
   share of the plan's throughput by the max-flow weights once it is not; a plan without
   predictions: least load per unit of weight). The simulator routes the same way.
 * Continuous batching, on the schedule the plan was made for (its workload): each pipeline runs
-  one loop per micro-batch (max(stages, concurrency / batch_size), so every stage has work while
-  the others compute), each of up to batch_size sequences, at most `concurrency` in flight per
-  pipeline. Every iteration a loop admits waiting requests and sends one ragged batch down the
+  one loop per micro-batch (ceil(concurrency / batch_size), so while one micro-batch is on one
+  stage others compute on the next), each of up to batch_size sequences, at most `concurrency`
+  in flight per pipeline. Every iteration a loop admits waiting requests and sends one ragged batch down the
   pipeline: a token for each decoding sequence plus prompt chunks (chunked prefill: at most
   B P / O prompt tokens per step, the workload's share, while the loop has sequences decoding,
   so steps cost about the same and no stage waits on a long one; a whole prompt when nothing
@@ -137,7 +137,7 @@ class Gateway:
         self.max_batch = max_batch or self.workload.batch_size
         self.concurrency = max(self.workload.concurrency, self.max_batch)
         self.prefill_tokens = prefill_tokens or self.workload.prompt_tokens
-        self.prefill_chunk = prefill_chunk or self.workload.prefill_chunk
+        self.prefill_chunk = prefill_chunk     # None: Workload.prefill_chunk(stages), per pipeline
         self.partial_chunks = 0        # prompt chunks sent that were not their prompt's last
         self.dispatcher = Dispatcher.for_plan(plan, self.workload.output_tokens)
         self.config = check_checkpoint(self.checkpoint, plan.model)
@@ -184,7 +184,7 @@ class Gateway:
         for pi, p in enumerate(self.plan.pipelines):
             pl = Pipeline(pi, (p.weight or 0.0) / total_w, [addresses[pi, si] for si in range(len(p.stages))],
                           [s.node for s in p.stages])
-            pl.groups = [[] for _ in range(self.workload.micro_batches(len(p.stages)))]
+            pl.groups = [[] for _ in range(self.workload.micro_batches)]
             self.pipelines.append(pl)
             for gi in range(len(pl.groups)):
                 t = threading.Thread(target=self._loop, args=(pl, gi), daemon=True, name=f"pipeline{pi}-mb{gi}")
@@ -268,7 +268,7 @@ class Gateway:
         pipeline is under its concurrency and prompt budget is left."""
         remaining = lambda r: len(r.prompt) + len(r.generated) - r.cached
         if any(remaining(r) == 1 for r in keep):
-            budget = self.prefill_chunk
+            budget = self.prefill_chunk or self.workload.prefill_chunk(len(p.stages))
         else:
             first = next((r for r in keep if remaining(r) > 1), None)
             if first is None and p.pending:

@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "batch x prompt / output tokens of the plan's workload), as the gateway")
     sm.add_argument("--routing", choices=("delay", "weights"), default="delay",
                     help="delay: shortest expected delay, as the gateway (default); weights: random by the plan's weights")
-    sm.add_argument("--loops", type=int, help="micro-batch loops per pipeline (default: max(stages, concurrency / batch), as the gateway)")
+    sm.add_argument("--loops", type=int, help="micro-batch loops per pipeline (default: ceil(concurrency / batch), as the gateway)")
     sm.add_argument("--json", action="store_true", help="print the results as JSON")
     sm.add_argument("--plot", help="write a PNG: latency CDFs, or throughput/latency against rate for a sweep")
 

@@ -96,20 +96,17 @@ def test_defaults():
 
 
 def test_workload_micro_batches():
-    # max(stages, ceil(C / B)): enough micro-batches of B to hold the concurrency, and at least
-    # one per stage. Defaults: ceil(64 / 16) = 4, so 1-4 stages run 4 loops, 5 stages 5, 8 stages 8.
-    w = Workload()
-    assert [w.micro_batches(k) for k in (1, 2, 3, 4, 5, 6, 8)] == [4, 4, 4, 4, 5, 6, 8]
+    # ceil(C / B): enough micro-batches of B to hold the concurrency, whatever the stage count.
+    assert Workload().micro_batches == 4
     # C not a multiple of B rounds up: ceil(70 / 16) = ceil(4.375) = 5; ceil(100 / 16) = 7.
-    assert Workload(concurrency=70).micro_batches(3) == 5
-    assert Workload(concurrency=100).micro_batches(5) == 7
-    # C = B: one micro-batch holds everything, so the stage count decides: max(1, 1) = 1, max(3, 1) = 3.
-    assert Workload(concurrency=16).micro_batches(1) == 1
-    assert Workload(concurrency=16).micro_batches(3) == 3
+    assert Workload(concurrency=70).micro_batches == 5
+    assert Workload(concurrency=100).micro_batches == 7
+    # C = B: one micro-batch holds everything.
+    assert Workload(concurrency=16).micro_batches == 1
     # ceil(17 / 16) = 2 (one full batch and one of a single sequence).
-    assert Workload(concurrency=17).micro_batches(1) == 2
+    assert Workload(concurrency=17).micro_batches == 2
     # B = 1: one micro-batch per sequence, ceil(64 / 1) = 64.
-    assert Workload(batch_size=1).micro_batches(6) == 64
+    assert Workload(batch_size=1).micro_batches == 64
 
 
 def test_round_trip_adds_b_over_o_prompts_per_round():
@@ -875,8 +872,9 @@ def test_worked_example_five_a100s():
     assert CONC / tpot == pytest.approx(449.35, rel=1e-4)
     assert (CONC / tpot) / r.throughput == pytest.approx(1 + BATCH * ttft / (O * tpot), rel=EXACT)
     assert 1 + BATCH * ttft / (O * tpot) == pytest.approx(1.6367, rel=1e-4)
-    # The gateway and the simulator run max(5 stages, ceil(64 / 16) = 4) = 5 micro-batch loops.
-    assert Workload().micro_batches(5) == 5
+    # The gateway and the simulator run ceil(64 / 16) = 4 micro-batch loops of 16: the stages
+    # idle while they travel, which is this bound.
+    assert Workload().micro_batches == 4
 
 
 @pytest.mark.parametrize("conc,bottleneck,expected", [

@@ -105,8 +105,7 @@ def test_saturation_one_stage():
     plan, cluster = one_gpu_plan()
     res = offline(plan, cluster, 300.0)
     pred = predicted(plan, cluster)            # 473.0 tokens/s, stage 0 compute
-    # 460.6 (0.974): a prompt prefilled in chunks holds its batch slot for P / chunk steps
-    # before its first token, which the cost model's B tokens per step does not count.
+    # 469.6 (0.993): one stage takes whole prompts (Workload.prefill_chunk(1) = P).
     assert res.throughput_tokens_per_s == pytest.approx(pred, rel=0.05)
     assert res.stage_utilisation[0][0] > 0.99
 

@@ -12,8 +12,9 @@ percentiles or output formats (metrics.py) or where requests come from (workload
   (concurrency x (P + O) tokens of the plan's workload). A request that could never fit is
   rejected at arrival.
 * Continuous batching, as the gateway does it: a pipeline runs ``loops`` micro-batch loops
-  (max(stages, concurrency / batch) by default). An iteration of a loop is a step: admit waiting
-  requests (up to ``prefill_budget`` prompt tokens per step; the first prompt always fits), then
+  (ceil(concurrency / batch) by default). An iteration of a loop is a step: admit waiting
+  requests and carry prompt chunks (chunked prefill: ``prefill_chunk`` prompt tokens per step
+  while the loop has sequences decoding; with none, the first prompt goes whole), then
   send the batch through coordinator link -> stage 0 -> link -> stage 1 -> ... -> last stage ->
   link back to the coordinator. Every stage and every link is a FIFO server. A step yields one
   token for each of its sequences; a request's first token comes from the step that prefilled
@@ -57,7 +58,7 @@ _CACHE_LIMIT = 200_000
 @dataclass(frozen=True)
 class EngineOptions:
     prefill_budget: int | None = None  # prompt tokens of a step with nothing decoding; None: the workload's prompt length
-    prefill_chunk: int | None = None   # prompt tokens of a step with sequences decoding; None: Workload.prefill_chunk
+    prefill_chunk: int | None = None   # prompt tokens of a step with sequences decoding; None: Workload.prefill_chunk(stages)
     loops: int | None = None       # micro-batch loops per pipeline; None: Workload.micro_batches (the gateway's rule)
     routing: str = "delay"         # "delay": shortest expected delay (the gateway's); "weights": random by weight
 
@@ -129,7 +130,7 @@ class _Loop:
 class _Pipe:
     __slots__ = ("index", "stage_kind", "stage_layers", "kinds", "head", "head_cache", "links", "chain", "delay",
                  "act_bytes", "batch", "conc", "kv_cap", "n_loops", "loops", "idle", "pending", "inflight",
-                 "kv_used", "n_sys")
+                 "kv_used", "n_sys", "chunk")
 
 
 class Engine:
@@ -187,10 +188,10 @@ class Engine:
             pp.act_bytes = self.model.activation_bytes_per_token
             pp.batch, pp.conc = workload.batch_size, workload.concurrency
             pp.kv_cap = workload.concurrency * workload.context
-            pp.n_loops = options.loops or workload.micro_batches(len(nodes))
+            pp.n_loops = options.loops or workload.micro_batches
+            pp.chunk = options.prefill_chunk or workload.prefill_chunk(len(nodes))
             self.pipes.append(pp)
         self.whole = options.prefill_budget or workload.prompt_tokens
-        self.chunk = options.prefill_chunk or workload.prefill_chunk
         self.shared = [u > 1 for u in users]
         self.n_res = len(users)
         self.weights = [max(0.0, p.weight) for p in plan.pipelines]
@@ -314,7 +315,7 @@ class Engine:
         # Chunked prefill: the step carries up to `budget` prompt tokens, first for prompts
         # already being prefilled, then for newly admitted ones. With nothing decoding, the
         # first prompt goes whole (nothing to stall).
-        budget = self.chunk
+        budget = pipe.chunk
         if not n_dec:
             first = pre[0][1] if pre else (prompt[pipe.pending[0]] if pipe.pending else 0)
             budget = max(budget, self.whole, first)
