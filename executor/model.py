@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from .distributed import TPContext
 
@@ -226,14 +227,39 @@ class Attention(nn.Module):
         q, k = apply_rope(q, b.cos, b.sin), apply_rope(k, b.cos, b.sin)
         out = torch.empty_like(q)
         i = 0
+        decode = []                                                # (row, cache, length) of 1-token chunks
         for c, cache in zip(b.chunks, b.caches):
             end = c.start + c.length
             cache.k[self.idx, c.start:end] = k[i:i + c.length]
             cache.v[self.idx, c.start:end] = v[i:i + c.length]
-            out[i:i + c.length] = self._attend(q[i:i + c.length], cache.k[self.idx, :end],
-                                               cache.v[self.idx, :end], c.start)
+            if c.length == 1:
+                decode.append((i, cache, end))
+            else:
+                out[i:i + c.length] = self._attend(q[i:i + c.length], cache.k[self.idx, :end],
+                                                   cache.v[self.idx, :end], c.start)
             i += c.length
+        if len(decode) == 1:
+            r, cache, end = decode[0]
+            out[r:r + 1] = self._attend(q[r:r + 1], cache.k[self.idx, :end], cache.v[self.idx, :end], end - 1)
+        elif decode:
+            self._attend_decode(q, out, decode)
         return row_parallel(self.o_proj, out.view(T, -1), self.ctx)
+
+    def _attend_decode(self, q, out, decode):
+        """One token of each of n sequences in one padded, masked attention call (the decode
+        steps of a batch), instead of a call per sequence."""
+        rows = torch.tensor([r for r, _, _ in decode], device=q.device)
+        lens = torch.tensor([end for _, _, end in decode], device=q.device)
+        ks = pad_sequence([c.k[self.idx, :end] for _, c, end in decode], batch_first=True)   # [n, S, kv, D]
+        vs = pad_sequence([c.v[self.idx, :end] for _, c, end in decode], batch_first=True)
+        pos = torch.arange(ks.shape[1], device=q.device)[None, :]
+        mask = pos < lens[:, None]                                                   # [n, S]
+        if self.window:
+            mask &= pos > lens[:, None] - 1 - self.window
+        o = F.scaled_dot_product_attention(q[rows].unsqueeze(2), ks.transpose(1, 2), vs.transpose(1, 2),
+                                           attn_mask=mask[:, None, None, :],
+                                           enable_gqa=self.heads != self.kv_heads)  # [n, h, 1, D]
+        out[rows] = o.squeeze(2)
 
     def _attend(self, q, k, v, start):    # q: [t, h, D]; k, v: [S, kv, D], S = start + t
         t, S = q.shape[0], k.shape[0]
