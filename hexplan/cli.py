@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--routing", choices=("delay", "weights"), default="delay",
                     help="delay: shortest expected delay, as the gateway (default); weights: random by the plan's weights")
     sm.add_argument("--loops", type=int, help="micro-batch loops per pipeline (default: ceil(concurrency / batch), as the gateway)")
+    sm.add_argument("--policy", default="fcfs", metavar="{fcfs,mlfq}",
+                    help="scheduling: fcfs (default: first come first served, a request keeps its batch slot to the end, "
+                         "as the gateway) or mlfq (FastServe's skip-join multi-level feedback queue: preemption per "
+                         "output token, KV offload to host memory under pressure)")
     sm.add_argument("--json", action="store_true", help="print the results as JSON")
     sm.add_argument("--plot", help="write a PNG: latency CDFs, or throughput/latency against rate for a sweep")
 

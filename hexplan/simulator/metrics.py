@@ -98,6 +98,8 @@ class SimResult:
     steps: int
     workload: dict = field(default_factory=dict)
     seed: int = 0
+    kv_offloads: int = 0                # mlfq: requests whose KV cache was offloaded to host memory (whole run)
+    scheduler: dict = field(default_factory=dict)   # policy, and for mlfq its counts (whole run)
     samples: dict = field(default_factory=dict, repr=False, compare=False)   # ttft/tpot/e2e lists (plots)
 
     @property
@@ -133,6 +135,8 @@ class SimResult:
             "steps": self.steps,
             "workload": self.workload,
             "seed": self.seed,
+            "kv_offloads": self.kv_offloads,
+            "scheduler": dict(self.scheduler),
         }
 
 
@@ -193,6 +197,10 @@ def summarise(st: EngineStats, *, slo: Slo, weights, predicted: float, workload:
         steps=st.steps,
         workload=workload,
         seed=seed,
+        kv_offloads=st.offloads,
+        scheduler={"policy": st.policy} | ({"preemptions": st.preemptions, "demotions": st.demotions,
+                                            "promotions": st.promotions, "kv_offloads": st.offloads,
+                                            "kv_swap_ins": st.swap_ins} if st.policy == "mlfq" else {}),
         samples={"ttft_s": st.ttft, "tpot_s": [x for x in st.tpot if not math.isnan(x)], "e2e_s": st.e2e}
         if keep_samples else {},
     )

@@ -78,6 +78,10 @@ def format_result(r: SimResult, title: str = "") -> str:
     busy = [f"{k} {v:.0%}" for k, v in r.link_utilisation.items() if v >= 0.05]
     if busy:
         out.append("links busy >= 5%: " + ", ".join(busy))
+    sc = r.scheduler
+    if sc.get("policy") == "mlfq":
+        out.append(f"scheduler mlfq (whole run): {sc['preemptions']} preemptions, {sc['demotions']} demotions, "
+                   f"{sc['promotions']} promotions, {sc['kv_offloads']} KV offloads to host ({sc['kv_swap_ins']} brought back)")
     return "\n".join(out)
 
 

@@ -14,14 +14,17 @@ from ..evaluate import CostCache, evaluate_plan_pipelines
 from ..plan import Plan, load_plan
 from ..dispatch import Dispatcher
 from ..validate import plan_assumptions, validate_plan
-from .engine import Engine, EngineOptions
+from .engine import POLICIES, Engine, EngineOptions
 from .metrics import SimResult, Slo, summarise
 from .workload import RequestStream, WorkloadSpec, mean_output_tokens
 
 
 def simulate(plan: Plan | str, cluster: Cluster | str, workload_spec: WorkloadSpec, seed: int = 0, *,
              slo: Slo | None = None, prefill_budget: int | None = None, loops: int | None = None,
-             prefill_chunk: int | None = None, routing: str = "delay", keep_samples: bool = True) -> SimResult:
+             prefill_chunk: int | None = None, routing: str = "delay", policy: str = "fcfs",
+             mlfq_levels: int | None = None, mlfq_quantum_s: float | None = None,
+             mlfq_promote_s: float | None = None, offload_bandwidth: float | None = None,
+             keep_samples: bool = True) -> SimResult:
     """Replay ``workload_spec`` against ``plan`` on ``cluster`` (objects or file paths).
 
     ``slo`` defaults to the plan's own SLOs (``assumptions.slo_*``) where it has them.
@@ -30,12 +33,45 @@ def simulate(plan: Plan | str, cluster: Cluster | str, workload_spec: WorkloadSp
     decoding (default Workload.prefill_chunk) and ``prefill_budget`` when it has none (default
     the workload's prompt length; the first prompt of such a step always goes whole), and
     ``routing``: "delay" (shortest expected delay, hexplan.dispatch) or "weights" (random by weight).
+    ``policy``: "fcfs" (first come first served; a request keeps its batch slot until it
+    finishes) or "mlfq" (FastServe's skip-join multi-level feedback queue with preemption and
+    KV offload; ``mlfq_levels`` queues, default 5, top quantum ``mlfq_quantum_s``, default one
+    decode step of the pipeline, promotion after ``mlfq_promote_s`` of waiting, default 100x the
+    last quantum, swaps over ``offload_bandwidth`` bytes/s, default 16e9; docs/simulator.md).
     Raises SpecError when the plan does not fit the cluster or an input is out of range.
     """
     plan = load_plan(plan) if not isinstance(plan, Plan) else plan
     cluster = load_cluster(cluster) if not isinstance(cluster, Cluster) else cluster
-    setup = _setup(plan, cluster, workload_spec, slo, prefill_budget, loops, prefill_chunk, routing)
+    setup = _setup(plan, cluster, workload_spec, slo, prefill_budget, loops, prefill_chunk, routing,
+                   _Policy(policy, mlfq_levels, mlfq_quantum_s, mlfq_promote_s, offload_bandwidth))
     return _run(setup, workload_spec, seed, keep_samples)
+
+
+@dataclass(frozen=True)
+class _Policy:
+    name: str = "fcfs"
+    levels: int | None = None
+    quantum_s: float | None = None
+    promote_s: float | None = None
+    offload_bandwidth: float | None = None
+
+    def options(self) -> dict:
+        if self.name not in POLICIES:
+            raise SpecError(f"must be 'fcfs' or 'mlfq', got {self.name!r}", field="policy")
+        v = self.levels
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise SpecError(f"must be an integer >= 1, got {v!r}", field="mlfq_levels")
+        for name in ("quantum_s", "promote_s", "offload_bandwidth"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf):
+                raise SpecError(f"must be a positive number, got {v!r}",
+                                field=name if name == "offload_bandwidth" else "mlfq_" + name)
+        out = {"policy": self.name, "mlfq_quantum_s": self.quantum_s, "mlfq_promote_s": self.promote_s}
+        if self.levels is not None:
+            out["mlfq_levels"] = self.levels
+        if self.offload_bandwidth is not None:
+            out["offload_bandwidth"] = float(self.offload_bandwidth)
+        return out
 
 
 @dataclass(frozen=True)
@@ -48,11 +84,13 @@ class _Setup:
     predicted: float
 
 
-def _setup(plan, cluster, spec, slo, prefill_budget, loops, prefill_chunk=None, routing="delay") -> _Setup:
+def _setup(plan, cluster, spec, slo, prefill_budget, loops, prefill_chunk=None, routing="delay",
+           policy: _Policy = _Policy()) -> _Setup:
     if not isinstance(spec, WorkloadSpec):
         raise SpecError(f"expected a WorkloadSpec, got {type(spec).__name__}", field="workload_spec")
     if routing not in ("delay", "weights"):
         raise SpecError(f"must be 'delay' or 'weights', got {routing!r}", field="routing")
+    policy_options = policy.options()
     for name, v, lo in (("prefill_budget", prefill_budget, 1), ("loops", loops, 1),
                         ("prefill_chunk", prefill_chunk, 1)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
@@ -69,7 +107,7 @@ def _setup(plan, cluster, spec, slo, prefill_budget, loops, prefill_chunk=None, 
     predicted = plan.throughput or sum(m.throughput for m in metrics)
     dispatcher = Dispatcher.for_plan(plan, asm.workload.output_tokens, metrics)
     engine = Engine(plan, cluster, asm.workload, asm.params,
-                    EngineOptions(prefill_budget, prefill_chunk, loops, routing), dispatcher)
+                    EngineOptions(prefill_budget, prefill_chunk, loops, routing, **policy_options), dispatcher)
     return _Setup(plan, engine, asm.workload.prompt_tokens, asm.workload.output_tokens, slo, predicted)
 
 
@@ -129,12 +167,15 @@ def meets(result: SimResult, slo: Slo, percentile: int = 90) -> tuple[bool, str]
 def sweep_rate(plan: Plan | str, cluster: Cluster | str, workload_spec: WorkloadSpec, slo: Slo, seed: int = 0, *,
                percentile: int = 90, start_rate: float | None = None, max_probes: int = 12,
                tolerance: float = 0.02, on_probe=None, prefill_budget: int | None = None,
-               loops: int | None = None, prefill_chunk: int | None = None, routing: str = "delay") -> Sweep:
+               loops: int | None = None, prefill_chunk: int | None = None, routing: str = "delay",
+               policy: str = "fcfs", mlfq_levels: int | None = None, mlfq_quantum_s: float | None = None,
+               mlfq_promote_s: float | None = None, offload_bandwidth: float | None = None) -> Sweep:
     """Binary search for the highest Poisson/gamma request rate whose run meets ``slo``.
 
     Starts at ``start_rate`` (default: the plan's predicted tokens/s over the mean output
     length), grows by 1.5x while probes pass, then bisects until the bracket is within
     ``tolerance`` of its upper end or ``max_probes`` runs. ``on_probe(probe)`` sees each run.
+    The scheduler options (``policy`` and the rest) are simulate()'s.
     """
     plan = load_plan(plan) if not isinstance(plan, Plan) else plan
     cluster = load_cluster(cluster) if not isinstance(cluster, Cluster) else cluster
@@ -145,7 +186,8 @@ def sweep_rate(plan: Plan | str, cluster: Cluster | str, workload_spec: Workload
     if workload_spec.arrival == "trace":
         raise SpecError("a rate sweep draws arrivals at each rate: use poisson or gamma arrivals "
                         "(a trace can still supply the lengths)", field="arrival")
-    s = _setup(plan, cluster, workload_spec, slo, prefill_budget, loops, prefill_chunk, routing)
+    s = _setup(plan, cluster, workload_spec, slo, prefill_budget, loops, prefill_chunk, routing,
+               _Policy(policy, mlfq_levels, mlfq_quantum_s, mlfq_promote_s, offload_bandwidth))
     if start_rate is None:
         start_rate = max(s.predicted, 1e-6) / mean_output_tokens(workload_spec, s.prompt, s.output)
     probes: list[Probe] = []
