@@ -31,6 +31,7 @@ import logging
 import math
 import queue
 import threading
+import time
 import uuid
 from collections import deque
 from concurrent import futures
@@ -47,6 +48,7 @@ from hexplan.validate import plan_assumptions
 
 from ._proto import hexplan_v1_pb2 as pb
 from ._proto import hexplan_v1_pb2_grpc as pbg
+from .mlfq import MLFQ
 from .sampling import Sampling, sample
 from .wire import Tls, add_health_and_reflection, bind, channel, from_proto, make_server, to_proto
 
@@ -69,6 +71,8 @@ class Request:
     cancelled: threading.Event = field(default_factory=threading.Event)
     finished: bool = False
     cached: int = 0            # context tokens held in the KV cache of its current pipeline
+    running: bool = False      # mlfq: in a step now
+    offloaded: bool = False    # mlfq: its KV cache is in host memory on every stage
     pipeline: "Pipeline | None" = None
 
     def context(self) -> list[int]:
@@ -85,6 +89,9 @@ class Pipeline:
     pending: deque = field(default_factory=deque)
     groups: list = field(default_factory=list)   # one list of running requests per micro-batch loop
     load: int = 0              # requests routed here and not finished
+    mlfq: object = None        # policy mlfq: the pipeline's MLFQ of routed requests
+    quantum_s: float = 0.05    # policy mlfq: top queue's quantum (the plan's time per output token)
+    ttft_s: float | None = None  # the plan's predicted TTFT (prefill estimate for skip-join)
     served: int = 0            # requests ever routed here
 
 
@@ -127,7 +134,7 @@ def _load_tokenizer(checkpoint: str):
 class Gateway:
     def __init__(self, plan: Plan, checkpoint: str, node_addresses: dict, tls: Tls | None = None,
                  dtype: str = "float32", max_batch: int | None = None, prefill_tokens: int | None = None,
-                 prefill_chunk: int | None = None):
+                 prefill_chunk: int | None = None, policy: str = "fcfs", mlfq_quantum_s: float | None = None):
         self.plan, self.checkpoint, self.tls, self.dtype = plan, str(checkpoint), tls, dtype
         self.node_addresses = dict(node_addresses)
         # The plan's workload sets the schedule the planner assumed: micro-batches of batch_size
@@ -139,6 +146,10 @@ class Gateway:
         self.prefill_tokens = prefill_tokens or self.workload.prompt_tokens
         self.prefill_chunk = prefill_chunk     # None: Workload.prefill_chunk(stages), per pipeline
         self.partial_chunks = 0        # prompt chunks sent that were not their prompt's last
+        if policy not in ("fcfs", "mlfq"):
+            raise GatewayError(f"policy must be 'fcfs' or 'mlfq', got {policy!r}")
+        self.policy, self.mlfq_quantum_s = policy, mlfq_quantum_s
+        self.offloads = 0              # mlfq: KV caches moved to host memory
         self.dispatcher = Dispatcher.for_plan(plan, self.workload.output_tokens)
         self.config = check_checkpoint(self.checkpoint, plan.model)
         self.vocab = int(self.config["vocab_size"])
@@ -185,6 +196,11 @@ class Gateway:
             pl = Pipeline(pi, (p.weight or 0.0) / total_w, [addresses[pi, si] for si in range(len(p.stages))],
                           [s.node for s in p.stages])
             pl.groups = [[] for _ in range(self.workload.micro_batches)]
+            if self.policy == "mlfq":
+                tpot = (p.decode_ms_per_token or 0) / 1e3
+                pl.quantum_s = self.mlfq_quantum_s or tpot or 0.05
+                pl.ttft_s = (p.ttft_ms / 1e3) if p.ttft_ms else None
+                pl.mlfq = MLFQ(quantum_s=pl.quantum_s)
             self.pipelines.append(pl)
             for gi in range(len(pl.groups)):
                 t = threading.Thread(target=self._loop, args=(pl, gi), daemon=True, name=f"pipeline{pi}-mb{gi}")
@@ -217,7 +233,7 @@ class Gateway:
             return
         i = self.dispatcher.choose([q.load for q in self.pipelines], [q.alive for q in self.pipelines])
         p = self.pipelines[i] if i >= 0 else min(live, key=lambda q: (q.load, q.index))   # live, weight 0
-        req.pipeline, req.cached = p, 0
+        req.pipeline, req.cached, req.offloaded = p, 0, False
         p.load += 1
         p.served += 1
         p.pending.append(req)
@@ -229,6 +245,8 @@ class Gateway:
 
     # ---- the per-micro-batch loop ----------------------------------------------------------
     def _loop(self, p: Pipeline, gi: int) -> None:
+        if p.mlfq is not None:
+            return self._loop_mlfq(p, gi)
         group = p.groups[gi]
         while not self.stop_event.is_set():
             to_release: list[Request] = []
@@ -257,6 +275,123 @@ class Gateway:
                 with self.cv:
                     group.clear()
                 return
+
+    # ---- policy mlfq: skip-join multi-level feedback queue (executor/mlfq.py) ---------------
+    def _loop_mlfq(self, p: Pipeline, gi: int) -> None:
+        """One micro-batch loop under mlfq: every step re-forms its batch from the pipeline's
+        highest-priority waiting requests (not in another loop's step). A request not picked is
+        preempted and keeps its KV cache; when a request needs KV room and the pipeline already
+        holds ``concurrency`` caches, the lowest-priority preempted one is offloaded to host
+        memory on every stage (Release with offload), and brought back by the stages when it
+        next runs."""
+        group = p.groups[gi]
+        while not self.stop_event.is_set():
+            to_release: list[Request] = []
+            to_offload: list[Request] = []
+            with self.cv:
+                if not p.alive:
+                    self._reroute_locked([e.req for e in list(p.mlfq.entries.values()) if not e.req.running])
+                    for e in list(p.mlfq.entries.values()):
+                        if not e.req.running:
+                            p.mlfq.remove(e.req)
+                    group.clear()
+                    return
+                now = time.monotonic()
+                while p.pending:
+                    r = p.pending.popleft()
+                    if r.cancelled.is_set():
+                        r.finished = True
+                        self._retire_locked(r)
+                        continue
+                    p.mlfq.add(r, self._prefill_estimate(p, len(r.context())), now)
+                for e in list(p.mlfq.entries.values()):
+                    r = e.req
+                    if not r.running and (r.finished or r.cancelled.is_set()):
+                        p.mlfq.remove(r)
+                        if not r.finished:
+                            r.finished = True
+                            self._retire_locked(r)
+                        if r.cached > 0:
+                            to_release.append(r)
+                step, to_offload = self._pick_mlfq_locked(p)
+                group[:] = [r for r, _ in step]
+                if not step and not to_release:
+                    self.cv.wait(0.05)
+            if to_release:
+                self._release(p, to_release)
+            if to_offload:
+                self._offload(p, to_offload)
+            if not step:
+                continue
+            t0 = time.monotonic()
+            ok = self._step(p, step)
+            dt = time.monotonic() - t0
+            with self.cv:
+                for r, _ in step:
+                    r.running = False
+                    if r.finished or not ok:           # done, or moved to another pipeline
+                        p.mlfq.remove(r)
+                    else:
+                        p.mlfq.charge(r, dt, time.monotonic())
+                group.clear()
+                self.cv.notify_all()
+            if not ok:
+                return
+
+    def _prefill_estimate(self, p: Pipeline, tokens: int) -> float:
+        """Seconds to prefill ``tokens`` on pipeline p: the plan's TTFT scaled by prompt length,
+        else a step's worth (the quantum) per prefill chunk."""
+        if p.ttft_s:
+            return p.ttft_s * tokens / self.workload.prompt_tokens
+        chunk = self.prefill_chunk or self.workload.prefill_chunk(len(p.stages))
+        return p.quantum_s * tokens / chunk
+
+    def _pick_mlfq_locked(self, p: Pipeline):
+        """(request, tokens) for the next step and the requests to offload first."""
+        order = p.mlfq.pick(time.monotonic(), eligible=lambda r: not r.running)
+        remaining = lambda r: len(r.prompt) + len(r.generated) - r.cached
+        resident = sum(1 for e in p.mlfq.entries.values() if e.req.cached > 0 and not e.req.offloaded)
+        picked, step, offload = set(), [], []
+        if not order:
+            return step, offload
+        if any(remaining(r) == 1 for r in order[:self.max_batch]):
+            budget = self.prefill_chunk or self.workload.prefill_chunk(len(p.stages))
+        else:
+            budget = max(self.prefill_tokens, remaining(order[0]))
+        for r in order:
+            if len(step) >= self.max_batch:
+                break
+            n = remaining(r)
+            take = 1 if n <= 1 else min(n, budget)
+            if take <= 0:
+                continue
+            needs_room = r.cached == 0 or r.offloaded
+            if needs_room and resident >= self.concurrency:
+                victim = next((v for v in reversed(order) if v is not r and id(v) not in picked
+                               and v.cached > 0 and not v.offloaded
+                               and p.mlfq.rank(v) > p.mlfq.rank(r)), None)
+                if victim is None:
+                    continue
+                victim.offloaded = True
+                offload.append(victim)
+                resident -= 1
+            if n > 1:
+                budget -= take
+            if needs_room:
+                resident += 1
+            r.offloaded = False
+            r.running = True
+            picked.add(id(r))
+            step.append((r, take))
+        return step, offload
+
+    def _offload(self, p: Pipeline, reqs: list[Request]) -> None:
+        try:
+            self.stub(p.stages[0]).Release(pb.ReleaseRequest(request_ids=[r.id for r in reqs], downstream=p.stages[1:],
+                                                             offload=True), timeout=30)
+            self.offloads += len(reqs)
+        except grpc.RpcError as e:
+            log.warning("pipeline %d: offload failed: %s", p.index, e.details())
 
     def _schedule_locked(self, p: Pipeline, group: list, keep: list[Request]) -> list[tuple[Request, int]]:
         """One step of a loop: (request, tokens) for each sequence it carries. Decoding

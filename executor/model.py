@@ -330,6 +330,7 @@ class StageModel(nn.Module):
         self.lm_head = nn.Linear(a.hidden_size, self.tp.vocab, bias=False) if shard.is_last else None
         self.register_buffer("inv_freq", rope_inv_freq(a), persistent=False)
         self.caches: dict[str, SeqCache] = {}
+        self.offloaded: dict[str, tuple] = {}     # request id -> (k, v, length) in host memory
 
     # -- loading ---------------------------------------------------------------------------
     @classmethod
@@ -394,6 +395,9 @@ class StageModel(nn.Module):
         [len(chunks), vocab] of each chunk's last token on the last stage."""
         self._check_batch(chunks, inputs)
         device, dtype = self.inv_freq.device, self.layers_dtype
+        for c in chunks:
+            if c.request_id in self.offloaded:
+                self.restore(c.request_id)
         new = [c.request_id for c in chunks if c.request_id not in self.caches]
         for rid in new:
             self.caches[rid] = SeqCache(len(self.layers), self.tp.kv_heads, self.args.head_dim,
@@ -431,7 +435,8 @@ class StageModel(nn.Module):
             if c.length < 1:
                 raise ValueError(f"request {c.request_id!r}: chunk length {c.length} < 1")
             cache = self.caches.get(c.request_id)
-            have = cache.length if cache else 0
+            off = self.offloaded.get(c.request_id)
+            have = cache.length if cache else (off[2] if off else 0)
             if c.start != have:
                 raise ValueError(f"request {c.request_id!r}: chunk starts at position {c.start} "
                                  f"but its KV cache holds {have} positions")
@@ -451,15 +456,48 @@ class StageModel(nn.Module):
         return next(self.parameters(), self.inv_freq).dtype
 
     def release(self, request_id: str) -> bool:
-        """Drop a request's KV cache; False if this stage holds none for it."""
-        return self.caches.pop(request_id, None) is not None
+        """Drop a request's KV cache (on the device or offloaded); False if this stage holds none."""
+        on_device = self.caches.pop(request_id, None) is not None
+        return self.offloaded.pop(request_id, None) is not None or on_device
+
+    def offload(self, request_id: str) -> bool:
+        """Move a request's KV cache to host memory (only the positions it holds), freeing the
+        device copy; the next step that carries the request brings it back (``restore``).
+        On a CPU-only stage host and device memory are the same, but the same path runs: the
+        cache is copied out and the original dropped. False if the stage holds none for it."""
+        cache = self.caches.pop(request_id, None)
+        if cache is None:
+            return False
+        n = cache.length
+        pin = cache.k.device.type == "cuda"
+        k, v = cache.k[:, :n].to("cpu", copy=True), cache.v[:, :n].to("cpu", copy=True)
+        if pin:
+            k, v = k.pin_memory(), v.pin_memory()
+        self.offloaded[request_id] = (k, v, n)
+        return True
+
+    def restore(self, request_id: str) -> None:
+        """Bring an offloaded KV cache back to the device (before a step that runs it)."""
+        k, v, n = self.offloaded.pop(request_id)
+        device, dtype = self.inv_freq.device, self.layers_dtype
+        cache = SeqCache(len(self.layers), self.tp.kv_heads, self.args.head_dim, dtype, device)
+        cache.reserve(n + 1)
+        cache.k[:, :n] = k.to(device, non_blocking=True)
+        cache.v[:, :n] = v.to(device, non_blocking=True)
+        cache.length = n
+        self.caches[request_id] = cache
 
     def kv_bytes(self) -> int:
-        """Bytes allocated to KV caches on this rank (reserved capacity, not only used)."""
+        """Bytes allocated to KV caches on this rank's device (reserved capacity, not only used)."""
         return sum(c.nbytes for c in self.caches.values())
 
+    def offloaded_bytes(self) -> int:
+        """Bytes of KV caches offloaded to host memory."""
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v, _ in self.offloaded.values())
+
     def num_sequences(self) -> int:
-        return len(self.caches)
+        """Sequences whose KV cache this rank holds, on the device or offloaded."""
+        return len(self.caches) + len(self.offloaded)
 
 
 # ---- checkpoint reading --------------------------------------------------------------------

@@ -84,12 +84,14 @@ class StageWorker(pbg.StageServicer):
 
     def Release(self, request, context):
         ids = list(request.request_ids)
+        op = "offload" if request.offload else "release"
         with self.lock:
-            released = self._run({"op": "release", "ids": ids}, [])
+            released = self._run({"op": op, "ids": ids}, [])
         if request.downstream:
             try:
                 self._stub(request.downstream[0]).Release(
-                    pb.ReleaseRequest(request_ids=ids, downstream=request.downstream[1:]), timeout=10)
+                    pb.ReleaseRequest(request_ids=ids, downstream=request.downstream[1:], offload=request.offload),
+                    timeout=10)
             except grpc.RpcError:
                 pass  # a dead stage holds no cache worth freeing
         return pb.ReleaseResponse(released=released)
@@ -97,7 +99,8 @@ class StageWorker(pbg.StageServicer):
     def Stats(self, request, context):
         with self.lock:
             return pb.StatsResponse(name=self.spec["stage_id"], kv_bytes=self.model.kv_bytes(),
-                                    sequences=self.model.num_sequences(), stages=[self.spec["stage_id"]])
+                                    sequences=self.model.num_sequences(), stages=[self.spec["stage_id"]],
+                                    offloaded_bytes=self.model.offloaded_bytes())
 
     def stop_followers(self):
         if self.ctx.size > 1:
@@ -113,6 +116,8 @@ def _apply(model: StageModel, header: dict, tensors: list):
             return model.forward_batch(chunks, tensors[0])
     if op == "release":
         return sum(1 for r in header["ids"] if model.release(r))
+    if op == "offload":
+        return sum(1 for r in header["ids"] if model.offload(r))
     raise ValueError(f"unknown op {op!r}")
 
 

@@ -135,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     nd.add_argument("--threads", type=int, help="CPU threads per worker process (default: torch's choice)")
     tls_args(nd)
 
+    def policy_args(parser):
+        parser.add_argument("--policy", default="fcfs",
+                            help="scheduling: fcfs (default: a request keeps its micro-batch slot until it ends) or mlfq "
+                                 "(FastServe's skip-join multi-level feedback queue: preempts long requests, offloads "
+                                 "their KV to host memory when the plan's concurrency is reached)")
+        parser.add_argument("--mlfq-quantum-ms", type=float,
+                            help="mlfq: the top queue's quantum (default: the plan's time per output token, else 50 ms)")
+
     sv = sub.add_parser("serve", help="run the gateway: load a plan on its node executors and serve requests")
     sv.add_argument("--plan", required=True, help="plan file from `hexplan solve` (or hand-written)")
     sv.add_argument("--checkpoint", required=True, help="Hugging Face safetensors checkpoint directory (same path on every node)")
@@ -142,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--nodes", default="", help="node addresses NAME=HOST:PORT,... (default: the plan's cluster section)")
     sv.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     sv.add_argument("--max-batch", type=int, help="sequences per micro-batch (default: the plan's batch_size)")
+    policy_args(sv)
     sv.add_argument("--prefill-chunk", type=int,
                     help="prompt tokens per step while a micro-batch has sequences decoding (chunked prefill; "
                          "default batch x prompt / output tokens of the plan's workload)")
@@ -153,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--listen", default="127.0.0.1:50051", help="gateway HOST:PORT (default 127.0.0.1:50051; port 0 = any)")
     la.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     la.add_argument("--threads", type=int, help="CPU threads per worker process (default: cores / workers)")
+    policy_args(la)
     tls_args(la)
 
     ge = sub.add_parser("generate", help="send one request to a gateway and print the tokens")
@@ -410,10 +420,11 @@ def cmd_serve(args) -> int:
         v = getattr(args, flag)
         if v is not None and v < 1:
             raise SpecError(f"must be a positive integer, got {v}", field="--" + flag.replace("_", "-"))
+    policy, quantum = _policy(args)
     tls = _tls(args)
     try:
         gw = Gateway(plan, args.checkpoint, nodes, tls, args.dtype, max_batch=args.max_batch,
-                     prefill_chunk=args.prefill_chunk)
+                     prefill_chunk=args.prefill_chunk, policy=policy, mlfq_quantum_s=quantum)
         gw.start()
     except GatewayError as e:
         raise HexplanError(str(e)) from None
@@ -429,14 +440,25 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _policy(args) -> tuple[str, float | None]:
+    if args.policy not in ("fcfs", "mlfq"):
+        raise SpecError(f"must be 'fcfs' or 'mlfq', got {args.policy!r}", field="--policy")
+    q = args.mlfq_quantum_ms
+    if q is not None and not (0 < q < float("inf")):
+        raise SpecError(f"must be a positive number of milliseconds, got {q:g}", field="--mlfq-quantum-ms")
+    return args.policy, (q / 1e3 if q is not None else None)
+
+
 def cmd_launch(args) -> int:
     _executor()
     from .executor.gateway import GatewayError
     from .executor.launch import run_launch
 
     plan = load_plan(args.plan)
+    policy, quantum = _policy(args)
     try:
-        return run_launch(plan, args.checkpoint, _listen(args.listen, "--listen"), _tls(args), args.dtype, args.threads)
+        return run_launch(plan, args.checkpoint, _listen(args.listen, "--listen"), _tls(args), args.dtype, args.threads,
+                          policy=policy, mlfq_quantum_s=quantum)
     except (GatewayError, RuntimeError) as e:
         raise HexplanError(str(e)) from None
 

@@ -91,12 +91,14 @@ class ForwardResponse(_message.Message):
     def __init__(self, logits: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
-    __slots__ = ("request_ids", "downstream")
+    __slots__ = ("request_ids", "downstream", "offload")
     REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
     DOWNSTREAM_FIELD_NUMBER: _ClassVar[int]
+    OFFLOAD_FIELD_NUMBER: _ClassVar[int]
     request_ids: _containers.RepeatedScalarFieldContainer[str]
     downstream: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, request_ids: _Optional[_Iterable[str]] = ..., downstream: _Optional[_Iterable[str]] = ...) -> None: ...
+    offload: bool
+    def __init__(self, request_ids: _Optional[_Iterable[str]] = ..., downstream: _Optional[_Iterable[str]] = ..., offload: _Optional[bool] = ...) -> None: ...
 
 class ReleaseResponse(_message.Message):
     __slots__ = ("released",)
@@ -149,13 +151,15 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("name", "kv_bytes", "sequences", "stages")
+    __slots__ = ("name", "kv_bytes", "sequences", "stages", "offloaded_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
+    OFFLOADED_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     kv_bytes: int
     sequences: int
     stages: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., kv_bytes: _Optional[int] = ..., sequences: _Optional[int] = ..., stages: _Optional[_Iterable[str]] = ...) -> None: ...
+    offloaded_bytes: int
+    def __init__(self, name: _Optional[str] = ..., kv_bytes: _Optional[int] = ..., sequences: _Optional[int] = ..., stages: _Optional[_Iterable[str]] = ..., offloaded_bytes: _Optional[int] = ...) -> None: ...

@@ -213,7 +213,8 @@ class StageServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Release(self, request, context):
-        """Stage worker: drop requests' KV caches (and pass it on down the pipeline).
+        """Stage worker: drop requests' KV caches, or with offload move them to host memory until
+        their next Forward (and pass it on down the pipeline).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -79,7 +79,7 @@ class EngineOptions:
     policy: str = "fcfs"           # "fcfs": first come first served, a request keeps its slot; "mlfq": skip-join MLFQ
     mlfq_levels: int = 5           # mlfq: priority queues
     mlfq_quantum_s: float | None = None    # mlfq: quantum of the top queue; None: one decode step of the pipeline
-    mlfq_promote_s: float | None = None    # mlfq: waiting longer than this goes back to the top; None: 10x the last quantum
+    mlfq_promote_s: float | None = None    # mlfq: waiting longer than this goes back to the top; None: PROMOTE_QUANTA (100) x the last quantum
     offload_bandwidth: float = 16e9        # mlfq: bytes/s between a GPU and host memory (conservative for PCIe 4.0 x16)
 
 
