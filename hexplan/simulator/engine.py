@@ -434,17 +434,7 @@ class Engine:
             return False
         lp.new = new
         n_new = len(new)
-        # Per-layer time of this batch on each kind of stage: one decode step of the running
-        # sequences at their mean context, plus each prompt chunk's share of its prompt's
-        # prefill (tokens / prompt tokens: chunking spreads a prompt's cost, it adds none).
-        ctx_sum = lp.sum_p + n_dec * lp.k - lp.sum_j
-        per_layer = []
-        for kind in pipe.kinds:
-            t = kind.decode(n_dec, ctx_sum) if n_dec else 0.0
-            for r, take in chunks:
-                p = prompt[r]
-                t += kind.prefill(p) if take == p else kind.prefill(p) * take / p
-            per_layer.append(t)
+        per_layer = self._layer_times(pipe, n_dec, lp.sum_p + n_dec * lp.k - lp.sum_j, chunks)
         tokens_in = n_dec + sum(take for _, take in chunks)
         links = pipe.links
         lk = links[0]
@@ -470,6 +460,21 @@ class Engine:
                 svc.append(send_time(act, lk.bandwidth, 0.0))
         self._walk(pipe, g, svc, 0, now, now)
         return True
+
+    def _layer_times(self, pipe: _Pipe, n_dec: int, ctx_sum: int, chunks: list) -> list:
+        """Per-layer time of a step on each kind of stage of the pipeline: one decode step of
+        the ``n_dec`` decoding sequences at their mean context, plus each (request, tokens)
+        prompt chunk's share of its prompt's prefill (tokens / prompt tokens: chunking spreads a
+        prompt's cost, it adds none)."""
+        prompt = self.prompt
+        per_layer = []
+        for kind in pipe.kinds:
+            t = kind.decode(n_dec, ctx_sum) if n_dec else 0.0
+            for r, take in chunks:
+                p = prompt[r]
+                t += kind.prefill(p) if take == p else kind.prefill(p) * take / p
+            per_layer.append(t)
+        return per_layer
 
     def _walk(self, pipe: _Pipe, g: int, svc: list, i: int, t: float, now: float) -> None:
         """Serve the step from chain position i (arriving at t) until a shared link in the
@@ -782,17 +787,8 @@ class Engine:
         pipe.free_dec -= n_dec
         lp = pipe.loops[g]
         lp.decs, lp.chunks = decs, chunks
-        # Step times as in _start: one decode step of the decoding sequences at their mean
-        # context, plus each chunk's share of its prompt's prefill.
         gen = self.gen
-        ctx_sum = sum(prompt[r] + gen[r] for r in decs)
-        per_layer = []
-        for kind in pipe.kinds:
-            t = kind.decode(n_dec, ctx_sum) if n_dec else 0.0
-            for r, take in chunks:
-                p = prompt[r]
-                t += kind.prefill(p) if take == p else kind.prefill(p) * take / p
-            per_layer.append(t)
+        per_layer = self._layer_times(pipe, n_dec, sum(prompt[r] + gen[r] for r in decs), chunks)
         tokens_in = n_dec + sum(take for _, take in chunks)
         links = pipe.links
         svc = [send_time(TOKEN_ID_BYTES * tokens_in, links[0].bandwidth, 0.0)]
