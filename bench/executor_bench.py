@@ -535,9 +535,16 @@ def report(meta: dict, runs: dict, hops: dict | None, pick: str) -> None:
         ratio = b["tokens_per_s"] / base["tokens_per_s"]
         print(f"\ntarget (b) >= 1.2x (a): {ratio:.2f}x, {'met' if ratio >= 1.2 else 'NOT met'}")
     if hops:
-        worst = max(r["overhead_per_hop_ms"] for r in hops["rows"] if "overhead_per_hop_ms" in r and r["batch"] == 1)
-        print(f"target gRPC overhead < 1 ms per hop (1-token decode): {worst:.2f} ms, "
-              f"{'met' if worst < 1 else 'NOT met'}")
+        # A stage hop: one stage handing a 1-token decode step to the next (the 2-stage step minus
+        # the 1-stage step, over the same compute). The gateway's own call into the first stage,
+        # which also carries the logits back, is printed beside it.
+        hop = next((r["marginal_hop_ms"] for r in hops["rows"] if "marginal_hop_ms" in r and r["batch"] == 1), None)
+        first = next((r["overhead_per_hop_ms"] for r in hops["rows"]
+                      if r["hops"] == 1 and r["batch"] == 1 and "overhead_per_hop_ms" in r), None)
+        if hop is not None:
+            print(f"target gRPC overhead < 1 ms per stage hop (1-token decode): {hop:.2f} ms, "
+                  f"{'met' if hop < 1 else 'NOT met'} (gateway -> first stage call, logits back: "
+                  f"{first:.2f} ms over compute)")
 
 
 def git_state() -> dict:
@@ -577,8 +584,8 @@ def main() -> int:
     ap.add_argument("--hop-steps", type=int, default=None, help="decode steps per hop measurement (default 200)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="run every config N times, interleaved (see --pick)")
-    ap.add_argument("--pick", choices=("best", "median"), default="best",
-                    help="with --repeat: report each config's fastest run (default) or its median run")
+    ap.add_argument("--pick", choices=("best", "median"), default="median",
+                    help="with --repeat: report each config's median run (default) or its fastest")
     ap.add_argument("--report", metavar="JSON", help="only print the tables of a saved --json file")
     args = ap.parse_args()
     if args.report:
