@@ -134,7 +134,8 @@ def _load_tokenizer(checkpoint: str):
 class Gateway:
     def __init__(self, plan: Plan, checkpoint: str, node_addresses: dict, tls: Tls | None = None,
                  dtype: str = "float32", max_batch: int | None = None, prefill_tokens: int | None = None,
-                 prefill_chunk: int | None = None, policy: str = "fcfs", mlfq_quantum_s: float | None = None):
+                 prefill_chunk: int | None = None, policy: str = "fcfs", mlfq_quantum_s: float | None = None,
+                 interleave: int = 1):
         self.plan, self.checkpoint, self.tls, self.dtype = plan, str(checkpoint), tls, dtype
         self.node_addresses = dict(node_addresses)
         # The plan's workload sets the schedule the planner assumed: micro-batches of batch_size
@@ -149,6 +150,9 @@ class Gateway:
         if policy not in ("fcfs", "mlfq"):
             raise GatewayError(f"policy must be 'fcfs' or 'mlfq', got {policy!r}")
         self.policy, self.mlfq_quantum_s = policy, mlfq_quantum_s
+        if isinstance(interleave, bool) or not isinstance(interleave, int) or interleave < 1:
+            raise GatewayError(f"interleave must be an integer >= 1, got {interleave!r}")
+        self.interleave = interleave   # parts a step is split into at the first stage (1: off)
         self.offloads = 0              # mlfq: KV caches moved to host memory
         self.dispatcher = Dispatcher.for_plan(plan, self.workload.output_tokens)
         self.config = check_checkpoint(self.checkpoint, plan.model)
@@ -438,7 +442,7 @@ class Gateway:
             chunks.append(pb.SeqChunk(request_id=r.id, start=r.cached, length=n))
             tokens += ctx[r.cached:r.cached + n]
         req = pb.ForwardRequest(chunks=chunks, inputs=to_proto(torch.tensor(tokens, dtype=torch.int64)),
-                                downstream=p.stages[1:])
+                                downstream=p.stages[1:], micro_batches=self.interleave)
         try:
             resp = self.stub(p.stages[0]).Forward(req, timeout=STEP_TIMEOUT_S)
             logits = from_proto(resp.logits)

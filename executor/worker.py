@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from concurrent import futures
 
 import grpc
 import torch
@@ -24,6 +25,38 @@ from .model import SeqChunk, ShardSpec, StageModel
 from .wire import Tls, add_health_and_reflection, bind, channel, from_proto, make_server, to_proto
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def split_parts(lengths: list[int], n: int) -> list[tuple[int, int]]:
+    """Cut a step's chunks (their token counts, in order) into at most ``n`` contiguous,
+    non-empty parts of about equal tokens: [(first, end), ...]. ``n`` <= 1: one part."""
+    n = max(1, min(n, len(lengths)))
+    if n == 1:
+        return [(0, len(lengths))]
+    total = sum(lengths)
+    parts, start, acc = [], 0, 0
+    for i, x in enumerate(lengths):
+        acc += x
+        left = len(lengths) - i - 1                     # chunks after this one
+        need = n - len(parts) - 1                       # parts still to open after this one
+        if need > 0 and left >= need and (acc >= total * (len(parts) + 1) / n or left == need):
+            parts.append((start, i + 1))
+            start = i + 1
+    parts.append((start, len(lengths)))
+    return parts
+
+
+def parse_link_delay(text: str):
+    """``"LATENCY_MS,MBPS"`` -> (seconds, bytes/s), or None for "" (no injected delay)."""
+    if not text:
+        return None
+    try:
+        lat, mbps = (float(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"HEXPLAN_LINK_DELAY: expected LATENCY_MS,MBPS, got {text!r}") from None
+    if lat < 0 or mbps <= 0:
+        raise ValueError(f"HEXPLAN_LINK_DELAY: latency must be >= 0 and bandwidth > 0, got {text!r}")
+    return lat / 1e3, mbps * 1e6 / 8
 
 
 def _watch_parent(parent: int) -> None:
@@ -43,6 +76,10 @@ class StageWorker(pbg.StageServicer):
         self.lock = threading.Lock()
         self._stubs: dict = {}
         self._stubs_lock = threading.Lock()
+        self.link = parse_link_delay(os.environ.get("HEXPLAN_LINK_DELAY", ""))
+        self._link_lock = threading.Lock()
+        self.interleaved_steps = 0
+        self._sender = futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="send")
 
     def _stub(self, address: str) -> pbg.StageStub:
         with self._stubs_lock:
@@ -66,21 +103,65 @@ class StageWorker(pbg.StageServicer):
                 raise ValueError("every chunk needs start >= 0 and length > 0")
             if inputs.shape[0] != total:
                 raise ValueError(f"inputs have {inputs.shape[0]} tokens, chunks say {total}")
-            with self.lock:
-                out = self._run({"op": "forward", "chunks": chunks}, [inputs])
+            parts = split_parts([c["length"] for c in chunks], request.micro_batches) if request.downstream \
+                else [(0, len(chunks))]
+            if len(parts) > 1:      # check the whole step before running any part of it
+                with self.lock:
+                    self.model._check_batch([SeqChunk(c["request_id"], c["start"], c["length"]) for c in chunks],
+                                            inputs)
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"stage {self.spec['stage_id']}: {e}")
-        if request.downstream:
-            nxt = request.downstream[0]
+        if not request.downstream:
             try:
-                remaining = context.time_remaining()
-                return self._stub(nxt).Forward(
-                    pb.ForwardRequest(chunks=request.chunks, inputs=to_proto(out), downstream=request.downstream[1:]),
-                    timeout=remaining if remaining and remaining < 1e6 else None)
-            except grpc.RpcError as e:
-                code = e.code() if e.code() != grpc.StatusCode.UNKNOWN else grpc.StatusCode.UNAVAILABLE
-                context.abort(code, f"stage {nxt}: {e.details()}")
-        return pb.ForwardResponse(logits=to_proto(out.float()))
+                with self.lock:
+                    out = self._run({"op": "forward", "chunks": chunks}, [inputs])
+            except ValueError as e:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"stage {self.spec['stage_id']}: {e}")
+            return pb.ForwardResponse(logits=to_proto(out.float()))
+        # Interleaved (micro_batches > 1): compute part i, hand it to the sending thread, compute
+        # part i + 1 while part i is on the wire and on the next stage; the logits come back in
+        # order. One part: the plain path.
+        nxt = request.downstream[0]
+        if len(parts) > 1:
+            self.interleaved_steps += 1
+        remaining = context.time_remaining()
+        timeout = remaining if remaining and remaining < 1e6 else None
+        offsets = [0]
+        for c in chunks:
+            offsets.append(offsets[-1] + c["length"])
+        sends = []
+        for a, b in parts:
+            try:
+                with self.lock:
+                    out = self._run({"op": "forward", "chunks": chunks[a:b]}, [inputs[offsets[a]:offsets[b]]])
+            except ValueError as e:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"stage {self.spec['stage_id']}: {e}")
+            req = pb.ForwardRequest(chunks=request.chunks[a:b], inputs=to_proto(out), downstream=request.downstream[1:])
+            sends.append(self._send(nxt, req, timeout))
+        try:
+            replies = [f.result() for f in sends]
+        except grpc.RpcError as e:
+            code = e.code() if e.code() != grpc.StatusCode.UNKNOWN else grpc.StatusCode.UNAVAILABLE
+            context.abort(code, f"stage {nxt}: {e.details()}")
+        if len(replies) == 1:
+            return replies[0]
+        return pb.ForwardResponse(logits=to_proto(torch.cat([from_proto(r.logits) for r in replies])))
+
+    def _send(self, address: str, req, timeout):
+        """Send activations to the next stage from the sending thread; a future of its reply.
+        With HEXPLAN_LINK_DELAY (benchmarks: a slow link on loopback) each message first holds
+        the link for bytes / bandwidth (one message at a time) and then waits the latency."""
+        stub = self._stub(address)
+        if self.link is None:
+            return stub.Forward.future(req, timeout=timeout)
+
+        def call():
+            latency, bandwidth = self.link
+            with self._link_lock:
+                time.sleep(req.ByteSize() / bandwidth)
+            time.sleep(latency)
+            return stub.Forward(req, timeout=timeout)
+        return self._sender.submit(call)
 
     def Release(self, request, context):
         ids = list(request.request_ids)
@@ -100,7 +181,8 @@ class StageWorker(pbg.StageServicer):
         with self.lock:
             return pb.StatsResponse(name=self.spec["stage_id"], kv_bytes=self.model.kv_bytes(),
                                     sequences=self.model.num_sequences(), stages=[self.spec["stage_id"]],
-                                    offloaded_bytes=self.model.offloaded_bytes())
+                                    offloaded_bytes=self.model.offloaded_bytes(),
+                                    interleaved_steps=self.interleaved_steps)
 
     def stop_followers(self):
         if self.ctx.size > 1:

@@ -75,14 +75,16 @@ class SeqChunk(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., start: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("chunks", "inputs", "downstream")
+    __slots__ = ("chunks", "inputs", "downstream", "micro_batches")
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     DOWNSTREAM_FIELD_NUMBER: _ClassVar[int]
+    MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
     chunks: _containers.RepeatedCompositeFieldContainer[SeqChunk]
     inputs: Tensor
     downstream: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, chunks: _Optional[_Iterable[_Union[SeqChunk, _Mapping]]] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., downstream: _Optional[_Iterable[str]] = ...) -> None: ...
+    micro_batches: int
+    def __init__(self, chunks: _Optional[_Iterable[_Union[SeqChunk, _Mapping]]] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., downstream: _Optional[_Iterable[str]] = ..., micro_batches: _Optional[int] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("logits",)
@@ -151,15 +153,17 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("name", "kv_bytes", "sequences", "stages", "offloaded_bytes")
+    __slots__ = ("name", "kv_bytes", "sequences", "stages", "offloaded_bytes", "interleaved_steps")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
     OFFLOADED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    INTERLEAVED_STEPS_FIELD_NUMBER: _ClassVar[int]
     name: str
     kv_bytes: int
     sequences: int
     stages: _containers.RepeatedScalarFieldContainer[str]
     offloaded_bytes: int
-    def __init__(self, name: _Optional[str] = ..., kv_bytes: _Optional[int] = ..., sequences: _Optional[int] = ..., stages: _Optional[_Iterable[str]] = ..., offloaded_bytes: _Optional[int] = ...) -> None: ...
+    interleaved_steps: int
+    def __init__(self, name: _Optional[str] = ..., kv_bytes: _Optional[int] = ..., sequences: _Optional[int] = ..., stages: _Optional[_Iterable[str]] = ..., offloaded_bytes: _Optional[int] = ..., interleaved_steps: _Optional[int] = ...) -> None: ...
