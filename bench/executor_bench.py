@@ -150,7 +150,7 @@ def summarize(name: str, records: list, wall: float, extra: dict) -> dict:
     lat = sorted(r["latency"] for r in records)
     ttft = sorted(r["ttft"] for r in records)
     tokens = sum(r["tokens"] for r in records)
-    return {"config": name, "label": CONFIGS[name], "requests": len(records), "useful_tokens": tokens,
+    return {"config": name, "label": CONFIGS.get(name, name), "requests": len(records), "useful_tokens": tokens,
             "wall_s": wall, "tokens_per_s": tokens / wall if wall > 0 else 0.0,
             "latency_p50_s": percentile(lat, 50), "latency_p90_s": percentile(lat, 90),
             "ttft_p50_s": percentile(ttft, 50), "ttft_p90_s": percentile(ttft, 90), **extra, "per_request": records}
@@ -255,7 +255,8 @@ def instrument_steps(gateway, t0_ref: list) -> list:
     return steps
 
 
-def run_executor(name: str, checkpoint: str, stages, reqs: list, threads: int, workload: dict) -> dict:
+def run_executor(name: str, checkpoint: str, stages, reqs: list, threads: int, workload: dict,
+                 interleave: int = 1) -> dict:
     from hexplan.executor.client import generate
     from hexplan.executor.launch import Launch
 
@@ -263,7 +264,7 @@ def run_executor(name: str, checkpoint: str, stages, reqs: list, threads: int, w
     workers = sum(tp for tp, _, _ in stages)
     torch.set_num_threads(1)   # this process: gateway (sampling) and client threads
     t_load = time.perf_counter()
-    with Launch(plan, checkpoint, listen="127.0.0.1:0", threads=threads) as L:
+    with Launch(plan, checkpoint, listen="127.0.0.1:0", threads=threads, interleave=interleave) as L:
         load_s = time.perf_counter() - t_load
         gw = L.gateway
         schedule = {"micro_batches": len(gw.pipelines[0].groups), "max_batch": gw.max_batch,
