@@ -72,6 +72,16 @@ def log(msg: str) -> None:
 
 # ---- checkpoint, plans, workload -----------------------------------------------------------------
 
+def benchmark_checkpoint(path: str | None, tmpdir: str) -> str:
+    """The benchmark model's checkpoint at ``path`` (made there if missing), or in ``tmpdir``."""
+    ckpt = path or os.path.join(tmpdir, "llama-134m")
+    if not (Path(ckpt) / "config.json").exists():
+        log(f"writing the random checkpoint to {ckpt}")
+        Path(ckpt).mkdir(parents=True, exist_ok=True)
+        make_checkpoint(ckpt, MODEL)
+    return ckpt
+
+
 def make_checkpoint(path: str, shape: dict, seed: int = 0) -> str:
     """Random weights (transformers' own init), saved with save_pretrained: float32 safetensors."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -612,11 +622,7 @@ def main() -> int:
 
     tmp = tempfile.TemporaryDirectory(prefix="hexplan-bench-")
     try:
-        ckpt = args.checkpoint or os.path.join(tmp.name, "llama-134m")
-        if not (Path(ckpt) / "config.json").exists():
-            log(f"writing the random checkpoint to {ckpt}")
-            Path(ckpt).mkdir(parents=True, exist_ok=True)
-            make_checkpoint(ckpt, MODEL)
+        ckpt = benchmark_checkpoint(args.checkpoint, tmp.name)
         cfg = json.loads((Path(ckpt) / "config.json").read_text())
         layers, vocab = cfg["num_hidden_layers"], cfg["vocab_size"]
         params = checkpoint_params(ckpt)

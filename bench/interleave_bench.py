@@ -42,10 +42,7 @@ def main() -> int:
     os.environ["HEXPLAN_LINK_DELAY"] = a.link     # inherited by the node executor and its workers
     tmp = tempfile.TemporaryDirectory(prefix="hexplan-interleave-")
     try:
-        ckpt = a.checkpoint or os.path.join(tmp.name, "llama-134m")
-        if not (Path(ckpt) / "config.json").exists():
-            Path(ckpt).mkdir(parents=True, exist_ok=True)
-            eb.make_checkpoint(ckpt, eb.MODEL)
+        ckpt = eb.benchmark_checkpoint(a.checkpoint, tmp.name)
         reqs = eb.make_workload(a.requests, (16, 256), (16, 128), eb.MODEL["vocab_size"], 0, None)
         workload = {"prompt_tokens": round(statistics.mean(len(r["prompt"]) for r in reqs)),
                     "output_tokens": round(statistics.mean(r["output_len"] for r in reqs)),

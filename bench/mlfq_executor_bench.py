@@ -13,7 +13,6 @@ Results: docs/executor-benchmark.md, "mlfq".
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
 import sys
@@ -48,10 +47,7 @@ def main() -> int:
     a = ap.parse_args()
     tmp = tempfile.TemporaryDirectory(prefix="hexplan-mlfq-")
     try:
-        ckpt = a.checkpoint or os.path.join(tmp.name, "llama-134m")
-        if not (Path(ckpt) / "config.json").exists():
-            Path(ckpt).mkdir(parents=True, exist_ok=True)
-            eb.make_checkpoint(ckpt, eb.MODEL)
+        ckpt = eb.benchmark_checkpoint(a.checkpoint, tmp.name)
         vocab = eb.MODEL["vocab_size"]
         plan_w = {"prompt_tokens": 64, "output_tokens": 34, "batch_size": 4, "concurrency": 4}
         stages = [(1, 0, eb.MODEL["num_hidden_layers"])]
