@@ -339,8 +339,8 @@ class Gateway:
                         p.mlfq.charge(r, dt, time.monotonic())
                 group.clear()
                 self.cv.notify_all()
-            if not ok:
-                return
+            # A failed step marked the pipeline down: the next iteration moves the requests still
+            # queued here to live pipelines, then ends this loop.
 
     def _prefill_estimate(self, p: Pipeline, tokens: int) -> float:
         """Seconds to prefill ``tokens`` on pipeline p: the plan's TTFT scaled by prompt length,

@@ -106,11 +106,12 @@ def test_chunked_prefill_is_token_identical(ckpt):
 
 # ---- faults ----------------------------------------------------------------------------------
 
-def test_killed_node_requests_finish_on_surviving_pipeline(ckpt):
+@pytest.mark.parametrize("policy", ["fcfs", "mlfq"])
+def test_killed_node_requests_finish_on_surviving_pipeline(ckpt, policy):
     pl = plan(ckpt, [("a", 1, 0, 3), ("b", 1, 3, 6)], [("c", 1, 0, 2), ("d", 1, 2, 6)], weights=[0.5, 0.5])
     n_new = 40
     prompts = PROMPTS[:6]
-    with Launch(pl, ckpt) as L:
+    with Launch(pl, ckpt, policy=policy) as L:
         streams: dict = {i: [] for i in range(len(prompts))}
         first_tokens = threading.Barrier(len(prompts) + 1, timeout=120)
 
