@@ -78,6 +78,10 @@ class Request:
     def context(self) -> list[int]:
         return self.prompt + self.generated
 
+    def uncached(self) -> int:
+        """Context tokens not yet in the KV cache: 1 while decoding, more while prefilling."""
+        return len(self.prompt) + len(self.generated) - self.cached
+
 
 @dataclass(eq=False)
 class Pipeline:
@@ -347,25 +351,30 @@ class Gateway:
         else a step's worth (the quantum) per prefill chunk."""
         if p.ttft_s:
             return p.ttft_s * tokens / self.workload.prompt_tokens
-        chunk = self.prefill_chunk or self.workload.prefill_chunk(len(p.stages))
-        return p.quantum_s * tokens / chunk
+        return p.quantum_s * tokens / self._chunk(p)
+
+    def _chunk(self, p: Pipeline) -> int:
+        return self.prefill_chunk or self.workload.prefill_chunk(len(p.stages))
+
+    def _prefill_budget(self, p: Pipeline, decoding: bool, first: Request | None) -> int:
+        """Prompt tokens a step may carry: the chunk while its micro-batch has sequences
+        decoding; otherwise the plan's prompt length, and at least all of the first prompt."""
+        if decoding:
+            return self._chunk(p)
+        return max(self.prefill_tokens, first.uncached() if first is not None else 0)
 
     def _pick_mlfq_locked(self, p: Pipeline):
         """(request, tokens) for the next step and the requests to offload first."""
         order = p.mlfq.pick(time.monotonic(), eligible=lambda r: not r.running)
-        remaining = lambda r: len(r.prompt) + len(r.generated) - r.cached
         resident = sum(1 for e in p.mlfq.entries.values() if e.req.cached > 0 and not e.req.offloaded)
         picked, step, offload = set(), [], []
         if not order:
             return step, offload
-        if any(remaining(r) == 1 for r in order[:self.max_batch]):
-            budget = self.prefill_chunk or self.workload.prefill_chunk(len(p.stages))
-        else:
-            budget = max(self.prefill_tokens, remaining(order[0]))
+        budget = self._prefill_budget(p, any(r.uncached() == 1 for r in order[:self.max_batch]), order[0])
         for r in order:
             if len(step) >= self.max_batch:
                 break
-            n = remaining(r)
+            n = r.uncached()
             take = 1 if n <= 1 else min(n, budget)
             if take <= 0:
                 continue
@@ -405,17 +414,11 @@ class Gateway:
         on a long one; with nothing decoding the first prompt goes whole (no one to stall).
         Admits waiting requests (appended to ``keep``) while the step has batch room, the
         pipeline is under its concurrency and prompt budget is left."""
-        remaining = lambda r: len(r.prompt) + len(r.generated) - r.cached
-        if any(remaining(r) == 1 for r in keep):
-            budget = self.prefill_chunk or self.workload.prefill_chunk(len(p.stages))
-        else:
-            first = next((r for r in keep if remaining(r) > 1), None)
-            if first is None and p.pending:
-                first = p.pending[0]
-            budget = max(self.prefill_tokens, remaining(first) if first is not None else 0)
+        first = next((r for r in keep if r.uncached() > 1), p.pending[0] if p.pending else None)
+        budget = self._prefill_budget(p, any(r.uncached() == 1 for r in keep), first)
         step = []
         for r in keep:
-            n = remaining(r)
+            n = r.uncached()
             take = n if n <= 1 else min(n, budget)
             if n > 1:
                 budget -= take
@@ -428,7 +431,7 @@ class Gateway:
                 r.finished = True
                 self._retire_locked(r)
                 continue
-            take = min(remaining(r), budget)
+            take = min(r.uncached(), budget)
             budget -= take
             in_flight += 1
             keep.append(r)
