@@ -6,7 +6,7 @@ and the gateway's ``--policy mlfq`` loop only asks it three things: where a new 
 
 * K queues; queue i has a quantum of ``q0 * 2**i`` seconds of service.
 * Skip-join: a new request joins the first queue whose quantum covers its estimated prefill
-  time (hexplan.simulator.engine.skip_join_level, the simulator's rule).
+  time (hexplan.dispatch.skip_join_level, the simulator's rule too).
 * Service is the wall time of the steps a request took part in. A request that used its
   queue's quantum drops one queue (the last queue takes turns: it goes to the back).
 * A request that has waited (not run) longer than ``promote_s`` goes back to the top queue.
@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from hexplan.simulator.engine import skip_join_level
+from hexplan.dispatch import skip_join_level
 
 
 @dataclass(eq=False)

@@ -1,4 +1,7 @@
-"""Which pipeline a new request goes to: shortest expected delay. The gateway and the simulator
+"""Which pipeline a new request goes to (shortest expected delay), and which mlfq queue it
+joins (skip-join): shared by the gateway and the simulator.
+
+Routing: shortest expected delay. The gateway and the simulator
 both route with this class, so what the simulator reports is what the gateway does.
 
 Pipeline ``i`` serves ``r_i`` requests/s at most: its share of the plan's throughput by the
@@ -22,6 +25,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+
+
+def skip_join_level(prefill_s: float, quantum_s: float, levels: int) -> int:
+    """FastServe's skip-join (the mlfq policy of the gateway and the simulator): the
+    highest-priority queue i whose quantum ``quantum_s * 2**i`` covers the request's estimated
+    prefill time (the last queue when none does)."""
+    for i in range(levels - 1):
+        if quantum_s * 2 ** i >= prefill_s:
+            return i
+    return levels - 1
 
 
 class Dispatcher:

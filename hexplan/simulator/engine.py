@@ -58,7 +58,7 @@ from itertools import accumulate
 from ..cluster import Cluster
 from ..costmodel import (TOKEN_ID_BYTES, CostParams, Workload, decode_layer_time, lm_head_time,
                          local_kv_heads, prefill_layer_time, send_time)
-from ..dispatch import Dispatcher
+from ..dispatch import Dispatcher, skip_join_level  # noqa: F401  (skip_join_level: also used from here)
 from ..plan import Plan
 from .workload import RequestStream
 
@@ -81,15 +81,6 @@ class EngineOptions:
     mlfq_quantum_s: float | None = None    # mlfq: quantum of the top queue; None: one decode step of the pipeline
     mlfq_promote_s: float | None = None    # mlfq: waiting longer than this goes back to the top; None: PROMOTE_QUANTA (100) x the last quantum
     offload_bandwidth: float = 16e9        # mlfq: bytes/s between a GPU and host memory (conservative for PCIe 4.0 x16)
-
-
-def skip_join_level(prefill_s: float, quantum_s: float, levels: int) -> int:
-    """FastServe's skip-join: the highest-priority queue i whose quantum ``quantum_s * 2**i``
-    covers the request's estimated prefill time (the last queue when none does)."""
-    for i in range(levels - 1):
-        if quantum_s * 2 ** i >= prefill_s:
-            return i
-    return levels - 1
 
 
 @dataclass
