@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -27,14 +30,73 @@ _DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool)}
 
 
+class SlowLink:
+    """A slower TP interconnect than the real one, for benchmarks (``HEXPLAN_TP_LINK_DELAY``).
+
+    Each all-reduce holds this rank's link for the bytes a ring all-reduce sends,
+    2 (p-1)/p * nbytes, at ``bandwidth`` (one transfer at a time, in issue order), then waits
+    ``latency``; its handle's ``wait`` returns no earlier than that. The real collective runs
+    too, so the result is exact; only the time is stretched. Work done between issuing an
+    asynchronous all-reduce and waiting for it hides the delay, as it would hide a real link's.
+    """
+
+    def __init__(self, latency_s: float, bandwidth: float):
+        self.latency, self.bandwidth = latency_s, bandwidth
+        self._free_at = 0.0
+        self._lock = threading.Lock()
+
+    def done_at(self, nbytes: float, size: int) -> float:
+        with self._lock:
+            start = max(time.perf_counter(), self._free_at)
+            self._free_at = start + 2 * (size - 1) / size * nbytes / self.bandwidth
+            return self._free_at + self.latency
+
+    @classmethod
+    def from_env(cls, name: str = "HEXPLAN_TP_LINK_DELAY") -> "SlowLink | None":
+        """The link ``LATENCY_MS,MBPS`` in the environment variable describes; None if unset."""
+        link = parse_link_delay(os.environ.get(name, ""), name)
+        return cls(*link) if link else None
+
+
+def parse_link_delay(text: str, name: str = "HEXPLAN_LINK_DELAY"):
+    """``"LATENCY_MS,MBPS"`` -> (seconds, bytes/s), or None for "" (no injected delay)."""
+    if not text:
+        return None
+    try:
+        lat, mbps = (float(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"{name}: expected LATENCY_MS,MBPS, got {text!r}") from None
+    if lat < 0 or mbps <= 0:
+        raise ValueError(f"{name}: latency must be >= 0 and bandwidth > 0, got {text!r}")
+    return lat / 1e3, mbps * 1e6 / 8
+
+
+class Pending:
+    """An all-reduce in flight (``TPContext.all_reduce_async``); ``wait()`` returns its tensor."""
+
+    def __init__(self, t: torch.Tensor, work=None, done_at: float = 0.0):
+        self.tensor, self._work, self._done_at = t, work, done_at
+
+    def wait(self) -> torch.Tensor:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        delay = self._done_at - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        return self.tensor
+
+
 @dataclass(frozen=True)
 class TPContext:
     """This process's place in its stage's TP group. ``group`` None means the default group;
-    ``device`` is where collective staging tensors live (a CUDA device under NCCL)."""
+    ``device`` is where collective staging tensors live (a CUDA device under NCCL); ``link``
+    stretches all-reduces to a slower interconnect (benchmarks only, see ``SlowLink``)."""
     rank: int = 0
     size: int = 1
     group: Any = None
     device: str = "cpu"
+    link: SlowLink | None = None
 
     def __post_init__(self):
         if not (self.size >= 1 and 0 <= self.rank < self.size):
@@ -42,9 +104,19 @@ class TPContext:
 
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
         """Sum ``t`` over the group, in place; returns ``t``."""
-        if self.size > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
-        return t
+        return self.all_reduce_async(t).wait()
+
+    def all_reduce_async(self, t: torch.Tensor) -> Pending:
+        """Start summing ``t`` over the group, in place, and return at once; the returned
+        handle's ``wait()`` gives ``t`` once the sum is done. Every rank must issue the same
+        collectives in the same order (the interleaved schedule is deterministic). Gloo runs
+        the collective on its own threads, NCCL on its own stream, so the caller can compute
+        meanwhile."""
+        if self.size == 1:
+            return Pending(t)
+        work = dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+        done_at = self.link.done_at(t.numel() * t.element_size(), self.size) if self.link else 0.0
+        return Pending(t, work, done_at)
 
     def all_gather_last_dim(self, t: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's ``t`` (same shape on all ranks) along the last dim, rank order."""
@@ -72,7 +144,7 @@ def init_tp(rank: int, size: int, master_addr: str, master_port: int,
     dist.init_process_group(backend, init_method=f"tcp://{host}:{master_port}", rank=rank,
                             world_size=size, timeout=timedelta(seconds=timeout_s))
     device = f"cuda:{torch.cuda.current_device()}" if backend == "nccl" else "cpu"
-    return TPContext(rank, size, dist.group.WORLD, device)
+    return TPContext(rank, size, dist.group.WORLD, device, SlowLink.from_env())
 
 
 def destroy_tp(ctx: TPContext) -> None:

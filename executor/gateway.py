@@ -139,7 +139,7 @@ class Gateway:
     def __init__(self, plan: Plan, checkpoint: str, node_addresses: dict, tls: Tls | None = None,
                  dtype: str = "float32", max_batch: int | None = None, prefill_tokens: int | None = None,
                  prefill_chunk: int | None = None, policy: str = "fcfs", mlfq_quantum_s: float | None = None,
-                 interleave: int = 1):
+                 interleave: int = 1, matmul_pieces: int = 1):
         self.plan, self.checkpoint, self.tls, self.dtype = plan, str(checkpoint), tls, dtype
         self.node_addresses = dict(node_addresses)
         # The plan's workload sets the schedule the planner assumed: micro-batches of batch_size
@@ -157,6 +157,9 @@ class Gateway:
         if isinstance(interleave, bool) or not isinstance(interleave, int) or interleave < 1:
             raise GatewayError(f"interleave must be an integer >= 1, got {interleave!r}")
         self.interleave = interleave   # parts a step is split into at the first stage (1: off)
+        if isinstance(matmul_pieces, bool) or not isinstance(matmul_pieces, int) or matmul_pieces < 1:
+            raise GatewayError(f"matmul_pieces must be an integer >= 1, got {matmul_pieces!r}")
+        self.matmul_pieces = matmul_pieces   # slices of each TP row-parallel product (1: off)
         self.offloads = 0              # mlfq: KV caches moved to host memory
         self.dispatcher = Dispatcher.for_plan(plan, self.workload.output_tokens)
         self.config = check_checkpoint(self.checkpoint, plan.model)
@@ -445,7 +448,8 @@ class Gateway:
             chunks.append(pb.SeqChunk(request_id=r.id, start=r.cached, length=n))
             tokens += ctx[r.cached:r.cached + n]
         req = pb.ForwardRequest(chunks=chunks, inputs=to_proto(torch.tensor(tokens, dtype=torch.int64)),
-                                downstream=p.stages[1:], micro_batches=self.interleave)
+                                downstream=p.stages[1:], micro_batches=self.interleave,
+                                matmul_pieces=self.matmul_pieces)
         try:
             resp = self.stub(p.stages[0]).Forward(req, timeout=STEP_TIMEOUT_S)
             logits = from_proto(resp.logits)

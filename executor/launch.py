@@ -53,7 +53,7 @@ class Launch:
     def __init__(self, plan: Plan, checkpoint: str, listen: str = "127.0.0.1:0", tls: Tls | None = None,
                  dtype: str = "float32", threads: int | None = None, max_batch: int | None = None,
                  prefill_chunk: int | None = None, policy: str = "fcfs", mlfq_quantum_s: float | None = None,
-                 interleave: int = 1):
+                 interleave: int = 1, matmul_pieces: int = 1):
         self.nodes: dict = {}
         self.server = None
         self.gateway = None
@@ -71,7 +71,8 @@ class Launch:
                 self.nodes[n] = start_node(n, host, threads, tls)
             self.gateway = Gateway(plan, checkpoint, {n: a for n, (_, a) in self.nodes.items()}, tls, dtype,
                                    max_batch=max_batch, prefill_chunk=prefill_chunk, policy=policy,
-                                   mlfq_quantum_s=mlfq_quantum_s, interleave=interleave)
+                                   mlfq_quantum_s=mlfq_quantum_s, interleave=interleave,
+                                   matmul_pieces=matmul_pieces)
             self.gateway.start()
             self.server, self.port = serve_gateway(self.gateway, listen, tls)
             self.address = f"{host}:{self.port}"
@@ -105,12 +106,13 @@ class Launch:
 
 
 def run_launch(plan: Plan, checkpoint: str, listen: str, tls: Tls | None, dtype: str, threads: int | None,
-               out=sys.stdout, policy: str = "fcfs", mlfq_quantum_s: float | None = None, interleave: int = 1) -> int:
+               out=sys.stdout, policy: str = "fcfs", mlfq_quantum_s: float | None = None, interleave: int = 1,
+               matmul_pieces: int = 1) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     launch = Launch(plan, checkpoint, listen, tls, dtype, threads, policy=policy, mlfq_quantum_s=mlfq_quantum_s,
-                    interleave=interleave)
+                    interleave=interleave, matmul_pieces=matmul_pieces)
     try:
         print(f"hexplan: ready: serving {plan.model.name} on {launch.address} "
               f"({len(plan.pipelines)} pipeline(s), {len(launch.nodes)} node executor(s))", file=out, flush=True)

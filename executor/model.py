@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-from .distributed import TPContext
+from .distributed import Pending, TPContext
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -168,11 +168,31 @@ def apply_rope(x, cos, sin):                                       # x: [T, head
     return x * cos[:, None] + rotated * sin[:, None]
 
 
-def row_parallel(linear: nn.Linear, x, ctx: TPContext):
-    """A linear layer split by input columns: partial product, sum over ranks, then the bias."""
-    y = F.linear(x, linear.weight)
-    ctx.all_reduce_(y)
+def row_parallel_start(linear: nn.Linear, x, ctx: TPContext, pieces: int = 1) -> list[Pending]:
+    """A linear layer split by input columns, started: this rank's partial product, summed over
+    the ranks asynchronously. With ``pieces`` > 1 the product is cut by output features into
+    that many slices, each slice's all-reduce issued as soon as it is computed, so the next
+    slice's product runs while the previous one is on the link (Liger's GEMM splitting)."""
+    if pieces <= 1 or ctx.size == 1:
+        return [ctx.all_reduce_async(F.linear(x, linear.weight))]
+    rows = linear.weight.shape[0]
+    cuts = [rows * i // pieces for i in range(pieces + 1)]
+    return [ctx.all_reduce_async(F.linear(x, linear.weight[a:b])) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
+def row_parallel_finish(linear: nn.Linear, pending: list[Pending]):
+    """Wait for ``row_parallel_start``'s all-reduces; the summed product plus the bias."""
+    y = pending[0].wait() if len(pending) == 1 else torch.cat([p.wait() for p in pending], dim=-1)
     return y if linear.bias is None else y + linear.bias
+
+
+def drain(gen):
+    """Run one of the layers' step generators to the end (no interleaving); its result."""
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
 
 
 class SeqCache:
@@ -220,7 +240,8 @@ class Attention(nn.Module):
         self.window = a.sliding_window
         self.ctx, self.idx = ctx, local_idx
 
-    def forward(self, x, b: Batch):                                # x: [T, H]
+    def core(self, x, b: Batch):                                   # x: [T, H] -> [T, h * D]
+        """Everything up to o_proj: projections, RoPE, cache append, attention."""
         T = x.shape[0]
         q = self.q_proj(x).view(T, self.heads, self.head_dim)      # [T, h, D]
         k = self.k_proj(x).view(T, self.kv_heads, self.head_dim)   # [T, kv, D]
@@ -238,7 +259,10 @@ class Attention(nn.Module):
             else:
                 out[i:i + c.length] = self._attend(q[i:i + c.length], kc, vc, c.start)
             i += c.length
-        return row_parallel(self.o_proj, out.view(T, -1), self.ctx)
+        return out.view(T, -1)
+
+    def forward(self, x, b: Batch):
+        return row_parallel_finish(self.o_proj, row_parallel_start(self.o_proj, self.core(x, b), self.ctx))
 
     def _attend_one(self, q, k, v):       # one decode token. q: [h, D]; k, v: [kv, S, D]
         """Attention of one new token over its whole cache: two batched matrix products on
@@ -272,8 +296,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(t.inter, a.hidden_size, bias=a.mlp_bias)
         self.ctx = ctx
 
-    def forward(self, x):                                          # x: [T, H]
-        return row_parallel(self.down_proj, F.silu(self.gate_proj(x)) * self.up_proj(x), self.ctx)
+    def inner(self, x):                                            # x: [T, H] -> [T, inter]
+        return F.silu(self.gate_proj(x)) * self.up_proj(x)
+
+    def forward(self, x):
+        return row_parallel_finish(self.down_proj, row_parallel_start(self.down_proj, self.inner(x), self.ctx))
 
 
 class DecoderLayer(nn.Module):
@@ -284,9 +311,21 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.mlp = MLP(a, t, ctx)
 
-    def forward(self, x, b: Batch):                                # x: [T, H]
-        x = x + self.self_attn(self.input_layernorm(x), b)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def steps(self, x, b: Batch, pieces: int = 1):                 # x: [T, H]
+        """This layer on one part of a step, as a generator: it yields after starting each of
+        its two all-reduces and, resumed, waits for it and goes on; it returns the layer's
+        output. A caller that resumes other parts' generators in between overlaps this part's
+        all-reduce with their compute (StageModel.forward_parts)."""
+        attn, mlp = self.self_attn, self.mlp
+        pending = row_parallel_start(attn.o_proj, attn.core(self.input_layernorm(x), b), attn.ctx, pieces)
+        yield
+        x = x + row_parallel_finish(attn.o_proj, pending)
+        pending = row_parallel_start(mlp.down_proj, mlp.inner(self.post_attention_layernorm(x)), mlp.ctx, pieces)
+        yield
+        return x + row_parallel_finish(mlp.down_proj, pending)
+
+    def forward(self, x, b: Batch):
+        return drain(self.steps(x, b))
 
 
 # ---- the stage -----------------------------------------------------------------------------
@@ -375,12 +414,32 @@ class StageModel(nn.Module):
         return out
 
     # -- running ---------------------------------------------------------------------------
-    @torch.inference_mode()
-    def forward_batch(self, chunks: list[SeqChunk], inputs: torch.Tensor) -> torch.Tensor:
+    def forward_batch(self, chunks: list[SeqChunk], inputs: torch.Tensor, parts=None,
+                      pieces: int = 1) -> torch.Tensor:
         """Run a ragged batch; see the module docstring. inputs: token ids [T] on the first
         stage, hidden states [T, H] otherwise. Returns [T, H], or float32 logits
-        [len(chunks), vocab] of each chunk's last token on the last stage."""
+        [len(chunks), vocab] of each chunk's last token on the last stage. ``parts`` and
+        ``pieces``: see ``forward_parts``; the result is the same."""
+        return torch.cat(self.forward_parts(chunks, inputs, parts, pieces))
+
+    @torch.inference_mode()
+    def forward_parts(self, chunks: list[SeqChunk], inputs: torch.Tensor, parts=None, pieces: int = 1,
+                      on_part=None) -> list[torch.Tensor]:
+        """Run a ragged batch cut into parts: ``parts`` = [(first chunk, end chunk), ...],
+        contiguous and covering ``chunks`` (None: one part). Returns each part's output (as
+        ``forward_batch``) and hands it, as soon as it is done, to ``on_part(index, output)``.
+
+        Interleaving (Liger-style). On a TP stage the parts run layer by layer in turn: a part
+        starts an all-reduce and the next part computes while it is on the link. Without TP
+        they run one after the other (``on_part`` lets the caller send part i on while part
+        i + 1 computes). ``pieces`` > 1 cuts each row-parallel product so its slices' all-reduces
+        overlap the rest of the product. Every TP rank must call this with the same arguments:
+        the order of the collectives depends only on them."""
         self._check_batch(chunks, inputs)
+        parts = parts or [(0, len(chunks))]
+        if [a for a, _ in parts] != [0] + [b for _, b in parts[:-1]] or parts[-1][1] != len(chunks) \
+                or any(b <= a for a, b in parts):
+            raise ValueError(f"parts {parts} do not cut {len(chunks)} chunks into contiguous, non-empty runs")
         device, dtype = self.inv_freq.device, self.layers_dtype
         for c in chunks:
             if c.request_id in self.offloaded:
@@ -395,21 +454,50 @@ class StageModel(nn.Module):
                 cache.reserve(c.start + c.length)
             positions = torch.cat([torch.arange(c.start, c.start + c.length) for c in chunks])
             cos, sin = rope_cos_sin(positions.to(device), self.inv_freq, dtype)
-            b = Batch(chunks, caches, cos, sin)
             x = self.embed_tokens(inputs.to(device)) if self.shard.is_first else inputs.to(device, dtype)
-            for layer in self.layers:                              # x: [T, H]
-                x = layer(x, b)
+            offsets = [0]
+            for c in chunks:
+                offsets.append(offsets[-1] + c.length)
+            runs = []                                              # one generator per part
+            for a, e in parts:
+                t0, t1 = offsets[a], offsets[e]
+                b = Batch(chunks[a:e], caches[a:e], cos[t0:t1], sin[t0:t1])
+                runs.append(self._run_part(x[t0:t1], b, pieces))
+            outs: list = [None] * len(runs)
+            if self.ctx.size == 1 or len(runs) == 1:               # nothing to overlap between parts
+                for i, run in enumerate(runs):
+                    outs[i] = self._finish_part(drain(run), chunks[parts[i][0]:parts[i][1]], i, on_part)
+            else:                                                  # round robin: resume each in turn
+                live = list(range(len(runs)))
+                while live:
+                    for i in list(live):
+                        try:
+                            next(runs[i])
+                        except StopIteration as stop:
+                            live.remove(i)
+                            outs[i] = self._finish_part(stop.value, chunks[parts[i][0]:parts[i][1]], i, on_part)
         except BaseException:
             for rid in new:                                        # leave no half-made caches
                 del self.caches[rid]
             raise
         for c, cache in zip(chunks, caches):
             cache.length = c.start + c.length
-        if not self.shard.is_last:
-            return x
-        last = torch.tensor([c.length for c in chunks], device=device).cumsum(0) - 1
-        logits = F.linear(self.norm(x[last]), self.lm_head.weight)  # [n, vocab / tp]
-        return self.ctx.all_gather_last_dim(logits)[:, :self.args.vocab_size].float()
+        return outs
+
+    def _run_part(self, x, b: Batch, pieces: int):
+        for layer in self.layers:                                  # x: [t, H]
+            x = yield from layer.steps(x, b, pieces)
+        return x
+
+    def _finish_part(self, x, chunks: list[SeqChunk], index: int, on_part):
+        """A part's output: its hidden states, or on the last stage its chunks' last-token logits."""
+        if self.shard.is_last:
+            last = torch.tensor([c.length for c in chunks], device=x.device).cumsum(0) - 1
+            logits = F.linear(self.norm(x[last]), self.lm_head.weight)  # [n, vocab / tp]
+            x = self.ctx.all_gather_last_dim(logits)[:, :self.args.vocab_size].float()
+        if on_part is not None:
+            on_part(index, x)
+        return x
 
     def _check_batch(self, chunks, inputs):
         if not chunks:

@@ -20,7 +20,7 @@ import torch
 
 from ._proto import hexplan_v1_pb2 as pb
 from ._proto import hexplan_v1_pb2_grpc as pbg
-from .distributed import TPContext, broadcast_message, init_tp
+from .distributed import TPContext, broadcast_message, init_tp, parse_link_delay
 from .model import SeqChunk, ShardSpec, StageModel
 from .wire import Tls, add_health_and_reflection, bind, channel, from_proto, make_server, to_proto
 
@@ -44,19 +44,6 @@ def split_parts(lengths: list[int], n: int) -> list[tuple[int, int]]:
             start = i + 1
     parts.append((start, len(lengths)))
     return parts
-
-
-def parse_link_delay(text: str):
-    """``"LATENCY_MS,MBPS"`` -> (seconds, bytes/s), or None for "" (no injected delay)."""
-    if not text:
-        return None
-    try:
-        lat, mbps = (float(x) for x in text.split(","))
-    except ValueError:
-        raise ValueError(f"HEXPLAN_LINK_DELAY: expected LATENCY_MS,MBPS, got {text!r}") from None
-    if lat < 0 or mbps <= 0:
-        raise ValueError(f"HEXPLAN_LINK_DELAY: latency must be >= 0 and bandwidth > 0, got {text!r}")
-    return lat / 1e3, mbps * 1e6 / 8
 
 
 def _watch_parent(parent: int) -> None:
@@ -88,12 +75,13 @@ class StageWorker(pbg.StageServicer):
                 stub = self._stubs[address] = pbg.StageStub(channel(address, self.tls))
             return stub
 
-    def _run(self, header: dict, tensors: list):
+    def _run(self, header: dict, tensors: list, on_part=None):
         if self.ctx.size > 1:
             broadcast_message(self.ctx, header, tensors)
-        return _apply(self.model, header, tensors)
+        return _apply(self.model, header, tensors, on_part)
 
     def Forward(self, request, context):
+        stage = f"stage {self.spec['stage_id']}"
         try:
             chunks = [{"request_id": c.request_id, "start": int(c.start), "length": int(c.length)}
                       for c in request.chunks]
@@ -103,41 +91,41 @@ class StageWorker(pbg.StageServicer):
                 raise ValueError("every chunk needs start >= 0 and length > 0")
             if inputs.shape[0] != total:
                 raise ValueError(f"inputs have {inputs.shape[0]} tokens, chunks say {total}")
-            parts = split_parts([c["length"] for c in chunks], request.micro_batches) if request.downstream \
-                else [(0, len(chunks))]
-            if len(parts) > 1:      # check the whole step before running any part of it
-                with self.lock:
-                    self.model._check_batch([SeqChunk(c["request_id"], c["start"], c["length"]) for c in chunks],
-                                            inputs)
         except ValueError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"stage {self.spec['stage_id']}: {e}")
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{stage}: {e}")
+        # Interleaving (micro_batches > 1): the step is cut into parts when there is something to
+        # overlap: a next stage (part i goes on the wire while part i + 1 computes) or a TP group
+        # (part i's all-reduces are in flight while part i + 1 computes). The parts sent on are
+        # not cut again; matmul_pieces travels down the pipeline.
+        n = request.micro_batches if (request.downstream or self.ctx.size > 1) else 1
+        parts = split_parts([c["length"] for c in chunks], n)
+        header = {"op": "forward", "chunks": chunks, "parts": parts, "pieces": max(1, request.matmul_pieces)}
+        if len(parts) > 1:
+            self.interleaved_steps += 1
         if not request.downstream:
             try:
                 with self.lock:
-                    out = self._run({"op": "forward", "chunks": chunks}, [inputs])
+                    outs = self._run(header, [inputs])
             except ValueError as e:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"stage {self.spec['stage_id']}: {e}")
-            return pb.ForwardResponse(logits=to_proto(out.float()))
-        # Interleaved (micro_batches > 1): compute part i, hand it to the sending thread, compute
-        # part i + 1 while part i is on the wire and on the next stage; the logits come back in
-        # order. One part: the plain path.
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{stage}: {e}")
+            return pb.ForwardResponse(logits=to_proto(torch.cat(outs).float()))
+        # A pipeline stage hands each part to the sending thread as soon as it is computed; the
+        # logits come back in order.
         nxt = request.downstream[0]
-        if len(parts) > 1:
-            self.interleaved_steps += 1
         remaining = context.time_remaining()
         timeout = remaining if remaining and remaining < 1e6 else None
-        offsets = [0]
-        for c in chunks:
-            offsets.append(offsets[-1] + c["length"])
         sends = []
-        for a, b in parts:
-            try:
-                with self.lock:
-                    out = self._run({"op": "forward", "chunks": chunks[a:b]}, [inputs[offsets[a]:offsets[b]]])
-            except ValueError as e:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"stage {self.spec['stage_id']}: {e}")
-            req = pb.ForwardRequest(chunks=request.chunks[a:b], inputs=to_proto(out), downstream=request.downstream[1:])
+
+        def send(i, out):
+            a, b = parts[i]
+            req = pb.ForwardRequest(chunks=request.chunks[a:b], inputs=to_proto(out), downstream=request.downstream[1:],
+                                    matmul_pieces=request.matmul_pieces)
             sends.append(self._send(nxt, req, timeout))
+        try:
+            with self.lock:
+                self._run(header, [inputs], on_part=send)
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{stage}: {e}")
         try:
             replies = [f.result() for f in sends]
         except grpc.RpcError as e:
@@ -190,12 +178,12 @@ class StageWorker(pbg.StageServicer):
                 broadcast_message(self.ctx, {"op": "stop"}, [])
 
 
-def _apply(model: StageModel, header: dict, tensors: list):
+def _apply(model: StageModel, header: dict, tensors: list, on_part=None):
     op = header["op"]
     if op == "forward":
         chunks = [SeqChunk(c["request_id"], c["start"], c["length"]) for c in header["chunks"]]
-        with torch.inference_mode():
-            return model.forward_batch(chunks, tensors[0])
+        parts = [(int(a), int(b)) for a, b in header["parts"]]
+        return model.forward_parts(chunks, tensors[0], parts, int(header["pieces"]), on_part)
     if op == "release":
         return sum(1 for r in header["ids"] if model.release(r))
     if op == "offload":

@@ -143,8 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument("--mlfq-quantum-ms", type=float,
                             help="mlfq: the top queue's quantum (default: the plan's time per output token, else 50 ms)")
         parser.add_argument("--interleave", type=int, default=1,
-                            help="split each step into N parts at the first stage and send each on while computing the "
-                                 "next, so stages and links overlap within a step (Liger-style; default 1: off)")
+                            help="split each step into N parts and overlap one part's communication with the next "
+                                 "part's compute: the first stage sends part i on while computing part i+1, a TP "
+                                 "stage's all-reduces run asynchronously under it (Liger-style; default 1: off)")
+        parser.add_argument("--matmul-pieces", type=int, default=1,
+                            help="cut each TP row-parallel matrix product into K slices whose all-reduces overlap "
+                                 "the rest of the product (default 1: off)")
 
     sv = sub.add_parser("serve", help="run the gateway: load a plan on its node executors and serve requests")
     sv.add_argument("--plan", required=True, help="plan file from `hexplan solve` (or hand-written)")
@@ -428,7 +432,7 @@ def cmd_serve(args) -> int:
     try:
         gw = Gateway(plan, args.checkpoint, nodes, tls, args.dtype, max_batch=args.max_batch,
                      prefill_chunk=args.prefill_chunk, policy=policy, mlfq_quantum_s=quantum,
-                     interleave=args.interleave)
+                     interleave=args.interleave, matmul_pieces=args.matmul_pieces)
         gw.start()
     except GatewayError as e:
         raise HexplanError(str(e)) from None
@@ -447,6 +451,8 @@ def cmd_serve(args) -> int:
 def _policy(args) -> tuple[str, float | None]:
     if args.interleave < 1:
         raise SpecError(f"must be an integer >= 1, got {args.interleave}", field="--interleave")
+    if args.matmul_pieces < 1:
+        raise SpecError(f"must be an integer >= 1, got {args.matmul_pieces}", field="--matmul-pieces")
     if args.policy not in ("fcfs", "mlfq"):
         raise SpecError(f"must be 'fcfs' or 'mlfq', got {args.policy!r}", field="--policy")
     q = args.mlfq_quantum_ms
@@ -464,7 +470,8 @@ def cmd_launch(args) -> int:
     policy, quantum = _policy(args)
     try:
         return run_launch(plan, args.checkpoint, _listen(args.listen, "--listen"), _tls(args), args.dtype, args.threads,
-                          policy=policy, mlfq_quantum_s=quantum, interleave=args.interleave)
+                          policy=policy, mlfq_quantum_s=quantum, interleave=args.interleave,
+                          matmul_pieces=args.matmul_pieces)
     except (GatewayError, RuntimeError) as e:
         raise HexplanError(str(e)) from None
 

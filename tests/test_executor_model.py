@@ -157,10 +157,38 @@ def test_mistral_sliding_window_matches_hf(tmp_path):
 
 # ---- (d) ragged batches --------------------------------------------------------------------
 
-def test_ragged_batches_match_per_sequence_results(tmp_path):
+def split_in_two(stage):
+    """``stage``'s forward_batch with each step cut into two parts (interleaving)."""
+    from hexplan.executor.worker import split_parts
+
+    def run(chunks, x):
+        return stage.forward_batch(chunks, x, split_parts([c.length for c in chunks], 2), pieces=3)
+    run.__self__ = stage
+    return run
+
+
+@pytest.mark.parametrize("parts", [1, 2])
+def test_ragged_batches_match_per_sequence_results(tmp_path, parts):
     hf = make_checkpoint(tmp_path, layers=4, kv_heads=2, seed=5)
-    stages = [s.forward_batch for s in load_stages(tmp_path, [0, 3, 4])]
-    prompts = {"a": [5, 6, 7, 8, 9], "b": PROMPT[:9], "c": [100, 2, 42], "d": [11, 22, 33, 44, 55, 66]}
+    loaded = load_stages(tmp_path, [0, 3, 4])
+    stages = [s.forward_batch for s in loaded] if parts == 1 else [split_in_two(s) for s in loaded]
+    run_ragged(hf, stages)
+    first, last = loaded
+
+    assert first.num_sequences() == 4 and first.kv_bytes() > 0
+    for rid in RAGGED_PROMPTS:
+        assert first.release(rid) and last.release(rid)
+    assert not first.release("a")
+    assert first.kv_bytes() == last.kv_bytes() == 0 and first.num_sequences() == 0
+
+
+RAGGED_PROMPTS = {"a": [5, 6, 7, 8, 9], "b": PROMPT[:9], "c": [100, 2, 42], "d": [11, 22, 33, 44, 55, 66]}
+
+
+def run_ragged(hf, stages):
+    """Four sequences through ``stages`` in ragged steps (prefills of different lengths, a
+    prompt split across steps among decodes), each checked against HF run alone."""
+    prompts = RAGGED_PROMPTS = {"a": [5, 6, 7, 8, 9], "b": PROMPT[:9], "c": [100, 2, 42], "d": [11, 22, 33, 44, 55, 66]}
     steps = 8
     got = {rid: ([], []) for rid in prompts}              # tokens, logits
     fed = {rid: 0 for rid in prompts}                     # positions in the KV cache
@@ -189,13 +217,6 @@ def test_ragged_batches_match_per_sequence_results(tmp_path):
         ref_tokens, ref_logits = hf_reference(hf, prompt, steps)
         assert got[rid][0] == ref_tokens, rid
         torch.testing.assert_close(torch.stack(got[rid][1]), ref_logits, atol=ATOL, rtol=0)
-
-    first, last = stages[0].__self__, stages[1].__self__
-    assert first.num_sequences() == 4 and first.kv_bytes() > 0
-    for rid in prompts:
-        assert first.release(rid) and last.release(rid)
-    assert not first.release("a")
-    assert first.kv_bytes() == last.kv_bytes() == 0 and first.num_sequences() == 0
 
 
 def test_forward_batch_rejects_bad_chunks(tmp_path):
@@ -353,9 +374,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def stage_worker(rank, size, port, ckpt, shard, inbox, outbox):
+def stage_worker(rank, size, port, ckpt, shard, inbox, outbox, parts=1, pieces=1):
     """One TP rank of a stage: rank 0 takes batches from ``inbox``, broadcasts them to its
-    followers (as a stage worker would), and every rank runs them; rank 0 returns the output."""
+    followers (as a stage worker would), and every rank runs them; rank 0 returns the output.
+    ``parts`` > 1 or ``pieces`` > 1: interleaved, as the stage worker runs with --interleave."""
+    from hexplan.executor.worker import split_parts
+
     torch.set_num_threads(1)                              # two ranks share a 2-core machine
     try:
         ctx = init_tp(rank, size, "127.0.0.1", port, timeout_s=30)
@@ -364,7 +388,8 @@ def stage_worker(rank, size, port, ckpt, shard, inbox, outbox):
             msg, tensors = broadcast_message(ctx, *(inbox.get() if rank == 0 else (None, None)))
             if msg["op"] == "stop":
                 break
-            out = model.forward_batch([SeqChunk(*c) for c in msg["chunks"]], tensors[0])
+            chunks = [SeqChunk(*c) for c in msg["chunks"]]
+            out = model.forward_batch(chunks, tensors[0], split_parts([c.length for c in chunks], parts), pieces)
             if rank == 0:
                 outbox.put(out.clone())
         destroy_tp(ctx)
@@ -376,11 +401,11 @@ def stage_worker(rank, size, port, ckpt, shard, inbox, outbox):
 class RemoteStage:
     """A TP stage in ``size`` spawned processes, called like ``forward_batch``."""
 
-    def __init__(self, mp, size, ckpt, shard):
+    def __init__(self, mp, size, ckpt, shard, parts=1, pieces=1):
         self.inbox, self.outbox = mp.Queue(), mp.Queue()
         port = free_port()
         self.procs = [mp.Process(target=stage_worker, daemon=True,
-                                 args=(r, size, port, str(ckpt), shard, self.inbox, self.outbox))
+                                 args=(r, size, port, str(ckpt), shard, self.inbox, self.outbox, parts, pieces))
                       for r in range(size)]
         for p in self.procs:
             p.start()
@@ -419,8 +444,8 @@ def spawn():
     mp = torch.multiprocessing.get_context("spawn")
     stages = []
 
-    def start(size, ckpt, shard):
-        stages.append(RemoteStage(mp, size, ckpt, shard))
+    def start(size, ckpt, shard, parts=1, pieces=1):
+        stages.append(RemoteStage(mp, size, ckpt, shard, parts, pieces))
         return stages[-1]
     yield start
     for s in stages:
@@ -448,6 +473,15 @@ def test_tp2_stage_then_tp1_stage_matches_hf(tmp_path, spawn):
     ref_tokens, ref_logits = hf_reference(hf, PROMPT, 20)
     assert tokens == ref_tokens
     torch.testing.assert_close(logits, ref_logits, atol=ATOL, rtol=0)
+
+
+def test_interleaved_tp2_stage_matches_hf(tmp_path, spawn):
+    # Steps cut into two parts whose all-reduces run asynchronously under each other's compute,
+    # and each row-parallel product cut into 3 slices (Liger-style): the same tokens and logits.
+    hf = make_checkpoint(tmp_path, layers=4, kv_heads=2, seed=5)
+    first = spawn(2, tmp_path, (0, 3, True, False), parts=2, pieces=3)
+    last = StageModel.load(tmp_path, ShardSpec(3, 4, False, True), TPContext()).forward_batch
+    run_ragged(hf, [first, last])
 
 
 def broadcast_tensors():

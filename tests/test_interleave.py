@@ -1,5 +1,6 @@
 """Interleaved steps: a step split into parts at the first stage, each sent on while the next is
-computed. The split itself, the injected link delay, and token identity end to end."""
+computed, and on TP stages parts whose all-reduces run under each other's compute. The split
+itself, the injected link delays, and token identity end to end."""
 from __future__ import annotations
 
 from concurrent import futures
@@ -9,6 +10,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("grpc")
 
+from hexplan.executor.distributed import Pending, SlowLink  # noqa: E402
 from hexplan.executor.worker import parse_link_delay, split_parts  # noqa: E402
 
 
@@ -35,6 +37,60 @@ def test_parse_link_delay():
     for bad in ("2", "x,1", "-1,10", "1,0"):
         with pytest.raises(ValueError, match="HEXPLAN_LINK_DELAY"):
             parse_link_delay(bad)
+
+
+def test_slow_tp_link_times_ring_bytes_one_transfer_at_a_time(monkeypatch):
+    import time
+    link = SlowLink(0.010, 1e6)                  # 10 ms, 1 MB/s
+    t0 = time.perf_counter()
+    a = link.done_at(1000, 2)                    # a 2-rank ring sends 2 (p-1)/p = 1x the bytes: 1 ms
+    b = link.done_at(1000, 4)                    # 4 ranks: 1.5x, queued behind the first: 1 + 1.5 ms
+    assert a - t0 == pytest.approx(0.011, abs=2e-3)
+    assert b - t0 == pytest.approx(0.0125, abs=2e-3)
+    # a handle waits until its done-at time, even when the (here absent) collective is done
+    torch = pytest.importorskip("torch")
+    t = torch.ones(3)
+    t0 = time.perf_counter()
+    assert Pending(t, None, t0 + 0.02).wait() is t
+    assert time.perf_counter() - t0 >= 0.02
+    monkeypatch.setenv("HEXPLAN_TP_LINK_DELAY", "0.5,80")
+    link = SlowLink.from_env()
+    assert (link.latency, link.bandwidth) == (0.0005, 1e7)
+    monkeypatch.setenv("HEXPLAN_TP_LINK_DELAY", "fast")
+    with pytest.raises(ValueError, match="HEXPLAN_TP_LINK_DELAY"):
+        SlowLink.from_env()
+    monkeypatch.delenv("HEXPLAN_TP_LINK_DELAY")
+    assert SlowLink.from_env() is None
+
+
+# A TP-2 stage with a next stage (parts sent on as they finish) and a lone TP-2 stage (parts
+# only overlap all-reduces), each on a slowed TP link, with the row-parallel products in slices.
+@pytest.mark.parametrize("stages", [[("a", 2, 0, 4), ("b", 1, 4, 6)], [("a", 2, 0, 6)]],
+                         ids=["tp2-then-tp1", "tp2-alone"])
+def test_interleaved_tp_stage_is_token_identical(tmp_path, monkeypatch, stages):
+    pytest.importorskip("transformers")
+    from executor_util import hf_greedy, make_checkpoint, plan
+
+    from hexplan.executor._proto import hexplan_v1_pb2 as pb
+    from hexplan.executor.client import generate
+    from hexplan.executor.launch import Launch
+
+    ckpt = make_checkpoint(tmp_path / "m", layers=6, kv_heads=2)
+    # 8 requests: the plan's 4 micro-batch loops get two each, so there is a step to split
+    prompts = [[5, 17, 33], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [200, 100], [42] * 20,
+               [7, 8, 9, 10], [250, 3, 77, 91, 12, 6], [9] * 5, [31, 41, 59, 26]]
+    news = [10, 4, 12, 6, 8, 5, 9, 7]
+    monkeypatch.setenv("HEXPLAN_TP_LINK_DELAY", "0.2,1000")
+    with Launch(plan(ckpt, stages), ckpt, interleave=2, matmul_pieces=2, threads=1) as L:
+        with futures.ThreadPoolExecutor(len(prompts)) as pool:
+            jobs = [pool.submit(generate, L.address, token_ids=p, max_new_tokens=n, timeout=180)
+                    for p, n in zip(prompts, news)]
+            results = [j.result() for j in jobs]
+        gw = L.gateway
+        first = gw.stub(gw.pipelines[0].stages[0]).Stats(pb.StatsRequest(), timeout=10)
+        assert first.interleaved_steps > 0, "no step was split"
+    for p, n, r in zip(prompts, news, results):
+        assert r["token_ids"] == hf_greedy(ckpt, p, n), f"prompt {p}"
 
 
 def test_interleaved_pipeline_is_token_identical(tmp_path, monkeypatch):

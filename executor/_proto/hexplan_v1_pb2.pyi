@@ -75,16 +75,18 @@ class SeqChunk(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., start: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("chunks", "inputs", "downstream", "micro_batches")
+    __slots__ = ("chunks", "inputs", "downstream", "micro_batches", "matmul_pieces")
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     DOWNSTREAM_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    MATMUL_PIECES_FIELD_NUMBER: _ClassVar[int]
     chunks: _containers.RepeatedCompositeFieldContainer[SeqChunk]
     inputs: Tensor
     downstream: _containers.RepeatedScalarFieldContainer[str]
     micro_batches: int
-    def __init__(self, chunks: _Optional[_Iterable[_Union[SeqChunk, _Mapping]]] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., downstream: _Optional[_Iterable[str]] = ..., micro_batches: _Optional[int] = ...) -> None: ...
+    matmul_pieces: int
+    def __init__(self, chunks: _Optional[_Iterable[_Union[SeqChunk, _Mapping]]] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., downstream: _Optional[_Iterable[str]] = ..., micro_batches: _Optional[int] = ..., matmul_pieces: _Optional[int] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("logits",)
