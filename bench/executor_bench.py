@@ -266,7 +266,8 @@ def instrument_steps(gateway, t0_ref: list) -> list:
 
 
 def run_executor(name: str, checkpoint: str, stages, reqs: list, threads: int, workload: dict,
-                 interleave: int = 1, policy: str = "fcfs", mlfq_quantum_s: float | None = None) -> dict:
+                 interleave: int = 1, policy: str = "fcfs", mlfq_quantum_s: float | None = None,
+                 matmul_pieces: int = 1) -> dict:
     from hexplan.executor.client import generate
     from hexplan.executor.launch import Launch
 
@@ -275,7 +276,7 @@ def run_executor(name: str, checkpoint: str, stages, reqs: list, threads: int, w
     torch.set_num_threads(1)   # this process: gateway (sampling) and client threads
     t_load = time.perf_counter()
     with Launch(plan, checkpoint, listen="127.0.0.1:0", threads=threads, interleave=interleave, policy=policy,
-                mlfq_quantum_s=mlfq_quantum_s) as L:
+                mlfq_quantum_s=mlfq_quantum_s, matmul_pieces=matmul_pieces) as L:
         load_s = time.perf_counter() - t_load
         gw = L.gateway
         schedule = {"micro_batches": len(gw.pipelines[0].groups), "max_batch": gw.max_batch,

@@ -1,15 +1,27 @@
-"""Interleaved steps on a slow link: a 2-stage pipeline with and without --interleave.
+"""Interleaving on a slow link: a 2-stage pipeline, or a TP-2 stage, with and without it.
 
-    python bench/interleave_bench.py [--link 5,100] [--requests 32] [--repeat 3] [--parts 2]
+    python bench/interleave_bench.py --mode pp [--link 5,100] [--requests 32] [--repeat 3] [--parts 2]
+    python bench/interleave_bench.py --mode tp [--link 1,1000] [--requests 32] [--repeat 3] [--parts 2] [--pieces 4]
 
 The 134M-parameter model and the request mix of bench/executor_bench.py (prompts 16-256,
-outputs 16-128, all at t = 0), served by `hexplan launch` as two pipeline stages of 6 layers
-(one worker each, one thread each) whose stage-to-stage link is slowed in the workers' sending
-thread (HEXPLAN_LINK_DELAY=LATENCY_MS,MBPS: each message holds the link for bytes / bandwidth,
-one at a time, then waits the latency). One micro-batch of 16 per pipeline by default (--concurrency
-32: two, which already keeps both stages busy), chunked prefill.
-Each configuration runs --repeat times in turn; the table gives the median run's tokens/s and
-P90 latency. Results: docs/executor-benchmark.md, "Interleaving".
+outputs 16-128, all at t = 0), served by `hexplan launch`.
+
+--mode pp: two pipeline stages of 6 layers (one worker each, one thread each) whose
+stage-to-stage link is slowed in the workers' sending thread (HEXPLAN_LINK_DELAY=LATENCY_MS,MBPS:
+each message holds the link for bytes / bandwidth, one at a time, then waits the latency).
+Configurations: off, and --interleave PARTS (each step cut in parts at the first stage, part i
+sent on while part i + 1 computes).
+
+--mode tp: one stage of all 12 layers on a TP group of 2 workers (one thread each) whose
+all-reduces are slowed (HEXPLAN_TP_LINK_DELAY=LATENCY_MS,MBPS: each all-reduce holds the rank's
+link for the ring's 2 (p-1)/p x bytes, then waits the latency; the real gloo all-reduce runs
+too). Configurations: off; --interleave PARTS (parts run layer by layer in turn, each part's
+all-reduce asynchronous under the next part's compute); --matmul-pieces PIECES (each
+row-parallel product in slices, each slice's all-reduce under the next slice's product); both.
+
+One micro-batch of 16 per pipeline by default (--concurrency 32: two), chunked prefill. Each
+configuration runs --repeat times in turn; the table gives the median run's tokens/s and P90
+latency. Results: docs/executor-benchmark.md, "Interleaving".
 """
 from __future__ import annotations
 
@@ -29,17 +41,32 @@ import executor_bench as eb  # noqa: E402
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--link", default="5,100", help="LATENCY_MS,MBPS of the stage-to-stage link (default 5,100)")
+    ap.add_argument("--mode", choices=("pp", "tp"), default="pp",
+                    help="pp: 2 pipeline stages, slow stage-to-stage link; tp: one TP-2 stage, slow all-reduces")
+    ap.add_argument("--link", help="LATENCY_MS,MBPS of the slowed link (default: 5,100 for pp, 1,1000 for tp)")
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--parts", type=int, default=2, help="parts per step with interleaving (default 2)")
+    ap.add_argument("--pieces", type=int, default=4, help="tp: slices per row-parallel product (default 4)")
     ap.add_argument("--concurrency", type=int, default=16,
                     help="requests in flight: 16 = one micro-batch of 16 (default), 32 = two")
     ap.add_argument("--checkpoint", help="reuse (or create) the benchmark checkpoint in this directory")
     a = ap.parse_args()
-    from hexplan.executor.worker import parse_link_delay
-    parse_link_delay(a.link)                      # a bad value fails here, not in a worker
-    os.environ["HEXPLAN_LINK_DELAY"] = a.link     # inherited by the node executor and its workers
+    from hexplan.executor.distributed import parse_link_delay
+    link = a.link or ("5,100" if a.mode == "pp" else "1,1000")
+    var = "HEXPLAN_LINK_DELAY" if a.mode == "pp" else "HEXPLAN_TP_LINK_DELAY"
+    try:
+        parse_link_delay(link, "--link")          # a bad value fails here, not in a worker
+    except ValueError as e:
+        ap.error(str(e))
+    os.environ[var] = link                        # inherited by the node executor and its workers
+    if a.mode == "pp":
+        stages = [(1, 0, 6), (1, 6, 12)]
+        configs = {"off": (1, 1), f"interleave {a.parts}": (a.parts, 1)}
+    else:
+        stages = [(2, 0, 12)]
+        configs = {"off": (1, 1), f"interleave {a.parts}": (a.parts, 1), f"pieces {a.pieces}": (1, a.pieces),
+                   f"interleave {a.parts} + pieces {a.pieces}": (a.parts, a.pieces)}
     tmp = tempfile.TemporaryDirectory(prefix="hexplan-interleave-")
     try:
         ckpt = eb.benchmark_checkpoint(a.checkpoint, tmp.name)
@@ -47,28 +74,28 @@ def main() -> int:
         workload = {"prompt_tokens": round(statistics.mean(len(r["prompt"]) for r in reqs)),
                     "output_tokens": round(statistics.mean(r["output_len"] for r in reqs)),
                     "batch_size": 16, "concurrency": a.concurrency}
-        stages = [(1, 0, 6), (1, 6, 12)]
-        runs: dict = {1: [], a.parts: []}
+        runs: dict = {name: [] for name in configs}
         for rep in range(a.repeat):
-            for parts in runs:
-                eb.log(f"interleave {parts}, run {rep + 1}/{a.repeat}, link {a.link}")
-                r = eb.run_executor(f"c{parts}", ckpt, stages, reqs, 1, workload, interleave=parts)
+            for name, (parts, pieces) in configs.items():
+                eb.log(f"{name}, run {rep + 1}/{a.repeat}, {var}={link}")
+                r = eb.run_executor(name.replace(" ", ""), ckpt, stages, reqs, 1, workload, interleave=parts,
+                                    matmul_pieces=pieces)
                 eb.log(f"  {r['tokens_per_s']:.1f} tokens/s, P90 latency {r['latency_p90_s']:.1f} s")
-                runs[parts].append(r)
+                runs[name].append(r)
     finally:
         tmp.cleanup()
-    print(f"\n2 stages x 1 worker, link {a.link} (ms, Mbps) injected, {a.requests} requests, concurrency "
+    shape = "2 stages x 1 worker" if a.mode == "pp" else "1 stage, TP 2 (2 workers)"
+    print(f"\n{shape}, 1 thread per worker, {var}={link} (ms, Mbps), {a.requests} requests, concurrency "
           f"{a.concurrency}; median of {a.repeat} runs\n")
-    print("| interleave | tokens/s (runs) | median | vs off | P90 latency s | P50 latency s |")
+    print("| configuration | tokens/s (runs) | median | vs off | P90 latency s | P50 latency s |")
     print("|---|---|---|---|---|---|")
     base = None
-    for parts, rs in runs.items():
-        rs = sorted(rs, key=lambda r: r["tokens_per_s"])
-        med = rs[(len(rs) - 1) // 2]
+    for name, rs in runs.items():
+        med = sorted(rs, key=lambda r: r["tokens_per_s"])[(len(rs) - 1) // 2]
         base = base or med["tokens_per_s"]
-        runs_s = ", ".join(f"{r['tokens_per_s']:.1f}" for r in runs[parts])
-        print(f"| {'off' if parts == 1 else parts} | {runs_s} | {med['tokens_per_s']:.1f} | "
-              f"{med['tokens_per_s'] / base:.2f}x | {med['latency_p90_s']:.1f} | {med['latency_p50_s']:.1f} |")
+        runs_s = ", ".join(f"{r['tokens_per_s']:.1f}" for r in rs)
+        print(f"| {name} | {runs_s} | {med['tokens_per_s']:.1f} | {med['tokens_per_s'] / base:.2f}x | "
+              f"{med['latency_p90_s']:.1f} | {med['latency_p50_s']:.1f} |")
     return 0
 
 

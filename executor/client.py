@@ -35,9 +35,46 @@ def generate(target: str, *, prompt: str = "", token_ids=None, max_new_tokens: i
     return {"token_ids": ids, "text": text, "finish_reason": reason}
 
 
+def prefill(target: str, *, prompt: str = "", token_ids=None, hidden: bool = False, tls: Tls | None = None,
+            timeout: float | None = 600) -> dict:
+    """Prefill only (scoring, classification, embeddings): no generation. Returns {"logits":
+    float32 tensor [vocab] after the prompt's last token, "hidden": its final hidden state
+    [hidden_size] (after the final norm) or None, "prompt_tokens"}."""
+    from .wire import from_proto
+    req = pb.PrefillRequest(prompt=prompt, token_ids=list(token_ids or []), hidden=hidden)
+    with channel(target, tls) as ch:
+        out = pbg.InferenceStub(ch).Prefill(req, timeout=timeout)
+    return {"logits": from_proto(out.logits), "hidden": from_proto(out.hidden) if out.HasField("hidden") else None,
+            "prompt_tokens": out.prompt_tokens}
+
+
+def run_prefill(args, tls: Tls | None, ids) -> int:
+    try:
+        out = prefill(args.target, prompt=args.prompt or "", token_ids=ids, hidden=args.hidden, tls=tls,
+                      timeout=args.timeout)
+    except grpc.RpcError as e:
+        print(f"hexplan: error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"prompt_tokens": out["prompt_tokens"], "logits": out["logits"].tolist(),
+                          "hidden": out["hidden"].tolist() if out["hidden"] is not None else None}))
+        return 0
+    probs = out["logits"].softmax(-1)
+    top = probs.topk(min(5, probs.numel()))
+    print(f"{out['prompt_tokens']} prompt tokens; most likely next tokens:")
+    for p, t in zip(top.values.tolist(), top.indices.tolist()):
+        print(f"  {t:>8}  {p:.4f}")
+    if out["hidden"] is not None:
+        h = out["hidden"]
+        print(f"hidden state: {h.numel()} values, L2 norm {float(h.norm()):.4f}")
+    return 0
+
+
 def run_generate(args) -> int:
     tls = Tls(ca=args.tls_ca) if args.tls_ca else None
     ids = [int(x) for x in args.token_ids.split(",") if x.strip()] if args.token_ids else None
+    if getattr(args, "prefill_only", False):
+        return run_prefill(args, tls, ids)
     stream = None
     if not args.json:
         stream = lambda toks, text: (sys.stdout.write(text if text else " ".join(map(str, toks)) + " "),

@@ -16,6 +16,12 @@
   is decoding; `_schedule_locked`). It then samples one token for each sequence whose context
   is now all cached (a prompt's last chunk, or a decode step), streams it, and retires finished
   requests (their KV caches are released on every stage).
+* Task-aware batching: prefill-only requests (``Prefill``: scoring, classification, embeddings)
+  share the steps' prompt budget with generative prompts, in arrival order, but hold no KV
+  slot: they are admitted even when the pipeline already holds ``concurrency`` generative
+  sequences (they never decode, so they do not stretch anyone's steps past their prompt), their
+  last chunk tells every stage to drop their KV cache in the same step (no Release round trip),
+  and the last stage returns their last-token hidden state beside the logits. Nothing is sampled.
 * Faults: when a pipeline's step fails, its stages are probed, nodes that do not answer are
   marked down, every pipeline using them stops, and their requests move to a live pipeline,
   where they are prefilled again from prompt + tokens already streamed: the client sees a
@@ -74,6 +80,8 @@ class Request:
     running: bool = False      # mlfq: in a step now
     offloaded: bool = False    # mlfq: its KV cache is in host memory on every stage
     pipeline: "Pipeline | None" = None
+    prefill_only: bool = False  # Prefill: no generation; the result is the last token's outputs
+    want_hidden: bool = False   # Prefill: also return the last token's hidden state
 
     def context(self) -> list[int]:
         return self.prompt + self.generated
@@ -227,8 +235,12 @@ class Gateway:
             t.join(timeout=5)
 
     # ---- requests -----------------------------------------------------------------------
-    def submit(self, token_ids: list[int], sampling: Sampling, request_id: str = "") -> Request:
-        req = Request(request_id or uuid.uuid4().hex, list(token_ids), sampling)
+    def submit(self, token_ids: list[int], sampling: Sampling, request_id: str = "", prefill_only: bool = False,
+               hidden: bool = False) -> Request:
+        """Queue a request. ``prefill_only``: run the prompt and deliver ("result", logits,
+        hidden or None) instead of tokens (``sampling`` is ignored)."""
+        req = Request(request_id or uuid.uuid4().hex, list(token_ids), sampling, prefill_only=prefill_only,
+                      want_hidden=hidden)
         with self.cv:
             self._route_locked(req)
             self.cv.notify_all()
@@ -369,7 +381,8 @@ class Gateway:
     def _pick_mlfq_locked(self, p: Pipeline):
         """(request, tokens) for the next step and the requests to offload first."""
         order = p.mlfq.pick(time.monotonic(), eligible=lambda r: not r.running)
-        resident = sum(1 for e in p.mlfq.entries.values() if e.req.cached > 0 and not e.req.offloaded)
+        resident = sum(1 for e in p.mlfq.entries.values()
+                       if e.req.cached > 0 and not e.req.offloaded and not e.req.prefill_only)
         picked, step, offload = set(), [], []
         if not order:
             return step, offload
@@ -381,10 +394,10 @@ class Gateway:
             take = 1 if n <= 1 else min(n, budget)
             if take <= 0:
                 continue
-            needs_room = r.cached == 0 or r.offloaded
+            needs_room = (r.cached == 0 or r.offloaded) and not r.prefill_only
             if needs_room and resident >= self.concurrency:
                 victim = next((v for v in reversed(order) if v is not r and id(v) not in picked
-                               and v.cached > 0 and not v.offloaded
+                               and v.cached > 0 and not v.offloaded and not v.prefill_only
                                and p.mlfq.rank(v) > p.mlfq.rank(r)), None)
                 if victim is None:
                     continue
@@ -416,7 +429,8 @@ class Gateway:
         the loop has sequences decoding, so every step costs about the same and no stage waits
         on a long one; with nothing decoding the first prompt goes whole (no one to stall).
         Admits waiting requests (appended to ``keep``) while the step has batch room, the
-        pipeline is under its concurrency and prompt budget is left."""
+        pipeline is under its concurrency (prefill-only requests do not count: they hold no KV
+        slot past their prompt) and prompt budget is left."""
         first = next((r for r in keep if r.uncached() > 1), p.pending[0] if p.pending else None)
         budget = self._prefill_budget(p, any(r.uncached() == 1 for r in keep), first)
         step = []
@@ -427,16 +441,24 @@ class Gateway:
                 budget -= take
             if take > 0:
                 step.append((r, take))
-        in_flight = sum(len(g) for g in p.groups if g is not group) + len(keep)
-        while p.pending and budget > 0 and len(keep) < self.max_batch and in_flight < self.concurrency:
-            r = p.pending.popleft()
+        in_flight = sum(1 for g in p.groups if g is not group for r in g if not r.prefill_only) \
+            + sum(1 for r in keep if not r.prefill_only)
+        while p.pending and budget > 0 and len(keep) < self.max_batch:
+            r = p.pending[0]
             if r.cancelled.is_set():
+                p.pending.popleft()
                 r.finished = True
                 self._retire_locked(r)
                 continue
+            if not r.prefill_only and in_flight >= self.concurrency:
+                # a full pipeline still takes the prefill-only requests queued behind this one
+                r = next((q for q in p.pending if q.prefill_only and not q.cancelled.is_set()), None)
+                if r is None:
+                    break
+            p.pending.remove(r)
             take = min(r.uncached(), budget)
             budget -= take
-            in_flight += 1
+            in_flight += 0 if r.prefill_only else 1
             keep.append(r)
             step.append((r, take))
         return step
@@ -445,7 +467,9 @@ class Gateway:
         chunks, tokens = [], []
         for r, n in running:
             ctx = r.context()
-            chunks.append(pb.SeqChunk(request_id=r.id, start=r.cached, length=n))
+            last = r.prefill_only and r.cached + n == len(ctx)    # done after this step: no KV to keep
+            chunks.append(pb.SeqChunk(request_id=r.id, start=r.cached, length=n, hidden=last and r.want_hidden,
+                                      drop=last))
             tokens += ctx[r.cached:r.cached + n]
         req = pb.ForwardRequest(chunks=chunks, inputs=to_proto(torch.tensor(tokens, dtype=torch.int64)),
                                 downstream=p.stages[1:], micro_batches=self.interleave,
@@ -453,12 +477,20 @@ class Gateway:
         try:
             resp = self.stub(p.stages[0]).Forward(req, timeout=STEP_TIMEOUT_S)
             logits = from_proto(resp.logits)
+            hidden = iter(from_proto(resp.hidden)) if resp.HasField("hidden") else iter(())
         except grpc.RpcError as e:
             self._pipeline_failed(p, [r for r, _ in running], f"{e.code().name}: {e.details()}")
             return False
-        done = []
-        for (r, n), row in zip(running, logits):
+        done, dropped = [], []
+        for (r, n), row, c in zip(running, logits, chunks):
             r.cached += n
+            if c.drop:                     # a prefill-only request's last chunk: its result
+                r.cached = 0               # the stages kept no KV cache
+                h = next(hidden) if c.hidden else None
+                if not r.cancelled.is_set():
+                    r.events.put(("result", row, h))
+                dropped.append(r)
+                continue
             if r.cached < len(r.context()):
                 self.partial_chunks += 1   # a prompt chunk that is not its last: no token yet
                 continue
@@ -475,9 +507,9 @@ class Gateway:
             if reason:
                 r.events.put(("done", reason))
                 done.append(r)
-        if done:
+        if done or dropped:
             with self.cv:
-                for r in done:
+                for r in done + dropped:
                     r.finished = True
                     self._retire_locked(r)
             self._release(p, done)
@@ -543,7 +575,8 @@ class InferenceServicer(pbg.InferenceServicer):
     def __init__(self, gw: Gateway):
         self.gw = gw
 
-    def _request(self, request, context) -> Request:
+    def _prompt(self, request, context) -> list[int]:
+        """The request's prompt as token ids, checked (GenerateRequest and PrefillRequest)."""
         gw = self.gw
         bad = lambda field, msg: context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {msg}")
         if request.token_ids:
@@ -559,6 +592,20 @@ class InferenceServicer(pbg.InferenceServicer):
         for t in ids:
             if not 0 <= t < gw.vocab:
                 bad("token_ids", f"token id {t} is outside the vocabulary [0, {gw.vocab})")
+        return ids
+
+    def _watch(self, req: Request, context) -> Request:
+        def on_done():
+            req.cancelled.set()
+            with self.gw.cv:
+                self.gw.cv.notify_all()
+        context.add_callback(on_done)
+        return req
+
+    def _request(self, request, context) -> Request:
+        gw = self.gw
+        bad = lambda field, msg: context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {msg}")
+        ids = self._prompt(request, context)
         s = request.sampling
         if s.max_new_tokens <= 0:
             bad("sampling.max_new_tokens", f"must be positive, got {s.max_new_tokens}")
@@ -578,14 +625,7 @@ class InferenceServicer(pbg.InferenceServicer):
         sampling = Sampling(temperature=s.temperature, top_k=s.top_k, top_p=top_p,
                             seed=s.seed if s.HasField("seed") else None, stop_token_ids=tuple(s.stop_token_ids),
                             max_new_tokens=s.max_new_tokens)
-        req = gw.submit(ids, sampling, request.request_id)
-
-        def on_done():
-            req.cancelled.set()
-            with gw.cv:
-                gw.cv.notify_all()
-        context.add_callback(on_done)
-        return req
+        return self._watch(gw.submit(ids, sampling, request.request_id), context)
 
     def _events(self, req: Request, context):
         while True:
@@ -599,7 +639,7 @@ class InferenceServicer(pbg.InferenceServicer):
             if ev[0] == "error":
                 context.abort(ev[1], ev[2])
             yield ev
-            if ev[0] == "done":
+            if ev[0] in ("done", "result"):
                 return
 
     def _text(self, ids) -> str:
@@ -628,6 +668,21 @@ class InferenceServicer(pbg.InferenceServicer):
             else:
                 reason = ev[1]
         return pb.GenerateResult(token_ids=ids, text=self._text(ids), finish_reason=reason)
+
+    def Prefill(self, request, context):
+        ids = self._prompt(request, context)
+        if len(ids) > self.gw.context_limit:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"prompt: {len(ids)} tokens exceed the model's context "
+                                                            f"of {self.gw.context_limit} tokens")
+        req = self._watch(self.gw.submit(ids, Sampling(), request.request_id, prefill_only=True,
+                                         hidden=request.hidden), context)
+        for ev in self._events(req, context):
+            if ev[0] == "result":
+                out = pb.PrefillResult(logits=to_proto(ev[1]), prompt_tokens=len(ids))
+                if ev[2] is not None:
+                    out.hidden.CopyFrom(to_proto(ev[2]))
+                return out
+        context.abort(grpc.StatusCode.CANCELLED, "the request was cancelled")
 
 
 def serve_gateway(gw: Gateway, listen: str, tls: Tls | None = None) -> tuple[grpc.Server, int]:

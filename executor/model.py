@@ -44,6 +44,8 @@ class SeqChunk:
     request_id: str
     start: int      # positions [start, start + length) of one sequence
     length: int
+    hidden: bool = False   # last stage: also hand back this chunk's last-token hidden state
+    drop: bool = False     # drop the request's KV cache after this step (prefill-only requests)
 
 
 @dataclass(frozen=True)
@@ -424,10 +426,13 @@ class StageModel(nn.Module):
 
     @torch.inference_mode()
     def forward_parts(self, chunks: list[SeqChunk], inputs: torch.Tensor, parts=None, pieces: int = 1,
-                      on_part=None) -> list[torch.Tensor]:
+                      on_part=None, hidden_out: dict | None = None) -> list[torch.Tensor]:
         """Run a ragged batch cut into parts: ``parts`` = [(first chunk, end chunk), ...],
         contiguous and covering ``chunks`` (None: one part). Returns each part's output (as
         ``forward_batch``) and hands it, as soon as it is done, to ``on_part(index, output)``.
+        On the last stage, ``hidden_out`` (a dict) receives request id -> float32 [H] hidden
+        state of the last token (after the final norm) of each chunk marked ``hidden``. Chunks
+        marked ``drop`` leave no KV cache behind.
 
         Interleaving (Liger-style). On a TP stage the parts run layer by layer in turn: a part
         starts an all-reduce and the next part computes while it is on the link. Without TP
@@ -466,7 +471,8 @@ class StageModel(nn.Module):
             outs: list = [None] * len(runs)
             if self.ctx.size == 1 or len(runs) == 1:               # nothing to overlap between parts
                 for i, run in enumerate(runs):
-                    outs[i] = self._finish_part(drain(run), chunks[parts[i][0]:parts[i][1]], i, on_part)
+                    outs[i] = self._finish_part(drain(run), chunks[parts[i][0]:parts[i][1]], i, on_part,
+                                                hidden_out)
             else:                                                  # round robin: resume each in turn
                 live = list(range(len(runs)))
                 while live:
@@ -475,13 +481,16 @@ class StageModel(nn.Module):
                             next(runs[i])
                         except StopIteration as stop:
                             live.remove(i)
-                            outs[i] = self._finish_part(stop.value, chunks[parts[i][0]:parts[i][1]], i, on_part)
+                            outs[i] = self._finish_part(stop.value, chunks[parts[i][0]:parts[i][1]], i,
+                                                        on_part, hidden_out)
         except BaseException:
             for rid in new:                                        # leave no half-made caches
                 del self.caches[rid]
             raise
         for c, cache in zip(chunks, caches):
             cache.length = c.start + c.length
+            if c.drop:
+                del self.caches[c.request_id]
         return outs
 
     def _run_part(self, x, b: Batch, pieces: int):
@@ -489,11 +498,16 @@ class StageModel(nn.Module):
             x = yield from layer.steps(x, b, pieces)
         return x
 
-    def _finish_part(self, x, chunks: list[SeqChunk], index: int, on_part):
+    def _finish_part(self, x, chunks: list[SeqChunk], index: int, on_part, hidden_out=None):
         """A part's output: its hidden states, or on the last stage its chunks' last-token logits."""
         if self.shard.is_last:
             last = torch.tensor([c.length for c in chunks], device=x.device).cumsum(0) - 1
-            logits = F.linear(self.norm(x[last]), self.lm_head.weight)  # [n, vocab / tp]
+            h = self.norm(x[last])                                 # [n, H], replicated over TP
+            if hidden_out is not None:
+                for c, row in zip(chunks, h):
+                    if c.hidden:
+                        hidden_out[c.request_id] = row.float()
+            logits = F.linear(h, self.lm_head.weight)              # [n, vocab / tp]
             x = self.ctx.all_gather_last_dim(logits)[:, :self.args.vocab_size].float()
         if on_part is not None:
             on_part(index, x)

@@ -75,16 +75,16 @@ class StageWorker(pbg.StageServicer):
                 stub = self._stubs[address] = pbg.StageStub(channel(address, self.tls))
             return stub
 
-    def _run(self, header: dict, tensors: list, on_part=None):
+    def _run(self, header: dict, tensors: list, on_part=None, hidden_out=None):
         if self.ctx.size > 1:
             broadcast_message(self.ctx, header, tensors)
-        return _apply(self.model, header, tensors, on_part)
+        return _apply(self.model, header, tensors, on_part, hidden_out)
 
     def Forward(self, request, context):
         stage = f"stage {self.spec['stage_id']}"
         try:
-            chunks = [{"request_id": c.request_id, "start": int(c.start), "length": int(c.length)}
-                      for c in request.chunks]
+            chunks = [{"request_id": c.request_id, "start": int(c.start), "length": int(c.length),
+                       "hidden": c.hidden, "drop": c.drop} for c in request.chunks]
             inputs = from_proto(request.inputs)
             total = sum(c["length"] for c in chunks)
             if not chunks or any(c["length"] <= 0 or c["start"] < 0 for c in chunks):
@@ -103,12 +103,16 @@ class StageWorker(pbg.StageServicer):
         if len(parts) > 1:
             self.interleaved_steps += 1
         if not request.downstream:
+            hidden: dict = {}
             try:
                 with self.lock:
-                    outs = self._run(header, [inputs])
+                    outs = self._run(header, [inputs], hidden_out=hidden)
             except ValueError as e:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{stage}: {e}")
-            return pb.ForwardResponse(logits=to_proto(torch.cat(outs).float()))
+            resp = pb.ForwardResponse(logits=to_proto(torch.cat(outs).float()))
+            if hidden:
+                resp.hidden.CopyFrom(to_proto(torch.stack([hidden[c["request_id"]] for c in chunks if c["hidden"]])))
+            return resp
         # A pipeline stage hands each part to the sending thread as soon as it is computed; the
         # logits come back in order.
         nxt = request.downstream[0]
@@ -133,7 +137,11 @@ class StageWorker(pbg.StageServicer):
             context.abort(code, f"stage {nxt}: {e.details()}")
         if len(replies) == 1:
             return replies[0]
-        return pb.ForwardResponse(logits=to_proto(torch.cat([from_proto(r.logits) for r in replies])))
+        resp = pb.ForwardResponse(logits=to_proto(torch.cat([from_proto(r.logits) for r in replies])))
+        hidden = [from_proto(r.hidden) for r in replies if r.HasField("hidden")]
+        if hidden:
+            resp.hidden.CopyFrom(to_proto(torch.cat(hidden)))
+        return resp
 
     def _send(self, address: str, req, timeout):
         """Send activations to the next stage from the sending thread; a future of its reply.
@@ -178,12 +186,13 @@ class StageWorker(pbg.StageServicer):
                 broadcast_message(self.ctx, {"op": "stop"}, [])
 
 
-def _apply(model: StageModel, header: dict, tensors: list, on_part=None):
+def _apply(model: StageModel, header: dict, tensors: list, on_part=None, hidden_out=None):
     op = header["op"]
     if op == "forward":
-        chunks = [SeqChunk(c["request_id"], c["start"], c["length"]) for c in header["chunks"]]
+        chunks = [SeqChunk(c["request_id"], c["start"], c["length"], bool(c["hidden"]), bool(c["drop"]))
+                  for c in header["chunks"]]
         parts = [(int(a), int(b)) for a, b in header["parts"]]
-        return model.forward_parts(chunks, tensors[0], parts, int(header["pieces"]), on_part)
+        return model.forward_parts(chunks, tensors[0], parts, int(header["pieces"]), on_part, hidden_out)
     if op == "release":
         return sum(1 for r in header["ids"] if model.release(r))
     if op == "offload":

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10hexplan_v1.proto\x12\nhexplan.v1\"\x9e\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x01\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x05 \x03(\x05\x12\x16\n\x0emax_new_tokens\x18\x06 \x01(\x05\x42\x08\n\x06_top_pB\x07\n\x05_seed\"v\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.hexplan.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"J\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\"H\n\x0eGenerateResult\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"=\n\x08SeqChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\x03\x12\x0e\n\x06length\x18\x03 \x01(\x03\"\x9c\x01\n\x0e\x46orwardRequest\x12$\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x14.hexplan.v1.SeqChunk\x12\"\n\x06inputs\x18\x02 \x01(\x0b\x32\x12.hexplan.v1.Tensor\x12\x12\n\ndownstream\x18\x03 \x03(\t\x12\x15\n\rmicro_batches\x18\x04 \x01(\x05\x12\x15\n\rmatmul_pieces\x18\x05 \x01(\x05\"5\n\x0f\x46orwardResponse\x12\"\n\x06logits\x18\x01 \x01(\x0b\x32\x12.hexplan.v1.Tensor\"J\n\x0eReleaseRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\x12\x12\n\ndownstream\x18\x02 \x03(\t\x12\x0f\n\x07offload\x18\x03 \x01(\x08\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x05\"\xc0\x01\n\x10LoadShardRequest\x12\x10\n\x08stage_id\x18\x01 \x01(\t\x12\x12\n\ncheckpoint\x18\x02 \x01(\t\x12\x13\n\x0blayer_start\x18\x03 \x01(\x05\x12\x11\n\tlayer_end\x18\x04 \x01(\x05\x12\x10\n\x08is_first\x18\x05 \x01(\x08\x12\x0f\n\x07is_last\x18\x06 \x01(\x08\x12\n\n\x02tp\x18\x07 \x01(\x05\x12\x0c\n\x04gpus\x18\x08 \x03(\x05\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x12\n\nmodel_json\x18\n \x01(\t\"$\n\x11LoadShardResponse\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"&\n\x12UnloadShardRequest\x12\x10\n\x08stage_id\x18\x01 \x01(\t\"\x15\n\x13UnloadShardResponse\"\x0e\n\x0cStatsRequest\"\x86\x01\n\rStatsResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08kv_bytes\x18\x02 \x01(\x03\x12\x11\n\tsequences\x18\x03 \x01(\x05\x12\x0e\n\x06stages\x18\x04 \x03(\t\x12\x17\n\x0foffloaded_bytes\x18\x05 \x01(\x03\x12\x19\n\x11interleaved_steps\x18\x06 \x01(\x03\x32\x9e\x01\n\tInference\x12G\n\x08Generate\x12\x1b.hexplan.v1.GenerateRequest\x1a\x1c.hexplan.v1.GenerateResponse0\x01\x12H\n\rGenerateUnary\x12\x1b.hexplan.v1.GenerateRequest\x1a\x1a.hexplan.v1.GenerateResult2\xe7\x02\n\x05Stage\x12H\n\tLoadShard\x12\x1c.hexplan.v1.LoadShardRequest\x1a\x1d.hexplan.v1.LoadShardResponse\x12N\n\x0bUnloadShard\x12\x1e.hexplan.v1.UnloadShardRequest\x1a\x1f.hexplan.v1.UnloadShardResponse\x12\x42\n\x07\x46orward\x12\x1a.hexplan.v1.ForwardRequest\x1a\x1b.hexplan.v1.ForwardResponse\x12\x42\n\x07Release\x12\x1a.hexplan.v1.ReleaseRequest\x1a\x1b.hexplan.v1.ReleaseResponse\x12<\n\x05Stats\x12\x18.hexplan.v1.StatsRequest\x1a\x19.hexplan.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10hexplan_v1.proto\x12\nhexplan.v1\"\x9e\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x01\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x05 \x03(\x05\x12\x16\n\x0emax_new_tokens\x18\x06 \x01(\x05\x42\x08\n\x06_top_pB\x07\n\x05_seed\"v\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12,\n\x08sampling\x18\x03 \x01(\x0b\x32\x1a.hexplan.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"J\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\"H\n\x0eGenerateResult\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\"W\n\x0ePrefillRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0e\n\x06hidden\x18\x04 \x01(\x08\"n\n\rPrefillResult\x12\"\n\x06logits\x18\x01 \x01(\x0b\x32\x12.hexplan.v1.Tensor\x12\"\n\x06hidden\x18\x02 \x01(\x0b\x32\x12.hexplan.v1.Tensor\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x05\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"[\n\x08SeqChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\x03\x12\x0e\n\x06length\x18\x03 \x01(\x03\x12\x0e\n\x06hidden\x18\x04 \x01(\x08\x12\x0c\n\x04\x64rop\x18\x05 \x01(\x08\"\x9c\x01\n\x0e\x46orwardRequest\x12$\n\x06\x63hunks\x18\x01 \x03(\x0b\x32\x14.hexplan.v1.SeqChunk\x12\"\n\x06inputs\x18\x02 \x01(\x0b\x32\x12.hexplan.v1.Tensor\x12\x12\n\ndownstream\x18\x03 \x03(\t\x12\x15\n\rmicro_batches\x18\x04 \x01(\x05\x12\x15\n\rmatmul_pieces\x18\x05 \x01(\x05\"Y\n\x0f\x46orwardResponse\x12\"\n\x06logits\x18\x01 \x01(\x0b\x32\x12.hexplan.v1.Tensor\x12\"\n\x06hidden\x18\x02 \x01(\x0b\x32\x12.hexplan.v1.Tensor\"J\n\x0eReleaseRequest\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\x12\x12\n\ndownstream\x18\x02 \x03(\t\x12\x0f\n\x07offload\x18\x03 \x01(\x08\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x05\"\xc0\x01\n\x10LoadShardRequest\x12\x10\n\x08stage_id\x18\x01 \x01(\t\x12\x12\n\ncheckpoint\x18\x02 \x01(\t\x12\x13\n\x0blayer_start\x18\x03 \x01(\x05\x12\x11\n\tlayer_end\x18\x04 \x01(\x05\x12\x10\n\x08is_first\x18\x05 \x01(\x08\x12\x0f\n\x07is_last\x18\x06 \x01(\x08\x12\n\n\x02tp\x18\x07 \x01(\x05\x12\x0c\n\x04gpus\x18\x08 \x03(\x05\x12\r\n\x05\x64type\x18\t \x01(\t\x12\x12\n\nmodel_json\x18\n \x01(\t\"$\n\x11LoadShardResponse\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"&\n\x12UnloadShardRequest\x12\x10\n\x08stage_id\x18\x01 \x01(\t\"\x15\n\x13UnloadShardResponse\"\x0e\n\x0cStatsRequest\"\x86\x01\n\rStatsResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08kv_bytes\x18\x02 \x01(\x03\x12\x11\n\tsequences\x18\x03 \x01(\x05\x12\x0e\n\x06stages\x18\x04 \x03(\t\x12\x17\n\x0foffloaded_bytes\x18\x05 \x01(\x03\x12\x19\n\x11interleaved_steps\x18\x06 \x01(\x03\x32\xe0\x01\n\tInference\x12G\n\x08Generate\x12\x1b.hexplan.v1.GenerateRequest\x1a\x1c.hexplan.v1.GenerateResponse0\x01\x12H\n\rGenerateUnary\x12\x1b.hexplan.v1.GenerateRequest\x1a\x1a.hexplan.v1.GenerateResult\x12@\n\x07Prefill\x12\x1a.hexplan.v1.PrefillRequest\x1a\x19.hexplan.v1.PrefillResult2\xe7\x02\n\x05Stage\x12H\n\tLoadShard\x12\x1c.hexplan.v1.LoadShardRequest\x1a\x1d.hexplan.v1.LoadShardResponse\x12N\n\x0bUnloadShard\x12\x1e.hexplan.v1.UnloadShardRequest\x1a\x1f.hexplan.v1.UnloadShardResponse\x12\x42\n\x07\x46orward\x12\x1a.hexplan.v1.ForwardRequest\x1a\x1b.hexplan.v1.ForwardResponse\x12\x42\n\x07Release\x12\x1a.hexplan.v1.ReleaseRequest\x1a\x1b.hexplan.v1.ReleaseResponse\x12<\n\x05Stats\x12\x18.hexplan.v1.StatsRequest\x1a\x19.hexplan.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,32 +39,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATERESPONSE']._serialized_end=387
   _globals['_GENERATERESULT']._serialized_start=389
   _globals['_GENERATERESULT']._serialized_end=461
-  _globals['_TENSOR']._serialized_start=463
-  _globals['_TENSOR']._serialized_end=515
-  _globals['_SEQCHUNK']._serialized_start=517
-  _globals['_SEQCHUNK']._serialized_end=578
-  _globals['_FORWARDREQUEST']._serialized_start=581
-  _globals['_FORWARDREQUEST']._serialized_end=737
-  _globals['_FORWARDRESPONSE']._serialized_start=739
-  _globals['_FORWARDRESPONSE']._serialized_end=792
-  _globals['_RELEASEREQUEST']._serialized_start=794
-  _globals['_RELEASEREQUEST']._serialized_end=868
-  _globals['_RELEASERESPONSE']._serialized_start=870
-  _globals['_RELEASERESPONSE']._serialized_end=905
-  _globals['_LOADSHARDREQUEST']._serialized_start=908
-  _globals['_LOADSHARDREQUEST']._serialized_end=1100
-  _globals['_LOADSHARDRESPONSE']._serialized_start=1102
-  _globals['_LOADSHARDRESPONSE']._serialized_end=1138
-  _globals['_UNLOADSHARDREQUEST']._serialized_start=1140
-  _globals['_UNLOADSHARDREQUEST']._serialized_end=1178
-  _globals['_UNLOADSHARDRESPONSE']._serialized_start=1180
-  _globals['_UNLOADSHARDRESPONSE']._serialized_end=1201
-  _globals['_STATSREQUEST']._serialized_start=1203
-  _globals['_STATSREQUEST']._serialized_end=1217
-  _globals['_STATSRESPONSE']._serialized_start=1220
-  _globals['_STATSRESPONSE']._serialized_end=1354
-  _globals['_INFERENCE']._serialized_start=1357
-  _globals['_INFERENCE']._serialized_end=1515
-  _globals['_STAGE']._serialized_start=1518
-  _globals['_STAGE']._serialized_end=1877
+  _globals['_PREFILLREQUEST']._serialized_start=463
+  _globals['_PREFILLREQUEST']._serialized_end=550
+  _globals['_PREFILLRESULT']._serialized_start=552
+  _globals['_PREFILLRESULT']._serialized_end=662
+  _globals['_TENSOR']._serialized_start=664
+  _globals['_TENSOR']._serialized_end=716
+  _globals['_SEQCHUNK']._serialized_start=718
+  _globals['_SEQCHUNK']._serialized_end=809
+  _globals['_FORWARDREQUEST']._serialized_start=812
+  _globals['_FORWARDREQUEST']._serialized_end=968
+  _globals['_FORWARDRESPONSE']._serialized_start=970
+  _globals['_FORWARDRESPONSE']._serialized_end=1059
+  _globals['_RELEASEREQUEST']._serialized_start=1061
+  _globals['_RELEASEREQUEST']._serialized_end=1135
+  _globals['_RELEASERESPONSE']._serialized_start=1137
+  _globals['_RELEASERESPONSE']._serialized_end=1172
+  _globals['_LOADSHARDREQUEST']._serialized_start=1175
+  _globals['_LOADSHARDREQUEST']._serialized_end=1367
+  _globals['_LOADSHARDRESPONSE']._serialized_start=1369
+  _globals['_LOADSHARDRESPONSE']._serialized_end=1405
+  _globals['_UNLOADSHARDREQUEST']._serialized_start=1407
+  _globals['_UNLOADSHARDREQUEST']._serialized_end=1445
+  _globals['_UNLOADSHARDRESPONSE']._serialized_start=1447
+  _globals['_UNLOADSHARDRESPONSE']._serialized_end=1468
+  _globals['_STATSREQUEST']._serialized_start=1470
+  _globals['_STATSREQUEST']._serialized_end=1484
+  _globals['_STATSRESPONSE']._serialized_start=1487
+  _globals['_STATSRESPONSE']._serialized_end=1621
+  _globals['_INFERENCE']._serialized_start=1624
+  _globals['_INFERENCE']._serialized_end=1848
+  _globals['_STAGE']._serialized_start=1851
+  _globals['_STAGE']._serialized_end=2210
 # @@protoc_insertion_point(module_scope)

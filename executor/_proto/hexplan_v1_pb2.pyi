@@ -54,6 +54,28 @@ class GenerateResult(_message.Message):
     finish_reason: str
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ...) -> None: ...
 
+class PrefillRequest(_message.Message):
+    __slots__ = ("prompt", "token_ids", "request_id", "hidden")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    prompt: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    request_id: str
+    hidden: bool
+    def __init__(self, prompt: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., request_id: _Optional[str] = ..., hidden: _Optional[bool] = ...) -> None: ...
+
+class PrefillResult(_message.Message):
+    __slots__ = ("logits", "hidden", "prompt_tokens")
+    LOGITS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    logits: Tensor
+    hidden: Tensor
+    prompt_tokens: int
+    def __init__(self, logits: _Optional[_Union[Tensor, _Mapping]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
+
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -65,14 +87,18 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class SeqChunk(_message.Message):
-    __slots__ = ("request_id", "start", "length")
+    __slots__ = ("request_id", "start", "length", "hidden", "drop")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    DROP_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     start: int
     length: int
-    def __init__(self, request_id: _Optional[str] = ..., start: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
+    hidden: bool
+    drop: bool
+    def __init__(self, request_id: _Optional[str] = ..., start: _Optional[int] = ..., length: _Optional[int] = ..., hidden: _Optional[bool] = ..., drop: _Optional[bool] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("chunks", "inputs", "downstream", "micro_batches", "matmul_pieces")
@@ -89,10 +115,12 @@ class ForwardRequest(_message.Message):
     def __init__(self, chunks: _Optional[_Iterable[_Union[SeqChunk, _Mapping]]] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., downstream: _Optional[_Iterable[str]] = ..., micro_batches: _Optional[int] = ..., matmul_pieces: _Optional[int] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("logits",)
+    __slots__ = ("logits", "hidden")
     LOGITS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
     logits: Tensor
-    def __init__(self, logits: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    hidden: Tensor
+    def __init__(self, logits: _Optional[_Union[Tensor, _Mapping]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("request_ids", "downstream", "offload")

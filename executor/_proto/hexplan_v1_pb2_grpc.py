@@ -46,6 +46,11 @@ class InferenceStub:
                 request_serializer=hexplan__v1__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=hexplan__v1__pb2.GenerateResult.FromString,
                 _registered_method=True)
+        self.Prefill = channel.unary_unary(
+                '/hexplan.v1.Inference/Prefill',
+                request_serializer=hexplan__v1__pb2.PrefillRequest.SerializeToString,
+                response_deserializer=hexplan__v1__pb2.PrefillResult.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -67,6 +72,14 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Prefill(self, request, context):
+        """Prefill only (scoring, classification, embeddings): run the prompt once, generate
+        nothing, and return its last token's logits (and hidden state when asked).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -79,6 +92,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.GenerateUnary,
                     request_deserializer=hexplan__v1__pb2.GenerateRequest.FromString,
                     response_serializer=hexplan__v1__pb2.GenerateResult.SerializeToString,
+            ),
+            'Prefill': grpc.unary_unary_rpc_method_handler(
+                    servicer.Prefill,
+                    request_deserializer=hexplan__v1__pb2.PrefillRequest.FromString,
+                    response_serializer=hexplan__v1__pb2.PrefillResult.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -137,6 +155,33 @@ class Inference:
             '/hexplan.v1.Inference/GenerateUnary',
             hexplan__v1__pb2.GenerateRequest.SerializeToString,
             hexplan__v1__pb2.GenerateResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Prefill(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hexplan.v1.Inference/Prefill',
+            hexplan__v1__pb2.PrefillRequest.SerializeToString,
+            hexplan__v1__pb2.PrefillResult.FromString,
             options,
             channel_credentials,
             insecure,
