@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--batch-size", type=int, default=d.batch_size, help=f"sequences per decode step of a stage (default {d.batch_size})")
     w.add_argument("--concurrency", type=int, default=d.concurrency,
                    help=f"sequences in flight per pipeline; KV cache is reserved for them (default {d.concurrency})")
+    w.add_argument("--interleave", type=int, default=d.interleave,
+                   help="plan for steps cut into N parts that overlap compute with communication (Liger-style, as "
+                        "`hexplan serve --interleave N`; each part re-reads the weights); recorded in the plan "
+                        f"(default {d.interleave}: off)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
 
     cp = sub.add_parser("compare", help="every planner (hexplan and the baselines) on one cluster, predicted and simulated",
@@ -120,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="scheduling: fcfs (default: first come first served, a request keeps its batch slot to the end, "
                          "as the gateway) or mlfq (FastServe's skip-join multi-level feedback queue: preemption per "
                          "output token, KV offload to host memory under pressure)")
+    sm.add_argument("--interleave", type=int,
+                    help="steps cut into N parts that overlap compute with communication, as the executor's "
+                         "--interleave (default: the plan's, else 1: off)")
     sm.add_argument("--json", action="store_true", help="print the results as JSON")
     sm.add_argument("--plot", help="write a PNG: latency CDFs, or throughput/latency against rate for a sweep")
 
@@ -214,7 +221,8 @@ def cmd_solve(args) -> int:
     cluster = load_cluster(args.cluster)
     model = load_model(args.model)
     try:
-        workload = Workload(args.prompt_tokens, args.output_tokens, args.batch_size, args.concurrency)
+        workload = Workload(args.prompt_tokens, args.output_tokens, args.batch_size, args.concurrency,
+                            args.interleave)
     except SpecError as e:  # name the command-line flag, not the dataclass field
         raise SpecError(e.message, field="--" + (e.field or "workload").replace("_", "-")) from None
     opts = SolveOptions(objective=args.objective, slo_tpot_ms=args.slo_tpot_ms, slo_ttft_ms=args.slo_ttft_ms,

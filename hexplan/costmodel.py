@@ -13,6 +13,11 @@ element, d TP degree, B decode batch (sequences per step), P prompt tokens, O ou
   shard is KV / d while KV heads can be split, and one KV head per GPU once they are replicated.
 * The last stage also runs the LM head (a roofline of its own) on every decode step and on the
   last position of every prompt.
+* Interleaving (``Workload.interleave`` N > 1, Liger-style): a step runs as N parts. Compute is
+  the sum of the N parts' rooflines (the weights are read N times), the all-reduces move the same
+  bytes in N times as many messages, and communication hides under compute up to
+  ``CostParams.contention`` times the compute: t = compute + comm - min(comm, contention * compute).
+  docs/cost-model.md, section 13.
 """
 from __future__ import annotations
 
@@ -34,9 +39,10 @@ class Workload:
     output_tokens: int = 128   # average generated tokens per request
     batch_size: int = 16       # sequences in one decode step of a stage (a micro-batch)
     concurrency: int = 64      # sequences in flight per pipeline; KV cache is reserved for them
+    interleave: int = 1        # parts each step is cut into (Liger-style overlap; 1: off)
 
     def __post_init__(self):
-        for f in ("prompt_tokens", "output_tokens", "batch_size", "concurrency"):
+        for f in ("prompt_tokens", "output_tokens", "batch_size", "concurrency", "interleave"):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise SpecError(f"must be a positive integer, got {v!r}", field=f)
@@ -78,9 +84,18 @@ class Workload:
             return self.prompt_tokens
         return -(-self.batch_size * self.prompt_tokens // self.output_tokens)
 
+    @property
+    def parts(self) -> int:
+        """Parts a full step of ``batch_size`` sequences is cut into: ``interleave``, at most one
+        per sequence (the executor never cuts a sequence's chunk)."""
+        return min(self.interleave, self.batch_size)
+
     def to_dict(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "output_tokens": self.output_tokens,
-                "batch_size": self.batch_size, "concurrency": self.concurrency}
+        d = {"prompt_tokens": self.prompt_tokens, "output_tokens": self.output_tokens,
+             "batch_size": self.batch_size, "concurrency": self.concurrency}
+        if self.interleave != 1:   # absent means 1: plans made without interleaving stay as they were
+            d["interleave"] = self.interleave
+        return d
 
 
 @dataclass(frozen=True)
@@ -91,10 +106,12 @@ class CostParams:
     flops_efficiency: float = 0.5    # achieved / datasheet dense fp16 FLOPS
     allreduce_alpha: float = 10e-6   # s, per ring step inside a node
     memory_headroom: float = 0.10    # share of GPU memory kept free (CUDA context, allocator)
+    contention: float = 0.8          # interleaving: comm hidden <= contention x compute (Liger+)
 
     def to_dict(self) -> dict:
         return {"mem_efficiency": self.mem_efficiency, "flops_efficiency": self.flops_efficiency,
-                "allreduce_alpha": self.allreduce_alpha, "memory_headroom": self.memory_headroom}
+                "allreduce_alpha": self.allreduce_alpha, "memory_headroom": self.memory_headroom,
+                "contention": self.contention}
 
 
 DEFAULT_PARAMS = CostParams()
@@ -123,8 +140,8 @@ class StageCost:
 
     gpu: str
     tp: int
-    decode_layer_s: float      # one decode step of ``batch_size`` sequences, one layer
-    prefill_layer_s: float     # prefill of one prompt of ``prompt_tokens``, one layer
+    decode_layer_s: float      # one decode step of ``batch_size`` sequences, one layer (in ``parts``)
+    prefill_layer_s: float     # prefill of one prompt of ``prompt_tokens``, one layer (in ``parts``)
     layer_rate: float          # output tokens x layers per second (decode + amortised prefill)
     mem_per_layer: float       # bytes per GPU per layer: weight shard + KV cache shard
     usable_memory: float       # bytes per GPU available for layers
@@ -134,6 +151,14 @@ class StageCost:
     head_prefill_s: float = 0.0  # LM head on the last token of one prompt (last stage only)
     batch_size: int = 1
     output_tokens: int = 1
+    prefill_whole_s: float | None = None   # interleaving: one prompt alone, not cut (None: prefill_layer_s)
+    parts: int = 1             # parts a full step runs in (Workload.parts; 1: not interleaved)
+
+    @property
+    def ttft_layer_s(self) -> float:
+        """Prefill of one prompt on its own through one layer (what TTFT counts): one chunk,
+        which interleaving does not cut."""
+        return self.prefill_layer_s if self.prefill_whole_s is None else self.prefill_whole_s
 
     @property
     def head_cost_per_token(self) -> float:
@@ -160,53 +185,133 @@ def _roofline(nbytes: float, flops: float, gpu: GpuType, p: CostParams) -> float
     return max(nbytes / (gpu.memory_bandwidth * p.mem_efficiency), flops / (gpu.flops * p.flops_efficiency))
 
 
-def decode_layer_time(model: ModelSpec, gpu: GpuType, tp: int, batch: int, context: float,
-                      interconnect: float, p: CostParams = DEFAULT_PARAMS) -> float:
-    """Seconds for one decode step of ``batch`` sequences through one layer on a TP group."""
+@dataclass(frozen=True)
+class LayerTime:
+    """One layer of a step on a TP group, in parts: compute, all-reduce time, and how much of
+    the all-reduce time hides under compute (0 unless the step runs in several parts)."""
+
+    compute: float
+    comm: float
+    hidden: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.compute + self.comm - self.hidden
+
+
+def _parts(parts: int, items: float) -> int:
+    """Parts a step of ``items`` sequences (or prompt tokens) can be cut into: at most one each."""
+    return parts if parts <= items else max(1, int(items))
+
+
+def _overlap(compute: float, comm: float, parts: int, p: CostParams) -> LayerTime:
+    """Interleaved parts: one part's all-reduce is in flight while another part computes. Under
+    contention (Liger+: 0.8) a span of compute hides at most ``contention`` times its length of
+    communication."""
+    if parts <= 1:
+        return LayerTime(compute, comm)
+    return LayerTime(compute, comm, min(comm, p.contention * compute))
+
+
+def decode_layer_split(model: ModelSpec, gpu: GpuType, tp: int, batch: float, context: float,
+                       interconnect: float, p: CostParams = DEFAULT_PARAMS, parts: int = 1) -> LayerTime:
+    """One decode step of ``batch`` sequences through one layer on a TP group, in ``parts`` equal
+    parts (interleaving): each part reads the layer's weights and its sequences' KV cache
+    (compute = sum of the parts' rooflines), each part all-reduces its own activations (same
+    bytes, ``parts`` times the alpha terms)."""
     hd, b = model.dim_head, model.bytes_per_param
     heads_local = model.num_heads // tp
     kv_tok = 2 * local_kv_heads(model, tp) * hd * b
+    n = _parts(parts, batch)
     prof = gpu.profile_for(model.name)
-    if prof and prof.decode_ms:
-        compute = prof.decode_ms.ms(batch) / 1e3 / tp
+    if n == 1:
+        if prof and prof.decode_ms:
+            compute = prof.decode_ms.ms(batch) / 1e3 / tp
+        else:
+            nbytes = model.layer_bytes / tp + batch * context * kv_tok
+            flops = 2 * model.params_per_layer / tp * batch + 4 * batch * context * hd * heads_local
+            compute = _roofline(nbytes, flops, gpu, p)
+        comm = 2 * ring_allreduce_time(batch * model.hidden_size * b, tp, interconnect, p.allreduce_alpha)
+        return LayerTime(compute, comm)
+    part = batch / n
+    if prof and prof.decode_ms:   # a measured step of batch / n sequences, n times
+        compute = n * prof.decode_ms.ms(part) / 1e3 / tp
     else:
-        nbytes = model.layer_bytes / tp + batch * context * kv_tok
-        flops = 2 * model.params_per_layer / tp * batch + 4 * batch * context * hd * heads_local
-        compute = _roofline(nbytes, flops, gpu, p)
-    comm = 2 * ring_allreduce_time(batch * model.hidden_size * b, tp, interconnect, p.allreduce_alpha)
-    return compute + comm
+        nbytes = model.layer_bytes / tp + part * context * kv_tok
+        flops = 2 * model.params_per_layer / tp * part + 4 * part * context * hd * heads_local
+        compute = n * _roofline(nbytes, flops, gpu, p)
+    comm = n * 2 * ring_allreduce_time(part * model.hidden_size * b, tp, interconnect, p.allreduce_alpha)
+    return _overlap(compute, comm, n, p)
+
+
+def decode_layer_time(model: ModelSpec, gpu: GpuType, tp: int, batch: int, context: float,
+                      interconnect: float, p: CostParams = DEFAULT_PARAMS, parts: int = 1) -> float:
+    """Seconds for one decode step of ``batch`` sequences through one layer on a TP group
+    (``parts`` > 1: interleaved, see ``decode_layer_split``)."""
+    return decode_layer_split(model, gpu, tp, batch, context, interconnect, p, parts).total
+
+
+def prefill_layer_split(model: ModelSpec, gpu: GpuType, tp: int, tokens: int, interconnect: float,
+                        p: CostParams = DEFAULT_PARAMS, parts: int = 1) -> LayerTime:
+    """Prefill of one prompt of ``tokens`` tokens through one layer on a TP group, in ``parts``
+    equal parts of its tokens (interleaving; causal attention's FLOPs split evenly)."""
+    hd, b = model.dim_head, model.bytes_per_param
+    heads_local = model.num_heads // tp
+    kv_tok = 2 * local_kv_heads(model, tp) * hd * b
+    n = _parts(parts, tokens)
+    prof = gpu.profile_for(model.name)
+    if n == 1:
+        if prof and prof.prefill_ms:
+            compute = prof.prefill_ms.ms(tokens) / 1e3 / tp
+        else:
+            nbytes = model.layer_bytes / tp + tokens * kv_tok
+            flops = 2 * model.params_per_layer / tp * tokens + 2 * tokens * tokens * hd * heads_local
+            compute = _roofline(nbytes, flops, gpu, p)
+        comm = 2 * ring_allreduce_time(tokens * model.hidden_size * b, tp, interconnect, p.allreduce_alpha)
+        return LayerTime(compute, comm)
+    part = tokens / n
+    if prof and prof.prefill_ms:   # a measured prompt of tokens / n, n times
+        compute = n * prof.prefill_ms.ms(part) / 1e3 / tp
+    else:
+        nbytes = model.layer_bytes / tp + part * kv_tok
+        flops = 2 * model.params_per_layer / tp * part + 2 * tokens * tokens * hd * heads_local / n
+        compute = n * _roofline(nbytes, flops, gpu, p)
+    comm = n * 2 * ring_allreduce_time(part * model.hidden_size * b, tp, interconnect, p.allreduce_alpha)
+    return _overlap(compute, comm, n, p)
 
 
 def prefill_layer_time(model: ModelSpec, gpu: GpuType, tp: int, tokens: int, interconnect: float,
-                       p: CostParams = DEFAULT_PARAMS) -> float:
-    """Seconds to prefill one prompt of ``tokens`` tokens through one layer on a TP group."""
-    hd, b = model.dim_head, model.bytes_per_param
-    heads_local = model.num_heads // tp
-    kv_tok = 2 * local_kv_heads(model, tp) * hd * b
-    prof = gpu.profile_for(model.name)
-    if prof and prof.prefill_ms:
-        compute = prof.prefill_ms.ms(tokens) / 1e3 / tp
-    else:
-        nbytes = model.layer_bytes / tp + tokens * kv_tok
-        flops = 2 * model.params_per_layer / tp * tokens + 2 * tokens * tokens * hd * heads_local
-        compute = _roofline(nbytes, flops, gpu, p)
-    comm = 2 * ring_allreduce_time(tokens * model.hidden_size * b, tp, interconnect, p.allreduce_alpha)
-    return compute + comm
+                       p: CostParams = DEFAULT_PARAMS, parts: int = 1) -> float:
+    """Seconds to prefill one prompt of ``tokens`` tokens through one layer on a TP group
+    (``parts`` > 1: interleaved, see ``prefill_layer_split``)."""
+    return prefill_layer_split(model, gpu, tp, tokens, interconnect, p, parts).total
 
 
-def lm_head_time(model: ModelSpec, gpu: GpuType, tp: int, tokens: int, p: CostParams = DEFAULT_PARAMS) -> float:
-    """Seconds for the final norm + LM head (vocab-parallel over TP) on ``tokens`` tokens."""
-    nbytes = model.head_bytes / tp + tokens * model.vocab_size / tp * 4  # weights + fp32 logits
-    flops = 2 * model.vocab_size * model.hidden_size / tp * tokens
-    return _roofline(nbytes, flops, gpu, p)
+def lm_head_time(model: ModelSpec, gpu: GpuType, tp: int, tokens: int, p: CostParams = DEFAULT_PARAMS,
+                 parts: int = 1) -> float:
+    """Seconds for the final norm + LM head (vocab-parallel over TP) on ``tokens`` tokens; in
+    ``parts`` parts each reads the head's weights."""
+    n = _parts(parts, tokens)
+    if n == 1:
+        nbytes = model.head_bytes / tp + tokens * model.vocab_size / tp * 4  # weights + fp32 logits
+        flops = 2 * model.vocab_size * model.hidden_size / tp * tokens
+        return _roofline(nbytes, flops, gpu, p)
+    part = tokens / n
+    nbytes = model.head_bytes / tp + part * model.vocab_size / tp * 4
+    flops = 2 * model.vocab_size * model.hidden_size / tp * part
+    return n * _roofline(nbytes, flops, gpu, p)
 
 
 def stage_cost(model: ModelSpec, gpu: GpuType, tp: int, workload: Workload, interconnect: float,
                p: CostParams = DEFAULT_PARAMS) -> StageCost:
-    """All per-layer figures of a TP group of ``tp`` GPUs of type ``gpu``."""
+    """All per-layer figures of a TP group of ``tp`` GPUs of type ``gpu``. With interleaving
+    (``workload.interleave`` > 1) its steps run in ``workload.parts`` parts: decode steps, the
+    prompt tokens riding in them and the LM head's decode call; a prompt on its own (TTFT) is one
+    chunk, which the executor does not cut (``prefill_whole_s``)."""
     w = workload
-    dec = decode_layer_time(model, gpu, tp, w.batch_size, w.mean_decode_context, interconnect, p)
-    pre = prefill_layer_time(model, gpu, tp, w.prompt_tokens, interconnect, p)
+    n = w.parts
+    dec = decode_layer_time(model, gpu, tp, w.batch_size, w.mean_decode_context, interconnect, p, n)
+    pre = prefill_layer_time(model, gpu, tp, w.prompt_tokens, interconnect, p, n)
     # Each output token costs 1/B of a decode step plus 1/O of its request's prefill.
     rate = 1.0 / (dec / w.batch_size + pre / w.output_tokens)
     b = model.bytes_per_param
@@ -218,10 +323,11 @@ def stage_cost(model: ModelSpec, gpu: GpuType, tp: int, workload: Workload, inte
     usable = gpu.memory * (1 - p.memory_headroom) - workspace
     embed = model.embedding_bytes / tp
     head = model.head_bytes / tp
-    head_dec = lm_head_time(model, gpu, tp, w.batch_size, p)
+    head_dec = lm_head_time(model, gpu, tp, w.batch_size, p, n)
     head_pre = lm_head_time(model, gpu, tp, 1, p)  # only the prompt's last position needs logits
+    whole = None if n == 1 else prefill_layer_time(model, gpu, tp, w.prompt_tokens, interconnect, p)
     return StageCost(gpu.name, tp, dec, pre, rate, mem_per_layer, usable, embed, head,
-                     head_dec, head_pre, w.batch_size, w.output_tokens)
+                     head_dec, head_pre, w.batch_size, w.output_tokens, whole, n)
 
 
 def hop_decode_time(model: ModelSpec, workload: Workload, bandwidth: float, latency: float) -> float:

@@ -15,12 +15,21 @@ For one pipeline (stages in order, coordinator C at both ends):
 
 The plan's throughput is the max-flow over these pipelines (hexplan.solver.routing), which for
 disjoint chains is the sum of their T.
+
+Interleaving (Workload.interleave N > 1; docs/cost-model.md, section 13): the stage times are the
+cost model's N-part ones, and a step flows through the pipeline as N parts after the first stage
+has its token ids (a flow shop of identical jobs): for per-server times u_i of the whole step
+(stages, and link transfers without their latency) and latencies lat_i,
+    time = coordinator link in + sum_i u_i / N + sum_i lat_i + (N - 1) / N * max_i u_i
+for TPOT (a decode step) and ROUND (a decode step with its B/O prompts' share); TTFT is a prompt
+alone, one chunk, which the executor does not cut. A pipeline of one TP-1 stage has nothing to
+overlap and is not interleaved.
 """
 from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .cluster import Cluster
 from .costmodel import (DEFAULT_PARAMS, TOKEN_ID_BYTES, CostParams, StageCost, Workload,
@@ -49,12 +58,27 @@ class CostCache:
         self.model, self.workload, self.params = model, workload, params
         self._cache: dict = {}
 
-    def get(self, gpu, tp: int, interconnect: float) -> StageCost:
+    def get(self, gpu, tp: int, interconnect: float, split: bool = True) -> StageCost:
+        """``split`` False: the group's costs without interleaving (a pipeline of one TP-1 stage,
+        which the executor does not cut into parts)."""
         key = (gpu.name, gpu, tp, interconnect)
+        if not split and self.workload.interleave > 1:
+            key += ("whole",)
+            sc = self._cache.get(key)
+            if sc is None:
+                sc = self._cache[key] = stage_cost(self.model, gpu, tp, replace(self.workload, interleave=1),
+                                                   interconnect, self.params)
+            return sc
         sc = self._cache.get(key)
         if sc is None:
             sc = self._cache[key] = stage_cost(self.model, gpu, tp, self.workload, interconnect, self.params)
         return sc
+
+
+def splits(tps) -> bool:
+    """Whether interleaving cuts this pipeline's steps: it has a next stage to send parts to or a
+    TP group whose all-reduces can overlap (as the executor decides)."""
+    return len(tps) > 1 or tps[0] > 1
 
 
 def round_trip(w, tpot_s: float, ttft_s: float) -> float:
@@ -82,6 +106,49 @@ class Overheads:
     tpot_fixed_s: float       # coordinator links + activation hops + LM head, per decode round
     ttft_fixed_s: float       # coordinator links + activation hops + LM head, per prompt
     limits: tuple[tuple[float, str], ...]  # (output tokens/s, what) for links
+    parts: int = 1            # interleaving: parts a step flows through the pipeline in (1: off)
+    # Interleaving only (parts > 1), for the flow-shop times: the coordinator link in (whole
+    # message, latency included); per link after the first stage (hops, then the link back to
+    # the coordinator) its latency and its transfer time for a decode step and for a prompt.
+    in_s: tuple[float, float] = (0.0, 0.0)               # (decode step, prompt)
+    lat_s: tuple[float, ...] = ()
+    xfer_s: tuple[tuple[float, float], ...] = ()         # (decode step, prompt) per link
+
+
+def flow_time(first: float, units, lags: float, parts: int) -> float:
+    """A step cut into ``parts`` equal parts once its first message has arrived, through servers
+    in a row with whole-step service times ``units`` (each part takes units / parts) and
+    latencies adding up to ``lags``: the last part is back after the first server's pipeline
+    fill plus (parts - 1) parts at the slowest server (a flow shop of identical jobs)."""
+    return first + sum(units) / parts + lags + (parts - 1) / parts * max(units)
+
+
+def pipeline_latencies(ov: Overheads, w: Workload, layer_counts) -> tuple[float, float, float]:
+    """(TPOT, TTFT, ROUND) of a pipeline with these layers, no queueing (module docstring)."""
+    sc = ov.costs
+    if ov.parts == 1:
+        tpot = ov.tpot_fixed_s + sum(l * s.decode_layer_s for l, s in zip(layer_counts, sc))
+        ttft = ov.ttft_fixed_s + sum(l * s.prefill_layer_s for l, s in zip(layer_counts, sc))
+        return tpot, ttft, round_trip(w, tpot, ttft)
+    share = w.batch_size / w.output_tokens
+    dec, rnd = [], []
+    k = len(sc)
+    for i, (l, s) in enumerate(zip(layer_counts, sc)):
+        d = l * s.decode_layer_s
+        r = l * (s.decode_layer_s + share * s.prefill_layer_s)
+        if i == k - 1:
+            d += s.head_decode_s
+            r += s.head_decode_s + share * s.head_prefill_s
+        x_dec, x_pre = ov.xfer_s[i]
+        dec += [d, x_dec]
+        rnd += [r, x_dec + share * x_pre]
+    lags = sum(ov.lat_s)
+    tpot = flow_time(ov.in_s[0], dec, lags, ov.parts)
+    ttft = ov.ttft_fixed_s + sum(l * s.ttft_layer_s for l, s in zip(layer_counts, sc))
+    # The round: a decode step carrying the B/O prompts' share (latencies counted 1 + B/O times,
+    # as TPOT + (B/O) TTFT does without interleaving).
+    round_s = flow_time(ov.in_s[0] + share * ov.in_s[1], rnd, (1 + share) * lags, ov.parts)
+    return tpot, ttft, round_s
 
 
 def pipeline_overheads(cluster: Cluster, costs: CostCache, nodes, tps,
@@ -89,9 +156,10 @@ def pipeline_overheads(cluster: Cluster, costs: CostCache, nodes, tps,
     model, w = costs.model, costs.workload
     coord = cluster.coordinator_node.name
     sc = []
+    split = splits(tps)
     for n, tp in zip(nodes, tps):
         node = cluster.node(n)
-        sc.append(costs.get(node.gpu, tp, node.interconnect))
+        sc.append(costs.get(node.gpu, tp, node.interconnect, split))
     link_in, link_out = cluster.link(coord, nodes[0]), cluster.link(nodes[-1], coord)
     hops = [cluster.link(a, b) for a, b in zip(nodes, nodes[1:])]
     tpot = (send_time(w.batch_size * TOKEN_ID_BYTES, link_in.bandwidth, link_in.latency)
@@ -108,7 +176,16 @@ def pipeline_overheads(cluster: Cluster, costs: CostCache, nodes, tps,
         limits.append((link_token_capacity(model, w, h.bandwidth) / max(1, share), f"link {a}->{b}"))
     limits.append((coordinator_token_capacity(w, link_in.bandwidth), "coordinator link in"))
     limits.append((coordinator_out_capacity(link_out.bandwidth), "coordinator link out"))
-    return Overheads(tuple(sc), tpot, ttft, tuple(limits))
+    parts = sc[0].parts
+    if parts == 1:
+        return Overheads(tuple(sc), tpot, ttft, tuple(limits))
+    act = model.activation_bytes_per_token
+    ins = (send_time(w.batch_size * TOKEN_ID_BYTES, link_in.bandwidth, link_in.latency),
+           send_time(w.prompt_tokens * TOKEN_ID_BYTES, link_in.bandwidth, link_in.latency))
+    outs = hops + [link_out]
+    xfer = [(w.batch_size * act / h.bandwidth, w.prompt_tokens * act / h.bandwidth) for h in hops]
+    xfer.append((w.batch_size * TOKEN_ID_BYTES / link_out.bandwidth, TOKEN_ID_BYTES / link_out.bandwidth))
+    return Overheads(tuple(sc), tpot, ttft, tuple(limits), parts, ins, tuple(h.latency for h in outs), tuple(xfer))
 
 
 def evaluate_pipeline(cluster: Cluster, costs: CostCache, nodes, tps, layer_counts,
@@ -118,9 +195,7 @@ def evaluate_pipeline(cluster: Cluster, costs: CostCache, nodes, tps, layer_coun
     k = len(nodes)
     ov = pipeline_overheads(cluster, costs, nodes, tps, shares)
     sc = ov.costs
-    tpot = ov.tpot_fixed_s + sum(l * s.decode_layer_s for l, s in zip(layer_counts, sc))
-    ttft = ov.ttft_fixed_s + sum(l * s.prefill_layer_s for l, s in zip(layer_counts, sc))
-    round_s = round_trip(w, tpot, ttft)
+    tpot, ttft, round_s = pipeline_latencies(ov, w, layer_counts)
     limits = [(s.capacity(l, last=(i == k - 1)), f"stage {i} compute") for i, (l, s) in enumerate(zip(layer_counts, sc))]
     limits += list(ov.limits)
     limits.append((w.concurrency / round_s, "concurrency / round trip"))

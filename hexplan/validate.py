@@ -62,9 +62,11 @@ def plan_assumptions(plan: Plan) -> Assumptions:
     for k, v in pd.items():
         if k not in CostParams.__dataclass_fields__:
             raise SpecError("unknown cost parameter", field=f"assumptions.cost_params.{k}")
-        vals[k] = float(number(f"assumptions.cost_params.{k}", v, positive=(k != "memory_headroom")))
+        vals[k] = float(number(f"assumptions.cost_params.{k}", v, positive=(k not in ("memory_headroom", "contention"))))
     if not 0 <= vals.get("memory_headroom", 0.0) < 1:
         raise SpecError("must be in [0, 1)", field="assumptions.cost_params.memory_headroom")
+    if not 0 <= vals.get("contention", 0.0) <= 1:
+        raise SpecError("must be in [0, 1]", field="assumptions.cost_params.contention")
     params = CostParams(**vals)
     slo = {}
     for k in ("slo_tpot_ms", "slo_ttft_ms"):

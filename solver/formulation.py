@@ -33,6 +33,12 @@ Constraints
          first and last only in a one-stage pipeline
 Objective: maximise sum_p T[p].
 
+Interleaving (Workload.parts > 1): ROUND and TPOT are flow-shop times (hexplan.evaluate.flow_time)
+that are at least the first link + sum / parts + latencies, so (8) and (11)'s TPOT divide the
+stages' seconds and the links' transfer times (not their latencies) by parts; the TTFT keeps a
+prompt whole (StageCost.ttft_layer_s). That drops the (parts - 1) / parts * slowest-server term:
+a relaxation, as the bound needs.
+
 With fractional layers, (4)-(6) describe a pipeline's throughput exactly (w = T * l); every
 other constraint is the exact model's or weaker, so the MILP optimum, and HiGHS's dual bound, is
 an upper bound on any plan with integer layers. Decoded solutions get exact integer layers from
@@ -67,21 +73,29 @@ class Formulation:
     bits: dict = None      # (g, p) -> [(beta, zeta)], integer-layer model only
 
 
-def _coord_min(problem: Problem, prefill: bool) -> float:
+def _split(t: float, latency: float, parts: int) -> float:
+    """A message's time when it goes as ``parts`` pipelined parts, counted as the flow-shop
+    relaxation does: its latency once, its transfer time / parts."""
+    return t if parts <= 1 else latency + (t - latency) / parts
+
+
+def _coord_min(problem: Problem, prefill: bool, parts: int = 1) -> float:
+    """Cheapest coordinator link in + link out; with ``parts`` the link out's transfer is split
+    (the link in carries the whole step before it is cut)."""
     cl, w = problem.cluster, problem.workload
     coord = cl.coordinator_node.name
     best = math.inf
     for n in problem.nodes:
         a, b = cl.link(coord, n.name), cl.link(n.name, coord)
         if prefill:
-            t = send_time(w.prompt_tokens * TOKEN_ID_BYTES, a.bandwidth, a.latency) + send_time(TOKEN_ID_BYTES, b.bandwidth, b.latency)
+            t = send_time(w.prompt_tokens * TOKEN_ID_BYTES, a.bandwidth, a.latency) + _split(send_time(TOKEN_ID_BYTES, b.bandwidth, b.latency), b.latency, parts)
         else:
-            t = send_time(w.batch_size * TOKEN_ID_BYTES, a.bandwidth, a.latency) + send_time(w.batch_size * TOKEN_ID_BYTES, b.bandwidth, b.latency)
+            t = send_time(w.batch_size * TOKEN_ID_BYTES, a.bandwidth, a.latency) + _split(send_time(w.batch_size * TOKEN_ID_BYTES, b.bandwidth, b.latency), b.latency, parts)
         best = min(best, t)
     return best
 
 
-def _min_hop(problem: Problem, node: str, prefill: bool) -> float:
+def _min_hop(problem: Problem, node: str, prefill: bool, parts: int = 1) -> float:
     cl, m, w = problem.cluster, problem.model, problem.workload
     f = hop_prefill_time if prefill else hop_decode_time
     best = math.inf
@@ -89,7 +103,7 @@ def _min_hop(problem: Problem, node: str, prefill: bool) -> float:
         if n.name == node and n.count < 2:
             continue
         lk = cl.link(n.name, node)
-        best = min(best, f(m, w, lk.bandwidth, lk.latency))
+        best = min(best, _split(f(m, w, lk.bandwidth, lk.latency), lk.latency, parts))
     return 0.0 if best == math.inf else best
 
 
@@ -119,13 +133,19 @@ def build(problem: Problem, K: int, upper: float, integer_layers: bool = False) 
     # Layers lost by the first stage (embedding) and by the last stage (final norm + LM head).
     d_first = [mcap[g] - problem.cost(c[0], c[1]).max_layers(first=True) for g, c in enumerate(cands)]
     d_last = [mcap[g] - problem.cost(c[0], c[1]).max_layers(last=True) for g, c in enumerate(cands)]
-    dec = [problem.cost(c[0], c[1]).decode_layer_s for c in cands]
-    pre = [problem.cost(c[0], c[1]).prefill_layer_s for c in cands]
-    h_dec = {c[0]: _min_hop(problem, c[0], False) for c in cands}
-    h_pre = {c[0]: _min_hop(problem, c[0], True) for c in cands}
+    parts = problem.workload.parts      # interleaving: seconds of stages and transfers / parts
+    dec = [problem.cost(c[0], c[1]).decode_layer_s / parts for c in cands]
+    pre = [problem.cost(c[0], c[1]).prefill_layer_s / parts for c in cands]
+    h_dec = {c[0]: _min_hop(problem, c[0], False, parts) for c in cands}
+    h_pre = {c[0]: _min_hop(problem, c[0], True, parts) for c in cands}
     hmax_dec = max(h_dec.values(), default=0.0)
     hmax_pre = max(h_pre.values(), default=0.0)
-    c0_dec, c0_pre = _coord_min(problem, False), _coord_min(problem, True)
+    c0_dec, c0_pre = _coord_min(problem, False, parts), _coord_min(problem, True, parts)
+    # TTFT: a prompt alone, not cut into parts
+    pre_t = pre if parts == 1 else [problem.cost(c[0], c[1]).ttft_layer_s for c in cands]
+    h_pre_t = h_pre if parts == 1 else {c[0]: _min_hop(problem, c[0], True) for c in cands}
+    hmax_pre_t = max(h_pre_t.values(), default=0.0)
+    c0_pre_t = c0_pre if parts == 1 else _coord_min(problem, True)
     L, C, U = problem.L, problem.workload.concurrency, upper
     share = problem.workload.batch_size / problem.workload.output_tokens
     name = lambda g: f"{cands[g][0]}/tp{cands[g][1]}#{cands[g][2]}"
@@ -242,9 +262,9 @@ def build(problem: Problem, K: int, upper: float, integer_layers: bool = False) 
             c[T[p]] = c0_dec - hmax_dec - problem.slo_tpot
             lm.add(c, hi=0, name=f"slo_tpot[p{p}]")
         if problem.slo_ttft:
-            c = {w[g, p]: pre[g] for g in G}
-            c.update({z[g, p]: h_pre[cands[g][0]] for g in G})
-            c[T[p]] = c0_pre - hmax_pre - problem.slo_ttft
+            c = {w[g, p]: pre_t[g] for g in G}
+            c.update({z[g, p]: h_pre_t[cands[g][0]] for g in G})
+            c[T[p]] = c0_pre_t - hmax_pre_t - problem.slo_ttft
             lm.add(c, hi=0, name=f"slo_ttft[p{p}]")
         # (9)
         lm.add({T[p]: 1, y[p]: -U}, hi=0)

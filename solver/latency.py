@@ -9,6 +9,9 @@ MILP (small: one pipeline):
          first_g, last_g <= x_g;  sum_g first_g = sum_g last_g = 1
 Its optimum is a lower bound on any pipeline's latency (hops and ends are relaxed); the decoded
 pipeline is then ordered and given its exact layers, and a short local search polishes it.
+With interleaving (Workload.parts > 1) a decode step flows through the pipeline in parts
+(hexplan.evaluate.flow_time), so for TPOT the stage seconds, the LM head and the transfer times
+after the first link are divided by parts (a lower bound again); a prompt alone (TTFT) is not cut.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from hexplan.costmodel import TOKEN_ID_BYTES, hop_decode_time, hop_prefill_time,
 from hexplan.evaluate import evaluate_pipeline
 
 from . import milp
-from .formulation import _min_hop
+from .formulation import _min_hop, _split
 from .layers import ChainEvaluator, candidate_orders, order_slots
 from .problem import Problem
 
@@ -30,7 +33,7 @@ def _fill_min_latency(problem: Problem, ordered, kind: str):
     caps = [c.max_layers(first=(i == 0), last=(i == k - 1)) for i, c in enumerate(costs)]
     if min(caps) < 1 or sum(caps) < L or k > L:
         return None
-    t = [c.decode_layer_s if kind == "tpot" else c.prefill_layer_s for c in costs]
+    t = [c.decode_layer_s if kind == "tpot" else c.ttft_layer_s for c in costs]
     l = [1] * k
     rem = L - k
     for i in sorted(range(k), key=lambda i: (t[i], i)):
@@ -61,8 +64,10 @@ def min_latency(problem: Problem, kind: str = "tpot", time_limit: float = 10.0, 
                 cands.append((n.name, d, j))
     lm = milp.LinearModel()
     prefill = kind == "ttft"
-    t = [(problem.cost(c[0], c[1]).prefill_layer_s if prefill else problem.cost(c[0], c[1]).decode_layer_s) for c in cands]
-    h = [_min_hop(problem, c[0], prefill) for c in cands]
+    parts = 1 if prefill else problem.workload.parts   # interleaving: decode steps go in parts
+    t = [(problem.cost(c[0], c[1]).ttft_layer_s if prefill else problem.cost(c[0], c[1]).decode_layer_s / parts)
+         for c in cands]
+    h = [_min_hop(problem, c[0], prefill, parts) for c in cands]
     hmax = max(h, default=0.0)
     x = [lm.binary(f"x[{c[0]}/tp{c[1]}#{c[2]}]") for c in cands]
     l = [lm.var(f"l[{c[0]}/tp{c[1]}#{c[2]}]", 0, problem.max_layers((c[0], c[1])), integer=True) for c in cands]
@@ -97,7 +102,8 @@ def min_latency(problem: Problem, kind: str = "tpot", time_limit: float = 10.0, 
     regions = cl.regions
     if len(regions) > 1:
         f = hop_prefill_time if prefill else hop_decode_time
-        cross = min((f(problem.model, w, cl.link(a.name, b.name).bandwidth, cl.link(a.name, b.name).latency)
+        cross = min((_split(f(problem.model, w, cl.link(a.name, b.name).bandwidth, cl.link(a.name, b.name).latency),
+                            cl.link(a.name, b.name).latency, parts)
                      for a in problem.nodes for b in problem.nodes if a.region != b.region), default=0.0)
         if cross > hmax:
             multi = lm.var("multi_region", 0.0, 1.0)
@@ -114,8 +120,8 @@ def min_latency(problem: Problem, kind: str = "tpot", time_limit: float = 10.0, 
         obj[l[g]] = -t[g]
         obj[x[g]] = -h[g]
         obj[first[g]] = -send_time(ids_in * TOKEN_ID_BYTES, a.bandwidth, a.latency)
-        obj[last[g]] = -(send_time(ids_out * TOKEN_ID_BYTES, b.bandwidth, b.latency)
-                         + (sc.head_prefill_s if prefill else sc.head_decode_s))
+        obj[last[g]] = -(_split(send_time(ids_out * TOKEN_ID_BYTES, b.bandwidth, b.latency), b.latency, parts)
+                         + (sc.head_prefill_s if prefill else sc.head_decode_s / parts))
     lm.objective = obj  # maximise the negated latency
     res = milp.solve(lm, backend, time_limit, seed)
     lower = None
@@ -149,7 +155,7 @@ def _greedy(problem: Problem, kind: str):
                 while rem >= d:
                     groups.append((n.name, d))
                     rem -= d
-        speed = lambda s: problem.cost(*s).decode_layer_s if kind == "tpot" else problem.cost(*s).prefill_layer_s
+        speed = lambda s: problem.cost(*s).decode_layer_s if kind == "tpot" else problem.cost(*s).ttft_layer_s
         groups.sort(key=lambda s: (speed(s), s))
         chosen, cap = [], 0
         for g in groups:

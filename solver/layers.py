@@ -8,6 +8,9 @@ where ROUND(l) = fixed + sum_s l_s * (decode_s + B/O * prefill_s) (hexplan.evalu
 and TPOT(l) = fixed + sum_s l_s * decode_s. For a given T the layers minimising ROUND fill the
 stages with the smallest per-layer cost first (a greedy that is exact for unit-weight items), so
 feasibility is checked in O(k log k) and T* is found by bisection (feasibility is monotone in T).
+With interleaving (parts > 1) ROUND and TPOT are flow-shop times (hexplan.evaluate.flow_time:
+sum / parts + (parts - 1) / parts * the slowest server), checked exactly for the greedy's layers;
+the greedy minimises their sum term, so it is then a good rather than an exact choice.
 """
 from __future__ import annotations
 
@@ -15,7 +18,8 @@ import itertools
 import math
 from dataclasses import dataclass
 
-from hexplan.evaluate import PipelineMetrics, evaluate_pipeline, hop_shares, pipeline_overheads
+from hexplan.evaluate import (PipelineMetrics, evaluate_pipeline, hop_shares, pipeline_latencies,
+                              pipeline_overheads)
 
 from .problem import Problem
 
@@ -128,8 +132,10 @@ def best_layers(problem: Problem, ordered, shares=None) -> ChainResult | None:
     if min(caps) < 1 or sum(caps) < L:
         return None
     dec = [c.decode_layer_s for c in sc]
-    pre = [c.prefill_layer_s for c in sc]
+    pre = [c.prefill_layer_s for c in sc]      # a prompt's share of steps (rate, round)
+    pre_t = [c.ttft_layer_s for c in sc]       # a prompt alone (TTFT): not cut into parts
     rate = [c.layer_rate for c in sc]
+    parts = ov.parts
     C = problem.workload.concurrency
     share = problem.workload.batch_size / problem.workload.output_tokens   # prompts per round, B/O
     slo_tpot, slo_ttft = problem.slo_tpot, problem.slo_ttft
@@ -137,7 +143,7 @@ def best_layers(problem: Problem, ordered, shares=None) -> ChainResult | None:
     round_fixed = ov.tpot_fixed_s + share * ov.ttft_fixed_s
     by_round = sorted(range(k), key=lambda i: (rnd[i], i))
     by_dec = sorted(range(k), key=lambda i: (dec[i], i))
-    by_pre = sorted(range(k), key=lambda i: (pre[i], i))
+    by_pre = sorted(range(k), key=lambda i: (pre_t[i], i))
     orders = [by_round] + ([by_dec] if slo_tpot else []) + ([by_pre] if slo_ttft else [])
     link_limit = min(x[0] for x in ov.limits)
 
@@ -164,15 +170,21 @@ def best_layers(problem: Problem, ordered, shares=None) -> ChainResult | None:
         # first that meets them all wins. If the order minimising a term fails it, nothing can.
         for order in orders:
             l = fill(upper, order)
-            if T * (round_fixed + sum(a * b for a, b in zip(l, rnd))) > C * (1 + 1e-12):
-                if order is by_round:
+            if parts > 1:   # interleaving: the exact flow-shop times of these layers
+                tpot_l, _, round_l = pipeline_latencies(ov, problem.workload, l)
+            else:
+                tpot_l, round_l = None, round_fixed + sum(a * b for a, b in zip(l, rnd))
+            # (With parts > 1 the greedy is not exact for the flow-shop terms: try every order.)
+            if T * round_l > C * (1 + 1e-12):
+                if order is by_round and parts == 1:
                     return None
                 continue
-            if slo_tpot and ov.tpot_fixed_s + sum(a * b for a, b in zip(l, dec)) > slo_tpot:
-                if order is by_dec:
+            if slo_tpot and (ov.tpot_fixed_s + sum(a * b for a, b in zip(l, dec)) if tpot_l is None
+                             else tpot_l) > slo_tpot:
+                if order is by_dec and parts == 1:
                     return None
                 continue
-            if slo_ttft and ov.ttft_fixed_s + sum(a * b for a, b in zip(l, pre)) > slo_ttft:
+            if slo_ttft and ov.ttft_fixed_s + sum(a * b for a, b in zip(l, pre_t)) > slo_ttft:
                 if order is by_pre:
                     return None
                 continue

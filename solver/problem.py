@@ -59,15 +59,23 @@ class Problem:
                     ok.append(d)
             self.allowed_tp[n.name] = ok
 
-    def cost(self, node: str, tp: int) -> StageCost:
+    def cost(self, node: str, tp: int, split: bool = True) -> StageCost:
+        """``split`` False: without interleaving (a pipeline of one TP-1 stage is not cut)."""
         n = self.node_by_name[node]
-        return self.costs.get(n.gpu, tp, n.interconnect)
+        return self.costs.get(n.gpu, tp, n.interconnect, split)
 
     def max_layers(self, slot) -> int:
         return self.cost(*slot).max_layers()
 
     def rate(self, slot) -> float:
-        return self.cost(*slot).layer_rate
+        sc = self.cost(*slot)
+        if slot[1] == 1 and sc.parts > 1:
+            # Interleaving: a TP-1 group that can hold the whole model may be a pipeline of its
+            # own, which is not cut into parts; the higher rate keeps the bounds valid.
+            whole = self.cost(*slot, split=False)
+            if whole.max_layers(first=True, last=True) >= self.L:
+                return max(sc.layer_rate, whole.layer_rate)
+        return sc.layer_rate
 
     def all_slots(self) -> list[tuple[str, int]]:
         """Every candidate group: node n offers count // d groups of each allowed degree d."""

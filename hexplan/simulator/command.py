@@ -18,7 +18,7 @@ from . import report
 _SIM_FLAGS = {"rate": "--rate", "duration": "--duration", "cv": "--cv", "warmup": "--warmup", "arrival": "--arrival",
               "prompt_len": "--prompt-len", "output_len": "--output-len", "workload": "--workload",
               "sweep_rate": "--sweep-rate", "prefill_budget": "--prefill-budget", "loops": "--loops",
-              "prefill_chunk": "--prefill-chunk", "policy": "--policy"}
+              "prefill_chunk": "--prefill-chunk", "policy": "--policy", "interleave": "--interleave"}
 
 
 def _workload(args, trace) -> "sim.WorkloadSpec":
@@ -59,7 +59,7 @@ def run_simulate(args) -> int:
         ms = lambda v: v / 1e3 if v is not None else None
         slo = sim.Slo(ttft_s=ms(args.slo_ttft_ms), tpot_s=ms(args.slo_tpot_ms), e2e_s=args.slo_e2e_s)
         opts = dict(prefill_budget=args.prefill_budget, loops=args.loops, prefill_chunk=args.prefill_chunk,
-                    routing=args.routing, policy=args.policy)
+                    routing=args.routing, policy=args.policy, interleave=args.interleave)
         if args.sweep_rate:
             if not slo:
                 raise SpecError("a rate sweep needs an objective: give --slo-ttft-ms, --slo-tpot-ms or --slo-e2e-s",
@@ -78,6 +78,9 @@ def run_simulate(args) -> int:
             raise e.located(args.plan) from None
         raise
     title = f"simulated {plan.model.name} on {cluster.name}: {len(plan.pipelines)} pipeline(s), {plan.num_gpus} GPUs"
+    interleave = args.interleave or (plan.assumptions.get("workload") or {}).get("interleave", 1)
+    if interleave != 1:
+        title += f", steps in {interleave} interleaved parts"
     if args.sweep_rate:
         if args.json:
             print(json.dumps(sweep.to_dict(), indent=2))

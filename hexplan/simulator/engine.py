@@ -40,6 +40,15 @@ percentiles or output formats (metrics.py) or where requests come from (workload
   run again). Its code is the ``_m_*`` methods; the fcfs path does not go through them.
   docs/simulator.md, "Scheduling policies: fcfs and mlfq".
 
+* Interleaving (``Workload.interleave`` N > 1, Liger-style, as the executor's ``--interleave``): a
+  step of n sequences runs as p = min(N, n) parts on a pipeline with more than one stage or a TP
+  stage (a pipeline of one TP-1 stage has nothing to overlap). Stage times come from the cost
+  model with p parts (every part re-reads the weights; TP all-reduces hide under compute), and
+  after the first stage has the step's token ids each part goes through the stages and links on
+  its own, 1/p of the step's time and bytes at each: stage s + 1 (and the link) starts on part 1
+  while stage s computes part 2. The step is done when its last part is back. With N = 1, or a
+  step of one sequence, nothing changes.
+
 Speed: only links shared by several pipeline hops need an event per visit. Every other server
 is fed by exactly one upstream server whose departures are computed in time order, so a step
 is walked through consecutive private servers at once (FIFO order is preserved); the heap holds
@@ -59,10 +68,11 @@ from ..cluster import Cluster
 from ..costmodel import (TOKEN_ID_BYTES, CostParams, Workload, decode_layer_time, lm_head_time,
                          local_kv_heads, prefill_layer_time, send_time)
 from ..dispatch import Dispatcher, skip_join_level  # noqa: F401  (skip_join_level: also used from here)
+from ..evaluate import splits
 from ..plan import Plan
 from .workload import RequestStream
 
-ARRIVAL, STEP_DONE, RESUME = 0, 1, 2
+ARRIVAL, STEP_DONE, RESUME, RESUME_PART = 0, 1, 2, 3
 _CACHE_LIMIT = 200_000
 POLICIES = ("fcfs", "mlfq")
 NEW, RESIDENT, OFFLOADED, DONE = 0, 1, 2, 3     # mlfq: where a request's KV cache is
@@ -116,12 +126,14 @@ class EngineStats:
 class _Kind:
     """Per-layer step times of one TP group type (GPU, degree, intra-node bandwidth), memoised."""
 
-    __slots__ = ("model", "gpu", "tp", "ic", "params", "dec", "pre")
+    __slots__ = ("model", "gpu", "tp", "ic", "params", "dec", "pre", "dec_p", "pre_p")
 
     def __init__(self, model, gpu, tp, ic, params):
         self.model, self.gpu, self.tp, self.ic, self.params = model, gpu, tp, ic, params
         self.dec: dict = {}
         self.pre: dict = {}
+        self.dec_p: dict = {}    # interleaving: (n, ctx_sum, parts) -> seconds
+        self.pre_p: dict = {}    # interleaving: (tokens, parts) -> seconds
 
     def decode(self, n: int, ctx_sum: int) -> float:
         key = (n, ctx_sum)
@@ -137,6 +149,23 @@ class _Kind:
         t = self.pre.get(tokens)
         if t is None:
             t = self.pre[tokens] = prefill_layer_time(self.model, self.gpu, self.tp, tokens, self.ic, self.params)
+        return t
+
+    def decode_parts(self, n: int, ctx_sum: int, parts: int) -> float:
+        key = (n, ctx_sum, parts)
+        t = self.dec_p.get(key)
+        if t is None:
+            if len(self.dec_p) > _CACHE_LIMIT:
+                self.dec_p.clear()
+            t = self.dec_p[key] = decode_layer_time(self.model, self.gpu, self.tp, n, ctx_sum / n, self.ic,
+                                                    self.params, parts)
+        return t
+
+    def prefill_parts(self, tokens: int, parts: int) -> float:
+        key = (tokens, parts)
+        t = self.pre_p.get(key)
+        if t is None:
+            t = self.pre_p[key] = prefill_layer_time(self.model, self.gpu, self.tp, tokens, self.ic, self.params, parts)
         return t
 
 
@@ -166,7 +195,7 @@ class _MLoop:
 class _Pipe:
     __slots__ = ("index", "stage_kind", "stage_layers", "kinds", "head", "head_cache", "links", "chain", "delay",
                  "act_bytes", "batch", "conc", "kv_cap", "n_loops", "loops", "idle", "pending", "inflight",
-                 "kv_used", "n_sys", "chunk",
+                 "kv_used", "n_sys", "chunk", "parts",
                  # mlfq
                  "q0", "quanta", "tok_s", "promote", "pre_est", "swap_s", "run_q", "new_q", "resident", "waitq",
                  "free_dec", "n_busy")
@@ -229,6 +258,9 @@ class Engine:
             pp.kv_cap = workload.concurrency * workload.context
             pp.n_loops = options.loops or workload.micro_batches
             pp.chunk = options.prefill_chunk or workload.prefill_chunk(len(nodes))
+            # Interleaving: parts a step may be cut into (1: not cut; a single TP-1 stage has
+            # nothing to overlap, as the executor decides)
+            pp.parts = workload.interleave if splits([s.tp for s in pl.stages]) else 1
             self.pipes.append(pp)
         self.whole = options.prefill_budget or workload.prompt_tokens
         self.shared = [u > 1 for u in users]
@@ -313,6 +345,9 @@ class Engine:
             elif code == RESUME:
                 pipe, g, svc = ev[3]
                 self._walk(pipe, g, svc, ev[4], now, now)
+            elif code == RESUME_PART:
+                pipe, g, svc, last = ev[3]
+                self._walk_part(pipe, g, svc, ev[4], now, now, last)
             else:
                 t, p, o = ev[3]
                 nxt = stream.next()
@@ -425,6 +460,9 @@ class Engine:
             return False
         lp.new = new
         n_new = len(new)
+        if pipe.parts > 1 and n_dec + len(chunks) > 1:
+            self._send_parts(pipe, g, n_dec, lp.sum_p + n_dec * lp.k - lp.sum_j, chunks, n_dec + n_new, 0, now)
+            return True
         per_layer = self._layer_times(pipe, n_dec, lp.sum_p + n_dec * lp.k - lp.sum_j, chunks)
         tokens_in = n_dec + sum(take for _, take in chunks)
         links = pipe.links
@@ -487,6 +525,72 @@ class Engine:
             t = end + delay[i]
             i += 1
         self._push(t, STEP_DONE, pipe, g)
+
+    # ---- interleaving: a step in parts ---------------------------------------------------------
+    def _send_parts(self, pipe: _Pipe, g: int, n_dec: int, ctx_sum: int, chunks: list, nlog: int, swap_tok: int,
+                    now: float) -> None:
+        """Send a step of ``n_dec`` decode tokens (context ``ctx_sum`` in all) and prompt
+        ``chunks`` down the pipeline as p = min(interleave, sequences) parts: the token ids go to
+        the first stage in one message; from there each part is served on its own at every
+        stage and link, taking 1/p of the step's interleaved stage time (cost model, p parts: the
+        weights read p times, TP all-reduces hidden under compute) and 1/p of its bytes. The
+        last part back completes the step. ``nlog``: positions that need logits; ``swap_tok``
+        (mlfq): context tokens brought back from host memory before the step."""
+        parts = min(pipe.parts, n_dec + len(chunks))
+        prompt = self.prompt
+        per_layer = []
+        for kind in pipe.kinds:
+            t = kind.decode_parts(n_dec, ctx_sum, parts) if n_dec else 0.0
+            for r, take in chunks:
+                p = prompt[r]
+                t += kind.prefill_parts(p, parts) * take / p
+            per_layer.append(t)
+        tokens_in = n_dec + sum(take for _, take in chunks)
+        links = pipe.links
+        first = send_time(TOKEN_ID_BYTES * tokens_in, links[0].bandwidth, 0.0)
+        last = len(pipe.stage_layers) - 1
+        act = tokens_in * pipe.act_bytes
+        unit = []                 # one part's service at chain positions 1, 2, ...
+        for i, layers in enumerate(pipe.stage_layers):
+            t = layers * per_layer[pipe.stage_kind[i]]
+            if swap_tok:
+                t += swap_tok * pipe.swap_s[i]
+            if i == last:
+                key = (nlog, parts)
+                h = pipe.head_cache.get(key)
+                if h is None:
+                    gpu, tp = pipe.head
+                    h = pipe.head_cache[key] = lm_head_time(self.model, gpu, tp, nlog, self.params, parts)
+                unit.append((t + h) / parts)
+                unit.append(send_time(TOKEN_ID_BYTES * nlog / parts, links[i + 1].bandwidth, 0.0))
+            else:
+                unit.append(t / parts)
+                unit.append(send_time(act / parts, links[i + 1].bandwidth, 0.0))
+        # Every part arrives at the first stage with the token ids (the others take no time on
+        # the first link), and the parts walk in order, so FIFO order holds at every server.
+        for j in range(parts):
+            self._walk_part(pipe, g, [first if j == 0 else 0.0] + unit, 0, now, now, j == parts - 1)
+
+    def _walk_part(self, pipe: _Pipe, g: int, svc: list, i: int, t: float, now: float, last: bool) -> None:
+        """``_walk`` for one part of a step: the step is done when its ``last`` part is."""
+        chain, delay, free, busy, shared = pipe.chain, pipe.delay, self.free, self.busy, self.shared
+        w0, w1 = self.w0, self.w1
+        n = len(chain)
+        while i < n:
+            r = chain[i]
+            if t > now and shared[r]:
+                self._push(t, RESUME_PART, (pipe, g, svc, last), i)
+                return
+            f = free[r]
+            start = t if t > f else f
+            end = start + svc[i]
+            free[r] = end
+            if end > w0 and start < w1:
+                busy[r] += (end if end < w1 else w1) - (start if start > w0 else w0)
+            t = end + delay[i]
+            i += 1
+        if last:
+            self._push(t, STEP_DONE, pipe, g)
 
     def _step_done(self, pipe: _Pipe, g: int, now: float) -> None:
         st = self.stats
@@ -555,13 +659,15 @@ class Engine:
         model = self.model
         for pipe, pl in zip(self.pipes, plan.pipelines):
             # One decode step of B sequences at the workload's mean context through every
-            # stage (the cost model's decode_layer_time, no LM head, no links): what each
-            # sequence in a step spends of its quantum per decode token, and the top quantum.
+            # stage (the cost model's decode_layer_time, in parts when interleaved; no LM head,
+            # no links): what each sequence in a step spends of its quantum per decode token,
+            # and the top quantum.
             step = 0.0
             for i, layers in enumerate(pipe.stage_layers):
                 k = pipe.kinds[pipe.stage_kind[i]]
                 step += layers * decode_layer_time(model, k.gpu, k.tp, workload.batch_size,
-                                                   workload.mean_decode_context, k.ic, k.params)
+                                                   workload.mean_decode_context, k.ic, k.params,
+                                                   min(pipe.parts, workload.batch_size))
             pipe.tok_s = step
             pipe.q0 = o.mlfq_quantum_s or step
             pipe.quanta = [pipe.q0 * 2 ** i for i in range(o.mlfq_levels)]
@@ -779,6 +885,9 @@ class Engine:
         lp = pipe.loops[g]
         lp.decs, lp.chunks = decs, chunks
         gen = self.gen
+        if pipe.parts > 1 and n > 1:
+            self._send_parts(pipe, g, n_dec, sum(prompt[r] + gen[r] for r in decs), chunks, n_dec + n_fin, swap_tok, now)
+            return True
         per_layer = self._layer_times(pipe, n_dec, sum(prompt[r] + gen[r] for r in decs), chunks)
         tokens_in = n_dec + sum(take for _, take in chunks)
         links = pipe.links

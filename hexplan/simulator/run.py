@@ -24,7 +24,7 @@ def simulate(plan: Plan | str, cluster: Cluster | str, workload_spec: WorkloadSp
              prefill_chunk: int | None = None, routing: str = "delay", policy: str = "fcfs",
              mlfq_levels: int | None = None, mlfq_quantum_s: float | None = None,
              mlfq_promote_s: float | None = None, offload_bandwidth: float | None = None,
-             keep_samples: bool = True) -> SimResult:
+             interleave: int | None = None, keep_samples: bool = True) -> SimResult:
     """Replay ``workload_spec`` against ``plan`` on ``cluster`` (objects or file paths).
 
     ``slo`` defaults to the plan's own SLOs (``assumptions.slo_*``) where it has them.
@@ -38,12 +38,14 @@ def simulate(plan: Plan | str, cluster: Cluster | str, workload_spec: WorkloadSp
     KV offload; ``mlfq_levels`` queues, default 5, top quantum ``mlfq_quantum_s``, default one
     decode step of the pipeline, promotion after ``mlfq_promote_s`` of waiting, default 100x the
     last quantum, swaps over ``offload_bandwidth`` bytes/s, default 16e9; docs/simulator.md).
+    ``interleave``: parts each step is cut into (Liger-style overlap, as the executor's
+    ``--interleave``); default the plan's own (``assumptions.workload.interleave``, else 1).
     Raises SpecError when the plan does not fit the cluster or an input is out of range.
     """
     plan = load_plan(plan) if not isinstance(plan, Plan) else plan
     cluster = load_cluster(cluster) if not isinstance(cluster, Cluster) else cluster
     setup = _setup(plan, cluster, workload_spec, slo, prefill_budget, loops, prefill_chunk, routing,
-                   _Policy(policy, mlfq_levels, mlfq_quantum_s, mlfq_promote_s, offload_bandwidth))
+                   _Policy(policy, mlfq_levels, mlfq_quantum_s, mlfq_promote_s, offload_bandwidth), interleave)
     return _run(setup, workload_spec, seed, keep_samples)
 
 
@@ -85,14 +87,14 @@ class _Setup:
 
 
 def _setup(plan, cluster, spec, slo, prefill_budget, loops, prefill_chunk=None, routing="delay",
-           policy: _Policy = _Policy()) -> _Setup:
+           policy: _Policy = _Policy(), interleave: int | None = None) -> _Setup:
     if not isinstance(spec, WorkloadSpec):
         raise SpecError(f"expected a WorkloadSpec, got {type(spec).__name__}", field="workload_spec")
     if routing not in ("delay", "weights"):
         raise SpecError(f"must be 'delay' or 'weights', got {routing!r}", field="routing")
     policy_options = policy.options()
     for name, v, lo in (("prefill_budget", prefill_budget, 1), ("loops", loops, 1),
-                        ("prefill_chunk", prefill_chunk, 1)):
+                        ("prefill_chunk", prefill_chunk, 1), ("interleave", interleave, 1)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
             raise SpecError(f"must be an integer >= {lo}, got {v!r}", field=name)
     problems = validate_plan(plan, cluster, check_predictions=False)
@@ -103,8 +105,11 @@ def _setup(plan, cluster, spec, slo, prefill_budget, loops, prefill_chunk=None, 
     asm = plan_assumptions(plan)
     if slo is None:
         slo = Slo(ttft_s=asm.slo_ttft_s, tpot_s=asm.slo_tpot_s)
+    overridden = interleave is not None and interleave != asm.workload.interleave
+    if overridden:   # the plan run with another interleave than it was solved for
+        asm = replace(asm, workload=replace(asm.workload, interleave=interleave))
     metrics = evaluate_plan_pipelines(cluster, CostCache(plan.model, asm.workload, asm.params), plan.pipelines)
-    predicted = plan.throughput or sum(m.throughput for m in metrics)
+    predicted = (0.0 if overridden else plan.throughput) or sum(m.throughput for m in metrics)
     dispatcher = Dispatcher.for_plan(plan, asm.workload.output_tokens, metrics)
     engine = Engine(plan, cluster, asm.workload, asm.params,
                     EngineOptions(prefill_budget, prefill_chunk, loops, routing, **policy_options), dispatcher)
@@ -169,13 +174,14 @@ def sweep_rate(plan: Plan | str, cluster: Cluster | str, workload_spec: Workload
                tolerance: float = 0.02, on_probe=None, prefill_budget: int | None = None,
                loops: int | None = None, prefill_chunk: int | None = None, routing: str = "delay",
                policy: str = "fcfs", mlfq_levels: int | None = None, mlfq_quantum_s: float | None = None,
-               mlfq_promote_s: float | None = None, offload_bandwidth: float | None = None) -> Sweep:
+               mlfq_promote_s: float | None = None, offload_bandwidth: float | None = None,
+               interleave: int | None = None) -> Sweep:
     """Binary search for the highest Poisson/gamma request rate whose run meets ``slo``.
 
     Starts at ``start_rate`` (default: the plan's predicted tokens/s over the mean output
     length), grows by 1.5x while probes pass, then bisects until the bracket is within
     ``tolerance`` of its upper end or ``max_probes`` runs. ``on_probe(probe)`` sees each run.
-    The scheduler options (``policy`` and the rest) are simulate()'s.
+    The scheduler options (``policy``, ``interleave`` and the rest) are simulate()'s.
     """
     plan = load_plan(plan) if not isinstance(plan, Plan) else plan
     cluster = load_cluster(cluster) if not isinstance(cluster, Cluster) else cluster
@@ -187,7 +193,7 @@ def sweep_rate(plan: Plan | str, cluster: Cluster | str, workload_spec: Workload
         raise SpecError("a rate sweep draws arrivals at each rate: use poisson or gamma arrivals "
                         "(a trace can still supply the lengths)", field="arrival")
     s = _setup(plan, cluster, workload_spec, slo, prefill_budget, loops, prefill_chunk, routing,
-               _Policy(policy, mlfq_levels, mlfq_quantum_s, mlfq_promote_s, offload_bandwidth))
+               _Policy(policy, mlfq_levels, mlfq_quantum_s, mlfq_promote_s, offload_bandwidth), interleave)
     if start_rate is None:
         start_rate = max(s.predicted, 1e-6) / mean_output_tokens(workload_spec, s.prompt, s.output)
     probes: list[Probe] = []
