@@ -1,10 +1,13 @@
 """Interleaving on a slow link: a 2-stage pipeline, or a TP-2 stage, with and without it.
 
-    python bench/interleave_bench.py --mode pp [--link 5,100] [--requests 32] [--repeat 3] [--parts 2]
-    python bench/interleave_bench.py --mode tp [--link 1,1000] [--requests 32] [--repeat 3] [--parts 2] [--pieces 4]
+    python bench/interleave_bench.py --mode pp|tp [--task generate|prefill] [--link MS,MBPS] [--requests 32]
+                                     [--repeat 3] [--parts 2] [--pieces 4]
 
-The 134M-parameter model and the request mix of bench/executor_bench.py (prompts 16-256,
-outputs 16-128, all at t = 0), served by `hexplan launch`.
+The 134M-parameter model of bench/executor_bench.py, served by `hexplan launch`, all requests at
+t = 0. --task generate (default): its request mix (prompts 16-256, outputs 16-128); tokens/s
+counts generated tokens. --task prefill: prefill-only requests (Inference.Prefill: scoring,
+Liger's "discriminative" tasks) with prompts of 64-256 tokens and steps of up to 512 prompt
+tokens (the plan's prompt length); tokens/s counts prompt tokens.
 
 --mode pp: two pipeline stages of 6 layers (one worker each, one thread each) whose
 stage-to-stage link is slowed in the workers' sending thread (HEXPLAN_LINK_DELAY=LATENCY_MS,MBPS:
@@ -43,6 +46,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mode", choices=("pp", "tp"), default="pp",
                     help="pp: 2 pipeline stages, slow stage-to-stage link; tp: one TP-2 stage, slow all-reduces")
+    ap.add_argument("--task", choices=("generate", "prefill"), default="generate",
+                    help="generate: generative requests; prefill: prefill-only (scoring) requests")
     ap.add_argument("--link", help="LATENCY_MS,MBPS of the slowed link (default: 5,100 for pp, 1,1000 for tp)")
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=3)
@@ -70,23 +75,30 @@ def main() -> int:
     tmp = tempfile.TemporaryDirectory(prefix="hexplan-interleave-")
     try:
         ckpt = eb.benchmark_checkpoint(a.checkpoint, tmp.name)
-        reqs = eb.make_workload(a.requests, (16, 256), (16, 128), eb.MODEL["vocab_size"], 0, None)
-        workload = {"prompt_tokens": round(statistics.mean(len(r["prompt"]) for r in reqs)),
-                    "output_tokens": round(statistics.mean(r["output_len"] for r in reqs)),
-                    "batch_size": 16, "concurrency": a.concurrency}
+        if a.task == "generate":
+            reqs = eb.make_workload(a.requests, (16, 256), (16, 128), eb.MODEL["vocab_size"], 0, None)
+            workload = {"prompt_tokens": round(statistics.mean(len(r["prompt"]) for r in reqs)),
+                        "output_tokens": round(statistics.mean(r["output_len"] for r in reqs)),
+                        "batch_size": 16, "concurrency": a.concurrency}
+        else:
+            reqs = eb.make_workload(a.requests, (64, 256), (1, 1), eb.MODEL["vocab_size"], 0, None)
+            workload = {"prompt_tokens": 512, "output_tokens": 1, "batch_size": 16, "concurrency": a.concurrency}
         runs: dict = {name: [] for name in configs}
         for rep in range(a.repeat):
             for name, (parts, pieces) in configs.items():
                 eb.log(f"{name}, run {rep + 1}/{a.repeat}, {var}={link}")
-                r = eb.run_executor(name.replace(" ", ""), ckpt, stages, reqs, 1, workload, interleave=parts,
-                                    matmul_pieces=pieces)
+                if a.task == "generate":
+                    r = eb.run_executor(name.replace(" ", ""), ckpt, stages, reqs, 1, workload, interleave=parts,
+                                        matmul_pieces=pieces)
+                else:
+                    r = run_prefill(ckpt, stages, reqs, workload, parts, pieces)
                 eb.log(f"  {r['tokens_per_s']:.1f} tokens/s, P90 latency {r['latency_p90_s']:.1f} s")
                 runs[name].append(r)
     finally:
         tmp.cleanup()
     shape = "2 stages x 1 worker" if a.mode == "pp" else "1 stage, TP 2 (2 workers)"
-    print(f"\n{shape}, 1 thread per worker, {var}={link} (ms, Mbps), {a.requests} requests, concurrency "
-          f"{a.concurrency}; median of {a.repeat} runs\n")
+    print(f"\n{shape}, 1 thread per worker, {var}={link} (ms, Mbps), {a.requests} {a.task} requests, "
+          f"concurrency {a.concurrency}; median of {a.repeat} runs\n")
     print("| configuration | tokens/s (runs) | median | vs off | P90 latency s | P50 latency s |")
     print("|---|---|---|---|---|---|")
     base = None
@@ -97,6 +109,35 @@ def main() -> int:
         print(f"| {name} | {runs_s} | {med['tokens_per_s']:.1f} | {med['tokens_per_s'] / base:.2f}x | "
               f"{med['latency_p90_s']:.1f} | {med['latency_p50_s']:.1f} |")
     return 0
+
+
+def run_prefill(ckpt: str, stages, reqs: list, workload: dict, parts: int, pieces: int) -> dict:
+    """Every request as a prefill-only call at t = 0; prompt tokens/s and latency percentiles."""
+    import time
+    from concurrent import futures
+
+    import torch
+
+    from hexplan.executor.client import prefill
+    from hexplan.executor.launch import Launch
+
+    torch.set_num_threads(1)
+    with Launch(eb.make_plan(ckpt, stages, workload), ckpt, threads=1, interleave=parts, matmul_pieces=pieces) as L:
+        prefill(L.address, token_ids=[1, 2, 3, 4], timeout=300)          # warm-up
+
+        def one(r):
+            t = time.perf_counter()
+            out = prefill(L.address, token_ids=r["prompt"], timeout=3600)
+            if out["prompt_tokens"] != len(r["prompt"]):
+                raise RuntimeError(f"request {r['id']}: {out['prompt_tokens']} prompt tokens")
+            return time.perf_counter() - t
+        t0 = time.perf_counter()
+        with futures.ThreadPoolExecutor(len(reqs)) as pool:
+            lat = sorted(pool.map(one, reqs))
+        wall = time.perf_counter() - t0
+    tokens = sum(len(r["prompt"]) for r in reqs)
+    return {"tokens_per_s": tokens / wall, "latency_p90_s": eb.percentile(lat, 90),
+            "latency_p50_s": eb.percentile(lat, 50)}
 
 
 if __name__ == "__main__":

@@ -147,7 +147,7 @@ class Gateway:
     def __init__(self, plan: Plan, checkpoint: str, node_addresses: dict, tls: Tls | None = None,
                  dtype: str = "float32", max_batch: int | None = None, prefill_tokens: int | None = None,
                  prefill_chunk: int | None = None, policy: str = "fcfs", mlfq_quantum_s: float | None = None,
-                 interleave: int = 1, matmul_pieces: int = 1):
+                 interleave: int | None = None, matmul_pieces: int = 1):
         self.plan, self.checkpoint, self.tls, self.dtype = plan, str(checkpoint), tls, dtype
         self.node_addresses = dict(node_addresses)
         # The plan's workload sets the schedule the planner assumed: micro-batches of batch_size
@@ -162,9 +162,11 @@ class Gateway:
         if policy not in ("fcfs", "mlfq"):
             raise GatewayError(f"policy must be 'fcfs' or 'mlfq', got {policy!r}")
         self.policy, self.mlfq_quantum_s = policy, mlfq_quantum_s
+        if interleave is None:         # the plan's (hexplan solve --interleave), else 1
+            interleave = self.workload.interleave
         if isinstance(interleave, bool) or not isinstance(interleave, int) or interleave < 1:
             raise GatewayError(f"interleave must be an integer >= 1, got {interleave!r}")
-        self.interleave = interleave   # parts a step is split into at the first stage (1: off)
+        self.interleave = interleave   # parts a step is cut into (1: off)
         if isinstance(matmul_pieces, bool) or not isinstance(matmul_pieces, int) or matmul_pieces < 1:
             raise GatewayError(f"matmul_pieces must be an integer >= 1, got {matmul_pieces!r}")
         self.matmul_pieces = matmul_pieces   # slices of each TP row-parallel product (1: off)

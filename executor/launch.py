@@ -53,7 +53,7 @@ class Launch:
     def __init__(self, plan: Plan, checkpoint: str, listen: str = "127.0.0.1:0", tls: Tls | None = None,
                  dtype: str = "float32", threads: int | None = None, max_batch: int | None = None,
                  prefill_chunk: int | None = None, policy: str = "fcfs", mlfq_quantum_s: float | None = None,
-                 interleave: int = 1, matmul_pieces: int = 1):
+                 interleave: int | None = None, matmul_pieces: int = 1):
         self.nodes: dict = {}
         self.server = None
         self.gateway = None
@@ -106,7 +106,7 @@ class Launch:
 
 
 def run_launch(plan: Plan, checkpoint: str, listen: str, tls: Tls | None, dtype: str, threads: int | None,
-               out=sys.stdout, policy: str = "fcfs", mlfq_quantum_s: float | None = None, interleave: int = 1,
+               out=sys.stdout, policy: str = "fcfs", mlfq_quantum_s: float | None = None, interleave: int | None = None,
                matmul_pieces: int = 1) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -149,10 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
                                  "their KV to host memory when the plan's concurrency is reached)")
         parser.add_argument("--mlfq-quantum-ms", type=float,
                             help="mlfq: the top queue's quantum (default: the plan's time per output token, else 50 ms)")
-        parser.add_argument("--interleave", type=int, default=1,
+        parser.add_argument("--interleave", type=int,
                             help="split each step into N parts and overlap one part's communication with the next "
                                  "part's compute: the first stage sends part i on while computing part i+1, a TP "
-                                 "stage's all-reduces run asynchronously under it (Liger-style; default 1: off)")
+                                 "stage's all-reduces run asynchronously under it (Liger-style; default: the plan's "
+                                 "from `hexplan solve --interleave`, else 1: off)")
         parser.add_argument("--matmul-pieces", type=int, default=1,
                             help="cut each TP row-parallel matrix product into K slices whose all-reduces overlap "
                                  "the rest of the product (default 1: off)")
@@ -191,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--seed", type=int)
     ge.add_argument("--timeout", type=float, default=600, help="deadline in seconds (default 600)")
     ge.add_argument("--json", action="store_true", help='print {"token_ids": [...], "text": ..., "finish_reason": ...}')
+    ge.add_argument("--prefill-only", action="store_true",
+                    help="score the prompt instead (Prefill): print the most likely next tokens; with --json "
+                         "the last token's logits (and hidden state with --hidden)")
+    ge.add_argument("--hidden", action="store_true", help="--prefill-only: also return the last token's hidden state")
     tls_args(ge, server=False)
 
     sub.add_parser("gpus", help="list the built-in GPU catalog")
@@ -457,7 +462,7 @@ def cmd_serve(args) -> int:
 
 
 def _policy(args) -> tuple[str, float | None]:
-    if args.interleave < 1:
+    if args.interleave is not None and args.interleave < 1:
         raise SpecError(f"must be an integer >= 1, got {args.interleave}", field="--interleave")
     if args.matmul_pieces < 1:
         raise SpecError(f"must be an integer >= 1, got {args.matmul_pieces}", field="--matmul-pieces")
@@ -489,6 +494,8 @@ def cmd_generate(args) -> int:
     from .executor.client import run_generate
 
     _listen(args.target, "--target")
+    if args.hidden and not args.prefill_only:
+        raise SpecError("only with --prefill-only (a generation returns tokens)", field="--hidden")
     return run_generate(args)
 
 

@@ -3,6 +3,7 @@ transformers' own logits and hidden states, their KV dropped in the step that fi
 and their admission past a pipeline full of generative requests."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from concurrent import futures
 
@@ -50,7 +51,8 @@ def test_stage_model_returns_hidden_and_drops_kv(ckpt):
         assert s.num_sequences() == 1 and "score" not in s.caches and "keep" in s.caches
 
 
-def test_prefill_and_generate_share_the_pipeline(ckpt, capsys):
+@pytest.mark.parametrize("policy", ["fcfs", "mlfq"])
+def test_prefill_and_generate_share_the_pipeline(ckpt, capsys, policy):
     from hexplan.cli import main
     from hexplan.executor._proto import hexplan_v1_pb2 as pb
     from hexplan.executor.client import generate, prefill
@@ -59,7 +61,7 @@ def test_prefill_and_generate_share_the_pipeline(ckpt, capsys):
     gen = [([5, 17, 33], 8), ([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], 5), ([200, 100], 10), ([42] * 20, 6)]
     score = [([7, 8, 9, 10], True), ([250, 3, 77, 91, 12, 6] * 4, False), ([9] * 5, True), ([31], True)]
     # two stages, steps cut in two (the hidden states of a step's parts come back in order)
-    with Launch(plan(ckpt, [("a", 1, 0, 2), ("b", 1, 2, 4)]), ckpt, interleave=2) as L:
+    with Launch(plan(ckpt, [("a", 1, 0, 2), ("b", 1, 2, 4)]), ckpt, interleave=2, policy=policy) as L:
         with futures.ThreadPoolExecutor(8) as pool:
             g = [pool.submit(generate, L.address, token_ids=p, max_new_tokens=n, timeout=180) for p, n in gen]
             s = [pool.submit(prefill, L.address, token_ids=p, hidden=h, timeout=180) for p, h in score]
@@ -112,3 +114,13 @@ def test_hidden_needs_prefill_only(capsys):
     assert main(["generate", "--target", "127.0.0.1:1", "--token-ids", "1,2", "--hidden"]) == 2
     err = capsys.readouterr().err
     assert "--hidden" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_gateway_interleaves_as_the_plan_was_solved(ckpt):
+    # `hexplan solve --interleave N` records N in the plan's workload; serving follows it unless told
+    from hexplan.executor.gateway import Gateway
+    p = plan(ckpt, [("a", 1, 0, 4)])
+    assert Gateway(p, ckpt, {}).interleave == 1
+    p = dataclasses.replace(p, assumptions={"workload": {"interleave": 2}})
+    assert Gateway(p, ckpt, {}).interleave == 2
+    assert Gateway(p, ckpt, {}, interleave=1).interleave == 1
