@@ -8,7 +8,6 @@ the workers directly.
 """
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import os
 import queue

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from .errors import SpecError
 from .gpus import CATALOG, GpuType, Profile, ProfileTable
 from .units import UnitError, parse_bandwidth, parse_size, parse_time
 from .yamlio import Locator, load_document, loads_document, plain, show

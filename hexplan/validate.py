@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .cluster import Cluster
-from .costmodel import DEFAULT_PARAMS, CostParams, Workload
+from .costmodel import CostParams, Workload
 from .errors import HexplanError, SpecError
 from .evaluate import CostCache, evaluate_plan_pipelines
 from .plan import Plan

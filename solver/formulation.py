@@ -49,7 +49,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from hexplan.costmodel import TOKEN_ID_BYTES, coordinator_token_capacity, hop_decode_time, hop_prefill_time, \
+from hexplan.costmodel import TOKEN_ID_BYTES, hop_decode_time, hop_prefill_time, \
     link_token_capacity, send_time
 
 from .milp import LinearModel

@@ -15,14 +15,13 @@ after the first link are divided by parts (a lower bound again); a prompt alone 
 """
 from __future__ import annotations
 
-import math
 
 from hexplan.costmodel import TOKEN_ID_BYTES, hop_decode_time, hop_prefill_time, send_time
 from hexplan.evaluate import evaluate_pipeline
 
 from . import milp
 from .formulation import _min_hop, _split
-from .layers import ChainEvaluator, candidate_orders, order_slots
+from .layers import candidate_orders, order_slots
 from .problem import Problem
 
 

@@ -4,7 +4,6 @@ LlamaForCausalLM.generate on the same checkpoint (float32, CPU)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -188,7 +188,7 @@ RAGGED_PROMPTS = {"a": [5, 6, 7, 8, 9], "b": PROMPT[:9], "c": [100, 2, 42], "d":
 def run_ragged(hf, stages):
     """Four sequences through ``stages`` in ragged steps (prefills of different lengths, a
     prompt split across steps among decodes), each checked against HF run alone."""
-    prompts = RAGGED_PROMPTS = {"a": [5, 6, 7, 8, 9], "b": PROMPT[:9], "c": [100, 2, 42], "d": [11, 22, 33, 44, 55, 66]}
+    prompts = RAGGED_PROMPTS
     steps = 8
     got = {rid: ([], []) for rid in prompts}              # tokens, logits
     fed = {rid: 0 for rid in prompts}                     # positions in the KV cache

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import math
 import random
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import pytest
 import hexplan
 from hexplan import SpecError, load_cluster, loads_cluster
 from hexplan.costmodel import Workload
-from hexplan.evaluate import CostCache, evaluate_pipeline, evaluate_plan_pipelines
+from hexplan.evaluate import CostCache, evaluate_plan_pipelines
 from hexplan.plan import Pipeline, Plan, Stage
 from hexplan.simulator import LengthDist, Slo, TraceRequest, WorkloadSpec, parse_trace, simulate, sweep_rate
 from hexplan.validate import plan_assumptions
