@@ -63,17 +63,35 @@ def test_slow_tp_link_times_ring_bytes_one_transfer_at_a_time(monkeypatch):
     assert SlowLink.from_env() is None
 
 
+def serve_and_check(ckpt, stages, prompts, news, **launch):
+    """Serve ``prompts`` concurrently through a plan of ``stages`` launched with ``launch``
+    options; every result must be transformers' greedy tokens and the first stage must have
+    split at least one step."""
+    from executor_util import hf_greedy, plan
+
+    from hexplan.executor._proto import hexplan_v1_pb2 as pb
+    from hexplan.executor.client import generate
+    from hexplan.executor.launch import Launch
+
+    with Launch(plan(ckpt, stages), ckpt, **launch) as L:
+        with futures.ThreadPoolExecutor(len(prompts)) as pool:
+            jobs = [pool.submit(generate, L.address, token_ids=p, max_new_tokens=n, timeout=180)
+                    for p, n in zip(prompts, news)]
+            results = [j.result() for j in jobs]
+        gw = L.gateway
+        first = gw.stub(gw.pipelines[0].stages[0]).Stats(pb.StatsRequest(), timeout=10)
+        assert first.interleaved_steps > 0, "no step was split"
+    for p, n, r in zip(prompts, news, results):
+        assert r["token_ids"] == hf_greedy(ckpt, p, n), f"prompt {p}"
+
+
 # A TP-2 stage with a next stage (parts sent on as they finish) and a lone TP-2 stage (parts
 # only overlap all-reduces), each on a slowed TP link, with the row-parallel products in slices.
 @pytest.mark.parametrize("stages", [[("a", 2, 0, 4), ("b", 1, 4, 6)], [("a", 2, 0, 6)]],
                          ids=["tp2-then-tp1", "tp2-alone"])
 def test_interleaved_tp_stage_is_token_identical(tmp_path, monkeypatch, stages):
     pytest.importorskip("transformers")
-    from executor_util import hf_greedy, make_checkpoint, plan
-
-    from hexplan.executor._proto import hexplan_v1_pb2 as pb
-    from hexplan.executor.client import generate
-    from hexplan.executor.launch import Launch
+    from executor_util import make_checkpoint
 
     ckpt = make_checkpoint(tmp_path / "m", layers=6, kv_heads=2)
     # 8 requests: the plan's 4 micro-batch loops get two each, so there is a step to split
@@ -81,25 +99,12 @@ def test_interleaved_tp_stage_is_token_identical(tmp_path, monkeypatch, stages):
                [7, 8, 9, 10], [250, 3, 77, 91, 12, 6], [9] * 5, [31, 41, 59, 26]]
     news = [10, 4, 12, 6, 8, 5, 9, 7]
     monkeypatch.setenv("HEXPLAN_TP_LINK_DELAY", "0.2,1000")
-    with Launch(plan(ckpt, stages), ckpt, interleave=2, matmul_pieces=2, threads=1) as L:
-        with futures.ThreadPoolExecutor(len(prompts)) as pool:
-            jobs = [pool.submit(generate, L.address, token_ids=p, max_new_tokens=n, timeout=180)
-                    for p, n in zip(prompts, news)]
-            results = [j.result() for j in jobs]
-        gw = L.gateway
-        first = gw.stub(gw.pipelines[0].stages[0]).Stats(pb.StatsRequest(), timeout=10)
-        assert first.interleaved_steps > 0, "no step was split"
-    for p, n, r in zip(prompts, news, results):
-        assert r["token_ids"] == hf_greedy(ckpt, p, n), f"prompt {p}"
+    serve_and_check(ckpt, stages, prompts, news, interleave=2, matmul_pieces=2, threads=1)
 
 
 def test_interleaved_pipeline_is_token_identical(tmp_path, monkeypatch):
     pytest.importorskip("transformers")
-    from executor_util import hf_greedy, make_checkpoint, plan
-
-    from hexplan.executor._proto import hexplan_v1_pb2 as pb
-    from hexplan.executor.client import generate
-    from hexplan.executor.launch import Launch
+    from executor_util import make_checkpoint
 
     ckpt = make_checkpoint(tmp_path / "m", layers=6)
     prompts = [[5, 17, 33], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [200, 100], [42] * 20,
@@ -107,13 +112,4 @@ def test_interleaved_pipeline_is_token_identical(tmp_path, monkeypatch):
     news = [12, 5, 20, 8, 16, 3]
     # A slow link (1 ms, 200 Mbps, injected in the workers' sending thread) between the stages.
     monkeypatch.setenv("HEXPLAN_LINK_DELAY", "1,200")
-    with Launch(plan(ckpt, [("a", 1, 0, 2), ("b", 1, 2, 4), ("c", 1, 4, 6)]), ckpt, interleave=2) as L:
-        with futures.ThreadPoolExecutor(len(prompts)) as pool:
-            jobs = [pool.submit(generate, L.address, token_ids=p, max_new_tokens=n, timeout=180)
-                    for p, n in zip(prompts, news)]
-            results = [j.result() for j in jobs]
-        gw = L.gateway
-        first = gw.stub(gw.pipelines[0].stages[0]).Stats(pb.StatsRequest(), timeout=10)
-        assert first.interleaved_steps > 0, "no step was split"
-    for p, n, r in zip(prompts, news, results):
-        assert r["token_ids"] == hf_greedy(ckpt, p, n), f"prompt {p}"
+    serve_and_check(ckpt, [("a", 1, 0, 2), ("b", 1, 2, 4), ("c", 1, 4, 6)], prompts, news, interleave=2)

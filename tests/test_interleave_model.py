@@ -29,27 +29,12 @@ from hexplan.models import BUILTIN_MODELS
 from hexplan.plan import Pipeline, Plan, Stage
 from hexplan.simulator import TraceRequest, WorkloadSpec, simulate
 from hexplan.validate import plan_assumptions
+from test_simulator import offline, predicted  # noqa: E402  (tests/ is on the path, as for executor_util)
 
 ROOT = Path(__file__).resolve().parent.parent
 HEXGEN = ROOT / "cluster_specs" / "hexgen-case.yaml"
 M70, M13 = BUILTIN_MODELS["llama-2-70b"], BUILTIN_MODELS["llama-2-13b"]
 A100, A10G = CATALOG["A100-80G"], CATALOG["A10G"]
-
-
-def predicted(plan, cluster) -> float:
-    asm = plan_assumptions(plan)
-    return sum(m.throughput for m in evaluate_plan_pipelines(cluster, CostCache(plan.model, asm.workload, asm.params),
-                                                            plan.pipelines))
-
-
-def offline(plan, cluster, duration: float, **kw):
-    """An offline batch (the plan's lengths) that keeps the pipelines busy for ``duration``."""
-    w = plan_assumptions(plan).workload
-    n = int(2 * predicted(plan, cluster) * duration / w.output_tokens) + 64
-    trace = (TraceRequest(0.0, w.prompt_tokens, w.output_tokens),) * n
-    res = simulate(plan, cluster, WorkloadSpec(arrival="trace", trace=trace, duration=duration), **kw)
-    assert res.requests_unfinished > 0, "the batch ran dry: not an overload"
-    return res
 
 
 # ---- interleave 1 is what there was ------------------------------------------------------------

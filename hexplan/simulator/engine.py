@@ -72,7 +72,7 @@ from ..evaluate import splits
 from ..plan import Plan
 from .workload import RequestStream
 
-ARRIVAL, STEP_DONE, RESUME, RESUME_PART = 0, 1, 2, 3
+ARRIVAL, STEP_DONE, RESUME = 0, 1, 2
 _CACHE_LIMIT = 200_000
 POLICIES = ("fcfs", "mlfq")
 NEW, RESIDENT, OFFLOADED, DONE = 0, 1, 2, 3     # mlfq: where a request's KV cache is
@@ -343,11 +343,8 @@ class Engine:
             if code == STEP_DONE:
                 step_done(ev[3], ev[4], now)
             elif code == RESUME:
-                pipe, g, svc = ev[3]
-                self._walk(pipe, g, svc, ev[4], now, now)
-            elif code == RESUME_PART:
                 pipe, g, svc, last = ev[3]
-                self._walk_part(pipe, g, svc, ev[4], now, now, last)
+                self._walk(pipe, g, svc, ev[4], now, now, last)
             else:
                 t, p, o = ev[3]
                 nxt = stream.next()
@@ -505,16 +502,17 @@ class Engine:
             per_layer.append(t)
         return per_layer
 
-    def _walk(self, pipe: _Pipe, g: int, svc: list, i: int, t: float, now: float) -> None:
-        """Serve the step from chain position i (arriving at t) until a shared link in the
-        future or the end of the pipeline."""
+    def _walk(self, pipe: _Pipe, g: int, svc: list, i: int, t: float, now: float, last: bool = True) -> None:
+        """Serve the step (or one part of it) from chain position i (arriving at t) until a
+        shared link in the future or the end of the pipeline; the step is done when its
+        ``last`` part is."""
         chain, delay, free, busy, shared = pipe.chain, pipe.delay, self.free, self.busy, self.shared
         w0, w1 = self.w0, self.w1
         n = len(chain)
         while i < n:
             r = chain[i]
             if t > now and shared[r]:
-                self._push(t, RESUME, (pipe, g, svc), i)
+                self._push(t, RESUME, (pipe, g, svc, last), i)
                 return
             f = free[r]
             start = t if t > f else f
@@ -524,7 +522,8 @@ class Engine:
                 busy[r] += (end if end < w1 else w1) - (start if start > w0 else w0)
             t = end + delay[i]
             i += 1
-        self._push(t, STEP_DONE, pipe, g)
+        if last:
+            self._push(t, STEP_DONE, pipe, g)
 
     # ---- interleaving: a step in parts ---------------------------------------------------------
     def _send_parts(self, pipe: _Pipe, g: int, n_dec: int, ctx_sum: int, chunks: list, nlog: int, swap_tok: int,
@@ -569,28 +568,7 @@ class Engine:
         # Every part arrives at the first stage with the token ids (the others take no time on
         # the first link), and the parts walk in order, so FIFO order holds at every server.
         for j in range(parts):
-            self._walk_part(pipe, g, [first if j == 0 else 0.0] + unit, 0, now, now, j == parts - 1)
-
-    def _walk_part(self, pipe: _Pipe, g: int, svc: list, i: int, t: float, now: float, last: bool) -> None:
-        """``_walk`` for one part of a step: the step is done when its ``last`` part is."""
-        chain, delay, free, busy, shared = pipe.chain, pipe.delay, self.free, self.busy, self.shared
-        w0, w1 = self.w0, self.w1
-        n = len(chain)
-        while i < n:
-            r = chain[i]
-            if t > now and shared[r]:
-                self._push(t, RESUME_PART, (pipe, g, svc, last), i)
-                return
-            f = free[r]
-            start = t if t > f else f
-            end = start + svc[i]
-            free[r] = end
-            if end > w0 and start < w1:
-                busy[r] += (end if end < w1 else w1) - (start if start > w0 else w0)
-            t = end + delay[i]
-            i += 1
-        if last:
-            self._push(t, STEP_DONE, pipe, g)
+            self._walk(pipe, g, [first if j == 0 else 0.0] + unit, 0, now, now, j == parts - 1)
 
     def _step_done(self, pipe: _Pipe, g: int, now: float) -> None:
         st = self.stats
