@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--batch-size", type=int, default=d.batch_size, help=f"sequences per decode step of a stage (default {d.batch_size})")
     w.add_argument("--concurrency", type=int, default=d.concurrency,
                    help=f"sequences in flight per pipeline; KV cache is reserved for them (default {d.concurrency})")
-    w.add_argument("--interleave", type=int, default=d.interleave,
+    w.add_argument("--interleave", type=int, default=d.interleave, metavar="N",
                    help="plan for steps cut into N parts that overlap compute with communication (Liger-style, as "
                         "`hexplan serve --interleave N`; each part re-reads the weights); recorded in the plan "
                         f"(default {d.interleave}: off)")
@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="scheduling: fcfs (default: first come first served, a request keeps its batch slot to the end, "
                          "as the gateway) or mlfq (FastServe's skip-join multi-level feedback queue: preemption per "
                          "output token, KV offload to host memory under pressure)")
-    sm.add_argument("--interleave", type=int,
+    sm.add_argument("--interleave", type=int, metavar="N",
                     help="steps cut into N parts that overlap compute with communication, as the executor's "
                          "--interleave (default: the plan's, else 1: off)")
     sm.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -149,12 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
                                  "their KV to host memory when the plan's concurrency is reached)")
         parser.add_argument("--mlfq-quantum-ms", type=float,
                             help="mlfq: the top queue's quantum (default: the plan's time per output token, else 50 ms)")
-        parser.add_argument("--interleave", type=int,
+        parser.add_argument("--interleave", type=int, metavar="N",
                             help="split each step into N parts and overlap one part's communication with the next "
                                  "part's compute: the first stage sends part i on while computing part i+1, a TP "
                                  "stage's all-reduces run asynchronously under it (Liger-style; default: the plan's "
                                  "from `hexplan solve --interleave`, else 1: off)")
-        parser.add_argument("--matmul-pieces", type=int, default=1,
+        parser.add_argument("--matmul-pieces", type=int, default=1, metavar="K",
                             help="cut each TP row-parallel matrix product into K slices whose all-reduces overlap "
                                  "the rest of the product (default 1: off)")
 
