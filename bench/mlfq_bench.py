@@ -24,6 +24,9 @@ sys.path.insert(0, str(ROOT))
 import hexplan  # noqa: E402
 from hexplan.simulator import WorkloadSpec, load_trace, simulate  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from simulator_bench import plan_or_solve  # noqa: E402
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -36,13 +39,7 @@ def main() -> int:
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     a = ap.parse_args()
     cluster = hexplan.load_cluster(a.cluster)
-    if a.plan:
-        plan = hexplan.load_plan(a.plan)
-    else:
-        t = time.perf_counter()
-        plan = hexplan.solve(cluster, "llama-2-70b", time_limit=5)
-        print(f"solved {cluster.name} in {time.perf_counter() - t:.1f} s: {plan.throughput:.1f} tokens/s predicted, "
-              f"{len(plan.pipelines)} pipeline(s), {sum(len(p.stages) for p in plan.pipelines)} stages")
+    plan = plan_or_solve(cluster, a.plan, time_limit=5)
     trace = load_trace(a.trace)
 
     def spec(rate: float) -> WorkloadSpec:

@@ -24,6 +24,17 @@ from hexplan.simulator import WorkloadSpec, load_trace, simulate  # noqa: E402
 TARGET_S = 30.0
 
 
+def plan_or_solve(cluster, plan_file: str | None, **solve_kw):
+    """The plan in ``plan_file``, else llama-2-70b solved on ``cluster`` now (with a summary line)."""
+    if plan_file:
+        return hexplan.load_plan(plan_file)
+    t = time.perf_counter()
+    plan = hexplan.solve(cluster, "llama-2-70b", **solve_kw)
+    print(f"solved {cluster.name} in {time.perf_counter() - t:.1f} s: {plan.throughput:.1f} tokens/s predicted, "
+          f"{len(plan.pipelines)} pipeline(s), {sum(len(p.stages) for p in plan.pipelines)} stages")
+    return plan
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--plan", help="plan file (default: solve helix-24 for llama-2-70b now)")
@@ -33,13 +44,7 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3)
     a = ap.parse_args()
     cluster = hexplan.load_cluster(a.cluster)
-    if a.plan:
-        plan = hexplan.load_plan(a.plan)
-    else:
-        t = time.perf_counter()
-        plan = hexplan.solve(cluster, "llama-2-70b")
-        print(f"solved {cluster.name} in {time.perf_counter() - t:.1f} s: {plan.throughput:.1f} tokens/s predicted, "
-              f"{len(plan.pipelines)} pipelines, {sum(len(p.stages) for p in plan.pipelines)} stages")
+    plan = plan_or_solve(cluster, a.plan)
     trace = load_trace(ROOT / "bench" / "traces" / "conversation_sample.jsonl")
     cases = [("plan's lengths (512/128)", WorkloadSpec(rate=a.rate, duration=a.duration)),
              ("sample trace lengths", WorkloadSpec(rate=a.rate, duration=a.duration, prompt_len="trace",
