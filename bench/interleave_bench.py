@@ -24,7 +24,9 @@ row-parallel product in slices, each slice's all-reduce under the next slice's p
 
 One micro-batch of 16 per pipeline by default (--concurrency 32: two), chunked prefill. Each
 configuration runs --repeat times in turn; the table gives the median run's tokens/s and P90
-latency. Results: docs/executor-benchmark.md, "Interleaving".
+latency. In tp mode it also prints what the cost model (docs/cost-model.md, section 13, with
+the catalog's "cpu" device) predicts for one layer of such a step with and without the parts
+(--predict-only: just that). Results: docs/executor-benchmark.md, "Interleaving".
 """
 from __future__ import annotations
 
@@ -56,6 +58,7 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=16,
                     help="requests in flight: 16 = one micro-batch of 16 (default), 32 = two")
     ap.add_argument("--checkpoint", help="reuse (or create) the benchmark checkpoint in this directory")
+    ap.add_argument("--predict-only", action="store_true", help="tp: print the cost model's prediction and stop")
     a = ap.parse_args()
     from hexplan.executor.distributed import parse_link_delay
     link = a.link or ("5,100" if a.mode == "pp" else "1,1000")
@@ -65,6 +68,9 @@ def main() -> int:
     except ValueError as e:
         ap.error(str(e))
     os.environ[var] = link                        # inherited by the node executor and its workers
+    if a.mode == "tp" and a.predict_only:
+        print(predict_tp(link, a.parts))
+        return 0
     if a.mode == "pp":
         stages = [(1, 0, 6), (1, 6, 12)]
         configs = {"off": (1, 1), f"interleave {a.parts}": (a.parts, 1)}
@@ -108,7 +114,39 @@ def main() -> int:
         runs_s = ", ".join(f"{r['tokens_per_s']:.1f}" for r in rs)
         print(f"| {name} | {runs_s} | {med['tokens_per_s']:.1f} | {med['tokens_per_s'] / base:.2f}x | "
               f"{med['latency_p90_s']:.1f} | {med['latency_p50_s']:.1f} |")
+    if a.mode == "tp":
+        print("\n" + predict_tp(link, a.parts))
     return 0
+
+
+def predict_tp(link: str, parts: int) -> str:
+    """The cost model's layer time of this benchmark's TP-2 steps (the model of
+    bench/executor_bench.py on the catalog's "cpu" device) with and without ``parts``, on the
+    slowed link: the all-reduce's latency as the ring's 2 alpha terms, its bandwidth as the
+    interconnect's."""
+    import dataclasses
+
+    from hexplan.costmodel import CostParams, decode_layer_split, prefill_layer_split
+    from hexplan.executor.distributed import parse_link_delay
+    from hexplan.gpus import CATALOG
+    from hexplan.models import model_from_hf_config
+
+    latency, bandwidth = parse_link_delay(link, "--link")
+    model = model_from_hf_config({**eb.MODEL, "model_type": "llama", "max_position_embeddings": 2048,
+                                  "torch_dtype": "float32"}, "bench-134m")
+    cpu, params = CATALOG["cpu"], dataclasses.replace(CostParams(), allreduce_alpha=latency / 2)
+    steps = {"decode step of 16 (context 150)": lambda n: decode_layer_split(model, cpu, 2, 16, 150, bandwidth,
+                                                                             params, n),
+             "prefill step of 512 tokens": lambda n: prefill_layer_split(model, cpu, 2, 512, bandwidth, params, n)}
+    out = [f"cost model, one layer on TP 2, device 'cpu' ({cpu.memory_bandwidth / 1e9:.0f} GB/s, "
+           f"{cpu.flops / 1e12:.1f} TFLOPS), link {link}, contention {params.contention}:", "",
+           f"| step | off ms (compute + all-reduce) | interleave {parts} ms (hidden) | predicted speed-up |",
+           "|---|---|---|---|"]
+    for name, f in steps.items():
+        one, split = f(1), f(parts)
+        out.append(f"| {name} | {one.total * 1e3:.2f} ({one.compute * 1e3:.2f} + {one.comm * 1e3:.2f}) | "
+                   f"{split.total * 1e3:.2f} ({split.hidden * 1e3:.2f}) | {one.total / split.total:.2f}x |")
+    return "\n".join(out)
 
 
 def run_prefill(ckpt: str, stages, reqs: list, workload: dict, parts: int, pieces: int) -> dict:
