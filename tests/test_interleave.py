@@ -113,3 +113,60 @@ def test_interleaved_pipeline_is_token_identical(tmp_path, monkeypatch):
     # A slow link (1 ms, 200 Mbps, injected in the workers' sending thread) between the stages.
     monkeypatch.setenv("HEXPLAN_LINK_DELAY", "1,200")
     serve_and_check(ckpt, [("a", 1, 0, 2), ("b", 1, 2, 4), ("c", 1, 4, 6)], prompts, news, interleave=2)
+
+
+def test_tp_parts_overlap_each_others_all_reduces(tmp_path):
+    """The order a TP stage issues work in, recorded with a stand-in group of 2 in one process
+    (its sums are wrong, the order is what counts): with two parts, part 1 starts its all-reduce
+    before part 0's is waited for, at every layer; with one part, each all-reduce is waited for
+    before the next starts; with 3 product slices, 3 all-reduces start before the first wait."""
+    pytest.importorskip("transformers")
+    import dataclasses
+
+    import torch
+    from executor_util import make_checkpoint
+
+    from hexplan.executor.distributed import TPContext
+    from hexplan.executor.model import SeqChunk, ShardSpec, StageModel
+
+    events = []
+
+    class Recorded:
+        def __init__(self, t, tag):
+            self.t, self.tag = t, tag
+
+        def wait(self):
+            events.append(("wait", self.tag))
+            return self.t
+
+    @dataclasses.dataclass(frozen=True)
+    class FakeGroup(TPContext):
+        def all_reduce_async(self, t):
+            events.append(("start", t.shape[0]))
+            return Recorded(t, t.shape[0])
+
+        def all_gather_last_dim(self, t):
+            return torch.cat([t, t], dim=-1)
+
+    ckpt = make_checkpoint(tmp_path / "m", layers=3, kv_heads=2)
+    model = StageModel.load(ckpt, ShardSpec(0, 3, True, True), FakeGroup(0, 2))
+    # two sequences of different lengths, so each part's all-reduces are told apart by rows
+    chunks, ids = [SeqChunk("a", 0, 3), SeqChunk("b", 0, 5)], torch.arange(8)
+
+    def order(parts, pieces=1):
+        events.clear()
+        model.forward_parts(chunks, ids, parts, pieces)
+        for c in chunks:
+            model.release(c.request_id)
+        return list(events)
+
+    interleaved = order([(0, 1), (1, 2)])
+    assert len(interleaved) == 2 * 2 * 3 * 2          # start + wait, 2 per layer, 3 layers, 2 parts
+    for i, ev in enumerate(interleaved):
+        if ev == ("wait", 3):                          # part 0 waits only after part 1 has started
+            assert ("start", 5) in interleaved[:i][-2:], interleaved
+    assert interleaved[:3] == [("start", 3), ("start", 5), ("wait", 3)]
+    whole = order(None)
+    assert whole == [("start", 8), ("wait", 8)] * 6   # one part: nothing in flight while computing
+    sliced = order(None, pieces=3)
+    assert sliced[:4] == [("start", 8)] * 3 + [("wait", 8)]
