@@ -164,11 +164,10 @@ class Gateway:
         self.policy, self.mlfq_quantum_s = policy, mlfq_quantum_s
         if interleave is None:         # the plan's (hexplan solve --interleave), else 1
             interleave = self.workload.interleave
-        if isinstance(interleave, bool) or not isinstance(interleave, int) or interleave < 1:
-            raise GatewayError(f"interleave must be an integer >= 1, got {interleave!r}")
-        self.interleave = interleave   # parts a step is cut into (1: off)
-        if isinstance(matmul_pieces, bool) or not isinstance(matmul_pieces, int) or matmul_pieces < 1:
-            raise GatewayError(f"matmul_pieces must be an integer >= 1, got {matmul_pieces!r}")
+        for name, v in (("interleave", interleave), ("matmul_pieces", matmul_pieces)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise GatewayError(f"{name} must be an integer >= 1, got {v!r}")
+        self.interleave = interleave         # parts a step is cut into (1: off)
         self.matmul_pieces = matmul_pieces   # slices of each TP row-parallel product (1: off)
         self.offloads = 0              # mlfq: KV caches moved to host memory
         self.dispatcher = Dispatcher.for_plan(plan, self.workload.output_tokens)
