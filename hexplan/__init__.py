@@ -6,8 +6,28 @@
     print(plan.to_yaml())
 
 The planner never imports torch or grpc; the executor lives in ``hexplan.executor``.
+
+One package, three source folders: ``hexplan/`` (specs, cost model, plans, simulator, CLI),
+``solver/hexplan/solver/`` and ``executor/hexplan/executor/``. A module's file is always
+``<folder>/hexplan/<dotted path>.py``. An installed wheel merges them into one ``hexplan/``;
+in a source checkout (editable install, or run from the source root) the two sibling folders
+are added to this package's ``__path__`` below, so ``hexplan.solver`` resolves to the checkout's
+``solver/hexplan/solver`` and never to a mix of checkout and install.
 """
 from __future__ import annotations
+
+import os as _os
+
+
+def _span_source_folders() -> None:
+    root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    for folder in ("solver", "executor"):
+        portion = _os.path.join(root, folder, "hexplan")
+        if _os.path.isfile(_os.path.join(portion, folder, "__init__.py")) and portion not in __path__:
+            __path__.append(portion)
+
+
+_span_source_folders()
 
 from .cluster import Cluster, Link, Node, load_cluster, loads_cluster
 from .costmodel import CostParams, Workload
@@ -15,10 +35,23 @@ from .errors import HexplanError, InfeasibleError, SpecError
 from .gpus import CATALOG as GPU_CATALOG, GpuType
 from .models import BUILTIN_MODELS, ModelSpec, load_model
 from .plan import Pipeline, Plan, Stage, load_plan, loads_plan
-from .simulator import SimResult, WorkloadSpec, simulate
 from .validate import PlanInvalid, check_plan, validate_plan
 
 __version__ = "0.1.0"
+
+_LAZY = {"SimResult": "hexplan.simulator", "WorkloadSpec": "hexplan.simulator",
+         "simulate": "hexplan.simulator"}
+
+
+def __getattr__(name: str):
+    """The simulator is imported on first use (``hexplan.simulate``), not with ``import hexplan``."""
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hexplan' has no attribute {name!r}")
 
 
 def solve(cluster, model="llama-2-70b", *, objective: str = "throughput", slo_tpot_ms: float | None = None,

@@ -1,6 +1,6 @@
 """Regenerate the checked-in gRPC code from proto/hexplan_v1.proto.
 
-    python proto/generate.py          # writes executor/_proto/hexplan_v1_pb2*.py
+    python proto/generate.py          # writes executor/hexplan/executor/_proto/hexplan_v1_pb2*.py
     python proto/generate.py --check  # exit 1 if the checked-in code is stale
 
 Needs grpcio-tools (the [dev] extra). The generated grpc module imports its message module
@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "executor" / "_proto"
+OUT = ROOT / "executor" / "hexplan" / "executor" / "_proto"
 FILES = ("hexplan_v1_pb2.py", "hexplan_v1_pb2.pyi", "hexplan_v1_pb2_grpc.py")
 
 

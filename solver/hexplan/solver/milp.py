@@ -9,7 +9,10 @@ model dump (``LinearModel.to_lp()``) can be read by a person.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -94,9 +97,54 @@ def solve(model: LinearModel, backend: str = "highs", time_limit: float = 60.0, 
     raise ValueError(f"unknown MILP backend {backend!r}; use highs or cbc")
 
 
+@contextlib.contextmanager
+def native_stdout_silenced():
+    """Send whatever native code writes to file descriptor 1 to /dev/null while the block runs.
+
+    highspy 1.16 prints a banner on stdout when ``Highs()`` is created, before ``output_flag``
+    can be switched off; stdout is for results (``-o -``, ``--json``), so every solver call runs
+    inside this. C stdio buffers are flushed before fd 1 is given back, so nothing written inside
+    leaks out later. Python's own ``sys.stdout`` is flushed first and left alone: only native
+    writes are caught (stderr, where progress goes, is untouched).
+    """
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # a notebook's or pytest's stand-in: no fd 1
+        fd = 1
+    sys.stdout.flush()
+    try:
+        saved = os.dup(fd)
+    except OSError:  # no fd to guard (closed stdout)
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+        yield
+    finally:
+        _flush_c_stdio()
+        os.dup2(saved, fd)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _flush_c_stdio() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):  # no C library to reach (not seen on Linux or macOS)
+        pass
+
+
 # ---- HiGHS ----------------------------------------------------------------------------
 
 def _solve_highs(model, time_limit, seed, warm, on_incumbent) -> MilpResult:
+    with native_stdout_silenced():
+        return _solve_highs_inner(model, time_limit, seed, warm, on_incumbent)
+
+
+def _solve_highs_inner(model, time_limit, seed, warm, on_incumbent) -> MilpResult:
     import highspy
     import numpy as np
 
@@ -170,7 +218,7 @@ def _solve_highs(model, time_limit, seed, warm, on_incumbent) -> MilpResult:
 # ---- CBC (PuLP) -------------------------------------------------------------------------
 
 def _solve_cbc(model, time_limit, seed, warm) -> MilpResult:
-    with warnings.catch_warnings():  # PuLP 3.x announces its 4.0 API on every variable
+    with warnings.catch_warnings(), native_stdout_silenced():  # PuLP 3.x announces its 4.0 API
         warnings.simplefilter("ignore", DeprecationWarning)
         return _solve_cbc_inner(model, time_limit, seed, warm)
 
