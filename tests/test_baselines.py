@@ -1,4 +1,4 @@
-"""Baseline planners (solver/baselines*.py): valid plans in hexplan's format, each mechanism's
+"""Baseline planners (solver/hexplan/solver/baselines*.py): valid plans in hexplan's format, each mechanism's
 shape, hexplan at least as good as all of them, and one hand-checkable instance per baseline.
 
 The two real clusters are HexGen's case (4 A6000 + 2 A5000 + 2 A4000) and Helix's 24 nodes,

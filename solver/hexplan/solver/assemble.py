@@ -1,6 +1,6 @@
 """Write a plan from placed chains: GPU indices, final metrics, max-flow routing, predictions.
 
-Every planner in ``hexplan.solver`` (the optimizer and the baselines of solver/baselines.py)
+Every planner in ``hexplan.solver`` (the optimizer and the baselines of solver/hexplan/solver/baselines.py)
 ends here, so the figures a plan carries (per-pipeline throughput, TPOT, TTFT, routing weights,
 ``predicted``, ``assumptions``, the nodes used) come from one place and agree with the
 independent validator (hexplan/validate.py).

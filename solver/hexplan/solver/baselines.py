@@ -6,7 +6,7 @@ as they take the optimizer's.
     plan_with(name, cluster, model, options) -> Plan    # InfeasibleError(reason) when none fits
 
     name         mechanism                                              after
-    hexplan      the optimizer (solver/optimizer.py)                    -
+    hexplan      the optimizer (solver/hexplan/solver/optimizer.py)                    -
     homogeneous  the optimizer on the nodes of one GPU type, best type  HexGen's, Helix's comparison point
     symmetric    pp x tp, identical stages, even layers, best (d, k)    vLLM-style deployments
     uniform      TP 1, even layers, the most pipelines that fit         naive pipeline parallelism
@@ -16,8 +16,8 @@ as they take the optimizer's.
 
 Each docstring states the mechanism and the source; docs/baselines.md adds how each maps onto
 the plan format and what is simplified. Baselines that fix layers themselves
-(solver/baselines_grid.py, solver/baselines_swarm.py) hand their chains to
-solver/assemble.py, the optimizer's own last step, so predictions, routing weights and
+(solver/hexplan/solver/baselines_grid.py, solver/hexplan/solver/baselines_swarm.py) hand their chains to
+solver/hexplan/solver/assemble.py, the optimizer's own last step, so predictions, routing weights and
 per-pipeline figures come from one place. Every plan records ``solver.name`` (the baseline) and
 ``solver.baseline_detail`` (what it chose). Pure functions of (cluster, model, options).
 """
@@ -44,7 +44,7 @@ def _as(plan: Plan, name: str, t0: float, detail: dict) -> Plan:
 
 
 def hexplan_plan(cluster: Cluster, model: ModelSpec, options: SolveOptions = SolveOptions()) -> Plan:
-    """The optimizer itself (solver/optimizer.py), for the comparison table."""
+    """The optimizer itself (solver/hexplan/solver/optimizer.py), for the comparison table."""
     try:
         return solve(cluster, model, options)
     except InfeasibleError as e:

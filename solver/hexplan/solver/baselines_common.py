@@ -1,6 +1,6 @@
-"""What the baselines that place layers themselves share (solver/baselines_grid.py,
-solver/baselines_swarm.py): fixed chains, even layer splits, SLO filtering, and the last step,
-which hands the chains to solver/assemble.py so their figures come from the same code as the
+"""What the baselines that place layers themselves share (solver/hexplan/solver/baselines_grid.py,
+solver/hexplan/solver/baselines_swarm.py): fixed chains, even layer splits, SLO filtering, and the last step,
+which hands the chains to solver/hexplan/solver/assemble.py so their figures come from the same code as the
 optimizer's.
 """
 from __future__ import annotations
@@ -72,7 +72,7 @@ def meets_slos(problem: Problem, chain: FixedChain) -> bool:
 def finish(problem: Problem, name: str, chains, detail: dict, t0: float) -> Plan | None:
     """The plan of ``chains`` as baseline ``name`` (None when no chain is left): chains that miss
     an SLO are dropped, ``max_pipelines`` keeps the first ones. The upper bound reported is the
-    cluster's compute-only bound (solver/bounds.py), valid for any plan on it."""
+    cluster's compute-only bound (solver/hexplan/solver/bounds.py), valid for any plan on it."""
     keep = [c for c in chains if meets_slos(problem, c)]
     if problem.options.max_pipelines:
         keep = keep[:problem.options.max_pipelines]

@@ -7,7 +7,7 @@ wherever it stands (the heaviest position, with the embedding or the LM head), s
 interchangeable as in a homogeneous deployment. Qualified groups are sorted fastest first and cut
 into consecutive runs of k: for a sum of pipeline minima with fixed pipeline sizes that grouping
 is optimal (an exchange argument), and the left-over groups are the slowest. Inside a pipeline
-the stages follow the network-cheapest order of solver/layers.py (order_slots).
+the stages follow the network-cheapest order of solver/hexplan/solver/layers.py (order_slots).
 """
 from __future__ import annotations
 

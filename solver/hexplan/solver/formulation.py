@@ -42,7 +42,7 @@ a relaxation, as the bound needs.
 With fractional layers, (4)-(6) describe a pipeline's throughput exactly (w = T * l); every
 other constraint is the exact model's or weaker, so the MILP optimum, and HiGHS's dual bound, is
 an upper bound on any plan with integer layers. Decoded solutions get exact integer layers from
-solver/layers.py.
+solver/hexplan/solver/layers.py.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Construction: for each TP policy (prefer degree d on every node) and each pipeline count K,
 deal the groups to K pipelines largest-memory first onto the pipeline with the least memory
 (LPT), so every pipeline reaches L layers of capacity. Local search then applies the move that
-raises the sum of exact pipeline throughputs (solver/layers.py): move a group to another
+raises the sum of exact pipeline throughputs (solver/hexplan/solver/layers.py): move a group to another
 pipeline or to the free pool, swap two groups, add a free group, change a group's TP degree
 (split or merge inside its node). The neighbourhood is scanned in an order shuffled by the
 seed, so results are reproducible for a given seed and budget.

@@ -3,7 +3,7 @@
 OR-Tools is not offered as a backend: its wheel bundles its own HiGHS, and loading it next to
 highspy in one process fails with undefined symbols (seen with ortools 9.15 + highspy 1.15).
 
-The formulation (solver/formulation.py) writes rows into ``LinearModel``; a backend solves it
+The formulation (solver/hexplan/solver/formulation.py) writes rows into ``LinearModel``; a backend solves it
 and returns a ``MilpResult``. Every variable carries a readable name (``x[n0/tp4#0,p1]``) so a
 model dump (``LinearModel.to_lp()``) can be read by a person.
 """
@@ -104,17 +104,14 @@ def native_stdout_silenced():
     highspy 1.16 prints a banner on stdout when ``Highs()`` is created, before ``output_flag``
     can be switched off; stdout is for results (``-o -``, ``--json``), so every solver call runs
     inside this. C stdio buffers are flushed before fd 1 is given back, so nothing written inside
-    leaks out later. Python's own ``sys.stdout`` is flushed first and left alone: only native
-    writes are caught (stderr, where progress goes, is untouched).
+    leaks out later. Python's ``sys.stdout`` is flushed first; anything written to fd 1 inside
+    the block is dropped, so callers print nothing there (progress goes to stderr, untouched).
     """
-    try:
-        fd = sys.stdout.fileno()
-    except (AttributeError, OSError, ValueError):  # a notebook's or pytest's stand-in: no fd 1
-        fd = 1
+    fd = 1                           # where native code writes, whatever sys.stdout is now
     sys.stdout.flush()
     try:
         saved = os.dup(fd)
-    except OSError:  # no fd to guard (closed stdout)
+    except OSError:                  # no fd 1 to guard (closed stdout)
         yield
         return
     devnull = os.open(os.devnull, os.O_WRONLY)

@@ -1,12 +1,12 @@
 """``solve(cluster, model, options) -> Plan``: heuristic, MILP, polish, routing, report.
 
-1. A greedy construction with local search (solver/heuristic.py) gives a plan in about a second.
-2. The placement MILP (solver/formulation.py) starts from it (warm start) and improves it until
+1. A greedy construction with local search (solver/hexplan/solver/heuristic.py) gives a plan in about a second.
+2. The placement MILP (solver/hexplan/solver/formulation.py) starts from it (warm start) and improves it until
    it is proven optimal or the time limit is near; its dual bound is the upper bound reported
-   (with the compute-only bound of solver/bounds.py when that is tighter).
+   (with the compute-only bound of solver/hexplan/solver/bounds.py when that is tighter).
 3. The MILP's pipelines get exact integer layers and a last local search; stages whose removal
    costs no throughput are then dropped, freeing their GPUs.
-4. Max-flow over the placed graph (solver/routing.py) gives the routing weights.
+4. Max-flow over the placed graph (solver/hexplan/solver/routing.py) gives the routing weights.
 Pure function: no IO, no printing; ``progress(event, **info)`` reports what happens.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 A *slot* is ``(node name, tp degree)``: one TP group of ``tp`` GPUs inside that node. A
 pipeline under construction is a list of slots; which physical GPU indices a slot gets is
-decided only when the plan is written (solver/optimizer.py).
+decided only when the plan is written (solver/hexplan/solver/optimizer.py).
 """
 from __future__ import annotations
 
