@@ -52,6 +52,7 @@ from pathlib import Path
 
 import torch
 
+from hexplan.models import model_from_hf_config, read_hf_config
 from hexplan.plan import plan_from_dict
 
 MODEL = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
@@ -624,8 +625,9 @@ def main() -> int:
     tmp = tempfile.TemporaryDirectory(prefix="hexplan-bench-")
     try:
         ckpt = benchmark_checkpoint(args.checkpoint, tmp.name)
-        cfg = json.loads((Path(ckpt) / "config.json").read_text())
-        layers, vocab = cfg["num_hidden_layers"], cfg["vocab_size"]
+        cfg = read_hf_config(ckpt)                    # hexplan.models: the one reader of config.json
+        model = model_from_hf_config(cfg, name=Path(ckpt).name)
+        layers, vocab = model.num_layers, model.vocab_size
         params = checkpoint_params(ckpt)
         reqs = make_workload(n_req, prompt_range, output_range, vocab, args.seed, args.rate)
         log(f"checkpoint {ckpt}: {params / 1e6:.1f}M parameters; {n_req} requests, "

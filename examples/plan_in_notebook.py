@@ -11,7 +11,14 @@ cluster = hexplan.load_cluster(HERE.parent / "cluster_specs" / "hexgen-case.yaml
 
 # Maximum throughput for the default workload (512-token prompts, 128-token outputs).
 plan = hexplan.solve(cluster, model="llama-2-70b", time_limit=10)
-print(plan.to_yaml())
+print(plan)            # the table `hexplan show` prints; in Jupyter, `plan` alone shows it
+print(repr(plan))      # one line: model, pipelines, GPUs, predicted throughput
+print(plan.to_yaml())  # the plan file
+
+# The plan records its nodes and their network: it simulates without the cluster (None).
+from hexplan.simulator import WorkloadSpec  # noqa: E402
+
+print(hexplan.simulate(plan, None, WorkloadSpec(rate=1.5, duration=300)))   # the `hexplan simulate` report
 
 # The same cluster, optimised for an interactive workload: short prompts, a TPOT SLO.
 interactive = hexplan.Workload(prompt_tokens=128, output_tokens=256, batch_size=8, concurrency=32)

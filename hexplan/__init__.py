@@ -34,7 +34,7 @@ from .costmodel import CostParams, Workload
 from .errors import HexplanError, InfeasibleError, SpecError
 from .gpus import CATALOG as GPU_CATALOG, GpuType
 from .models import BUILTIN_MODELS, ModelSpec, load_model
-from .plan import Pipeline, Plan, Stage, load_plan, loads_plan
+from .plan import Pipeline, Plan, Stage, load_plan, loads_plan, plan_cluster, with_cluster
 from .validate import PlanInvalid, check_plan, validate_plan
 
 __version__ = "0.1.0"
@@ -60,7 +60,9 @@ def solve(cluster, model="llama-2-70b", *, objective: str = "throughput", slo_tp
     """Plan ``model`` on ``cluster`` (a Cluster or a path to a cluster YAML file).
 
     ``progress(event, **info)`` is called as the search goes (heuristic, milp, done).
-    Raises SpecError for bad input and InfeasibleError when nothing fits or no SLO can be met.
+    The plan records the nodes it uses and their network (hexplan.cluster.cluster_to_dict), so it can
+    be simulated without the cluster. Raises SpecError for bad input and InfeasibleError when
+    nothing fits or no SLO can be met.
     """
     from hexplan.solver import SolveOptions, solve as _solve
 
@@ -76,7 +78,7 @@ def solve(cluster, model="llama-2-70b", *, objective: str = "throughput", slo_tp
 __all__ = [
     "BUILTIN_MODELS", "Cluster", "CostParams", "GPU_CATALOG", "GpuType", "HexplanError", "InfeasibleError",
     "Link", "ModelSpec", "Node", "Pipeline", "Plan", "PlanInvalid", "SpecError", "Stage", "Workload",
-    "check_plan", "load_cluster", "load_model", "load_plan", "loads_cluster", "loads_plan", "solve",
-    "validate_plan",
+    "check_plan", "load_cluster", "load_model", "load_plan", "loads_cluster", "loads_plan", "plan_cluster", "solve",
+    "validate_plan", "with_cluster",
     "SimResult", "WorkloadSpec", "simulate",
 ]

@@ -12,13 +12,14 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .cluster import Cluster, load_cluster
+from .cluster import load_cluster
 from .costmodel import Workload
 from .errors import HexplanError, InfeasibleError, SpecError
 from .gpus import CATALOG
 from .models import BUILTIN_MODELS, load_model
-from .plan import Plan, load_plan
-from .validate import validate_plan
+from .plan import load_plan
+from .render import format_plan, gpu_summary as _gpu_summary, table as _table
+from .validate import describe_problems, validate_plan
 
 
 class _Parser(argparse.ArgumentParser):
@@ -99,9 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sm = sub.add_parser("simulate", help="replay traffic against a plan in a discrete-event simulator",
                         description="Simulate a plan under traffic: Poisson/gamma arrivals or a trace, continuous "
-                                    "batching, KV admission, FIFO stages and links. See docs/simulator.md.")
+                                    "batching, KV admission, FIFO stages and links. The plan alone is enough: its "
+                                    "cluster section records the nodes it uses and their network, and without "
+                                    "--rate or --workload the traffic is Poisson at 80% of the plan's predicted "
+                                    "request rate, for 600 s, with the plan's lengths (said on stderr). "
+                                    "See docs/simulator.md.")
     sm.add_argument("plan", help="plan file (YAML or JSON)")
-    sm.add_argument("--cluster", required=True, help="the cluster the plan runs on")
+    sm.add_argument("--cluster", help="cluster YAML to run (and check) the plan on (default: the nodes the plan "
+                                      "records; needed for plans from before they recorded their network)")
     traffic_args(sm)
     sm.add_argument("--warmup", type=float, help="seconds left out of the measurement (default 10%% of the duration)")
     sm.add_argument("--seed", type=int, default=0, help="random seed (default 0); same seed, same result")
@@ -191,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--top-p", type=float)
     ge.add_argument("--seed", type=int)
     ge.add_argument("--timeout", type=float, default=600, help="deadline in seconds (default 600)")
+    ge.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                    help="first wait up to SECONDS for the gateway to serve (polls its gRPC health service; "
+                         "for right after `hexplan launch ... &`; default 0: do not wait)")
     ge.add_argument("--json", action="store_true", help='print {"token_ids": [...], "text": ..., "finish_reason": ...}')
     ge.add_argument("--prefill-only", action="store_true",
                     help="score the prompt instead (Prefill): print the most likely next tokens; with --json "
@@ -255,7 +264,7 @@ def cmd_solve(args) -> int:
             Path(out).write_text(text, encoding="utf-8")
         except OSError as e:
             raise SpecError(f"cannot write the plan: {e.strerror or e}", file=out, field="--output") from None
-        print(f"plan written to {out}", file=table_stream)
+        print(f"hexplan: plan written to {out}", file=sys.stderr)   # a note: stdout is the table
     return 0
 
 
@@ -334,27 +343,26 @@ def cmd_validate(args) -> int:
                                                                 if any(cluster.regions) else ""))
     if args.plan:
         plan = load_plan(args.plan)
-        problems = _validate_plan_file(plan, cluster, args.plan)
-        if problems:
-            raise HexplanError(f"{args.plan}: invalid plan: " + "; ".join(problems))
+        _check_plan_file(plan, cluster, args.plan)
         print(f"{args.plan}: ok: {len(plan.pipelines)} pipelines, {plan.num_gpus} GPUs")
     return 0
 
 
-def _validate_plan_file(plan, cluster, path):
+def _check_plan_file(plan, cluster, path) -> None:
+    """Raise one short line when the plan does not fit the cluster (validate.describe_problems)."""
     try:
-        return validate_plan(plan, cluster)
+        problems = validate_plan(plan, cluster)
     except SpecError as e:
         raise e.located(str(path)) from None
+    if problems:
+        raise SpecError(describe_problems(plan, cluster, problems), file=str(path), field="plan")
 
 
 def cmd_show(args) -> int:
     plan = load_plan(args.plan)
     cluster = load_cluster(args.cluster) if args.cluster else None
     if cluster is not None:
-        problems = _validate_plan_file(plan, cluster, args.plan)
-        if problems:
-            raise HexplanError(f"{args.plan}: invalid plan: " + "; ".join(problems))
+        _check_plan_file(plan, cluster, args.plan)
     print(format_plan(plan, cluster))
     return 0
 
@@ -496,6 +504,8 @@ def cmd_generate(args) -> int:
     _listen(args.target, "--target")
     if args.hidden and not args.prefill_only:
         raise SpecError("only with --prefill-only (a generation returns tokens)", field="--hidden")
+    if not 0 <= args.wait < float("inf"):
+        raise SpecError(f"must be a number of seconds >= 0, got {args.wait:g}", field="--wait")
     return run_generate(args)
 
 
@@ -508,74 +518,6 @@ _COMMANDS["simulate"] = cmd_simulate
 
 def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", s).strip("-") or "plan"
-
-
-def _gpu_summary(cluster: Cluster) -> str:
-    counts: dict = {}
-    for n in cluster.nodes:
-        counts[n.gpu.name] = counts.get(n.gpu.name, 0) + n.count
-    return f"{cluster.total_gpus} GPUs: " + ", ".join(f"{c}x {g}" for g, c in counts.items())
-
-
-def _table(header, rows) -> str:
-    cols = list(zip(*([header] + [tuple(str(x) for x in r) for r in rows])))
-    widths = [max(len(x) for x in c) for c in cols]
-    line = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip()
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
-
-
-def format_plan(plan: Plan, cluster: Cluster | None = None) -> str:
-    """A readable summary: one diagram line per pipeline, a stage table and the predictions."""
-    out = []
-    m = plan.model
-    out.append(f"plan for {m.name} ({m.num_layers} layers), {len(plan.pipelines)} pipeline(s), {plan.num_gpus} GPUs")
-    coord = (plan.cluster or {}).get("coordinator")
-    coord = f"coordinator({coord})" if coord else "coordinator"
-    for i, p in enumerate(plan.pipelines):
-        hops = " -> ".join(f"{s.node}[{_gpus(s.gpus)}] TP{s.tp} L{s.layers[0]}-{s.layers[1] - 1}" for s in p.stages)
-        out.append(f"  pipeline {i} ({p.weight:.0%} of requests): {coord} -> {hops} -> {coord}")
-    rows = []
-    for i, p in enumerate(plan.pipelines):
-        for j, s in enumerate(p.stages):
-            rows.append((i if j == 0 else "", f"{p.weight:.3f}" if j == 0 else "",
-                         _fmt(p.throughput_tokens_per_s) if j == 0 else "", j, s.node, s.gpu or "", _gpus(s.gpus), s.tp,
-                         f"[{s.layers[0]}, {s.layers[1]})", s.num_layers))
-    out.append("")
-    out.append(_table(("pipeline", "weight", "tokens/s", "stage", "node", "gpu", "gpus", "tp", "layers", "#layers"), rows))
-    pr = plan.predicted or {}
-    if pr:
-        out.append("")
-        tp, ub = pr.get("throughput_tokens_per_s"), pr.get("upper_bound_tokens_per_s")
-        line = f"predicted throughput {_fmt(tp)} tokens/s"
-        if ub:
-            line += f" (upper bound {_fmt(ub)}, {tp / ub:.1%} of it)"
-        out.append(line)
-        out.append(f"time per output token {_fmt(pr.get('decode_ms_per_token'))} ms, time to first token "
-                   f"{_fmt(pr.get('ttft_ms'))} ms (routing-weighted, no queueing)")
-    so = plan.solver or {}
-    if so:
-        out.append(f"solver: {so.get('backend')} {so.get('status')} in {_fmt(so.get('seconds'))} s"
-                   + (f" (heuristic {_fmt(so.get('heuristic_tokens_per_s'))} tokens/s, MILP {so.get('milp_status')})"
-                      if "heuristic_tokens_per_s" in so else ""))
-    wl = (plan.assumptions or {}).get("workload")
-    if wl:
-        out.append("workload: " + ", ".join(f"{k} {v}" for k, v in wl.items()))
-    return "\n".join(out)
-
-
-def _gpus(g) -> str:
-    g = list(g)
-    if len(g) > 1 and g == list(range(g[0], g[0] + len(g))):
-        return f"{g[0]}-{g[-1]}"
-    return ",".join(map(str, g))
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.3g}" if abs(v) < 10 else f"{v:,.1f}"
-    return str(v)
 
 
 if __name__ == "__main__":  # pragma: no cover

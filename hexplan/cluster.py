@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from .gpus import CATALOG, GpuType, Profile, ProfileTable
-from .units import UnitError, parse_bandwidth, parse_size, parse_time
+from .units import UnitError, exact_bandwidth, exact_size, exact_time, parse_bandwidth, parse_size, parse_time
 from .yamlio import Locator, load_document, loads_document, plain, show
 
 INTRA_NODE_LATENCY = 5e-6  # s, one hop over NVLink/PCIe inside a node
@@ -170,10 +170,20 @@ def _table(d, path, loc: Locator) -> ProfileTable:
         raise loc.error(path, "expected a mapping like {1: 1.4, 100: 2.5} (x -> milliseconds)")
     pts = []
     for k, v in d.items():
-        x = _number(k, path + (k,), loc, "batch/tokens")
+        x = _number(_json_key(k), path + (k,), loc, "batch/tokens")
         y = _number(v, path + (k,), loc, "milliseconds")
         pts.append((x, y))
     return ProfileTable(tuple(sorted(pts)))
+
+
+def _json_key(k):
+    """A number written as a mapping key in JSON, where keys are strings (``"100": 2.5``)."""
+    if isinstance(k, str):
+        try:
+            return float(k)
+        except ValueError:
+            pass
+    return k
 
 
 def _gpu_type(name: str, d, path, loc: Locator) -> GpuType:
@@ -327,3 +337,54 @@ def cluster_from_dict(data, loc: Locator) -> Cluster:
         raise loc.error(("coordinator",), f"unknown node {show(coord)}; nodes: {', '.join(map(plain, sorted(names)))}")
 
     return Cluster(name, tuple(nodes), default, tuple(rules), coord or "", loc.file)
+
+
+# ---------------------------------------------------------------------------------------
+# Writing
+
+def cluster_to_dict(cluster: Cluster, keep=None, model: str | None = None) -> dict:
+    """``cluster`` as a spec cluster_from_dict reads back to the same nodes, links and GPU figures.
+
+    ``keep``: node names to write (default all), with the link rules that can still apply to
+    them (both ends a kept node or a region of one, in their order, so the same rule wins for
+    every pair of kept nodes) and the coordinator (named even when the spec left it implicit).
+    Quantities are written with units, exactly (hexplan.units.exact_*). GPU types that differ
+    from the catalog's are written in full; ``model`` keeps only that model's profiles.
+    A plan's ``cluster`` section is this dict of the nodes it uses (hexplan.plan.with_cluster).
+    """
+    nodes = [n for n in cluster.nodes if keep is None or n.name in keep or n is cluster.coordinator_node]
+    names = {n.name for n in nodes}
+    places = names | {n.region for n in nodes if n.region}
+    out: dict = {"name": cluster.name, "coordinator": cluster.coordinator_node.name,
+                 "nodes": [_node_dict(n) for n in nodes],
+                 "network": {"default": _link_dict(cluster.default_link),
+                             "links": [{"between": list(r.between), **_link_dict(r.link)}
+                                       for r in cluster.links if set(r.between) <= places]}}
+    custom = {n.gpu.name: n.gpu for n in nodes if CATALOG.get(n.gpu.name) != n.gpu}
+    if custom:
+        out["gpu_types"] = {name: _gpu_dict(g, model) for name, g in custom.items()}
+    return out
+
+
+def _node_dict(n: Node) -> dict:
+    return {"name": n.name, "gpu": n.gpu.name, "count": n.count, **({"region": n.region} if n.region else {}),
+            "interconnect": exact_bandwidth(n.interconnect), **({"address": n.address} if n.address else {})}
+
+
+def _link_dict(link: Link) -> dict:
+    return {"bandwidth": exact_bandwidth(link.bandwidth), "latency": exact_time(link.latency)}
+
+
+def _gpu_dict(g: GpuType, model: str | None) -> dict:
+    d: dict = {"memory": exact_size(g.memory), "memory_bandwidth": exact_bandwidth(g.memory_bandwidth),
+               "fp16_tflops": g.fp16_tflops, "interconnect": exact_bandwidth(g.interconnect),
+               "price_per_hour": g.price_per_hour}
+    profiles = {name: _profile_dict(p) for name, p in g.profiles if model is None or name == model}
+    if profiles:
+        d["profiles"] = profiles
+    return d
+
+
+def _profile_dict(p: Profile) -> dict:
+    table = lambda t: {int(x) if float(x).is_integer() else x: ms for x, ms in t.points}
+    return {k: table(t) for k, t in (("decode_ms", p.decode_ms), ("prefill_ms", p.prefill_ms)) if t is not None}

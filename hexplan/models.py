@@ -2,6 +2,10 @@
 
 Only shapes matter to the planner: layer count, hidden and intermediate sizes, attention and
 key/value heads, vocabulary and dtype. Parameter and byte counts are derived here once.
+
+This module is the one place a Hugging Face ``config.json`` is read (``read_hf_config``) and
+its shapes parsed (``model_from_hf_config``); the executor (gateway checks, the stage model's
+forward-pass constants) builds on what these return.
 """
 from __future__ import annotations
 
@@ -118,8 +122,44 @@ BUILTIN_MODELS: dict[str, ModelSpec] = {m.name: m for m in [
 ]}
 
 
+def read_hf_config(path) -> dict:
+    """The JSON object of a Hugging Face ``config.json``; ``path`` is the file or a checkpoint
+    directory holding one. SpecError naming the file (and line) when it is missing, unreadable,
+    not JSON or not a JSON object."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "config.json"
+    try:
+        cfg = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SpecError("file not found", file=str(p)) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        line = getattr(e, "lineno", None)
+        raise SpecError(f"not valid JSON ({getattr(e, 'msg', e)})", file=str(p), line=line) from None
+    except RecursionError:
+        raise SpecError("not valid JSON (nested too deeply)", file=str(p)) from None
+    except OSError as e:
+        raise SpecError(f"cannot read: {e.strerror or e}", file=str(p)) from None
+    if not isinstance(cfg, dict):
+        raise SpecError(f"must hold a JSON object, got {show(cfg)}", file=str(p))
+    return cfg
+
+
+def rope_parameters(cfg: dict) -> dict:
+    """A config's rotary-embedding parameters: ``rope_parameters`` (transformers >= 5, which
+    also holds rope_theta) or ``rope_scaling`` (older); {} when there are none."""
+    for key in ("rope_parameters", "rope_scaling"):
+        v = cfg.get(key)
+        if v is not None and not isinstance(v, dict):
+            raise SpecError(f"must be a JSON object, got {show(v)}", field=key)
+        if v:
+            return v
+    return {}
+
+
 def model_from_hf_config(cfg: dict, name: str, file: str | None = None) -> ModelSpec:
-    """Build a ModelSpec from a Hugging Face ``config.json`` dictionary."""
+    """Build a ModelSpec from a Hugging Face ``config.json`` dictionary (``read_hf_config``).
+    Keys a config leaves out take transformers' defaults for these model types."""
     def err(field, msg):
         return SpecError(msg, file=file, field=field)
 
@@ -130,19 +170,21 @@ def model_from_hf_config(cfg: dict, name: str, file: str | None = None) -> Model
         raise err("model_type", f"unsupported model type {show(mt)}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
 
     def pos_int(key, default=None):
-        v = cfg.get(key, default)
+        v = cfg.get(key)
+        if v is None:
+            v = default
         if v is None:
             raise err(key, "missing")
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise err(key, f"must be a positive integer, got {show(v)}")
         return v
 
-    def number(key, default):
-        v = cfg.get(key)
+    def number(key, default, where=None, field=None):
+        v = (cfg if where is None else where).get(key)
         if v is None:
             return float(default)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise err(key, f"must be a positive number, got {show(v)}")
+            raise err(field or key, f"must be a positive number, got {show(v)}")
         return float(v)
 
     def flag(key, default):
@@ -153,6 +195,10 @@ def model_from_hf_config(cfg: dict, name: str, file: str | None = None) -> Model
             raise err(key, f"must be true or false, got {show(v)}")
         return v
 
+    try:
+        rope = rope_parameters(cfg)
+    except SpecError as e:
+        raise e.located(file) from None
     heads = pos_int("num_attention_heads")
     kv = pos_int("num_key_value_heads", heads)
     if heads % kv:
@@ -180,8 +226,8 @@ def model_from_hf_config(cfg: dict, name: str, file: str | None = None) -> Model
         model_type=mt,
         head_dim=head_dim if head_dim and head_dim != hidden // heads else None,
         attention_bias=flag("attention_bias", mt == "qwen2"),
-        rms_norm_eps=number("rms_norm_eps", 1e-5),
-        rope_theta=number("rope_theta", 10000.0),
+        rms_norm_eps=number("rms_norm_eps", 1e-6),
+        rope_theta=number("rope_theta", number("rope_theta", 10000.0, rope, "rope_parameters.rope_theta")),
     )
 
 
@@ -244,16 +290,7 @@ def load_model(model) -> ModelSpec:
     if p.suffix == ".json" or p.exists():
         if not p.exists():
             raise SpecError("file not found", file=str(p), field="model")
-        try:
-            cfg = json.loads(p.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            line = getattr(e, "lineno", None)
-            raise SpecError(f"not valid JSON ({getattr(e, 'msg', e)})", file=str(p), line=line) from None
-        except RecursionError:
-            raise SpecError("not valid JSON (nested too deeply)", file=str(p)) from None
-        except OSError as e:
-            raise SpecError(f"cannot read: {e.strerror or e}", file=str(p), field="model") from None
         name = p.parent.name if p.name == "config.json" and p.parent.name else p.stem
-        return model_from_hf_config(cfg, name=name, file=str(p))
+        return model_from_hf_config(read_hf_config(p), name=name, file=str(p))
     raise SpecError(f"unknown model {show(model)}; built-in models: {', '.join(BUILTIN_MODELS)}; "
                     "or give a path to a Hugging Face config.json", field="model")

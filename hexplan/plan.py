@@ -1,8 +1,12 @@
 """Plans: pipelines of TP stages with layer ranges, routing weights and predictions.
 
 A plan file is YAML (or JSON) and self-contained: it embeds the model's shape (unless it is a
-built-in model), the nodes it uses with their addresses, the workload it was optimised for and
-the solver's report. This module is the only place plans enter or leave as text.
+built-in model), the workload it was optimised for, the solver's report and, in its ``cluster``
+section, a cluster spec (docs/cluster-format.md) of the nodes it uses: GPU types, counts,
+regions, interconnects, executor addresses, the coordinator, the network rules between them and
+any custom GPU types, so ``hexplan simulate PLAN`` can rebuild the cluster (plan_cluster). Plans
+from before that record only the nodes' names, GPUs, counts and addresses. This module is the
+only place plans enter or leave as text.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from dataclasses import dataclass, field, replace
 
 import yaml
 
+from .cluster import Cluster, cluster_from_dict, cluster_to_dict
 from .errors import SpecError
 from .models import BUILTIN_MODELS, ModelSpec, load_model, model_from_dict
 from .yamlio import Locator, load_document, loads_document
@@ -45,7 +50,7 @@ class Plan:
     predicted: dict = field(default_factory=dict)
     solver: dict = field(default_factory=dict)
     assumptions: dict = field(default_factory=dict)
-    cluster: dict = field(default_factory=dict)   # name, coordinator, nodes used (gpu, count, address)
+    cluster: dict = field(default_factory=dict)   # a cluster spec of the nodes used (with_cluster)
 
     @property
     def throughput(self) -> float:
@@ -90,6 +95,24 @@ class Plan:
     def with_pipelines(self, pipelines) -> "Plan":
         return replace(self, pipelines=tuple(pipelines))
 
+    # ---- display: the table `hexplan show` prints, in a terminal or a notebook -------------
+    def __str__(self) -> str:
+        from .render import format_plan   # lazily: rendering is not needed to read or write plans
+
+        return format_plan(self)
+
+    def __repr__(self) -> str:
+        """One line; the dataclass repr of a real plan runs to pages (``str()`` gives the table)."""
+        n = len(self.pipelines)
+        tput = f", {self.throughput:,.1f} tokens/s predicted" if self.throughput else ""
+        return f"<Plan {self.model.name}: {n} pipeline{'s' if n != 1 else ''}, {self.num_gpus} GPUs{tput}>"
+
+    def _repr_html_(self) -> str:
+        """Jupyter shows the table, in a fixed-width font so its columns line up."""
+        import html
+
+        return f"<pre>{html.escape(str(self))}</pre>"
+
 
 def _r(v):
     if isinstance(v, float):
@@ -102,8 +125,10 @@ class _FlowStagesDumper(yaml.SafeDumper):
 
 
 def _repr_dict(dumper, data):
-    flow = "node" in data and "layers" in data
-    return dumper.represent_mapping("tag:yaml.org,2002:map", data, flow_style=flow)
+    stage = "node" in data and "layers" in data
+    node = "name" in data and "gpu" in data and "count" in data
+    link = "bandwidth" in data and "latency" in data
+    return dumper.represent_mapping("tag:yaml.org,2002:map", data, flow_style=stage or node or link)
 
 
 def _repr_list(dumper, data):
@@ -194,8 +219,39 @@ def plan_from_dict(data, loc: Locator | None = None) -> Plan:
             v = pd.get(k)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
                 raise loc.error(("pipelines", i, k), f"must be a number, got {v!r}")
+    _check_cluster_section(mapping("cluster"), loc)
     return Plan(model, tuple(pipelines), mapping("predicted"), mapping("solver"),
                 mapping("assumptions"), mapping("cluster"))
+
+
+def with_cluster(plan: Plan, cluster: Cluster) -> Plan:
+    """``plan`` with a ``cluster`` section that records its nodes and the coordinator as a spec
+    (hexplan.cluster.cluster_to_dict), so the plan alone can be simulated (plan_cluster)."""
+    used = {s.node for p in plan.pipelines for s in p.stages}
+    return replace(plan, cluster=cluster_to_dict(cluster, used, plan.model.name))
+
+
+def plan_cluster(plan: Plan) -> Cluster:
+    """The cluster of the nodes ``plan`` uses, rebuilt from its ``cluster`` section.
+
+    It gives the same links, GPU figures and coordinator as the cluster the plan was made for,
+    hence the same simulated numbers. Plans written before the section recorded the network
+    raise SpecError naming the missing field: they need the cluster file.
+    """
+    section = plan.cluster or {}
+    if not section.get("nodes"):
+        raise SpecError("not recorded in this plan, so its cluster cannot be rebuilt", field="cluster.nodes")
+    if "network" not in section:
+        raise SpecError("not recorded in this plan (written before plans recorded the network between their "
+                        "nodes), so its cluster cannot be rebuilt", field="cluster.network")
+    return cluster_from_dict(section, Locator(None, {}).within(("cluster",)))
+
+
+def _check_cluster_section(section: dict, loc: Locator) -> None:
+    """A section that records the network is a cluster spec: check it as one, naming the plan's
+    file and line. Older sections (name, coordinator and nodes only) are kept as they are."""
+    if "network" in section:
+        cluster_from_dict(section, loc.within(("cluster",)))
 
 
 def _opt(d, key):

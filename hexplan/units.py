@@ -93,3 +93,28 @@ def format_bandwidth(bps: float) -> str:
     if bits >= 1e9:
         return f"{bits / 1e9:g} Gbps"
     return f"{bits / 1e6:g} Mbps"
+
+
+# ---- exact spellings, for specs hexplan writes (a plan's cluster section) -------------------
+
+def _exact(value: float, parse, spellings) -> str:
+    """The shortest spelling that parses back to exactly ``value`` (the last one always does)."""
+    exact = [text for text in spellings if parse(text) == value]
+    return min(exact, key=len)
+
+
+def exact_size(nbytes: float) -> str:
+    """``48e9`` -> ``"48GB"``; a size that no short spelling hits exactly is written in bytes."""
+    return _exact(nbytes, parse_size, (f"{nbytes / 1e9:g}GB", f"{nbytes / 2 ** 30:g}GiB", f"{float(nbytes)!r}B"))
+
+
+def exact_bandwidth(bps: float) -> str:
+    """``1.25e9`` -> ``"10Gbps"``, ``6e11`` -> ``"600GB/s"``; else in bytes/s, exactly."""
+    return _exact(bps, parse_bandwidth, (f"{bps * 8 / 1e6:g}Mbps", f"{bps * 8 / 1e9:g}Gbps", f"{bps / 1e9:g}GB/s",
+                                         f"{float(bps)!r}B/s"))
+
+
+def exact_time(seconds: float) -> str:
+    """``5e-4`` -> ``"0.5ms"``; else in seconds, exactly."""
+    return _exact(seconds, parse_time, (f"{seconds:g}s", f"{seconds * 1e3:g}ms", f"{seconds * 1e6:g}us",
+                                       f"{float(seconds)!r}s"))

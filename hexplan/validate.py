@@ -161,6 +161,25 @@ def validate_plan(plan: Plan, cluster: Cluster, check_predictions: bool = True) 
     return problems
 
 
+SHOWN_PROBLEMS = 3
+
+
+def describe_problems(plan: Plan, cluster: Cluster, problems: list[str], shown: int = SHOWN_PROBLEMS) -> str:
+    """One short line for a plan checked against a cluster it does not fit.
+
+    A plan checked against the wrong cluster has a problem for every stage; the first few and
+    the count say enough. When the cluster is not the one the plan was made for (the plan's
+    ``cluster.name``), that is most likely the whole story, so the line starts with it.
+    """
+    made_for = (plan.cluster or {}).get("name")
+    n = len(problems)
+    listed = "; ".join(problems[:shown]) + (f"; ... and {n - shown} more" if n > shown else "")
+    counted = f"{n} problem{'s' if n != 1 else ''}: {listed}"
+    if isinstance(made_for, str) and made_for and made_for != cluster.name:
+        return f"does not match cluster {cluster.name!r}: the plan was made for {made_for!r} ({counted})"
+    return f"does not fit cluster {cluster.name!r} ({counted})"
+
+
 def check_plan(plan: Plan, cluster: Cluster, check_predictions: bool = True) -> None:
     problems = validate_plan(plan, cluster, check_predictions)
     if problems:

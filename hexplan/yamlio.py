@@ -200,3 +200,20 @@ class Locator:
 
     def error(self, path, message: str) -> SpecError:
         return SpecError(message, file=self.file, line=self.line(path), field=_dotted(path) or None)
+
+    def within(self, prefix: tuple) -> "Locator":
+        """A Locator for the sub-document at ``prefix`` (a plan's ``cluster`` section is a cluster
+        spec): its paths are relative to it, its errors name the whole path."""
+        return _Within(self, tuple(prefix))
+
+
+class _Within(Locator):
+    def __init__(self, outer: Locator, prefix: tuple):
+        super().__init__(outer.file, outer.lines)
+        self.outer, self.prefix = outer, prefix
+
+    def line(self, path) -> int | None:
+        return self.outer.line(self.prefix + tuple(path))
+
+    def error(self, path, message: str) -> SpecError:
+        return self.outer.error(self.prefix + tuple(path), message)

@@ -302,3 +302,51 @@ def test_hexplan_console_script_behaves_the_same(tmp_path):
     r = subprocess.run([exe, "validate", str(p)], capture_output=True, text=True, timeout=60)
     msg = one_error_line(r)
     assert msg.startswith(f"{p}:2: nodes[0].gpu: unknown GPU type 'Z100'")
+
+
+# ---- a plan checked against the wrong cluster: one short line --------------------------------------
+
+@pytest.fixture(scope="module")
+def hexgen_plan(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wrong") / "hexgen.plan.yaml"
+    r = hexplan("solve", HEXGEN, "-m", "llama-2-70b", "-q", "--time-limit", "5", "-o", out)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.mark.parametrize("command", ["validate", "show", "simulate"])
+def test_plan_on_the_wrong_cluster_is_one_short_line(hexgen_plan, command):
+    from hexplan import load_cluster, load_plan, validate_plan
+
+    helix = ROOT / "cluster_specs" / "helix-24.yaml"
+    args = {"validate": ("validate", helix, "--plan", hexgen_plan), "show": ("show", hexgen_plan, "--cluster", helix),
+            "simulate": ("simulate", hexgen_plan, "--cluster", helix, "--rate", "1")}[command]
+    msg = one_error_line(hexplan(*args))
+    n = len(validate_plan(load_plan(hexgen_plan), load_cluster(helix)))
+    assert n > 3   # every stage is on an unknown node: without the cut the line ran to ~2,000 characters
+    assert msg.startswith(f"{hexgen_plan}: plan: does not match cluster 'helix-24': the plan was made for "
+                          f"'hexgen-case' ({n} problems: pipeline 0 stage 0: unknown node ")
+    assert msg.endswith(f"; ... and {n - 3} more)") and msg.count("unknown node") == 3
+    assert len(msg) < 300 + len(str(hexgen_plan)), msg
+
+
+def test_plan_that_does_not_fit_its_own_cluster(tmp_path):
+    """Same cluster name, fewer GPUs: no 'made for' clause, the problems listed in full when few."""
+    from hexplan import load_cluster, load_plan, loads_cluster
+    from hexplan.validate import describe_problems
+
+    small = write(tmp_path, "name: hexgen-case\nnodes:\n  - {name: n0, gpu: A6000, count: 4}\n"
+                            "  - {name: n1, gpu: A5000, count: 2}\n  - {name: n2, gpu: A4000, count: 1}\n")
+    plan_file = tmp_path / "p.yaml"
+    assert hexplan("solve", HEXGEN, "-m", "llama-2-70b", "-q", "--time-limit", "5", "-o", plan_file).returncode == 0
+    msg = one_error_line(hexplan("validate", small, "--plan", plan_file))
+    assert msg == (f"{plan_file}: plan: does not fit cluster 'hexgen-case' (1 problem: pipeline 0 stage 0: "
+                   "GPU index 1 outside node n2 (0..0))")
+    plan = load_plan(plan_file)
+    problems = [f"problem {i}" for i in range(5)]
+    other = loads_cluster("name: other\nnodes: [{name: x, gpu: T4, count: 1}]\n")
+    assert describe_problems(plan, other, problems, shown=2) == (
+        "does not match cluster 'other': the plan was made for 'hexgen-case' (5 problems: problem 0; problem 1; "
+        "... and 3 more)")
+    assert describe_problems(plan, load_cluster(HEXGEN), problems[:3]) == (
+        "does not fit cluster 'hexgen-case' (3 problems: problem 0; problem 1; problem 2)")

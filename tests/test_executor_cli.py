@@ -1,11 +1,13 @@
-"""`hexplan node` + `hexplan serve` as separate processes, prompts through a tokenizer, and the
-checked-in generated gRPC code."""
+"""`hexplan node` + `hexplan serve` as separate processes, prompts through a tokenizer, the
+checked-in generated gRPC code, and `hexplan generate --wait` for a gateway still starting."""
 from __future__ import annotations
 
 import json
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ torch = pytest.importorskip("torch")
 grpc = pytest.importorskip("grpc")
 pytest.importorskip("transformers")
 
-from executor_util import free_port, hf_greedy, make_checkpoint  # noqa: E402
+from executor_util import free_port, hf_greedy, make_checkpoint, plan  # noqa: E402
 
 from hexplan.executor.client import generate  # noqa: E402
 
@@ -95,3 +97,74 @@ def test_generated_grpc_code_is_up_to_date():
     out = subprocess.run([sys.executable, str(ROOT / "proto" / "generate.py"), "--check"], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+# ---- generate --wait: right after `hexplan launch ... &` ------------------------------------
+
+def test_generate_waits_for_a_gateway_that_is_still_starting(tmp_path):
+    from hexplan.executor.launch import Launch
+
+    ckpt = make_checkpoint(tmp_path / "ckpt", layers=2)
+    port = free_port()
+    gen = subprocess.Popen([sys.executable, "-m", "hexplan.cli", "generate", "--target", f"127.0.0.1:{port}",
+                            "--token-ids", "5,17,33", "--max-new-tokens", "4", "--json", "--wait", "90",
+                            "--timeout", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # Start the gateway only once the client has found nothing there and says it waits.
+        first = []
+        reader = threading.Thread(target=lambda: first.append(gen.stderr.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout=60)
+        assert first and first[0].startswith(f"hexplan: waiting up to 90 s for the gateway at 127.0.0.1:{port}"), first
+        t0 = time.monotonic()
+        with Launch(plan(ckpt, [("a", 1, 0, 2)]), ckpt, listen=f"127.0.0.1:{port}"):
+            out, err = gen.communicate(timeout=120)
+        assert time.monotonic() - t0 < 100
+    finally:
+        if gen.poll() is None:
+            gen.kill()
+            gen.wait(timeout=10)
+    assert gen.returncode == 0, err
+    assert json.loads(out)["token_ids"] == hf_greedy(ckpt, [5, 17, 33], 4)
+    assert "Traceback" not in err and "hexplan: error" not in err
+
+
+def test_generate_wait_gives_up_after_its_time(capsys):
+    from hexplan.cli import main
+
+    port = free_port()                         # nothing listens there
+    t0 = time.monotonic()
+    assert main(["generate", "--target", f"127.0.0.1:{port}", "--token-ids", "1,2", "--wait", "1"]) == 2
+    assert 0.9 < time.monotonic() - t0 < 15
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    progress, error = captured.err.splitlines()
+    assert progress.startswith(f"hexplan: waiting up to 1 s for the gateway at 127.0.0.1:{port}")
+    assert error.startswith(f"hexplan: error: --wait 1: no gateway serving at 127.0.0.1:{port} after 1 s (last: UNAVAILABLE")
+
+
+def test_generate_wait_fails_at_once_on_a_server_that_is_not_a_gateway(capsys):
+    from hexplan.cli import main
+    from hexplan.executor.wire import add_health_and_reflection, make_server
+
+    server = make_server(workers=2)
+    add_health_and_reflection(server, ["hexplan.v1.Stage"])    # what a node executor serves
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        t0 = time.monotonic()
+        assert main(["generate", "--target", f"127.0.0.1:{port}", "--token-ids", "1,2", "--wait", "30"]) == 2
+        assert time.monotonic() - t0 < 10
+    finally:
+        server.stop(grace=None).wait(timeout=10)
+    err = capsys.readouterr().err
+    assert err.startswith(f"hexplan: error: --wait 30: 127.0.0.1:{port} answers but does not serve hexplan.v1.Inference")
+    assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf"])
+def test_generate_wait_must_be_a_number_of_seconds(capsys, value):
+    from hexplan.cli import main
+    assert main(["generate", "--target", "127.0.0.1:1", "--token-ids", "1,2", "--wait", value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hexplan: error: --wait: must be a number of seconds >= 0") and len(err.splitlines()) == 1

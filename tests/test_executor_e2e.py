@@ -238,6 +238,24 @@ def test_checkpoint_that_does_not_match_the_plan(ckpt):
     assert "llama-2-7b" in msg and ckpt in msg and "num_hidden_layers 6 vs 32" in msg
 
 
+def test_checkpoint_without_a_usable_config_json(tmp_path):
+    from hexplan.plan import plan_from_dict
+
+    pl = plan_from_dict({"model": "llama-2-7b", "pipelines": [{"stages": [
+        {"node": "a", "gpus": [0], "tp": 1, "layers": [0, 32]}]}]})
+    with pytest.raises(GatewayError) as err:
+        Gateway(pl, str(tmp_path), {"a": "127.0.0.1:1"})
+    assert str(err.value) == f"checkpoint {tmp_path / 'config.json'}: file not found"
+    (tmp_path / "config.json").write_text('{"num_hidden_layers": 32,\n "oops"}')
+    with pytest.raises(GatewayError) as err:
+        Gateway(pl, str(tmp_path), {"a": "127.0.0.1:1"})
+    assert str(err.value).startswith(f"checkpoint {tmp_path / 'config.json'}:2: not valid JSON")
+    (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 32, "hidden_size": 4096}))
+    with pytest.raises(GatewayError) as err:
+        Gateway(pl, str(tmp_path), {"a": "127.0.0.1:1"})
+    assert str(err.value) == f"checkpoint {tmp_path / 'config.json'}: num_attention_heads: missing"
+
+
 def test_health_and_reflection(small_launch):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc

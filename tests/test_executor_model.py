@@ -355,6 +355,46 @@ def test_missing_or_misshapen_tensors_name_tensor_and_file(tmp_path):
         StageModel.load(bad, ShardSpec(0, 1, True, False), TPContext())
 
 
+@pytest.mark.parametrize("arch, extra", [
+    ("llama", {"rope_theta": 500000.0, "attention_bias": True, "mlp_bias": True, "tie_word_embeddings": True}),
+    ("qwen2", {"rms_norm_eps": 1e-5}),
+    ("mistral", {"sliding_window": 4}),
+], ids=["llama", "qwen2", "mistral"])
+def test_forward_constants_come_from_the_planners_reading_of_config_json(tmp_path, arch, extra):
+    # hexplan.models reads and parses config.json; the stage model's constants are built from
+    # that (as transformers >= 5 writes it: rope_theta inside rope_parameters), never re-read.
+    from hexplan.models import load_model, read_hf_config
+    make_checkpoint(tmp_path, layers=2, kv_heads=2, seed=3, arch=arch, **extra)
+    spec, args = load_model(str(tmp_path)), model_mod.ModelArgs.from_hf_config(read_hf_config(tmp_path))
+    assert (args.model_type, args.vocab_size, args.hidden_size, args.intermediate_size, args.num_layers,
+            args.num_heads, args.num_kv_heads, args.head_dim, args.rms_norm_eps, args.rope_theta,
+            args.tie_word_embeddings) == \
+        (spec.model_type, spec.vocab_size, spec.hidden_size, spec.intermediate_size, spec.num_layers,
+         spec.num_heads, spec.num_kv_heads, spec.dim_head, spec.rms_norm_eps, spec.rope_theta,
+         spec.tie_word_embeddings)
+    hf_cfg = json.loads((tmp_path / "config.json").read_text())     # what transformers wrote
+    assert args.rms_norm_eps == hf_cfg["rms_norm_eps"]
+    assert args.rope_theta == extra.get("rope_theta", (hf_cfg.get("rope_parameters") or {}).get("rope_theta"))
+    assert (args.qkv_bias, args.o_bias, args.mlp_bias) == {"llama": (True, True, True), "qwen2": (True, False, False),
+                                                           "mistral": (False, False, False)}[arch]
+    assert args.sliding_window == (4 if arch == "mistral" else None)
+
+
+def test_bad_config_json_names_the_file(tmp_path):
+    from hexplan.errors import SpecError
+    make_checkpoint(tmp_path, layers=2, seed=9)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text('{"hidden_size": 64,\n  oops}')
+    with pytest.raises(SpecError, match=r"config\.json:2: not valid JSON"):
+        StageModel.load(tmp_path, ShardSpec(0, 1, True, False), TPContext())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "num_attention_heads": 0}))
+    with pytest.raises(ValueError, match="config.json: num_attention_heads: must be a positive integer, got 0"):
+        StageModel.load(tmp_path, ShardSpec(0, 1, True, False), TPContext())
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(SpecError, match=r"config\.json: file not found"):
+        StageModel.load(tmp_path, ShardSpec(0, 1, True, False), TPContext())
+
+
 def test_missing_tensor_in_sharded_index(tmp_path):
     hf = make_checkpoint(tmp_path, layers=2, seed=9)
     hf.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")

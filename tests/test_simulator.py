@@ -358,7 +358,6 @@ def test_cli_table_trace_replay_and_sweep(plan_file):
     (["--rate", "1", "--prompt-len", "12x"], "--prompt-len: expected a length N, a range A-B or 'trace'"),
     (["--rate", "1", "--output-len", "900-100"], "--output-len: empty range"),
     (["--rate", "1", "--prompt-len", "trace"], "--prompt-len: 'trace' lengths need a trace file"),
-    ([], "--rate: give a request rate"),
     (["--sweep-rate"], "--sweep-rate: a rate sweep needs an objective"),
     (["--rate", "1", "--slo-ttft-ms", "0"], "--slo-ttft-ms: must be a positive number"),
     (["--rate", "1", "--loops", "0"], "--loops: must be an integer >= 1"),
@@ -377,7 +376,8 @@ def test_cli_bad_files(plan_file, tmp_path):
     assert "missing.jsonl" in msg and "cannot read" in msg
     msg = one_error_line(cli("simulate", plan_file, "--cluster", ROOT / "cluster_specs" / "two-regions.yaml",
                              "--rate", "1"))
-    assert msg.startswith(f"{plan_file}: plan: does not match cluster")
+    assert msg.startswith(f"{plan_file}: plan: does not match cluster 'two-regions': the plan was made for "
+                          "'hexgen-case' (")
 
 
 def test_cli_plot_without_matplotlib(plan_file, tmp_path):

@@ -457,6 +457,42 @@ def test_hf_config_not_json(tmp_path):
         load_model(str(tmp_path / "missing.json"))
 
 
+def test_read_hf_config(tmp_path):
+    # The one reader of config.json (the executor's gateway and stage model use it too).
+    from hexplan.models import read_hf_config
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(MISTRAL_LIKE))
+    assert read_hf_config(d) == read_hf_config(d / "config.json") == MISTRAL_LIKE
+    with pytest.raises(SpecError) as ei:
+        read_hf_config(tmp_path / "empty")
+    assert str(ei.value) == f"{tmp_path / 'empty'}: file not found"
+    (d / "config.json").write_text("[1, 2]")
+    with pytest.raises(SpecError) as ei:
+        read_hf_config(d)
+    assert str(ei.value) == f"{d / 'config.json'}: must hold a JSON object, got [1, 2]"
+    (d / "config.json").write_text('{"hidden_size": 64,\n  oops}')
+    with pytest.raises(SpecError, match=r"config\.json:2: not valid JSON"):
+        read_hf_config(d)
+
+
+def test_hf_config_as_transformers_5_writes_it(tmp_path):
+    # transformers >= 5 keeps rope_theta inside rope_parameters; keys left out (or null) take
+    # transformers' defaults: rms_norm_eps 1e-6, num_key_value_heads = num_attention_heads.
+    cfg = {k: v for k, v in MISTRAL_LIKE.items() if k not in ("rope_theta", "rms_norm_eps")}
+    cfg.update(num_key_value_heads=None, rope_parameters={"rope_theta": 500000.0, "rope_type": "default"})
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps(cfg))
+    m = load_model(str(p))
+    assert (m.rope_theta, m.rms_norm_eps, m.num_kv_heads) == (500000.0, 1e-6, 32)
+    p.write_text(json.dumps({**cfg, "rope_parameters": {"rope_theta": "big"}}))
+    with pytest.raises(SpecError, match=r"config\.json: rope_parameters\.rope_theta: must be a positive number"):
+        load_model(str(p))
+    p.write_text(json.dumps({**cfg, "rope_parameters": [500000.0]}))
+    with pytest.raises(SpecError, match=r"config\.json: rope_parameters: must be a JSON object"):
+        load_model(str(p))
+
+
 def test_model_round_trip_through_dict():
     for name in BUILTINS:
         m = BUILTIN_MODELS[name]

@@ -2,18 +2,25 @@
 
 hexplan/cli.py declares the flags and hands the parsed arguments here, as it does for
 ``hexplan generate``; the simulation itself (run.py) does no IO.
+
+The plan alone is enough: without ``--cluster`` the cluster is rebuilt from the plan's
+``cluster`` section, and without ``--rate`` or ``--workload`` the traffic is Poisson at
+DEFAULT_LOAD of the plan's predicted capacity, with the plan's lengths (said on stderr).
 """
 from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 
 from .. import simulator as sim
-from ..cluster import load_cluster
+from ..cluster import Cluster, load_cluster
 from ..errors import SpecError
-from ..plan import load_plan
+from ..plan import Plan, load_plan, plan_cluster
+from ..validate import plan_assumptions
 from . import plot as plotting
 from . import report
+from .run import DEFAULT_LOAD, capacity_rate
 
 _SIM_FLAGS = {"rate": "--rate", "duration": "--duration", "cv": "--cv", "warmup": "--warmup", "arrival": "--arrival",
               "prompt_len": "--prompt-len", "output_len": "--output-len", "workload": "--workload",
@@ -23,7 +30,7 @@ _SIM_FLAGS = {"rate": "--rate", "duration": "--duration", "cv": "--cv", "warmup"
 
 def _workload(args, trace) -> "sim.WorkloadSpec":
     """A trace alone is replayed; with a rate (or a sweep) it only supplies the lengths."""
-    replay = args.rate is None and not args.sweep_rate
+    replay = args.rate is None and not args.sweep_rate and bool(args.workload)
 
     def length(text, field):
         text = text or ("trace" if trace and not replay else None)
@@ -31,11 +38,43 @@ def _workload(args, trace) -> "sim.WorkloadSpec":
 
     return sim.WorkloadSpec(
         arrival="trace" if replay else (args.arrival or "poisson"),
-        rate=None if replay else (args.rate or 1.0),     # a sweep sets its own rates
+        rate=None if replay else (args.rate or 1.0),     # a sweep, or _default_rate, sets its own
         cv=args.cv,
         duration=args.duration if args.duration is not None or replay else 600.0,
         prompt_len=length(args.prompt_len, "prompt_len"), output_len=length(args.output_len, "output_len"),
         trace=trace, trace_name=args.workload or "", warmup=args.warmup)
+
+
+def _cluster(args, plan: Plan) -> Cluster:
+    """The --cluster file, else the cluster of the plan's nodes rebuilt from the plan."""
+    if args.cluster:
+        return load_cluster(args.cluster)
+    try:
+        return plan_cluster(plan)
+    except SpecError as e:
+        raise SpecError(f"{e.message}; give the cluster file with --cluster", file=args.plan, field=e.field) from None
+
+
+def _default_rate(args, plan: Plan, cluster: Cluster, spec: "sim.WorkloadSpec") -> "sim.WorkloadSpec":
+    """No --rate and no --workload: DEFAULT_LOAD of the plan's predicted capacity (its predicted
+    output tokens/s over the mean output length), rounded to 3 digits so the note's rate can be
+    given back as --rate. The choice goes to stderr: stdout stays the report (or pure JSON)."""
+    capacity = capacity_rate(plan, cluster, spec, args.interleave)
+    if not capacity > 0:
+        raise SpecError("the plan predicts no throughput to take a default rate from: give one", field="rate")
+    rate = float(f"{DEFAULT_LOAD * capacity:.3g}")
+    spec = replace(spec, rate=rate)
+    wl = plan_assumptions(plan).workload
+    if args.prompt_len is None and args.output_len is None:
+        lengths = f"prompt/output lengths from the plan's workload ({wl.prompt_tokens}/{wl.output_tokens})"
+    else:
+        d = spec.describe(wl.prompt_tokens, wl.output_tokens)
+        lengths = f"prompt {d['prompt_tokens']} and output {d['output_tokens']} tokens"
+    arrivals = "Poisson arrivals" if spec.arrival == "poisson" else f"gamma arrivals (cv {spec.cv:g})"
+    print(f"hexplan: no --rate or --workload: simulating {arrivals} at "
+          f"{DEFAULT_LOAD:.0%} of the plan's predicted capacity ({rate:g} of {capacity:.3g} requests/s) "
+          f"for {spec.duration:g} s, {lengths}", file=sys.stderr, flush=True)
+    return spec
 
 
 def run_simulate(args) -> int:
@@ -43,19 +82,21 @@ def run_simulate(args) -> int:
     plot = plotting if args.plot else None
     if plot:
         plot.require()   # fail before a long run, not after it
-    cluster = load_cluster(args.cluster)
     plan = load_plan(args.plan)
+    cluster = _cluster(args, plan)
     try:
         trace = sim.load_trace(args.workload) if args.workload else ()
-        if args.rate is None and not args.workload and not args.sweep_rate:
-            raise SpecError("give a request rate (with --duration) or a trace file (--workload)", field="rate")
-        if args.rate is None and args.arrival and not args.sweep_rate:
-            raise SpecError(f"--arrival {args.arrival} needs a request rate", field="rate")
+        default_rate = args.rate is None and not args.workload and not args.sweep_rate
+        if args.rate is None and args.workload and args.arrival and not args.sweep_rate:
+            raise SpecError(f"--arrival {args.arrival} needs a request rate (a trace alone is replayed at its own "
+                            "arrival times)", field="rate")
         for flag in ("slo_ttft_ms", "slo_tpot_ms", "slo_e2e_s"):
             v = getattr(args, flag)
             if v is not None and not (0 < v < float("inf")):
                 raise SpecError(f"must be a positive number, got {v:g}", field="--" + flag.replace("_", "-"))
         spec = _workload(args, trace)
+        if default_rate:
+            spec = _default_rate(args, plan, cluster, spec)
         ms = lambda v: v / 1e3 if v is not None else None
         slo = sim.Slo(ttft_s=ms(args.slo_ttft_ms), tpot_s=ms(args.slo_tpot_ms), e2e_s=args.slo_e2e_s)
         opts = dict(prefill_budget=args.prefill_budget, loops=args.loops, prefill_chunk=args.prefill_chunk,

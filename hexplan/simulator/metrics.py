@@ -106,6 +106,24 @@ class SimResult:
     def window_length_s(self) -> float:
         return self.window_s[1] - self.window_s[0]
 
+    # ---- display: the report `hexplan simulate` prints, in a terminal or a notebook --------
+    def __str__(self) -> str:
+        from .report import format_result   # lazily: report.py imports this module
+
+        return format_result(self)
+
+    def __repr__(self) -> str:
+        """One line; the dataclass repr runs to pages (``str()`` gives the report)."""
+        return (f"<SimResult {self.throughput_tokens_per_s:,.1f} tokens/s (plan predicts "
+                f"{self.predicted_throughput_tokens_per_s:,.1f}), {self.requests_completed} requests completed, "
+                f"P90 TTFT {self.ttft_s.p90:.3g} s, P90 TPOT {self.tpot_s.p90 * 1e3:.3g} ms>")
+
+    def _repr_html_(self) -> str:
+        """Jupyter shows the report, in a fixed-width font so its columns line up."""
+        import html
+
+        return f"<pre>{html.escape(str(self))}</pre>"
+
     @property
     def arrival_rate(self) -> float:
         return self.arrivals_in_window / self.window_length_s if self.window_length_s > 0 else math.nan

@@ -1,7 +1,8 @@
 """``simulate(plan, cluster, workload) -> SimResult`` and the rate sweep built on it.
 
 Pure functions of their inputs and the seed: no printing, no files (the CLI reads the plan,
-cluster and trace files and renders the results).
+cluster and trace files and renders the results). The cluster may be left out (None): a plan
+records the nodes it uses and their network, and the cluster is rebuilt from that.
 """
 from __future__ import annotations
 
@@ -11,21 +12,30 @@ from dataclasses import dataclass, replace
 from ..cluster import Cluster, load_cluster
 from ..errors import SpecError
 from ..evaluate import CostCache, evaluate_plan_pipelines
-from ..plan import Plan, load_plan
+from ..plan import Plan, load_plan, plan_cluster
 from ..dispatch import Dispatcher
-from ..validate import plan_assumptions, validate_plan
+from ..validate import describe_problems, plan_assumptions, validate_plan
 from .engine import POLICIES, Engine, EngineOptions
 from .metrics import SimResult, Slo, summarise
 from .workload import RequestStream, WorkloadSpec, mean_output_tokens
 
 
-def simulate(plan: Plan | str, cluster: Cluster | str, workload_spec: WorkloadSpec, seed: int = 0, *,
+def _inputs(plan: Plan | str, cluster: Cluster | str | None) -> tuple[Plan, Cluster]:
+    """Objects from file paths; no cluster means the plan's own (hexplan.plan.plan_cluster)."""
+    plan = load_plan(plan) if not isinstance(plan, Plan) else plan
+    if cluster is None:
+        return plan, plan_cluster(plan)
+    return plan, load_cluster(cluster) if not isinstance(cluster, Cluster) else cluster
+
+
+def simulate(plan: Plan | str, cluster: Cluster | str | None, workload_spec: WorkloadSpec, seed: int = 0, *,
              slo: Slo | None = None, prefill_budget: int | None = None, loops: int | None = None,
              prefill_chunk: int | None = None, routing: str = "delay", policy: str = "fcfs",
              mlfq_levels: int | None = None, mlfq_quantum_s: float | None = None,
              mlfq_promote_s: float | None = None, offload_bandwidth: float | None = None,
              interleave: int | None = None, keep_samples: bool = True) -> SimResult:
-    """Replay ``workload_spec`` against ``plan`` on ``cluster`` (objects or file paths).
+    """Replay ``workload_spec`` against ``plan`` on ``cluster`` (objects or file paths; a None
+    cluster is rebuilt from the plan's ``cluster`` section).
 
     ``slo`` defaults to the plan's own SLOs (``assumptions.slo_*``) where it has them.
     The scheduler, as the gateway runs it: ``loops`` micro-batch loops per pipeline (default
@@ -42,8 +52,7 @@ def simulate(plan: Plan | str, cluster: Cluster | str, workload_spec: WorkloadSp
     ``--interleave``); default the plan's own (``assumptions.workload.interleave``, else 1).
     Raises SpecError when the plan does not fit the cluster or an input is out of range.
     """
-    plan = load_plan(plan) if not isinstance(plan, Plan) else plan
-    cluster = load_cluster(cluster) if not isinstance(cluster, Cluster) else cluster
+    plan, cluster = _inputs(plan, cluster)
     setup = _setup(plan, cluster, workload_spec, slo, prefill_budget, loops, prefill_chunk, routing,
                    _Policy(policy, mlfq_levels, mlfq_quantum_s, mlfq_promote_s, offload_bandwidth), interleave)
     return _run(setup, workload_spec, seed, keep_samples)
@@ -99,7 +108,7 @@ def _setup(plan, cluster, spec, slo, prefill_budget, loops, prefill_chunk=None, 
             raise SpecError(f"must be an integer >= {lo}, got {v!r}", field=name)
     problems = validate_plan(plan, cluster, check_predictions=False)
     if problems:
-        raise SpecError(f"does not match cluster {cluster.name!r}: " + "; ".join(problems), field="plan")
+        raise SpecError(describe_problems(plan, cluster, problems), field="plan")
     if sum(max(0.0, p.weight) for p in plan.pipelines) <= 0:
         raise SpecError("every pipeline has routing weight 0: no request could be served", field="plan")
     asm = plan_assumptions(plan)
@@ -114,6 +123,23 @@ def _setup(plan, cluster, spec, slo, prefill_budget, loops, prefill_chunk=None, 
     engine = Engine(plan, cluster, asm.workload, asm.params,
                     EngineOptions(prefill_budget, prefill_chunk, loops, routing, **policy_options), dispatcher)
     return _Setup(plan, engine, asm.workload.prompt_tokens, asm.workload.output_tokens, slo, predicted)
+
+
+# ``hexplan simulate`` without --rate or --workload: Poisson arrivals at this share of the plan's
+# predicted capacity: busy enough to show queueing, yet below saturation, which the simulator
+# often reaches at 85-95% of the prediction (docs/simulator.md, "Default traffic").
+DEFAULT_LOAD = 0.8
+
+
+def capacity_rate(plan: Plan | str, cluster: Cluster | str | None, workload_spec: WorkloadSpec,
+                  interleave: int | None = None) -> float:
+    """Requests/s the plan is predicted to sustain: its predicted output tokens/s (the figure the
+    report compares against, recomputed for another ``interleave``) over the mean output length
+    of ``workload_spec`` (the plan's own when the spec leaves it). ``hexplan simulate`` without
+    a rate runs at DEFAULT_LOAD of it."""
+    plan, cluster = _inputs(plan, cluster)
+    s = _setup(plan, cluster, workload_spec, None, None, None, interleave=interleave)
+    return s.predicted / mean_output_tokens(workload_spec, s.prompt, s.output)
 
 
 def _run(s: _Setup, spec: WorkloadSpec, seed: int, keep_samples: bool) -> SimResult:
@@ -169,7 +195,7 @@ def meets(result: SimResult, slo: Slo, percentile: int = 90) -> tuple[bool, str]
     return not why, "; ".join(why)
 
 
-def sweep_rate(plan: Plan | str, cluster: Cluster | str, workload_spec: WorkloadSpec, slo: Slo, seed: int = 0, *,
+def sweep_rate(plan: Plan | str, cluster: Cluster | str | None, workload_spec: WorkloadSpec, slo: Slo, seed: int = 0, *,
                percentile: int = 90, start_rate: float | None = None, max_probes: int = 12,
                tolerance: float = 0.02, on_probe=None, prefill_budget: int | None = None,
                loops: int | None = None, prefill_chunk: int | None = None, routing: str = "delay",
@@ -183,8 +209,7 @@ def sweep_rate(plan: Plan | str, cluster: Cluster | str, workload_spec: Workload
     ``tolerance`` of its upper end or ``max_probes`` runs. ``on_probe(probe)`` sees each run.
     The scheduler options (``policy``, ``interleave`` and the rest) are simulate()'s.
     """
-    plan = load_plan(plan) if not isinstance(plan, Plan) else plan
-    cluster = load_cluster(cluster) if not isinstance(cluster, Cluster) else cluster
+    plan, cluster = _inputs(plan, cluster)
     if not slo:
         raise SpecError("a rate sweep needs an objective: a TTFT, TPOT or end-to-end SLO", field="slo")
     if percentile not in (50, 90, 99):

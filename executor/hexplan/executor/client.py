@@ -3,12 +3,53 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ._proto import hexplan_v1_pb2 as pb
 from ._proto import hexplan_v1_pb2_grpc as pbg
 from .wire import Tls, channel
+
+INFERENCE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+
+
+class WaitError(Exception):
+    """The target did not serve ``Inference`` in time, or serves something else: the message says
+    what it last answered."""
+
+
+def wait_until_serving(target: str, wait_s: float, tls: Tls | None = None, on_waiting=None,
+                       poll_s: float = 0.25) -> None:
+    """Poll the target's gRPC health service (grpc.health.v1) until it reports the Inference
+    service SERVING; raise WaitError when ``wait_s`` seconds pass first, or at once when the
+    target answers but serves no Inference (a node executor, say). ``on_waiting(problem)`` is
+    called once, when the first check finds it not serving yet. A fresh channel per check, so
+    gRPC's reconnect backoff never stretches the gaps between checks."""
+    deadline = time.monotonic() + wait_s
+    req = health_pb2.HealthCheckRequest(service=INFERENCE)
+    told = False
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            with channel(target, tls) as ch:
+                resp = health_pb2_grpc.HealthStub(ch).Check(req, timeout=max(0.05, min(1.0, left)))
+            if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+            problem = health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND:
+                raise WaitError(f"{target} answers but does not serve {INFERENCE}: is it a node executor? "
+                                "Give the gateway's address") from None
+            problem = f"{e.code().name}: {' '.join((e.details() or '').split())}"
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise WaitError(f"no gateway serving at {target} after {wait_s:g} s (last: {problem})")
+        if not told and on_waiting is not None:
+            on_waiting(problem)
+            told = True
+        time.sleep(min(poll_s, left))
 
 
 def generate(target: str, *, prompt: str = "", token_ids=None, max_new_tokens: int = 32, temperature: float = 0.0,
@@ -73,6 +114,16 @@ def run_prefill(args, tls: Tls | None, ids) -> int:
 def run_generate(args) -> int:
     tls = Tls(ca=args.tls_ca) if args.tls_ca else None
     ids = [int(x) for x in args.token_ids.split(",") if x.strip()] if args.token_ids else None
+    wait_s = getattr(args, "wait", 0) or 0
+    if wait_s > 0:
+        def waiting(problem):
+            print(f"hexplan: waiting up to {wait_s:g} s for the gateway at {args.target} to serve "
+                  f"({problem.split(':')[0]} for now)", file=sys.stderr, flush=True)
+        try:
+            wait_until_serving(args.target, wait_s, tls, on_waiting=waiting)
+        except WaitError as e:
+            print(f"hexplan: error: --wait {wait_s:g}: {e}", file=sys.stderr)
+            return 2
     if getattr(args, "prefill_only", False):
         return run_prefill(args, tls, ids)
     stream = None

@@ -15,7 +15,8 @@
   so steps cost about the same and no stage waits on a long one; a whole prompt when nothing
   is decoding; `_schedule_locked`). It then samples one token for each sequence whose context
   is now all cached (a prompt's last chunk, or a decode step), streams it, and retires finished
-  requests (their KV caches are released on every stage).
+  requests: their KV caches are released on every stage before their streams end, so a
+  finished response means its KV is freed.
 * Task-aware batching: prefill-only requests (``Prefill``: scoring, classification, embeddings)
   share the steps' prompt budget with generative prompts, in arrival order, but hold no KV
   slot: they are admitted even when the pipeline already holds ``concurrency`` generative
@@ -48,7 +49,8 @@ import grpc
 import torch
 
 from hexplan.dispatch import Dispatcher
-from hexplan.models import ModelSpec
+from hexplan.errors import SpecError
+from hexplan.models import ModelSpec, model_from_hf_config, read_hf_config
 from hexplan.plan import Plan
 from hexplan.validate import plan_assumptions
 
@@ -107,28 +109,24 @@ class Pipeline:
     served: int = 0            # requests ever routed here
 
 
-def check_checkpoint(checkpoint: str, model: ModelSpec) -> dict:
-    """Read config.json and compare its shape with the plan's model; returns the config."""
+def check_checkpoint(checkpoint: str, model: ModelSpec) -> tuple[dict, ModelSpec]:
+    """Read the checkpoint's config.json (hexplan.models, the one reader) and compare its shape
+    with the plan's model; returns the config and the checkpoint's model."""
     path = Path(checkpoint) / "config.json"
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise GatewayError(f"checkpoint {checkpoint}: no config.json") from None
-    except (OSError, ValueError) as e:
-        raise GatewayError(f"checkpoint {checkpoint}: cannot read config.json ({e})") from None
+        cfg = read_hf_config(path)
+        have = model_from_hf_config(cfg, name=Path(checkpoint).name or str(checkpoint), file=str(path))
+    except SpecError as e:
+        raise GatewayError(f"checkpoint {e}") from None
     pairs = [("num_hidden_layers", "num_layers"), ("hidden_size", "hidden_size"),
              ("intermediate_size", "intermediate_size"), ("num_attention_heads", "num_heads"),
              ("num_key_value_heads", "num_kv_heads"), ("vocab_size", "vocab_size")]
-    diffs = []
-    for ck, mk in pairs:
-        have = cfg.get(ck, cfg.get("num_attention_heads") if ck == "num_key_value_heads" else None)
-        want = getattr(model, mk)
-        if have != want:
-            diffs.append(f"{ck} {have} vs {want}")
+    diffs = [f"{ck} {getattr(have, mk)} vs {getattr(model, mk)}" for ck, mk in pairs
+             if getattr(have, mk) != getattr(model, mk)]
     if diffs:
         raise GatewayError(f"checkpoint {checkpoint} does not match the plan's model {model.name}: "
                            + ", ".join(diffs) + " (checkpoint vs plan)")
-    return cfg
+    return cfg, have
 
 
 def _load_tokenizer(checkpoint: str):
@@ -171,9 +169,11 @@ class Gateway:
         self.matmul_pieces = matmul_pieces   # slices of each TP row-parallel product (1: off)
         self.offloads = 0              # mlfq: KV caches moved to host memory
         self.dispatcher = Dispatcher.for_plan(plan, self.workload.output_tokens)
-        self.config = check_checkpoint(self.checkpoint, plan.model)
-        self.vocab = int(self.config["vocab_size"])
-        self.context_limit = int(self.config.get("max_position_embeddings") or plan.model.max_position_embeddings)
+        self.config, ckpt_model = check_checkpoint(self.checkpoint, plan.model)
+        self.vocab = ckpt_model.vocab_size
+        # the checkpoint's context, or the plan's when its config.json does not say
+        self.context_limit = (ckpt_model.max_position_embeddings if self.config.get("max_position_embeddings")
+                              else plan.model.max_position_embeddings)
         self.tokenizer = _load_tokenizer(self.checkpoint)
         self.cv = threading.Condition()
         self.stop_event = threading.Event()
@@ -300,7 +300,7 @@ class Gateway:
                     group.clear()
                 return
 
-    # ---- policy mlfq: skip-join multi-level feedback queue (executor/mlfq.py) ---------------
+    # ---- policy mlfq: skip-join multi-level feedback queue (hexplan/executor/mlfq.py) -------
     def _loop_mlfq(self, p: Pipeline, gi: int) -> None:
         """One micro-batch loop under mlfq: every step re-forms its batch from the pipeline's
         highest-priority waiting requests (not in another loop's step). A request not picked is
@@ -506,14 +506,21 @@ class Gateway:
             elif len(r.generated) >= r.sampling.max_new_tokens or len(r.context()) >= self.context_limit:
                 reason = "length"
             if reason:
-                r.events.put(("done", reason))
-                done.append(r)
+                done.append((r, reason))
         if done or dropped:
             with self.cv:
-                for r in done + dropped:
+                for r in [r for r, _ in done] + dropped:
                     r.finished = True
                     self._retire_locked(r)
-            self._release(p, done)
+            # A finished response means its KV cache is freed: the last token is already
+            # streamed, but the stream ends only once every stage has released the cache (a
+            # client that reads Stats when its stream ends sees it gone), and ends even if the
+            # release fails. Prefill-only results need no wait: their last chunk dropped the KV.
+            try:
+                self._release(p, [r for r, _ in done])
+            finally:
+                for r, reason in done:
+                    r.events.put(("done", reason))
         return True
 
     def _release(self, p: Pipeline, reqs: list[Request]) -> None:
@@ -523,7 +530,8 @@ class Gateway:
             self.stub(p.stages[0]).Release(pb.ReleaseRequest(request_ids=[r.id for r in reqs], downstream=p.stages[1:]),
                                            timeout=30)
         except grpc.RpcError as e:
-            log.warning("pipeline %d: release failed: %s", p.index, e.details())
+            log.warning("pipeline %d: release of %d request(s) failed (%s: %s); their KV may still be held",
+                        p.index, len(reqs), e.code().name, e.details())
 
     # ---- faults -------------------------------------------------------------------------
     def _pipeline_failed(self, p: Pipeline, running: list[Request], why: str) -> None:

@@ -26,9 +26,10 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-from .distributed import Pending, TPContext
+from hexplan.errors import SpecError
+from hexplan.models import model_from_hf_config, read_hf_config, rope_parameters
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+from .distributed import Pending, TPContext
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,10 @@ class SeqChunk:
 
 @dataclass(frozen=True)
 class ModelArgs:
-    """The shapes and constants of a checkpoint's config.json that the forward pass uses."""
+    """The shapes and constants of a checkpoint's config.json that the forward pass uses. Built
+    from the dict hexplan.models reads (``read_hf_config``): the shapes, norm epsilon and rope
+    base come from its ModelSpec; only what the planner does not need (activation, rope type,
+    o/mlp biases, sliding window) is read here."""
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -72,39 +76,35 @@ class ModelArgs:
         def bad(msg):
             return ValueError(f"config.json: {msg}")
 
-        def need(key):
-            if not isinstance(cfg.get(key), int) or cfg[key] <= 0:
-                raise bad(f"{key} must be a positive integer, got {cfg.get(key)!r}")
-            return cfg[key]
-        mt = cfg.get("model_type", "llama")
-        if mt not in SUPPORTED_MODEL_TYPES:
-            raise bad(f"model_type {mt!r} is not supported; use one of {', '.join(SUPPORTED_MODEL_TYPES)}")
+        try:
+            m = model_from_hf_config(cfg, name="checkpoint")
+            rope = rope_parameters(cfg)
+        except SpecError as e:
+            raise bad(str(e)) from None
         if cfg.get("hidden_act", "silu") != "silu":
             raise bad(f"hidden_act {cfg['hidden_act']!r} is not supported (SwiGLU needs 'silu')")
-        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default" or rope.get("partial_rotary_factor", 1.0) != 1.0:
             raise bad(f"rope {rope} is not supported; only default (unscaled, full) rotary embeddings")
-        if mt == "qwen2" and cfg.get("use_sliding_window"):
+        if m.model_type == "qwen2" and cfg.get("use_sliding_window"):
             raise bad("Qwen2 use_sliding_window is not supported")
-        heads = need("num_attention_heads")
-        llama_bias = mt == "llama" and bool(cfg.get("attention_bias"))   # Mistral: never
+        llama_bias = m.model_type == "llama" and m.attention_bias   # Mistral: never
         return cls(
-            model_type=mt,
-            vocab_size=need("vocab_size"),
-            hidden_size=need("hidden_size"),
-            intermediate_size=need("intermediate_size"),
-            num_layers=need("num_hidden_layers"),
-            num_heads=heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or need("hidden_size") // heads,
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0),
-            qkv_bias=llama_bias or mt == "qwen2",           # Qwen2: always, on q/k/v only
+            model_type=m.model_type,
+            vocab_size=m.vocab_size,
+            hidden_size=m.hidden_size,
+            intermediate_size=m.intermediate_size,
+            num_layers=m.num_layers,
+            num_heads=m.num_heads,
+            num_kv_heads=m.num_kv_heads,
+            head_dim=m.dim_head,
+            rms_norm_eps=m.rms_norm_eps,
+            rope_theta=m.rope_theta,
+            qkv_bias=llama_bias or m.model_type == "qwen2",   # Qwen2: always, on q/k/v only
             o_bias=llama_bias,
-            mlp_bias=bool(cfg.get("mlp_bias", False)) and mt == "llama",
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            sliding_window=cfg.get("sliding_window") if mt == "mistral" else None,
+            mlp_bias=bool(cfg.get("mlp_bias", False)) and m.model_type == "llama",
+            tie_word_embeddings=m.tie_word_embeddings,
+            sliding_window=cfg.get("sliding_window") if m.model_type == "mistral" else None,
         )
 
 
@@ -366,7 +366,7 @@ class StageModel(nn.Module):
              dtype=torch.float32, device="cpu") -> "StageModel":
         """Build on the meta device, read this rank's slices, move to ``device``."""
         ckpt = Path(checkpoint_dir)
-        config = json.loads((ckpt / "config.json").read_text(encoding="utf-8"))
+        config = read_hf_config(ckpt / "config.json")
         with torch.device("meta"):
             model = cls(config, shard, ctx)
         state = read_slices(ckpt, model.checkpoint_slices())

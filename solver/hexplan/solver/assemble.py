@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from hexplan.cluster import cluster_to_dict
 from hexplan.evaluate import evaluate_plan_pipelines, hop_shares, pipeline_overheads
 from hexplan.plan import Pipeline, Plan, Stage
 
@@ -66,10 +67,6 @@ def assemble_plan(problem: Problem, chains, bound: float, solver: dict) -> Plan:
     o = problem.options  # for the latency objective, the solver's problem carries the TPOT it reached
     assumptions = {"objective": o.objective, "slo_tpot_ms": o.slo_tpot_ms, "slo_ttft_ms": o.slo_ttft_ms,
                    "workload": problem.workload.to_dict(), "cost_params": o.params.to_dict()}
-    used = {s.node for p in pipelines for s in p.stages} | {cl.coordinator_node.name}
-    cluster_info = {"name": cl.name, "coordinator": cl.coordinator_node.name,
-                    "nodes": [{"name": n.name, "gpu": n.gpu.name, "count": n.count,
-                               **({"region": n.region} if n.region else {}),
-                               **({"address": n.address} if n.address else {})}
-                              for n in cl.nodes if n.name in used]}
+    # the nodes used, their network and GPU types as a cluster spec: the plan alone can be simulated
+    cluster_info = cluster_to_dict(cl, {s.node for p in pipelines for s in p.stages}, problem.model.name)
     return Plan(problem.model, tuple(pipelines), predicted, dict(solver), assumptions, cluster_info)
