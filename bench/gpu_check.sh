@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check for a lent GPU machine (device tool), one command well inside 10 minutes:
 #   bash bench/gpu_check.sh        (from the repository root; wheels for what the machine lacks in .whl/)
-# 1. the executor's tests on that machine's own torch and transformers, GPU hidden (their CPU
-#    paths: the lower end of the torch and transformers ranges in pyproject.toml);
+# 1. the executor's tests on that machine's own torch and transformers (2.11 and 5.17 when last
+#    read), GPU hidden: the evidence needed to lower torch's floor in pyproject.toml;
 # 2. bench/gpu_smoke.py: a two-stage pipeline on cuda:0 against transformers on the same GPU.
 # Results go to docs/dependencies.md (1) and docs/executor.md (2).
 set -uo pipefail
