@@ -374,7 +374,8 @@ def test_forward_constants_come_from_the_planners_reading_of_config_json(tmp_pat
          spec.tie_word_embeddings)
     hf_cfg = json.loads((tmp_path / "config.json").read_text())     # what transformers wrote
     assert args.rms_norm_eps == hf_cfg["rms_norm_eps"]
-    assert args.rope_theta == extra.get("rope_theta", (hf_cfg.get("rope_parameters") or {}).get("rope_theta"))
+    written = (hf_cfg.get("rope_parameters") or {}).get("rope_theta", hf_cfg.get("rope_theta"))  # 5.x / 4.x
+    assert written is not None and args.rope_theta == extra.get("rope_theta", written)
     assert (args.qkv_bias, args.o_bias, args.mlp_bias) == {"llama": (True, True, True), "qwen2": (True, False, False),
                                                            "mistral": (False, False, False)}[arch]
     assert args.sliding_window == (4 if arch == "mistral" else None)
