@@ -34,7 +34,7 @@ from .costmodel import CostParams, Workload
 from .errors import HexplanError, InfeasibleError, SpecError
 from .gpus import CATALOG as GPU_CATALOG, GpuType
 from .models import BUILTIN_MODELS, ModelSpec, load_model
-from .plan import Pipeline, Plan, Stage, load_plan, loads_plan, plan_cluster, with_cluster
+from .plan import Pipeline, Plan, Stage, load_plan, loads_plan, plan_cluster
 from .validate import PlanInvalid, check_plan, validate_plan
 
 __version__ = "0.1.0"
@@ -79,6 +79,6 @@ __all__ = [
     "BUILTIN_MODELS", "Cluster", "CostParams", "GPU_CATALOG", "GpuType", "HexplanError", "InfeasibleError",
     "Link", "ModelSpec", "Node", "Pipeline", "Plan", "PlanInvalid", "SpecError", "Stage", "Workload",
     "check_plan", "load_cluster", "load_model", "load_plan", "loads_cluster", "loads_plan", "plan_cluster", "solve",
-    "validate_plan", "with_cluster",
+    "validate_plan",
     "SimResult", "WorkloadSpec", "simulate",
 ]

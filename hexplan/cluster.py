@@ -350,7 +350,7 @@ def cluster_to_dict(cluster: Cluster, keep=None, model: str | None = None) -> di
     every pair of kept nodes) and the coordinator (named even when the spec left it implicit).
     Quantities are written with units, exactly (hexplan.units.exact_*). GPU types that differ
     from the catalog's are written in full; ``model`` keeps only that model's profiles.
-    A plan's ``cluster`` section is this dict of the nodes it uses (hexplan.plan.with_cluster).
+    A plan's ``cluster`` section is this dict of the nodes it uses (hexplan.solver.assemble writes it).
     """
     nodes = [n for n in cluster.nodes if keep is None or n.name in keep or n is cluster.coordinator_node]
     names = {n.name for n in nodes}

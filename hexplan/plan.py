@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 
 import yaml
 
-from .cluster import Cluster, cluster_from_dict, cluster_to_dict
+from .cluster import Cluster, cluster_from_dict
 from .errors import SpecError
 from .models import BUILTIN_MODELS, ModelSpec, load_model, model_from_dict
 from .yamlio import Locator, load_document, loads_document
@@ -50,7 +50,7 @@ class Plan:
     predicted: dict = field(default_factory=dict)
     solver: dict = field(default_factory=dict)
     assumptions: dict = field(default_factory=dict)
-    cluster: dict = field(default_factory=dict)   # a cluster spec of the nodes used (with_cluster)
+    cluster: dict = field(default_factory=dict)   # a cluster spec of the nodes used (cluster_to_dict)
 
     @property
     def throughput(self) -> float:
@@ -222,13 +222,6 @@ def plan_from_dict(data, loc: Locator | None = None) -> Plan:
     _check_cluster_section(mapping("cluster"), loc)
     return Plan(model, tuple(pipelines), mapping("predicted"), mapping("solver"),
                 mapping("assumptions"), mapping("cluster"))
-
-
-def with_cluster(plan: Plan, cluster: Cluster) -> Plan:
-    """``plan`` with a ``cluster`` section that records its nodes and the coordinator as a spec
-    (hexplan.cluster.cluster_to_dict), so the plan alone can be simulated (plan_cluster)."""
-    used = {s.node for p in plan.pipelines for s in p.stages}
-    return replace(plan, cluster=cluster_to_dict(cluster, used, plan.model.name))
 
 
 def plan_cluster(plan: Plan) -> Cluster:

@@ -8,7 +8,6 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -65,8 +64,7 @@ def test_import_hexplan_and_the_gateway_leave_the_simulator_alone():
             "print(first, mods(), hexplan.simulate.__module__)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split("]")[0] == "[", out.stdout              # import hexplan: no simulator
-    assert out.stdout.startswith("[] [] "), out.stdout             # the gateway: none either
+    assert out.stdout.startswith("[] [] "), out.stdout   # none after import hexplan, nor after the gateway
     assert out.stdout.strip().endswith("hexplan.simulator.run")    # and it loads on first use
 
 

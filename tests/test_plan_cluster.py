@@ -24,7 +24,7 @@ import yaml
 import hexplan
 from hexplan import SpecError, load_cluster, loads_cluster
 from hexplan.cluster import Cluster, cluster_from_dict, cluster_to_dict
-from hexplan.plan import loads_plan, plan_cluster, with_cluster
+from hexplan.plan import loads_plan, plan_cluster
 from hexplan.simulator import WorkloadSpec, simulate
 from hexplan.simulator.run import DEFAULT_LOAD, capacity_rate
 from hexplan.yamlio import Locator
@@ -124,7 +124,7 @@ def test_rebuilt_cluster_simulates_the_same(which, hexgen):
         plan, cluster = hexgen
     elif which == "odd":
         cluster = loads_cluster(ODD)
-        plan = with_cluster(hexplan.solve(cluster, "llama-2-7b", time_limit=2, backend="none"), cluster)
+        plan = hexplan.solve(cluster, "llama-2-7b", time_limit=2, backend="none")
     else:
         plan, cluster = solved(SPECS / f"{which}.yaml", "llama-30b" if which == "helix-24" else "llama-2-13b",
                                time_limit=2, backend="none")

@@ -94,6 +94,11 @@ class _Setup:
     slo: Slo
     predicted: float
 
+    def capacity_rate(self, spec: WorkloadSpec) -> float:
+        """Requests/s the plan is predicted to sustain: predicted output tokens/s over the mean
+        output length of ``spec`` (the plan's own when the spec leaves it)."""
+        return self.predicted / mean_output_tokens(spec, self.prompt, self.output)
+
 
 def _setup(plan, cluster, spec, slo, prefill_budget, loops, prefill_chunk=None, routing="delay",
            policy: _Policy = _Policy(), interleave: int | None = None) -> _Setup:
@@ -138,8 +143,7 @@ def capacity_rate(plan: Plan | str, cluster: Cluster | str | None, workload_spec
     of ``workload_spec`` (the plan's own when the spec leaves it). ``hexplan simulate`` without
     a rate runs at DEFAULT_LOAD of it."""
     plan, cluster = _inputs(plan, cluster)
-    s = _setup(plan, cluster, workload_spec, None, None, None, interleave=interleave)
-    return s.predicted / mean_output_tokens(workload_spec, s.prompt, s.output)
+    return _setup(plan, cluster, workload_spec, None, None, None, interleave=interleave).capacity_rate(workload_spec)
 
 
 def _run(s: _Setup, spec: WorkloadSpec, seed: int, keep_samples: bool) -> SimResult:
@@ -220,7 +224,7 @@ def sweep_rate(plan: Plan | str, cluster: Cluster | str | None, workload_spec: W
     s = _setup(plan, cluster, workload_spec, slo, prefill_budget, loops, prefill_chunk, routing,
                _Policy(policy, mlfq_levels, mlfq_quantum_s, mlfq_promote_s, offload_bandwidth), interleave)
     if start_rate is None:
-        start_rate = max(s.predicted, 1e-6) / mean_output_tokens(workload_spec, s.prompt, s.output)
+        start_rate = max(s.capacity_rate(workload_spec), 1e-6)
     probes: list[Probe] = []
 
     def probe(rate: float) -> bool:
