@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+from ..render import table as _table
 from .metrics import SimResult, Slo
 from .run import Probe, Sweep
 
@@ -16,13 +17,6 @@ def _f(v: float, scale: float = 1.0, digits: int = 3) -> str:
 
 def _s(t: float) -> str:
     return f"{t:.3g}" if t < 100 else f"{t:.0f}"
-
-
-def _table(header, rows) -> str:
-    cols = list(zip(*([header] + [tuple(str(x) for x in r) for r in rows])))
-    widths = [max(len(x) for x in c) for c in cols]
-    line = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip()
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
 def describe_workload(w: dict) -> str:
