@@ -126,7 +126,7 @@ def test_skip_join_picks_the_first_queue_whose_quantum_covers_the_prefill():
     levels = [e.join_level(0, p) for p in (16, 256, 512, 1024, 4000)]
     assert levels[0] == 0 and levels[-1] == 4                    # a long prompt joins a lower queue
     assert levels == sorted(levels) and levels[1] < levels[3]
-    q0 = e.pipes[0].q0
+    q0 = e.scheduler.pipes[0].q0
     for p, lv in zip((16, 256, 512, 1024, 4000), levels):         # the estimate is the cost model's
         est = e.prefill_estimate(0, p)
         assert est == pytest.approx(40 * e.pipes[0].kinds[0].prefill(p))

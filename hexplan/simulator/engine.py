@@ -59,8 +59,7 @@ from __future__ import annotations
 import heapq
 import math
 import random
-from bisect import bisect_left, bisect_right, insort
-from collections import deque
+from bisect import bisect_right
 from dataclasses import dataclass, field
 from itertools import accumulate
 
@@ -68,6 +67,7 @@ from ..cluster import Cluster
 from ..costmodel import (TOKEN_ID_BYTES, CostParams, Workload, decode_layer_time, lm_head_time,
                          local_kv_heads, prefill_layer_time, send_time)
 from ..dispatch import Dispatcher, skip_join_level  # noqa: F401  (skip_join_level: also used from here)
+from ..serving import DONE_OK, Scheduler, pipeline_configs
 from ..evaluate import splits
 from ..plan import Plan
 from .workload import RequestStream
@@ -75,9 +75,6 @@ from .workload import RequestStream
 ARRIVAL, STEP_DONE, RESUME = 0, 1, 2
 _CACHE_LIMIT = 200_000
 POLICIES = ("fcfs", "mlfq")
-NEW, RESIDENT, OFFLOADED, DONE = 0, 1, 2, 3     # mlfq: where a request's KV cache is
-_EPS = 1e-9
-PROMOTE_QUANTA = 100                            # mlfq: default promotion limit, in last-queue quanta
 
 
 @dataclass(frozen=True)
@@ -169,36 +166,9 @@ class _Kind:
         return t
 
 
-class _Loop:
-    __slots__ = ("k", "n_dec", "sum_p", "sum_j", "finish", "new", "pre")
-
-    def __init__(self):
-        self.k = 0          # index of the step in flight (steps completed so far)
-        self.n_dec = 0      # sequences past their prefill
-        self.sum_p = 0      # their prompt tokens
-        self.sum_j = 0      # the steps that prefilled them (context at step k: p + k - j)
-        self.finish: dict = {}   # step index -> requests whose last token it produces
-        self.new: list = []      # requests whose prefill the step in flight finishes
-        self.pre: deque = deque()  # [request, prompt tokens not yet prefilled], admission order
-
-
-class _MLoop:
-    """mlfq: what a loop's step in flight carries."""
-
-    __slots__ = ("decs", "chunks")
-
-    def __init__(self):
-        self.decs: list = []     # requests with one decode token in the step
-        self.chunks: list = []   # (request, prompt tokens) prefilled by the step
-
-
 class _Pipe:
     __slots__ = ("index", "stage_kind", "stage_layers", "kinds", "head", "head_cache", "links", "chain", "delay",
-                 "act_bytes", "batch", "conc", "kv_cap", "n_loops", "loops", "idle", "pending", "inflight",
-                 "kv_used", "n_sys", "chunk", "parts",
-                 # mlfq
-                 "q0", "quanta", "tok_s", "promote", "pre_est", "swap_s", "run_q", "new_q", "resident", "waitq",
-                 "free_dec", "n_busy")
+                 "act_bytes", "n_loops", "idle", "parts", "cur", "swap_s")
 
 
 class Engine:
@@ -254,15 +224,10 @@ class Engine:
                     delay.append(0.0)
             pp.chain, pp.delay = chain, delay
             pp.act_bytes = self.model.activation_bytes_per_token
-            pp.batch, pp.conc = workload.batch_size, workload.concurrency
-            pp.kv_cap = workload.concurrency * workload.context
-            pp.n_loops = options.loops or workload.micro_batches
-            pp.chunk = options.prefill_chunk or workload.prefill_chunk(len(nodes))
             # Interleaving: parts a step may be cut into (1: not cut; a single TP-1 stage has
             # nothing to overlap, as the executor decides)
             pp.parts = workload.interleave if splits([s.tp for s in pl.stages]) else 1
             self.pipes.append(pp)
-        self.whole = options.prefill_budget or workload.prompt_tokens
         self.shared = [u > 1 for u in users]
         self.n_res = len(users)
         self.weights = [max(0.0, p.weight) for p in plan.pipelines]
@@ -272,47 +237,58 @@ class Engine:
         if options.policy not in POLICIES:
             raise ValueError(f"policy must be 'fcfs' or 'mlfq', got {options.policy!r}")
         self.mlfq = options.policy == "mlfq"
-        if self.mlfq:
-            self._m_init(plan, cluster, workload)
+        self._check_mlfq_options()
+        # The schedule: the gateway's (hexplan.serving), from the same plan and workload.
+        self.configs = pipeline_configs(plan, workload, params, cluster, loops=options.loops,
+                                        prefill_chunk=options.prefill_chunk, prefill_budget=options.prefill_budget)
+        for pp, cfg, pl in zip(self.pipes, self.configs, plan.pipelines):
+            pp.n_loops = cfg.loops
+            # mlfq swap-in: every GPU of a stage brings back its own KV shard (its layers, its KV
+            # heads) over its own host link, in parallel with the other GPUs and stages.
+            pp.swap_s = [layers * 2 * local_kv_heads(self.model, s.tp) * self.model.dim_head
+                         * self.model.bytes_per_param / options.offload_bandwidth
+                         for layers, s in zip(pp.stage_layers, pl.stages)]
+        self.scheduler = self.new_scheduler()
+
+    def new_scheduler(self) -> Scheduler:
+        """A fresh scheduler for a run, configured as the gateway configures its own."""
+        o = self.options
+        return Scheduler(self.configs, o.policy, self.dispatcher, mlfq_levels=o.mlfq_levels,
+                         mlfq_quantum_s=o.mlfq_quantum_s, mlfq_promote_s=o.mlfq_promote_s)
+
+    def _check_mlfq_options(self) -> None:
+        o = self.options
+        if isinstance(o.mlfq_levels, bool) or not isinstance(o.mlfq_levels, int) or o.mlfq_levels < 1:
+            raise ValueError(f"mlfq_levels must be an integer >= 1, got {o.mlfq_levels!r}")
+        for name in ("mlfq_quantum_s", "mlfq_promote_s", "offload_bandwidth"):
+            v = getattr(o, name)
+            if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf):
+                raise ValueError(f"{name} must be a positive number, got {v!r}")
+
+    def prefill_estimate(self, pipe_index: int, prompt: int) -> float:
+        """Seconds to prefill a prompt on a pipeline: sum over stages of layers x prefill_layer_time."""
+        return self.configs[pipe_index].prefill_s(prompt)
+
+    def join_level(self, pipe_index: int, prompt: int) -> int:
+        """The queue a new request with this prompt joins on a pipeline (mlfq skip-join)."""
+        return self.scheduler.join_level(pipe_index, prompt)
 
     # ---- one run ------------------------------------------------------------------------
     def run(self, stream: RequestStream, window: tuple[float, float], seed: int = 0) -> EngineStats:
-        mlfq = self.mlfq
+        sched = self.sched = self.new_scheduler()
         for pipe in self.pipes:
-            pipe.loops = [_MLoop() if mlfq else _Loop() for _ in range(pipe.n_loops)]
             pipe.idle = list(range(pipe.n_loops))   # a heap: the lowest idle loop is woken first
-            pipe.pending = deque()
-            pipe.inflight = pipe.kv_used = pipe.n_sys = 0
-            if mlfq:
-                # Each queue (level) in two parts, both in queue order: requests admitted
-                # once (resident or offloaded; a sorted list of (queue seq, request)) and
-                # requests never admitted (a dict: it keeps insertion order), so that a step
-                # can pass over the waiting ones at once when no prompt could join it.
-                pipe.run_q = [[] for _ in pipe.quanta]
-                pipe.new_q = [{} for _ in pipe.quanta]
-                pipe.resident = {}                         # requests holding KV on the GPUs
-                pipe.waitq = deque()                       # (since, request): candidates for promotion
-                pipe.free_dec = pipe.n_busy = 0
-        if mlfq:
-            self.level: list[int] = []
-            self.used: list[float] = []
-            self.qseq: list[int] = []
-            self.rem: list[int] = []
-            self.gen: list[int] = []
-            self.state: list[int] = []
-            self.busy_r: list[bool] = []
-            self.last_seen: list[float] = []
-            self.n_enq = 0
+            pipe.cur = [None] * pipe.n_loops        # each loop's step in flight
         self.free = [0.0] * self.n_res
         self.busy = [0.0] * self.n_res
         self.heap: list = []
         self.seq = 0
         self.w0, self.w1 = window
         self.stream = stream
-        self.prompt: list[int] = []
-        self.output: list[int] = []
+        self.prompt = sched.prompt
         self.arrival: list[float] = []
         self.first: list[float] = []
+        self.output: list[int] = []
         st = self.stats = EngineStats(window=window, policy=self.options.policy)
         n = len(self.pipes)
         st.pipe_tokens, st.pipe_completed, st.pipe_routed = [0] * n, [0] * n, [0] * n
@@ -322,8 +298,6 @@ class Engine:
         total = cum[-1]
         route = random.Random(f"{seed}:routing")
         by_delay = self.options.routing == "delay"
-        choose = self.dispatcher.choose
-        kv_cap = self.pipes[0].kv_cap
         horizon = stream.horizon if stream.horizon > 0 else math.inf
 
         nxt = stream.next()
@@ -331,7 +305,7 @@ class Engine:
             self._push(nxt[0], ARRIVAL, nxt, None)
         heap, pipes = self.heap, self.pipes
         pop = heapq.heappop
-        step_done = self._m_step_done if mlfq else self._step_done
+        add, fits = sched.add, sched.fits
         now = 0.0
         while heap:
             ev = pop(heap)
@@ -341,7 +315,7 @@ class Engine:
                 break
             code = ev[2]
             if code == STEP_DONE:
-                step_done(ev[3], ev[4], now)
+                self._step_done(ev[3], ev[4], now)
             elif code == RESUME:
                 pipe, g, svc, last = ev[3]
                 self._walk(pipe, g, svc, ev[4], now, now, last)
@@ -353,27 +327,19 @@ class Engine:
                 st.arrived += 1
                 if self.w0 <= now <= self.w1:
                     st.arrived_in_window += 1
-                if p + o > kv_cap:
+                if not fits(p, o):
                     st.rejected += 1
                     continue
-                r = len(self.arrival)
                 self.arrival.append(t)
-                self.prompt.append(p)
                 self.output.append(o)
                 self.first.append(math.nan)
-                if by_delay:
-                    pi = choose([q.n_sys for q in pipes])
-                else:
-                    pi = min(bisect_right(cum, route.random() * total), n - 1)
-                pipe = pipes[pi]
-                pipe.n_sys += 1
+                # o == 0: a prefill-only request (scoring, embeddings), as the gateway's Prefill
+                pi = None if by_delay else min(bisect_right(cum, route.random() * total), n - 1)
+                r = add(p, o, now, o == 0, pi)
+                pi = sched.pipe_of[r]
                 st.pipe_routed[pi] += 1
                 self._count(now, +1)
-                if mlfq:
-                    self._m_arrive(pipe, r, now)
-                    continue
-                pipe.pending.append(r)
-                self._wake(pipe, now)
+                self._wake(pipes[pi], now)
         if horizon < math.inf:
             now = horizon          # the window runs to the end of the traffic, idle or not
         st.end_time = now
@@ -386,6 +352,8 @@ class Engine:
         for rid, name in enumerate(self.res_names):
             if name:
                 st.link_busy[name] = self.busy[rid]
+        st.offloads, st.swap_ins, st.preemptions = sched.offloads, sched.swap_ins, sched.preemptions
+        st.demotions, st.promotions = sched.demotions, sched.promotions
         return st
 
     def _push(self, t, code, a, b):
@@ -401,89 +369,52 @@ class Engine:
         self.in_system += delta
 
     def _wake(self, pipe: _Pipe, now: float) -> None:
-        while pipe.idle and pipe.pending:
-            g = heapq.heappop(pipe.idle)
+        idle, runnable, i = pipe.idle, self.sched.runnable, pipe.index
+        while idle and runnable(i):
+            g = heapq.heappop(idle)
             if not self._start(pipe, g, now):
                 break
 
     # ---- a step -------------------------------------------------------------------------
     def _start(self, pipe: _Pipe, g: int, now: float) -> bool:
-        """Admit into loop g and send its step down the pipeline; False when it has nothing to run."""
-        lp = pipe.loops[g]
-        n_dec = lp.n_dec
-        pre = lp.pre
-        prompt = self.prompt
-        # Chunked prefill: the step carries up to `budget` prompt tokens, first for prompts
-        # already being prefilled, then for newly admitted ones. With nothing decoding, the
-        # first prompt goes whole (nothing to stall).
-        budget = pipe.chunk
-        if not n_dec:
-            first = pre[0][1] if pre else (prompt[pipe.pending[0]] if pipe.pending else 0)
-            budget = max(budget, self.whole, first)
-        chunks = []                          # (request, tokens) in this step
-        new = []                             # requests whose prompt this step finishes
-        for item in pre:
-            if budget <= 0:
-                break
-            take = item[1] if item[1] < budget else budget
-            chunks.append((item[0], take))
-            budget -= take
-            item[1] -= take
-        while pre and pre[0][1] == 0:
-            new.append(pre.popleft()[0])
-        room = pipe.batch - n_dec - len(pre) - len(new)
-        pend = pipe.pending
-        if room > 0 and pend and budget > 0:
-            output = self.output
-            while pend and room > 0 and budget > 0 and pipe.inflight < pipe.conc:
-                r = pend[0]
-                p = prompt[r]
-                need = p + output[r]
-                if pipe.kv_used + need > pipe.kv_cap:
-                    break
-                pend.popleft()
-                take = p if p < budget else budget
-                chunks.append((r, take))
-                budget -= take
-                if take == p:
-                    new.append(r)
-                else:
-                    pre.append([r, p - take])
-                room -= 1
-                pipe.inflight += 1
-                pipe.kv_used += need
-        if not chunks and not n_dec:
+        """Ask the scheduler for loop g's next step and send it down the pipeline; False when
+        it has nothing to run."""
+        step = self.sched.schedule(now, pipe.index, g)
+        if step is None or not (step.decode or step.prefill):
             heapq.heappush(pipe.idle, g)
             return False
-        lp.new = new
-        n_new = len(new)
+        pipe.cur[g] = step
+        n_dec = len(step.decode)
+        chunks = step.prefill
+        nlog = step.logits
+        swap_tok = step.restored_tokens
         if pipe.parts > 1 and n_dec + len(chunks) > 1:
-            self._send_parts(pipe, g, n_dec, lp.sum_p + n_dec * lp.k - lp.sum_j, chunks, n_dec + n_new, 0, now)
+            self._send_parts(pipe, g, n_dec, step.decode_context, chunks, nlog, swap_tok, now)
             return True
-        per_layer = self._layer_times(pipe, n_dec, lp.sum_p + n_dec * lp.k - lp.sum_j, chunks)
-        tokens_in = n_dec + sum(take for _, take in chunks)
+        per_layer = self._layer_times(pipe, n_dec, step.decode_context, chunks)
+        tokens_in = n_dec
+        for c in chunks:
+            tokens_in += c[2]
         links = pipe.links
-        lk = links[0]
         # Links: the message holds the link for bytes / bandwidth (send_time without latency);
         # the latency is added after it (pipe.delay), so back-to-back messages overlap in flight.
-        svc = [send_time(TOKEN_ID_BYTES * tokens_in, lk.bandwidth, 0.0)]
+        svc = [send_time(TOKEN_ID_BYTES * tokens_in, links[0].bandwidth, 0.0)]
         last = len(pipe.stage_layers) - 1
         act = tokens_in * pipe.act_bytes
         for i, layers in enumerate(pipe.stage_layers):
             t = layers * per_layer[pipe.stage_kind[i]]
+            if swap_tok:
+                t += swap_tok * pipe.swap_s[i]
             if i == last:
-                nlog = n_dec + n_new   # positions that need logits
                 h = pipe.head_cache.get(nlog)
                 if h is None:
                     gpu, tp = pipe.head
                     h = pipe.head_cache[nlog] = lm_head_time(self.model, gpu, tp, nlog, self.params)
                 svc.append(t + h)
-                lk = links[i + 1]
-                svc.append(send_time(TOKEN_ID_BYTES * nlog, lk.bandwidth, 0.0))
+                svc.append(send_time(TOKEN_ID_BYTES * nlog, links[i + 1].bandwidth, 0.0))
             else:
                 svc.append(t)
-                lk = links[i + 1]
-                svc.append(send_time(act, lk.bandwidth, 0.0))
+                svc.append(send_time(act, links[i + 1].bandwidth, 0.0))
         self._walk(pipe, g, svc, 0, now, now)
         return True
 
@@ -496,8 +427,9 @@ class Engine:
         per_layer = []
         for kind in pipe.kinds:
             t = kind.decode(n_dec, ctx_sum) if n_dec else 0.0
-            for r, take in chunks:
-                p = prompt[r]
+            for c in chunks:
+                p = prompt[c[0]]
+                take = c[2]
                 t += kind.prefill(p) if take == p else kind.prefill(p) * take / p
             per_layer.append(t)
         return per_layer
@@ -540,11 +472,11 @@ class Engine:
         per_layer = []
         for kind in pipe.kinds:
             t = kind.decode_parts(n_dec, ctx_sum, parts) if n_dec else 0.0
-            for r, take in chunks:
-                p = prompt[r]
-                t += kind.prefill_parts(p, parts) * take / p
+            for c in chunks:
+                p = prompt[c[0]]
+                t += kind.prefill_parts(p, parts) * c[2] / p
             per_layer.append(t)
-        tokens_in = n_dec + sum(take for _, take in chunks)
+        tokens_in = n_dec + sum(c[2] for c in chunks)
         links = pipe.links
         first = send_time(TOKEN_ID_BYTES * tokens_in, links[0].bandwidth, 0.0)
         last = len(pipe.stage_layers) - 1
@@ -572,48 +504,26 @@ class Engine:
 
     def _step_done(self, pipe: _Pipe, g: int, now: float) -> None:
         st = self.stats
-        lp = pipe.loops[g]
-        k = lp.k
-        new = lp.new
-        ntok = lp.n_dec + len(new)
+        step = pipe.cur[g]
+        pipe.cur[g] = None
+        done = self.sched.update(step, DONE_OK, now)
         st.steps += 1
         in_window = self.w0 <= now <= self.w1
         if in_window:
+            ntok = step.logits - len(step.dropped)
             st.tokens_in_window += ntok
             st.pipe_tokens[pipe.index] += ntok
-        prompt, output = self.prompt, self.output
-        for r in new:
-            self.first[r] = now
-            o = output[r]
-            if o == 1:
-                self._complete(pipe, r, now, in_window)
-                continue
-            lp.n_dec += 1
-            lp.sum_p += prompt[r]
-            lp.sum_j += k
-            f = k + o - 1
-            lst = lp.finish.get(f)
-            if lst is None:
-                lp.finish[f] = [r]
-            else:
-                lst.append(r)
-        lp.new = []
-        done = lp.finish.pop(k, None)
-        if done:
-            for r in done:
-                lp.n_dec -= 1
-                lp.sum_p -= prompt[r]
-                lp.sum_j -= k - output[r] + 1
-                self._complete(pipe, r, now, in_window)
-        lp.k = k + 1
+        first = self.first
+        for c in step.prefill:
+            if c[3]:
+                first[c[0]] = now
+        for r in done:
+            self._complete(pipe, r, now, in_window)
         self._start(pipe, g, now)
-        if pipe.pending and pipe.idle:
+        if pipe.idle and self.sched.runnable(pipe.index):
             self._wake(pipe, now)
 
     def _complete(self, pipe: _Pipe, r: int, now: float, in_window: bool) -> None:
-        pipe.inflight -= 1
-        pipe.n_sys -= 1
-        pipe.kv_used -= self.prompt[r] + self.output[r]
         self._count(now, -1)
         if in_window:
             st = self.stats
@@ -622,339 +532,3 @@ class Engine:
             st.e2e.append(now - a)
             st.tpot.append((now - f) / (o - 1) if o > 1 else math.nan)
             st.pipe_completed[pipe.index] += 1
-
-    # ---- mlfq: FastServe's skip-join multi-level feedback queue ----------------------------
-    def _m_init(self, plan: Plan, cluster: Cluster, workload: Workload) -> None:
-        """Per pipeline: the quanta, the per-token service charge, the promotion limit and the
-        swap-in time per token of context on each stage."""
-        o = self.options
-        if isinstance(o.mlfq_levels, bool) or not isinstance(o.mlfq_levels, int) or o.mlfq_levels < 1:
-            raise ValueError(f"mlfq_levels must be an integer >= 1, got {o.mlfq_levels!r}")
-        for name in ("mlfq_quantum_s", "mlfq_promote_s", "offload_bandwidth"):
-            v = getattr(o, name)
-            if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf):
-                raise ValueError(f"{name} must be a positive number, got {v!r}")
-        model = self.model
-        for pipe, pl in zip(self.pipes, plan.pipelines):
-            # One decode step of B sequences at the workload's mean context through every
-            # stage (the cost model's decode_layer_time, in parts when interleaved; no LM head,
-            # no links): what each sequence in a step spends of its quantum per decode token,
-            # and the top quantum.
-            step = 0.0
-            for i, layers in enumerate(pipe.stage_layers):
-                k = pipe.kinds[pipe.stage_kind[i]]
-                step += layers * decode_layer_time(model, k.gpu, k.tp, workload.batch_size,
-                                                   workload.mean_decode_context, k.ic, k.params,
-                                                   min(pipe.parts, workload.batch_size))
-            pipe.tok_s = step
-            pipe.q0 = o.mlfq_quantum_s or step
-            pipe.quanta = [pipe.q0 * 2 ** i for i in range(o.mlfq_levels)]
-            pipe.promote = o.mlfq_promote_s or PROMOTE_QUANTA * pipe.quanta[-1]
-            pipe.pre_est = {}
-            # Swap-in: every GPU of a stage brings back its own KV shard (its layers, its KV
-            # heads) over its own host link, in parallel with the other GPUs and stages.
-            pipe.swap_s = [layers * 2 * local_kv_heads(model, s.tp) * model.dim_head * model.bytes_per_param
-                           / o.offload_bandwidth for layers, s in zip(pipe.stage_layers, pl.stages)]
-
-    def prefill_estimate(self, pipe_index: int, prompt: int) -> float:
-        """Seconds to prefill a prompt on a pipeline: sum over stages of layers x prefill_layer_time."""
-        return self._m_pre(self.pipes[pipe_index], prompt)
-
-    def join_level(self, pipe_index: int, prompt: int) -> int:
-        """The queue a new request with this prompt joins on a pipeline (skip-join)."""
-        pipe = self.pipes[pipe_index]
-        return skip_join_level(self._m_pre(pipe, prompt), pipe.q0, len(pipe.quanta))
-
-    def _m_pre(self, pipe: _Pipe, p: int) -> float:
-        t = pipe.pre_est.get(p)
-        if t is None:
-            kinds, sk = pipe.kinds, pipe.stage_kind
-            t = pipe.pre_est[p] = sum(layers * kinds[sk[i]].prefill(p) for i, layers in enumerate(pipe.stage_layers))
-        return t
-
-    def _m_enqueue(self, pipe: _Pipe, r: int, level: int) -> None:
-        """To the back of queue ``level``."""
-        self.level[r] = level
-        self.n_enq += 1
-        self.qseq[r] = self.n_enq
-        if self.state[r] == NEW:
-            pipe.new_q[level][r] = None
-        else:
-            pipe.run_q[level].append((self.n_enq, r))
-
-    def _m_dequeue(self, pipe: _Pipe, r: int) -> None:
-        lv = self.level[r]
-        if self.state[r] == NEW:
-            del pipe.new_q[lv][r]
-        else:
-            q = pipe.run_q[lv]
-            del q[bisect_left(q, (self.qseq[r], r))]
-
-    def _m_admitted(self, pipe: _Pipe, r: int) -> None:
-        """A new request got its KV cache: from the waiting part of its queue to the admitted
-        part, at its place in the queue order."""
-        lv = self.level[r]
-        del pipe.new_q[lv][r]
-        insort(pipe.run_q[lv], (self.qseq[r], r))
-
-    def _m_order(self, pipe: _Pipe, ctl: list):
-        """Requests in priority order: queue by queue, each in queue order; the never-admitted
-        ones only while ``ctl[0]`` (a prompt could still join the step). Once ``ctl[1]`` (a
-        request without KV did not fit: none after it may take KV), only the resident
-        requests after that point, sorted (few: the KV cache bounds them)."""
-        qseq = self.qseq
-        last = None
-        for run, new in zip(pipe.run_q, pipe.new_q):
-            ita = iter(run)
-            a = next(ita, None)
-            f = None
-            if new and ctl[0]:
-                itn = iter(new)
-                f = next(itn, None)
-            while not ctl[1]:
-                if f is not None and not ctl[0]:
-                    f = None
-                if f is None and a is None:
-                    break
-                if f is not None and (a is None or qseq[f] < a[0]):
-                    last = f
-                    yield f
-                    f = next(itn, None)
-                else:
-                    last = a[1]
-                    yield last
-                    a = next(ita, None)
-            if ctl[1]:
-                break
-        else:
-            return
-        level, busy = self.level, self.busy_r
-        key = (level[last], qseq[last])
-        rest = [(level[x], qseq[x], x) for x in pipe.resident if not busy[x]]
-        rest.sort()
-        for lv, q, x in rest:
-            if (lv, q) > key:
-                yield x
-
-    def _m_arrive(self, pipe: _Pipe, r: int, now: float) -> None:
-        p = self.prompt[r]
-        self.level.append(0)
-        self.qseq.append(0)
-        self.used.append(0.0)
-        self.rem.append(p)
-        self.gen.append(0)
-        self.state.append(NEW)
-        self.busy_r.append(False)
-        self.last_seen.append(now)
-        self._m_enqueue(pipe, r, skip_join_level(self._m_pre(pipe, p), pipe.q0, len(pipe.quanta)))
-        pipe.waitq.append((now, r))
-        self._m_wake(pipe, now)
-
-    def _m_wake(self, pipe: _Pipe, now: float) -> None:
-        idle = pipe.idle
-        while idle and pipe.n_sys > pipe.n_busy:
-            g = heapq.heappop(idle)
-            if not self._m_start(pipe, g, now):
-                break
-
-    def _m_promote(self, pipe: _Pipe, now: float) -> None:
-        """Requests that waited (were in no step) longer than the promotion limit go to the
-        back of the top queue with a fresh quantum."""
-        wq, lim = pipe.waitq, now - pipe.promote
-        busy, state, last_seen, level = self.busy_r, self.state, self.last_seen, self.level
-        while wq and wq[0][0] < lim:
-            t, r = wq.popleft()
-            if busy[r] or state[r] == DONE or last_seen[r] != t:
-                continue           # it ran since
-            if level[r]:
-                self._m_dequeue(pipe, r)
-                self.used[r] = 0.0
-                self._m_enqueue(pipe, r, 0)
-                self.stats.promotions += 1
-
-    def _m_evict(self, pipe: _Pipe, r: int, need: int) -> bool:
-        """Make room for ``need`` KV tokens by offloading the lowest-priority preempted
-        requests of lower priority than r; False (and nothing offloaded) if they cannot."""
-        level, qseq, busy, prompt, output = self.level, self.qseq, self.busy_r, self.prompt, self.output
-        key = (level[r], qseq[r])
-        cands = [x for x in pipe.resident if not busy[x] and (level[x], qseq[x]) > key]
-        room = pipe.kv_cap - pipe.kv_used
-        if room + sum(prompt[x] + output[x] for x in cands) < need:
-            return False
-        cands.sort(key=lambda x: (level[x], qseq[x]), reverse=True)
-        st = self.stats
-        for x in cands:
-            if room >= need:
-                break
-            kv = prompt[x] + output[x]
-            pipe.kv_used -= kv
-            room += kv
-            self.state[x] = OFFLOADED
-            del pipe.resident[x]
-            st.offloads += 1
-        return True
-
-    def _m_start(self, pipe: _Pipe, g: int, now: float) -> bool:
-        """Form loop g's next batch from the highest-priority requests not in another loop's
-        step and send it down the pipeline; False when nothing can run."""
-        if pipe.waitq and pipe.waitq[0][0] < now - pipe.promote:
-            self._m_promote(pipe, now)
-        prompt, output, rem, state, busy = self.prompt, self.output, self.rem, self.state, self.busy_r
-        B = pipe.batch
-        budget = pipe.chunk
-        whole_first = pipe.free_dec == 0   # nothing to decode: the first prompt goes whole (as fcfs)
-        decs: list = []
-        chunks: list = []
-        n_fin = 0                          # prompts the step finishes (they need logits)
-        swap_tok = 0                       # context tokens brought back from host memory
-        blocked = False                    # a request without KV did not fit: none after it gets any
-        ctl = [True, False]                # a never-admitted request could still join; blocked
-        admitted = []
-        n = 0
-        for r in self._m_order(pipe, ctl):
-            if busy[r]:
-                continue
-            left = rem[r]
-            if left and budget <= 0 and not whole_first:
-                continue
-            s = state[r]
-            if s != RESIDENT:
-                if blocked:
-                    continue
-                need = prompt[r] + output[r]
-                if pipe.kv_used + need > pipe.kv_cap and not (s == NEW and self._m_evict(pipe, r, need)):
-                    blocked = True
-                    ctl[0], ctl[1] = False, True
-                    continue
-                pipe.kv_used += need
-                pipe.resident[r] = None
-                state[r] = RESIDENT
-                if s == NEW:
-                    pipe.inflight += 1
-                    admitted.append(r)
-                else:
-                    swap_tok += prompt[r] - left + self.gen[r]
-                    self.stats.swap_ins += 1
-            if left:
-                if whole_first:
-                    budget = max(budget, self.whole, left)
-                    whole_first = False
-                take = left if left < budget else budget
-                budget -= take
-                chunks.append((r, take))
-                if take == left:
-                    n_fin += 1
-                if budget <= 0:
-                    ctl[0] = False
-            else:
-                decs.append(r)
-            busy[r] = True
-            n += 1
-            if n >= B:
-                break
-        for r in admitted:
-            self._m_admitted(pipe, r)
-        if not n:
-            heapq.heappush(pipe.idle, g)
-            return False
-        pipe.n_busy += n
-        n_dec = len(decs)
-        pipe.free_dec -= n_dec
-        lp = pipe.loops[g]
-        lp.decs, lp.chunks = decs, chunks
-        gen = self.gen
-        if pipe.parts > 1 and n > 1:
-            self._send_parts(pipe, g, n_dec, sum(prompt[r] + gen[r] for r in decs), chunks, n_dec + n_fin, swap_tok, now)
-            return True
-        per_layer = self._layer_times(pipe, n_dec, sum(prompt[r] + gen[r] for r in decs), chunks)
-        tokens_in = n_dec + sum(take for _, take in chunks)
-        links = pipe.links
-        svc = [send_time(TOKEN_ID_BYTES * tokens_in, links[0].bandwidth, 0.0)]
-        last = len(pipe.stage_layers) - 1
-        act = tokens_in * pipe.act_bytes
-        for i, layers in enumerate(pipe.stage_layers):
-            t = layers * per_layer[pipe.stage_kind[i]]
-            if swap_tok:
-                t += swap_tok * pipe.swap_s[i]
-            if i == last:
-                nlog = n_dec + n_fin
-                h = pipe.head_cache.get(nlog)
-                if h is None:
-                    gpu, tp = pipe.head
-                    h = pipe.head_cache[nlog] = lm_head_time(self.model, gpu, tp, nlog, self.params)
-                svc.append(t + h)
-                svc.append(send_time(TOKEN_ID_BYTES * nlog, links[i + 1].bandwidth, 0.0))
-            else:
-                svc.append(t)
-                svc.append(send_time(act, links[i + 1].bandwidth, 0.0))
-        self._walk(pipe, g, svc, 0, now, now)
-        return True
-
-    def _m_step_done(self, pipe: _Pipe, g: int, now: float) -> None:
-        st = self.stats
-        lp = pipe.loops[g]
-        prompt, output, rem, gen, used = self.prompt, self.output, self.rem, self.gen, self.used
-        st.steps += 1
-        in_window = self.w0 <= now <= self.w1
-        ntok = 0
-        cont = []
-        # Service: a prompt chunk costs its share of the prompt's estimated prefill, a decode
-        # token one decode step of the pipeline (pipe.tok_s): every sequence of a step spends it.
-        for r, take in lp.chunks:
-            p = prompt[r]
-            used[r] += self._m_pre(pipe, p) * take / p
-            left = rem[r] - take
-            rem[r] = left
-            if left:
-                cont.append(r)
-                continue
-            self.first[r] = now
-            gen[r] = 1
-            ntok += 1
-            if output[r] == 1:
-                self._m_finish(pipe, r, now, in_window)
-                continue
-            pipe.free_dec += 1
-            cont.append(r)
-        tok_s = pipe.tok_s
-        for r in lp.decs:
-            k = gen[r] + 1
-            gen[r] = k
-            ntok += 1
-            if k == output[r]:
-                self._m_finish(pipe, r, now, in_window)
-                continue
-            used[r] += tok_s
-            pipe.free_dec += 1
-            cont.append(r)
-        pipe.n_busy -= len(lp.chunks) + len(lp.decs)
-        lp.decs, lp.chunks = [], []
-        if in_window:
-            st.tokens_in_window += ntok
-            st.pipe_tokens[pipe.index] += ntok
-        busy, level, quanta = self.busy_r, self.level, pipe.quanta
-        last = len(quanta) - 1
-        waitq, last_seen = pipe.waitq, self.last_seen
-        for r in cont:
-            busy[r] = False
-            last_seen[r] = now
-            waitq.append((now, r))
-            lv = level[r]
-            if used[r] >= quanta[lv] * (1 - _EPS):   # quantum used: next queue (the last: its back)
-                used[r] = 0.0
-                self._m_dequeue(pipe, r)
-                if lv < last:
-                    lv += 1
-                    st.demotions += 1
-                self._m_enqueue(pipe, r, lv)
-        self._m_start(pipe, g, now)
-        if pipe.idle and pipe.n_sys > pipe.n_busy:
-            self._m_wake(pipe, now)
-        st.preemptions += sum(1 for r in cont if not busy[r])
-
-    def _m_finish(self, pipe: _Pipe, r: int, now: float, in_window: bool) -> None:
-        self._m_dequeue(pipe, r)
-        del pipe.resident[r]
-        self.state[r] = DONE
-        self.busy_r[r] = False
-        self._complete(pipe, r, now, in_window)

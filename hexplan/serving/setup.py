@@ -1,0 +1,111 @@
+"""How each pipeline of a plan is scheduled: micro-batch loops, their size, the KV budget, the
+prefill chunk and the service estimates mlfq charges. The gateway and the simulator both call
+``pipeline_configs``, so they schedule a plan the same way.
+
+Where the numbers come from:
+
+* A plan with a ``workload`` section (what ``hexplan solve`` writes; an explicit override):
+  ``ceil(concurrency / batch_size)`` loops of ``batch_size`` sequences, at most ``concurrency``
+  in flight, the schedule the planner's predictions assume.
+* A plan without one (what a user writes first: ``model`` and ``pipelines``): the schedule is
+  chosen from the pipeline itself. One loop per stage, so that while one micro-batch is on a
+  stage the others have one each and no stage queues behind another loop's step (a one-stage
+  pipeline runs one loop: more would only queue at its one worker, measured 60.7 against 87.3
+  tokens/s in docs/executor-benchmark.md); each of ``batch_size`` sequences (16), so ``concurrency = loops x batch``.
+* KV budget: ``concurrency x (prompt + output tokens)`` of the workload, at least one request
+  of the model's full context. A request reserves its prompt plus ``max_new_tokens``.
+* Service estimates (mlfq's quanta, skip-join and charge): the cost model on the plan's cluster
+  when it is known (the simulator's, or the plan's own ``cluster`` section), else the plan's
+  predicted TTFT and TPOT, else 50 ms per step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ..costmodel import CostParams, Workload, decode_layer_time, prefill_layer_time
+from ..evaluate import splits
+from ..plan import Plan
+
+DEFAULT_STEP_S = 0.05     # a step's duration when nothing better is known (mlfq quantum, estimates)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """How one pipeline is scheduled (``Scheduler``'s input)."""
+
+    stages: int
+    loops: int                 # micro-batch loops (steps in flight at once)
+    batch: int                 # sequences in one step at most
+    concurrency: int           # generative sequences holding KV at most
+    kv_tokens: int             # KV cache tokens reserved for them
+    chunk: int                 # prompt tokens of a step whose loop has sequences decoding
+    whole: int                 # prompt tokens of a step with nothing decoding (the first prompt goes whole anyway)
+    weight: float = 1.0
+    decode_s: float = DEFAULT_STEP_S            # estimated seconds of one decode step (mlfq: per-token charge)
+    prefill_s: Callable[[int], float] | None = None   # estimated seconds to prefill a prompt of n tokens
+
+
+def has_workload(plan: Plan) -> bool:
+    """Whether the plan states the workload it was made for (an explicit schedule)."""
+    return bool((plan.assumptions or {}).get("workload"))
+
+
+def pipeline_configs(plan: Plan, workload: Workload, params: CostParams | None = None, cluster=None, *,
+                     loops: int | None = None, prefill_chunk: int | None = None,
+                     prefill_budget: int | None = None, batch: int | None = None,
+                     concurrency: int | None = None) -> list[PipelineConfig]:
+    """One PipelineConfig per pipeline of ``plan`` (module docstring). ``workload``: the plan's
+    (hexplan.validate.plan_assumptions); ``cluster``: for the cost model's estimates (None:
+    the plan's predictions). Keyword arguments override the schedule."""
+    explicit = has_workload(plan)
+    params = params or CostParams()
+    model = plan.model
+    out = []
+    for p in plan.pipelines:
+        n = len(p.stages)
+        b = batch or workload.batch_size
+        if explicit:
+            conc = max(concurrency or workload.concurrency, b)
+            nl = loops or -(-conc // b)
+        else:
+            nl = loops or n
+            conc = max(concurrency or nl * b, b)
+        chunk = prefill_chunk or workload.prefill_chunk(n)
+        whole = prefill_budget or workload.prompt_tokens
+        kv = max(conc * workload.context, model.max_position_embeddings or 0)
+        decode_s, prefill_s = _estimates(plan, p, workload, params, cluster, chunk)
+        out.append(PipelineConfig(stages=n, loops=nl, batch=b, concurrency=conc, kv_tokens=kv, chunk=chunk,
+                                  whole=whole, weight=max(0.0, p.weight or 0.0), decode_s=decode_s,
+                                  prefill_s=prefill_s))
+    return out
+
+
+def _estimates(plan: Plan, p, workload: Workload, params: CostParams, cluster, chunk: int):
+    """(decode step seconds, prefill seconds function) of pipeline ``p``."""
+    model = plan.model
+    if cluster is not None:
+        parts = workload.interleave if splits([s.tp for s in p.stages]) else 1
+        kinds = []
+        for s in p.stages:
+            node = cluster.node(s.node)
+            kinds.append((s.num_layers, node.gpu, s.tp, node.interconnect))
+        # One decode step of B sequences at the workload's mean context through every stage (no
+        # LM head, no links): what each sequence of a step spends of its quantum per token.
+        step = sum(layers * decode_layer_time(model, gpu, tp, workload.batch_size, workload.mean_decode_context,
+                                              ic, params, min(parts, workload.batch_size))
+                   for layers, gpu, tp, ic in kinds)
+        cache: dict = {}
+
+        def prefill_s(tokens: int) -> float:
+            t = cache.get(tokens)
+            if t is None:
+                t = cache[tokens] = sum(layers * prefill_layer_time(model, gpu, tp, tokens, ic, params)
+                                        for layers, gpu, tp, ic in kinds)
+            return t
+        return step, prefill_s
+    step = (p.decode_ms_per_token or 0) / 1e3 or DEFAULT_STEP_S
+    if p.ttft_ms:
+        ttft = p.ttft_ms / 1e3
+        return step, lambda tokens: ttft * tokens / workload.prompt_tokens
+    return step, lambda tokens: step * tokens / chunk
