@@ -62,7 +62,6 @@ class FakeStage:
 def _gateway_with_fake_stage(ckpt, stage):
     gw = Gateway(plan(ckpt, [("a", 1, 0, 4)]), ckpt, {})
     p = Pipeline(0, 1.0, ["stage0"], ["a"])
-    p.groups = [[] for _ in range(gw.workload.micro_batches)]
     gw.pipelines.append(p)
     gw._stubs["stage0"] = stage
     return gw, p
@@ -76,15 +75,17 @@ def test_stream_ends_only_after_release(ckpt, caplog, fail_release):
     length = gw.submit([4, 5], Sampling(max_new_tokens=1))
     going = gw.submit([6], Sampling(max_new_tokens=5))
     stage.requests = [stop, length, going]
-    p.pending.clear()
+    step = gw.runner.next_step(0, 0, wait=0)         # the three prompts, whole
+    assert [(c[0], c[2], c[3]) for c in step.prefill] == [(stop.sid, 3, True), (length.sid, 2, True),
+                                                           (going.sid, 1, True)]
     with caplog.at_level(logging.WARNING, logger="hexplan.gateway"):
-        assert gw._step(p, [(stop, 3), (length, 2), (going, 1)])
+        assert gw.runner.run(step)
     assert stage.ended_before_release == []          # no stream ended before its KV was released
     for r, reason in ((stop, "stop"), (length, "length")):
         assert list(r.events.queue) == [("tokens", [7]), ("done", reason)]
-        assert r.finished and r.pipeline is None
+        assert r.finished and r.sid not in gw.requests
     assert list(going.events.queue) == [("tokens", [7])] and not going.finished
-    assert p.load == 1
+    assert gw.scheduler.loads() == [1]
     if fail_release:                                  # logged, and the streams still ended
         assert "release of 2 request(s) failed (UNAVAILABLE: stage went away)" in caplog.text
     else:
@@ -107,13 +108,13 @@ def test_kv_is_freed_when_the_stream_ends(ckpt, policy):
     score = [[250, 3, 77, 91, 12, 6] * 4, [9] * 5]
     with Launch(pl, ckpt, policy=policy, prefill_chunk=3, mlfq_quantum_s=0.001) as L:
         gw = L.gateway
-        release = gw._release
+        release = gw.release
 
         def late_release(p, reqs):
             if reqs:
                 time.sleep(0.5)
             release(p, reqs)
-        gw._release = late_release
+        gw.release = late_release
         with futures.ThreadPoolExecutor(len(gen) + len(score)) as pool:
             g = [pool.submit(generate, L.address, token_ids=t, max_new_tokens=n, timeout=120) for t, n in gen]
             s = [pool.submit(prefill, L.address, token_ids=t, timeout=120) for t in score]

@@ -1,5 +1,6 @@
-"""The gateway's mlfq policy: the queue bookkeeping alone, KV offload in a stage model, and the
-policy end to end (preemption and offload still give transformers' greedy tokens)."""
+"""The gateway's mlfq policy: KV offload in a stage model, and the policy end to end (preemption
+and offload still give transformers' greedy tokens). The queue bookkeeping alone, shared with
+the simulator: tests/test_scheduler.py."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,41 +8,6 @@ import time
 from concurrent import futures
 
 import pytest
-
-from hexplan.executor.mlfq import MLFQ
-
-
-class R:
-    """A stand-in request."""
-
-    def __init__(self, name):
-        self.name = name
-
-    def __repr__(self):
-        return self.name
-
-
-def test_skip_join_picks_the_first_queue_whose_quantum_covers_the_prefill():
-    q = MLFQ(levels=4, quantum_s=1.0)                    # quanta 1, 2, 4, 8 s
-    assert [q.add(R(str(s)), s, 0.0) for s in (0.5, 1.0, 1.5, 3.0, 7.9, 100.0)] == [0, 0, 1, 2, 3, 3]
-
-
-def test_pick_order_demotion_and_promotion():
-    q = MLFQ(levels=3, quantum_s=1.0, promote_s=10.0)   # quanta 1, 2, 4 s
-    a, b, c = R("a"), R("b"), R("c")
-    q.add(a, 0.1, 0.0)
-    q.add(b, 1.5, 0.0)                                  # skips queue 0
-    q.add(c, 0.1, 0.0)
-    assert q.pick(0.0) == [a, c, b]
-    q.charge(a, 1.0, 1.0)                               # used queue 0's quantum: demoted behind b
-    assert q.level(a) == 1 and q.demotions == 1
-    assert q.pick(1.0) == [c, b, a]
-    q.charge(a, 2.0, 3.0)
-    q.charge(a, 4.0, 7.0)                               # the last queue: stays, back of the line
-    assert q.level(a) == 2 and q.demotions == 2
-    assert q.pick(7.0, eligible=lambda r: r is not c) == [b, a]
-    # b has not run since t = 0: after promote_s it goes back to the top queue, at its back.
-    assert q.pick(10.5) == [c, b, a] and q.level(b) == 0 and q.promotions == 1
 
 
 def test_offload_and_restore_in_a_stage_model(tmp_path):
@@ -99,11 +65,11 @@ def test_mlfq_with_offload_gives_the_reference_tokens(ckpt):
             results = [j.result() for j in jobs]
         gw = L.gateway
         assert gw.offloads > 0, "no KV cache was offloaded"
-        assert gw.pipelines[0].mlfq.demotions > 0
+        assert gw.scheduler.demotions > 0
         deadline = time.monotonic() + 10           # the loop drops a finished request after its step
-        while len(gw.pipelines[0].mlfq) and time.monotonic() < deadline:
+        while gw.scheduler.loads()[0] and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert len(gw.pipelines[0].mlfq) == 0
+        assert gw.scheduler.loads() == [0] and not gw.requests
     for p, n, r in zip(prompts, news, results):
         assert r["token_ids"] == hf_greedy(ckpt, p, n), f"prompt {p}"
         assert r["finish_reason"] == "length"

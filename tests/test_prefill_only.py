@@ -88,25 +88,21 @@ def test_prefill_and_generate_share_the_pipeline(ckpt, capsys, policy):
 
 
 def test_prefill_only_is_admitted_past_a_full_pipeline(ckpt):
-    from hexplan.executor.gateway import Gateway, Pipeline
+    from hexplan.executor.gateway import Gateway
     from hexplan.executor.sampling import Sampling
 
-    gw = Gateway(plan(ckpt, [("a", 1, 0, 4)]), ckpt, {})
-    gw.concurrency = 2                              # room for two generative sequences
-    p = Pipeline(0, 1.0, ["stage"], ["a"])
-    p.groups = [[] for _ in range(gw.workload.micro_batches)]
-    gw.pipelines.append(p)
-    decoding = [gw.submit([1, 2, 3], Sampling()) for _ in range(2)]
-    p.pending.clear()
-    for r in decoding:
-        r.cached, r.generated = 3, [4]
-    waiting = gw.submit([5, 6], Sampling())
+    p = dataclasses.replace(plan(ckpt, [("a", 1, 0, 4)]), assumptions={"workload": {
+        "prompt_tokens": 8, "output_tokens": 8, "batch_size": 4, "concurrency": 4}})
+    gw = Gateway(p, ckpt, {})                       # KV for 4 x 16 tokens: two of these reserve 54
+    decoding = [gw.submit([1, 2, 3], Sampling(max_new_tokens=24)) for _ in range(2)]
+    first = gw.scheduler.schedule(0.0, 0, 0)
+    gw.scheduler.update(first)                      # both prefilled: decoding now
+    waiting = gw.submit([5, 6], Sampling(max_new_tokens=24))
     scoring = gw.submit([7, 8, 9], Sampling(), prefill_only=True)
-    keep = list(decoding)
-    with gw.cv:
-        step = gw._schedule_locked(p, p.groups[0], keep)
-    assert [(r, n) for r, n in step] == [(decoding[0], 1), (decoding[1], 1), (scoring, 3)]
-    assert list(p.pending) == [waiting]             # the generative one waits for a slot
+    step = gw.scheduler.schedule(0.0, 0, 0)
+    assert step.decode == (decoding[0].sid, decoding[1].sid)
+    assert step.prefill == ((scoring.sid, 0, 3, True),) and step.dropped == (scoring.sid,)
+    assert list(gw.scheduler.pipes[0].pending) == [waiting.sid]   # the generative one waits for KV room
 
 
 def test_hidden_needs_prefill_only(capsys):

@@ -74,7 +74,7 @@ class _Pipe:
     __slots__ = ("index", "cfg", "alive", "loops", "pending", "inflight", "kv_used", "n_sys", "n_busy",
                  "release", "ponly_waiting",
                  # mlfq
-                 "q0", "quanta", "promote", "run_q", "new_q", "resident", "waitq", "free_dec")
+                 "q0", "quanta", "promote", "run_q", "new_q", "resident", "waitq", "free_dec", "dec_s", "pre_s")
 
 
 class Scheduler:
@@ -98,6 +98,11 @@ class Scheduler:
             pp.release = []
             if self.mlfq:
                 pp.q0 = mlfq_quantum_s or c.decode_s
+                # what a step is charged: the estimates, or with none a quantum per step and chunk
+                pp.dec_s, pp.pre_s = c.decode_s, c.prefill_s
+                if not c.estimated and mlfq_quantum_s:
+                    pp.dec_s = mlfq_quantum_s
+                    pp.pre_s = lambda tokens, q=mlfq_quantum_s, chunk=c.chunk: q * tokens / chunk
                 pp.quanta = [pp.q0 * 2 ** i for i in range(mlfq_levels)]
                 pp.promote = mlfq_promote_s or PROMOTE_QUANTA * pp.quanta[-1]
                 # Each queue in two parts, both in queue order: sequences admitted once (resident
@@ -454,12 +459,13 @@ class Scheduler:
 
     # ---- mlfq: FastServe's skip-join multi-level feedback queue --------------------------------
     def prefill_estimate(self, pipeline: int, tokens: int) -> float:
-        return self.pipes[pipeline].cfg.prefill_s(tokens)
+        p = self.pipes[pipeline]
+        return p.pre_s(tokens) if self.mlfq else p.cfg.prefill_s(tokens)
 
     def join_level(self, pipeline: int, tokens: int) -> int:
         """The queue a new sequence of ``tokens`` prompt tokens joins (skip-join)."""
         pipe = self.pipes[pipeline]
-        return skip_join_level(pipe.cfg.prefill_s(tokens), pipe.q0, len(pipe.quanta))
+        return skip_join_level(pipe.pre_s(tokens), pipe.q0, len(pipe.quanta))
 
     def _m_enqueue(self, pipe: _Pipe, s: int, level: int) -> None:
         """To the back of queue ``level``."""
@@ -480,7 +486,7 @@ class Scheduler:
             del q[bisect_left(q, (self.qseq[s], s))]
 
     def _m_arrive(self, pipe: _Pipe, s: int, now: float) -> None:
-        self._m_enqueue(pipe, s, skip_join_level(pipe.cfg.prefill_s(self.prompt[s]), pipe.q0, len(pipe.quanta)))
+        self._m_enqueue(pipe, s, skip_join_level(pipe.pre_s(self.prompt[s]), pipe.q0, len(pipe.quanta)))
         pipe.waitq.append((now, s))
 
     def _m_order(self, pipe: _Pipe, ctl: list):
@@ -652,7 +658,7 @@ class Scheduler:
 
     def _m_update(self, pipe: _Pipe, step: Step, result: StepResult, now: float) -> list[int]:
         prompt, out, rem, gen, used = self.prompt, self.out, self.rem, self.gen, self.used
-        cfg = pipe.cfg
+        pre_s = pipe.pre_s
         done = []
         cont = []
         early = set(result.finished) if result.finished else ()
@@ -661,7 +667,7 @@ class Scheduler:
         # token one decode step of the pipeline: every sequence of a step spends it.
         for s, _, take, last in step.prefill:
             p = prompt[s]
-            used[s] += cfg.prefill_s(p) * take / p
+            used[s] += pre_s(p) * take / p
             left = rem[s] - take
             rem[s] = left
             if not last:
@@ -682,7 +688,7 @@ class Scheduler:
                 continue
             pipe.free_dec += 1
             cont.append(s)
-        tok_s = cfg.decode_s
+        tok_s = pipe.dec_s
         for s in step.decode:
             k = gen[s] + 1
             gen[s] = k

@@ -12,11 +12,14 @@ Where the numbers come from:
   stage the others have one each and no stage queues behind another loop's step (a one-stage
   pipeline runs one loop: more would only queue at its one worker, measured 60.7 against 87.3
   tokens/s in docs/executor-benchmark.md); each of ``batch_size`` sequences (16), so ``concurrency = loops x batch``.
-* KV budget: ``concurrency x (prompt + output tokens)`` of the workload, at least one request
-  of the model's full context. A request reserves its prompt plus ``max_new_tokens``.
+* KV budget: ``concurrency x (prompt + output tokens)`` of the workload, what the planner
+  reserved on every stage. A request reserves its prompt plus ``max_new_tokens``; one that
+  could never fit is refused (the simulator counts it rejected, the gateway answers
+  INVALID_ARGUMENT naming max_new_tokens).
 * Service estimates (mlfq's quanta, skip-join and charge): the cost model on the plan's cluster
   when it is known (the simulator's, or the plan's own ``cluster`` section), else the plan's
-  predicted TTFT and TPOT, else 50 ms per step.
+  predicted TTFT and TPOT, else one quantum per step (``--mlfq-quantum-ms``, default 50 ms)
+  and per prefill chunk.
 """
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ class PipelineConfig:
     weight: float = 1.0
     decode_s: float = DEFAULT_STEP_S            # estimated seconds of one decode step (mlfq: per-token charge)
     prefill_s: Callable[[int], float] | None = None   # estimated seconds to prefill a prompt of n tokens
+    estimated: bool = False    # decode_s and prefill_s come from the cost model or the plan's predictions
 
 
 def has_workload(plan: Plan) -> bool:
@@ -60,7 +64,6 @@ def pipeline_configs(plan: Plan, workload: Workload, params: CostParams | None =
     the plan's predictions). Keyword arguments override the schedule."""
     explicit = has_workload(plan)
     params = params or CostParams()
-    model = plan.model
     out = []
     for p in plan.pipelines:
         n = len(p.stages)
@@ -73,16 +76,16 @@ def pipeline_configs(plan: Plan, workload: Workload, params: CostParams | None =
             conc = max(concurrency or nl * b, b)
         chunk = prefill_chunk or workload.prefill_chunk(n)
         whole = prefill_budget or workload.prompt_tokens
-        kv = max(conc * workload.context, model.max_position_embeddings or 0)
-        decode_s, prefill_s = _estimates(plan, p, workload, params, cluster, chunk)
+        kv = conc * workload.context
+        decode_s, prefill_s, estimated = _estimates(plan, p, workload, params, cluster, chunk)
         out.append(PipelineConfig(stages=n, loops=nl, batch=b, concurrency=conc, kv_tokens=kv, chunk=chunk,
                                   whole=whole, weight=max(0.0, p.weight or 0.0), decode_s=decode_s,
-                                  prefill_s=prefill_s))
+                                  prefill_s=prefill_s, estimated=estimated))
     return out
 
 
 def _estimates(plan: Plan, p, workload: Workload, params: CostParams, cluster, chunk: int):
-    """(decode step seconds, prefill seconds function) of pipeline ``p``."""
+    """(decode step seconds, prefill seconds function, whether they are estimates) of pipeline ``p``."""
     model = plan.model
     if cluster is not None:
         parts = workload.interleave if splits([s.tp for s in p.stages]) else 1
@@ -103,9 +106,10 @@ def _estimates(plan: Plan, p, workload: Workload, params: CostParams, cluster, c
                 t = cache[tokens] = sum(layers * prefill_layer_time(model, gpu, tp, tokens, ic, params)
                                         for layers, gpu, tp, ic in kinds)
             return t
-        return step, prefill_s
-    step = (p.decode_ms_per_token or 0) / 1e3 or DEFAULT_STEP_S
-    if p.ttft_ms:
+        return step, prefill_s, True
+    step = (p.decode_ms_per_token or 0) / 1e3
+    if step and p.ttft_ms:
         ttft = p.ttft_ms / 1e3
-        return step, lambda tokens: ttft * tokens / workload.prompt_tokens
-    return step, lambda tokens: step * tokens / chunk
+        return step, lambda tokens: ttft * tokens / workload.prompt_tokens, True
+    step = step or DEFAULT_STEP_S
+    return step, lambda tokens: step * tokens / chunk, False

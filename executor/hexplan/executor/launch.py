@@ -15,7 +15,8 @@ import time
 
 from hexplan.plan import Plan
 
-from .gateway import Gateway, serve_gateway
+from .gateway import Gateway
+from .servicer import serve_gateway
 from .wire import Tls
 
 READY_TIMEOUT_S = 120

@@ -1,0 +1,84 @@
+"""Starting the gateway: check the checkpoint against the plan, load every stage on its node
+executor (``LoadShard``), load the tokenizer if the checkpoint has one."""
+from __future__ import annotations
+
+import json
+import logging
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+
+from hexplan.errors import SpecError
+from hexplan.models import ModelSpec, model_from_hf_config, read_hf_config
+from hexplan.plan import Plan
+
+from ._proto import hexplan_v1_pb2 as pb
+
+log = logging.getLogger("hexplan.gateway")
+
+LOAD_TIMEOUT_S = 900
+
+
+class GatewayError(Exception):
+    """A problem at start (bad checkpoint, unreachable node): the message says which."""
+
+
+def check_checkpoint(checkpoint: str, model: ModelSpec) -> tuple[dict, ModelSpec]:
+    """Read the checkpoint's config.json (hexplan.models, the one reader) and compare its shape
+    with the plan's model; returns the config and the checkpoint's model."""
+    path = Path(checkpoint) / "config.json"
+    try:
+        cfg = read_hf_config(path)
+        have = model_from_hf_config(cfg, name=Path(checkpoint).name or str(checkpoint), file=str(path))
+    except SpecError as e:
+        raise GatewayError(f"checkpoint {e}") from None
+    pairs = [("num_hidden_layers", "num_layers"), ("hidden_size", "hidden_size"),
+             ("intermediate_size", "intermediate_size"), ("num_attention_heads", "num_heads"),
+             ("num_key_value_heads", "num_kv_heads"), ("vocab_size", "vocab_size")]
+    diffs = [f"{ck} {getattr(have, mk)} vs {getattr(model, mk)}" for ck, mk in pairs
+             if getattr(have, mk) != getattr(model, mk)]
+    if diffs:
+        raise GatewayError(f"checkpoint {checkpoint} does not match the plan's model {model.name}: "
+                           + ", ".join(diffs) + " (checkpoint vs plan)")
+    return cfg, have
+
+
+def load_tokenizer(checkpoint: str):
+    """The checkpoint's tokenizer, or None (token-id serving) when it has none or it is broken."""
+    files = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+    if not any((Path(checkpoint) / f).exists() for f in files):
+        return None
+    try:
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
+    except Exception as e:  # a broken tokenizer must not stop token-id serving
+        log.warning("checkpoint %s: tokenizer not loaded (%s); token ids only", checkpoint, e)
+        return None
+
+
+def load_shards(plan: Plan, checkpoint: str, dtype: str, node_addresses: dict, stub) -> dict:
+    """Ask every node executor to load its stages, in parallel; returns {(pipeline, stage):
+    worker address}. ``stub(address)`` gives a node's Stage stub."""
+    missing = sorted({s.node for p in plan.pipelines for s in p.stages} - set(node_addresses))
+    if missing:
+        raise GatewayError(f"no address for node(s) {', '.join(missing)}: give them in the plan's cluster "
+                           "section or with --nodes NAME=HOST:PORT")
+    model_json = json.dumps(plan.model.to_dict())
+    path = str(Path(checkpoint).resolve())
+    jobs = []
+    with futures.ThreadPoolExecutor(max_workers=8) as pool:
+        for pi, p in enumerate(plan.pipelines):
+            for si, s in enumerate(p.stages):
+                req = pb.LoadShardRequest(stage_id=f"p{pi}s{si}", checkpoint=path, layer_start=s.layers[0],
+                                          layer_end=s.layers[1], is_first=si == 0, is_last=si == len(p.stages) - 1,
+                                          tp=s.tp, gpus=list(s.gpus), dtype=dtype, model_json=model_json)
+                jobs.append((pi, si, s.node, pool.submit(stub(node_addresses[s.node]).LoadShard, req,
+                                                         timeout=LOAD_TIMEOUT_S)))
+        addresses: dict = {}
+        for pi, si, node, fut in jobs:
+            try:
+                addresses[pi, si] = fut.result().address
+            except grpc.RpcError as e:
+                raise GatewayError(f"node {node} ({node_addresses[node]}): {e.details() or e.code().name}") from None
+    return addresses

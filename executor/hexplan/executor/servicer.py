@@ -1,0 +1,143 @@
+"""The gateway's client-facing gRPC service (``Inference``): validate, convert, submit, stream.
+
+Thin: every field is checked here (INVALID_ARGUMENT naming it), then the request goes to
+``Gateway.submit`` and its events (tokens, done, result, error) are streamed back. A client
+that goes away cancels its request (``Gateway.cancel``)."""
+from __future__ import annotations
+
+import math
+import queue
+
+import grpc
+
+from ._proto import hexplan_v1_pb2 as pb
+from ._proto import hexplan_v1_pb2_grpc as pbg
+from .gateway import Gateway, Request
+from .sampling import Sampling
+from .wire import Tls, add_health_and_reflection, bind, make_server, to_proto
+
+
+class InferenceServicer(pbg.InferenceServicer):
+    """Thin adapter: validate, convert, submit, stream."""
+
+    def __init__(self, gw: Gateway):
+        self.gw = gw
+
+    def _prompt(self, request, context) -> list[int]:
+        """The request's prompt as token ids, checked (GenerateRequest and PrefillRequest)."""
+        gw = self.gw
+        bad = lambda field, msg: context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {msg}")
+        if request.token_ids:
+            ids = list(request.token_ids)
+        elif request.prompt:
+            if gw.tokenizer is None:
+                bad("prompt", "this checkpoint has no tokenizer; send token_ids")
+            ids = list(gw.tokenizer(request.prompt)["input_ids"])
+        else:
+            bad("prompt", "empty prompt: give prompt or token_ids")
+        if not ids:
+            bad("prompt", "the prompt has no tokens")
+        for t in ids:
+            if not 0 <= t < gw.vocab:
+                bad("token_ids", f"token id {t} is outside the vocabulary [0, {gw.vocab})")
+        return ids
+
+    def _watch(self, req: Request, context) -> Request:
+        context.add_callback(lambda: self.gw.cancel(req))
+        return req
+
+    def _request(self, request, context) -> Request:
+        gw = self.gw
+        bad = lambda field, msg: context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {msg}")
+        ids = self._prompt(request, context)
+        s = request.sampling
+        if s.max_new_tokens <= 0:
+            bad("sampling.max_new_tokens", f"must be positive, got {s.max_new_tokens}")
+        if len(ids) + s.max_new_tokens > gw.context_limit:
+            bad("sampling.max_new_tokens", f"prompt ({len(ids)} tokens) + max_new_tokens ({s.max_new_tokens}) "
+                                           f"exceeds the model's context of {gw.context_limit} tokens")
+        if not gw.fits(len(ids), s.max_new_tokens):
+            bad("sampling.max_new_tokens", f"prompt ({len(ids)} tokens) + max_new_tokens ({s.max_new_tokens}) exceeds "
+                                           f"the pipelines' KV budget of {gw.kv_budget} tokens (the plan's workload: "
+                                           "concurrency x (prompt + output tokens))")
+        if not math.isfinite(s.temperature) or s.temperature < 0:
+            bad("sampling.temperature", f"must be >= 0, got {s.temperature}")
+        top_p = s.top_p if s.HasField("top_p") else 1.0
+        if not (0 < top_p <= 1):
+            bad("sampling.top_p", f"must be in (0, 1], got {top_p}")
+        if s.top_k < 0:
+            bad("sampling.top_k", f"must be >= 0, got {s.top_k}")
+        for t in s.stop_token_ids:
+            if not 0 <= t < gw.vocab:
+                bad("sampling.stop_token_ids", f"token id {t} is outside the vocabulary [0, {gw.vocab})")
+        sampling = Sampling(temperature=s.temperature, top_k=s.top_k, top_p=top_p,
+                            seed=s.seed if s.HasField("seed") else None, stop_token_ids=tuple(s.stop_token_ids),
+                            max_new_tokens=s.max_new_tokens)
+        return self._watch(gw.submit(ids, sampling, request.request_id), context)
+
+    def _events(self, req: Request, context):
+        while True:
+            try:
+                ev = req.events.get(timeout=0.1)
+            except queue.Empty:
+                if not context.is_active():
+                    self.gw.cancel(req)
+                    return
+                continue
+            if ev[0] == "error":
+                context.abort(ev[1], ev[2])
+            yield ev
+            if ev[0] in ("done", "result"):
+                return
+
+    def _text(self, ids) -> str:
+        tok = self.gw.tokenizer
+        return tok.decode(ids, skip_special_tokens=True) if tok is not None and ids else ""
+
+    def Generate(self, request, context):
+        req = self._request(request, context)
+        shown = ""
+        for ev in self._events(req, context):
+            if ev[0] == "tokens":
+                text = ""
+                if self.gw.tokenizer is not None:
+                    full = self._text(req.generated)
+                    text, shown = full[len(shown):], full
+                yield pb.GenerateResponse(token_ids=ev[1], text=text)
+            else:
+                yield pb.GenerateResponse(finish_reason=ev[1])
+
+    def GenerateUnary(self, request, context):
+        req = self._request(request, context)
+        reason, ids = "", []
+        for ev in self._events(req, context):
+            if ev[0] == "tokens":
+                ids += ev[1]
+            else:
+                reason = ev[1]
+        return pb.GenerateResult(token_ids=ids, text=self._text(ids), finish_reason=reason)
+
+    def Prefill(self, request, context):
+        ids = self._prompt(request, context)
+        if len(ids) > self.gw.context_limit:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"prompt: {len(ids)} tokens exceed the model's context "
+                                                            f"of {self.gw.context_limit} tokens")
+        req = self._watch(self.gw.submit(ids, Sampling(), request.request_id, prefill_only=True,
+                                         hidden=request.hidden), context)
+        for ev in self._events(req, context):
+            if ev[0] == "result":
+                out = pb.PrefillResult(logits=to_proto(ev[1]), prompt_tokens=len(ids))
+                if ev[2] is not None:
+                    out.hidden.CopyFrom(to_proto(ev[2]))
+                return out
+        context.abort(grpc.StatusCode.CANCELLED, "the request was cancelled")
+
+
+def serve_gateway(gw: Gateway, listen: str, tls: Tls | None = None) -> tuple[grpc.Server, int]:
+    """Start the client-facing server; returns (server, port)."""
+    server = make_server(workers=64)
+    pbg.add_InferenceServicer_to_server(InferenceServicer(gw), server)
+    add_health_and_reflection(server, [pb.DESCRIPTOR.services_by_name["Inference"].full_name])
+    port = bind(server, listen, tls)
+    server.start()
+    return server, port
