@@ -252,17 +252,18 @@ def run_hf(checkpoint: str, reqs: list, batch_size: int, threads: int) -> dict:
 # ---- (b)-(d) the executor ----------------------------------------------------------------------
 
 def instrument_steps(gateway, t0_ref: list) -> list:
-    """Wrap the gateway's per-step call (in this process) to record (start, seconds, requests, tokens)."""
+    """Wrap the gateway's step runner (in this process) to record (start, seconds, requests, tokens)."""
     steps: list = []
-    orig = gateway._step
+    runner = gateway.runner
+    orig = runner.run
 
-    def timed(p, running):
-        ntok = sum(n for _, n in running)             # running: (request, tokens this step)
+    def timed(step):
         t = time.perf_counter()
-        ok = orig(p, running)
-        steps.append((t - t0_ref[0], time.perf_counter() - t, len(running), ntok))
+        ok = orig(step)
+        if step.size:
+            steps.append((t - t0_ref[0], time.perf_counter() - t, step.size, step.tokens))
         return ok
-    gateway._step = timed
+    runner.run = timed
     return steps
 
 
@@ -280,9 +281,9 @@ def run_executor(name: str, checkpoint: str, stages, reqs: list, threads: int, w
                 mlfq_quantum_s=mlfq_quantum_s, matmul_pieces=matmul_pieces) as L:
         load_s = time.perf_counter() - t_load
         gw = L.gateway
-        schedule = {"micro_batches": len(gw.pipelines[0].groups), "max_batch": gw.max_batch,
-                    "concurrency": getattr(gw, "concurrency", None), "prefill_tokens": gw.prefill_tokens,
-                    "prefill_chunk": gw.prefill_chunk or gw.workload.prefill_chunk(len(stages))}
+        c = gw.scheduler.configs[0]        # the schedule the gateway chose (hexplan.serving.setup)
+        schedule = {"micro_batches": c.loops, "max_batch": c.batch, "concurrency": c.concurrency,
+                    "prefill_tokens": c.whole, "prefill_chunk": c.chunk}
         log(f"  {name}: launched {workers} worker(s) x {threads} thread(s) in {load_s:.1f} s at {L.address}; "
             f"{schedule['micro_batches']} micro-batch loop(s) of <= {schedule['max_batch']} requests, "
             f"<= {schedule['concurrency']} in flight, prefill chunk {schedule['prefill_chunk']} tokens/step "
@@ -589,6 +590,9 @@ def main() -> int:
     ap.add_argument("--threads-a", type=int, default=None, help="torch threads of (a) (default: all cores)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads per executor worker (default: cores // workers)")
+    ap.add_argument("--no-workload", action="store_true",
+                    help="b-d: a plan with only model and pipelines (what a user writes first): the gateway "
+                         "chooses the schedule from the pipeline itself (hexplan.serving.setup)")
     ap.add_argument("--exec-batch", type=int, default=16,
                     help="the plan workload's batch_size for b-d: requests per micro-batch (default 16, as (a))")
     ap.add_argument("--concurrency", type=int, default=None,
@@ -656,7 +660,8 @@ def main() -> int:
                     workers = sum(tp for tp, _, _ in layouts[name])
                     threads = args.threads or max(1, cores // workers)
                     conc = max(args.concurrency or args.exec_batch * len(layouts[name]), args.exec_batch)
-                    res = run_executor(name, ckpt, layouts[name], reqs, threads, dict(workload, concurrency=conc))
+                    res = run_executor(name, ckpt, layouts[name], reqs, threads,
+                                       None if args.no_workload else dict(workload, concurrency=conc))
                 res["run"] = rep + 1
                 log(f"({name}) {res['tokens_per_s']:.1f} tokens/s, P50 latency {res['latency_p50_s']:.1f} s, "
                     f"P50 TTFT {res['ttft_p50_s']:.2f} s, wall {res['wall_s']:.1f} s "
