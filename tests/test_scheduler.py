@@ -15,7 +15,7 @@ import random
 import pytest
 
 from hexplan.cluster import loads_cluster
-from hexplan.costmodel import Workload
+from hexplan.costmodel import CostParams, Workload
 from hexplan.dispatch import skip_join_level
 from hexplan.plan import plan_from_dict
 from hexplan.serving import DONE_OK, NoPipeline, PipelineConfig, Scheduler, StepResult, pipeline_configs
@@ -321,3 +321,20 @@ def test_serving_defaults_follow_the_pipeline():
                              "pipelines": [{"stages": [{"node": "a", "gpus": [0], "tp": 1, "layers": [0, 32]}]}]})
     (c,) = pipeline_configs(solved, Workload(batch_size=8, concurrency=40))
     assert (c.loops, c.batch, c.concurrency, c.kv_tokens) == (5, 8, 40, 40 * 640)
+
+
+def test_serving_defaults_fit_the_stages_memory():
+    # llama-2-13b on an L4 (24 GB) holding 30 of its 40 layers: about 19 GB of weights leaves
+    # room for a few sequences of 640 tokens, not 2 x 16, so the two loops share what fits.
+    from hexplan.serving.setup import memory_concurrency
+    cluster = loads_cluster(json.dumps({"name": "m", "nodes": [{"name": "a", "gpu": "L4", "count": 1},
+                                                               {"name": "b", "gpu": "L4", "count": 1}]}))
+    bare = plan_from_dict({"model": "llama-2-13b", "pipelines": [{"stages": [
+        {"node": "a", "gpus": [0], "tp": 1, "layers": [0, 30]}, {"node": "b", "gpus": [0], "tp": 1, "layers": [30, 40]}]}]})
+    w = Workload()
+    room = memory_concurrency(bare, bare.pipelines[0], w, CostParams(), cluster)
+    assert 2 <= room < 16
+    (c,) = pipeline_configs(bare, w, None, cluster)
+    assert c.concurrency == room and c.loops == 2 and c.batch == -(-room // 2)
+    (unknown,) = pipeline_configs(bare, w)            # no cluster: depth only
+    assert (unknown.loops, unknown.concurrency) == (2, 32)

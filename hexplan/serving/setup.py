@@ -11,7 +11,9 @@ Where the numbers come from:
   chosen from the pipeline itself. One loop per stage, so that while one micro-batch is on a
   stage the others have one each and no stage queues behind another loop's step (a one-stage
   pipeline runs one loop: more would only queue at its one worker, measured 60.7 against 87.3
-  tokens/s in docs/executor-benchmark.md); each of ``batch_size`` sequences (16), so ``concurrency = loops x batch``.
+  tokens/s in docs/executor-benchmark.md); each of ``batch_size`` sequences (16), so
+  ``concurrency = loops x batch``, fewer when the cluster is known and the stages' memory holds
+  fewer sequences of the workload's context beside their weights (``memory_concurrency``).
 * KV budget: ``concurrency x (prompt + output tokens)`` of the workload, what the planner
   reserved on every stage. A request reserves its prompt plus ``max_new_tokens``; one that
   could never fit is refused (the simulator counts it rejected, the gateway answers
@@ -73,7 +75,13 @@ def pipeline_configs(plan: Plan, workload: Workload, params: CostParams | None =
             nl = loops or -(-conc // b)
         else:
             nl = loops or n
-            conc = max(concurrency or nl * b, b)
+            conc = concurrency or nl * b
+            room = memory_concurrency(plan, p, workload, params, cluster) if cluster is not None else None
+            if not concurrency and room is not None and room < conc:
+                conc = max(1, room)            # what the stages' memory holds
+                nl = min(nl, conc)
+                b = batch or -(-conc // nl)
+            conc = max(conc, b)
         chunk = prefill_chunk or workload.prefill_chunk(n)
         whole = prefill_budget or workload.prompt_tokens
         kv = conc * workload.context
@@ -82,6 +90,23 @@ def pipeline_configs(plan: Plan, workload: Workload, params: CostParams | None =
                                   whole=whole, weight=max(0.0, p.weight or 0.0), decode_s=decode_s,
                                   prefill_s=prefill_s, estimated=estimated))
     return out
+
+
+def memory_concurrency(plan: Plan, p, workload: Workload, params: CostParams, cluster) -> int:
+    """Sequences of the workload's context whose KV cache fits on every stage of pipeline ``p``
+    beside its weights (GPU memory less the cost model's headroom, over the stage's TP group)."""
+    m = plan.model
+    last = len(p.stages) - 1
+    room = None
+    for i, s in enumerate(p.stages):
+        gpu = cluster.node(s.node).gpu
+        usable = gpu.memory * s.tp * (1 - params.memory_headroom)
+        weights = (s.num_layers * m.layer_bytes + (m.embedding_bytes if i == 0 else 0)
+                   + (m.head_bytes if i == last else 0))
+        per_seq = s.num_layers * m.kv_bytes_per_token_per_layer * workload.context
+        n = int((usable - weights) // per_seq) if per_seq > 0 else 1 << 30
+        room = n if room is None else min(room, n)
+    return max(0, room or 0)
 
 
 def _estimates(plan: Plan, p, workload: Workload, params: CostParams, cluster, chunk: int):
