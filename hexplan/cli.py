@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .cluster import load_cluster
+from .cluster import load_cluster, loads_cluster
 from .costmodel import Workload
 from .errors import HexplanError, InfeasibleError, SpecError
 from .gpus import CATALOG
@@ -206,6 +206,42 @@ def build_parser() -> argparse.ArgumentParser:
                          "the last token's logits (and hidden state with --hidden)")
     ge.add_argument("--hidden", action="store_true", help="--prefill-only: also return the last token's hidden state")
     tls_args(ge, server=False)
+
+    pf = sub.add_parser("profile", help="measure per-layer decode and prefill times of a checkpoint on this machine",
+                        description="Load a few layers of a Hugging Face safetensors checkpoint with the executor's own "
+                                    "stage code, time decode steps against batch size and prompts against their length "
+                                    "(median of --repeats after --warmup), and write the cluster-file section "
+                                    "gpu_types.GPU.profiles.MODEL: {decode_ms, prefill_ms}, ms per layer at TP 1, which "
+                                    "the cost model then uses instead of its roofline for that GPU type and model. "
+                                    "Progress goes to stderr; stdout carries only the YAML. See docs/cost-model.md, "
+                                    "'Measured profiles'.")
+    pf.add_argument("--checkpoint", required=True, help="Hugging Face safetensors checkpoint directory")
+    pf.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu; TP rank r on cuda:r)")
+    pf.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                    help="weights and activations, as `hexplan serve --dtype` (default float32): profile what you serve")
+    pf.add_argument("--tp", type=int, default=1,
+                    help="tensor-parallel degree: one process per rank (gloo on 127.0.0.1, or NCCL); the table holds the "
+                         "slowest rank's compute time (all-reduces taken out) x TP, the TP-1 figure the cost model divides "
+                         "by TP (default 1)")
+    pf.add_argument("--gpu-type", help="GPU type the profile is for (default: cpu with --device cpu; with cuda the "
+                                       "catalog type the device's name matches)")
+    pf.add_argument("--model", help="model name the profile is for (default: the name `hexplan solve --model DIR` gives "
+                                    "the checkpoint, its directory's name); a profile is used only for that name")
+    pf.add_argument("-o", "--output", help="file to write the section to ('-': stdout; default stdout, or nothing with --merge)")
+    pf.add_argument("--merge", metavar="CLUSTER.yaml",
+                    help="add or replace gpu_types.GPU.profiles.MODEL in this cluster file, keeping the rest of it "
+                         "(comments too, where the file's layout allows; stderr says when it did not)")
+    g = pf.add_argument_group("grid")
+    g.add_argument("--decode-batches", default="1,2,4,8,16,32,64", metavar="B,B,...",
+                   help="decode batch sizes (default 1,2,4,8,16,32,64)")
+    g.add_argument("--prefill-tokens", default="16,32,64,128,256,512", metavar="P,P,...",
+                   help="prompt lengths (default 16,32,64,128,256,512; lengths past the model's positions are left out)")
+    g.add_argument("--context", type=int, help="KV positions each decode sequence holds (default 576, the planner's "
+                                               "default mean decode context, at most half the model's positions)")
+    g.add_argument("--layers", type=int, help="layers to load and time; per layer = step / layers (default 4, or all if fewer)")
+    g.add_argument("--repeats", type=int, default=3, help="timed runs per point; the median counts (default 3)")
+    g.add_argument("--warmup", type=int, default=1, help="untimed runs per point first (default 1)")
+    g.add_argument("--threads", type=int, help="CPU threads per process (default: torch's choice; cores / TP with --tp)")
 
     sub.add_parser("gpus", help="list the built-in GPU catalog")
     sub.add_parser("models", help="list the built-in models")
@@ -435,7 +471,8 @@ def cmd_serve(args) -> int:
     import signal
     import threading
 
-    from .executor.gateway import Gateway, GatewayError, serve_gateway
+    from .executor.gateway import Gateway, GatewayError
+    from .executor.servicer import serve_gateway
 
     plan = load_plan(args.plan)
     nodes = {n["name"]: n["address"] for n in (plan.cluster or {}).get("nodes", []) if n.get("address")}
@@ -509,8 +546,171 @@ def cmd_generate(args) -> int:
     return run_generate(args)
 
 
+def _int_list(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        values = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise SpecError(f"expected comma-separated positive integers, got {text!r}", field=flag) from None
+    if not values or values[0] < 1:
+        raise SpecError(f"expected comma-separated positive integers, got {text!r}", field=flag)
+    return tuple(values)
+
+
+def _ms(v: float) -> float:
+    """A table value: 4 significant digits, never 0 (the cluster format wants positive times)."""
+    return max(float(f"{v:.4g}"), 1e-6)
+
+
+def cmd_profile(args) -> int:
+    from .yamlio import dumps, load_document, set_entry
+
+    ckpt = Path(args.checkpoint)
+    if not ckpt.is_dir():
+        raise SpecError(f"not a directory: {ckpt}", field="--checkpoint")
+    if not (ckpt / "config.json").is_file():
+        raise SpecError(f"no config.json in {ckpt} (a Hugging Face checkpoint directory)", field="--checkpoint")
+    if not any((ckpt / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
+        raise SpecError(f"no model.safetensors or model.safetensors.index.json in {ckpt}", field="--checkpoint")
+    model = load_model(str(ckpt))
+    name = model.name if args.model is None else args.model
+    if not name.strip():
+        raise SpecError("must not be empty", field="--model")
+    for flag, low in (("tp", 1), ("layers", 1), ("context", 1), ("repeats", 1), ("warmup", 0), ("threads", 1)):
+        v = getattr(args, flag)
+        if v is not None and v < low:
+            raise SpecError(f"must be an integer >= {low}, got {v}", field="--" + flag)
+    why = model.tp_degree_ok(args.tp)
+    if why:
+        raise SpecError(why, field="--tp")
+    layers = args.layers or min(4, model.num_layers)
+    if layers > model.num_layers:
+        raise SpecError(f"{layers} is more than the model's {model.num_layers} layers", field="--layers")
+    decode = _int_list(args.decode_batches, "--decode-batches")
+    prefill = _int_list(args.prefill_tokens, "--prefill-tokens")
+    positions = model.max_position_embeddings
+    context = args.context or max(1, min(576, positions // 2))
+    if context + 1 > positions:
+        raise SpecError(f"{context} + 1 new token is past the model's {positions} positions", field="--context")
+    if prefill[0] > positions:
+        raise SpecError(f"every length is past the model's {positions} positions", field="--prefill-tokens")
+    dropped = [p for p in prefill if p > positions]
+    prefill = tuple(p for p in prefill if p <= positions)
+    out = args.output or (None if args.merge else "-")
+    if out not in (None, "-") and not Path(out).resolve().parent.is_dir():
+        raise SpecError(f"no such directory: {Path(out).parent}", field="--output")
+    merge_text = None
+    if args.merge:
+        cluster = load_cluster(args.merge)
+        merge_text = Path(args.merge).read_text(encoding="utf-8")
+        defined = load_document(args.merge)[0].get("gpu_types") or {}
+
+    _executor()
+    import torch
+
+    from .gpus import catalog_name_for_device
+
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise SpecError(f"CUDA is not available ({why}); use --device cpu", field="--device")
+        if args.tp > torch.cuda.device_count():
+            raise SpecError(f"TP {args.tp} needs {args.tp} CUDA devices, {torch.cuda.device_count()} visible", field="--tp")
+    gpu = args.gpu_type
+    if gpu is None and args.device == "cpu":
+        gpu = "cpu"
+    elif gpu is None:
+        dev = torch.cuda.get_device_name(0)
+        gpu = catalog_name_for_device(dev, torch.cuda.get_device_properties(0).total_memory)
+        if gpu is None:
+            raise SpecError(f"the CUDA device {dev!r} matches no built-in GPU type; name its type (`hexplan gpus`, "
+                            "or one your cluster file defines)", field="--gpu-type")
+    if not gpu.strip():
+        raise SpecError("must not be empty", field="--gpu-type")
+    if args.merge:
+        if gpu not in CATALOG and gpu not in defined:
+            raise SpecError(f"{gpu!r} is neither a built-in GPU type nor defined in {args.merge}'s gpu_types",
+                            field="--gpu-type")
+        if not any(n.gpu.name == gpu for n in cluster.nodes):
+            print(f"hexplan: note: no node of {args.merge} has GPU type {gpu}; the profile is stored but unused",
+                  file=sys.stderr)
+
+    from .executor.profile import ProfileSpec, profile_checkpoint
+
+    spec = ProfileSpec(str(ckpt), args.device, args.dtype, args.tp, layers, context, decode, prefill,
+                       args.warmup, args.repeats, args.threads)
+    err = sys.stderr
+    if dropped:
+        print(f"hexplan: note: prompt lengths {', '.join(map(str, dropped))} left out: the model has {positions} "
+              "positions", file=err)
+    print(f"hexplan: profiling {name} (layers 0-{layers - 1} of {model.num_layers}, {args.dtype}, TP {args.tp}) on "
+          f"{args.device} as GPU type {gpu}: {len(decode)} decode points at context {context}, {len(prefill)} prefill "
+          f"points, median of {args.repeats} after {args.warmup} warm-up", file=err, flush=True)
+
+    NOISY = 1.5   # slowest repetition over the fastest
+
+    def progress(p, done, total):
+        what = f"decode batch {p.x:>5}" if p.kind == "decode" else f"prefill {p.x:>5} tokens"
+        comm = f", all-reduce {p.allreduce_ms:.2f} ms" if args.tp > 1 else ""
+        noisy = "  NOISY" if p.spread > NOISY else ""
+        print(f"hexplan: [{done:>2}/{total}] {what}: {p.ms:9.4f} ms/layer at TP 1 (step {p.step_ms:.2f} ms{comm}, "
+              f"spread {p.spread:.2f}){noisy}", file=err, flush=True)
+
+    try:
+        result = profile_checkpoint(spec, progress)
+    except torch.OutOfMemoryError:
+        raise HexplanError(f"out of memory on {args.device}: try fewer --layers or smaller --decode-batches / "
+                           "--prefill-tokens") from None
+    tables = {"decode_ms": {x: _ms(v) for x, v in result.decode_ms.items()},
+              "prefill_ms": {x: _ms(v) for x, v in result.prefill_ms.items()}}
+    print(f"hexplan: measured in {result.seconds:.1f} s on {result.device_name}", file=err, flush=True)
+    noisy = [p for p in result.points if p.spread > NOISY]
+    if noisy:
+        print(f"hexplan: warning: {len(noisy)} of {len(result.points)} points varied by more than {NOISY:g}x between "
+              "repetitions: is the machine busy? More --repeats, or fewer --threads than free cores, steady them",
+              file=err, flush=True)
+    norm = f"measured compute (all-reduces taken out) x {args.tp}" if args.tp > 1 else "measured"
+    text = (f"# hexplan profile --checkpoint {ckpt} --device {args.device} --dtype {args.dtype} --tp {args.tp}\n"
+            f"# {result.device_name}; layers 0-{layers - 1} of {model.num_layers}; decode context {context}; "
+            f"median of {args.repeats} after {args.warmup} warm-up\n"
+            f"# ms per layer at TP 1 ({norm}); x = decode batch size / prompt tokens\n"
+            + dumps({"gpu_types": {gpu: {"profiles": {name: tables}}}}))
+    if out == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    elif out is not None:
+        _write(out, text, "--output")
+        print(f"hexplan: profile written to {out}", file=err)
+    if args.merge:
+        merged, kept = set_entry(merge_text, ("gpu_types", gpu, "profiles", name), tables, file=args.merge)
+        loads_cluster(merged, file=args.merge)   # never write a file that does not load
+        _write(args.merge, merged, "--merge")
+        print(f"hexplan: gpu_types.{gpu}.profiles.{name} merged into {args.merge}"
+              + ("" if kept else " (rewritten from its data: its comments and layout were not kept)"), file=err)
+    return 0
+
+
+def _write(path: str, text: str, flag: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all (a temporary file renamed over it)."""
+    import os
+    import tempfile
+
+    p, tmp = Path(path), None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=p.resolve().parent, prefix=f".{p.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        if p.exists():
+            os.chmod(tmp, p.stat().st_mode & 0o7777)
+        os.replace(tmp, p)
+    except OSError as e:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        raise SpecError(f"cannot write {path}: {e.strerror or e}", field=flag) from None
+
+
 _COMMANDS = {"compare": cmd_compare, "solve": cmd_solve, "validate": cmd_validate, "show": cmd_show, "gpus": cmd_gpus, "models": cmd_models,
-             "node": cmd_node, "serve": cmd_serve, "launch": cmd_launch, "generate": cmd_generate}
+             "node": cmd_node, "serve": cmd_serve, "launch": cmd_launch, "generate": cmd_generate,
+             "profile": cmd_profile}
 _COMMANDS["simulate"] = cmd_simulate
 
 

@@ -8,6 +8,7 @@ on-demand cloud list price per GPU-hour (2024-2025), used only for budget compar
 from __future__ import annotations
 
 import bisect
+import re
 from dataclasses import dataclass, field
 
 GB = 1e9
@@ -95,3 +96,41 @@ CATALOG: dict[str, GpuType] = {g.name: g for g in [
 
 def known_gpu_names() -> list[str]:
     return list(CATALOG)
+
+
+# What torch.cuda.get_device_name says (NVIDIA's marketing names, e.g. "NVIDIA H100 80GB HBM3",
+# "NVIDIA A100-SXM4-40GB", "Tesla T4", "NVIDIA GeForce RTX 4090") -> catalog name. Parts whose
+# figures differ from the catalog's (H100 PCIe/NVL, L40 without S, RTX 3090 Ti) match nothing.
+_DEVICE_PATTERNS = [
+    (r"\bH200\b", "H200"),
+    (r"\bH100\b.*\b(SXM|HBM3)\b", "H100-80G"),
+    (r"\bA100\b", "A100-{mem}G"),
+    (r"\bL40S\b", "L40S"),
+    (r"\bL4\b", "L4"),
+    (r"\bA10G\b", "A10G"),
+    (r"\bT4\b", "T4"),
+    (r"\bV100\b", "V100-{mem}G"),
+    (r"\bRTX A6000\b", "A6000"),
+    (r"\bRTX A5000\b", "A5000"),
+    (r"\bRTX A4000\b", "A4000"),
+    (r"\bRTX 3090\b(?! Ti)", "RTX3090"),
+    (r"\bRTX 4090\b(?! D)", "RTX4090"),
+]
+
+
+def catalog_name_for_device(device_name: str, memory_bytes: float | None = None) -> str | None:
+    """The catalog GPU type of a CUDA device, from its name (and, for parts sold with two memory
+    sizes, its memory, read from the name or ``memory_bytes``); None when nothing fits."""
+    for pattern, name in _DEVICE_PATTERNS:
+        if not re.search(pattern, device_name):
+            continue
+        if "{mem}" not in name:
+            return name
+        m = re.search(r"(\d+)\s*GB", device_name)
+        gb = int(m.group(1)) if m else (memory_bytes / 2**30 if memory_bytes else None)
+        if gb is None:
+            return None
+        sizes = sorted(int(n.split("-")[-1][:-1]) for n in CATALOG if n.startswith(name.split("-")[0] + "-"))
+        best = min(sizes, key=lambda s: abs(s - gb))   # 80 GB parts show 79.2 GiB, say
+        return name.format(mem=best) if abs(best - gb) <= 0.15 * best else None
+    return None

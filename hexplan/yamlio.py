@@ -217,3 +217,135 @@ class _Within(Locator):
 
     def error(self, path, message: str) -> SpecError:
         return self.outer.error(self.prefix + tuple(path), message)
+
+
+# ---- editing a document in place -------------------------------------------------------
+
+def dumps(data, flow: bool | None = None) -> str:
+    """YAML text of plain data: mappings of scalars on one line (``flow`` None), all in flow
+    style (True, one line) or all in block style (False). Key order is kept."""
+    return yaml.safe_dump(data, default_flow_style=flow, sort_keys=False, allow_unicode=True,
+                          width=float("inf") if flow else 100)
+
+
+def set_entry(text: str, path: tuple, value, file: str | None = None) -> tuple[str, bool]:
+    """``text``, one YAML document with a mapping at the top, with the mapping entry at ``path``
+    (a tuple of string keys) set to ``value`` (plain data), and whether everything else was kept
+    byte for byte: comments, key order, quoting and layout outside the entry. Mappings missing on
+    the way are created, a null on the way is replaced by one.
+
+    The edit is made on the text, at the places PyYAML's marks give, then checked: the result
+    must read back as the original data with only that entry changed. When it does not (aliases
+    into the path, exotic layouts), the whole document is written anew from the data instead, and
+    comments are lost (second value False). SpecError when the text is not YAML or something on
+    the path is neither a mapping nor null."""
+    data, _ = loads_document(text, file)
+    expected = _with_entry(data, path, value, file)
+    try:
+        edited = _splice(text, yaml.compose(text, Loader=_Loader), tuple(path), value)
+        if edited is not None and loads_document(edited, file)[0] == expected:
+            return edited, True
+    except (SpecError, yaml.YAMLError):
+        pass
+    return dumps(expected), False
+
+
+def _copy(data):
+    """A deep copy that does not keep aliases shared (an edit through one must not show in the other)."""
+    if isinstance(data, dict):
+        return {k: _copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_copy(v) for v in data]
+    return data
+
+
+def _with_entry(data, path, value, file):
+    root = {} if data is None else _copy(data)
+    node = root
+    for depth, key in enumerate(path):
+        if not isinstance(node, dict):
+            raise SpecError(f"expected a mapping, got {show(node)}", file=file,
+                            field=_dotted(path[:depth]) or None)
+        if depth == len(path) - 1:
+            node[key] = value
+        else:
+            if node.get(key) is None:
+                node[key] = {}
+            node = node[key]
+    return root
+
+
+def _nested(path, value):
+    for key in reversed(path):
+        value = {key: value}
+    return value
+
+
+def _is_null(node) -> bool:
+    return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
+
+
+def _block(node) -> bool:
+    return isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and not node.flow_style and node.value
+
+
+def _end(node, text: str) -> int:
+    """Where the node's own text ends: after its last character, not after trailing blank lines."""
+    if _block(node):
+        last = node.value[-1]
+        return _end(last[1] if isinstance(node, yaml.MappingNode) else last, text)
+    start, end = node.start_mark.index, node.end_mark.index
+    while end > start and text[end - 1] in " \t\r\n":
+        end -= 1
+    return end
+
+
+def _indent(s: str, col: int) -> str:
+    return ("\n" + " " * col).join(s.splitlines())
+
+
+def _splice(text: str, root, path: tuple, value) -> str | None:
+    """The text with the entry set, or None when the layout is not one this handles."""
+    if root is None or _is_null(root):
+        return text.rstrip("\n") + ("\n" if text.strip() else "") + dumps(_nested(path, value))
+    node = root
+    for depth, key in enumerate(path):
+        if not isinstance(node, yaml.MappingNode):
+            return None
+        found = next((v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == key), None)
+        rest = path[depth + 1:]
+        if found is None:                                          # add key: value here
+            return _insert(text, node, key, _nested(rest, value))
+        if not rest or _is_null(found):                            # replace found by the value
+            return _replace(text, found, _nested(rest, value))
+        node = found
+    return None
+
+
+def _replace(text: str, node, value) -> str:
+    start, end = node.start_mark.index, _end(node, text)
+    if _block(node) and isinstance(value, (dict, list)) and value:
+        new = _indent(dumps(value).rstrip("\n"), node.start_mark.column)
+    else:
+        new = dumps(value, flow=True).rstrip("\n").removesuffix("\n...")
+        if start == end and start > 0 and text[start - 1] not in " \t\n":   # an empty null: "key:"
+            new = " " + new
+    return text[:start] + new + text[end:]
+
+
+def _insert(text: str, mapping, key, value) -> str:
+    entry = {key: value}
+    if mapping.flow_style or not mapping.value:                    # {a: 1} or {}
+        close = mapping.end_mark.index - 1
+        if text[close] != "}":
+            return None
+        new = dumps(entry, flow=True).strip()[1:-1]
+        if mapping.value:
+            at = _end(mapping.value[-1][1], text)
+            return text[:at] + ", " + new + text[at:]
+        return text[:close] + new + text[close:]
+    col = mapping.value[0][0].start_mark.column
+    at = text.find("\n", _end(mapping, text))                      # end of the last entry's line
+    if at < 0:
+        return text + "\n" + " " * col + _indent(dumps(entry).rstrip("\n"), col) + "\n"
+    return text[:at] + "\n" + " " * col + _indent(dumps(entry).rstrip("\n"), col) + text[at:]

@@ -1,0 +1,334 @@
+"""Per-layer times of a checkpoint on this machine: what ``hexplan profile`` measures.
+
+Scope: a checkpoint directory in, two tables out (milliseconds per layer at TP 1 against decode
+batch size and against prompt tokens, the ``profiles`` a cluster file's GPU type carries; see
+docs/cost-model.md, "Measured profiles"). It knows nothing about YAML or the command line.
+
+What runs is the executor's own stage: ``StageModel`` with layers ``[0, layers)`` loaded as a
+middle stage (no embedding, no LM head: hidden states in, hidden states out), timed through
+``forward_batch``, the call a stage worker makes for every step:
+
+* decode, batch B: one step of B sequences, one new token each at position ``context``. Their
+  KV caches are filled with random keys and values instead of being computed (that would cost
+  B x context prompt tokens per point); attention costs the same whatever the values are.
+* prefill, P tokens: one prompt of P tokens from position 0, alone in its step; its cache is
+  dropped after the step (``SeqChunk.drop``), so every repetition allocates a fresh one.
+
+Each grid point runs ``warmup`` untimed steps, then ``repeats`` timed ones (the device is
+synchronised before and after each); the median step time divided by ``layers`` is the table
+value. (With ``warmup`` > 0 the first and the last point also run once before the grid starts,
+for the one-time costs of a process's first steps.) A few layers are enough: every layer has the same shapes, and a few keep the run short
+and the memory small (4 layers of a 70B model in bf16 are 7 GB). The step's fixed costs (rotary
+tables, batch bookkeeping) are shared by those few layers, so a tiny model's figure slightly
+overstates the per-layer time of a stage holding many layers.
+
+Tensor parallelism (``tp`` > 1): one process per rank (gloo on the CPU, NCCL on ``cuda:rank``),
+joined with the executor's ``init_tp`` on 127.0.0.1 and a free port, every rank running the same
+steps. The device is synchronised around each all-reduce and its time taken out, so a rank's
+compute time is its step time minus its all-reduce time (waiting for a slower rank counts as
+all-reduce; the slower rank's own compute counts). The table holds the slowest rank's compute
+times d, the TP-1 equivalent the cost model expects: it divides a profile by d and adds its own
+all-reduce estimate, so at TP d it reproduces the measured compute exactly. The measured step
+and all-reduce times are kept beside it (``Point``), not in the table.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import platform
+import queue
+import signal
+import socket
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from hexplan.errors import HexplanError
+
+from .distributed import Pending, TPContext, destroy_tp, init_tp
+from .model import SeqCache, SeqChunk, ShardSpec, StageModel
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEFAULT_DECODE_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+DEFAULT_PREFILL_TOKENS = (16, 32, 64, 128, 256, 512)
+DEFAULT_LAYERS = 4
+RESULT_TIMEOUT_S = 900      # TP: no word from the ranks for this long means they hang
+
+
+class ProfileError(HexplanError):
+    """The checkpoint could not be loaded or run; the message says why."""
+
+
+@dataclass(frozen=True)
+class ProfileSpec:
+    """What to measure. Grids are validated by the caller (the CLI): positive, and prompt
+    tokens and ``context`` + 1 within the model's positions."""
+    checkpoint: str
+    device: str = "cpu"                 # "cpu" or "cuda" (rank r on cuda:r)
+    dtype: str = "float32"
+    tp: int = 1
+    layers: int = DEFAULT_LAYERS        # layers [0, layers) are loaded
+    context: int = 256                  # KV positions each decode sequence holds
+    decode_batches: tuple[int, ...] = DEFAULT_DECODE_BATCHES
+    prefill_tokens: tuple[int, ...] = DEFAULT_PREFILL_TOKENS
+    warmup: int = 1
+    repeats: int = 3
+    threads: int | None = None          # CPU threads per rank (None: cores / tp)
+
+
+@dataclass(frozen=True)
+class Point:
+    """One grid point. ``ms``: the table value, per layer at TP 1. ``step_ms``: median wall time
+    of one step through all loaded layers at this TP; ``allreduce_ms``: the part of it spent in
+    all-reduces (0 at TP 1); ``spread``: the slowest timed step over the fastest, a noise gauge
+    (a busy machine shows 1.5 and more). All from the slowest rank."""
+    kind: str           # "decode" (x = batch size) or "prefill" (x = prompt tokens)
+    x: int
+    ms: float
+    step_ms: float
+    allreduce_ms: float
+    spread: float = 1.0
+
+
+@dataclass(frozen=True)
+class ProfileResult:
+    spec: ProfileSpec
+    device_name: str
+    points: tuple[Point, ...]
+    seconds: float = 0.0                # load + measurement, wall
+
+    def table(self, kind: str) -> dict[int, float]:
+        return {p.x: p.ms for p in self.points if p.kind == kind}
+
+    @property
+    def decode_ms(self) -> dict[int, float]:
+        return self.table("decode")
+
+    @property
+    def prefill_ms(self) -> dict[int, float]:
+        return self.table("prefill")
+
+
+# ---- timing --------------------------------------------------------------------------------
+
+class _Clock:
+    """Seconds spent in all-reduces since the last ``reset``; ``sync`` waits for the device."""
+
+    def __init__(self, device: str):
+        cuda = device.startswith("cuda")
+        self.sync: Callable[[], None] = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+        self.seconds = 0.0
+
+
+@dataclass(frozen=True)
+class _TimedTP(TPContext):
+    """A TPContext whose all-reduces run synchronously and are timed (device synchronised
+    before and after each), so their time can be taken out of a step's."""
+    clock: Any = None
+
+    def all_reduce_async(self, t: torch.Tensor) -> Pending:
+        if self.size == 1:
+            return Pending(t)
+        self.clock.sync()
+        t0 = time.perf_counter()
+        out = super().all_reduce_async(t).wait()
+        self.clock.sync()
+        self.clock.seconds += time.perf_counter() - t0
+        return Pending(out)
+
+
+def _time_step(run, clock: _Clock, warmup: int, repeats: int) -> tuple[float, float, float, float]:
+    """(step, all-reduce, compute) seconds, the medians over ``repeats`` timed runs, and the
+    slowest run over the fastest."""
+    for _ in range(warmup):
+        run()
+    steps, comms = [], []
+    for _ in range(repeats):
+        clock.sync()
+        clock.seconds = 0.0
+        t0 = time.perf_counter()
+        run()
+        clock.sync()
+        steps.append(time.perf_counter() - t0)
+        comms.append(clock.seconds)
+    compute = [s - c for s, c in zip(steps, comms)]
+    return (statistics.median(steps), statistics.median(comms), statistics.median(compute),
+            max(steps) / max(min(steps), 1e-12))
+
+
+def _slowest(ctx: TPContext, values: tuple[float, ...]) -> tuple[float, ...]:
+    """Each value's maximum over the TP group (the same on every rank)."""
+    if ctx.size == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ctx.group)
+    return tuple(t.tolist())
+
+
+def measure(spec: ProfileSpec, ctx: TPContext, device: str, progress=None) -> tuple[Point, ...]:
+    """Load the stage on ``device`` as this rank of ``ctx`` and time the grid (every rank of the
+    group must call this with the same spec). ``progress(point, done, total)`` after each point."""
+    clock = _Clock(device)
+    tctx = _TimedTP(ctx.rank, ctx.size, ctx.group, ctx.device, ctx.link, clock)
+    dtype = DTYPES[spec.dtype]
+    try:
+        model = StageModel.load(spec.checkpoint, ShardSpec(0, spec.layers, False, False), tctx, dtype, device)
+    except torch.OutOfMemoryError:
+        raise
+    except (ValueError, OSError) as e:
+        raise ProfileError(f"{spec.checkpoint}: {e}") from None
+    except Exception as e:   # safetensors' own errors: a truncated or corrupt file
+        raise ProfileError(f"{spec.checkpoint}: cannot read the weights: {type(e).__name__}: {e}") from None
+    a, H = model.args, model.args.hidden_size
+    gen = torch.Generator(device="cpu").manual_seed(ctx.rank)
+    rand = lambda *shape: torch.randn(*shape, generator=gen).to(device, dtype)   # noqa: E731
+
+    # Decode: caches of `context` positions for the largest batch, reused by every point.
+    for i in range(max(spec.decode_batches, default=0)):
+        cache = SeqCache(spec.layers, model.tp.kv_heads, a.head_dim, dtype, device)
+        cache.reserve(spec.context + 1)
+        cache.k.copy_(rand(*cache.k.shape))
+        cache.v.copy_(rand(*cache.v.shape))
+        cache.length = spec.context
+        model.caches[f"decode-{i}"] = cache
+
+    def decode(batch: int):
+        ids = [f"decode-{i}" for i in range(batch)]
+        chunks = [SeqChunk(r, spec.context, 1) for r in ids]
+        x = rand(batch, H)                                         # x: [B, H]
+
+        def run():
+            for r in ids:                                          # the same step every time
+                model.caches[r].length = spec.context
+            model.forward_batch(chunks, x)
+        return run
+
+    def prefill(tokens: int):
+        chunks = [SeqChunk("prefill", 0, tokens, drop=True)]
+        x = rand(tokens, H)                                        # x: [P, H]
+        return lambda: model.forward_batch(chunks, x)
+
+    grid = [("decode", b, decode) for b in spec.decode_batches] + \
+           [("prefill", p, prefill) for p in spec.prefill_tokens]
+    if spec.warmup and grid:   # once for the whole grid: lazy initialisation (thread pools, kernels, allocator)
+        for kind, x, make in (grid[0], grid[-1]):
+            make(x)()
+    points = []
+    for done, (kind, x, make) in enumerate(grid, 1):
+        step, comm, compute, spread = _slowest(ctx, _time_step(make(x), clock, spec.warmup, spec.repeats))
+        per_layer_tp1 = max(compute, 1e-9) * ctx.size / spec.layers
+        point = Point(kind, x, per_layer_tp1 * 1e3, step * 1e3, comm * 1e3, spread)
+        points.append(point)
+        if progress is not None:
+            progress(point, done, len(grid))
+    model.caches.clear()
+    return tuple(points)
+
+
+# ---- running it: in this process (TP 1) or in one process per rank ----------------------------
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def profile_checkpoint(spec: ProfileSpec, progress=None) -> ProfileResult:
+    """Measure ``spec``; ``progress(point, done, total)`` after each grid point. TP 1 runs in this
+    process; TP d > 1 in d spawned processes, all stopped before this returns or raises."""
+    t0 = time.perf_counter()
+    if spec.tp == 1:
+        device = "cuda:0" if spec.device == "cuda" else "cpu"
+        if spec.device == "cuda":
+            torch.cuda.set_device(0)
+        elif spec.threads:
+            torch.set_num_threads(spec.threads)
+        points = measure(spec, TPContext(), device, progress)
+        name = device_name(device)
+    else:
+        points, name = _run_ranks(spec, progress)
+    return ProfileResult(spec, name, points, time.perf_counter() - t0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_ranks(spec: ProfileSpec, progress) -> tuple[tuple[Point, ...], str]:
+    ctx = mp.get_context("spawn")
+    inbox = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(spec, r, port, inbox), daemon=True,
+                         name=f"hexplan-profile-r{r}") for r in range(spec.tp)]
+    result = None
+    try:
+        for p in procs:
+            p.start()
+        last = time.monotonic()
+        while result is None:
+            try:
+                msg = inbox.get(timeout=0.5)
+            except queue.Empty:
+                dead = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode is not None]
+                if dead:
+                    r, code = dead[0]
+                    raise ProfileError(f"TP rank {r} exited (code {code}) before reporting") from None
+                if time.monotonic() - last > RESULT_TIMEOUT_S:
+                    raise ProfileError(f"no word from the TP ranks for {RESULT_TIMEOUT_S} s")
+                continue
+            last = time.monotonic()
+            if msg[0] == "progress" and progress is not None:
+                progress(*msg[1:])
+            elif msg[0] == "error":
+                raise ProfileError(f"TP rank {msg[1]}: {msg[2]}")
+            elif msg[0] == "result":
+                result = msg[1:]
+        for p in procs:
+            p.join(timeout=30)
+        return result
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+
+
+def _loopback_interface() -> str | None:
+    names = {n for _, n in socket.if_nameindex()} if hasattr(socket, "if_nameindex") else set()
+    return next((n for n in ("lo", "lo0") if n in names), None)
+
+
+def _rank_main(spec: ProfileSpec, rank: int, port: int, outbox) -> None:
+    """One TP rank (multiprocessing spawn entry point); rank 0 reports progress and the result."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C: the parent stops every rank
+    try:
+        cuda = spec.device == "cuda"
+        if cuda:
+            torch.cuda.set_device(rank)
+            device = f"cuda:{rank}"
+        else:
+            device = "cpu"
+            torch.set_num_threads(spec.threads or max(1, (os.cpu_count() or 1) // spec.tp))
+            lo = _loopback_interface()
+            if lo and "GLOO_SOCKET_IFNAME" not in os.environ:   # keep gloo on the loopback
+                os.environ["GLOO_SOCKET_IFNAME"] = lo
+        ctx = init_tp(rank, spec.tp, "127.0.0.1", port, backend="nccl" if cuda else "gloo")
+        try:
+            report = (lambda *a: outbox.put(("progress", *a))) if rank == 0 else None
+            points = measure(spec, ctx, device, report)
+        finally:
+            destroy_tp(ctx)
+        if rank == 0:
+            outbox.put(("result", points, device_name(device)))
+    except Exception as e:   # the parent turns it into one line
+        outbox.put(("error", rank, str(e) if isinstance(e, ProfileError) else f"{type(e).__name__}: {e}"))

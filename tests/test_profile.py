@@ -1,0 +1,277 @@
+"""`hexplan profile`: per-layer times of a tiny random checkpoint on the CPU, the YAML section it
+writes, `--merge` into a cluster file (comments kept) that the cost model then reads, TP 2 over
+gloo on loopback, and bad input (exit 2, one line naming the flag). Grids are tiny: the whole
+file takes seconds; the numbers are only checked for shape and sanity, not speed."""
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("grpc")
+
+from executor_util import make_checkpoint, plan  # noqa: E402
+
+from hexplan import load_cluster  # noqa: E402
+from hexplan.costmodel import decode_layer_time, prefill_layer_time  # noqa: E402
+from hexplan.gpus import catalog_name_for_device  # noqa: E402
+from hexplan.models import load_model  # noqa: E402
+from hexplan.yamlio import set_entry  # noqa: E402
+
+GRID = ["--decode-batches", "1,4", "--prefill-tokens", "8,128", "--layers", "2", "--repeats", "3",
+        "--warmup", "1", "--context", "32"]
+CLUSTER = """\
+# A hand-written cluster: these comments must survive --merge.
+name: tiny   # trailing comment
+nodes:
+  - {name: n0, gpu: cpu, count: 2}   # the CPU type is built in
+network:
+  default: {bandwidth: 10Gbps, latency: 0.1ms}
+# the end
+"""
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("p") / "tiny-llama", layers=4, hidden=64, heads=4, kv_heads=2,
+                           intermediate=128, vocab=256, max_pos=256)
+
+
+def hexplan(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "hexplan.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=180, cwd=cwd)
+
+
+def one_error_line(r) -> str:
+    assert "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hexplan: error: "), r.stderr
+    assert r.stdout == ""
+    return lines[0][len("hexplan: error: "):]
+
+
+def tables_of(doc, gpu="cpu", model="tiny-llama"):
+    assert list(doc) == ["gpu_types"] and list(doc["gpu_types"]) == [gpu], doc
+    assert list(doc["gpu_types"][gpu]) == ["profiles"] and list(doc["gpu_types"][gpu]["profiles"]) == [model], doc
+    t = doc["gpu_types"][gpu]["profiles"][model]
+    assert list(t) == ["decode_ms", "prefill_ms"], t
+    return t
+
+
+def check_tables(t):
+    assert list(t["decode_ms"]) == [1, 4] and list(t["prefill_ms"]) == [8, 128], t
+    values = list(t["decode_ms"].values()) + list(t["prefill_ms"].values())
+    assert all(isinstance(v, float) and 0 < v < 1e4 for v in values), t
+    # 16 times the tokens through the same layers: not much faster. (Only a coarse bound: on a
+    # shared machine a busy spell can stretch the small prompt's repetitions several times.)
+    assert t["prefill_ms"][128] > 0.25 * t["prefill_ms"][8], t
+
+
+# ---- the command -------------------------------------------------------------------------------
+
+def test_stdout_is_only_the_yaml_section(ckpt):
+    r = hexplan("profile", "--checkpoint", ckpt, *GRID)
+    assert r.returncode == 0, r.stderr
+    t = tables_of(yaml.safe_load(r.stdout))
+    check_tables(t)
+    # stdout: the YAML document and its comment header, nothing else; progress went to stderr
+    assert all(line.startswith(("#", "gpu_types:", " ")) for line in r.stdout.splitlines()), r.stdout
+    assert "hexplan:" not in r.stdout
+    progress = [line for line in r.stderr.splitlines() if "ms/layer at TP 1" in line]
+    assert len(progress) == 4, r.stderr
+    # the default model name is the one a plan built from the checkpoint gives it
+    assert load_model(ckpt).name == "tiny-llama"
+    assert plan(ckpt, [("n0", 1, 0, 4)]).model.name == "tiny-llama"
+
+
+def test_output_file_and_names(ckpt, tmp_path):
+    out = tmp_path / "p.yaml"
+    r = hexplan("profile", "--checkpoint", ckpt, *GRID, "--gpu-type", "A100-40G", "--model", "my-llama", "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == ""
+    check_tables(tables_of(yaml.safe_load(out.read_text()), "A100-40G", "my-llama"))
+
+
+def test_merge_keeps_the_file_and_the_cost_model_uses_the_profile(ckpt, tmp_path):
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(CLUSTER)
+    r = hexplan("profile", "--checkpoint", ckpt, *GRID, "--merge", cluster)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == ""                                   # --merge without -o: the file is the result
+    text = cluster.read_text()
+    assert text.startswith(CLUSTER.removesuffix("# the end\n")), text   # every old line, comments included
+    assert "# the end" in text
+    t = tables_of({"gpu_types": yaml.safe_load(text)["gpu_types"]})
+    check_tables(t)
+
+    c = load_cluster(cluster)
+    model = load_model(ckpt)
+    gpu = c.nodes[0].gpu
+    assert gpu.profile_for("tiny-llama") is not None
+    for b, ms in t["decode_ms"].items():
+        assert decode_layer_time(model, gpu, 1, b, 100, 1e9) == pytest.approx(ms / 1e3)
+        # at TP 2 the profile is halved and the modelled all-reduces added
+        assert decode_layer_time(model, gpu, 2, b, 100, 1e9) > ms / 2e3
+    for p, ms in t["prefill_ms"].items():
+        assert prefill_layer_time(model, gpu, 1, p, 1e9) == pytest.approx(ms / 1e3)
+
+    # profiling again replaces the entry, and adds a second model beside it
+    r = hexplan("profile", "--checkpoint", ckpt, *GRID, "--merge", cluster, "--model", "other", "-o", "-")
+    assert r.returncode == 0, r.stderr
+    tables_of(yaml.safe_load(r.stdout), model="other")
+    profiles = yaml.safe_load(cluster.read_text())["gpu_types"]["cpu"]["profiles"]
+    assert list(profiles) == ["tiny-llama", "other"]
+    assert cluster.read_text().count("# the CPU type is built in") == 1
+
+
+def test_tp2_on_cpu_over_gloo(ckpt):
+    r = hexplan("profile", "--checkpoint", ckpt, *GRID, "--tp", "2")
+    assert r.returncode == 0, r.stderr
+    check_tables(tables_of(yaml.safe_load(r.stdout)))
+    assert "all-reduces taken out) x 2" in r.stdout
+    assert r.stderr.count("all-reduce") >= 4, r.stderr
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--checkpoint", "{tmp}/nope"], "--checkpoint"),
+    (["--checkpoint", "{tmp}"], "--checkpoint"),                       # a directory without config.json
+    (["--checkpoint", "{ckpt}", "--device", "cuda"], "--device"),
+    (["--checkpoint", "{ckpt}", "--tp", "3"], "--tp"),                 # 4 heads
+    (["--checkpoint", "{ckpt}", "--tp", "8"], "--tp"),                 # more ranks than heads
+    (["--checkpoint", "{ckpt}", "--tp", "0"], "--tp"),
+    (["--checkpoint", "{ckpt}", "--layers", "5"], "--layers"),
+    (["--checkpoint", "{ckpt}", "--context", "256"], "--context"),     # 256 positions
+    (["--checkpoint", "{ckpt}", "--decode-batches", "1,two"], "--decode-batches"),
+    (["--checkpoint", "{ckpt}", "--prefill-tokens", "0"], "--prefill-tokens"),
+    (["--checkpoint", "{ckpt}", "--prefill-tokens", "300,400"], "--prefill-tokens"),
+    (["--checkpoint", "{ckpt}", "--repeats", "0"], "--repeats"),
+    (["--checkpoint", "{ckpt}", "-o", "{tmp}/no/such/dir/p.yaml"], "--output"),
+    (["--checkpoint", "{ckpt}", "--merge", "{tmp}/c.yaml", "--gpu-type", "Z100"], "--gpu-type"),
+])
+def test_bad_input(ckpt, tmp_path, args, flag):
+    if "--device" in args and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    (tmp_path / "c.yaml").write_text(CLUSTER)
+    args = [a.format(tmp=tmp_path, ckpt=ckpt) for a in args]
+    msg = one_error_line(hexplan("profile", *args))
+    assert msg.startswith(flag + ": "), msg
+    assert (tmp_path / "c.yaml").read_text() == CLUSTER
+
+
+def test_bad_config_json_names_the_file(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "hidden_size": 64}')
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    msg = one_error_line(hexplan("profile", "--checkpoint", tmp_path))
+    assert "config.json" in msg and "num_attention_heads" in msg, msg
+
+
+# ---- the library -------------------------------------------------------------------------------
+
+def test_profile_checkpoint_in_process(ckpt):
+    from hexplan.executor.profile import ProfileSpec, profile_checkpoint
+
+    seen = []
+    spec = ProfileSpec(ckpt, layers=3, context=16, decode_batches=(2, 1), prefill_tokens=(4,), repeats=2, warmup=0)
+    r = profile_checkpoint(spec, lambda p, done, total: seen.append((p.kind, p.x, done, total)))
+    assert seen == [("decode", 2, 1, 3), ("decode", 1, 2, 3), ("prefill", 4, 3, 3)]
+    for p in r.points:   # TP 1: no all-reduce, the table value is the median step over the layers
+        assert p.allreduce_ms == 0
+        assert p.ms == pytest.approx(p.step_ms / 3)
+    assert set(r.decode_ms) == {1, 2} and set(r.prefill_ms) == {4}
+
+
+def test_tp_normalisation_takes_the_all_reduces_out(ckpt):
+    """TP 2 layout on a one-process gloo group whose all-reduces are stretched by 3 ms each
+    (SlowLink): the table is (step - all-reduce) x 2 / layers, and the all-reduce time is the
+    stretched one. One repetition, so the medians are the values themselves."""
+    import torch.distributed as dist
+
+    from executor_util import free_port
+    from hexplan.executor.distributed import SlowLink, TPContext
+    from hexplan.executor.profile import ProfileSpec, measure
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        ctx = TPContext(0, 2, dist.group.WORLD, "cpu", SlowLink(3e-3, 1e12))
+        spec = ProfileSpec(ckpt, tp=2, layers=2, context=16, decode_batches=(2,), prefill_tokens=(8,), repeats=1,
+                           warmup=0)
+        points = measure(spec, ctx, "cpu")
+    finally:
+        dist.destroy_process_group()
+    assert [(p.kind, p.x) for p in points] == [("decode", 2), ("prefill", 8)]
+    for p in points:
+        assert p.allreduce_ms >= 2 * 2 * 3.0               # 2 layers x 2 all-reduces x 3 ms
+        assert p.step_ms > p.allreduce_ms
+        assert p.ms == pytest.approx((p.step_ms - p.allreduce_ms) * 2 / 2, rel=1e-6)
+
+
+def test_catalog_name_for_device():
+    assert catalog_name_for_device("NVIDIA H200") == "H200"
+    assert catalog_name_for_device("NVIDIA H100 80GB HBM3") == "H100-80G"
+    assert catalog_name_for_device("NVIDIA H100 PCIe") is None          # not the catalog's SXM figures
+    assert catalog_name_for_device("NVIDIA A100-SXM4-40GB") == "A100-40G"
+    assert catalog_name_for_device("NVIDIA A100-SXM4-80GB") == "A100-80G"
+    assert catalog_name_for_device("NVIDIA A100", 85e9) == "A100-80G"   # memory from the device
+    assert catalog_name_for_device("NVIDIA L40S") == "L40S"
+    assert catalog_name_for_device("NVIDIA L4") == "L4"
+    assert catalog_name_for_device("NVIDIA L40") is None
+    assert catalog_name_for_device("Tesla T4") == "T4"
+    assert catalog_name_for_device("NVIDIA GeForce RTX 4090") == "RTX4090"
+    assert catalog_name_for_device("NVIDIA GeForce RTX 3090 Ti") is None
+
+
+# ---- editing YAML in place ---------------------------------------------------------------------
+
+PATH = ("gpu_types", "cpu", "profiles", "m")
+VALUE = {"decode_ms": {1: 0.5, 2: 0.75}, "prefill_ms": {16: 1.5}}
+
+
+@pytest.mark.parametrize("text", [
+    "",
+    "# only a comment\n",
+    "name: x  # c\nnodes: []\n# tail\n",
+    "name: x\nnodes: []",                                                   # no final newline
+    "gpu_types:\n  # mine\n  G: {memory: 1GB}  # note\nnodes: []\n",
+    "gpu_types: {G: {memory: 1GB}}\nnodes: []\n",
+    "gpu_types: {}\nnodes: []\n",
+    "gpu_types:\nnodes: []\n",                                               # null on the way
+    "gpu_types:\n  cpu:\n    memory: 16GB   # more\n    # end of cpu\nnodes: []\n",
+    "gpu_types:\n  cpu:\n    profiles:\n      other: {decode_ms: {1: 2}}\n# c\nnodes: []\n",
+    "gpu_types:\n  cpu:\n    profiles:\n      m:\n        decode_ms: {1: 2}  # old\n        prefill_ms:\n"
+    "          5: 6\n      z: {decode_ms: {1: 1}}\nnodes: []\n",          # replace a block entry
+    "gpu_types: {cpu: {profiles: {m: {decode_ms: {1: 2}}, z: {decode_ms: {1: 1}}}}}\nnodes: []\n",
+    "gpu_types:\n  cpu:\n    profiles:\n      m: {decode_ms: {1: 2}}\nnodes:\n- name: a\n  gpu: cpu\n",
+])
+def test_set_entry_keeps_everything_else(text):
+    out, kept = set_entry(text, PATH, VALUE)
+    assert kept
+    assert yaml.safe_load(out) == with_entry(yaml.safe_load(text))
+    for line in text.splitlines():   # every comment survives, but those inside the replaced entry
+        if "#" in line and "# old" not in line:
+            assert "#" + line.split("#", 1)[1] in out, (line, out)
+
+
+def with_entry(data):
+    d = copy.deepcopy(data) or {}
+    node = d
+    for key in PATH[:-1]:
+        if node.get(key) is None:
+            node[key] = {}
+        node = node[key]
+    node[PATH[-1]] = VALUE
+    return d
+
+
+def test_set_entry_falls_back_to_a_rewrite():
+    # An alias into the path: editing the anchor's text would change both places; rewritten instead.
+    text = "base: &b {profiles: {}}\ngpu_types:\n  cpu: *b\n"
+    out, kept = set_entry(text, PATH, VALUE)
+    assert not kept
+    data = yaml.safe_load(out)
+    assert data["gpu_types"]["cpu"]["profiles"]["m"] == VALUE and data["base"] == {"profiles": {}}
