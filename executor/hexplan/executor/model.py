@@ -276,7 +276,10 @@ class Attention(nn.Module):
         kv, D = self.kv_heads, self.head_dim
         qg = q.view(kv, self.heads // kv, D)                               # [kv, rep, D]
         scores = torch.matmul(qg, k.transpose(1, 2)) * (D ** -0.5)         # [kv, rep, S]
-        return torch.matmul(torch.softmax(scores, dim=-1), v).reshape(self.heads, D)
+        # softmax in float32, as transformers' eager attention does (a no-op in float32; in
+        # bfloat16 it keeps greedy tokens closer to transformers': docs/executor.md, "GPU check")
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+        return torch.matmul(probs, v).reshape(self.heads, D)
 
     def _attend(self, q, k, v, start):    # q: [t, h, D]; k, v: [kv, S, D], S = start + t
         S = k.shape[1]
