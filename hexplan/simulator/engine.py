@@ -384,53 +384,74 @@ class Engine:
             heapq.heappush(pipe.idle, g)
             return False
         pipe.cur[g] = step
+        parts = min(pipe.parts, len(step.decode) + len(step.prefill))
+        first, unit = self._service(pipe, step, parts)
+        if parts == 1:
+            self._walk(pipe, g, [first] + unit, 0, now, now)
+            return True
+        # Every part arrives at the first stage with the token ids (the others take no time on
+        # the first link), and the parts walk in order, so FIFO order holds at every server.
+        for j in range(parts):
+            self._walk(pipe, g, [first if j == 0 else 0.0] + unit, 0, now, now, j == parts - 1)
+        return True
+
+    def _service(self, pipe: _Pipe, step, parts: int) -> tuple:
+        """Service times of a step: (the first link's, [stage 0, link, stage 1, ..., last stage,
+        link back] of one part). Stage s: l_s x (one decode step of the step's decoding sequences
+        at their mean context + each prompt chunk's share of its prompt's prefill) (+ the LM head
+        on the last stage, + mlfq's swap-in of restored KV); links: the bytes over bandwidth
+        (latency is added after the link: pipe.delay). In ``parts`` > 1 parts (interleaving),
+        each part takes 1/parts of the step's interleaved stage time (cost model, p parts: the
+        weights read p times, TP all-reduces hidden under compute) and of its bytes."""
         n_dec = len(step.decode)
         chunks = step.prefill
         nlog = step.logits
         swap_tok = step.restored_tokens
-        if pipe.parts > 1 and n_dec + len(chunks) > 1:
-            self._send_parts(pipe, g, n_dec, step.decode_context, chunks, nlog, swap_tok, now)
-            return True
-        per_layer = self._layer_times(pipe, n_dec, step.decode_context, chunks)
+        per_layer = self._layer_times(pipe, n_dec, step.decode_context, chunks, parts)
         tokens_in = n_dec
         for c in chunks:
             tokens_in += c[2]
         links = pipe.links
-        # Links: the message holds the link for bytes / bandwidth (send_time without latency);
-        # the latency is added after it (pipe.delay), so back-to-back messages overlap in flight.
-        svc = [send_time(TOKEN_ID_BYTES * tokens_in, links[0].bandwidth, 0.0)]
+        first = send_time(TOKEN_ID_BYTES * tokens_in, links[0].bandwidth, 0.0)
         last = len(pipe.stage_layers) - 1
         act = tokens_in * pipe.act_bytes
+        unit = []
         for i, layers in enumerate(pipe.stage_layers):
             t = layers * per_layer[pipe.stage_kind[i]]
             if swap_tok:
                 t += swap_tok * pipe.swap_s[i]
             if i == last:
-                h = pipe.head_cache.get(nlog)
+                key = nlog if parts == 1 else (nlog, parts)
+                h = pipe.head_cache.get(key)
                 if h is None:
                     gpu, tp = pipe.head
-                    h = pipe.head_cache[nlog] = lm_head_time(self.model, gpu, tp, nlog, self.params)
-                svc.append(t + h)
-                svc.append(send_time(TOKEN_ID_BYTES * nlog, links[i + 1].bandwidth, 0.0))
+                    h = pipe.head_cache[key] = lm_head_time(self.model, gpu, tp, nlog, self.params, parts)
+                unit.append((t + h) / parts)
+                unit.append(send_time(TOKEN_ID_BYTES * nlog / parts, links[i + 1].bandwidth, 0.0))
             else:
-                svc.append(t)
-                svc.append(send_time(act, links[i + 1].bandwidth, 0.0))
-        self._walk(pipe, g, svc, 0, now, now)
-        return True
+                unit.append(t / parts)
+                unit.append(send_time(act / parts, links[i + 1].bandwidth, 0.0))
+        return first, unit
 
-    def _layer_times(self, pipe: _Pipe, n_dec: int, ctx_sum: int, chunks: list) -> list:
+    def _layer_times(self, pipe: _Pipe, n_dec: int, ctx_sum: int, chunks, parts: int = 1) -> list:
         """Per-layer time of a step on each kind of stage of the pipeline: one decode step of
-        the ``n_dec`` decoding sequences at their mean context, plus each (request, tokens)
-        prompt chunk's share of its prompt's prefill (tokens / prompt tokens: chunking spreads a
-        prompt's cost, it adds none)."""
+        the ``n_dec`` decoding sequences at their mean context, plus each (request, start,
+        tokens, last) prompt chunk's share of its prompt's prefill (tokens / prompt tokens:
+        chunking spreads a prompt's cost, it adds none); in ``parts`` parts when interleaved."""
         prompt = self.prompt
         per_layer = []
         for kind in pipe.kinds:
-            t = kind.decode(n_dec, ctx_sum) if n_dec else 0.0
-            for c in chunks:
-                p = prompt[c[0]]
-                take = c[2]
-                t += kind.prefill(p) if take == p else kind.prefill(p) * take / p
+            if parts == 1:
+                t = kind.decode(n_dec, ctx_sum) if n_dec else 0.0
+                for c in chunks:
+                    p = prompt[c[0]]
+                    take = c[2]
+                    t += kind.prefill(p) if take == p else kind.prefill(p) * take / p
+            else:
+                t = kind.decode_parts(n_dec, ctx_sum, parts) if n_dec else 0.0
+                for c in chunks:
+                    p = prompt[c[0]]
+                    t += kind.prefill_parts(p, parts) * c[2] / p
             per_layer.append(t)
         return per_layer
 
@@ -456,51 +477,6 @@ class Engine:
             i += 1
         if last:
             self._push(t, STEP_DONE, pipe, g)
-
-    # ---- interleaving: a step in parts ---------------------------------------------------------
-    def _send_parts(self, pipe: _Pipe, g: int, n_dec: int, ctx_sum: int, chunks: list, nlog: int, swap_tok: int,
-                    now: float) -> None:
-        """Send a step of ``n_dec`` decode tokens (context ``ctx_sum`` in all) and prompt
-        ``chunks`` down the pipeline as p = min(interleave, sequences) parts: the token ids go to
-        the first stage in one message; from there each part is served on its own at every
-        stage and link, taking 1/p of the step's interleaved stage time (cost model, p parts: the
-        weights read p times, TP all-reduces hidden under compute) and 1/p of its bytes. The
-        last part back completes the step. ``nlog``: positions that need logits; ``swap_tok``
-        (mlfq): context tokens brought back from host memory before the step."""
-        parts = min(pipe.parts, n_dec + len(chunks))
-        prompt = self.prompt
-        per_layer = []
-        for kind in pipe.kinds:
-            t = kind.decode_parts(n_dec, ctx_sum, parts) if n_dec else 0.0
-            for c in chunks:
-                p = prompt[c[0]]
-                t += kind.prefill_parts(p, parts) * c[2] / p
-            per_layer.append(t)
-        tokens_in = n_dec + sum(c[2] for c in chunks)
-        links = pipe.links
-        first = send_time(TOKEN_ID_BYTES * tokens_in, links[0].bandwidth, 0.0)
-        last = len(pipe.stage_layers) - 1
-        act = tokens_in * pipe.act_bytes
-        unit = []                 # one part's service at chain positions 1, 2, ...
-        for i, layers in enumerate(pipe.stage_layers):
-            t = layers * per_layer[pipe.stage_kind[i]]
-            if swap_tok:
-                t += swap_tok * pipe.swap_s[i]
-            if i == last:
-                key = (nlog, parts)
-                h = pipe.head_cache.get(key)
-                if h is None:
-                    gpu, tp = pipe.head
-                    h = pipe.head_cache[key] = lm_head_time(self.model, gpu, tp, nlog, self.params, parts)
-                unit.append((t + h) / parts)
-                unit.append(send_time(TOKEN_ID_BYTES * nlog / parts, links[i + 1].bandwidth, 0.0))
-            else:
-                unit.append(t / parts)
-                unit.append(send_time(act / parts, links[i + 1].bandwidth, 0.0))
-        # Every part arrives at the first stage with the token ids (the others take no time on
-        # the first link), and the parts walk in order, so FIFO order holds at every server.
-        for j in range(parts):
-            self._walk(pipe, g, [first if j == 0 else 0.0] + unit, 0, now, now, j == parts - 1)
 
     def _step_done(self, pipe: _Pipe, g: int, now: float) -> None:
         st = self.stats
