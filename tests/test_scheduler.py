@@ -257,8 +257,19 @@ def _replay_on_gateway(gw, log):
     from hexplan.executor.gateway import Pipeline
     from hexplan.executor.sampling import Sampling
 
+    import dataclasses
     gw.pipelines = [Pipeline(i, p.weight, [f"p{i}s{j}" for j in range(len(p.stages))], [s.node for s in p.stages])
                     for i, p in enumerate(gw.plan.pipelines)]
+    ids: dict = {}          # the simulator's sequence id -> the gateway's (which reuses ended ones)
+
+    def mapped(step):
+        if step is None:
+            return None
+        m = lambda xs: tuple(ids[x] for x in xs)  # noqa: E731
+        return dataclasses.replace(step, decode=m(step.decode), preempted=m(step.preempted),
+                                   offloaded=m(step.offloaded), restored=m(step.restored),
+                                   released=m(step.released), dropped=m(step.dropped),
+                                   prefill=tuple((ids[c[0]],) + c[1:] for c in step.prefill))
     gw.release = lambda p, reqs: None
     clock = [0.0]
     gw.clock = lambda: clock[0]
@@ -267,16 +278,17 @@ def _replay_on_gateway(gw, log):
         if ev[0] == "add":
             _, _, prompt, max_new, prefill_only, sid, pipe = ev
             req = gw.submit([1] * prompt, Sampling(max_new_tokens=max(max_new, 1)), prefill_only=prefill_only)
-            if (req.sid, gw.scheduler.pipe_of[req.sid]) != (sid, pipe):
-                return i, ev, ("routed", req.sid, gw.scheduler.pipe_of[req.sid])
+            ids[sid] = req.sid
+            if gw.scheduler.pipe_of[req.sid] != pipe:
+                return i, ev, ("routed", gw.scheduler.pipe_of[req.sid])
         elif ev[0] == "schedule":
             step = gw.runner.next_step(ev[2], ev[3], wait=0)
-            if step != ev[4]:
+            if step != mapped(ev[4]):
                 return i, ev, step
         else:
-            step = ev[2]
+            step = mapped(ev[2])
             done = gw.runner.finish(step, torch.zeros(step.size, gw.vocab), [])
-            if tuple(done) != ev[3]:
+            if tuple(done) != tuple(ids[x] for x in ev[3]):
                 return i, ev, done
     return None
 
@@ -295,7 +307,9 @@ def test_gateway_and_simulator_make_the_same_steps(ckpt, policy, workload):
     assert any(c[3] is False for e in steps for c in e[4].prefill), "no prompt was chunked"
     if policy == "mlfq":
         assert any(e[4].preempted for e in steps)
-    assert _replay_on_gateway(Gateway(plan, str(ckpt), {}, policy=policy), log) is None
+    gw = Gateway(plan, str(ckpt), {}, policy=policy)
+    assert _replay_on_gateway(gw, log) is None
+    assert len(gw.scheduler.prompt) < 120 and not gw.requests     # ended ids were reused, none left
 
 
 def test_the_differential_test_sees_a_difference(ckpt):
@@ -338,3 +352,26 @@ def test_serving_defaults_fit_the_stages_memory():
     assert c.concurrency == room and c.loops == 2 and c.batch == -(-room // 2)
     (unknown,) = pipeline_configs(bare, w)            # no cluster: depth only
     assert (unknown.loops, unknown.concurrency) == (2, 32)
+
+
+def test_forgotten_ids_are_reused_and_early_ends_leave_no_trace():
+    s = Scheduler([cfg(batch=4, concurrency=4, chunk=100, whole=100)])
+    a, b = s.add(3, 5, 0.0), s.add(3, 5, 0.0)
+    s.update(s.schedule(0.0, 0, 0))
+    st = s.schedule(0.0, 0, 0)
+    assert s.update(st, StepResult(finished=(a,))) == [a]     # a stops early: filed to end later
+    with pytest.raises(ValueError):
+        s.forget(b)                                           # b has not ended
+    s.forget(a)
+    c = s.add(3, 5, 0.0)
+    assert c == a and s.prompt[c] == 3 and s.state[c] == 0 and len(s.prompt) == 2
+    ends = []
+    for _ in range(8):
+        st = s.schedule(0.0, 0, 0)
+        if st is None:
+            break
+        ends += s.update(st)
+    assert ends == [b, c]                                     # c runs its own 5 tokens, not a's end
+    s.forget(b)
+    s.forget(c)
+    assert s.loads() == [0] and sorted(s.free) == [0, 1]

@@ -131,6 +131,10 @@ class Scheduler:
         self.qseq: list[int] = []
         self.used: list[float] = []
         self.last_seen: list[float] = []
+        self._arrays = (self.prompt, self.out, self.ponly, self.pipe_of, self.state, self.cancelled, self.gen,
+                        self.rem, self.busy, self.join, self.loop_of, self.level, self.qseq, self.used,
+                        self.last_seen)
+        self.free: list[int] = []       # ids of ended sequences the caller gave back (forget)
         self.n_enq = 0
         self.n_cancel = 0               # cancellations not yet acted on
         # counters
@@ -155,22 +159,16 @@ class Scheduler:
         """A new sequence of ``prompt`` tokens that may generate ``max_new_tokens`` (prefill-only:
         none), routed (or put on ``pipeline``); returns its id. Raises NoPipeline when every
         pipeline is down."""
-        s = len(self.prompt)
-        self.prompt.append(prompt)
-        self.out.append(0 if prefill_only else max_new_tokens)
-        self.ponly.append(prefill_only)
-        self.pipe_of.append(-1)
-        self.state.append(NEW)
-        self.cancelled.append(False)
-        self.gen.append(0)
-        self.rem.append(prompt)
-        self.busy.append(False)
-        self.join.append(0)
-        self.loop_of.append(-1)
-        self.level.append(0)
-        self.qseq.append(0)
-        self.used.append(0.0)
-        self.last_seen.append(now)
+        values = (prompt, 0 if prefill_only else max_new_tokens, prefill_only, -1, NEW, False, 0, prompt, False, 0,
+                  -1, 0, 0, 0.0, now)
+        if self.free:               # an id given back by forget()
+            s = self.free.pop()
+            for arr, v in zip(self._arrays, values):
+                arr[s] = v
+        else:
+            s = len(self.prompt)
+            for arr, v in zip(self._arrays, values):
+                arr.append(v)
         self._route(s, now, pipeline)
         return s
 
@@ -193,6 +191,14 @@ class Scheduler:
             pipe.pending.append(s)
             if self.ponly[s]:
                 pipe.ponly_waiting += 1
+
+    def forget(self, s: int) -> None:
+        """The caller is done with an ended sequence: its id may be reused by ``add``, so a
+        long-running server's per-sequence arrays stay as large as its peak load. (The simulator
+        keeps every id: it indexes its own per-request arrays by them.)"""
+        if self.state[s] != DONE or any(s in p.release for p in self.pipes):
+            raise ValueError(f"sequence {s} has not ended (or its KV is still to be released)")
+        self.free.append(s)
 
     def requeue(self, s: int, context: int, generated: int, now: float) -> None:
         """Put a sequence of a failed pipeline on a live one: its whole context (prompt and the
@@ -245,9 +251,13 @@ class Scheduler:
         pipe = self.pipes[pipeline]
         pipe.alive = False
         out = [s for s in range(len(self.prompt)) if self.pipe_of[s] == pipeline and self.state[s] != DONE]
-        for s in out:
+        for s in out:                  # out of the scheduler until requeue() (else ended)
             self.busy[s] = False
             self.pipe_of[s] = -1
+            self.state[s] = DONE
+            if self.cancelled[s]:
+                self.cancelled[s] = False
+                self.n_cancel = max(0, self.n_cancel - 1)
         pipe.loops = [_Loop() for _ in pipe.loops]
         pipe.pending.clear()
         pipe.inflight = pipe.kv_used = pipe.n_sys = pipe.n_busy = pipe.ponly_waiting = 0
@@ -400,7 +410,12 @@ class Scheduler:
         return tuple(out)
 
     def _f_leave(self, pipe: _Pipe, lp: _Loop, s: int) -> None:
-        """A decoding sequence ends before its max_new_tokens (stop token, cancel)."""
+        """A decoding sequence leaves its loop: at its max_new_tokens, or before (stop token,
+        cancel: then its entry under the step that would have ended it goes too, since its id
+        may be reused)."""
+        lst = lp.finish.get(self.join[s] + self.out[s] - 1)
+        if lst is not None and s in lst:
+            lst.remove(s)
         del lp.dec[s]
         lp.sum_p -= self.prompt[s]
         lp.sum_j -= self.join[s]

@@ -221,8 +221,10 @@ class Gateway:
             self.cv.notify_all()
 
     def retire_locked(self, sid: int) -> Request:
+        """The request has ended and the scheduler holds nothing of it: its id is given back."""
         req = self.requests.pop(sid)
         req.finished = True
+        self.scheduler.forget(sid)
         return req
 
     def take_released(self, sids) -> list[Request]:

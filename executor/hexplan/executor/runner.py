@@ -106,14 +106,18 @@ class StepRunner:
         sequences that ended."""
         gw = self.gw
         reqs = gw.requests
+        if not gw.pipelines[step.pipeline].alive:    # failed meanwhile: its requests moved
+            return []
         rows = iter(logits)
         hid = iter(hidden)
         sampled, results, stops = [], [], {}
         for s in step.decode:
-            self._sample(reqs[s], next(rows), s, sampled, stops)
+            self._sample(reqs.get(s), next(rows), s, sampled, stops)
         for s, _start, _n, last in step.prefill:
             row = next(rows)
-            r = reqs[s]
+            r = reqs.get(s)
+            if r is None:
+                continue
             if s in step.dropped:                     # prefill-only: its result
                 results.append((r, row, next(hid) if r.want_hidden else None))
             elif last:
@@ -144,7 +148,7 @@ class StepRunner:
         return done
 
     def _sample(self, r, row, s: int, sampled: list, stops: dict) -> None:
-        if r.cancelled.is_set():
+        if r is None or r.cancelled.is_set():    # None: ended while a failed pipeline's step ran
             return
         tok = sample(row, r.sampling)
         sampled.append((r, tok))
