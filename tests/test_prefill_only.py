@@ -120,3 +120,20 @@ def test_gateway_interleaves_as_the_plan_was_solved(ckpt):
     p = dataclasses.replace(p, assumptions={"workload": {"interleave": 2}})
     assert Gateway(p, ckpt, {}).interleave == 2
     assert Gateway(p, ckpt, {}, interleave=1).interleave == 1
+
+
+def test_a_request_larger_than_the_kv_budget_is_refused_naming_the_field(ckpt):
+    import grpc
+
+    from hexplan.executor.gateway import Gateway
+    from hexplan.executor.sampling import Sampling
+
+    p = dataclasses.replace(plan(ckpt, [("a", 1, 0, 4)]), assumptions={"workload": {
+        "prompt_tokens": 8, "output_tokens": 8, "batch_size": 2, "concurrency": 2}})
+    gw = Gateway(p, ckpt, {})                       # KV budget: 2 x 16 tokens
+    assert gw.scheduler.kv_budget == 32
+    req = gw.submit([1, 2, 3], Sampling(max_new_tokens=30))
+    kind, code, msg = req.events.get_nowait()
+    assert (kind, code) == ("error", grpc.StatusCode.INVALID_ARGUMENT) and req.finished
+    assert msg.startswith("sampling.max_new_tokens:") and "KV budget of 32 tokens" in msg
+    assert gw.scheduler.loads() == [0] and not gw.requests

@@ -56,7 +56,7 @@ class _Loop:
     their contexts are summed in O(1): at step k the sequence that joined at step j with a
     prompt of p tokens attends to p + k - j; each is filed under the step that ends it."""
 
-    __slots__ = ("k", "dec", "sum_p", "sum_j", "finish", "new", "pre", "ends", "step")
+    __slots__ = ("k", "dec", "sum_p", "sum_j", "finish", "new", "pre", "ends", "cont")
 
     def __init__(self):
         self.k = 0               # steps completed
@@ -67,7 +67,7 @@ class _Loop:
         self.new: list = []      # sequences whose prefill the step in flight completes
         self.pre: deque = deque()   # [sequence, prompt tokens not yet prefilled], in admission order
         self.ends: list = []     # prefill-only sequences the step in flight completes
-        self.step = None         # the step in flight
+        self.cont = None         # mlfq: the previous step's sequences that go on (for Step.preempted)
 
 
 class _Pipe:
@@ -123,7 +123,7 @@ class Scheduler:
         self.state: list[int] = []
         self.cancelled: list[bool] = []
         self.gen: list[int] = []        # tokens generated on its current pipeline
-        self.rem: list[int] = []        # prompt tokens not yet prefilled
+        self.rem: list[int] = []        # mlfq: prompt tokens not yet prefilled (fcfs: its loop's pre items)
         self.busy: list[bool] = []      # in a step in flight
         self.join: list[int] = []       # fcfs: the step of its loop at which it began decoding
         self.loop_of: list[int] = []    # fcfs: its loop (-1: waiting)
@@ -142,9 +142,15 @@ class Scheduler:
         self.partial_chunks = 0
 
     # ---- sequences ------------------------------------------------------------------------
-    def fits(self, prompt: int, max_new_tokens: int, pipeline: int = 0) -> bool:
-        """Whether a request could ever be admitted (its KV reservation fits the budget)."""
-        return prompt + max_new_tokens <= self.pipes[pipeline].cfg.kv_tokens
+    @property
+    def kv_budget(self) -> int:
+        """KV tokens a request may reserve at most: the smallest pipeline budget (routing may
+        send it to any pipeline)."""
+        return min(p.cfg.kv_tokens for p in self.pipes)
+
+    def fits(self, prompt: int, max_new_tokens: int) -> bool:
+        """Whether a request could ever be admitted (its KV reservation fits every budget)."""
+        return prompt + max_new_tokens <= self.kv_budget
 
     @property
     def live(self) -> list[bool]:
@@ -320,10 +326,9 @@ class Scheduler:
         n_dec = len(lp.dec)
         pre = lp.pre
         prompt = self.prompt
-        rem = self.rem
         cfg = pipe.cfg
         pend = pipe.pending
-        budget = self._budget(pipe, n_dec > 0, pre[0][1] if pre else (rem[pend[0]] if pend else 0))
+        budget = self._budget(pipe, n_dec > 0, pre[0][1] if pre else (prompt[pend[0]] if pend else 0))
         chunks = []
         new, ends = [], []
         for item in pre:
@@ -381,10 +386,7 @@ class Scheduler:
             if released:       # nothing to run, but KV to free: an empty step carries it
                 return Step(pipe.index, g, released=released)
             return None
-        for s, _, take, last in chunks:
-            rem[s] -= take
-            if not last:
-                self.partial_chunks += 1
+        self.partial_chunks += sum(1 for c in chunks if not c[3])
         lp.new, lp.ends = new, ends
         decode = tuple(lp.dec)
         step = Step(pipe.index, g, decode, tuple(chunks), lp.sum_p + n_dec * lp.k - lp.sum_j,
@@ -473,10 +475,6 @@ class Scheduler:
         return done
 
     # ---- mlfq: FastServe's skip-join multi-level feedback queue --------------------------------
-    def prefill_estimate(self, pipeline: int, tokens: int) -> float:
-        p = self.pipes[pipeline]
-        return p.pre_s(tokens) if self.mlfq else p.cfg.prefill_s(tokens)
-
     def join_level(self, pipeline: int, tokens: int) -> int:
         """The queue a new sequence of ``tokens`` prompt tokens joins (skip-join)."""
         pipe = self.pipes[pipeline]
@@ -663,12 +661,12 @@ class Scheduler:
         pipe.n_busy += n
         pipe.free_dec -= len(decs)
         preempted = ()
-        if lp.step is not None:      # the previous step's sequences that continue but were left out
-            preempted = tuple(s for s in lp.step if not busy[s] and state[s] != DONE)
+        if lp.cont is not None:      # the previous step's sequences that continue but were left out
+            preempted = tuple(s for s in lp.cont if not busy[s] and state[s] != DONE)
             self.preemptions += len(preempted)
         step = Step(pipe.index, g, tuple(decs), tuple(chunks), sum(prompt[s] + gen[s] for s in decs),
                     len(decs) + n_fin, preempted, tuple(offload), tuple(restored), swap_tok, released, tuple(ends))
-        lp.step = None
+        lp.cont = None
         return step
 
     def _m_update(self, pipe: _Pipe, step: Step, result: StepResult, now: float) -> list[int]:
@@ -730,7 +728,7 @@ class Scheduler:
                     lv += 1
                     self.demotions += 1
                 self._m_enqueue(pipe, s, lv)
-        pipe.loops[step.loop].step = cont
+        pipe.loops[step.loop].cont = cont
         return done
 
     def _m_finish(self, pipe: _Pipe, s: int) -> None:

@@ -275,7 +275,7 @@ class Engine:
 
     # ---- one run ------------------------------------------------------------------------
     def run(self, stream: RequestStream, window: tuple[float, float], seed: int = 0) -> EngineStats:
-        sched = self.sched = self.new_scheduler()
+        sched = self.scheduler = self.new_scheduler()   # a fresh one per run
         for pipe in self.pipes:
             pipe.idle = list(range(pipe.n_loops))   # a heap: the lowest idle loop is woken first
             pipe.cur = [None] * pipe.n_loops        # each loop's step in flight
@@ -288,7 +288,7 @@ class Engine:
         self.prompt = sched.prompt
         self.arrival: list[float] = []
         self.first: list[float] = []
-        self.output: list[int] = []
+        self.output = sched.out         # output tokens (the scheduler's max_new_tokens; 0: prefill-only)
         st = self.stats = EngineStats(window=window, policy=self.options.policy)
         n = len(self.pipes)
         st.pipe_tokens, st.pipe_completed, st.pipe_routed = [0] * n, [0] * n, [0] * n
@@ -331,7 +331,6 @@ class Engine:
                     st.rejected += 1
                     continue
                 self.arrival.append(t)
-                self.output.append(o)
                 self.first.append(math.nan)
                 # o == 0: a prefill-only request (scoring, embeddings), as the gateway's Prefill
                 pi = None if by_delay else min(bisect_right(cum, route.random() * total), n - 1)
@@ -369,7 +368,7 @@ class Engine:
         self.in_system += delta
 
     def _wake(self, pipe: _Pipe, now: float) -> None:
-        idle, runnable, i = pipe.idle, self.sched.runnable, pipe.index
+        idle, runnable, i = pipe.idle, self.scheduler.runnable, pipe.index
         while idle and runnable(i):
             g = heapq.heappop(idle)
             if not self._start(pipe, g, now):
@@ -379,7 +378,7 @@ class Engine:
     def _start(self, pipe: _Pipe, g: int, now: float) -> bool:
         """Ask the scheduler for loop g's next step and send it down the pipeline; False when
         it has nothing to run."""
-        step = self.sched.schedule(now, pipe.index, g)
+        step = self.scheduler.schedule(now, pipe.index, g)
         if step is None or not (step.decode or step.prefill):
             heapq.heappush(pipe.idle, g)
             return False
@@ -482,7 +481,7 @@ class Engine:
         st = self.stats
         step = pipe.cur[g]
         pipe.cur[g] = None
-        done = self.sched.update(step, DONE_OK, now)
+        done = self.scheduler.update(step, DONE_OK, now)
         st.steps += 1
         in_window = self.w0 <= now <= self.w1
         if in_window:
@@ -496,7 +495,7 @@ class Engine:
         for r in done:
             self._complete(pipe, r, now, in_window)
         self._start(pipe, g, now)
-        if pipe.idle and self.sched.runnable(pipe.index):
+        if pipe.idle and self.scheduler.runnable(pipe.index):
             self._wake(pipe, now)
 
     def _complete(self, pipe: _Pipe, r: int, now: float, in_window: bool) -> None:

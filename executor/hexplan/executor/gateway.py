@@ -25,7 +25,7 @@ import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import grpc
 
@@ -86,7 +86,6 @@ def build_scheduler(plan: Plan, policy: str = "fcfs", *, max_batch: int | None =
     asm = plan_assumptions(plan)
     workload: Workload = asm.workload
     if interleave is not None and interleave != workload.interleave:
-        from dataclasses import replace
         workload = replace(workload, interleave=interleave)
     try:
         cluster = plan_cluster(plan)
@@ -176,14 +175,6 @@ class Gateway:
             t.join(timeout=5)
 
     # ---- requests -----------------------------------------------------------------------
-    def fits(self, prompt: int, max_new_tokens: int) -> bool:
-        """Whether a request's KV reservation fits a pipeline's budget."""
-        return self.scheduler.fits(prompt, max_new_tokens)
-
-    @property
-    def kv_budget(self) -> int:
-        return min(c.kv_tokens for c in self.scheduler.configs)
-
     def submit(self, token_ids: list[int], sampling: Sampling, request_id: str = "", prefill_only: bool = False,
                hidden: bool = False) -> Request:
         """Queue a request. ``prefill_only``: run the prompt and deliver ("result", logits,
@@ -191,11 +182,11 @@ class Gateway:
         req = Request(request_id or uuid.uuid4().hex, list(token_ids), sampling, prefill_only=prefill_only,
                       want_hidden=hidden)
         with self.cv:
-            if not prefill_only and not self.fits(len(req.prompt), sampling.max_new_tokens):
+            if not prefill_only and not self.scheduler.fits(len(req.prompt), sampling.max_new_tokens):
                 req.finished = True
                 req.events.put(("error", grpc.StatusCode.INVALID_ARGUMENT,
                                 f"sampling.max_new_tokens: prompt ({len(req.prompt)} tokens) + max_new_tokens "
-                                f"({sampling.max_new_tokens}) exceeds the pipelines' KV budget of {self.kv_budget} "
+                                f"({sampling.max_new_tokens}) exceeds the pipelines' KV budget of {self.scheduler.kv_budget} "
                                 "tokens (the plan's workload: concurrency x (prompt + output tokens))"))
                 return req
             try:

@@ -56,10 +56,6 @@ class InferenceServicer(pbg.InferenceServicer):
         if len(ids) + s.max_new_tokens > gw.context_limit:
             bad("sampling.max_new_tokens", f"prompt ({len(ids)} tokens) + max_new_tokens ({s.max_new_tokens}) "
                                            f"exceeds the model's context of {gw.context_limit} tokens")
-        if not gw.fits(len(ids), s.max_new_tokens):
-            bad("sampling.max_new_tokens", f"prompt ({len(ids)} tokens) + max_new_tokens ({s.max_new_tokens}) exceeds "
-                                           f"the pipelines' KV budget of {gw.kv_budget} tokens (the plan's workload: "
-                                           "concurrency x (prompt + output tokens))")
         if not math.isfinite(s.temperature) or s.temperature < 0:
             bad("sampling.temperature", f"must be >= 0, got {s.temperature}")
         top_p = s.top_p if s.HasField("top_p") else 1.0
