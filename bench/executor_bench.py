@@ -267,6 +267,58 @@ def instrument_steps(gateway, t0_ref: list) -> list:
     return steps
 
 
+def replay(address: str, reqs: list, label: str, t0_ref: list | None = None) -> list:
+    """Serve ``reqs`` (arrival offsets in seconds) through the gateway at ``address``, one client
+    thread each, all released at once (``t0_ref[0]`` is set to that moment); every request must
+    end by length with its ``output_len`` tokens. Returns a record per request (times in seconds
+    from its arrival, ``end`` from t0; ``gaps`` between its streamed tokens)."""
+    import math
+
+    from hexplan.executor.client import generate
+
+    t0_ref = t0_ref if t0_ref is not None else [0.0]
+    go = threading.Event()
+    done = [0]
+    lock = threading.Lock()
+
+    def one(r):
+        go.wait()
+        arrive = t0_ref[0] + r["arrival"]
+        delay = arrive - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        stamps = []
+
+        def on_tokens(toks, _text):
+            stamps.append(time.perf_counter())
+        out = generate(address, token_ids=r["prompt"], max_new_tokens=r["output_len"], timeout=3600,
+                       on_tokens=on_tokens)
+        end = time.perf_counter()
+        if len(out["token_ids"]) != r["output_len"] or out["finish_reason"] != "length":
+            raise RuntimeError(f"request {r['id']}: got {len(out['token_ids'])} tokens "
+                               f"({out['finish_reason']}), expected {r['output_len']}")
+        with lock:
+            done[0] += 1
+            if done[0] % 8 == 0 or done[0] == len(reqs):
+                log(f"  {label}: {done[0]}/{len(reqs)} requests done at {end - t0_ref[0]:.1f} s")
+        n = len(out["token_ids"])
+        return {"id": r["id"], "prompt_len": len(r["prompt"]), "tokens": n, "arrival": r["arrival"],
+                "ttft": stamps[0] - arrive, "latency": end - arrive,
+                "tpot": (end - stamps[0]) / (n - 1) if n > 1 else math.nan, "end": end - t0_ref[0],
+                "gaps": [b - a for a, b in zip(stamps, stamps[1:])]}
+
+    pool = futures.ThreadPoolExecutor(max_workers=len(reqs), thread_name_prefix="client")
+    try:
+        jobs = [pool.submit(one, r) for r in reqs]
+        time.sleep(0.2)              # let every client thread reach go.wait()
+        t0_ref[0] = time.perf_counter()
+        go.set()
+        return [j.result() for j in jobs]
+    finally:
+        go.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
 def run_executor(name: str, checkpoint: str, stages, reqs: list, threads: int, workload: dict,
                  interleave: int = 1, policy: str = "fcfs", mlfq_quantum_s: float | None = None,
                  matmul_pieces: int = 1) -> dict:
@@ -294,45 +346,7 @@ def run_executor(name: str, checkpoint: str, stages, reqs: list, threads: int, w
         gflops = calibrate(os.cpu_count() or 1)
         t0_ref = [0.0]
         steps = instrument_steps(L.gateway, t0_ref)
-        go = threading.Event()
-        done = [0]
-        lock = threading.Lock()
-
-        def one(r):
-            go.wait()
-            arrive = t0_ref[0] + r["arrival"]
-            delay = arrive - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
-            first = []
-
-            def on_tokens(toks, _text):
-                if not first:
-                    first.append(time.perf_counter())
-            out = generate(L.address, token_ids=r["prompt"], max_new_tokens=r["output_len"], timeout=3600,
-                           on_tokens=on_tokens)
-            end = time.perf_counter()
-            if len(out["token_ids"]) != r["output_len"] or out["finish_reason"] != "length":
-                raise RuntimeError(f"request {r['id']}: got {len(out['token_ids'])} tokens "
-                                   f"({out['finish_reason']}), expected {r['output_len']}")
-            with lock:
-                done[0] += 1
-                if done[0] % 8 == 0 or done[0] == len(reqs):
-                    log(f"  {name}: {done[0]}/{len(reqs)} requests done at {end - t0_ref[0]:.1f} s")
-            return {"id": r["id"], "prompt_len": len(r["prompt"]), "tokens": len(out["token_ids"]),
-                    "arrival": r["arrival"], "latency": end - arrive, "ttft": first[0] - arrive,
-                    "end": end - t0_ref[0]}
-
-        pool = futures.ThreadPoolExecutor(max_workers=len(reqs), thread_name_prefix="client")
-        try:
-            jobs = [pool.submit(one, r) for r in reqs]
-            time.sleep(0.2)              # let every client thread reach go.wait()
-            t0_ref[0] = time.perf_counter()
-            go.set()
-            records = [j.result() for j in jobs]
-        finally:
-            go.set()
-            pool.shutdown(wait=False, cancel_futures=True)
+        records = replay(L.address, reqs, f"  {name}", t0_ref)
         wall = max(r["end"] for r in records)
         served = [p.served for p in L.gateway.pipelines]
     decode = sorted(s[1] for s in steps if s[3] == s[2])                 # steps with no prefill

@@ -57,9 +57,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from concurrent import futures
 from pathlib import Path
 
 import torch
@@ -67,7 +65,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from executor_bench import (MODEL, benchmark_checkpoint, calibrate, decode_sequence, log,  # noqa: E402
-                            make_workload, percentile, time_rpc)
+                            make_workload, percentile, replay, time_rpc)
 
 from hexplan.cluster import cluster_from_dict  # noqa: E402
 from hexplan.costmodel import decode_layer_time, lm_head_time  # noqa: E402
@@ -313,54 +311,6 @@ def schedule_of(gateway) -> dict:
     """The schedule the gateway chose for pipeline 0 (hexplan.serving.setup)."""
     c = gateway.scheduler.configs[0]
     return {k: getattr(c, k) for k in ("loops", "batch", "concurrency", "chunk", "whole", "kv_tokens")}
-
-
-def replay(address: str, reqs: list, label: str, t0_ref: list | None = None) -> dict:
-    """Serve ``reqs`` (arrival offsets in seconds) through the gateway, one client thread each."""
-    from hexplan.executor.client import generate
-
-    t0_ref = t0_ref if t0_ref is not None else [0.0]
-    go = threading.Event()
-    done = [0]
-    lock = threading.Lock()
-
-    def one(r):
-        go.wait()
-        arrive = t0_ref[0] + r["arrival"]
-        delay = arrive - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
-        stamps = []
-
-        def on_tokens(toks, _text):
-            stamps.append(time.perf_counter())
-        out = generate(address, token_ids=r["prompt"], max_new_tokens=r["output_len"], timeout=3600,
-                       on_tokens=on_tokens)
-        end = time.perf_counter()
-        if len(out["token_ids"]) != r["output_len"]:
-            raise RuntimeError(f"request {r['id']}: got {len(out['token_ids'])} tokens, expected {r['output_len']}")
-        with lock:
-            done[0] += 1
-            if done[0] % 16 == 0 or done[0] == len(reqs):
-                log(f"    {label}: {done[0]}/{len(reqs)} done at {end - t0_ref[0]:.1f} s")
-        n = len(out["token_ids"])
-        ttft = stamps[0] - arrive
-        return {"id": r["id"], "prompt_len": len(r["prompt"]), "tokens": n, "arrival": r["arrival"],
-                "ttft": ttft, "latency": end - arrive, "tpot": (end - stamps[0]) / (n - 1) if n > 1 else math.nan,
-                "end": end - t0_ref[0],
-                "gaps": [b - a for a, b in zip(stamps, stamps[1:])]}
-
-    pool = futures.ThreadPoolExecutor(max_workers=len(reqs), thread_name_prefix="client")
-    try:
-        jobs = [pool.submit(one, r) for r in reqs]
-        time.sleep(0.2)
-        t0_ref[0] = time.perf_counter()
-        go.set()
-        records = [j.result() for j in jobs]
-    finally:
-        go.set()
-        pool.shutdown(wait=False, cancel_futures=True)
-    return records
 
 
 def measured_cell(records: list) -> dict:
