@@ -48,7 +48,7 @@ else
   DTYPE=bfloat16
   SMOKE_ARGS=(--shape bench)
   PROFILE_ARGS=()
-  T_SMOKE=240; T_PROFILE=60
+  T_SMOKE=180; T_PROFILE=30
 fi
 START=$SECONDS
 SUMMARY=()
@@ -81,10 +81,14 @@ fi
 if [ "$DEVICE" = cuda ]; then
   echo "== 1. executor tests, GPU hidden"
   t=$SECONDS
-  CUDA_VISIBLE_DEVICES= timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_executor_model.py \
+  # One torch thread per process (a test starts several on a 16-core machine); a per-test timeout
+  # by thread, which dumps every thread's stack, where pytest-timeout is installed.
+  TO=(); "$PY" -c 'import pytest_timeout' 2>/dev/null && TO=(--timeout 60 --timeout-method thread)
+  CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=1 timeout 240 "$PY" -m pytest -q -p no:cacheprovider "${TO[@]}" \
+    --durations 10 tests/test_executor_model.py \
     tests/test_executor_e2e.py tests/test_prefill_only.py tests/test_interleave_model.py tests/test_mlfq_gateway.py \
     tests/test_profile.py tests/test_packaging.py -k "not wheel" > "$RES/tests.log" 2>&1
-  r=$?; tail -3 "$RES/tests.log"; step "1. executor tests (GPU hidden)" $r $((SECONDS - t)); [ $r = 0 ] || rc=1
+  r=$?; tail -15 "$RES/tests.log"; step "1. executor tests (GPU hidden)" $r $((SECONDS - t)); [ $r = 0 ] || rc=1
 fi
 
 echo "== 2. executor against transformers on $DEVICE ($DTYPE)"
