@@ -137,6 +137,7 @@ class Gateway:
         self.pipelines: list[Pipeline] = []
         self.requests: dict[int, Request] = {}   # by scheduler id, until ended (and their KV released)
         self.down_nodes: set = set()
+        self.draining = False      # set by begin_drain: no new requests, in-flight ones finish
         self.runner = StepRunner(self)
         self._stubs: dict = {}
         self._threads: list = []
@@ -167,6 +168,30 @@ class Gateway:
                 t.start()
                 self._threads.append(t)
 
+    def begin_drain(self) -> None:
+        """Stop admitting: new requests get UNAVAILABLE ("draining"); those in flight go on."""
+        with self.cv:
+            self.draining = True
+            self.cv.notify_all()
+
+    def in_flight(self) -> int:
+        """Requests accepted and not yet ended."""
+        with self.cv:
+            return len(self.requests)
+
+    def drain(self, timeout: float) -> int:
+        """begin_drain, then wait up to ``timeout`` s for the requests in flight to end; returns
+        how many are still in flight (cut by the stop that follows)."""
+        self.begin_drain()
+        deadline = time.monotonic() + max(0.0, timeout)
+        with self.cv:
+            while self.requests and not self.stop_event.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.cv.wait(min(left, 0.2))
+            return len(self.requests)
+
     def stop(self) -> None:
         self.stop_event.set()
         with self.cv:
@@ -182,6 +207,11 @@ class Gateway:
         req = Request(request_id or uuid.uuid4().hex, list(token_ids), sampling, prefill_only=prefill_only,
                       want_hidden=hidden)
         with self.cv:
+            if self.draining:
+                req.finished = True
+                req.events.put(("error", grpc.StatusCode.UNAVAILABLE, "draining: the gateway is shutting down and "
+                                "takes no new requests"))
+                return req
             if not prefill_only and not self.scheduler.fits(len(req.prompt), sampling.max_new_tokens):
                 req.finished = True
                 req.events.put(("error", grpc.StatusCode.INVALID_ARGUMENT,

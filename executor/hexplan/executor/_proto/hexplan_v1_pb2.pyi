@@ -6,6 +6,56 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StageStatus(_message.Message):
+    __slots__ = ("node", "address", "answering", "kv_bytes", "sequences")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    ANSWERING_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    address: str
+    answering: bool
+    kv_bytes: int
+    sequences: int
+    def __init__(self, node: _Optional[str] = ..., address: _Optional[str] = ..., answering: _Optional[bool] = ..., kv_bytes: _Optional[int] = ..., sequences: _Optional[int] = ...) -> None: ...
+
+class PipelineStatus(_message.Message):
+    __slots__ = ("index", "state", "in_flight", "stages", "reason")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    state: str
+    in_flight: int
+    stages: _containers.RepeatedCompositeFieldContainer[StageStatus]
+    reason: str
+    def __init__(self, index: _Optional[int] = ..., state: _Optional[str] = ..., in_flight: _Optional[int] = ..., stages: _Optional[_Iterable[_Union[StageStatus, _Mapping]]] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class StatusResponse(_message.Message):
+    __slots__ = ("model", "serving", "draining", "in_flight", "queued", "pipelines", "down_nodes")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SERVING_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    PIPELINES_FIELD_NUMBER: _ClassVar[int]
+    DOWN_NODES_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    serving: bool
+    draining: bool
+    in_flight: int
+    queued: int
+    pipelines: _containers.RepeatedCompositeFieldContainer[PipelineStatus]
+    down_nodes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., serving: _Optional[bool] = ..., draining: _Optional[bool] = ..., in_flight: _Optional[int] = ..., queued: _Optional[int] = ..., pipelines: _Optional[_Iterable[_Union[PipelineStatus, _Mapping]]] = ..., down_nodes: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "seed", "stop_token_ids", "max_new_tokens")
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
@@ -139,7 +189,7 @@ class ReleaseResponse(_message.Message):
     def __init__(self, released: _Optional[int] = ...) -> None: ...
 
 class LoadShardRequest(_message.Message):
-    __slots__ = ("stage_id", "checkpoint", "layer_start", "layer_end", "is_first", "is_last", "tp", "gpus", "dtype", "model_json")
+    __slots__ = ("stage_id", "checkpoint", "layer_start", "layer_end", "is_first", "is_last", "tp", "gpus", "dtype", "model_json", "downstream")
     STAGE_ID_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +200,7 @@ class LoadShardRequest(_message.Message):
     GPUS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     MODEL_JSON_FIELD_NUMBER: _ClassVar[int]
+    DOWNSTREAM_FIELD_NUMBER: _ClassVar[int]
     stage_id: str
     checkpoint: str
     layer_start: int
@@ -160,7 +211,8 @@ class LoadShardRequest(_message.Message):
     gpus: _containers.RepeatedScalarFieldContainer[int]
     dtype: str
     model_json: str
-    def __init__(self, stage_id: _Optional[str] = ..., checkpoint: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., is_first: _Optional[bool] = ..., is_last: _Optional[bool] = ..., tp: _Optional[int] = ..., gpus: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., model_json: _Optional[str] = ...) -> None: ...
+    downstream: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, stage_id: _Optional[str] = ..., checkpoint: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., is_first: _Optional[bool] = ..., is_last: _Optional[bool] = ..., tp: _Optional[int] = ..., gpus: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., model_json: _Optional[str] = ..., downstream: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LoadShardResponse(_message.Message):
     __slots__ = ("address",)

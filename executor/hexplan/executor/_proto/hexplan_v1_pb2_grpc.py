@@ -51,6 +51,11 @@ class InferenceStub:
                 request_serializer=hexplan__v1__pb2.PrefillRequest.SerializeToString,
                 response_deserializer=hexplan__v1__pb2.PrefillResult.FromString,
                 _registered_method=True)
+        self.Status = channel.unary_unary(
+                '/hexplan.v1.Inference/Status',
+                request_serializer=hexplan__v1__pb2.StatusRequest.SerializeToString,
+                response_deserializer=hexplan__v1__pb2.StatusResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -80,6 +85,13 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Status(self, request, context):
+        """The gateway's state: per pipeline, live or not, requests in flight, KV per stage.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -97,6 +109,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.Prefill,
                     request_deserializer=hexplan__v1__pb2.PrefillRequest.FromString,
                     response_serializer=hexplan__v1__pb2.PrefillResult.SerializeToString,
+            ),
+            'Status': grpc.unary_unary_rpc_method_handler(
+                    servicer.Status,
+                    request_deserializer=hexplan__v1__pb2.StatusRequest.FromString,
+                    response_serializer=hexplan__v1__pb2.StatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -182,6 +199,33 @@ class Inference:
             '/hexplan.v1.Inference/Prefill',
             hexplan__v1__pb2.PrefillRequest.SerializeToString,
             hexplan__v1__pb2.PrefillResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Status(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/hexplan.v1.Inference/Status',
+            hexplan__v1__pb2.StatusRequest.SerializeToString,
+            hexplan__v1__pb2.StatusResponse.FromString,
             options,
             channel_credentials,
             insecure,
