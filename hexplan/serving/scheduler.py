@@ -274,6 +274,11 @@ class Scheduler:
             pipe.resident, pipe.waitq, pipe.free_dec = {}, deque(), 0
         return out
 
+    def revive(self, pipeline: int) -> None:
+        """A failed pipeline is back (reloaded): new requests may be routed to it again. It
+        starts empty: ``fail`` moved everything it held."""
+        self.pipes[pipeline].alive = True
+
     def runnable(self, pipeline: int) -> bool:
         """Whether an idle loop of the pipeline could start a step now."""
         p = self.pipes[pipeline]

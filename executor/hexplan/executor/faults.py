@@ -1,11 +1,26 @@
-"""Faults: a pipeline whose step fails is probed stage by stage; nodes that do not answer are
-marked down, every pipeline using them stops, and their requests move to a live pipeline,
-where they are prefilled again from prompt + tokens already streamed: the client sees a delay,
-never a lost or repeated token. With no pipeline left, requests fail UNAVAILABLE and the
-gateway keeps running."""
+"""Faults and recovery.
+
+A pipeline whose step fails with a transport error (a stage does not answer) or stalls (no
+answer within the runner's step timeout) is probed stage by stage. It stops ("down", or
+"suspect" when its stages still answer after a stall), and so does every pipeline on a node
+whose executor does not answer. Their requests move to a live pipeline, where they are
+prefilled again from prompt + tokens already streamed: the client sees a delay, never a lost
+or repeated token. Their KV caches are released on the stages that still answer. With no
+pipeline left, requests fail UNAVAILABLE, health says NOT_SERVING, and the gateway keeps
+running.
+
+The monitor (one thread) probes every stopped pipeline's node executors with backoff (0.5 s,
+doubling to 8 s). When all of them answer (a restarted ``hexplan node`` at the same address,
+a stage that answers again after a stall), it reloads the pipeline's stages (LoadShard, last
+stage first, each told its downstream) and the pipeline takes requests again.
+"""
 from __future__ import annotations
 
+import json
 import logging
+import threading
+import time
+from pathlib import Path
 
 import grpc
 
@@ -14,28 +29,131 @@ from ._proto import hexplan_v1_pb2 as pb
 log = logging.getLogger("hexplan.gateway")
 
 PROBE_TIMEOUT_S = 2.0
+BACKOFF_S = (0.5, 8.0)       # first and longest wait between probes of a stopped pipeline
+RELOAD_TIMEOUT_S = 600.0
 
 
-def dead_nodes(gw, p) -> list[str]:
-    """Nodes of pipeline ``p`` whose stage does not answer a Stats call."""
-    dead = []
-    for node, addr in zip(p.nodes, p.stages):
-        try:
-            gw.stub(addr).Stats(pb.StatsRequest(), timeout=PROBE_TIMEOUT_S)
-        except grpc.RpcError:
-            dead.append(node)
-    return dead
+def _answers(gw, address: str) -> bool:
+    if not address:
+        return False
+    try:
+        gw.stub(address).Stats(pb.StatsRequest(), timeout=PROBE_TIMEOUT_S)
+        return True
+    except grpc.RpcError:
+        return False
 
 
-def pipeline_failed(gw, p, why: str) -> None:
-    """A step of pipeline ``p`` failed: stop it and every pipeline on a dead node, move their requests."""
-    dead = dead_nodes(gw, p)
+def pipeline_failed(gw, p, why: str, epoch: int | None = None, stalled: bool = False) -> None:
+    """A step of pipeline ``p`` failed (or stalled): stop it and every pipeline on a node whose
+    executor does not answer, move their requests, release their KV where stages answer."""
+    silent = [(node, addr) for node, addr in zip(p.nodes, p.stages) if not _answers(gw, addr)]
+    dead_nodes = [node for node, _ in silent if not _answers(gw, gw.node_addresses.get(node, ""))]
+    moved = []
     with gw.cv:
-        if p.alive:
-            log.warning("pipeline %d failed (%s); nodes down: %s", p.index, why, ", ".join(dead) or "none")
-        gw.down_nodes.update(dead)
+        if (epoch is not None and p.epoch != epoch) or not p.alive:
+            return                   # another loop of it got here first
+        if silent:
+            reason = f"{why}; not answering: " + ", ".join(f"{n} ({a})" for n, a in silent)
+        else:
+            reason = why
+        log.warning("pipeline %d stopped (%s); nodes down: %s", p.index, reason, ", ".join(dead_nodes) or "none")
+        gw.down_nodes.update(dead_nodes)
         for q in gw.pipelines:
-            if q.alive and (q is p or any(n in gw.down_nodes for n in q.nodes)):
+            if q.alive and (q is p or any(n in dead_nodes for n in q.nodes)):
                 q.alive = False
-                gw.requeue_locked(gw.scheduler.fail(q.index))
+                q.state = "suspect" if (q is p and stalled and not silent) else "down"
+                q.reason = reason if q is p else f"node(s) {', '.join(n for n in q.nodes if n in dead_nodes)} down"
+                q.epoch += 1
+                q.step_s = 0.0
+                sids = gw.scheduler.fail(q.index)
+                moved.append((q, [gw.requests[s] for s in sids if s in gw.requests]))
+                gw.requeue_locked(sids)
+        gw.set_health()
         gw.cv.notify_all()
+    dead_addrs = {a for _, a in silent}
+    for q, reqs in moved:       # their KV on the stages that still answer
+        ids = [r.id for r in reqs]
+        if not ids:
+            continue
+        for addr in q.stages:
+            if addr in dead_addrs:
+                continue
+            try:
+                gw.stub(addr).Release(pb.ReleaseRequest(request_ids=ids), timeout=PROBE_TIMEOUT_S)
+            except grpc.RpcError:
+                pass                # it is down too: its cache went with it
+
+
+def reload_pipeline(gw, p) -> list[str]:
+    """Load pipeline ``p``'s stages again (LoadShard, last stage first, each with the addresses
+    of the stages after it); returns the new stage addresses. Raises grpc.RpcError."""
+    plan_p = gw.plan.pipelines[p.index]
+    model_json = json.dumps(gw.plan.model.to_dict())
+    path = str(Path(gw.checkpoint).resolve())
+    n = len(plan_p.stages)
+    addresses = [""] * n
+    for si in reversed(range(n)):
+        s = plan_p.stages[si]
+        req = pb.LoadShardRequest(stage_id=f"p{p.index}s{si}", checkpoint=path, layer_start=s.layers[0],
+                                  layer_end=s.layers[1], is_first=si == 0, is_last=si == n - 1, tp=s.tp,
+                                  gpus=list(s.gpus), dtype=gw.dtype, model_json=model_json,
+                                  downstream=addresses[si + 1:])
+        addresses[si] = gw.stub(gw.node_addresses[s.node]).LoadShard(req, timeout=RELOAD_TIMEOUT_S).address
+    return addresses
+
+
+class Monitor:
+    """Probes stopped pipelines with backoff and brings them back (reload_pipeline)."""
+
+    def __init__(self, gw):
+        self.gw = gw
+        self.next_probe: dict = {}     # pipeline index -> (time, wait)
+        self.thread = threading.Thread(target=self.run, daemon=True, name="gateway-monitor")
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def run(self) -> None:
+        gw = self.gw
+        while not gw.stop_event.wait(0.25):
+            for p in list(gw.pipelines):
+                if p.alive:
+                    self.next_probe.pop(p.index, None)
+                    continue
+                now = time.monotonic()
+                at, wait = self.next_probe.setdefault(p.index, (now + BACKOFF_S[0], BACKOFF_S[0]))
+                if now < at or gw.draining:
+                    continue
+                if self.try_revive(p):
+                    self.next_probe.pop(p.index, None)
+                else:
+                    wait = min(wait * 2, BACKOFF_S[1])
+                    self.next_probe[p.index] = (time.monotonic() + wait, wait)
+
+    def try_revive(self, p) -> bool:
+        gw = self.gw
+        nodes = sorted(set(p.nodes))
+        if not all(_answers(gw, gw.node_addresses.get(n, "")) for n in nodes):
+            return False
+        epoch = p.epoch
+        try:
+            addresses = reload_pipeline(gw, p)
+        except (grpc.RpcError, KeyError) as e:
+            detail = e.details() if isinstance(e, grpc.RpcError) else str(e)
+            log.warning("pipeline %d: reload failed (%s); will try again", p.index, detail)
+            return False
+        with gw.cv:
+            if p.epoch != epoch or p.alive or gw.stop_event.is_set():
+                return p.alive
+            p.stages = addresses
+            p.alive, p.state, p.reason = True, "live", ""
+            p.epoch += 1
+            p.step_s = 0.0
+            still_down = {n for q in gw.pipelines if not q.alive for n in q.nodes}
+            gw.down_nodes.intersection_update(still_down)
+            gw.scheduler.revive(p.index)
+            gw.set_health()
+            gw.cv.notify_all()
+        log.warning("pipeline %d is back: stages reloaded at %s", p.index, ", ".join(addresses))
+        gw.start_loops(p.index)
+        return True

@@ -35,24 +35,28 @@ from hexplan.errors import SpecError
 from hexplan.evaluate import CostCache, evaluate_plan_pipelines
 from hexplan.plan import Plan, plan_cluster
 from hexplan.serving import NoPipeline, Scheduler, pipeline_configs
-from hexplan.serving.scheduler import DONE
+from hexplan.serving.scheduler import DONE, NEW
 from hexplan.validate import plan_assumptions
 
 from ._proto import hexplan_v1_pb2 as pb
 from ._proto import hexplan_v1_pb2_grpc as pbg
 from .loading import GatewayError, check_checkpoint, load_shards, load_tokenizer
+from .faults import Monitor
 from .runner import StepRunner
 from .sampling import Sampling
 from .wire import Tls, channel
 
 log = logging.getLogger("hexplan.gateway")
 
+STALL_TIMEOUT_S = 10.0     # the least time a step may take before its pipeline is suspect
+STALL_FACTOR = 10.0        # ... or this many times its expected time, when that is longer
+
 __all__ = ["Gateway", "GatewayError", "Pipeline", "Request", "build_scheduler", "check_checkpoint"]
 
 
 @dataclass(eq=False)
 class Request:
-    id: str
+    id: str                     # the gateway's own: keys the KV caches and every internal call
     prompt: list[int]
     sampling: Sampling
     generated: list[int] = field(default_factory=list)
@@ -62,6 +66,8 @@ class Request:
     sid: int = -1               # the scheduler's id
     prefill_only: bool = False  # Prefill: no generation; the result is the last token's outputs
     want_hidden: bool = False   # Prefill: also return the last token's hidden state
+    label: str = ""             # the client's request_id (or this id): echoed back, logged
+    failed: bool = False        # ended with an error event (no "done")
 
     def context(self) -> list[int]:
         return self.prompt + self.generated
@@ -75,6 +81,10 @@ class Pipeline:
     nodes: list[str]
     alive: bool = True
     served: int = 0            # requests ever routed here
+    state: str = "live"        # "live" | "down" (a stage or node does not answer) | "suspect" (a step stalled)
+    reason: str = ""           # why it is not live
+    epoch: int = 0             # bumped when it fails or comes back: a step of an older epoch is ignored
+    step_s: float = 0.0        # running mean of its steps' wall time (stall detection)
 
 
 def build_scheduler(plan: Plan, policy: str = "fcfs", *, max_batch: int | None = None,
@@ -138,7 +148,13 @@ class Gateway:
         self.requests: dict[int, Request] = {}   # by scheduler id, until ended (and their KV released)
         self.down_nodes: set = set()
         self.draining = False      # set by begin_drain: no new requests, in-flight ones finish
+        self.health = None         # the client server's grpc health servicer (serve_gateway sets it)
+        # stall detection: a step slower than stall_factor x its expected time (at least
+        # stall_timeout_s) makes its pipeline suspect (runner.StepRunner.step_timeout)
+        self.stall_timeout_s = STALL_TIMEOUT_S
+        self.stall_factor = STALL_FACTOR
         self.runner = StepRunner(self)
+        self.monitor = Monitor(self)
         self._stubs: dict = {}
         self._threads: list = []
 
@@ -157,21 +173,35 @@ class Gateway:
                                            [addresses[pi, si] for si in range(len(p.stages))],
                                            [s.node for s in p.stages]))
         self.start_loops()
+        self.monitor.start()
         log.info("gateway: %d pipeline(s) loaded; micro-batch loops %s", len(self.pipelines),
                  ", ".join(f"{c.loops} x {c.batch}" for c in self.scheduler.configs))
 
-    def start_loops(self) -> None:
-        """One thread per micro-batch loop of each pipeline (StepRunner.loop)."""
+    def start_loops(self, pipeline: int | None = None) -> None:
+        """One thread per micro-batch loop of each pipeline, or of ``pipeline`` (StepRunner.loop)."""
         for pi, cfg in enumerate(self.scheduler.configs):
+            if pipeline is not None and pi != pipeline:
+                continue
             for g in range(cfg.loops):
                 t = threading.Thread(target=self.runner.loop, args=(pi, g), daemon=True, name=f"pipeline{pi}-mb{g}")
                 t.start()
                 self._threads.append(t)
 
+    def set_health(self) -> None:
+        """Health SERVING while a pipeline is live and the gateway is not draining."""
+        if self.health is None:
+            return
+        from grpc_health.v1 import health_pb2
+        ok = not self.draining and any(p.alive for p in self.pipelines)
+        status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", "hexplan.v1.Inference"):
+            self.health.set(name, status)
+
     def begin_drain(self) -> None:
         """Stop admitting: new requests get UNAVAILABLE ("draining"); those in flight go on."""
         with self.cv:
             self.draining = True
+            self.set_health()
             self.cv.notify_all()
 
     def in_flight(self) -> int:
@@ -204,8 +234,9 @@ class Gateway:
                hidden: bool = False) -> Request:
         """Queue a request. ``prefill_only``: run the prompt and deliver ("result", logits,
         hidden or None) instead of tokens (``sampling`` is ignored)."""
-        req = Request(request_id or uuid.uuid4().hex, list(token_ids), sampling, prefill_only=prefill_only,
-                      want_hidden=hidden)
+        rid = uuid.uuid4().hex   # never the client's: two requests with one label stay apart
+        req = Request(rid, list(token_ids), sampling, prefill_only=prefill_only, want_hidden=hidden,
+                      label=request_id or rid)
         with self.cv:
             if self.draining:
                 req.finished = True
@@ -240,6 +271,21 @@ class Gateway:
                 if sched.state[req.sid] == DONE and not any(req.sid in p.release for p in sched.pipes):
                     self.retire_locked(req.sid)      # it held no KV
             self.cv.notify_all()
+
+    def fail_locked(self, sid: int, code: grpc.StatusCode, message: str) -> None:
+        """End one request with an error (its stream gets ``code``); the scheduler lets it go at
+        its next chance (at once when waiting; with its step's update when in a step), and its
+        KV is released like a cancelled request's."""
+        req = self.requests.get(sid)
+        if req is None or req.failed:
+            return
+        log.warning("request %s failed: %s: %s", req.label, code.name, message)
+        req.failed = True
+        req.events.put(("error", code, message))
+        req.cancelled.set()
+        self.scheduler.cancel(sid)
+        if self.scheduler.state[sid] == DONE and not any(sid in p.release for p in self.scheduler.pipes):
+            self.retire_locked(sid)
 
     def retire_locked(self, sid: int) -> Request:
         """The request has ended and the scheduler holds nothing of it: its id is given back."""
@@ -306,6 +352,34 @@ class Gateway:
     def partial_chunks(self) -> int:
         """Prompt chunks sent that were not their prompt's last."""
         return self.scheduler.partial_chunks
+
+    def status(self) -> pb.StatusResponse:
+        """The Status RPC: per pipeline its state, requests in flight and each stage's KV."""
+        with self.cv:
+            sched = self.scheduler
+            loads = sched.loads()
+            pipes = [(p.index, p.state, p.reason, loads[p.index],
+                      list(zip(p.nodes, p.stages)), p.alive) for p in self.pipelines]
+            in_flight = len(self.requests)
+            queued = sum(1 for s in self.requests      # not yet given a place to run
+                         if sched.state[s] == NEW and not sched.busy[s] and (sched.mlfq or sched.loop_of[s] < 0))
+            down = sorted(self.down_nodes)
+            draining = self.draining
+        out = pb.StatusResponse(model=self.plan.model.name, draining=draining, in_flight=in_flight,
+                                queued=queued, down_nodes=down)
+        for index, state, reason, n, stages, alive in pipes:
+            ps = out.pipelines.add(index=index, state=state, in_flight=n, reason=reason)
+            for node, addr in stages:
+                st = ps.stages.add(node=node, address=addr)
+                if not alive:
+                    continue         # its stages are being probed by the monitor
+                try:
+                    r = self.stub(addr).Stats(pb.StatsRequest(), timeout=2)
+                    st.answering, st.kv_bytes, st.sequences = True, r.kv_bytes, r.sequences
+                except grpc.RpcError:
+                    st.answering = False
+        out.serving = not draining and any(alive for *_, alive in pipes)
+        return out
 
     def kv_stats(self) -> dict:
         out = {}

@@ -9,11 +9,18 @@ every stage before their streams end, so a finished response means its KV is fre
 Prefill-only sequences' last chunk tells every stage to drop their KV in the same step; the
 last stage returns their last-token hidden state beside the logits, and nothing is sampled.
 
+A failure stays with the requests it touches: an exception while sampling fails that request
+(INTERNAL), an error a stage returns for a step's data, or any exception of this code while
+running a step, fails that step's requests (INTERNAL) and releases their KV; the loop goes on.
+Only a stage that does not answer, or a step that stalls (longer than ``stall_factor`` x the
+expected step time, at least ``stall_timeout_s``), fails the pipeline (faults.py).
+
 The runner never decides what runs; the scheduler never touches tensors or gRPC.
 """
 from __future__ import annotations
 
 import logging
+import time
 
 import grpc
 import torch
@@ -27,8 +34,12 @@ from .wire import from_proto, to_proto
 
 log = logging.getLogger("hexplan.gateway")
 
-STEP_TIMEOUT_S = 300.0
 IDLE_WAIT_S = 0.05       # a loop with nothing to run sleeps this long unless a request arrives
+# Errors a stage returns about a step's data: the requests fail, the pipeline is fine. Any other
+# code (UNAVAILABLE, DEADLINE_EXCEEDED, ...) means the stage or the link is in trouble.
+REQUEST_ERRORS = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
+                            grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
+                            grpc.StatusCode.RESOURCE_EXHAUSTED})
 
 
 class StepRunner:
@@ -39,13 +50,14 @@ class StepRunner:
         """Thread body of loop ``g`` of pipeline ``pi``: until the gateway stops or the pipeline
         goes down."""
         gw = self.gw
+        epoch = gw.pipelines[pi].epoch
         while not gw.stop_event.is_set():
+            if gw.pipelines[pi].epoch != epoch:     # failed (and maybe revived with loops of its own)
+                return
             step = self.next_step(pi, g)
             if step is None:
-                if not gw.pipelines[pi].alive:
-                    return
                 continue
-            if not self.run(step):
+            if not self.run(step, epoch):
                 return
 
     def next_step(self, pi: int, g: int, wait: float = IDLE_WAIT_S) -> Step | None:
@@ -80,39 +92,83 @@ class StepRunner:
         return pb.ForwardRequest(chunks=chunks, inputs=to_proto(torch.tensor(tokens, dtype=torch.int64)),
                                  downstream=p.stages[1:], micro_batches=gw.interleave, matmul_pieces=gw.matmul_pieces)
 
-    def run(self, step: Step) -> bool:
+    def step_timeout(self, step: Step) -> float:
+        """How long a step may take before its pipeline is suspect: ``stall_factor`` x its
+        expected time (the larger of the scheduler's estimate and the pipeline's running mean),
+        at least ``stall_timeout_s``."""
+        gw = self.gw
+        cfg = gw.scheduler.configs[step.pipeline]
+        est = cfg.decode_s if step.decode else 0.0
+        if step.prefill and cfg.prefill_s is not None:
+            est += cfg.prefill_s(sum(n for _s, _a, n, _l in step.prefill))
+        expected = max(est, gw.pipelines[step.pipeline].step_s)
+        return max(gw.stall_timeout_s, gw.stall_factor * expected)
+
+    def run(self, step: Step, epoch: int | None = None) -> bool:
         """Run one Step; False when the pipeline failed (its requests have moved)."""
         gw = self.gw
         p = gw.pipelines[step.pipeline]
-        if step.released:
-            gw.release(p, gw.take_released(step.released))
-        if step.offloaded:
-            gw.offload(p, [gw.requests[s] for s in step.offloaded])
-        if not (step.decode or step.prefill):
-            return True
+        epoch = p.epoch if epoch is None else epoch
         try:
-            resp = gw.stub(p.stages[0]).Forward(self.forward_request(step), timeout=STEP_TIMEOUT_S)
+            if step.released:
+                gw.release(p, gw.take_released(step.released))
+            if step.offloaded:
+                gw.offload(p, [gw.requests[s] for s in step.offloaded])
+            if not (step.decode or step.prefill):
+                return True
+            request = self.forward_request(step)
+            t0 = time.monotonic()
+            try:
+                resp = gw.stub(p.stages[0]).Forward(request, timeout=self.step_timeout(step))
+            except grpc.RpcError as e:
+                code = e.code()
+                if code in REQUEST_ERRORS:
+                    self.fail_step(step, epoch, f"stage {p.stages[0]}: {code.name}: {e.details()}")
+                    return True
+                pipeline_failed(gw, p, f"{code.name}: {e.details()}", epoch,
+                                stalled=code == grpc.StatusCode.DEADLINE_EXCEEDED)
+                return False
+            dt = time.monotonic() - t0
+            p.step_s = dt if p.step_s == 0 else 0.9 * p.step_s + 0.1 * dt
             logits = from_proto(resp.logits)
             hidden = list(from_proto(resp.hidden)) if resp.HasField("hidden") else []
-        except grpc.RpcError as e:
-            pipeline_failed(gw, p, f"{e.code().name}: {e.details()}")
-            return False
-        self.finish(step, logits, hidden)
+            self.finish(step, logits, hidden, epoch)
+        except Exception as e:   # a bug or bad data of ours: only this step's requests pay for it
+            log.exception("pipeline %d: step failed", step.pipeline)
+            self.fail_step(step, epoch, f"internal error: {type(e).__name__}: {e}")
         return True
 
-    def finish(self, step: Step, logits, hidden=()) -> list[int]:
+    def fail_step(self, step: Step, epoch: int, message: str) -> None:
+        """The step's requests fail with INTERNAL; their KV is released on every stage; the
+        pipeline and the other requests go on."""
+        gw = self.gw
+        p = gw.pipelines[step.pipeline]
+        sids = list(step.decode) + [s for s, *_ in step.prefill]
+        with gw.cv:
+            if p.epoch != epoch:            # the pipeline failed meanwhile: they have moved
+                return
+            for s in sids:
+                gw.fail_locked(s, grpc.StatusCode.INTERNAL, message)
+            done = gw.scheduler.update(step, StepResult(), gw.clock())
+            ended = [gw.retire_locked(s) for s in done if s in gw.requests]
+            gw.cv.notify_all()
+        gw.release(p, [r for r in ended if not r.prefill_only])
+
+    def finish(self, step: Step, logits, hidden=(), epoch: int | None = None) -> list[int]:
         """Sample, stream and report a completed Step (``logits``: one row per chunk, in
         forward_request's order; ``hidden``: one row per chunk that asked for it). Returns the
         sequences that ended."""
         gw = self.gw
         reqs = gw.requests
-        if not gw.pipelines[step.pipeline].alive:    # failed meanwhile: its requests moved
+        p = gw.pipelines[step.pipeline]
+        epoch = p.epoch if epoch is None else epoch
+        if p.epoch != epoch:    # failed meanwhile: its requests moved
             return []
         rows = iter(logits)
         hid = iter(hidden)
-        sampled, results, stops = [], [], {}
+        sampled, results, stops, errors = [], [], {}, {}
         for s in step.decode:
-            self._sample(reqs.get(s), next(rows), s, sampled, stops)
+            self._sample(reqs.get(s), next(rows), s, sampled, stops, errors)
         for s, _start, _n, last in step.prefill:
             row = next(rows)
             r = reqs.get(s)
@@ -121,16 +177,17 @@ class StepRunner:
             if s in step.dropped:                     # prefill-only: its result
                 results.append((r, row, next(hid) if r.want_hidden else None))
             elif last:
-                self._sample(r, row, s, sampled, stops)
+                self._sample(r, row, s, sampled, stops, errors)
         with gw.cv:
-            p = gw.pipelines[step.pipeline]
-            if not p.alive:           # failed meanwhile: its requests moved, prefilled again elsewhere
+            if p.epoch != epoch:      # failed meanwhile: its requests moved, prefilled again elsewhere
                 return []
             for r, tok in sampled:
                 r.generated.append(tok)
                 r.events.put(("tokens", [tok]))
+            for s, msg in errors.items():
+                gw.fail_locked(s, grpc.StatusCode.INTERNAL, msg)
             done = gw.scheduler.update(step, StepResult(finished=tuple(stops)), gw.clock())
-            ended = [gw.retire_locked(s) for s in done]
+            ended = [gw.retire_locked(s) for s in done if s in gw.requests]
             gw.cv.notify_all()
         for r, row, h in results:
             if not r.cancelled.is_set():
@@ -144,13 +201,19 @@ class StepRunner:
                 gw.release(p, finished)
             finally:
                 for r in finished:
-                    r.events.put(("done", stops.get(r.sid, "length")))
+                    if not r.failed:
+                        r.events.put(("done", stops.get(r.sid, "length")))
         return done
 
-    def _sample(self, r, row, s: int, sampled: list, stops: dict) -> None:
+    def _sample(self, r, row, s: int, sampled: list, stops: dict, errors: dict) -> None:
         if r is None or r.cancelled.is_set():    # None: ended while a failed pipeline's step ran
             return
-        tok = sample(row, r.sampling)
+        try:
+            tok = sample(row, r.sampling)
+        except Exception as e:      # this request's sampling: only it fails
+            errors[s] = f"sampling failed: {type(e).__name__}: {e}"
+            stops[s] = "error"
+            return
         sampled.append((r, tok))
         if tok in r.sampling.stop_token_ids:
             stops[s] = "stop"

@@ -23,10 +23,16 @@ class Sampling:
 
 
 def sample(logits: torch.Tensor, s: Sampling) -> int:
-    """One token from ``logits`` [V] (float32)."""
+    """One token from ``logits`` [V] (float32). Safe for any positive temperature: the logits
+    are shifted so their largest is 0 before dividing, so a tiny temperature gives -inf for
+    every other token (greedy among the top ties), never inf - inf = NaN. Non-finite logits
+    raise ValueError (the request fails, not the loop)."""
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError("the model returned non-finite logits")
     if s.temperature <= 0:
         return int(torch.argmax(logits))
-    x = logits.float() / s.temperature
+    x = logits.double()
+    x = (x - x.max()) / s.temperature
     if s.top_k and s.top_k < x.numel():
         kth = torch.topk(x, s.top_k).values[-1]
         x = torch.where(x < kth, torch.full_like(x, float("-inf")), x)
@@ -38,4 +44,6 @@ def sample(logits: torch.Tensor, s: Sampling) -> int:
         sorted_x = sorted_x.masked_fill(drop, float("-inf"))
         x = torch.full_like(x, float("-inf")).scatter(0, idx, sorted_x)
     probs = torch.softmax(x, dim=-1)
+    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+        raise ValueError(f"sampling probabilities are not a distribution (temperature {s.temperature:g})")
     return int(torch.multinomial(probs, 1, generator=s.generator))

@@ -13,6 +13,8 @@ import grpc
 from ._proto import hexplan_v1_pb2 as pb
 from ._proto import hexplan_v1_pb2_grpc as pbg
 from .gateway import Gateway, Request
+from .limits import (CHARS_PER_TOKEN, QUEUE_MARGIN, RESERVED_THREADS, RequestCap, prompt_char_limit,
+                     request_message_limit, total_concurrency)
 from .sampling import Sampling
 from .wire import Tls, add_health_and_reflection, bind, make_server, to_proto
 
@@ -27,12 +29,21 @@ class InferenceServicer(pbg.InferenceServicer):
         """The request's prompt as token ids, checked (GenerateRequest and PrefillRequest)."""
         gw = self.gw
         bad = lambda field, msg: context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {msg}")
+        context_limit = gw.context_limit
         if request.token_ids:
+            if len(request.token_ids) > context_limit:      # counted before anything is copied
+                bad("token_ids", f"{len(request.token_ids)} token ids exceed the model's context of {context_limit} tokens")
             ids = list(request.token_ids)
         elif request.prompt:
             if gw.tokenizer is None:
                 bad("prompt", "this checkpoint has no tokenizer; send token_ids")
+            chars = prompt_char_limit(context_limit)
+            if len(request.prompt) > chars:                 # counted before it is tokenized
+                bad("prompt", f"{len(request.prompt)} characters exceed the limit of {chars} ({CHARS_PER_TOKEN} "
+                              f"per token of the model's context of {context_limit} tokens)")
             ids = list(gw.tokenizer(request.prompt)["input_ids"])
+            if len(ids) > context_limit:
+                bad("prompt", f"{len(ids)} tokens exceed the model's context of {context_limit} tokens")
         else:
             bad("prompt", "empty prompt: give prompt or token_ids")
         if not ids:
@@ -93,15 +104,17 @@ class InferenceServicer(pbg.InferenceServicer):
     def Generate(self, request, context):
         req = self._request(request, context)
         shown = ""
+        label = req.label
         for ev in self._events(req, context):
             if ev[0] == "tokens":
                 text = ""
                 if self.gw.tokenizer is not None:
                     full = self._text(req.generated)
                     text, shown = full[len(shown):], full
-                yield pb.GenerateResponse(token_ids=ev[1], text=text)
+                yield pb.GenerateResponse(token_ids=ev[1], text=text, request_id=label)
             else:
-                yield pb.GenerateResponse(finish_reason=ev[1])
+                yield pb.GenerateResponse(finish_reason=ev[1], request_id=label)
+            label = ""              # on the first message only
 
     def GenerateUnary(self, request, context):
         req = self._request(request, context)
@@ -111,7 +124,7 @@ class InferenceServicer(pbg.InferenceServicer):
                 ids += ev[1]
             else:
                 reason = ev[1]
-        return pb.GenerateResult(token_ids=ids, text=self._text(ids), finish_reason=reason)
+        return pb.GenerateResult(token_ids=ids, text=self._text(ids), finish_reason=reason, request_id=req.label)
 
     def Prefill(self, request, context):
         ids = self._prompt(request, context)
@@ -122,18 +135,30 @@ class InferenceServicer(pbg.InferenceServicer):
                                          hidden=request.hidden), context)
         for ev in self._events(req, context):
             if ev[0] == "result":
-                out = pb.PrefillResult(logits=to_proto(ev[1]), prompt_tokens=len(ids))
+                out = pb.PrefillResult(logits=to_proto(ev[1]), prompt_tokens=len(ids), request_id=req.label)
                 if ev[2] is not None:
                     out.hidden.CopyFrom(to_proto(ev[2]))
                 return out
         context.abort(grpc.StatusCode.CANCELLED, "the request was cancelled")
 
+    def Status(self, request, context):
+        return self.gw.status()
+
 
 def serve_gateway(gw: Gateway, listen: str, tls: Tls | None = None) -> tuple[grpc.Server, int]:
-    """Start the client-facing server; returns (server, port)."""
-    server = make_server(workers=64)
+    """Start the client-facing server; returns (server, port). Its limits come from the model and
+    the plan (limits.py): requests up to the context's size; a thread pool for the plan's total
+    concurrency plus a queue margin plus threads that only health, reflection and Status use.
+    The health servicer is kept as ``gw.health`` (NOT_SERVING while draining)."""
+    cap = total_concurrency(gw) + QUEUE_MARGIN
+    workers = cap + RESERVED_THREADS
+    service = pb.DESCRIPTOR.services_by_name["Inference"]
+    capped = [f"/{service.full_name}/{m}" for m in ("Generate", "GenerateUnary", "Prefill")]
+    server = make_server(workers, [RequestCap(cap, capped, f" (the plan's concurrency {cap - QUEUE_MARGIN} + "
+                                                          f"{QUEUE_MARGIN} waiting)")],
+                         max_receive=request_message_limit(gw.context_limit), max_concurrent_rpcs=2 * workers)
     pbg.add_InferenceServicer_to_server(InferenceServicer(gw), server)
-    add_health_and_reflection(server, [pb.DESCRIPTOR.services_by_name["Inference"].full_name])
+    gw.health = add_health_and_reflection(server, [service.full_name])
     port = bind(server, listen, tls)
     server.start()
     return server, port
