@@ -100,14 +100,27 @@ def test_a_failed_pipeline_moves_its_sequences_with_their_context():
     s.update(s.schedule(0.0, 0, 0))                # two tokens generated
     moved = s.fail(0)
     assert moved == [a] and s.schedule(0.0, 0, 0) is None and not s.runnable(0)
-    s.requeue(a, 7, 2, 1.0)
+    s.requeue(a, 7, 8, 1.0)
     assert s.pipe_of[a] == 1
     st = s.schedule(1.0, 1, 0)
     assert st.prefill == ((a, 0, 7, True),)          # prompt + the 2 tokens already streamed
     assert s.out[a] == 8
+    s.update(st)                                     # a third token
     s.fail(1)
     with pytest.raises(NoPipeline):
         s.add(3, 3, 2.0)
+    # moved again, after waiting for a pipeline (a first requeue that found none): the count
+    # is the caller's, never taken off twice
+    with pytest.raises(NoPipeline):
+        s.requeue(a, 8, 7, 3.0)
+    s.revive(0)
+    s.requeue(a, 8, 7, 4.0)
+    assert s.pipe_of[a] == 0 and s.out[a] == 7
+    done, steps = [], 0
+    while not done and steps < 20:
+        done = s.update(s.schedule(5.0, 0, 0))
+        steps += 1
+    assert done == [a] and steps == 7                # exactly the 7 tokens it had left
 
 
 # ---- mlfq -------------------------------------------------------------------------------------

@@ -206,12 +206,13 @@ class Scheduler:
             raise ValueError(f"sequence {s} has not ended (or its KV is still to be released)")
         self.free.append(s)
 
-    def requeue(self, s: int, context: int, generated: int, now: float) -> None:
+    def requeue(self, s: int, context: int, remaining: int, now: float) -> None:
         """Put a sequence of a failed pipeline on a live one: its whole context (prompt and the
-        ``generated`` tokens already streamed) is prefilled again there. Raises NoPipeline."""
+        tokens already streamed) is prefilled again there, and it may generate ``remaining``
+        more tokens (the caller's count: a sequence may move more than once). Raises NoPipeline."""
         self.prompt[s] = context
         if not self.ponly[s]:
-            self.out[s] = max(0, self.out[s] - generated)
+            self.out[s] = max(0, remaining)
         self.state[s] = NEW
         self.gen[s] = 0
         self.rem[s] = context

@@ -10,7 +10,8 @@ pipeline left, requests fail UNAVAILABLE, health says NOT_SERVING, and the gatew
 running.
 
 The monitor (one thread) probes every stopped pipeline's node executors with backoff (0.5 s,
-doubling to 8 s). When all of them answer (a restarted ``hexplan node`` at the same address,
+doubling to 8 s). Requests moved while no pipeline is live wait (parked) up to the gateway's
+``recovery_wait_s`` for one to come back, then fail UNAVAILABLE. When all of them answer (a restarted ``hexplan node`` at the same address,
 a stage that answers again after a stall), it reloads the pipeline's stages (LoadShard, last
 stage first, each told its downstream) and the pipeline takes requests again.
 """
@@ -116,6 +117,9 @@ class Monitor:
     def run(self) -> None:
         gw = self.gw
         while not gw.stop_event.wait(0.25):
+            if gw.parked:
+                with gw.cv:
+                    gw.expire_parked_locked()
             for p in list(gw.pipelines):
                 if p.alive:
                     self.next_probe.pop(p.index, None)
@@ -152,6 +156,7 @@ class Monitor:
             still_down = {n for q in gw.pipelines if not q.alive for n in q.nodes}
             gw.down_nodes.intersection_update(still_down)
             gw.scheduler.revive(p.index)
+            gw.resume_parked_locked()
             gw.set_health()
             gw.cv.notify_all()
         log.warning("pipeline %d is back: stages reloaded at %s", p.index, ", ".join(addresses))
