@@ -33,7 +33,6 @@ import json
 import os
 import random
 import signal
-import statistics
 import sys
 import tempfile
 import threading
@@ -247,7 +246,6 @@ def main(argv=None) -> int:
         kv = L.gateway.kv_stats()
         pipelines = [(p.index, p.state) for p in L.gateway.pipelines]
     elapsed = args.seconds
-    classes = Counter(classify(r, refs) for r in records)
     good = [r for r in records if r["kind"] != "bad"]
     bad = [r for r in records if r["kind"] == "bad"]
     bad_ok = sum(1 for r in bad if r["code"] == "INVALID_ARGUMENT" and r["details"].startswith(r["field"]))

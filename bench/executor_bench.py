@@ -372,15 +372,17 @@ def decode_sequence(prompt_len: int, steps: int, batch: int, tag: str):
     return out
 
 
-def time_rpc(address: str, downstream: list, seq: list, vocab: int, seed: int) -> list:
-    """Send each step of `seq` as a Forward straight to a stage worker; seconds per call."""
+def time_rpc(address: str, downstream: list, seq: list, vocab: int, seed: int, token: str | None = None) -> list:
+    """Send each step of `seq` as a Forward straight to a stage worker; seconds per call.
+    ``token``: the launch's auth token (``Launch.auth_token``). ``downstream`` is only a record:
+    a stage's downstream is fixed when it is loaded."""
     from hexplan.executor._proto import hexplan_v1_pb2 as pb
     from hexplan.executor._proto import hexplan_v1_pb2_grpc as pbg
     from hexplan.executor.wire import channel, from_proto, to_proto
 
     rng = random.Random(seed)
     times = []
-    with channel(address, None) as ch:
+    with channel(address, None, token) as ch:
         stub = pbg.StageStub(ch)
         for chunks in seq:
             n = sum(c[2] for c in chunks)
@@ -450,7 +452,7 @@ def measure_hops(tiny: str, steps: int, batch_sizes=(1, 32), repeats: int = 3) -
                                                     for _ in range(repeats)) * 1e3
             for bs in batch_sizes:
                 rpc = min(statistics.median(time_rpc(addrs[0], addrs[1:], decode_sequence(8, steps + 20, bs, f"h{k}"),
-                                                     TINY["vocab_size"], k)[20:]) for k in range(repeats))
+                                                     TINY["vocab_size"], k, L.auth_token)[20:]) for k in range(repeats))
                 out["rows"].append({"layout": label, "batch": bs, "hops": len(stages), "rpc_ms": rpc * 1e3,
                                     "stages": stages})
         log(f"  hop: {label}: " + ", ".join(f"batch {r['batch']} {r['rpc_ms']:.2f} ms"

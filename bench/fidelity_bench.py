@@ -6,8 +6,10 @@
 The model of bench/executor_bench.py (a random-weight Llama, hidden 768, 12 layers, 12 heads,
 intermediate 2048, vocab 32000, 512 positions, float32) on the local CPU cluster of
 cluster_specs/local-cpu.yaml (nodes cpu0 with 2 "GPUs" and cpu1 with 1, `gpu: cpu`), whose `cpu`
-type gets a per-layer profile of that model measured on this machine by `hexplan profile`
-(a subprocess; `--profile FILE` reuses a saved one). Three hand-written plans:
+type gets a profile of that model measured on this machine by `hexplan profile` (a subprocess;
+`--profile FILE` reuses a saved one): per-layer decode and prefill tables and the LM head's table
+at the plan's worker thread count and, for a plan with a TP stage, the all-reduce table of a
+`hexplan profile --tp 2` run. Three hand-written plans:
 
   one    one stage holding layers 0-11 on cpu0 (1 worker, 2 threads)
   pp2    two pipeline stages, layers 0-5 on cpu0 and 6-11 on cpu1 (2 workers x 1 thread)
@@ -29,17 +31,17 @@ outputs 16..128 (executor_bench.make_workload). For each (plan, load):
 
 Throughput is output tokens over the makespan (first arrival to last token) in all three, TTFT is
 from arrival to first token, TPOT per request (e2e - TTFT) / (tokens - 1). The simulator runs
-twice: `sim` on the cluster as specified (the `hexplan profile` table, the catalog's `cpu` figures
-for the LM head, default CostParams), and `sim+cal` on the same cluster with what that leaves out
-measured here and fed in as cluster fields and cost parameters (`calibrate_terms`; --no-calibrate
-skips it): the LM head timed in this process (as the `cpu` type's memory bandwidth and TFLOPS),
-a gloo all-reduce between two processes (CostParams.allreduce_alpha and cpu0's interconnect), the
-decode table as served (decode steps of 1..16 sequences sent straight to the launched plan's
-first stage, less the LM head, all-reduces and links) and the gateway's own cost per step (the
-same step through the gateway, as latency on the coordinator's links). The prefill table stays
-the profile's. Target: simulated within 15% of measured on throughput, P50 TTFT and P50 TPOT in
-every cell. The probes' table (served step against the model's, per batch) is printed after the
-main one; `--json` keeps every request and every gateway step (their composition and duration).
+twice: `sim` on the cluster as specified (the profile's decode, prefill, LM-head and all-reduce
+tables, default CostParams), and `sim+cal` on the same cluster with what the profile still leaves
+out measured in service and fed in as cluster fields (`calibrate_terms`; --no-calibrate skips it):
+the decode table as served (decode steps of 1..16 sequences sent straight to the launched plan's
+first stage, less the profile's LM head and all-reduces and the links) and the gateway's own cost
+per step (the same step through the gateway, as latency on the coordinator's links). Its
+difference from `sim` is what a served step costs beyond the profile (host sharing, the gateway
+process beside the workers). Target: simulated within 15% of measured on throughput, P50 TTFT
+and P50 TPOT in every cell. The probes' table (served step against the model's, per batch) is
+printed after the main one; `--json` keeps every request and every gateway step (their
+composition and duration).
 
 Progress on stderr, markdown tables on stdout. About 10-11 minutes in full on the 2-core
 development machine when it is otherwise idle (--wait-quiet S waits for that before the profile
@@ -91,15 +93,21 @@ TARGET = 0.15
 
 # ---- the profile ---------------------------------------------------------------------------------
 
-def run_profile(ckpt: str, threads: int, context: int, out: Path) -> dict:
+ALLREDUCE_BATCHES = ",".join(map(str, range(1, 17)))
+
+
+def run_profile(ckpt: str, threads: int, context: int, out: Path, tp: int = 1) -> dict:
     """``hexplan profile --checkpoint CKPT --device cpu -o OUT`` with ``threads`` torch threads per
-    process, decode at ``context`` (the plan workload's mean decode context: a profiled decode
-    step does not depend on context in the cost model, so it must be measured at the one served),
-    6 layers (a stage of these plans holds 6 or 12), median of 5; returns the `cpu` type's
-    profiles in OUT ({model name: {decode_ms, prefill_ms}})."""
+    process (a worker's), decode at ``context`` (the plan workload's mean decode context: a
+    profiled decode step does not depend on context in the cost model, so it must be measured at
+    the one served), 6 layers (a stage of these plans holds 6 or 12), median of 5, the default
+    grid (decode 1..16, 32, 64; the LM head at the same rows); at ``tp`` 2 for the all-reduce
+    table (decode 1..16 only). Returns the `cpu` type's profiles in OUT ({model name: {decode_ms,
+    prefill_ms, lm_head_ms[, allreduce_ms, allreduce_tp]}})."""
     cmd = [sys.executable, "-m", "hexplan.cli", "profile", "--checkpoint", ckpt, "--device", "cpu", "-o", str(out),
-           "--threads", str(threads), "--context", str(context), "--layers", "6",
-           "--decode-batches", "1,2,4,8,16,32", "--repeats", "5"]
+           "--threads", str(threads), "--context", str(context), "--layers", "6", "--repeats", "5", "--tp", str(tp)]
+    if tp > 1:
+        cmd += ["--decode-batches", ALLREDUCE_BATCHES]
     log(f"  hexplan {' '.join(cmd[3:])}")
     t = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -110,8 +118,8 @@ def run_profile(ckpt: str, threads: int, context: int, out: Path) -> dict:
 
 
 def read_profile(path: Path) -> dict:
-    """{model name: {"decode_ms": {...}, "prefill_ms": {...}}} of the `cpu` type of a cluster YAML
-    (fragment) with gpu_types: {cpu: {profiles: {...}}}."""
+    """{model name: {"decode_ms": {...}, "prefill_ms": {...}, ...}} of the `cpu` type of a cluster
+    YAML (fragment) with gpu_types: {cpu: {profiles: {...}}}."""
     data = yaml.safe_load(Path(path).read_text()) or {}
     prof = ((data.get("gpu_types") or {}).get("cpu") or {}).get("profiles") or {}
     if not prof:
@@ -119,11 +127,15 @@ def read_profile(path: Path) -> dict:
     return prof
 
 
-def get_profile(ckpt: str, threads: int, context: int, tmp: str, saved: str | None, runs: int = 2) -> dict:
-    """This model's tables ({decode_ms, prefill_ms}) for workers of ``threads`` torch threads
-    (plan one's worker has 2, the others' 1: the same layer is slower): ``runs`` runs of
-    `hexplan profile`, the smallest time of each point (on a shared host interference only ever
-    adds time); or the saved ones (``--profile``)."""
+TABLES = ("decode_ms", "prefill_ms", "lm_head_ms", "allreduce_ms")
+
+
+def get_profile(ckpt: str, threads: int, context: int, tmp: str, saved: str | None, runs: int = 2,
+                tp: int = 1) -> dict:
+    """This model's tables ({decode_ms, prefill_ms, lm_head_ms}; at ``tp`` 2 also allreduce_ms,
+    allreduce_tp) for workers of ``threads`` torch threads (plan one's worker has 2, the others'
+    1: the same layer is slower): ``runs`` runs of `hexplan profile`, the smallest time of each
+    point (on a shared host interference only ever adds time); or the saved ones (``--profile``)."""
     name = Path(ckpt).name
     if saved:
         if saved.endswith(".json"):
@@ -134,16 +146,33 @@ def get_profile(ckpt: str, threads: int, context: int, tmp: str, saved: str | No
         return p.get(name) or next(iter(p.values()))
     tables = []
     for k in range(runs):
-        log(f"profiling {name} with {threads} thread(s), run {k + 1}/{runs}")
-        p = run_profile(ckpt, threads, context, Path(tmp) / f"profile-{threads}t-{k}.yaml")
+        log(f"profiling {name} with {threads} thread(s) at TP {tp}, run {k + 1}/{runs}")
+        p = run_profile(ckpt, threads, context, Path(tmp) / f"profile-{threads}t-tp{tp}-{k}.yaml", tp)
         tables.append(p.get(name) or next(iter(p.values())))
-    out = {}
-    for kind in ("decode_ms", "prefill_ms"):
-        keys = tables[0][kind].keys()
-        out[kind] = {x: min(t[kind][x] for t in tables) for x in keys}
+    out: dict = {}
+    for kind in TABLES:
+        if kind in tables[0]:
+            keys = tables[0][kind].keys()
+            out[kind] = {x: min(t[kind][x] for t in tables) for x in keys}
+    if "allreduce_tp" in tables[0]:
+        out["allreduce_tp"] = tables[0]["allreduce_tp"]
     for t in tables:
-        log(f"  run: decode ms/layer {t['decode_ms']}; prefill ms/layer {t['prefill_ms']}")
+        log("  run: " + "; ".join(f"{k} {t[k]}" for k in TABLES if k in t))
     return out
+
+
+def with_allreduce(tables: dict, ckpt: str, threads: int, context: int, tmp: str, saved: str | None) -> dict:
+    """``tables`` (a TP-1 profile) with the all-reduce table of a `hexplan profile --tp 2` run at
+    ``threads`` per rank (its own decode and prefill tables, TP-2 compute x 2, are not used: the
+    plans' TP-1 stages need the TP-1 ones). Unchanged when they have one already or ``saved``
+    has none (then the cost model's ring formula stands in)."""
+    if "allreduce_ms" in tables:
+        return tables
+    if saved:
+        log("  the saved profile has no allreduce_ms: TP stages get the ring formula")
+        return tables
+    tp2 = get_profile(ckpt, threads, context, tmp, None, runs=1, tp=2)
+    return {**tables, "allreduce_ms": tp2["allreduce_ms"], "allreduce_tp": tp2["allreduce_tp"]}
 
 
 # ---- cluster and plans -----------------------------------------------------------------------------
@@ -159,16 +188,13 @@ def base_cluster_dict(model_name: str, tables: dict) -> dict:
 
 
 def calibrated_cluster_dict(base: dict, stages, cal: dict) -> dict:
-    """The same cluster with the measured terms as cluster fields (``cal``, see ``calibrate_terms``):
+    """The same cluster with the terms measured in service as cluster fields (``cal``, see
+    ``calibrate_terms``):
 
     * a coordinator node "gw" (the gateway; no stage on it) whose links to cpu0 and cpu1 each
       have half the measured fixed cost of a step as latency (a step crosses both, in and out);
-    * the `cpu` type's memory bandwidth and TFLOPS set so its LM head roofline gives the measured
-      LM head of 1 and of 16 rows (with a profile they time nothing else);
-    * its decode table replaced by the one measured as served (``decode_table``, ms per layer
-      at TP 1 against batch);
-    * cpu0's interconnect and CostParams.allreduce_alpha (in the plan) from the measured gloo
-      all-reduces."""
+    * the `cpu` type's decode table replaced by the one measured as served (``decode_table``,
+      ms per layer at TP 1 against batch). Its LM head and all-reduce tables stay the profile's."""
     d = json.loads(json.dumps(base))
     d["nodes"].append({"name": "gw", "gpu": "cpu", "count": 1})
     d["coordinator"] = "gw"
@@ -177,17 +203,9 @@ def calibrated_cluster_dict(base: dict, stages, cal: dict) -> dict:
     for n in ("cpu0", "cpu1"):
         links.append({"between": ["gw", n], "bandwidth": "10Gbps", "latency": f"{half * 1e3:.4f}ms"})
     cpu = d["gpu_types"]["cpu"]
-    if cal.get("memory_bandwidth"):
-        cpu["memory_bandwidth"] = f"{cal['memory_bandwidth'] / 1e9:.4f}GB/s"
-    if cal.get("fp16_tflops"):
-        cpu["fp16_tflops"] = round(cal["fp16_tflops"], 6)
     if cal.get("decode_table"):
         for tables in cpu["profiles"].values():
             tables["decode_ms"] = dict(cal["decode_table"])
-    if cal.get("interconnect"):
-        for n in d["nodes"]:
-            if n["name"] == "cpu0":
-                n["interconnect"] = f"{cal['interconnect'] / 1e9:.4f}GB/s"
     return d
 
 
@@ -338,8 +356,8 @@ def probe(address: str, batch: int, prompt_len: int, out_len: int, vocab: int, s
 
 def model_step_s(plan, cluster, batch: int, context: float, params=None) -> float:
     """The simulator's time for one decode step of ``batch`` sequences at ``context`` through
-    the plan's pipeline, no queueing: every stage's layers, LM head, links in and out and
-    between stages (latency + bytes), as hexplan/simulator/engine.py adds them up."""
+    the plan's pipeline, no queueing: every stage's layers (and all-reduces), LM head, links in
+    and out and between stages (latency + bytes), as hexplan/simulator/engine.py adds them up."""
     from hexplan.costmodel import TOKEN_ID_BYTES, send_time
 
     asm = plan_assumptions(plan)
@@ -389,7 +407,7 @@ def run_plan_measured(name: str, ckpt: str, stages, plan, loads: dict, probes: b
             for b in PROBE_BATCHES:
                 out["rpc"][b] = statistics.median(time_rpc(addrs[0], addrs[1:],
                                                            decode_sequence(probe_prompt, 25, b, f"rpc{b}"),
-                                                           vocab, seed)[5:])
+                                                           vocab, seed, L.auth_token)[5:])
             # the same through the gateway (sampling, streaming, scheduler)
             for b in (1, 16):
                 out["probe"][b] = probe(L.address, b, probe_prompt, 24 if b == 1 else 32, vocab, seed + b)
@@ -413,66 +431,6 @@ def run_plan_measured(name: str, ckpt: str, stages, plan, loads: dict, probes: b
 
 
 # ---- measured terms the profile leaves out -----------------------------------------------------------
-
-def lm_head_ms(threads: int, batch: int, reps: int = 20) -> float:
-    """The LM head (768 -> 32000, float32) on ``batch`` rows with ``threads`` threads (ms)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        w = torch.randn(MODEL["vocab_size"], MODEL["hidden_size"])
-        x = torch.randn(batch, MODEL["hidden_size"])
-        torch.nn.functional.linear(x, w)
-        ts = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            torch.nn.functional.linear(x, w)
-            ts.append(time.perf_counter() - t)
-        return statistics.median(ts) * 1e3
-    finally:
-        torch.set_num_threads(old)
-
-
-def _allreduce_worker(rank: int, port: int, q, reps: int, nbytes: int):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    x = torch.randn(max(1, nbytes // 4))
-    for _ in range(10):
-        dist.all_reduce(x)
-    ts = []
-    for _ in range(reps):
-        dist.barrier()
-        t = time.perf_counter()
-        dist.all_reduce(x)
-        ts.append(time.perf_counter() - t)
-    if rank == 0:
-        q.put(statistics.median(ts))
-    dist.destroy_process_group()
-
-
-def allreduce_s(nbytes: int, reps: int = 200) -> float:
-    """One gloo all-reduce of ``nbytes`` between two processes on this host (seconds, median)."""
-    import multiprocessing as mp
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_allreduce_worker, args=(r, port, q, reps, nbytes)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        v = q.get(timeout=120)
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.terminate()
-    return v
-
 
 # ---- report -------------------------------------------------------------------------------------------
 
@@ -510,36 +468,17 @@ def table(results: dict, sources) -> str:
     return "\n".join(lines)
 
 
-def calibrate_terms(pr: dict, common: dict, ckpt: str) -> dict:
-    """Measured terms of one plan and the calibrated cluster / cost parameters they give:
+def calibrate_terms(pr: dict, ckpt: str) -> dict:
+    """Terms measured in service, beyond the profile, and the calibrated cluster they give:
 
-    1. LM head: the `cpu` type's memory bandwidth from the measured head of 1 row (memory-bound)
-       and its TFLOPS from 16 rows (compute-bound), so lm_head_time's roofline returns both.
-    2. TP all-reduce (plan tp2pp): alpha and cpu0's interconnect from two gloo all-reduce sizes
-       (a decode step's 16 x 768 and a prompt's 136 x 768 float32), ring of d = 2: one
-       all-reduce = 2 (alpha + m / (2 bw)).
-    3. The decode table as served: decode steps of B sequences sent straight to the launched
-       plan's first stage (``rpc``), minus what the model adds besides the layers (LM head and
-       all-reduces by 1. and 2., links), over the plan's layers (sum of layers / tp): per layer
-       at TP 1. The prefill table stays `hexplan profile`'s (mixed steps match it).
-    4. The gateway's own cost per step (through the gateway minus straight to the stage, one
+    1. The decode table as served: decode steps of B sequences sent straight to the launched
+       plan's first stage (``rpc``), minus what the model adds besides the layers' compute (the
+       profile's LM head and all-reduces, links), over the plan's layers (sum of layers / tp):
+       per layer at TP 1. The prefill table stays the profile's (mixed steps match it).
+    2. The gateway's own cost per step (through the gateway minus straight to the stage, one
        sequence): half of it as latency on each coordinator link."""
-    from hexplan.costmodel import DEFAULT_PARAMS
-
-    V, H = MODEL["vocab_size"], MODEL["hidden_size"]
-    t = pr["threads_per_worker"]
-    h1, h16 = _get(_get(common["lm_head_ms"], t), 1) / 1e3, _get(_get(common["lm_head_ms"], t), 16) / 1e3
-    # The roofline max(bytes / (BW eta_mem), flops / (F eta_flops)) through both measured points:
-    # one row is memory-bound (the weights), 16 rows compute-bound on this CPU.
-    cal: dict = {"memory_bandwidth": (V * H * 4 + V * 4) / h1 / DEFAULT_PARAMS.mem_efficiency,
-                 "fp16_tflops": 2 * V * H * 16 / h16 / DEFAULT_PARAMS.flops_efficiency / 1e12, "fixed_s": 0.0}
+    cal: dict = {"fixed_s": 0.0}
     cost_params: dict = {}
-    ar = common.get("allreduce_s")
-    if ar and any(tp > 1 for _, tp, _, _ in pr["stages"]):
-        (m1, t1), (m2, t2) = sorted((int(k), v) for k, v in ar.items())
-        bw = (m2 - m1) / 2 / max(1e-9, (t2 - t1) / 2) if t2 > t1 else 10e9
-        alpha = max(1e-7, t1 / 2 - m1 / (2 * bw))
-        cal["interconnect"], cost_params["allreduce_alpha"] = bw, alpha
     run = pr.get("measured_run", {})
     rpc = {int(k): v for k, v in (run.get("rpc") or {}).items()}
     gwp = {int(k): v for k, v in (run.get("probe") or {}).items()}
@@ -552,7 +491,7 @@ def calibrate_terms(pr: dict, common: dict, ckpt: str) -> dict:
         table, rows = {}, []
         prof = ProfileTable(tuple(sorted((float(k), float(v)) for k, v in pr["profile"]["decode_ms"].items())))
         for b, meas in sorted(rpc.items()):
-            # the model's step with a zero decode table: LM head, all-reduces, links
+            # the model's step with a zero decode table: LM head, all-reduces, links (the profile's)
             zero = dict(cal, decode_table={b: 1e-6})
             rest = model_step_s(plan, make_cluster(calibrated_cluster_dict(pr["cluster"], pr["stages"], zero)), b, ctx)
             table[b] = round(max(1e-3, (meas - rest) * 1e3 / span), 4)
@@ -637,7 +576,6 @@ def main() -> int:
     t_all = time.perf_counter()
     tmp = tempfile.TemporaryDirectory(prefix="hexplan-fidelity-")
     results: dict = {}
-    common: dict = {}
     try:
         ckpt = benchmark_checkpoint(args.checkpoint, tmp.name)
         model_name = Path(ckpt).name
@@ -645,16 +583,8 @@ def main() -> int:
         sat = make_workload(n_sat, PROMPT_RANGE, OUTPUT_RANGE, vocab, args.seed, None)
         w0 = plan_workload(sat, [None])
         context = round(w0["prompt_tokens"] + (w0["output_tokens"] + 1) / 2)
-        thread_counts = sorted({max(1, cores // sum(tp for _, tp, _, _ in PLANS[p][1])) for p in only})
         meta["calibration_gflops_start"] = wait_quiet(args.wait_quiet, args.quiet_gflops, cores, "the start")
         profiles: dict = {}
-        if calibrating:
-            common["lm_head_ms"] = {t: {b: lm_head_ms(t, b) for b in (1, 16)} for t in thread_counts}
-            if "tp2pp" in only:
-                H = MODEL["hidden_size"]
-                common["allreduce_s"] = {m: allreduce_s(m) for m in (16 * H * 4, w0["prompt_tokens"] * H * 4)}
-            log(f"measured: LM head ms {common['lm_head_ms']}; gloo all-reduce s {common.get('allreduce_s')}")
-        meta["terms"] = common
         for pname in only:
             label, stages = PLANS[pname]
             threads = max(1, cores // sum(tp for _, tp, _, _ in stages))
@@ -663,10 +593,12 @@ def main() -> int:
             # profiled just before the plan runs: the host's speed drifts as others use it
             if threads not in profiles or not args.no_measure:
                 profiles[threads] = get_profile(ckpt, threads, context, tmp.name, args.profile)
-                log(f"[{pname}] profile, {threads} thread(s): decode ms/layer {profiles[threads]['decode_ms']}; "
-                    f"prefill ms/layer {profiles[threads]['prefill_ms']}")
+            if any(tp > 1 for _, tp, _, _ in stages):
+                profiles[threads] = with_allreduce(profiles[threads], ckpt, threads, context, tmp.name, args.profile)
+            log(f"[{pname}] profile, {threads} thread(s): " + "; ".join(
+                f"{k} {profiles[threads][k]}" for k in TABLES if k in profiles[threads]))
             results[pname] = run_plan(pname, label, stages, ckpt, model_name, profiles, sat, n_poisson, args,
-                                      cores, vocab, common, calibrating)
+                                      cores, vocab, calibrating)
             log(f"[{pname}] done at {time.perf_counter() - t_all:.0f} s")
     finally:
         tmp.cleanup()
@@ -681,7 +613,7 @@ def main() -> int:
     return 0
 
 
-def run_plan(pname, label, stages, ckpt, model_name, profiles, sat, n_poisson, args, cores, vocab, common,
+def run_plan(pname, label, stages, ckpt, model_name, profiles, sat, n_poisson, args, cores, vocab,
              calibrating) -> dict:
     workers = sum(tp for _, tp, _, _ in stages)
     threads = max(1, cores // workers)
@@ -717,7 +649,7 @@ def run_plan(pname, label, stages, ckpt, model_name, profiles, sat, n_poisson, a
         pr["cells"][load]["meas_detail"] = {"per_request": c["per_request"], "steps": c["steps"]}
     if calibrating:
         try:
-            cal, cplan, ccluster = calibrate_terms(pr, common, ckpt)
+            cal, cplan, ccluster = calibrate_terms(pr, ckpt)
         except Exception as e:   # noqa: BLE001 - keep the measured cells
             log(f"[{pname}] calibration failed: {type(e).__name__}: {e}")
             return pr
@@ -746,7 +678,7 @@ def report(meta: dict, results: dict) -> None:
     rows = [(p, pr) for p, pr in results.items() if pr.get("calibration", {}).get("probe")]
     if rows:
         print("\nDecode steps of B sequences at the workload's mean decode context sent straight to the launched plan's first stage (served), against the "
-              "model's step (`hexplan profile` table, measured LM head and all-reduces, links); per layer: the "
+              "model's step (the profile's layer, LM-head and all-reduce tables, links); per layer: the "
               "profile's ms and the served ms (the served step less LM head, all-reduces and links, over "
               "sum(layers / tp)); the gateway's own cost per step (through the gateway less straight to the "
               "stage, 1 sequence):\n")
@@ -762,12 +694,15 @@ def report(meta: dict, results: dict) -> None:
                       f"{r['served_ms_per_layer']:.2f} | " + (f"{g:.1f}" if g is not None else "-") + " |")
         for p, pr in rows:
             c = pr["calibration"]
-            alpha = c["cost_params"].get("allreduce_alpha")
+            prof = pr.get("profile", {})
+            head = {b: _get(prof["lm_head_ms"], b) for b in (1, 16)} if "lm_head_ms" in prof else \
+                _get(meta.get("terms", {}).get("lm_head_ms", {}), pr["threads_per_worker"])   # (a run before the table)
+            ar = prof.get("allreduce_ms") if any(tp > 1 for _, tp, _, _ in pr["stages"]) else None
             print(f"\n{p}: gateway cost per step {c['probe']['fixed_ms']:.1f} ms; LM head "
-                  + ", ".join(f"x{b} {v:.1f} ms" for b, v in _get(meta["terms"]["lm_head_ms"],
-                                                                 pr["threads_per_worker"]).items())
-                  + (f"; gloo all-reduce alpha {alpha * 1e6:.0f} us, bandwidth "
-                     f"{c['terms']['interconnect'] / 1e9:.2f} GB/s" if alpha else ""))
+                  + ("(profile) " if "lm_head_ms" in prof else "(measured in process) ")
+                  + ", ".join(f"x{b} {float(v):.1f} ms" for b, v in head.items())
+                  + ("; all-reduce (profile, TP 2) " + ", ".join(f"x{b} {float(_get(ar, b)) * 1e3:.0f} us"
+                                                                  for b in (1, 16)) if ar else ""))
     for p, pr in results.items():
         ms = pr.get("measured_run")
         if ms:

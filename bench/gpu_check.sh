@@ -109,7 +109,7 @@ if [ -f "$WORK/ckpt/config.json" ]; then
 # The profile read back as the cost model will: a cluster of that GPU type with the section merged.
 import sys, yaml
 from hexplan import loads_cluster
-from hexplan.costmodel import decode_layer_time, prefill_layer_time
+from hexplan.costmodel import decode_layer_time, lm_head_time, prefill_layer_time
 from hexplan.models import load_model
 section = yaml.safe_load(open(sys.argv[1]))
 gpu = next(iter(section["gpu_types"]))
@@ -119,6 +119,7 @@ tables = section["gpu_types"][gpu]["profiles"][model.name]
 g = cluster.nodes[0].gpu
 bad = [(b, ms) for b, ms in tables["decode_ms"].items() if abs(decode_layer_time(model, g, 1, b, 300, 1e9) * 1e3 - ms) > 1e-9]
 bad += [(p, ms) for p, ms in tables["prefill_ms"].items() if abs(prefill_layer_time(model, g, 1, p, 1e9) * 1e3 - ms) > 1e-9]
+bad += [(b, ms) for b, ms in tables.get("lm_head_ms", {}).items() if abs(lm_head_time(model, g, 1, b) * 1e3 - ms) > 1e-9]
 print(f"profile of {model.name} on {gpu}: read back by the cost model", "OK" if not bad else f"MISMATCH {bad}")
 sys.exit(1 if bad else 0)
 PY

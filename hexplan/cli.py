@@ -146,7 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
     nd.add_argument("--listen", default="127.0.0.1:50061", help="HOST:PORT to listen on (default 127.0.0.1:50061; port 0 = any)")
     nd.add_argument("--name", required=True, help="this node's name in the cluster spec and plan")
     nd.add_argument("--threads", type=int, help="CPU threads per worker process (default: torch's choice)")
+    # set by `hexplan launch`: stop when the launcher is gone (SIGKILL included); not for users
+    nd.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
+    nd.add_argument("--parent-death-signal", action="store_true", help=argparse.SUPPRESS)
     tls_args(nd)
+    nd.add_argument("--auth-token-file", metavar="FILE",
+                    help="a file holding the shared token every caller (gateway, other stages) must send "
+                         "(authorization: Bearer TOKEN); without it and without --tls-ca the node listens on "
+                         "loopback only. `hexplan launch` hands its nodes a fresh token in HEXPLAN_AUTH_TOKEN")
+    nd.add_argument("--checkpoint-root", action="append", default=[], metavar="DIR",
+                    help="LoadShard reads only checkpoints under DIR (symlinks resolved; repeatable; default: none, "
+                         "so every LoadShard is refused)")
 
     def policy_args(parser):
         parser.add_argument("--policy", default="fcfs",
@@ -171,11 +181,28 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--nodes", default="", help="node addresses NAME=HOST:PORT,... (default: the plan's cluster section)")
     sv.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     sv.add_argument("--max-batch", type=int, help="sequences per micro-batch (default: the plan's batch_size)")
+
+    def drain_arg(parser):
+        parser.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
+                            help="on SIGTERM/SIGINT, stop admitting (new requests get UNAVAILABLE, health turns "
+                                 "NOT_SERVING) and let the requests in flight finish for up to SECONDS before "
+                                 "stopping (default 30; 0: cut them at once; a second signal cuts the wait short)")
+        parser.add_argument("--stall-timeout", type=float, default=10.0, metavar="SECONDS",
+                            help="a step that takes longer than 10 x its expected time, and at least SECONDS, makes "
+                                 "its pipeline suspect: its requests move to a live pipeline and the pipeline is "
+                                 "reloaded (default 10)")
+        parser.add_argument("--recovery-wait", type=float, default=30.0, metavar="SECONDS",
+                            help="requests already accepted wait up to SECONDS for a pipeline to come back when none "
+                                 "is live, then fail UNAVAILABLE (default 30; 0: fail them at once)")
+    drain_arg(sv)
     policy_args(sv)
     sv.add_argument("--prefill-chunk", type=int,
                     help="prompt tokens per step while a micro-batch has sequences decoding (chunked prefill; "
                          "default batch x prompt / output tokens of the plan's workload)")
     tls_args(sv)
+    sv.add_argument("--auth-token-file", metavar="FILE",
+                    help="a file holding the token the node executors require (`hexplan node --auth-token-file`); "
+                         "sent on every call to them and their stages. Clients of the gateway are not authenticated")
 
     la = sub.add_parser("launch", help="start every node executor of a plan and the gateway on this host")
     la.add_argument("plan", help="plan file")
@@ -183,8 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--listen", default="127.0.0.1:50051", help="gateway HOST:PORT (default 127.0.0.1:50051; port 0 = any)")
     la.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     la.add_argument("--threads", type=int, help="CPU threads per worker process (default: cores / workers)")
+    drain_arg(la)
     policy_args(la)
     tls_args(la)
+    la.add_argument("--auth-token-file", metavar="FILE",
+                    help="the token the node executors started here require (default: a fresh random one)")
 
     ge = sub.add_parser("generate", help="send one request to a gateway and print the tokens")
     ge.add_argument("--target", required=True, help="gateway HOST:PORT")
@@ -207,22 +237,34 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--hidden", action="store_true", help="--prefill-only: also return the last token's hidden state")
     tls_args(ge, server=False)
 
+    st = sub.add_parser("status", help="ask a gateway for its state: pipelines live or down, requests in flight, KV per stage",
+                        description="Print the gateway's Status: per pipeline its state (live, down: a node or stage does "
+                                    "not answer, suspect: a step stalled), requests in flight and each stage's sequences "
+                                    "and KV bytes. Exit status 0 when it serves, 1 when it answers but serves nothing (no "
+                                    "live pipeline, or draining), 2 when it cannot be reached.")
+    st.add_argument("--target", required=True, help="gateway HOST:PORT")
+    st.add_argument("--timeout", type=float, default=10, help="deadline in seconds (default 10)")
+    st.add_argument("--json", action="store_true", help="print the Status as JSON")
+    tls_args(st, server=False)
+
     pf = sub.add_parser("profile", help="measure per-layer decode and prefill times of a checkpoint on this machine",
                         description="Load a few layers of a Hugging Face safetensors checkpoint with the executor's own "
-                                    "stage code, time decode steps against batch size and prompts against their length "
-                                    "(median of --repeats after --warmup), and write the cluster-file section "
-                                    "gpu_types.GPU.profiles.MODEL: {decode_ms, prefill_ms}, ms per layer at TP 1, which "
-                                    "the cost model then uses instead of its roofline for that GPU type and model. "
-                                    "Progress goes to stderr; stdout carries only the YAML. See docs/cost-model.md, "
-                                    "'Measured profiles'.")
+                                    "stage code, at a served worker's thread count, time decode steps against batch size, "
+                                    "prompts against their length and the LM head against logits rows (median of "
+                                    "--repeats after --warmup), and write the cluster-file section "
+                                    "gpu_types.GPU.profiles.MODEL: {decode_ms, prefill_ms} (ms per layer at TP 1), "
+                                    "lm_head_ms (ms per step at TP 1) and with --tp > 1 allreduce_ms (ms per all-reduce) "
+                                    "and allreduce_tp, which the cost model then uses instead of its rooflines for that "
+                                    "GPU type and model. Progress goes to stderr; stdout carries only the YAML. See "
+                                    "docs/cost-model.md, 'Measured profiles'.")
     pf.add_argument("--checkpoint", required=True, help="Hugging Face safetensors checkpoint directory")
     pf.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu; TP rank r on cuda:r)")
     pf.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                     help="weights and activations, as `hexplan serve --dtype` (default float32): profile what you serve")
     pf.add_argument("--tp", type=int, default=1,
-                    help="tensor-parallel degree: one process per rank (gloo on 127.0.0.1, or NCCL); the table holds the "
+                    help="tensor-parallel degree: one process per rank (gloo on 127.0.0.1, or NCCL); the tables hold the "
                          "slowest rank's compute time (all-reduces taken out) x TP, the TP-1 figure the cost model divides "
-                         "by TP (default 1)")
+                         "by TP, and allreduce_ms the rest of the step per all-reduce (default 1)")
     pf.add_argument("--gpu-type", help="GPU type the profile is for (default: cpu with --device cpu; with cuda the "
                                        "catalog type the device's name matches)")
     pf.add_argument("--model", help="model name the profile is for (default: the name `hexplan solve --model DIR` gives "
@@ -232,8 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="add or replace gpu_types.GPU.profiles.MODEL in this cluster file, keeping the rest of it "
                          "(comments too, where the file's layout allows; stderr says when it did not)")
     g = pf.add_argument_group("grid")
-    g.add_argument("--decode-batches", default="1,2,4,8,16,32,64", metavar="B,B,...",
-                   help="decode batch sizes (default 1,2,4,8,16,32,64)")
+    g.add_argument("--decode-batches", metavar="B,B,...",
+                   help="decode batch sizes, also the LM head's rows (default: 1,2,...,16,32,64 on the CPU, "
+                        "1,2,4,8,16,32,64 on cuda)")
     g.add_argument("--prefill-tokens", default="16,32,64,128,256,512", metavar="P,P,...",
                    help="prompt lengths (default 16,32,64,128,256,512; lengths past the model's positions are left out)")
     g.add_argument("--context", type=int, help="KV positions each decode sequence holds (default 576, the planner's "
@@ -241,7 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--layers", type=int, help="layers to load and time; per layer = step / layers (default 4, or all if fewer)")
     g.add_argument("--repeats", type=int, default=3, help="timed runs per point; the median counts (default 3)")
     g.add_argument("--warmup", type=int, default=1, help="untimed runs per point first (default 1)")
-    g.add_argument("--threads", type=int, help="CPU threads per process (default: torch's choice; cores / TP with --tp)")
+    g.add_argument("--threads", type=int, help="CPU threads per process, as a served worker has them (default: cores / TP, "
+                                               "what `hexplan launch` gives each worker of a one-stage plan; a plan of W "
+                                               "workers on one machine gets cores / W)")
 
     sub.add_parser("gpus", help="list the built-in GPU catalog")
     sub.add_parser("models", help="list the built-in models")
@@ -445,7 +490,34 @@ def _tls(args):
     for f, v in (("--tls-cert", cert), ("--tls-key", key), ("--tls-ca", ca)):
         if v and not Path(v).is_file():
             raise SpecError(f"file not found: {v}", field=f)
+    if ca and not cert and hasattr(args, "tls_cert"):
+        # a server with a CA verifies its callers' certificates and presents its own to the
+        # nodes and stages it calls: it needs a certificate
+        raise SpecError("--tls-ca on a server needs --tls-cert and --tls-key (its own certificate)", field="--tls-cert")
     return Tls(cert, key, ca) if (cert or ca) else None
+
+
+def _auth_token(args, environment: bool = False) -> str | None:
+    """The internal-API token: --auth-token-file, else (``environment``: `hexplan node`) the
+    HEXPLAN_AUTH_TOKEN variable `hexplan launch` sets, removed from the environment once read
+    so the node's stage workers do not inherit it (they get it in their spec)."""
+    import os
+
+    from .executor.wire import TOKEN_ENV
+
+    from_env = os.environ.pop(TOKEN_ENV, None) if environment else None
+    path = getattr(args, "auth_token_file", None)
+    if not path:
+        return from_env or None
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except OSError as e:
+        raise SpecError(f"cannot read {path}: {e.strerror or e}", field="--auth-token-file") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: not UTF-8 text", field="--auth-token-file") from None
+    if not token or any(c.isspace() for c in token) or not token.isprintable():
+        raise SpecError(f"{path}: expected one token (printable, no spaces)", field="--auth-token-file")
+    return token
 
 
 def _listen(value: str, flag: str) -> str:
@@ -457,23 +529,37 @@ def _listen(value: str, flag: str) -> str:
 
 def cmd_node(args) -> int:
     _executor()
-    from .executor.node import serve_node
+    from .executor.node import exposure_problem, serve_node, unauthenticated_warning
 
     listen = _listen(args.listen, "--listen")
     host = listen.rpartition(":")[0]
-    serve_node(listen, args.name, _tls(args), args.threads,
-               on_ready=lambda port: print(f"hexplan node {args.name} listening on {host}:{port}", flush=True))
+    tls, token = _tls(args), _auth_token(args, environment=True)
+    problem = exposure_problem(host.strip("[]"), token, tls)
+    if problem:
+        raise SpecError(problem, field="--listen")
+    for root in args.checkpoint_root:
+        if not Path(root).is_dir():
+            raise SpecError(f"not a directory: {root}", field="--checkpoint-root")
+    warning = unauthenticated_warning(args.name, token, tls)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    serve_node(listen, args.name, tls, args.threads,
+               on_ready=lambda port: print(f"hexplan node {args.name} listening on {host}:{port}", flush=True),
+               parent_pid=args.parent_pid, parent_death_signal=args.parent_death_signal,
+               auth_token=token, checkpoint_roots=args.checkpoint_root)
+    from .executor.lifecycle import exit_later
+    exit_later(2.0, code=0)   # stopped: a handler thread still blocked (a LoadShard waiting) must not keep us
     return 0
 
 
 def cmd_serve(args) -> int:
     _executor()
-    import signal
-    import threading
-
     from .executor.gateway import Gateway, GatewayError
+    from .executor.lifecycle import StopSignals, drain_and_stop
     from .executor.servicer import serve_gateway
 
+    drain_timeout = _drain_timeout(args)
+    faults = _fault_args(args)
     plan = load_plan(args.plan)
     nodes = {n["name"]: n["address"] for n in (plan.cluster or {}).get("nodes", []) if n.get("address")}
     for item in filter(None, args.nodes.split(",")):
@@ -490,20 +576,35 @@ def cmd_serve(args) -> int:
     try:
         gw = Gateway(plan, args.checkpoint, nodes, tls, args.dtype, max_batch=args.max_batch,
                      prefill_chunk=args.prefill_chunk, policy=policy, mlfq_quantum_s=quantum,
-                     interleave=args.interleave, matmul_pieces=args.matmul_pieces)
+                     interleave=args.interleave, matmul_pieces=args.matmul_pieces,
+                     auth_token=_auth_token(args))
+        gw.stall_timeout_s, gw.recovery_wait_s = faults["stall_timeout_s"], faults["recovery_wait_s"]
         gw.start()
     except GatewayError as e:
         raise HexplanError(str(e)) from None
     server, port = serve_gateway(gw, _listen(args.listen, "--listen"), tls)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    signals = StopSignals()
     print(f"hexplan: ready: serving {plan.model.name} on {args.listen.rpartition(':')[0]}:{port}", flush=True)
-    while not stop.wait(0.5):
-        pass
-    server.stop(grace=2).wait()
-    gw.stop()
+    signals.wait()
+    drain_and_stop(gw, server, drain_timeout, hurry=signals.hurry)
+    print("hexplan: stopped", flush=True)
     return 0
+
+
+def _fault_args(args) -> dict:
+    for flag, low in (("stall_timeout", 0.0), ("recovery_wait", -1e-12)):
+        v = getattr(args, flag)
+        if not (low < v < float("inf")):
+            raise SpecError(f"must be a number of seconds {'> 0' if low == 0 else '>= 0'}, got {v:g}",
+                            field="--" + flag.replace("_", "-"))
+    return {"stall_timeout_s": args.stall_timeout, "recovery_wait_s": args.recovery_wait}
+
+
+def _drain_timeout(args) -> float:
+    v = args.drain_timeout
+    if not 0 <= v < float("inf"):
+        raise SpecError(f"must be a number of seconds >= 0, got {v:g}", field="--drain-timeout")
+    return v
 
 
 def _policy(args) -> tuple[str, float | None]:
@@ -524,12 +625,15 @@ def cmd_launch(args) -> int:
     from .executor.gateway import GatewayError
     from .executor.launch import run_launch
 
+    drain_timeout = _drain_timeout(args)
+    faults = _fault_args(args)
     plan = load_plan(args.plan)
     policy, quantum = _policy(args)
     try:
         return run_launch(plan, args.checkpoint, _listen(args.listen, "--listen"), _tls(args), args.dtype, args.threads,
                           policy=policy, mlfq_quantum_s=quantum, interleave=args.interleave,
-                          matmul_pieces=args.matmul_pieces)
+                          matmul_pieces=args.matmul_pieces, drain_timeout=drain_timeout,
+                          auth_token=_auth_token(args), **faults)
     except (GatewayError, RuntimeError) as e:
         raise HexplanError(str(e)) from None
 
@@ -544,6 +648,16 @@ def cmd_generate(args) -> int:
     if not 0 <= args.wait < float("inf"):
         raise SpecError(f"must be a number of seconds >= 0, got {args.wait:g}", field="--wait")
     return run_generate(args)
+
+
+def cmd_status(args) -> int:
+    _executor()
+    from .executor.client import run_status
+
+    _listen(args.target, "--target")
+    if not 0 < args.timeout < float("inf"):
+        raise SpecError(f"must be a positive number of seconds, got {args.timeout:g}", field="--timeout")
+    return run_status(args)
 
 
 def _int_list(text: str, flag: str) -> tuple[int, ...]:
@@ -585,7 +699,7 @@ def cmd_profile(args) -> int:
     layers = args.layers or min(4, model.num_layers)
     if layers > model.num_layers:
         raise SpecError(f"{layers} is more than the model's {model.num_layers} layers", field="--layers")
-    decode = _int_list(args.decode_batches, "--decode-batches")
+    decode = _int_list(args.decode_batches, "--decode-batches") if args.decode_batches is not None else None
     prefill = _int_list(args.prefill_tokens, "--prefill-tokens")
     positions = model.max_position_embeddings
     context = args.context or max(1, min(576, positions // 2))
@@ -634,8 +748,9 @@ def cmd_profile(args) -> int:
             print(f"hexplan: note: no node of {args.merge} has GPU type {gpu}; the profile is stored but unused",
                   file=sys.stderr)
 
-    from .executor.profile import ProfileSpec, profile_checkpoint
+    from .executor.profile import ProfileSpec, default_decode_batches, profile_checkpoint
 
+    decode = decode or default_decode_batches(args.device)
     spec = ProfileSpec(str(ckpt), args.device, args.dtype, args.tp, layers, context, decode, prefill,
                        args.warmup, args.repeats, args.threads)
     err = sys.stderr
@@ -649,9 +764,13 @@ def cmd_profile(args) -> int:
     NOISY = 1.5   # slowest repetition over the fastest
 
     def progress(p, done, total):
-        what = f"decode batch {p.x:>5}" if p.kind == "decode" else f"prefill {p.x:>5} tokens"
-        comm = f", all-reduce {p.allreduce_ms:.2f} ms" if args.tp > 1 else ""
         noisy = "  NOISY" if p.spread > NOISY else ""
+        if p.kind == "head":
+            print(f"hexplan: [{done:>2}/{total}] LM head {p.x:>5} rows: {p.ms:9.4f} ms/step at TP 1 (step "
+                  f"{p.step_ms:.2f} ms, spread {p.spread:.2f}){noisy}", file=err, flush=True)
+            return
+        what = f"decode batch {p.x:>5}" if p.kind == "decode" else f"prefill {p.x:>5} tokens"
+        comm = f", all-reduce {p.allreduce_ms:.2f} ms, {p.per_allreduce_ms:.3f} ms each" if args.tp > 1 else ""
         print(f"hexplan: [{done:>2}/{total}] {what}: {p.ms:9.4f} ms/layer at TP 1 (step {p.step_ms:.2f} ms{comm}, "
               f"spread {p.spread:.2f}){noisy}", file=err, flush=True)
 
@@ -662,6 +781,11 @@ def cmd_profile(args) -> int:
                            "--prefill-tokens") from None
     tables = {"decode_ms": {x: _ms(v) for x, v in result.decode_ms.items()},
               "prefill_ms": {x: _ms(v) for x, v in result.prefill_ms.items()}}
+    if result.lm_head_ms:
+        tables["lm_head_ms"] = {x: _ms(v) for x, v in result.lm_head_ms.items()}
+    if result.allreduce_ms:
+        tables["allreduce_ms"] = {x: _ms(v) for x, v in result.allreduce_ms.items()}
+        tables["allreduce_tp"] = args.tp
     print(f"hexplan: measured in {result.seconds:.1f} s on {result.device_name}", file=err, flush=True)
     noisy = [p for p in result.points if p.spread > NOISY]
     if noisy:
@@ -672,7 +796,11 @@ def cmd_profile(args) -> int:
     text = (f"# hexplan profile --checkpoint {ckpt} --device {args.device} --dtype {args.dtype} --tp {args.tp}\n"
             f"# {result.device_name}; layers 0-{layers - 1} of {model.num_layers}; decode context {context}; "
             f"median of {args.repeats} after {args.warmup} warm-up\n"
-            f"# ms per layer at TP 1 ({norm}); x = decode batch size / prompt tokens\n"
+            f"# decode_ms, prefill_ms: ms per layer at TP 1 ({norm}); x = decode batch size / prompt tokens\n"
+            + ("# lm_head_ms: ms per step at TP 1 (final norm, LM head, logits out); x = logits rows\n"
+               if "lm_head_ms" in tables else "")
+            + (f"# allreduce_ms: ms per all-reduce at TP {args.tp} (the step beyond the slowest rank's compute, "
+               "over 2 x layers); x = rows of hidden state\n" if "allreduce_ms" in tables else "")
             + dumps({"gpu_types": {gpu: {"profiles": {name: tables}}}}))
     if out == "-":
         sys.stdout.write(text)
@@ -710,7 +838,7 @@ def _write(path: str, text: str, flag: str) -> None:
 
 _COMMANDS = {"compare": cmd_compare, "solve": cmd_solve, "validate": cmd_validate, "show": cmd_show, "gpus": cmd_gpus, "models": cmd_models,
              "node": cmd_node, "serve": cmd_serve, "launch": cmd_launch, "generate": cmd_generate,
-             "profile": cmd_profile}
+             "profile": cmd_profile, "status": cmd_status}
 _COMMANDS["simulate"] = cmd_simulate
 
 

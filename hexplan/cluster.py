@@ -176,6 +176,28 @@ def _table(d, path, loc: Locator) -> ProfileTable:
     return ProfileTable(tuple(sorted(pts)))
 
 
+_PROFILE_TABLES = ("decode_ms", "prefill_ms", "lm_head_ms", "allreduce_ms")
+
+
+def _profile(tables: dict, pp, loc: Locator) -> Profile:
+    """One model's profile: the per-layer tables, the LM head's table and the TP all-reduce's
+    (``allreduce_ms`` with the degree it was measured at, ``allreduce_tp``)."""
+    _check_keys(tables, {*_PROFILE_TABLES, "allreduce_tp"}, pp, loc)
+    got = {k: _table(tables[k], pp + (k,), loc) for k in _PROFILE_TABLES if k in tables}
+    degree = 0
+    if "allreduce_tp" in tables:
+        degree = tables["allreduce_tp"]
+        if isinstance(degree, bool) or not isinstance(degree, int) or degree < 2:
+            raise loc.error(pp + ("allreduce_tp",), f"must be an integer >= 2 (the TP degree allreduce_ms was "
+                            f"measured at), got {show(degree)}")
+        if "allreduce_ms" not in tables:
+            raise loc.error(pp + ("allreduce_tp",), "given without allreduce_ms (the all-reduce table it qualifies)")
+    elif "allreduce_ms" in tables:
+        raise loc.error(pp + ("allreduce_ms",), "needs allreduce_tp, the TP degree it was measured at (e.g. "
+                        "allreduce_tp: 2)")
+    return Profile(**got, allreduce_tp=degree)
+
+
 def _json_key(k):
     """A number written as a mapping key in JSON, where keys are strings (``"100": 2.5``)."""
     if isinstance(k, str):
@@ -222,11 +244,7 @@ def _gpu_type(name: str, d, path, loc: Locator) -> GpuType:
             pp = path + ("profiles", model_name)
             if not isinstance(tables, dict):
                 raise loc.error(pp, "expected {decode_ms: {...}, prefill_ms: {...}}")
-            _check_keys(tables, {"decode_ms", "prefill_ms"}, pp, loc)
-            profs.append((str(model_name), Profile(
-                decode_ms=_table(tables["decode_ms"], pp + ("decode_ms",), loc) if "decode_ms" in tables else None,
-                prefill_ms=_table(tables["prefill_ms"], pp + ("prefill_ms",), loc) if "prefill_ms" in tables else None,
-            )))
+            profs.append((str(model_name), _profile(tables, pp, loc)))
         profiles = tuple(profs)
     return GpuType(name, memory, bw, tflops, inter, price, profiles)
 
@@ -387,4 +405,7 @@ def _gpu_dict(g: GpuType, model: str | None) -> dict:
 
 def _profile_dict(p: Profile) -> dict:
     table = lambda t: {int(x) if float(x).is_integer() else x: ms for x, ms in t.points}
-    return {k: table(t) for k, t in (("decode_ms", p.decode_ms), ("prefill_ms", p.prefill_ms)) if t is not None}
+    d = {k: table(getattr(p, k)) for k in _PROFILE_TABLES if getattr(p, k) is not None}
+    if p.allreduce_ms is not None:
+        d["allreduce_tp"] = p.allreduce_tp
+    return d

@@ -13,6 +13,9 @@ element, d TP degree, B decode batch (sequences per step), P prompt tokens, O ou
   shard is KV / d while KV heads can be split, and one KV head per GPU once they are replicated.
 * The last stage also runs the LM head (a roofline of its own) on every decode step and on the
   last position of every prompt.
+* A measured profile of the model on the GPU type (gpus.Profile) replaces rooflines: per-layer
+  ``decode_ms`` / ``prefill_ms``, the LM head's ``lm_head_ms``, and ``allreduce_ms`` in place of
+  the ring formula (scaled by the ring's steps from the degree it was measured at).
 * Interleaving (``Workload.interleave`` N > 1, Liger-style): a step runs as N parts. Compute is
   the sum of the N parts' rooflines (the weights are read N times), the all-reduces move the same
   bytes in N times as many messages, and communication hides under compute up to
@@ -124,6 +127,20 @@ def ring_allreduce_time(nbytes: float, d: int, bandwidth: float, alpha: float) -
     return 2 * (d - 1) * (alpha + nbytes / (d * bandwidth))
 
 
+def allreduce_time(model: ModelSpec, gpu: GpuType, tp: int, rows: float, interconnect: float,
+                   p: CostParams = DEFAULT_PARAMS) -> float:
+    """One all-reduce of ``rows`` hidden states (rows x H x b bytes) over a TP group of ``tp``.
+    With a measured ``allreduce_ms`` table in the GPU type's profile of the model: the table at
+    ``rows``, scaled by the ring's step count from the degree it was measured at,
+    (tp - 1) / (allreduce_tp - 1); else the ring formula (``ring_allreduce_time``)."""
+    if tp <= 1:
+        return 0.0
+    prof = gpu.profile_for(model.name)
+    if prof is not None and prof.allreduce_ms is not None:
+        return prof.allreduce_ms.ms(rows) / 1e3 * (tp - 1) / max(1, prof.allreduce_tp - 1)
+    return ring_allreduce_time(rows * model.hidden_size * model.bytes_per_param, tp, interconnect, p.allreduce_alpha)
+
+
 def send_time(nbytes: float, bandwidth: float, latency: float) -> float:
     """One message over a link: latency + bytes / bandwidth."""
     return latency + nbytes / bandwidth
@@ -231,7 +248,7 @@ def decode_layer_split(model: ModelSpec, gpu: GpuType, tp: int, batch: float, co
             nbytes = model.layer_bytes / tp + batch * context * kv_tok
             flops = 2 * model.params_per_layer / tp * batch + 4 * batch * context * hd * heads_local
             compute = _roofline(nbytes, flops, gpu, p)
-        comm = 2 * ring_allreduce_time(batch * model.hidden_size * b, tp, interconnect, p.allreduce_alpha)
+        comm = 2 * allreduce_time(model, gpu, tp, batch, interconnect, p)
         return LayerTime(compute, comm)
     part = batch / n
     if prof and prof.decode_ms:   # a measured step of batch / n sequences, n times
@@ -240,7 +257,7 @@ def decode_layer_split(model: ModelSpec, gpu: GpuType, tp: int, batch: float, co
         nbytes = model.layer_bytes / tp + part * context * kv_tok
         flops = 2 * model.params_per_layer / tp * part + 4 * part * context * hd * heads_local
         compute = n * _roofline(nbytes, flops, gpu, p)
-    comm = n * 2 * ring_allreduce_time(part * model.hidden_size * b, tp, interconnect, p.allreduce_alpha)
+    comm = n * 2 * allreduce_time(model, gpu, tp, part, interconnect, p)
     return _overlap(compute, comm, n, p)
 
 
@@ -267,7 +284,7 @@ def prefill_layer_split(model: ModelSpec, gpu: GpuType, tp: int, tokens: int, in
             nbytes = model.layer_bytes / tp + tokens * kv_tok
             flops = 2 * model.params_per_layer / tp * tokens + 2 * tokens * tokens * hd * heads_local
             compute = _roofline(nbytes, flops, gpu, p)
-        comm = 2 * ring_allreduce_time(tokens * model.hidden_size * b, tp, interconnect, p.allreduce_alpha)
+        comm = 2 * allreduce_time(model, gpu, tp, tokens, interconnect, p)
         return LayerTime(compute, comm)
     part = tokens / n
     if prof and prof.prefill_ms:   # a measured prompt of tokens / n, n times
@@ -276,7 +293,7 @@ def prefill_layer_split(model: ModelSpec, gpu: GpuType, tp: int, tokens: int, in
         nbytes = model.layer_bytes / tp + part * kv_tok
         flops = 2 * model.params_per_layer / tp * part + 2 * tokens * tokens * hd * heads_local / n
         compute = n * _roofline(nbytes, flops, gpu, p)
-    comm = n * 2 * ring_allreduce_time(part * model.hidden_size * b, tp, interconnect, p.allreduce_alpha)
+    comm = n * 2 * allreduce_time(model, gpu, tp, part, interconnect, p)
     return _overlap(compute, comm, n, p)
 
 
@@ -290,8 +307,13 @@ def prefill_layer_time(model: ModelSpec, gpu: GpuType, tp: int, tokens: int, int
 def lm_head_time(model: ModelSpec, gpu: GpuType, tp: int, tokens: int, p: CostParams = DEFAULT_PARAMS,
                  parts: int = 1) -> float:
     """Seconds for the final norm + LM head (vocab-parallel over TP) on ``tokens`` tokens; in
-    ``parts`` parts each reads the head's weights."""
+    ``parts`` parts each reads the head's weights. With a measured ``lm_head_ms`` table in the GPU
+    type's profile of the model (TP 1, the last stage's whole head work on a step of that many
+    logits rows): the table / tp, per part."""
     n = _parts(parts, tokens)
+    prof = gpu.profile_for(model.name)
+    if prof is not None and prof.lm_head_ms is not None:
+        return n * prof.lm_head_ms.ms(tokens / n) / 1e3 / tp
     if n == 1:
         nbytes = model.head_bytes / tp + tokens * model.vocab_size / tp * 4  # weights + fp32 logits
         flops = 2 * model.vocab_size * model.hidden_size / tp * tokens

@@ -41,10 +41,14 @@ class ProfileTable:
 
 @dataclass(frozen=True)
 class Profile:
-    """Measured per-layer times of one model on one GPU type, at TP 1."""
+    """Measured times of one model on one GPU type: per-layer tables at TP 1, the step's LM head
+    at TP 1, and one TP all-reduce as measured at TP ``allreduce_tp``."""
 
     decode_ms: ProfileTable | None = None   # x = batch size (sequences per decode step)
     prefill_ms: ProfileTable | None = None  # x = prompt tokens in the step
+    lm_head_ms: ProfileTable | None = None  # x = logits rows (sequences in the step); whole step, not per layer
+    allreduce_ms: ProfileTable | None = None  # x = rows of the hidden state (tokens in the step); one all-reduce
+    allreduce_tp: int = 0                   # the TP degree allreduce_ms was measured at (>= 2 when it is set)
 
 
 @dataclass(frozen=True)

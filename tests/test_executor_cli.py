@@ -43,11 +43,14 @@ def _start(cmd):
 def test_node_and_serve_processes_with_a_tokenizer(tmp_path):
     ckpt = make_checkpoint(tmp_path / "ckpt", layers=4, vocab=256)
     _word_tokenizer(tmp_path / "ckpt", 256)
+    token = tmp_path / "token"                      # the nodes require it; the gateway sends it
+    token.write_text("a-shared-secret\n")
     procs = []
     try:
         nodes = {}
         for name in ("left", "right"):
-            proc, line = _start([sys.executable, "-m", "hexplan.cli", "node", "--listen", "127.0.0.1:0", "--name", name])
+            proc, line = _start([sys.executable, "-m", "hexplan.cli", "node", "--listen", "127.0.0.1:0", "--name", name,
+                                 "--auth-token-file", str(token), "--checkpoint-root", str(tmp_path)])
             procs.append(proc)
             assert line.startswith(f"hexplan node {name} listening on 127.0.0.1:"), line
             nodes[name] = line.split()[-1]
@@ -57,7 +60,8 @@ def test_node_and_serve_processes_with_a_tokenizer(tmp_path):
                              "      - {node: right, gpus: [0, 1], tp: 2, layers: [1, 4]}\n")
         port = free_port()
         proc, line = _start([sys.executable, "-m", "hexplan.cli", "serve", "--plan", str(plan_file), "--checkpoint", ckpt,
-                             "--listen", f"127.0.0.1:{port}", "--nodes", ",".join(f"{k}={v}" for k, v in nodes.items())])
+                             "--listen", f"127.0.0.1:{port}", "--nodes", ",".join(f"{k}={v}" for k, v in nodes.items()),
+                             "--auth-token-file", str(token)])
         procs.append(proc)
         assert line.startswith("hexplan: ready: serving"), line
         got = generate(f"127.0.0.1:{port}", prompt="w5 w17 w33", max_new_tokens=8, timeout=120)

@@ -137,7 +137,9 @@ def test_killed_node_requests_finish_on_surviving_pipeline(ckpt, policy):
         assert "a" in L.gateway.down_nodes
         assert not L.gateway.pipelines[0].alive and L.gateway.pipelines[1].alive
 
-        # No pipeline left: a clear UNAVAILABLE, and the gateway keeps serving.
+        # No pipeline left: a clear UNAVAILABLE (once the accepted request has waited its
+        # recovery_wait_s for a pipeline to come back), and the gateway keeps serving.
+        L.gateway.recovery_wait_s = 1.0
         L.node_process("d").send_signal(signal.SIGKILL)
         L.node_process("d").wait(timeout=30)
         time.sleep(1.0)  # its workers notice the node is gone within 0.2 s and exit

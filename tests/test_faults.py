@@ -158,10 +158,9 @@ def test_killed_node_releases_kv_then_pipeline_comes_back(ckpt):
         for p, r in zip(PROMPTS, results):
             assert r["token_ids"] == hf_greedy(ckpt, p, n_new)
         # The surviving first stage of the failed pipeline holds nothing.
-        with channel(first_stage, None) as ch:
-            from hexplan.executor._proto import hexplan_v1_pb2_grpc as pbg
-            wait_for(lambda: pbg.StageStub(ch).Stats(pb.StatsRequest(), timeout=5).sequences == 0, 10,
-                     "KV released on the surviving stage")
+        stage = gw.stub(first_stage)
+        wait_for(lambda: stage.Stats(pb.StatsRequest(), timeout=5).sequences == 0, 10,
+                 "KV released on the surviving stage")
         st = status(L.address)
         assert st["serving"] and st["pipelines"][0]["state"] == "down" and st["pipelines"][1]["state"] == "live"
         assert "b" in st["down_nodes"]
@@ -230,3 +229,12 @@ def test_stalled_stage_moves_its_requests_and_rejoins(ckpt):
         wait_for(lambda: status(L.address)["pipelines"][0]["state"] == "live", 90, "pipeline 0 back")
         res = run_all(L.address, [(p, 3, {}) for p in PROMPTS])
         assert all(not isinstance(r, Exception) for r in res), res
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["launch", "plan.yaml", "--checkpoint", ".", "--stall-timeout", "0"], "--stall-timeout: must be a number of seconds > 0"),
+    (["serve", "--plan", "p.yaml", "--checkpoint", ".", "--recovery-wait", "-1"], "--recovery-wait: must be a number"),
+])
+def test_fault_flags_are_checked(argv, message):
+    out = subprocess.run([sys.executable, "-m", "hexplan.cli", *argv], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr

@@ -42,7 +42,7 @@ gpu_types:
   A100-40G:
     profiles:
       llama-2-7b: {decode_ms: {2: 0.4, 100: 0.9}, prefill_ms: {1000: 3.5}}
-      llama-2-70b: {decode_ms: {2: 1.4}}
+      llama-2-70b: {decode_ms: {2: 1.4}, lm_head_ms: {1: 0.3, 16: 0.5}, allreduce_ms: {1: 0.02, 512: 0.4}, allreduce_tp: 4}
 nodes:
   - {name: a, gpu: A100-40G, count: 2, region: r1, interconnect: 0.333333333GB/s}
   - {name: b, gpu: MyGPU, count: 2, region: r2, address: 10.0.0.2:50051}

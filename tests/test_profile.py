@@ -1,7 +1,8 @@
-"""`hexplan profile`: per-layer times of a tiny random checkpoint on the CPU, the YAML section it
-writes, `--merge` into a cluster file (comments kept) that the cost model then reads, TP 2 over
-gloo on loopback, and bad input (exit 2, one line naming the flag). Grids are tiny: the whole
-file takes seconds; the numbers are only checked for shape and sanity, not speed."""
+"""`hexplan profile`: per-layer times of a tiny random checkpoint on the CPU, the LM head's table
+and (TP 2 over gloo on loopback) the all-reduce's, the YAML section it writes, `--merge` into a
+cluster file (comments kept) that the cost model then reads, and bad input (exit 2, one line
+naming the flag). Grids are tiny: the whole file takes seconds; the numbers are only checked for
+shape and sanity, not speed."""
 from __future__ import annotations
 
 import copy
@@ -18,13 +19,17 @@ pytest.importorskip("grpc")
 from executor_util import make_checkpoint, plan  # noqa: E402
 
 from hexplan import load_cluster  # noqa: E402
-from hexplan.costmodel import decode_layer_time, prefill_layer_time  # noqa: E402
+from hexplan.cluster import loads_cluster  # noqa: E402
+from hexplan.costmodel import allreduce_time, decode_layer_time, lm_head_time, prefill_layer_time  # noqa: E402
 from hexplan.gpus import catalog_name_for_device  # noqa: E402
 from hexplan.models import load_model  # noqa: E402
 from hexplan.yamlio import set_entry  # noqa: E402
 
+# One thread: two torch threads on a shared machine with less than two free cores spin against each
+# other and some points come out 10-100x slow (docs/executor.md); the default count is checked in
+# test_profile_checkpoint_in_process.
 GRID = ["--decode-batches", "1,4", "--prefill-tokens", "8,128", "--layers", "2", "--repeats", "3",
-        "--warmup", "1", "--context", "32"]
+        "--warmup", "1", "--context", "32", "--threads", "1"]
 CLUSTER = """\
 # A hand-written cluster: these comments must survive --merge.
 name: tiny   # trailing comment
@@ -56,17 +61,18 @@ def one_error_line(r) -> str:
     return lines[0][len("hexplan: error: "):]
 
 
-def tables_of(doc, gpu="cpu", model="tiny-llama"):
+def tables_of(doc, gpu="cpu", model="tiny-llama", tp=1):
     assert list(doc) == ["gpu_types"] and list(doc["gpu_types"]) == [gpu], doc
     assert list(doc["gpu_types"][gpu]) == ["profiles"] and list(doc["gpu_types"][gpu]["profiles"]) == [model], doc
     t = doc["gpu_types"][gpu]["profiles"][model]
-    assert list(t) == ["decode_ms", "prefill_ms"], t
+    assert list(t) == ["decode_ms", "prefill_ms", "lm_head_ms"] + (["allreduce_ms", "allreduce_tp"] if tp > 1 else []), t
     return t
 
 
 def check_tables(t):
     assert list(t["decode_ms"]) == [1, 4] and list(t["prefill_ms"]) == [8, 128], t
-    values = list(t["decode_ms"].values()) + list(t["prefill_ms"].values())
+    assert list(t["lm_head_ms"]) == [1, 4], t                # the head at the decode batches (logits rows)
+    values = list(t["decode_ms"].values()) + list(t["prefill_ms"].values()) + list(t["lm_head_ms"].values())
     assert all(isinstance(v, float) and 0 < v < 1e4 for v in values), t
     # 16 times the tokens through the same layers: not much faster. (Only a coarse bound: on a
     # shared machine a busy spell can stretch the small prompt's repetitions several times.)
@@ -85,6 +91,8 @@ def test_stdout_is_only_the_yaml_section(ckpt):
     assert "hexplan:" not in r.stdout
     progress = [line for line in r.stderr.splitlines() if "ms/layer at TP 1" in line]
     assert len(progress) == 4, r.stderr
+    assert sum("LM head" in line and "ms/step at TP 1" in line for line in r.stderr.splitlines()) == 2, r.stderr
+    assert "lm_head_ms: ms per step" in r.stdout
     # the default model name is the one a plan built from the checkpoint gives it
     assert load_model(ckpt).name == "tiny-llama"
     assert plan(ckpt, [("n0", 1, 0, 4)]).model.name == "tiny-llama"
@@ -120,6 +128,9 @@ def test_merge_keeps_the_file_and_the_cost_model_uses_the_profile(ckpt, tmp_path
         assert decode_layer_time(model, gpu, 2, b, 100, 1e9) > ms / 2e3
     for p, ms in t["prefill_ms"].items():
         assert prefill_layer_time(model, gpu, 1, p, 1e9) == pytest.approx(ms / 1e3)
+    for b, ms in t["lm_head_ms"].items():                   # the head's table, not its roofline
+        assert lm_head_time(model, gpu, 1, b) == pytest.approx(ms / 1e3)
+        assert lm_head_time(model, gpu, 2, b) == pytest.approx(ms / 2e3)
 
     # profiling again replaces the entry, and adds a second model beside it
     r = hexplan("profile", "--checkpoint", ckpt, *GRID, "--merge", cluster, "--model", "other", "-o", "-")
@@ -133,9 +144,22 @@ def test_merge_keeps_the_file_and_the_cost_model_uses_the_profile(ckpt, tmp_path
 def test_tp2_on_cpu_over_gloo(ckpt):
     r = hexplan("profile", "--checkpoint", ckpt, *GRID, "--tp", "2")
     assert r.returncode == 0, r.stderr
-    check_tables(tables_of(yaml.safe_load(r.stdout)))
+    t = tables_of(yaml.safe_load(r.stdout), tp=2)
+    check_tables(t)
     assert "all-reduces taken out) x 2" in r.stdout
     assert r.stderr.count("all-reduce") >= 4, r.stderr
+    # one all-reduce at the decode batches' and the prompts' rows, measured at TP 2
+    assert t["allreduce_tp"] == 2
+    assert list(t["allreduce_ms"]) == [1, 4, 8, 128], t
+    assert all(isinstance(v, float) and 0 < v < 1e4 for v in t["allreduce_ms"].values()), t
+    # the cluster parser takes the section, and the cost model charges the measured all-reduces
+    c = loads_cluster(yaml.safe_dump({"gpu_types": yaml.safe_load(r.stdout)["gpu_types"],
+                                      "nodes": [{"name": "n0", "gpu": "cpu", "count": 2}]}))
+    gpu, model = c.nodes[0].gpu, load_model(ckpt)
+    for b, ms in t["allreduce_ms"].items():
+        assert allreduce_time(model, gpu, 2, b, 1e9) == pytest.approx(ms / 1e3)
+    assert decode_layer_time(model, gpu, 2, 4, 100, 1e9) == pytest.approx(
+        (t["decode_ms"][4] / 2 + 2 * t["allreduce_ms"][4]) / 1e3)
 
 
 @pytest.mark.parametrize("args, flag", [
@@ -174,16 +198,47 @@ def test_bad_config_json_names_the_file(tmp_path):
 # ---- the library -------------------------------------------------------------------------------
 
 def test_profile_checkpoint_in_process(ckpt):
-    from hexplan.executor.profile import ProfileSpec, profile_checkpoint
+    from hexplan.executor.profile import ProfileSpec, profile_checkpoint, worker_threads
 
     seen = []
+    threads = torch.get_num_threads()
     spec = ProfileSpec(ckpt, layers=3, context=16, decode_batches=(2, 1), prefill_tokens=(4,), repeats=2, warmup=0)
     r = profile_checkpoint(spec, lambda p, done, total: seen.append((p.kind, p.x, done, total)))
-    assert seen == [("decode", 2, 1, 3), ("decode", 1, 2, 3), ("prefill", 4, 3, 3)]
+    assert seen == [("decode", 2, 1, 5), ("decode", 1, 2, 5), ("prefill", 4, 3, 5), ("head", 2, 4, 5),
+                    ("head", 1, 5, 5)]
     for p in r.points:   # TP 1: no all-reduce, the table value is the median step over the layers
-        assert p.allreduce_ms == 0
-        assert p.ms == pytest.approx(p.step_ms / 3)
-    assert set(r.decode_ms) == {1, 2} and set(r.prefill_ms) == {4}
+        assert p.allreduce_ms == 0 and p.per_allreduce_ms == 0
+        assert p.ms == pytest.approx(p.step_ms / (1 if p.kind == "head" else 3))
+    assert set(r.decode_ms) == {1, 2} and set(r.prefill_ms) == {4} and set(r.lm_head_ms) == {1, 2}
+    assert r.allreduce_ms == {}
+    # a served worker's threads (cores / TP, as `hexplan launch` gives a one-stage plan), then back
+    assert f"{worker_threads(1)} threads" in r.device_name
+    assert torch.get_num_threads() == threads
+
+
+def test_profile_runs_the_stage_step_on_real_caches(ckpt, monkeypatch):
+    """Every step goes through StageModel.forward_parts, the worker's call: first one prompt of
+    `context` tokens (the real KV cache the decode sequences get copies of), then decode steps at
+    position `context`, prompts from 0, and the LM head on a last stage of no layers."""
+    from hexplan.executor import profile
+    from hexplan.executor.model import StageModel
+
+    calls = []
+    real = StageModel.forward_parts
+
+    def spy(self, chunks, inputs, *a, **k):
+        calls.append((len(self.layers), self.shard.is_last, [(c.start, c.length) for c in chunks],
+                      [self.caches[c.request_id].length for c in chunks if c.request_id in self.caches]))
+        return real(self, chunks, inputs, *a, **k)
+    monkeypatch.setattr(StageModel, "forward_parts", spy)
+    spec = profile.ProfileSpec(ckpt, layers=2, context=12, decode_batches=(3,), prefill_tokens=(5,), repeats=1,
+                               warmup=0)
+    profile.profile_checkpoint(spec)
+    assert calls[0] == (2, False, [(0, 12)], [])                       # the prompt behind the caches
+    assert calls[1] == (2, False, [(12, 1)] * 3, [12] * 3)             # decode of 3 on 12 positions each
+    assert calls[2] == (2, False, [(0, 5)], [])                        # a prompt alone
+    assert calls[3] == (0, True, [(12, 1)] * 3, [12] * 3)              # the LM head: no layers, last stage
+    assert len(calls) == 4
 
 
 def test_tp_normalisation_takes_the_all_reduces_out(ckpt):
@@ -200,7 +255,7 @@ def test_tp_normalisation_takes_the_all_reduces_out(ckpt):
     try:
         ctx = TPContext(0, 2, dist.group.WORLD, "cpu", SlowLink(3e-3, 1e12))
         spec = ProfileSpec(ckpt, tp=2, layers=2, context=16, decode_batches=(2,), prefill_tokens=(8,), repeats=1,
-                           warmup=0)
+                           warmup=0, lm_head=False)
         points = measure(spec, ctx, "cpu")
     finally:
         dist.destroy_process_group()
@@ -209,6 +264,9 @@ def test_tp_normalisation_takes_the_all_reduces_out(ckpt):
         assert p.allreduce_ms >= 2 * 2 * 3.0               # 2 layers x 2 all-reduces x 3 ms
         assert p.step_ms > p.allreduce_ms
         assert p.ms == pytest.approx((p.step_ms - p.allreduce_ms) * 2 / 2, rel=1e-6)
+        # one all-reduce as the step costs it: the step beyond the compute, over 2 x 2 all-reduces
+        assert p.per_allreduce_ms == pytest.approx(p.allreduce_ms / 4, rel=1e-6)
+        assert p.per_allreduce_ms >= 3.0
 
 
 def test_catalog_name_for_device():

@@ -54,26 +54,63 @@ def wait_until_serving(target: str, wait_s: float, tls: Tls | None = None, on_wa
 
 def generate(target: str, *, prompt: str = "", token_ids=None, max_new_tokens: int = 32, temperature: float = 0.0,
              top_k: int = 0, top_p: float | None = None, seed: int | None = None, stop_token_ids=(),
-             tls: Tls | None = None, timeout: float | None = 600, on_tokens=None) -> dict:
-    """Stream one generation; returns {"token_ids", "text", "finish_reason"}."""
+             tls: Tls | None = None, timeout: float | None = 600, on_tokens=None, request_id: str = "") -> dict:
+    """Stream one generation; returns {"token_ids", "text", "finish_reason", "request_id"} (the
+    label the gateway echoed: ``request_id``, else the gateway's own id)."""
     sampling = pb.SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                  stop_token_ids=list(stop_token_ids))
     if top_p is not None:
         sampling.top_p = top_p
     if seed is not None:
         sampling.seed = seed
-    req = pb.GenerateRequest(prompt=prompt, token_ids=list(token_ids or []), sampling=sampling)
+    req = pb.GenerateRequest(prompt=prompt, token_ids=list(token_ids or []), sampling=sampling, request_id=request_id)
     with channel(target, tls) as ch:
         stub = pbg.InferenceStub(ch)
-        ids, text, reason = [], "", ""
+        ids, text, reason, label = [], "", "", ""
         for msg in stub.Generate(req, timeout=timeout):
+            label = label or msg.request_id
             ids += list(msg.token_ids)
             text += msg.text
             if on_tokens and msg.token_ids:
                 on_tokens(list(msg.token_ids), msg.text)
             if msg.finish_reason:
                 reason = msg.finish_reason
-    return {"token_ids": ids, "text": text, "finish_reason": reason}
+    return {"token_ids": ids, "text": text, "finish_reason": reason, "request_id": label}
+
+
+def status(target: str, tls: Tls | None = None, timeout: float = 10) -> dict:
+    """The gateway's Status as a plain dict (protobuf's JSON mapping, every field present)."""
+    from google.protobuf.json_format import MessageToDict
+    with channel(target, tls) as ch:
+        out = pbg.InferenceStub(ch).Status(pb.StatusRequest(), timeout=timeout)
+    return MessageToDict(out, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def run_status(args) -> int:
+    """``hexplan status --target``: per pipeline, its state, requests in flight, KV per stage.
+    Exit 0 when the gateway serves, 1 when it answers but serves nothing (no live pipeline,
+    draining), 2 when it cannot be reached."""
+    tls = Tls(ca=args.tls_ca) if args.tls_ca else None
+    try:
+        st = status(args.target, tls, timeout=args.timeout)
+    except grpc.RpcError as e:
+        print(f"hexplan: error: {args.target}: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0 if st["serving"] else 1
+    state = "serving" if st["serving"] else ("draining" if st["draining"] else "NOT serving")
+    print(f"gateway {args.target}: {st['model']}, {state}; {st['in_flight']} request(s) in flight, "
+          f"{st['queued']} queued" + (f"; nodes down: {', '.join(st['down_nodes'])}" if st["down_nodes"] else ""))
+    print(f"{'pipeline':>8}  {'state':<8} {'in flight':>9}  stages (node address: sequences, KV MiB)")
+    for p in st["pipelines"]:
+        stages = "  ".join(
+            f"{s['node']} {s['address']}: " + (f"{s['sequences']}, {int(s['kv_bytes']) / 2**20:.1f}"
+                                                if s["answering"] else "-")
+            for s in p["stages"])
+        print(f"{p['index']:>8}  {p['state']:<8} {p['in_flight']:>9}  {stages}"
+              + (f"  ({p['reason']})" if p["reason"] else ""))
+    return 0 if st["serving"] else 1
 
 
 def prefill(target: str, *, prompt: str = "", token_ids=None, hidden: bool = False, tls: Tls | None = None,

@@ -12,9 +12,11 @@ from a fixed table, shapes that must add up to the bytes received).
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import os
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -134,17 +136,78 @@ def init_tp(rank: int, size: int, master_addr: str, master_port: int,
 
     One TP group per process: it becomes this process's default torch.distributed group.
     Under NCCL the caller picks the CUDA device (``torch.cuda.set_device``) first.
+
+    Nothing listens on a wildcard address: rank 0 hosts the rendezvous store (a TCPStore) on a
+    socket it binds to ``master_addr:master_port`` itself (a TCPStore left to itself listens on
+    every interface), and gloo's connections bind ``master_addr`` too (a gloo device made for
+    that host, not the one the machine's hostname resolves to). NCCL picks its bootstrap
+    interface itself; on a loopback ``master_addr`` it is told ``lo`` (NCCL_SOCKET_IFNAME, unless
+    already set).
     """
     if size == 1:
         return TPContext(rank, 1)
     if dist.is_initialized():
         raise RuntimeError("this process already belongs to a torch.distributed group; "
                            "run one TP rank per process")
-    host = f"[{master_addr}]" if ":" in master_addr else master_addr
-    dist.init_process_group(backend, init_method=f"tcp://{host}:{master_port}", rank=rank,
-                            world_size=size, timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=timeout_s)
+    if rank == 0:
+        fd = _listen_fd(master_addr, master_port)
+        try:
+            store = dist.TCPStore(master_addr, master_port, size, True, timeout=timeout, wait_for_workers=False,
+                                  master_listen_fd=fd)
+        except BaseException:
+            os.close(fd)
+            raise
+    else:
+        store = dist.TCPStore(master_addr, master_port, size, False, timeout=timeout)
+    if backend == "gloo":
+        backend = _gloo_bound_to(master_addr)
+    elif backend == "nccl" and _loopback(master_addr):
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+    dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout)
     device = f"cuda:{torch.cuda.current_device()}" if backend == "nccl" else "cpu"
     return TPContext(rank, size, dist.group.WORLD, device, SlowLink.from_env())
+
+
+def _listen_fd(host: str, port: int) -> int:
+    """A listening TCP socket on ``host:port`` (not every interface); its fd, owned by the caller."""
+    family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    s = socket.socket(family, kind, proto)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(addr)
+        s.listen(128)
+    except BaseException:
+        s.close()
+        raise
+    return s.detach()
+
+
+_GLOO_HOST: list = []     # the host this process's gloo device binds (one TP group per process)
+
+
+def _gloo_bound_to(host: str) -> str:
+    """Register (once per process) a gloo backend whose device binds ``host``; its name."""
+    name = "hexplan_gloo"
+    if not _GLOO_HOST:
+        def create(store, rank, size, timeout):
+            opts = dist.ProcessGroupGloo._Options()
+            opts._timeout = timeout
+            opts._devices = [dist.ProcessGroupGloo.create_device(hostname=_GLOO_HOST[0])]
+            return dist.ProcessGroupGloo(store, rank, size, opts)
+        dist.Backend.register_backend(name, create, devices=["cpu"])
+        _GLOO_HOST.append(host)
+    _GLOO_HOST[0] = host
+    return name
+
+
+def _loopback(host: str) -> bool:
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def destroy_tp(ctx: TPContext) -> None:

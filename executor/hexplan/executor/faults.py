@@ -9,7 +9,8 @@ or repeated token. Their KV caches are released on the stages that still answer.
 pipeline left, requests fail UNAVAILABLE, health says NOT_SERVING, and the gateway keeps
 running.
 
-The monitor (one thread) probes every stopped pipeline's node executors with backoff (0.5 s,
+The monitor (one thread) probes every live pipeline's stages every 2 s (their grpc health
+service, which answers while a step runs), and every stopped pipeline's node executors with backoff (0.5 s,
 doubling to 8 s). Requests moved while no pipeline is live wait (parked) up to the gateway's
 ``recovery_wait_s`` for one to come back, then fail UNAVAILABLE. When all of them answer (a restarted ``hexplan node`` at the same address,
 a stage that answers again after a stall), it reloads the pipeline's stages (LoadShard, last
@@ -17,28 +18,31 @@ stage first, each told its downstream) and the pipeline takes requests again.
 """
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
-from pathlib import Path
 
 import grpc
 
+from grpc_health.v1 import health_pb2
+
 from ._proto import hexplan_v1_pb2 as pb
+from .loading import GatewayError, load_pipeline
 
 log = logging.getLogger("hexplan.gateway")
 
 PROBE_TIMEOUT_S = 2.0
+PROBE_EVERY_S = 2.0          # live pipelines' stages are probed this often (a node may die idle)
 BACKOFF_S = (0.5, 8.0)       # first and longest wait between probes of a stopped pipeline
-RELOAD_TIMEOUT_S = 600.0
 
 
 def _answers(gw, address: str) -> bool:
+    """Whether the server at ``address`` answers its health service in time (a busy stage does:
+    its server threads answer while a step runs; a stopped or dead one does not)."""
     if not address:
         return False
     try:
-        gw.stub(address).Stats(pb.StatsRequest(), timeout=PROBE_TIMEOUT_S)
+        gw.health_stub(address).Check(health_pb2.HealthCheckRequest(), timeout=PROBE_TIMEOUT_S)
         return True
     except grpc.RpcError:
         return False
@@ -86,21 +90,9 @@ def pipeline_failed(gw, p, why: str, epoch: int | None = None, stalled: bool = F
 
 
 def reload_pipeline(gw, p) -> list[str]:
-    """Load pipeline ``p``'s stages again (LoadShard, last stage first, each with the addresses
-    of the stages after it); returns the new stage addresses. Raises grpc.RpcError."""
-    plan_p = gw.plan.pipelines[p.index]
-    model_json = json.dumps(gw.plan.model.to_dict())
-    path = str(Path(gw.checkpoint).resolve())
-    n = len(plan_p.stages)
-    addresses = [""] * n
-    for si in reversed(range(n)):
-        s = plan_p.stages[si]
-        req = pb.LoadShardRequest(stage_id=f"p{p.index}s{si}", checkpoint=path, layer_start=s.layers[0],
-                                  layer_end=s.layers[1], is_first=si == 0, is_last=si == n - 1, tp=s.tp,
-                                  gpus=list(s.gpus), dtype=gw.dtype, model_json=model_json,
-                                  downstream=addresses[si + 1:])
-        addresses[si] = gw.stub(gw.node_addresses[s.node]).LoadShard(req, timeout=RELOAD_TIMEOUT_S).address
-    return addresses
+    """Load pipeline ``p``'s stages again (loading.load_pipeline: last stage first, each told
+    the stages after it); returns the new stage addresses. Raises GatewayError."""
+    return load_pipeline(gw.plan, p.index, gw.checkpoint, gw.dtype, gw.node_addresses, gw.stub)
 
 
 class Monitor:
@@ -109,6 +101,7 @@ class Monitor:
     def __init__(self, gw):
         self.gw = gw
         self.next_probe: dict = {}     # pipeline index -> (time, wait)
+        self.last_live_probe = 0.0
         self.thread = threading.Thread(target=self.run, daemon=True, name="gateway-monitor")
 
     def start(self) -> None:
@@ -120,6 +113,9 @@ class Monitor:
             if gw.parked:
                 with gw.cv:
                     gw.expire_parked_locked()
+            if time.monotonic() - self.last_live_probe >= PROBE_EVERY_S and not gw.stop_event.is_set():
+                self.last_live_probe = time.monotonic()
+                self.probe_live()
             for p in list(gw.pipelines):
                 if p.alive:
                     self.next_probe.pop(p.index, None)
@@ -134,6 +130,18 @@ class Monitor:
                     wait = min(wait * 2, BACKOFF_S[1])
                     self.next_probe[p.index] = (time.monotonic() + wait, wait)
 
+    def probe_live(self) -> None:
+        """A live pipeline with a stage that does not answer stops now, not at its next step
+        (so health and Status tell the truth with no traffic)."""
+        gw = self.gw
+        for p in list(gw.pipelines):
+            if not p.alive:
+                continue
+            epoch = p.epoch
+            silent = [a for a in p.stages if not _answers(gw, a)]
+            if silent and p.alive and p.epoch == epoch:
+                pipeline_failed(gw, p, "a stage did not answer its health probe", epoch)
+
     def try_revive(self, p) -> bool:
         gw = self.gw
         nodes = sorted(set(p.nodes))
@@ -142,9 +150,8 @@ class Monitor:
         epoch = p.epoch
         try:
             addresses = reload_pipeline(gw, p)
-        except (grpc.RpcError, KeyError) as e:
-            detail = e.details() if isinstance(e, grpc.RpcError) else str(e)
-            log.warning("pipeline %d: reload failed (%s); will try again", p.index, detail)
+        except (GatewayError, KeyError) as e:
+            log.warning("pipeline %d: reload failed (%s); will try again", p.index, e)
             return False
         with gw.cv:
             if p.epoch != epoch or p.alive or gw.stop_event.is_set():

@@ -50,6 +50,7 @@ log = logging.getLogger("hexplan.gateway")
 
 STALL_TIMEOUT_S = 10.0     # the least time a step may take before its pipeline is suspect
 STALL_FACTOR = 10.0        # ... or this many times its expected time, when that is longer
+RECOVERY_WAIT_S = 30.0     # accepted requests wait this long for a pipeline to come back
 
 __all__ = ["Gateway", "GatewayError", "Pipeline", "Request", "build_scheduler", "check_checkpoint"]
 
@@ -118,8 +119,9 @@ class Gateway:
     def __init__(self, plan: Plan, checkpoint: str, node_addresses: dict, tls: Tls | None = None,
                  dtype: str = "float32", max_batch: int | None = None, prefill_tokens: int | None = None,
                  prefill_chunk: int | None = None, policy: str = "fcfs", mlfq_quantum_s: float | None = None,
-                 interleave: int | None = None, matmul_pieces: int = 1):
+                 interleave: int | None = None, matmul_pieces: int = 1, auth_token: str | None = None):
         self.plan, self.checkpoint, self.tls, self.dtype = plan, str(checkpoint), tls, dtype
+        self.auth_token = auth_token or None   # sent on every call to node executors and stages
         self.node_addresses = dict(node_addresses)
         if policy not in ("fcfs", "mlfq"):
             raise GatewayError(f"policy must be 'fcfs' or 'mlfq', got {policy!r}")
@@ -153,6 +155,9 @@ class Gateway:
         # stall_timeout_s) makes its pipeline suspect (runner.StepRunner.step_timeout)
         self.stall_timeout_s = STALL_TIMEOUT_S
         self.stall_factor = STALL_FACTOR
+        # requests whose pipeline failed while none was live wait this long for one to come back
+        self.recovery_wait_s = RECOVERY_WAIT_S
+        self.parked: list = []     # [(Request, deadline)]
         self.runner = StepRunner(self)
         self.monitor = Monitor(self)
         self._stubs: dict = {}
@@ -162,7 +167,17 @@ class Gateway:
     def stub(self, address: str) -> pbg.StageStub:
         s = self._stubs.get(address)
         if s is None:
-            s = self._stubs[address] = pbg.StageStub(channel(address, self.tls))
+            s = self._stubs[address] = pbg.StageStub(channel(address, self.tls, self.auth_token))
+        return s
+
+    def health_stub(self, address: str):
+        """The grpc health service of a node executor or stage worker: answered by its server
+        threads even while a long step holds the stage (liveness probes, faults.py)."""
+        key = ("health", address)
+        s = self._stubs.get(key)
+        if s is None:
+            from grpc_health.v1 import health_pb2_grpc
+            s = self._stubs[key] = health_pb2_grpc.HealthStub(channel(address, self.tls, self.auth_token))
         return s
 
     def start(self) -> None:
@@ -310,12 +325,40 @@ class Gateway:
                 self.retire_locked(s)
                 continue
             try:
-                self.scheduler.requeue(s, len(req.prompt) + len(req.generated), len(req.generated), now)
+                self.scheduler.requeue(s, len(req.prompt) + len(req.generated),
+                                       req.sampling.max_new_tokens - len(req.generated), now)
             except NoPipeline:
-                self.retire_locked(s)
-                self._unavailable(req)
+                if self.recovery_wait_s > 0 and not self.stop_event.is_set():
+                    # accepted work is not dropped: it waits for a pipeline to come back
+                    self.parked.append((req, time.monotonic() + self.recovery_wait_s))
+                else:
+                    self.retire_locked(s)
+                    self._unavailable(req)
                 continue
             self.pipelines[self.scheduler.pipe_of[s]].served += 1
+
+    def resume_parked_locked(self) -> None:
+        """A pipeline is back: the requests parked while none was live go to it."""
+        parked, self.parked = self.parked, []
+        current = [(r, t) for r, t in parked if self.requests.get(r.sid) is r and not r.finished]
+        self.requeue_locked([r.sid for r, _ in current])
+        still = {id(r) for r, _ in self.parked}
+        self.parked = [(r, t) for r, t in current if id(r) in still]
+
+    def expire_parked_locked(self) -> None:
+        """Requests parked longer than ``recovery_wait_s`` fail UNAVAILABLE; cancelled ones go."""
+        now = time.monotonic()
+        keep = []
+        for r, t in self.parked:
+            if self.requests.get(r.sid) is not r or r.finished:
+                continue
+            if r.cancelled.is_set() or now >= t:
+                self.retire_locked(r.sid)
+                if not r.cancelled.is_set():
+                    self._unavailable(r)
+                continue
+            keep.append((r, t))
+        self.parked = keep
 
     def _unavailable(self, req: Request) -> None:
         req.finished = True
@@ -329,7 +372,7 @@ class Gateway:
         if not reqs or not p.alive:
             return
         try:
-            self.stub(p.stages[0]).Release(pb.ReleaseRequest(request_ids=[r.id for r in reqs], downstream=p.stages[1:]),
+            self.stub(p.stages[0]).Release(pb.ReleaseRequest(request_ids=[r.id for r in reqs]),
                                            timeout=30)
         except grpc.RpcError as e:
             log.warning("pipeline %d: release of %d request(s) failed (%s: %s); their KV may still be held",
@@ -338,8 +381,7 @@ class Gateway:
     def offload(self, p: Pipeline, reqs: list[Request]) -> None:
         """mlfq: move these requests' KV caches to host memory on every stage of ``p``."""
         try:
-            self.stub(p.stages[0]).Release(pb.ReleaseRequest(request_ids=[r.id for r in reqs], downstream=p.stages[1:],
-                                                             offload=True), timeout=30)
+            self.stub(p.stages[0]).Release(pb.ReleaseRequest(request_ids=[r.id for r in reqs], offload=True), timeout=30)
         except grpc.RpcError as e:
             log.warning("pipeline %d: offload failed: %s", p.index, e.details())
 
@@ -361,8 +403,9 @@ class Gateway:
             pipes = [(p.index, p.state, p.reason, loads[p.index],
                       list(zip(p.nodes, p.stages)), p.alive) for p in self.pipelines]
             in_flight = len(self.requests)
-            queued = sum(1 for s in self.requests      # not yet given a place to run
-                         if sched.state[s] == NEW and not sched.busy[s] and (sched.mlfq or sched.loop_of[s] < 0))
+            queued = len(self.parked) + sum(1 for s in self.requests      # not yet given a place to run
+                                            if sched.state[s] == NEW and not sched.busy[s]
+                                            and (sched.mlfq or sched.loop_of[s] < 0))
             down = sorted(self.down_nodes)
             draining = self.draining
         out = pb.StatusResponse(model=self.plan.model.name, draining=draining, in_flight=in_flight,

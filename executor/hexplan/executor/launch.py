@@ -2,12 +2,15 @@
 
 For laptops, CI and tests. Each node executor is a separate process (``hexplan node``) on a
 free loopback port; the gateway runs in this process. One line is printed when everything is
-ready; SIGINT or SIGTERM stops the gateway and every process started here.
+ready. SIGINT or SIGTERM drains (no new requests; those in flight finish, up to
+``--drain-timeout``), then stops the gateway and every process started here. The node
+executors, and their stage workers, also die when this process dies, SIGKILL included
+(lifecycle.py).
 """
 from __future__ import annotations
 
 import os
-import signal
+import secrets
 import subprocess
 import sys
 import threading
@@ -16,19 +19,31 @@ import time
 from hexplan.plan import Plan
 
 from .gateway import Gateway
+from .lifecycle import StopSignals, child_parent_args, drain_and_stop
 from .servicer import serve_gateway
-from .wire import Tls
+from .wire import TOKEN_ENV, Tls, is_loopback
 
 READY_TIMEOUT_S = 120
 
 
-def start_node(name: str, host: str, threads: int | None, tls: Tls | None) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "hexplan.cli", "node", "--listen", f"{host}:0", "--name", name]
+def start_node(name: str, host: str, threads: int | None, tls: Tls | None, auth_token: str | None = None,
+               checkpoint_root: str | None = None, port: int = 0) -> tuple[subprocess.Popen, str]:
+    """Start ``hexplan node`` on ``host:port`` (0: a free port); ``auth_token`` goes in its
+    environment (HEXPLAN_AUTH_TOKEN), never on its command line (which every local user can
+    read); ``checkpoint_root``: what LoadShard may read there."""
+    cmd = [sys.executable, "-m", "hexplan.cli", "node", "--listen", f"{host}:{port}", "--name", name]
     if threads:
         cmd += ["--threads", str(threads)]
     if tls and tls.enabled:
         cmd += ["--tls-cert", tls.cert, "--tls-key", tls.key] + (["--tls-ca", tls.ca] if tls.ca else [])
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, start_new_session=True)
+    if checkpoint_root:
+        cmd += ["--checkpoint-root", checkpoint_root]
+    env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
+    if auth_token:
+        env[TOKEN_ENV] = auth_token
+    cmd += child_parent_args()   # the node dies with this process (lifecycle.py), SIGKILL included
+    # its own session: a terminal's Ctrl-C reaches only the launcher, which drains first
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, start_new_session=True, env=env)
     deadline = time.monotonic() + READY_TIMEOUT_S
     line = ""
     while time.monotonic() < deadline:
@@ -54,10 +69,13 @@ class Launch:
     def __init__(self, plan: Plan, checkpoint: str, listen: str = "127.0.0.1:0", tls: Tls | None = None,
                  dtype: str = "float32", threads: int | None = None, max_batch: int | None = None,
                  prefill_chunk: int | None = None, policy: str = "fcfs", mlfq_quantum_s: float | None = None,
-                 interleave: int | None = None, matmul_pieces: int = 1):
+                 interleave: int | None = None, matmul_pieces: int = 1, auth_token: str | None = None):
         self.nodes: dict = {}
         self.server = None
         self.gateway = None
+        # The node executors and their workers take calls carrying this token only: a fresh
+        # random one unless given (tests and benchmarks calling stages directly read it here).
+        self.auth_token = auth_token or secrets.token_urlsafe(32)
         names = []
         for p in plan.pipelines:
             for s in p.stages:
@@ -67,13 +85,16 @@ class Launch:
             workers = sum(s.tp for p in plan.pipelines for s in p.stages)
             threads = max(1, (os.cpu_count() or 1) // max(1, workers))
         host = listen.rpartition(":")[0] or "127.0.0.1"
+        # The node executors serve only this process: loopback, whatever the gateway listens on.
+        node_host = host if is_loopback(host) else "127.0.0.1"
+        self._node_args = (node_host, threads, tls, self.auth_token, checkpoint)
         try:
             for n in names:
-                self.nodes[n] = start_node(n, host, threads, tls)
+                self.nodes[n] = start_node(n, node_host, threads, tls, self.auth_token, checkpoint_root=checkpoint)
             self.gateway = Gateway(plan, checkpoint, {n: a for n, (_, a) in self.nodes.items()}, tls, dtype,
                                    max_batch=max_batch, prefill_chunk=prefill_chunk, policy=policy,
                                    mlfq_quantum_s=mlfq_quantum_s, interleave=interleave,
-                                   matmul_pieces=matmul_pieces)
+                                   matmul_pieces=matmul_pieces, auth_token=self.auth_token)
             self.gateway.start()
             self.server, self.port = serve_gateway(self.gateway, listen, tls)
             self.address = f"{host}:{self.port}"
@@ -83,6 +104,25 @@ class Launch:
 
     def node_process(self, name: str) -> subprocess.Popen:
         return self.nodes[name][0]
+
+    def restart_node(self, name: str) -> None:
+        """Start node ``name`` again at its address (after it died or was killed); the gateway's
+        monitor then reloads the pipelines that use it (faults.py). For tests and benchmarks."""
+        old, address = self.nodes[name]
+        if old.poll() is None:
+            old.kill()
+        old.wait(timeout=10)
+        host, threads, tls, token, checkpoint = self._node_args
+        self.nodes[name] = start_node(name, host, threads, tls, token, checkpoint_root=checkpoint,
+                                      port=int(address.rpartition(":")[2]))
+
+    def drain(self, timeout: float, err=None, hurry=None) -> int:
+        """Stop admitting, let the requests in flight end (up to ``timeout`` s), stop the server
+        and the gateway (lifecycle.drain_and_stop); ``close()`` then stops the processes.
+        Returns how many requests were cut."""
+        if self.server is None or self.gateway is None:
+            return 0
+        return drain_and_stop(self.gateway, self.server, timeout, err, hurry)
 
     def close(self) -> None:
         if self.server is not None:
@@ -108,17 +148,20 @@ class Launch:
 
 def run_launch(plan: Plan, checkpoint: str, listen: str, tls: Tls | None, dtype: str, threads: int | None,
                out=sys.stdout, policy: str = "fcfs", mlfq_quantum_s: float | None = None, interleave: int | None = None,
-               matmul_pieces: int = 1) -> int:
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+               matmul_pieces: int = 1, drain_timeout: float = 30.0, auth_token: str | None = None,
+               stall_timeout_s: float | None = None, recovery_wait_s: float | None = None) -> int:
+    signals = StopSignals()
     launch = Launch(plan, checkpoint, listen, tls, dtype, threads, policy=policy, mlfq_quantum_s=mlfq_quantum_s,
-                    interleave=interleave, matmul_pieces=matmul_pieces)
+                    interleave=interleave, matmul_pieces=matmul_pieces, auth_token=auth_token)
+    if stall_timeout_s is not None:
+        launch.gateway.stall_timeout_s = stall_timeout_s
+    if recovery_wait_s is not None:
+        launch.gateway.recovery_wait_s = recovery_wait_s
     try:
         print(f"hexplan: ready: serving {plan.model.name} on {launch.address} "
               f"({len(plan.pipelines)} pipeline(s), {len(launch.nodes)} node executor(s))", file=out, flush=True)
-        while not stop.wait(0.5):
-            pass
+        signals.wait()
+        launch.drain(drain_timeout, hurry=signals.hurry)
     finally:
         launch.close()
     print("hexplan: stopped", file=out, flush=True)

@@ -58,27 +58,40 @@ def load_tokenizer(checkpoint: str):
 
 
 def load_shards(plan: Plan, checkpoint: str, dtype: str, node_addresses: dict, stub) -> dict:
-    """Ask every node executor to load its stages, in parallel; returns {(pipeline, stage):
-    worker address}. ``stub(address)`` gives a node's Stage stub."""
+    """Ask every node executor to load its stages; returns {(pipeline, stage): worker address}.
+    ``stub(address)`` gives a node's Stage stub. Pipelines load in parallel, each one's stages
+    last to first (``load_pipeline``): a stage's downstream is fixed when it is loaded."""
     missing = sorted({s.node for p in plan.pipelines for s in p.stages} - set(node_addresses))
     if missing:
         raise GatewayError(f"no address for node(s) {', '.join(missing)}: give them in the plan's cluster "
                            "section or with --nodes NAME=HOST:PORT")
+    with futures.ThreadPoolExecutor(max_workers=max(1, min(8, len(plan.pipelines)))) as pool:
+        jobs = [pool.submit(load_pipeline, plan, pi, checkpoint, dtype, node_addresses, stub)
+                for pi in range(len(plan.pipelines))]
+        addresses: dict = {}
+        for pi, job in enumerate(jobs):
+            for si, address in enumerate(job.result()):
+                addresses[pi, si] = address
+    return addresses
+
+
+def load_pipeline(plan: Plan, pi: int, checkpoint: str, dtype: str, node_addresses: dict, stub) -> list[str]:
+    """Load pipeline ``pi``'s stages last to first, each with the rank-0 addresses of the
+    stages after it (``LoadShardRequest.downstream``: where its Forward and Release go, for
+    the stage's life); returns the stages' worker addresses, first to last. Reloading any
+    stage of a pipeline means reloading the stages before it too (their downstream changes)."""
+    p = plan.pipelines[pi]
     model_json = json.dumps(plan.model.to_dict())
     path = str(Path(checkpoint).resolve())
-    jobs = []
-    with futures.ThreadPoolExecutor(max_workers=8) as pool:
-        for pi, p in enumerate(plan.pipelines):
-            for si, s in enumerate(p.stages):
-                req = pb.LoadShardRequest(stage_id=f"p{pi}s{si}", checkpoint=path, layer_start=s.layers[0],
-                                          layer_end=s.layers[1], is_first=si == 0, is_last=si == len(p.stages) - 1,
-                                          tp=s.tp, gpus=list(s.gpus), dtype=dtype, model_json=model_json)
-                jobs.append((pi, si, s.node, pool.submit(stub(node_addresses[s.node]).LoadShard, req,
-                                                         timeout=LOAD_TIMEOUT_S)))
-        addresses: dict = {}
-        for pi, si, node, fut in jobs:
-            try:
-                addresses[pi, si] = fut.result().address
-            except grpc.RpcError as e:
-                raise GatewayError(f"node {node} ({node_addresses[node]}): {e.details() or e.code().name}") from None
-    return addresses
+    later: list[str] = []
+    for si in reversed(range(len(p.stages))):
+        s = p.stages[si]
+        req = pb.LoadShardRequest(stage_id=f"p{pi}s{si}", checkpoint=path, layer_start=s.layers[0],
+                                  layer_end=s.layers[1], is_first=si == 0, is_last=si == len(p.stages) - 1,
+                                  tp=s.tp, gpus=list(s.gpus), dtype=dtype, model_json=model_json, downstream=later)
+        try:
+            address = stub(node_addresses[s.node]).LoadShard(req, timeout=LOAD_TIMEOUT_S).address
+        except grpc.RpcError as e:
+            raise GatewayError(f"node {s.node} ({node_addresses[s.node]}): {e.details() or e.code().name}") from None
+        later = [address] + later
+    return later

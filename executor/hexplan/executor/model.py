@@ -603,6 +603,10 @@ def read_slices(ckpt: Path, slices: dict[str, TensorSlice]) -> dict[str, torch.T
         for s in slices.values():
             if s.name not in weight_map:
                 raise ValueError(f"{index}: missing tensor {s.name}")
+            name = weight_map[s.name]
+            # only files inside the checkpoint directory (a node confines LoadShard to its roots)
+            if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+                raise ValueError(f"{index}: tensor {s.name}: file {name!r} is not inside the checkpoint directory")
         file_of = {s.name: ckpt / weight_map[s.name] for s in slices.values()}
     elif (ckpt / "model.safetensors").exists():
         file_of = {s.name: ckpt / "model.safetensors" for s in slices.values()}

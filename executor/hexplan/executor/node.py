@@ -19,38 +19,128 @@ import grpc
 
 from ._proto import hexplan_v1_pb2 as pb
 from ._proto import hexplan_v1_pb2_grpc as pbg
-from .wire import Tls, add_health_and_reflection, bind, make_server, split_host_port
-from .worker import worker_main
+from .lifecycle import StopSignals, exit_later, set_parent_death_signal, watch_parent
+from .wire import Tls, add_health_and_reflection, bind, is_loopback, make_server, server_interceptors, split_host_port
+from .worker import DTYPES, worker_main
 
 LOAD_TIMEOUT_S = 600
+MAX_CPU_TP = 64          # a node without GPUs runs at most max(8, cores) ranks per stage, never more than this
+
+
+# ---- who may call a node, what LoadShard may do ---------------------------------------------
+# With an auth token every Stage call must carry it (wire.TokenAuth); with --tls-ca (and a
+# certificate of its own) callers must present a client certificate signed by that CA. LoadShard
+# reads only checkpoints under the node's checkpoint roots (symlinks resolved) and refuses TP
+# degrees, GPU indices and dtypes the node cannot hold.
+
+def exposure_problem(host: str, auth_token: str | None, tls: Tls | None) -> str | None:
+    """Why a node must not listen on ``host`` (None: it may). Without a token and without
+    client certificates (mutual TLS) anyone who reaches the port can load checkpoints and run
+    stages on this machine, so such a node listens on loopback only."""
+    if auth_token or (tls and tls.verifies_clients) or is_loopback(host):
+        return None
+    return (f"refusing to listen on {host}: this node has neither an auth token (--auth-token-file) nor client "
+            "certificate verification (--tls-cert/--tls-key with --tls-ca); listen on 127.0.0.1 or give one of them")
+
+
+def unauthenticated_warning(name: str, auth_token: str | None, tls: Tls | None) -> str | None:
+    """The one-line warning of a node that checks no caller (None when it checks them)."""
+    if auth_token or (tls and tls.verifies_clients):
+        return None
+    return (f"hexplan: warning: node {name} authenticates no caller (no --auth-token-file, no --tls-ca): "
+            "any local process can load checkpoints and run stages on it; listening on loopback only")
+
+
+def cpu_tp_limit() -> int:
+    return min(MAX_CPU_TP, max(8, os.cpu_count() or 1))
+
+
+def check_devices(tp: int, gpus: list[int]) -> str | None:
+    """Why this node cannot hold a stage of ``tp`` ranks on ``gpus`` (None: it can); the
+    message starts with the field at fault."""
+    import torch
+
+    if tp < 1:
+        return f"tp: must be at least 1, got {tp}"
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        if tp > count:
+            return f"tp: {tp} ranks, but this node has {count} visible GPU(s)"
+        if gpus:
+            if len(gpus) < tp:
+                return f"gpus: {len(gpus)} GPU index(es) {gpus} for tp {tp}"
+            bad = [g for g in gpus if not 0 <= g < count]
+            if bad:
+                return f"gpus: no GPU {bad} on this node (it has {count}: 0..{count - 1})"
+            if len(set(gpus[:tp])) < tp:
+                return f"gpus: the {tp} ranks need distinct GPUs, got {gpus[:tp]}"
+        return None
+    limit = cpu_tp_limit()
+    if tp > limit:
+        return f"tp: {tp} ranks, but this node (no GPU) runs at most {limit} per stage"
+    return None
+
+
+def confine(checkpoint: str, roots: list[str]) -> str | None:
+    """The checkpoint's real path (symlinks resolved) when it lies under one of ``roots``
+    (real paths themselves), else None."""
+    if not checkpoint or "\x00" in checkpoint:
+        return None
+    real = os.path.realpath(checkpoint)
+    for root in roots:
+        if real == root or real.startswith(root.rstrip(os.sep) + os.sep):
+            return real
+    return None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
+    family, kind, proto, _, addr = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0]
+    with socket.socket(family, kind, proto) as s:
+        s.bind(addr)
         return s.getsockname()[1]
 
 
 class NodeServicer(pbg.StageServicer):
-    def __init__(self, name: str, host: str, tls: Tls | None, threads: int | None = None):
+    def __init__(self, name: str, host: str, tls: Tls | None, threads: int | None = None,
+                 auth_token: str | None = None, checkpoint_roots=()):
         self.name, self.host, self.tls, self.threads = name, host, tls, threads
+        self.auth_token = auth_token or None                                  # handed to the workers
+        self.checkpoint_roots = [os.path.realpath(r) for r in checkpoint_roots]
         self.stages: dict = {}   # stage_id -> (processes, address)
         self.lock = threading.Lock()
         self.mp = mp.get_context("spawn")
 
     def LoadShard(self, request, context):
-        spec = {"stage_id": request.stage_id, "checkpoint": request.checkpoint,
+        # Confinement first, before anything touches the path: a refused path tells nothing
+        # about whether it exists.
+        if not self.checkpoint_roots:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          f"node {self.name}: no --checkpoint-root given: this node loads no checkpoint")
+        checkpoint = confine(request.checkpoint, self.checkpoint_roots)
+        if checkpoint is None:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          f"node {self.name}: checkpoint {request.checkpoint!r} is not under a --checkpoint-root "
+                          f"of this node ({', '.join(self.checkpoint_roots)})")
+        tp = request.tp or 1
+        problem = check_devices(tp, list(request.gpus))
+        if problem:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{problem} (node {self.name})")
+        if request.dtype and request.dtype not in DTYPES:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"dtype: must be one of {', '.join(sorted(DTYPES))}, got {request.dtype!r} (node {self.name})")
+        spec = {"stage_id": request.stage_id, "checkpoint": checkpoint,
                 "layer_start": request.layer_start, "layer_end": request.layer_end,
-                "is_first": request.is_first, "is_last": request.is_last, "tp": max(1, request.tp),
+                "is_first": request.is_first, "is_last": request.is_last, "tp": tp,
                 "gpus": list(request.gpus), "dtype": request.dtype or "float32", "host": self.host,
-                "threads": self.threads}
-        if not os.path.isdir(request.checkpoint):
+                "threads": self.threads, "auth_token": self.auth_token,
+                "downstream": list(request.downstream)}   # fixed for the stage's life
+        if not os.path.isdir(checkpoint):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"node {self.name}: checkpoint {request.checkpoint!r} is not a directory here")
         if not 0 <= request.layer_start < request.layer_end:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"node {self.name}: bad layer range [{request.layer_start}, {request.layer_end})")
         self._unload(request.stage_id)
         ready = self.mp.Queue()
-        port = free_port()
+        port = free_port(self.host)     # the TP rendezvous: rank 0 binds it on this node's host only
         tls = {"cert": self.tls.cert, "key": self.tls.key, "ca": self.tls.ca} if self.tls and self.tls.enabled else None
         procs = []
         for rank in range(spec["tp"]):
@@ -109,27 +199,36 @@ class NodeServicer(pbg.StageServicer):
             self._unload(sid)
 
 
-def serve_node(listen: str, name: str, tls: Tls | None = None, threads: int | None = None, on_ready=None) -> None:
-    """Run a node executor until SIGINT/SIGTERM. ``on_ready(port)`` is called once it listens."""
+def serve_node(listen: str, name: str, tls: Tls | None = None, threads: int | None = None, on_ready=None,
+               parent_pid: int | None = None, parent_death_signal: bool = False,
+               auth_token: str | None = None, checkpoint_roots=()) -> None:
+    """Run a node executor until SIGINT/SIGTERM. ``on_ready(port)`` is called once it listens.
+    ``parent_pid`` (``hexplan launch``): also stop when that process, our parent, is gone, and
+    with ``parent_death_signal`` ask the kernel for SIGTERM when it dies (lifecycle.py). Every
+    way out stops this node's stage workers (which also watch this process)."""
     host, _ = split_host_port(listen)
-    servicer = NodeServicer(name, host, tls, threads)
-    server = make_server()
+    problem = exposure_problem(host, auth_token, tls)   # auth_token: every Stage call must carry it
+    if problem:
+        raise ValueError(problem)
+    servicer = NodeServicer(name, host, tls, threads, auth_token, checkpoint_roots)
+    server = make_server(interceptors=server_interceptors(auth_token))
     pbg.add_StageServicer_to_server(servicer, server)
     add_health_and_reflection(server, [pb.DESCRIPTOR.services_by_name["Stage"].full_name])
-    port = bind(server, listen, tls)
+    port = bind(server, listen, tls, require_client_auth=bool(tls and tls.verifies_clients))
     server.start()
-    stop = threading.Event()
+    signals = StopSignals()     # SIGTERM/SIGINT; its handler takes no lock (lifecycle.StopSignals)
+    if parent_pid:
+        if parent_death_signal:
+            set_parent_death_signal(signal.SIGTERM)
 
-    def handle(signum, frame):
-        stop.set()
-
-    signal.signal(signal.SIGTERM, handle)
-    signal.signal(signal.SIGINT, handle)
+        def parent_gone():
+            signals.count += 1
+            exit_later()        # in case the shutdown below hangs
+        watch_parent(parent_pid, parent_gone)
     if on_ready:
         on_ready(port)
     try:
-        while not stop.wait(0.5):
-            pass
+        signals.wait()
     finally:
         servicer.shutdown()
         server.stop(grace=1).wait()

@@ -1,35 +1,49 @@
 """Per-layer times of a checkpoint on this machine: what ``hexplan profile`` measures.
 
-Scope: a checkpoint directory in, two tables out (milliseconds per layer at TP 1 against decode
-batch size and against prompt tokens, the ``profiles`` a cluster file's GPU type carries; see
-docs/cost-model.md, "Measured profiles"). It knows nothing about YAML or the command line.
+Scope: a checkpoint directory in, tables out: milliseconds per layer at TP 1 against decode batch
+size and against prompt tokens, the LM head's milliseconds per step against logits rows, and at
+TP > 1 one all-reduce's milliseconds against rows of hidden state (the ``profiles`` a cluster
+file's GPU type carries; see docs/cost-model.md, "Measured profiles"). It knows nothing about
+YAML or the command line.
 
-What runs is the executor's own stage: ``StageModel`` with layers ``[0, layers)`` loaded as a
-middle stage (no embedding, no LM head: hidden states in, hidden states out), timed through
-``forward_batch``, the call a stage worker makes for every step:
+What runs is the executor's own stage code, at the thread count a served worker gets (``threads``;
+default cores / TP, what ``hexplan launch`` gives each worker of a one-stage plan):
 
+* the layers: ``StageModel`` with layers ``[0, layers)`` loaded as a middle stage (no embedding,
+  no LM head: hidden states in, hidden states out), every step run through ``forward_parts``,
+  the call a stage worker makes for each step (one part, one piece: no interleaving);
 * decode, batch B: one step of B sequences, one new token each at position ``context``. Their
-  KV caches are filled with random keys and values instead of being computed (that would cost
-  B x context prompt tokens per point); attention costs the same whatever the values are.
+  KV caches are real: one prompt of ``context`` tokens is prefilled through the stage as a served
+  prompt is (its cache then grows as a served one does, doubling at the first decode step), and
+  copied for the other sequences (computing each would cost B x context prompt tokens;
+  attention costs the same whatever the values are). Each step is the same: the caches are put
+  back to ``context`` positions before it;
 * prefill, P tokens: one prompt of P tokens from position 0, alone in its step; its cache is
-  dropped after the step (``SeqChunk.drop``), so every repetition allocates a fresh one.
+  dropped after the step (``SeqChunk.drop``), so every repetition allocates a fresh one;
+* the LM head, B rows: a last stage of no layers (final norm and LM head only), a decode step of
+  B sequences through ``forward_parts`` plus what the worker does with the logits before they
+  leave (``to_proto(torch.cat(outs).float())``): everything a last stage adds to a step's layers.
+  A prompt's step needs logits of its last token only, so its head is the 1-row figure.
 
 Each grid point runs ``warmup`` untimed steps, then ``repeats`` timed ones (the device is
 synchronised before and after each); the median step time divided by ``layers`` is the table
-value. (With ``warmup`` > 0 the first and the last point also run once before the grid starts,
-for the one-time costs of a process's first steps.) A few layers are enough: every layer has the same shapes, and a few keep the run short
-and the memory small (4 layers of a 70B model in bf16 are 7 GB). The step's fixed costs (rotary
-tables, batch bookkeeping) are shared by those few layers, so a tiny model's figure slightly
-overstates the per-layer time of a stage holding many layers.
+value (the head's: the median step). (With ``warmup`` > 0 the first and the last point also run
+once before the grid starts, for the one-time costs of a process's first steps.) A few layers
+are enough: every layer has the same shapes, and a few keep the run short and the memory small
+(4 layers of a 70B model in bf16 are 7 GB). The step's fixed costs (rotary tables, batch
+bookkeeping) are shared by those few layers, so a tiny model's figure slightly overstates the
+per-layer time of a stage holding many layers.
 
 Tensor parallelism (``tp`` > 1): one process per rank (gloo on the CPU, NCCL on ``cuda:rank``),
 joined with the executor's ``init_tp`` on 127.0.0.1 and a free port, every rank running the same
 steps. The device is synchronised around each all-reduce and its time taken out, so a rank's
 compute time is its step time minus its all-reduce time (waiting for a slower rank counts as
-all-reduce; the slower rank's own compute counts). The table holds the slowest rank's compute
-times d, the TP-1 equivalent the cost model expects: it divides a profile by d and adds its own
-all-reduce estimate, so at TP d it reproduces the measured compute exactly. The measured step
-and all-reduce times are kept beside it (``Point``), not in the table.
+all-reduce; the slower rank's own compute counts). The tables hold the slowest rank's compute
+times d, the TP-1 equivalent the cost model expects: it divides a profile by d and adds its
+all-reduces, so at TP d it reproduces the measured compute exactly. The all-reduce table is what
+a step took beyond that compute, per all-reduce: (slowest step - slowest compute) / (2 x layers),
+at rows = decode batch and prompt tokens, so the cost model's layer time at TP d adds back up to
+the measured step. The measured step and all-reduce times are kept beside it (``Point``).
 """
 from __future__ import annotations
 
@@ -53,7 +67,11 @@ from .distributed import Pending, TPContext, destroy_tp, init_tp
 from .model import SeqCache, SeqChunk, ShardSpec, StageModel
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-DEFAULT_DECODE_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+GPU_DECODE_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+# A CPU's decode time is irregular in the batch (steps of 3 or 5-7 sequences measured slower than
+# interpolated between 2, 4 and 8; docs/fidelity.md): every batch size up to 16, then 32 and 64.
+CPU_DECODE_BATCHES = tuple(range(1, 17)) + (32, 64)
+DEFAULT_DECODE_BATCHES = CPU_DECODE_BATCHES     # ProfileSpec's device is the CPU by default
 DEFAULT_PREFILL_TOKENS = (16, 32, 64, 128, 256, 512)
 DEFAULT_LAYERS = 4
 RESULT_TIMEOUT_S = 900      # TP: no word from the ranks for this long means they hang
@@ -77,21 +95,36 @@ class ProfileSpec:
     prefill_tokens: tuple[int, ...] = DEFAULT_PREFILL_TOKENS
     warmup: int = 1
     repeats: int = 3
-    threads: int | None = None          # CPU threads per rank (None: cores / tp)
+    threads: int | None = None          # CPU threads per rank (None: worker_threads(tp))
+    lm_head: bool = True                # also time the LM head at the decode batches
+
+
+def default_decode_batches(device: str) -> tuple[int, ...]:
+    """The decode grid: every batch size to 16 and then 32, 64 on the CPU; powers of 2 on a GPU."""
+    return GPU_DECODE_BATCHES if device.startswith("cuda") else CPU_DECODE_BATCHES
+
+
+def worker_threads(tp: int = 1) -> int:
+    """CPU threads of one served worker when its stage is the only one on the machine: what
+    ``hexplan launch`` gives every worker, cores / workers (its ``--threads`` overrides it)."""
+    return max(1, (os.cpu_count() or 1) // max(1, tp))
 
 
 @dataclass(frozen=True)
 class Point:
-    """One grid point. ``ms``: the table value, per layer at TP 1. ``step_ms``: median wall time
-    of one step through all loaded layers at this TP; ``allreduce_ms``: the part of it spent in
-    all-reduces (0 at TP 1); ``spread``: the slowest timed step over the fastest, a noise gauge
-    (a busy machine shows 1.5 and more). All from the slowest rank."""
-    kind: str           # "decode" (x = batch size) or "prefill" (x = prompt tokens)
+    """One grid point. ``ms``: the table value, per layer at TP 1 (the LM head's: per step at
+    TP 1). ``step_ms``: median wall time of one step through all loaded layers at this TP;
+    ``allreduce_ms``: the part of it spent in all-reduces (0 at TP 1); ``spread``: the slowest
+    timed step over the fastest, a noise gauge (a busy machine shows 1.5 and more). All from the
+    slowest rank. ``per_allreduce_ms`` (TP > 1, decode and prefill): one all-reduce as the step
+    costs it, (step - the slowest rank's compute) / (2 x layers)."""
+    kind: str           # "decode" (x = batch size), "prefill" (x = prompt tokens), "head" (x = rows)
     x: int
     ms: float
     step_ms: float
     allreduce_ms: float
     spread: float = 1.0
+    per_allreduce_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -111,6 +144,22 @@ class ProfileResult:
     @property
     def prefill_ms(self) -> dict[int, float]:
         return self.table("prefill")
+
+    @property
+    def lm_head_ms(self) -> dict[int, float]:
+        return self.table("head")
+
+    @property
+    def allreduce_ms(self) -> dict[int, float]:
+        """One all-reduce against rows of hidden state, at TP ``spec.tp`` (empty at TP 1): the
+        decode points' (rows = batch), then the prefill points' at rows no decode point has."""
+        if self.spec.tp <= 1:
+            return {}
+        out = {p.x: p.per_allreduce_ms for p in self.points if p.kind == "decode"}
+        for p in self.points:
+            if p.kind == "prefill" and p.x not in out:
+                out[p.x] = p.per_allreduce_ms
+        return dict(sorted(out.items()))
 
 
 # ---- timing --------------------------------------------------------------------------------
@@ -169,63 +218,100 @@ def _slowest(ctx: TPContext, values: tuple[float, ...]) -> tuple[float, ...]:
     return tuple(t.tolist())
 
 
-def measure(spec: ProfileSpec, ctx: TPContext, device: str, progress=None) -> tuple[Point, ...]:
-    """Load the stage on ``device`` as this rank of ``ctx`` and time the grid (every rank of the
-    group must call this with the same spec). ``progress(point, done, total)`` after each point."""
-    clock = _Clock(device)
-    tctx = _TimedTP(ctx.rank, ctx.size, ctx.group, ctx.device, ctx.link, clock)
-    dtype = DTYPES[spec.dtype]
+def _load(spec: ProfileSpec, shard: ShardSpec, ctx: TPContext, device: str) -> StageModel:
     try:
-        model = StageModel.load(spec.checkpoint, ShardSpec(0, spec.layers, False, False), tctx, dtype, device)
+        return StageModel.load(spec.checkpoint, shard, ctx, DTYPES[spec.dtype], device)
     except torch.OutOfMemoryError:
         raise
     except (ValueError, OSError) as e:
         raise ProfileError(f"{spec.checkpoint}: {e}") from None
     except Exception as e:   # safetensors' own errors: a truncated or corrupt file
         raise ProfileError(f"{spec.checkpoint}: cannot read the weights: {type(e).__name__}: {e}") from None
+
+
+def measure(spec: ProfileSpec, ctx: TPContext, device: str, progress=None) -> tuple[Point, ...]:
+    """Load the stage on ``device`` as this rank of ``ctx`` and time the grid (every rank of the
+    group must call this with the same spec). ``progress(point, done, total)`` after each point."""
+    from .wire import to_proto   # what a last stage's worker does with the logits
+
+    clock = _Clock(device)
+    tctx = _TimedTP(ctx.rank, ctx.size, ctx.group, ctx.device, ctx.link, clock)
+    dtype = DTYPES[spec.dtype]
+    model = _load(spec, ShardSpec(0, spec.layers, False, False), tctx, device)
     a, H = model.args, model.args.hidden_size
+    n_all = a.num_layers
+    batches = tuple(spec.decode_batches)
+    head = _load(spec, ShardSpec(n_all, n_all, False, True), tctx, device) if spec.lm_head and batches else None
     gen = torch.Generator(device="cpu").manual_seed(ctx.rank)
     rand = lambda *shape: torch.randn(*shape, generator=gen).to(device, dtype)   # noqa: E731
+    ids = [f"decode-{i}" for i in range(max(batches, default=0))]
 
-    # Decode: caches of `context` positions for the largest batch, reused by every point.
-    for i in range(max(spec.decode_batches, default=0)):
-        cache = SeqCache(spec.layers, model.tp.kv_heads, a.head_dim, dtype, device)
-        cache.reserve(spec.context + 1)
-        cache.k.copy_(rand(*cache.k.shape))
-        cache.v.copy_(rand(*cache.v.shape))
-        cache.length = spec.context
-        model.caches[f"decode-{i}"] = cache
+    # Decode: real KV caches of `context` positions for the largest batch, reused by every
+    # point: one prompt prefilled through the stage, its cache copied for the other sequences.
+    if ids:
+        model.forward_parts([SeqChunk(ids[0], 0, spec.context)], rand(spec.context, H))
+        src = model.caches[ids[0]]
+        for r in ids[1:]:
+            cache = SeqCache(spec.layers, model.tp.kv_heads, a.head_dim, dtype, device)
+            cache.k, cache.v, cache.length = src.k.clone(), src.v.clone(), src.length
+            model.caches[r] = cache
+    if head is not None:    # the last stage of no layers holds (empty) caches of the same sequences
+        for r in ids:
+            cache = SeqCache(0, head.tp.kv_heads, a.head_dim, dtype, device)
+            cache.reserve(spec.context + 1)
+            cache.length = spec.context
+            head.caches[r] = cache
 
     def decode(batch: int):
-        ids = [f"decode-{i}" for i in range(batch)]
-        chunks = [SeqChunk(r, spec.context, 1) for r in ids]
+        seqs = ids[:batch]
+        chunks = [SeqChunk(r, spec.context, 1) for r in seqs]
         x = rand(batch, H)                                         # x: [B, H]
 
         def run():
-            for r in ids:                                          # the same step every time
+            for r in seqs:                                         # the same step every time
                 model.caches[r].length = spec.context
-            model.forward_batch(chunks, x)
+            model.forward_parts(chunks, x)                         # as the worker calls it
         return run
 
     def prefill(tokens: int):
         chunks = [SeqChunk("prefill", 0, tokens, drop=True)]
         x = rand(tokens, H)                                        # x: [P, H]
-        return lambda: model.forward_batch(chunks, x)
+        return lambda: model.forward_parts(chunks, x)
 
-    grid = [("decode", b, decode) for b in spec.decode_batches] + \
-           [("prefill", p, prefill) for p in spec.prefill_tokens]
+    def lm_head(batch: int):
+        seqs = ids[:batch]
+        chunks = [SeqChunk(r, spec.context, 1) for r in seqs]
+        x = rand(batch, H)
+
+        def run():
+            for r in seqs:
+                head.caches[r].length = spec.context
+            outs = head.forward_parts(chunks, x)                   # final norm, LM head, gather
+            if ctx.rank == 0:
+                to_proto(torch.cat(outs).float())                  # the logits the worker sends back
+        return run
+
+    grid = [("decode", b, decode) for b in batches] + \
+           [("prefill", p, prefill) for p in spec.prefill_tokens] + \
+           ([("head", b, lm_head) for b in batches] if head is not None else [])
     if spec.warmup and grid:   # once for the whole grid: lazy initialisation (thread pools, kernels, allocator)
         for kind, x, make in (grid[0], grid[-1]):
             make(x)()
     points = []
     for done, (kind, x, make) in enumerate(grid, 1):
         step, comm, compute, spread = _slowest(ctx, _time_step(make(x), clock, spec.warmup, spec.repeats))
-        per_layer_tp1 = max(compute, 1e-9) * ctx.size / spec.layers
-        point = Point(kind, x, per_layer_tp1 * 1e3, step * 1e3, comm * 1e3, spread)
+        if kind == "head":
+            point = Point(kind, x, max(compute, 1e-9) * ctx.size * 1e3, step * 1e3, comm * 1e3, spread)
+        else:
+            per_layer_tp1 = max(compute, 1e-9) * ctx.size / spec.layers
+            each = max(step - compute, 0.0) / (2 * spec.layers) if ctx.size > 1 else 0.0
+            point = Point(kind, x, per_layer_tp1 * 1e3, step * 1e3, comm * 1e3, spread, each * 1e3)
         points.append(point)
         if progress is not None:
             progress(point, done, len(grid))
     model.caches.clear()
+    if head is not None:
+        head.caches.clear()
     return tuple(points)
 
 
@@ -243,12 +329,16 @@ def profile_checkpoint(spec: ProfileSpec, progress=None) -> ProfileResult:
     t0 = time.perf_counter()
     if spec.tp == 1:
         device = "cuda:0" if spec.device == "cuda" else "cpu"
-        if spec.device == "cuda":
-            torch.cuda.set_device(0)
-        elif spec.threads:
-            torch.set_num_threads(spec.threads)
-        points = measure(spec, TPContext(), device, progress)
-        name = device_name(device)
+        threads = torch.get_num_threads()
+        try:
+            if spec.device == "cuda":
+                torch.cuda.set_device(0)
+            else:
+                torch.set_num_threads(spec.threads or worker_threads(1))
+            points = measure(spec, TPContext(), device, progress)
+            name = device_name(device)
+        finally:
+            torch.set_num_threads(threads)
     else:
         points, name = _run_ranks(spec, progress)
     return ProfileResult(spec, name, points, time.perf_counter() - t0)
@@ -297,6 +387,8 @@ def _run_ranks(spec: ProfileSpec, progress) -> tuple[tuple[Point, ...], str]:
             if p.is_alive():
                 p.terminate()
         for p in procs:
+            if p.pid is None:                      # never started (an earlier start failed)
+                continue
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
@@ -318,7 +410,7 @@ def _rank_main(spec: ProfileSpec, rank: int, port: int, outbox) -> None:
             device = f"cuda:{rank}"
         else:
             device = "cpu"
-            torch.set_num_threads(spec.threads or max(1, (os.cpu_count() or 1) // spec.tp))
+            torch.set_num_threads(spec.threads or worker_threads(spec.tp))
             lo = _loopback_interface()
             if lo and "GLOO_SOCKET_IFNAME" not in os.environ:   # keep gloo on the loopback
                 os.environ["GLOO_SOCKET_IFNAME"] = lo

@@ -88,9 +88,9 @@ class StepRunner:
             drop = s in dropped
             chunks.append(pb.SeqChunk(request_id=r.id, start=start, length=n, hidden=drop and r.want_hidden, drop=drop))
             tokens += r.context()[start:start + n]
-        p = gw.pipelines[step.pipeline]
+        # the first stage sends it on to the stages after it (fixed when they were loaded)
         return pb.ForwardRequest(chunks=chunks, inputs=to_proto(torch.tensor(tokens, dtype=torch.int64)),
-                                 downstream=p.stages[1:], micro_batches=gw.interleave, matmul_pieces=gw.matmul_pieces)
+                                 micro_batches=gw.interleave, matmul_pieces=gw.matmul_pieces)
 
     def step_timeout(self, step: Step) -> float:
         """How long a step may take before its pipeline is suspect: ``stall_factor`` x its

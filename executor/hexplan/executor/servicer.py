@@ -13,8 +13,7 @@ import grpc
 from ._proto import hexplan_v1_pb2 as pb
 from ._proto import hexplan_v1_pb2_grpc as pbg
 from .gateway import Gateway, Request
-from .limits import (CHARS_PER_TOKEN, QUEUE_MARGIN, RESERVED_THREADS, RequestCap, prompt_char_limit,
-                     request_message_limit, total_concurrency)
+from .limits import CHARS_PER_TOKEN, gateway_server_args, prompt_char_limit
 from .sampling import Sampling
 from .wire import Tls, add_health_and_reflection, bind, make_server, to_proto
 
@@ -148,17 +147,11 @@ class InferenceServicer(pbg.InferenceServicer):
 def serve_gateway(gw: Gateway, listen: str, tls: Tls | None = None) -> tuple[grpc.Server, int]:
     """Start the client-facing server; returns (server, port). Its limits come from the model and
     the plan (limits.py): requests up to the context's size; a thread pool for the plan's total
-    concurrency plus a queue margin plus threads that only health, reflection and Status use.
-    The health servicer is kept as ``gw.health`` (NOT_SERVING while draining)."""
-    cap = total_concurrency(gw) + QUEUE_MARGIN
-    workers = cap + RESERVED_THREADS
-    service = pb.DESCRIPTOR.services_by_name["Inference"]
-    capped = [f"/{service.full_name}/{m}" for m in ("Generate", "GenerateUnary", "Prefill")]
-    server = make_server(workers, [RequestCap(cap, capped, f" (the plan's concurrency {cap - QUEUE_MARGIN} + "
-                                                          f"{QUEUE_MARGIN} waiting)")],
-                         max_receive=request_message_limit(gw.context_limit), max_concurrent_rpcs=2 * workers)
+    concurrency plus requests waiting for a slot plus threads that only health, reflection and
+    Status use. The health servicer is kept as ``gw.health`` (NOT_SERVING while draining)."""
+    server = make_server(**gateway_server_args(gw))
     pbg.add_InferenceServicer_to_server(InferenceServicer(gw), server)
-    gw.health = add_health_and_reflection(server, [service.full_name])
+    gw.health = add_health_and_reflection(server, [pb.DESCRIPTOR.services_by_name["Inference"].full_name])
     port = bind(server, listen, tls)
     server.start()
     return server, port

@@ -3,8 +3,15 @@
 Rank 0 serves the internal ``Stage`` service (Forward, Release, Stats) on its own port; the
 other ranks follow it: rank 0 broadcasts each step (a JSON header and tensors, never pickle)
 and every rank runs the same forward, so the TP all-reduces line up. After its forward, rank 0
-sends the activations straight to the next stage's worker (the ``downstream`` addresses in the
-request) and returns what comes back; the last stage returns the logits.
+sends the activations straight to the next stage's worker and returns what comes back; the last
+stage returns the logits.
+
+A stage's downstream (the later stages' rank-0 addresses) is fixed when it is loaded
+(``LoadShardRequest.downstream``, in the spec): Forward and Release go only there. The
+``downstream`` field of ForwardRequest/ReleaseRequest is ignored, so no caller can make a
+worker connect elsewhere. Rank 0's server checks the node's auth token and, with a CA, client
+certificates (mutual TLS) like the node's own server; calls to the next stage carry the token
+and present this node's certificate.
 
 The worker exits when its node executor (its parent process) goes away.
 """
@@ -22,7 +29,8 @@ from ._proto import hexplan_v1_pb2 as pb
 from ._proto import hexplan_v1_pb2_grpc as pbg
 from .distributed import TPContext, broadcast_message, init_tp, parse_link_delay
 from .model import SeqChunk, ShardSpec, StageModel
-from .wire import Tls, add_health_and_reflection, bind, channel, from_proto, make_server, to_proto
+from .wire import (Tls, add_health_and_reflection, bind, channel, from_proto, make_server, server_interceptors,
+                   to_proto)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -60,6 +68,8 @@ class StageWorker(pbg.StageServicer):
 
     def __init__(self, model: StageModel, ctx: TPContext, spec: dict, tls: Tls | None):
         self.model, self.ctx, self.spec, self.tls = model, ctx, spec, tls
+        self.token = spec.get("auth_token") or None
+        self.downstream = [str(a) for a in spec.get("downstream") or []]   # fixed at load
         self.lock = threading.Lock()
         self._stubs: dict = {}
         self._stubs_lock = threading.Lock()
@@ -72,7 +82,7 @@ class StageWorker(pbg.StageServicer):
         with self._stubs_lock:
             stub = self._stubs.get(address)
             if stub is None:
-                stub = self._stubs[address] = pbg.StageStub(channel(address, self.tls))
+                stub = self._stubs[address] = pbg.StageStub(channel(address, self.tls, self.token))
             return stub
 
     def _run(self, header: dict, tensors: list, on_part=None, hidden_out=None):
@@ -97,12 +107,12 @@ class StageWorker(pbg.StageServicer):
         # overlap: a next stage (part i goes on the wire while part i + 1 computes) or a TP group
         # (part i's all-reduces are in flight while part i + 1 computes). The parts sent on are
         # not cut again; matmul_pieces travels down the pipeline.
-        n = request.micro_batches if (request.downstream or self.ctx.size > 1) else 1
+        n = request.micro_batches if (self.downstream or self.ctx.size > 1) else 1
         parts = split_parts([c["length"] for c in chunks], n)
         header = {"op": "forward", "chunks": chunks, "parts": parts, "pieces": max(1, request.matmul_pieces)}
         if len(parts) > 1:
             self.interleaved_steps += 1
-        if not request.downstream:
+        if not self.downstream:      # request.downstream is ignored: the stage's is fixed at load
             hidden: dict = {}
             try:
                 with self.lock:
@@ -115,15 +125,14 @@ class StageWorker(pbg.StageServicer):
             return resp
         # A pipeline stage hands each part to the sending thread as soon as it is computed; the
         # logits come back in order.
-        nxt = request.downstream[0]
+        nxt = self.downstream[0]
         remaining = context.time_remaining()
         timeout = remaining if remaining and remaining < 1e6 else None
         sends = []
 
         def send(i, out):
             a, b = parts[i]
-            req = pb.ForwardRequest(chunks=request.chunks[a:b], inputs=to_proto(out), downstream=request.downstream[1:],
-                                    matmul_pieces=request.matmul_pieces)
+            req = pb.ForwardRequest(chunks=request.chunks[a:b], inputs=to_proto(out), matmul_pieces=request.matmul_pieces)
             sends.append(self._send(nxt, req, timeout))
         try:
             with self.lock:
@@ -164,11 +173,10 @@ class StageWorker(pbg.StageServicer):
         op = "offload" if request.offload else "release"
         with self.lock:
             released = self._run({"op": op, "ids": ids}, [])
-        if request.downstream:
+        if self.downstream:
             try:
-                self._stub(request.downstream[0]).Release(
-                    pb.ReleaseRequest(request_ids=ids, downstream=request.downstream[1:], offload=request.offload),
-                    timeout=10)
+                self._stub(self.downstream[0]).Release(
+                    pb.ReleaseRequest(request_ids=ids, offload=request.offload), timeout=10)
             except grpc.RpcError:
                 pass  # a dead stage holds no cache worth freeing
         return pb.ReleaseResponse(released=released)
@@ -210,10 +218,11 @@ def worker_main(spec: dict, rank: int, master_port: int, ready, tls: dict | None
         device = "cpu"
         gpus = spec.get("gpus") or []
         if torch.cuda.is_available() and spec.get("device", "auto") != "cpu" and gpus:
-            device = f"cuda:{gpus[rank] % torch.cuda.device_count()}"
+            device = f"cuda:{gpus[rank]}"       # the node checked the indices (node.check_devices)
             torch.cuda.set_device(device)
         backend = "nccl" if device.startswith("cuda") else "gloo"
-        ctx = init_tp(rank, tp, "127.0.0.1", master_port, backend=backend) if tp > 1 else TPContext(0, 1, None)
+        # the rendezvous store and gloo bind the node's own host, never every interface
+        ctx = init_tp(rank, tp, spec["host"], master_port, backend=backend) if tp > 1 else TPContext(0, 1, None)
         shard = ShardSpec(spec["layer_start"], spec["layer_end"], spec["is_first"], spec["is_last"])
         model = StageModel.load(spec["checkpoint"], shard, ctx, DTYPES[spec.get("dtype") or "float32"], device)
     except Exception as e:  # report any load failure to the node, which reports it to the gateway
@@ -222,11 +231,12 @@ def worker_main(spec: dict, rank: int, master_port: int, ready, tls: dict | None
     tls_obj = Tls(**tls) if tls else None
     if rank == 0:
         worker = StageWorker(model, ctx, spec, tls_obj)
-        server = make_server()
+        server = make_server(interceptors=server_interceptors(worker.token))
         pbg.add_StageServicer_to_server(worker, server)
         add_health_and_reflection(server, [pb.DESCRIPTOR.services_by_name["Stage"].full_name])
         try:
-            port = bind(server, f"{spec['host']}:0", tls_obj)
+            port = bind(server, f"{spec['host']}:0", tls_obj,
+                        require_client_auth=bool(tls_obj and tls_obj.verifies_clients))
         except Exception as e:
             ready.put({"rank": rank, "ok": False, "error": str(e)})
             return
