@@ -238,3 +238,27 @@ def test_stalled_stage_moves_its_requests_and_rejoins(ckpt):
 def test_fault_flags_are_checked(argv, message):
     out = subprocess.run([sys.executable, "-m", "hexplan.cli", *argv], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_internal_servers_refuse_messages_past_the_plans_step(ckpt):
+    """A stage worker's message limit comes from the plan's largest step (LoadShard's
+    max_step_tokens) and the model's hidden size; a node executor's is 4 MiB."""
+    from hexplan.executor.limits import NODE_MESSAGE_LIMIT, step_tokens, worker_message_limit
+    from hexplan.executor.wire import to_proto
+    with Launch(plan(ckpt, [("a", 1, 0, 4)]), ckpt) as L:
+        gw = L.gateway
+        limit = worker_message_limit(step_tokens(gw), 64)
+        assert limit < 64 * 1024 * 1024
+        stage = gw.stub(gw.pipelines[0].stages[0])
+        n = limit // 8 + 1000                        # int64 token ids: just past the limit
+        big = pb.ForwardRequest(chunks=[pb.SeqChunk(request_id="x", start=0, length=n)],
+                                inputs=to_proto(torch.zeros(n, dtype=torch.int64)))
+        with pytest.raises(grpc.RpcError) as err:
+            stage.Forward(big, timeout=30)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        node = gw.stub(L.nodes["a"][1])
+        with pytest.raises(grpc.RpcError) as err:
+            node.LoadShard(pb.LoadShardRequest(stage_id="x", model_json="x" * NODE_MESSAGE_LIMIT), timeout=30)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        r = generate(L.address, token_ids=[1, 2, 3], max_new_tokens=4, timeout=60)
+        assert r["token_ids"] == hf_greedy(ckpt, [1, 2, 3], 4)

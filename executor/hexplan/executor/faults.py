@@ -27,6 +27,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from ._proto import hexplan_v1_pb2 as pb
+from .limits import step_tokens
 from .loading import GatewayError, load_pipeline
 
 log = logging.getLogger("hexplan.gateway")
@@ -92,7 +93,7 @@ def pipeline_failed(gw, p, why: str, epoch: int | None = None, stalled: bool = F
 def reload_pipeline(gw, p) -> list[str]:
     """Load pipeline ``p``'s stages again (loading.load_pipeline: last stage first, each told
     the stages after it); returns the new stage addresses. Raises GatewayError."""
-    return load_pipeline(gw.plan, p.index, gw.checkpoint, gw.dtype, gw.node_addresses, gw.stub)
+    return load_pipeline(gw.plan, p.index, gw.checkpoint, gw.dtype, gw.node_addresses, gw.stub, step_tokens(gw))
 
 
 class Monitor:

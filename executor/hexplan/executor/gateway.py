@@ -42,6 +42,7 @@ from ._proto import hexplan_v1_pb2 as pb
 from ._proto import hexplan_v1_pb2_grpc as pbg
 from .loading import GatewayError, check_checkpoint, load_shards, load_tokenizer
 from .faults import Monitor
+from .limits import step_tokens
 from .runner import StepRunner
 from .sampling import Sampling
 from .wire import Tls, channel
@@ -181,7 +182,8 @@ class Gateway:
         return s
 
     def start(self) -> None:
-        addresses = load_shards(self.plan, self.checkpoint, self.dtype, self.node_addresses, self.stub)
+        addresses = load_shards(self.plan, self.checkpoint, self.dtype, self.node_addresses, self.stub,
+                                step_tokens(self))
         total_w = sum(p.weight for p in self.plan.pipelines) or 1.0
         for pi, p in enumerate(self.plan.pipelines):
             self.pipelines.append(Pipeline(pi, (p.weight or 0.0) / total_w,

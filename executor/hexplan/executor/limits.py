@@ -41,6 +41,24 @@ def request_message_limit(context: int) -> int:
     return context * ID_BYTES + prompt_char_limit(context) + MESSAGE_MARGIN
 
 
+NODE_MESSAGE_LIMIT = 4 * 1024 * 1024     # a node executor's requests: LoadShard and friends, small
+
+
+def step_tokens(gw) -> int:
+    """Tokens one Forward of the gateway may carry at most: a full batch of decode tokens plus
+    the largest prompt budget of a step, or a whole prompt of the context, whichever is more."""
+    return max(c.batch + max(c.whole, c.chunk, gw.context_limit) for c in gw.scheduler.configs)
+
+
+def worker_message_limit(max_step_tokens: int, hidden_size: int) -> int | None:
+    """Bytes a stage worker's request may have: a step of activations (``max_step_tokens`` rows of
+    ``hidden_size`` float32 values, or int64 token ids) with 25% and 1 MiB to spare. None when
+    the step's size is unknown (the wire's default)."""
+    if max_step_tokens <= 0:
+        return None
+    return int(max_step_tokens * max(hidden_size * 4, 8) * 1.25) + (1 << 20)
+
+
 def total_concurrency(gw) -> int:
     """Generative sequences the plan holds at once, over all pipelines."""
     return sum(int(c.concurrency) for c in gw.scheduler.configs)

@@ -57,7 +57,7 @@ def load_tokenizer(checkpoint: str):
         return None
 
 
-def load_shards(plan: Plan, checkpoint: str, dtype: str, node_addresses: dict, stub) -> dict:
+def load_shards(plan: Plan, checkpoint: str, dtype: str, node_addresses: dict, stub, max_step_tokens: int = 0) -> dict:
     """Ask every node executor to load its stages; returns {(pipeline, stage): worker address}.
     ``stub(address)`` gives a node's Stage stub. Pipelines load in parallel, each one's stages
     last to first (``load_pipeline``): a stage's downstream is fixed when it is loaded."""
@@ -66,7 +66,7 @@ def load_shards(plan: Plan, checkpoint: str, dtype: str, node_addresses: dict, s
         raise GatewayError(f"no address for node(s) {', '.join(missing)}: give them in the plan's cluster "
                            "section or with --nodes NAME=HOST:PORT")
     with futures.ThreadPoolExecutor(max_workers=max(1, min(8, len(plan.pipelines)))) as pool:
-        jobs = [pool.submit(load_pipeline, plan, pi, checkpoint, dtype, node_addresses, stub)
+        jobs = [pool.submit(load_pipeline, plan, pi, checkpoint, dtype, node_addresses, stub, max_step_tokens)
                 for pi in range(len(plan.pipelines))]
         addresses: dict = {}
         for pi, job in enumerate(jobs):
@@ -75,7 +75,8 @@ def load_shards(plan: Plan, checkpoint: str, dtype: str, node_addresses: dict, s
     return addresses
 
 
-def load_pipeline(plan: Plan, pi: int, checkpoint: str, dtype: str, node_addresses: dict, stub) -> list[str]:
+def load_pipeline(plan: Plan, pi: int, checkpoint: str, dtype: str, node_addresses: dict, stub,
+                  max_step_tokens: int = 0) -> list[str]:
     """Load pipeline ``pi``'s stages last to first, each with the rank-0 addresses of the
     stages after it (``LoadShardRequest.downstream``: where its Forward and Release go, for
     the stage's life); returns the stages' worker addresses, first to last. Reloading any
@@ -88,7 +89,8 @@ def load_pipeline(plan: Plan, pi: int, checkpoint: str, dtype: str, node_address
         s = p.stages[si]
         req = pb.LoadShardRequest(stage_id=f"p{pi}s{si}", checkpoint=path, layer_start=s.layers[0],
                                   layer_end=s.layers[1], is_first=si == 0, is_last=si == len(p.stages) - 1,
-                                  tp=s.tp, gpus=list(s.gpus), dtype=dtype, model_json=model_json, downstream=later)
+                                  tp=s.tp, gpus=list(s.gpus), dtype=dtype, model_json=model_json, downstream=later,
+                                  max_step_tokens=max_step_tokens)
         try:
             address = stub(node_addresses[s.node]).LoadShard(req, timeout=LOAD_TIMEOUT_S).address
         except grpc.RpcError as e:

@@ -20,6 +20,7 @@ import grpc
 from ._proto import hexplan_v1_pb2 as pb
 from ._proto import hexplan_v1_pb2_grpc as pbg
 from .lifecycle import StopSignals, exit_later, set_parent_death_signal, watch_parent
+from .limits import NODE_MESSAGE_LIMIT
 from .wire import Tls, add_health_and_reflection, bind, is_loopback, make_server, server_interceptors, split_host_port
 from .worker import DTYPES, worker_main
 
@@ -133,7 +134,8 @@ class NodeServicer(pbg.StageServicer):
                 "is_first": request.is_first, "is_last": request.is_last, "tp": tp,
                 "gpus": list(request.gpus), "dtype": request.dtype or "float32", "host": self.host,
                 "threads": self.threads, "auth_token": self.auth_token,
-                "downstream": list(request.downstream)}   # fixed for the stage's life
+                "downstream": list(request.downstream),   # fixed for the stage's life
+                "max_step_tokens": int(request.max_step_tokens)}
         if not os.path.isdir(checkpoint):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"node {self.name}: checkpoint {request.checkpoint!r} is not a directory here")
         if not 0 <= request.layer_start < request.layer_end:
@@ -211,7 +213,7 @@ def serve_node(listen: str, name: str, tls: Tls | None = None, threads: int | No
     if problem:
         raise ValueError(problem)
     servicer = NodeServicer(name, host, tls, threads, auth_token, checkpoint_roots)
-    server = make_server(interceptors=server_interceptors(auth_token))
+    server = make_server(interceptors=server_interceptors(auth_token), max_receive=NODE_MESSAGE_LIMIT)
     pbg.add_StageServicer_to_server(servicer, server)
     add_health_and_reflection(server, [pb.DESCRIPTOR.services_by_name["Stage"].full_name])
     port = bind(server, listen, tls, require_client_auth=bool(tls and tls.verifies_clients))

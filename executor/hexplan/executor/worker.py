@@ -29,6 +29,7 @@ from ._proto import hexplan_v1_pb2 as pb
 from ._proto import hexplan_v1_pb2_grpc as pbg
 from .distributed import TPContext, broadcast_message, init_tp, parse_link_delay
 from .model import SeqChunk, ShardSpec, StageModel
+from .limits import worker_message_limit
 from .wire import (Tls, add_health_and_reflection, bind, channel, from_proto, make_server, server_interceptors,
                    to_proto)
 
@@ -231,7 +232,9 @@ def worker_main(spec: dict, rank: int, master_port: int, ready, tls: dict | None
     tls_obj = Tls(**tls) if tls else None
     if rank == 0:
         worker = StageWorker(model, ctx, spec, tls_obj)
-        server = make_server(interceptors=server_interceptors(worker.token))
+        server = make_server(interceptors=server_interceptors(worker.token),
+                             max_receive=worker_message_limit(int(spec.get("max_step_tokens") or 0),
+                                                              model.args.hidden_size))
         pbg.add_StageServicer_to_server(worker, server)
         add_health_and_reflection(server, [pb.DESCRIPTOR.services_by_name["Stage"].full_name])
         try:

@@ -195,7 +195,7 @@ class ReleaseResponse(_message.Message):
     def __init__(self, released: _Optional[int] = ...) -> None: ...
 
 class LoadShardRequest(_message.Message):
-    __slots__ = ("stage_id", "checkpoint", "layer_start", "layer_end", "is_first", "is_last", "tp", "gpus", "dtype", "model_json", "downstream")
+    __slots__ = ("stage_id", "checkpoint", "layer_start", "layer_end", "is_first", "is_last", "tp", "gpus", "dtype", "model_json", "downstream", "max_step_tokens")
     STAGE_ID_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
@@ -207,6 +207,7 @@ class LoadShardRequest(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     MODEL_JSON_FIELD_NUMBER: _ClassVar[int]
     DOWNSTREAM_FIELD_NUMBER: _ClassVar[int]
+    MAX_STEP_TOKENS_FIELD_NUMBER: _ClassVar[int]
     stage_id: str
     checkpoint: str
     layer_start: int
@@ -218,7 +219,8 @@ class LoadShardRequest(_message.Message):
     dtype: str
     model_json: str
     downstream: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, stage_id: _Optional[str] = ..., checkpoint: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., is_first: _Optional[bool] = ..., is_last: _Optional[bool] = ..., tp: _Optional[int] = ..., gpus: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., model_json: _Optional[str] = ..., downstream: _Optional[_Iterable[str]] = ...) -> None: ...
+    max_step_tokens: int
+    def __init__(self, stage_id: _Optional[str] = ..., checkpoint: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., is_first: _Optional[bool] = ..., is_last: _Optional[bool] = ..., tp: _Optional[int] = ..., gpus: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., model_json: _Optional[str] = ..., downstream: _Optional[_Iterable[str]] = ..., max_step_tokens: _Optional[int] = ...) -> None: ...
 
 class LoadShardResponse(_message.Message):
     __slots__ = ("address",)
