@@ -16,6 +16,7 @@ from .cluster import load_cluster, loads_cluster
 from .costmodel import Workload
 from .errors import HexplanError, InfeasibleError, SpecError
 from .gpus import CATALOG
+from .logconfig import FORMATS as LOG_FORMATS, LEVELS as LOG_LEVELS, configure as configure_logging
 from .models import BUILTIN_MODELS, load_model
 from .plan import load_plan
 from .render import format_plan, gpu_summary as _gpu_summary, table as _table
@@ -142,6 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
         parser.add_argument("--tls-ca", help="PEM CA certificate to verify the peers' TLS certificates")
 
+    def log_args(parser):
+        parser.add_argument("--log-level", type=str.lower, choices=LOG_LEVELS, default="info",
+                            help="log records at this level and above go to stderr (default info; "
+                                 "debug, info, warning, error)")
+        parser.add_argument("--log-format", type=str.lower, choices=LOG_FORMATS, default="text",
+                            help="stderr log lines: text (timestamp level logger: message) or json (one object "
+                                 "per line: ts, level, logger, message and the record's fields; default text)")
+
     nd = sub.add_parser("node", help="run the executor of one machine (stage workers of a plan)")
     nd.add_argument("--listen", default="127.0.0.1:50061", help="HOST:PORT to listen on (default 127.0.0.1:50061; port 0 = any)")
     nd.add_argument("--name", required=True, help="this node's name in the cluster spec and plan")
@@ -157,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     nd.add_argument("--checkpoint-root", action="append", default=[], metavar="DIR",
                     help="LoadShard reads only checkpoints under DIR (symlinks resolved; repeatable; default: none, "
                          "so every LoadShard is refused)")
+    log_args(nd)
 
     def policy_args(parser):
         parser.add_argument("--policy", default="fcfs",
@@ -173,6 +183,20 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument("--matmul-pieces", type=int, default=1, metavar="K",
                             help="cut each TP row-parallel matrix product into K slices whose all-reduces overlap "
                                  "the rest of the product (default 1: off)")
+
+    def http_args(parser):
+        parser.add_argument("--http", metavar="HOST:PORT",
+                            help="also serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+                                 "/v1/models, /health, /metrics) on HOST:PORT, e.g. 127.0.0.1:8000 (port 0 = any); "
+                                 "needs the [http] extra. Its clients are not authenticated")
+        parser.add_argument("--served-model-name", metavar="NAME",
+                            help="the model's name in the HTTP API (default: the checkpoint folder's name)")
+        parser.add_argument("--chat-template", metavar="FILE",
+                            help="a Jinja chat template for /v1/chat/completions (default: the tokenizer's own)")
+        parser.add_argument("--max-queue", type=int, metavar="N",
+                            help="HTTP requests beyond the plan's total concurrency that may wait for a slot; one more "
+                                 "gets 429 (default: 4 x the concurrency, at least 64, at most 1024: the gRPC "
+                                 "server's allowance)")
 
     sv = sub.add_parser("serve", help="run the gateway: load a plan on its node executors and serve requests")
     sv.add_argument("--plan", required=True, help="plan file from `hexplan solve` (or hand-written)")
@@ -203,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--auth-token-file", metavar="FILE",
                     help="a file holding the token the node executors require (`hexplan node --auth-token-file`); "
                          "sent on every call to them and their stages. Clients of the gateway are not authenticated")
+    http_args(sv)
+    log_args(sv)
 
     la = sub.add_parser("launch", help="start every node executor of a plan and the gateway on this host")
     la.add_argument("plan", help="plan file")
@@ -215,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     tls_args(la)
     la.add_argument("--auth-token-file", metavar="FILE",
                     help="the token the node executors started here require (default: a fresh random one)")
+    http_args(la)
+    log_args(la)
 
     ge = sub.add_parser("generate", help="send one request to a gateway and print the tokens")
     ge.add_argument("--target", required=True, help="gateway HOST:PORT")
@@ -528,6 +556,7 @@ def _listen(value: str, flag: str) -> str:
 
 
 def cmd_node(args) -> int:
+    configure_logging(args.log_level, args.log_format)
     _executor()
     from .executor.node import exposure_problem, serve_node, unauthenticated_warning
 
@@ -553,6 +582,7 @@ def cmd_node(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    configure_logging(args.log_level, args.log_format)
     _executor()
     from .executor.gateway import Gateway, GatewayError
     from .executor.lifecycle import StopSignals, drain_and_stop
@@ -560,6 +590,7 @@ def cmd_serve(args) -> int:
 
     drain_timeout = _drain_timeout(args)
     faults = _fault_args(args)
+    http = _http_args(args)
     plan = load_plan(args.plan)
     nodes = {n["name"]: n["address"] for n in (plan.cluster or {}).get("nodes", []) if n.get("address")}
     for item in filter(None, args.nodes.split(",")):
@@ -583,10 +614,21 @@ def cmd_serve(args) -> int:
     except GatewayError as e:
         raise HexplanError(str(e)) from None
     server, port = serve_gateway(gw, _listen(args.listen, "--listen"), tls)
+    front = None
+    if http:
+        from .executor.http import default_model_name, serve_http
+        try:
+            front = serve_http(gw, http["http"], http["served_model_name"] or default_model_name(args.checkpoint),
+                               chat_template=http["chat_template"], max_queue=http["max_queue"])
+        except OSError as e:
+            server.stop(grace=0)
+            gw.stop()
+            raise SpecError(f"cannot listen on {http['http']}: {e.strerror or e}", field="--http") from None
     signals = StopSignals()
-    print(f"hexplan: ready: serving {plan.model.name} on {args.listen.rpartition(':')[0]}:{port}", flush=True)
+    print(f"hexplan: ready: serving {plan.model.name} on {args.listen.rpartition(':')[0]}:{port}"
+          + (f"; HTTP on {front.url}" if front is not None else ""), flush=True)
     signals.wait()
-    drain_and_stop(gw, server, drain_timeout, hurry=signals.hurry)
+    drain_and_stop(gw, server, drain_timeout, hurry=signals.hurry, http=front)
     print("hexplan: stopped", flush=True)
     return 0
 
@@ -621,21 +663,61 @@ def _policy(args) -> tuple[str, float | None]:
 
 
 def cmd_launch(args) -> int:
+    configure_logging(args.log_level, args.log_format)   # its node executors get the same (launch.start_node)
     _executor()
     from .executor.gateway import GatewayError
     from .executor.launch import run_launch
 
     drain_timeout = _drain_timeout(args)
     faults = _fault_args(args)
+    http = _http_args(args)
     plan = load_plan(args.plan)
     policy, quantum = _policy(args)
     try:
         return run_launch(plan, args.checkpoint, _listen(args.listen, "--listen"), _tls(args), args.dtype, args.threads,
                           policy=policy, mlfq_quantum_s=quantum, interleave=args.interleave,
                           matmul_pieces=args.matmul_pieces, drain_timeout=drain_timeout,
-                          auth_token=_auth_token(args), **faults)
+                          auth_token=_auth_token(args), **faults, **http)
     except (GatewayError, RuntimeError) as e:
         raise HexplanError(str(e)) from None
+
+
+def _http_args(args) -> dict:
+    """The HTTP front's options, checked (each error names its flag), or {} without --http."""
+    if args.http is None:
+        for flag in ("served_model_name", "chat_template", "max_queue"):
+            if getattr(args, flag) is not None:
+                raise SpecError("only with --http", field="--" + flag.replace("_", "-"))
+        return {}
+    _listen(args.http, "--http")
+    if args.max_queue is not None and args.max_queue < 0:
+        raise SpecError(f"must be an integer >= 0, got {args.max_queue}", field="--max-queue")
+    name = args.served_model_name
+    if name is not None and (not name.strip() or not name.isprintable()):
+        raise SpecError(f"expected a printable, non-empty name, got {name!r}", field="--served-model-name")
+    template = None
+    if args.chat_template is not None:
+        try:
+            template = Path(args.chat_template).read_text(encoding="utf-8")
+        except OSError as e:
+            raise SpecError(f"cannot read {args.chat_template}: {e.strerror or e}", field="--chat-template") from None
+        except UnicodeDecodeError:
+            raise SpecError(f"{args.chat_template}: not UTF-8 text", field="--chat-template") from None
+        try:
+            import jinja2
+            jinja2.Environment().parse(template)
+        except ImportError:
+            pass
+        except jinja2.TemplateSyntaxError as e:
+            raise SpecError(f"{args.chat_template}:{e.lineno}: not a Jinja template: {e.message}",
+                            field="--chat-template") from None
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise HexplanError(f"--http needs fastapi and uvicorn ({e.name} is missing): "
+                           "pip install 'hexplan[http]'") from None
+    return {"http": args.http, "served_model_name": name, "chat_template": template, "max_queue": args.max_queue}
 
 
 def cmd_generate(args) -> int:

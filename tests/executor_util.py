@@ -28,6 +28,38 @@ def make_checkpoint(path, *, layers=4, hidden=64, heads=4, kv_heads=4, intermedi
     return str(path)
 
 
+# What the test tokenizer learns from: ASCII and multi-byte text (accents, emoji, CJK, Greek,
+# Cyrillic), so characters of 2, 3 and 4 bytes are split across tokens and streamed text is tested.
+TOKENIZER_TEXT = (
+    "The quick brown fox jumps over the lazy dog. A naïve café owner in Zürich serves crème brûlée "
+    "and smörgåsbord; the façade was painted in 1999. Emoji travel too: 😀 🚀 🎉 ✨. "
+    "日本語のテキストも少し含めます。中文也可以：你好，世界！ Ελληνικά και русский текст. "
+    "Serving large language models on heterogeneous clusters means placing layers on GPUs, "
+    "batching requests, and streaming tokens back to every client as soon as they are sampled. ")
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def make_tokenizer(path, vocab_size=256, chat_template=CHAT_TEMPLATE):
+    """A tiny byte-level BPE tokenizer trained on TOKENIZER_TEXT (its alphabet: the bytes of that
+    text, so every prompt made of its characters encodes), with ``chat_template`` (None: none),
+    saved into the checkpoint directory ``path`` where loading.load_tokenizer finds it. Returns
+    the tokenizer (transformers' PreTrainedTokenizerFast)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([TOKENIZER_TEXT] * 4, trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False))
+    assert tok.get_vocab_size() <= vocab_size
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok)
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    fast.save_pretrained(str(path))
+    return fast
+
+
 _REF_CACHE: dict = {}
 
 

@@ -72,6 +72,19 @@ def stage_kv(L):
     return {a: n for a, v in L.gateway.kv_stats().items() if v is not None for n in [v[1]]}
 
 
+def metric(gw, name, **labels):
+    """One sample of the gateway's Prometheus metrics (metrics.py; model_name is implied for
+    vllm:* names)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    if name.startswith("vllm:"):
+        labels.setdefault("model_name", gw.served_model_name)
+    for fam in text_string_to_metric_families(gw.metrics.render()[0].decode()):
+        for s in fam.samples:
+            if s.name == name and s.labels == labels:
+                return s.value
+    return None
+
+
 def children(pid: int) -> list[int]:
     out = []
     for d in os.listdir("/proc"):
@@ -164,6 +177,11 @@ def test_killed_node_releases_kv_then_pipeline_comes_back(ckpt):
         st = status(L.address)
         assert st["serving"] and st["pipelines"][0]["state"] == "down" and st["pipelines"][1]["state"] == "live"
         assert "b" in st["down_nodes"]
+        if gw.metrics is not None:     # the metrics say so too; moved requests' tokens count once
+            assert metric(gw, "hexplan_pipeline_state", pipeline="0", state="down") == 1
+            assert metric(gw, "hexplan_pipeline_failures_total", pipeline="0") == 1
+            assert metric(gw, "vllm:generation_tokens_total") == n_new * len(PROMPTS)
+            assert metric(gw, "vllm:request_success_total", finished_reason="length") == len(PROMPTS)
         # A node executor back at the same address: the pipeline is reloaded and serves again.
         L.restart_node("b")
         wait_for(lambda: status(L.address)["pipelines"][0]["state"] == "live", 90, "pipeline 0 back")
@@ -187,6 +205,8 @@ def test_no_live_pipeline_is_not_serving(ckpt):
             generate(L.address, token_ids=[1, 2, 3], max_new_tokens=3, timeout=60)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert health(L.address) == health_pb2.HealthCheckResponse.NOT_SERVING
+        if L.gateway.metrics is not None:
+            assert metric(L.gateway, "hexplan_pipeline_state", pipeline="0", state="down") == 1
         out = subprocess.run([sys.executable, "-m", "hexplan.cli", "status", "--target", L.address],
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 1, out.stderr

@@ -71,6 +71,8 @@ def pipeline_failed(gw, p, why: str, epoch: int | None = None, stalled: bool = F
                 q.reason = reason if q is p else f"node(s) {', '.join(n for n in q.nodes if n in dead_nodes)} down"
                 q.epoch += 1
                 q.step_s = 0.0
+                if gw.metrics is not None:
+                    gw.metrics.on_pipeline_failed(q.index)
                 sids = gw.scheduler.fail(q.index)
                 moved.append((q, [gw.requests[s] for s in sids if s in gw.requests]))
                 gw.requeue_locked(sids)

@@ -20,6 +20,7 @@ live requests by scheduler id, the pipelines' stage addresses.
 """
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -48,6 +49,7 @@ from .sampling import Sampling
 from .wire import Tls, channel
 
 log = logging.getLogger("hexplan.gateway")
+access_log = logging.getLogger("hexplan.access")   # one line per request when it ends (request_ended)
 
 STALL_TIMEOUT_S = 10.0     # the least time a step may take before its pipeline is suspect
 STALL_FACTOR = 10.0        # ... or this many times its expected time, when that is longer
@@ -70,6 +72,13 @@ class Request:
     want_hidden: bool = False   # Prefill: also return the last token's hidden state
     label: str = ""             # the client's request_id (or this id): echoed back, logged
     failed: bool = False        # ended with an error event (no "done")
+    # time.monotonic() when it was accepted, first ran in a step, got its first and latest
+    # token, ended (request_ended; 0: not yet): metrics and the access line
+    t_submit: float = 0.0
+    t_sched: float = 0.0
+    t_first_token: float = 0.0
+    t_last_token: float = 0.0
+    t_end: float = 0.0
 
     def context(self) -> list[int]:
         return self.prompt + self.generated
@@ -113,7 +122,31 @@ def build_scheduler(plan: Plan, policy: str = "fcfs", *, max_batch: int | None =
     dispatcher = Dispatcher.for_plan(plan, workload.output_tokens, metrics)
     configs = pipeline_configs(plan, workload, asm.params, cluster, batch=max_batch, prefill_chunk=prefill_chunk,
                                prefill_budget=prefill_tokens)
-    return Scheduler(configs, policy, dispatcher, mlfq_quantum_s=mlfq_quantum_s)
+    sched = Scheduler(configs, policy, dispatcher, mlfq_quantum_s=mlfq_quantum_s)
+    # each pipeline's predicted output tokens/s (the cost model's on the plan's cluster, else the
+    # plan's own figure, else None): the metrics' hexplan_pipeline_predicted_tokens_per_second
+    sched.predicted_tokens_per_s = ([m.throughput for m in metrics] if metrics is not None
+                                    else [p.throughput_tokens_per_s for p in plan.pipelines])
+    return sched
+
+
+def _quoted(text: str) -> str:
+    """A client's label as one token of a text log line: as is when plain, else JSON-quoted
+    (no spaces, quotes or control characters can forge a field or a line)."""
+    if text and text.isprintable() and not any(c in text for c in ' "=\\'):
+        return text
+    return json.dumps(text)
+
+
+def _metrics(gw):
+    """The gateway's Metrics, or None when prometheus_client is not installed (it is optional)."""
+    try:
+        from .metrics import Metrics
+    except ImportError as e:
+        if not (e.name or "").startswith("prometheus_client"):
+            raise
+        return None
+    return Metrics(gw, getattr(gw.scheduler, "predicted_tokens_per_s", None))
 
 
 class Gateway:
@@ -161,6 +194,9 @@ class Gateway:
         self.parked: list = []     # [(Request, deadline)]
         self.runner = StepRunner(self)
         self.monitor = Monitor(self)
+        # the model's name in metrics (model_name) and access lines
+        self.served_model_name = plan.model.name
+        self.metrics = _metrics(self)   # Prometheus metrics (metrics.py); None without prometheus_client
         self._stubs: dict = {}
         self._threads: list = []
 
@@ -253,15 +289,17 @@ class Gateway:
         hidden or None) instead of tokens (``sampling`` is ignored)."""
         rid = uuid.uuid4().hex   # never the client's: two requests with one label stay apart
         req = Request(rid, list(token_ids), sampling, prefill_only=prefill_only, want_hidden=hidden,
-                      label=request_id or rid)
+                      label=request_id or rid, t_submit=time.monotonic())
         with self.cv:
             if self.draining:
                 req.finished = True
+                self.request_ended(req, grpc.StatusCode.UNAVAILABLE)
                 req.events.put(("error", grpc.StatusCode.UNAVAILABLE, "draining: the gateway is shutting down and "
                                 "takes no new requests"))
                 return req
             if not prefill_only and not self.scheduler.fits(len(req.prompt), sampling.max_new_tokens):
                 req.finished = True
+                self.request_ended(req, grpc.StatusCode.INVALID_ARGUMENT)
                 req.events.put(("error", grpc.StatusCode.INVALID_ARGUMENT,
                                 f"sampling.max_new_tokens: prompt ({len(req.prompt)} tokens) + max_new_tokens "
                                 f"({sampling.max_new_tokens}) exceeds the pipelines' KV budget of {self.scheduler.kv_budget} "
@@ -283,6 +321,7 @@ class Gateway:
         req.cancelled.set()
         with self.cv:
             if not req.finished and req.sid >= 0 and req.sid in self.requests:
+                self.request_ended(req, grpc.StatusCode.CANCELLED)
                 sched = self.scheduler
                 sched.cancel(req.sid)
                 if sched.state[req.sid] == DONE and not any(req.sid in p.release for p in sched.pipes):
@@ -298,6 +337,7 @@ class Gateway:
             return
         log.warning("request %s failed: %s: %s", req.label, code.name, message)
         req.failed = True
+        self.request_ended(req, code)       # recorded before its client can see the end
         req.events.put(("error", code, message))
         req.cancelled.set()
         self.scheduler.cancel(sid)
@@ -364,9 +404,39 @@ class Gateway:
 
     def _unavailable(self, req: Request) -> None:
         req.finished = True
+        self.request_ended(req, grpc.StatusCode.UNAVAILABLE)
         req.events.put(("error", grpc.StatusCode.UNAVAILABLE,
                         "no pipeline is available: every pipeline has a node that is down "
                         f"({', '.join(sorted(self.down_nodes)) or 'none loaded'})"))
+
+    def request_ended(self, req: Request, code: grpc.StatusCode | None = None, reason: str = "") -> None:
+        """The one place a request's end is recorded, once, whichever path ends it: its metrics
+        (an accepted request's: ``sid >= 0``) and its access line (logger ``hexplan.access``,
+        INFO). ``code``: None for a normal end (``reason`` stop or length), else the status its
+        client gets (CANCELLED: the client went away)."""
+        with self.cv:               # reentrant: callers may hold it
+            if req.t_end:
+                return
+            req.t_end = time.monotonic()
+        if code is None:
+            status, reason = "OK", reason or "stop"
+        else:
+            status, reason = code.name, "abort" if code == grpc.StatusCode.CANCELLED else "error"
+        if self.metrics is not None and req.sid >= 0:
+            self.metrics.on_request_end(req, reason)
+        if access_log.isEnabledFor(logging.INFO):
+            ttft = req.t_first_token - req.t_submit if req.t_first_token else None
+            waited = req.t_sched - req.t_submit if req.t_sched else None
+            total = req.t_end - req.t_submit
+            fields = {"request_id": req.id, "label": req.label, "model": self.served_model_name,
+                      "prompt_tokens": len(req.prompt), "output_tokens": len(req.generated),
+                      "ttft_s": None if ttft is None else round(ttft, 6),
+                      "queue_s": None if waited is None else round(waited, 6),
+                      "total_s": round(total, 6), "finish_reason": reason, "status": status}
+            access_log.info("request %s label=%s model=%s prompt_tokens=%d output_tokens=%d ttft=%s total=%.3fs "
+                            "finish_reason=%s status=%s", req.id, _quoted(req.label), self.served_model_name, len(req.prompt),
+                            len(req.generated), "-" if ttft is None else f"{ttft:.3f}s", total, reason, status,
+                            extra=fields)
 
     # ---- KV on the stages -------------------------------------------------------------------
     def release(self, p: Pipeline, reqs: list[Request]) -> None:
@@ -397,6 +467,14 @@ class Gateway:
         """Prompt chunks sent that were not their prompt's last."""
         return self.scheduler.partial_chunks
 
+    def queued_locked(self) -> int:
+        """Requests accepted and not yet given a place to run (Status.queued,
+        vllm:num_requests_waiting): waiting for admission, or parked waiting for a pipeline."""
+        sched = self.scheduler
+        return len(self.parked) + sum(1 for s in self.requests
+                                      if sched.state[s] == NEW and not sched.busy[s]
+                                      and (sched.mlfq or sched.loop_of[s] < 0))
+
     def status(self) -> pb.StatusResponse:
         """The Status RPC: per pipeline its state, requests in flight and each stage's KV."""
         with self.cv:
@@ -405,9 +483,7 @@ class Gateway:
             pipes = [(p.index, p.state, p.reason, loads[p.index],
                       list(zip(p.nodes, p.stages)), p.alive) for p in self.pipelines]
             in_flight = len(self.requests)
-            queued = len(self.parked) + sum(1 for s in self.requests      # not yet given a place to run
-                                            if sched.state[s] == NEW and not sched.busy[s]
-                                            and (sched.mlfq or sched.loop_of[s] < 0))
+            queued = self.queued_locked()
             down = sorted(self.down_nodes)
             draining = self.draining
         out = pb.StatusResponse(model=self.plan.model.name, draining=draining, in_flight=in_flight,

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 
+from hexplan import logconfig
 from hexplan.plan import Plan
 
 from .gateway import Gateway
@@ -38,6 +39,7 @@ def start_node(name: str, host: str, threads: int | None, tls: Tls | None, auth_
         cmd += ["--tls-cert", tls.cert, "--tls-key", tls.key] + (["--tls-ca", tls.ca] if tls.ca else [])
     if checkpoint_root:
         cmd += ["--checkpoint-root", checkpoint_root]
+    cmd += logconfig.child_args()   # this process's --log-level and --log-format, if configured
     env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
     if auth_token:
         env[TOKEN_ENV] = auth_token
@@ -69,10 +71,16 @@ class Launch:
     def __init__(self, plan: Plan, checkpoint: str, listen: str = "127.0.0.1:0", tls: Tls | None = None,
                  dtype: str = "float32", threads: int | None = None, max_batch: int | None = None,
                  prefill_chunk: int | None = None, policy: str = "fcfs", mlfq_quantum_s: float | None = None,
-                 interleave: int | None = None, matmul_pieces: int = 1, auth_token: str | None = None):
+                 interleave: int | None = None, matmul_pieces: int = 1, auth_token: str | None = None,
+                 http: str | None = None, served_model_name: str | None = None, chat_template: str | None = None,
+                 max_queue: int | None = None):
+        """``http``: also serve the OpenAI-compatible HTTP API on this HOST:PORT (http.py; port 0:
+        a free one, in ``self.http.port``), as ``served_model_name`` (default: the checkpoint
+        folder's name), with ``chat_template`` (Jinja text) and ``max_queue``."""
         self.nodes: dict = {}
         self.server = None
         self.gateway = None
+        self.http = None
         # The node executors and their workers take calls carrying this token only: a fresh
         # random one unless given (tests and benchmarks calling stages directly read it here).
         self.auth_token = auth_token or secrets.token_urlsafe(32)
@@ -98,6 +106,13 @@ class Launch:
             self.gateway.start()
             self.server, self.port = serve_gateway(self.gateway, listen, tls)
             self.address = f"{host}:{self.port}"
+            if http is not None:
+                from .http import default_model_name, serve_http
+                try:
+                    self.http = serve_http(self.gateway, http, served_model_name or default_model_name(checkpoint),
+                                           chat_template=chat_template, max_queue=max_queue)
+                except OSError as e:
+                    raise RuntimeError(f"--http: cannot listen on {http}: {e.strerror or e}") from None
         except BaseException:
             self.close()
             raise
@@ -122,9 +137,11 @@ class Launch:
         Returns how many requests were cut."""
         if self.server is None or self.gateway is None:
             return 0
-        return drain_and_stop(self.gateway, self.server, timeout, err, hurry)
+        return drain_and_stop(self.gateway, self.server, timeout, err, hurry, http=self.http)
 
     def close(self) -> None:
+        if self.http is not None:
+            self.http.stop()
         if self.server is not None:
             self.server.stop(grace=1).wait()
         if self.gateway is not None:
@@ -149,17 +166,21 @@ class Launch:
 def run_launch(plan: Plan, checkpoint: str, listen: str, tls: Tls | None, dtype: str, threads: int | None,
                out=sys.stdout, policy: str = "fcfs", mlfq_quantum_s: float | None = None, interleave: int | None = None,
                matmul_pieces: int = 1, drain_timeout: float = 30.0, auth_token: str | None = None,
-               stall_timeout_s: float | None = None, recovery_wait_s: float | None = None) -> int:
+               stall_timeout_s: float | None = None, recovery_wait_s: float | None = None,
+               http: str | None = None, served_model_name: str | None = None, chat_template: str | None = None,
+               max_queue: int | None = None) -> int:
     signals = StopSignals()
     launch = Launch(plan, checkpoint, listen, tls, dtype, threads, policy=policy, mlfq_quantum_s=mlfq_quantum_s,
-                    interleave=interleave, matmul_pieces=matmul_pieces, auth_token=auth_token)
+                    interleave=interleave, matmul_pieces=matmul_pieces, auth_token=auth_token, http=http,
+                    served_model_name=served_model_name, chat_template=chat_template, max_queue=max_queue)
     if stall_timeout_s is not None:
         launch.gateway.stall_timeout_s = stall_timeout_s
     if recovery_wait_s is not None:
         launch.gateway.recovery_wait_s = recovery_wait_s
     try:
         print(f"hexplan: ready: serving {plan.model.name} on {launch.address} "
-              f"({len(plan.pipelines)} pipeline(s), {len(launch.nodes)} node executor(s))", file=out, flush=True)
+              f"({len(plan.pipelines)} pipeline(s), {len(launch.nodes)} node executor(s))"
+              + (f"; HTTP on {launch.http.url}" if launch.http is not None else ""), file=out, flush=True)
         signals.wait()
         launch.drain(drain_timeout, hurry=signals.hurry)
     finally:

@@ -9,12 +9,14 @@ Linux prctl PR_SET_PDEATHSIG). A node that stops, by signal or because its paren
 its stage workers; workers watch their node the same way (worker.py ``_watch_parent``), so a
 SIGKILLed node takes its workers with it too.
 
-Drain. ``drain_and_stop``: health NOT_SERVING, new requests UNAVAILABLE ("draining"), the
-requests in flight finish up to a timeout, then the server and the gateway stop.
+Drain. ``drain_and_stop``: health NOT_SERVING, new requests UNAVAILABLE ("draining"; 503 on
+the HTTP front), the requests in flight finish up to a timeout, then the servers and the
+gateway stop.
 """
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import signal
 import sys
@@ -23,6 +25,8 @@ import time
 
 PR_SET_PDEATHSIG = 1     # <linux/prctl.h>
 EXIT_BACKSTOP_S = 5.0    # a node whose parent is gone exits by then even if its shutdown hangs
+
+log = logging.getLogger("hexplan.lifecycle")
 
 
 def set_parent_death_signal(sig: int = signal.SIGTERM) -> bool:
@@ -106,13 +110,19 @@ class _AtLeast:
 
 
 def drain_and_stop(gw, server, timeout: float, err=None, hurry=None,
-                   report_s: float = 1.0) -> int:
+                   report_s: float = 1.0, http=None) -> int:
     """Stop admitting and let the requests in flight end, up to ``timeout`` seconds, then stop
-    ``server`` (a short grace for the last messages) and ``gw``. Health turns NOT_SERVING at
+    ``server`` (a short grace for the last messages), the HTTP front ``http`` (http.py; it
+    answers 503 "draining" meanwhile) and ``gw``. Health turns NOT_SERVING at
     once (``gw.health``, set by serve_gateway); new requests get UNAVAILABLE ("draining").
-    Progress goes to ``err`` (stderr). ``hurry.is_set()`` (a second signal): stop waiting. Returns
+    Progress goes to ``err`` when given, else to the log (logger ``hexplan.lifecycle``: stderr,
+    in the process's log format). ``hurry.is_set()`` (a second signal): stop waiting. Returns
     how many requests were still in flight, cut by the stop."""
-    err = err or sys.stderr
+    def say(msg: str, level: int = logging.INFO) -> None:
+        if err is not None:
+            print(f"hexplan: {msg}", file=err, flush=True)
+        else:
+            log.log(level, msg)
     health = getattr(gw, "health", None)
     if health is not None:
         health.enter_graceful_shutdown()
@@ -125,15 +135,16 @@ def drain_and_stop(gw, server, timeout: float, err=None, hurry=None,
         if left <= 0:
             break
         if said is None or time.monotonic() - said >= report_s:
-            print(f"hexplan: draining: {n} request(s) in flight ({left:.0f} s left of --drain-timeout)",
-                  file=err, flush=True)
+            say(f"draining: {n} request(s) in flight ({left:.0f} s left of --drain-timeout)")
             said = time.monotonic()
         n = gw.drain(min(left, 0.25))
     if n:
-        print(f"hexplan: drain: cutting {n} request(s) still in flight", file=err, flush=True)
+        say(f"drain: cutting {n} request(s) still in flight", logging.WARNING)
     else:
-        print("hexplan: drained: no request in flight", file=err, flush=True)
+        say("drained: no request in flight")
     # No request left: the grace only lets the streams send their last message. Cutting: short.
     server.stop(grace=2.0 if not n else 0.5).wait()
+    if http is not None:
+        http.stop()
     gw.stop()
     return n

@@ -83,8 +83,11 @@ class StepRunner:
             chunks.append(pb.SeqChunk(request_id=r.id, start=len(ctx) - 1, length=1))
             tokens.append(ctx[-1])
         dropped = step.dropped
+        now = time.monotonic()
         for s, start, n, _last in step.prefill:
             r = reqs[s]
+            if not r.t_sched:           # its first step: it waited until now (metrics, access line)
+                r.t_sched = now
             drop = s in dropped
             chunks.append(pb.SeqChunk(request_id=r.id, start=start, length=n, hidden=drop and r.want_hidden, drop=drop))
             tokens += r.context()[start:start + n]
@@ -130,6 +133,8 @@ class StepRunner:
                 return False
             dt = time.monotonic() - t0
             p.step_s = dt if p.step_s == 0 else 0.9 * p.step_s + 0.1 * dt
+            if gw.metrics is not None:
+                gw.metrics.on_step(p.index, dt)
             logits = from_proto(resp.logits)
             hidden = list(from_proto(resp.hidden)) if resp.HasField("hidden") else []
             self.finish(step, logits, hidden, epoch)
@@ -178,19 +183,30 @@ class StepRunner:
                 results.append((r, row, next(hid) if r.want_hidden else None))
             elif last:
                 self._sample(r, row, s, sampled, stops, errors)
+        now = time.monotonic()
+        firsts, gaps = [], []       # requests given their first token; the others' inter-token times
         with gw.cv:
             if p.epoch != epoch:      # failed meanwhile: its requests moved, prefilled again elsewhere
                 return []
             for r, tok in sampled:
                 r.generated.append(tok)
                 r.events.put(("tokens", [tok]))
+                if r.t_first_token:
+                    gaps.append(now - r.t_last_token)
+                else:
+                    r.t_first_token = now
+                    firsts.append(r)
+                r.t_last_token = now
             for s, msg in errors.items():
                 gw.fail_locked(s, grpc.StatusCode.INTERNAL, msg)
             done = gw.scheduler.update(step, StepResult(finished=tuple(stops)), gw.clock())
             ended = [gw.retire_locked(s) for s in done if s in gw.requests]
             gw.cv.notify_all()
+        if sampled and gw.metrics is not None:
+            gw.metrics.on_tokens(p.index, len(sampled), firsts, gaps, now)
         for r, row, h in results:
             if not r.cancelled.is_set():
+                gw.request_ended(r)      # recorded before its client can see the end
                 r.events.put(("result", row, h))
         finished = [r for r in ended if not r.prefill_only]
         if finished:
@@ -202,7 +218,9 @@ class StepRunner:
             finally:
                 for r in finished:
                     if not r.failed:
-                        r.events.put(("done", stops.get(r.sid, "length")))
+                        reason = stops.get(r.sid, "length")
+                        gw.request_ended(r, None, reason)
+                        r.events.put(("done", reason))
         return done
 
     def _sample(self, r, row, s: int, sampled: list, stops: dict, errors: dict) -> None:

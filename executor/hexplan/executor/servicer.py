@@ -2,7 +2,9 @@
 
 Thin: every field is checked here (INVALID_ARGUMENT naming it), then the request goes to
 ``Gateway.submit`` and its events (tokens, done, result, error) are streamed back. A client
-that goes away cancels its request (``Gateway.cancel``)."""
+that goes away cancels its request (``Gateway.cancel``). The checks (``check_prompt``,
+``check_sampling``) are shared with the OpenAI-compatible HTTP front (http.py), which names
+the fields its own way."""
 from __future__ import annotations
 
 import math
@@ -18,6 +20,68 @@ from .sampling import Sampling
 from .wire import Tls, add_health_and_reflection, bind, make_server, to_proto
 
 
+class Invalid(ValueError):
+    """A bad field of a request: ``field`` (the gRPC API's name for it) and what is wrong.
+    The gRPC servicer answers INVALID_ARGUMENT "field: message"; the HTTP front (http.py)
+    renames the field to its own API's and answers 400."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+
+def check_prompt(gw: Gateway, token_ids=None, prompt: str | None = None, *, add_special_tokens: bool = True
+                 ) -> list[int]:
+    """The prompt as token ids, checked against the model (the context, the vocabulary; a text
+    prompt's characters are counted before it is tokenized). Raises ``Invalid``."""
+    context_limit = gw.context_limit
+    if token_ids:
+        if len(token_ids) > context_limit:      # counted before anything is copied
+            raise Invalid("token_ids", f"{len(token_ids)} token ids exceed the model's context of {context_limit} tokens")
+        ids = list(token_ids)
+    elif prompt:
+        if gw.tokenizer is None:
+            raise Invalid("prompt", "this checkpoint has no tokenizer; send token_ids")
+        chars = prompt_char_limit(context_limit)
+        if len(prompt) > chars:                 # counted before it is tokenized
+            raise Invalid("prompt", f"{len(prompt)} characters exceed the limit of {chars} ({CHARS_PER_TOKEN} "
+                                    f"per token of the model's context of {context_limit} tokens)")
+        ids = list(gw.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
+        if len(ids) > context_limit:
+            raise Invalid("prompt", f"{len(ids)} tokens exceed the model's context of {context_limit} tokens")
+    else:
+        raise Invalid("prompt", "empty prompt: give prompt or token_ids")
+    if not ids:
+        raise Invalid("prompt", "the prompt has no tokens")
+    for t in ids:
+        if not 0 <= t < gw.vocab:
+            raise Invalid("token_ids", f"token id {t} is outside the vocabulary [0, {gw.vocab})")
+    return ids
+
+
+def check_sampling(gw: Gateway, ids: list[int], *, max_new_tokens: int, temperature: float = 0.0,
+                   top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop_token_ids=()) -> Sampling:
+    """The sampling parameters of a generation of ``ids``, checked (the context, the ranges,
+    the vocabulary); raises ``Invalid`` naming the gRPC field (``sampling.*``). The KV budget is
+    checked by ``Gateway.submit`` (an error event)."""
+    if max_new_tokens <= 0:
+        raise Invalid("sampling.max_new_tokens", f"must be positive, got {max_new_tokens}")
+    if len(ids) + max_new_tokens > gw.context_limit:
+        raise Invalid("sampling.max_new_tokens", f"prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) "
+                                                 f"exceeds the model's context of {gw.context_limit} tokens")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise Invalid("sampling.temperature", f"must be >= 0, got {temperature}")
+    if not (0 < top_p <= 1):
+        raise Invalid("sampling.top_p", f"must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise Invalid("sampling.top_k", f"must be >= 0, got {top_k}")
+    for t in stop_token_ids:
+        if not 0 <= t < gw.vocab:
+            raise Invalid("sampling.stop_token_ids", f"token id {t} is outside the vocabulary [0, {gw.vocab})")
+    return Sampling(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                    stop_token_ids=tuple(stop_token_ids), max_new_tokens=max_new_tokens)
+
+
 class InferenceServicer(pbg.InferenceServicer):
     """Thin adapter: validate, convert, submit, stream."""
 
@@ -26,60 +90,25 @@ class InferenceServicer(pbg.InferenceServicer):
 
     def _prompt(self, request, context) -> list[int]:
         """The request's prompt as token ids, checked (GenerateRequest and PrefillRequest)."""
-        gw = self.gw
-        bad = lambda field, msg: context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {msg}")
-        context_limit = gw.context_limit
-        if request.token_ids:
-            if len(request.token_ids) > context_limit:      # counted before anything is copied
-                bad("token_ids", f"{len(request.token_ids)} token ids exceed the model's context of {context_limit} tokens")
-            ids = list(request.token_ids)
-        elif request.prompt:
-            if gw.tokenizer is None:
-                bad("prompt", "this checkpoint has no tokenizer; send token_ids")
-            chars = prompt_char_limit(context_limit)
-            if len(request.prompt) > chars:                 # counted before it is tokenized
-                bad("prompt", f"{len(request.prompt)} characters exceed the limit of {chars} ({CHARS_PER_TOKEN} "
-                              f"per token of the model's context of {context_limit} tokens)")
-            ids = list(gw.tokenizer(request.prompt)["input_ids"])
-            if len(ids) > context_limit:
-                bad("prompt", f"{len(ids)} tokens exceed the model's context of {context_limit} tokens")
-        else:
-            bad("prompt", "empty prompt: give prompt or token_ids")
-        if not ids:
-            bad("prompt", "the prompt has no tokens")
-        for t in ids:
-            if not 0 <= t < gw.vocab:
-                bad("token_ids", f"token id {t} is outside the vocabulary [0, {gw.vocab})")
-        return ids
+        try:
+            return check_prompt(self.gw, request.token_ids, request.prompt)
+        except Invalid as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
     def _watch(self, req: Request, context) -> Request:
         context.add_callback(lambda: self.gw.cancel(req))
         return req
 
     def _request(self, request, context) -> Request:
-        gw = self.gw
-        bad = lambda field, msg: context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {msg}")
         ids = self._prompt(request, context)
         s = request.sampling
-        if s.max_new_tokens <= 0:
-            bad("sampling.max_new_tokens", f"must be positive, got {s.max_new_tokens}")
-        if len(ids) + s.max_new_tokens > gw.context_limit:
-            bad("sampling.max_new_tokens", f"prompt ({len(ids)} tokens) + max_new_tokens ({s.max_new_tokens}) "
-                                           f"exceeds the model's context of {gw.context_limit} tokens")
-        if not math.isfinite(s.temperature) or s.temperature < 0:
-            bad("sampling.temperature", f"must be >= 0, got {s.temperature}")
-        top_p = s.top_p if s.HasField("top_p") else 1.0
-        if not (0 < top_p <= 1):
-            bad("sampling.top_p", f"must be in (0, 1], got {top_p}")
-        if s.top_k < 0:
-            bad("sampling.top_k", f"must be >= 0, got {s.top_k}")
-        for t in s.stop_token_ids:
-            if not 0 <= t < gw.vocab:
-                bad("sampling.stop_token_ids", f"token id {t} is outside the vocabulary [0, {gw.vocab})")
-        sampling = Sampling(temperature=s.temperature, top_k=s.top_k, top_p=top_p,
-                            seed=s.seed if s.HasField("seed") else None, stop_token_ids=tuple(s.stop_token_ids),
-                            max_new_tokens=s.max_new_tokens)
-        return self._watch(gw.submit(ids, sampling, request.request_id), context)
+        try:
+            sampling = check_sampling(self.gw, ids, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                                      top_p=s.top_p if s.HasField("top_p") else 1.0, top_k=s.top_k,
+                                      seed=s.seed if s.HasField("seed") else None, stop_token_ids=s.stop_token_ids)
+        except Invalid as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return self._watch(self.gw.submit(ids, sampling, request.request_id), context)
 
     def _events(self, req: Request, context):
         while True:
