@@ -45,7 +45,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]   # this checkout's hexplan, and
 
 import grpc  # noqa: E402
 
-from executor_util import hf_greedy, make_checkpoint, plan  # noqa: E402
+from executor_util import children, hf_greedy, make_checkpoint, plan  # noqa: E402
 
 from hexplan.executor._proto import hexplan_v1_pb2 as pb  # noqa: E402
 from hexplan.executor._proto import hexplan_v1_pb2_grpc as pbg  # noqa: E402
@@ -59,20 +59,6 @@ LABELS = [f"client-{i}" for i in range(8)]
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            if ppid == pid:
-                out.append(int(d))
-    return out
 
 
 BAD = [  # (field the refusal must name, how to spoil a request)

@@ -1,6 +1,7 @@
 """Helpers for executor tests: tiny random checkpoints, the transformers reference, plans."""
 from __future__ import annotations
 
+import os
 import socket
 
 import torch
@@ -95,3 +96,49 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# ---- processes (ppid chains read from /proc) ----------------------------------------------------
+
+def proc_stat(pid: int):
+    """(state, ppid) of a process, or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()
+    return fields[0], int(fields[1])
+
+
+def alive(pid: int) -> bool:
+    s = proc_stat(pid)
+    return s is not None and s[0] not in ("Z", "X")
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (ppid chains read from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            s = proc_stat(int(entry))
+            if s is not None and s[0] not in ("Z", "X"):
+                children.setdefault(s[1], []).append(int(entry))
+    out, todo = set(), [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
+
+
+def children(pid: int) -> list[int]:
+    """The live processes whose parent is ``pid``."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            s = proc_stat(int(entry))
+            if s is not None and s[1] == pid and s[0] not in ("Z", "X"):
+                out.append(int(entry))
+    return out

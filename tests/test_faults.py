@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 grpc = pytest.importorskip("grpc")
 pytest.importorskip("transformers")
 
-from executor_util import hf_greedy, make_checkpoint, plan  # noqa: E402
+from executor_util import children, hf_greedy, make_checkpoint, plan  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
 from hexplan.executor import runner as runner_mod  # noqa: E402
@@ -83,20 +83,6 @@ def metric(gw, name, **labels):
             if s.name == name and s.labels == labels:
                 return s.value
     return None
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            if ppid == pid:
-                out.append(int(d))
-    return out
 
 
 # ---- request identity and isolation ---------------------------------------------------------

@@ -20,7 +20,7 @@ pytest.importorskip("torch")
 grpc = pytest.importorskip("grpc")
 pytest.importorskip("transformers")
 
-from executor_util import hf_greedy, make_checkpoint  # noqa: E402
+from executor_util import alive, descendants, hf_greedy, make_checkpoint, proc_stat  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
 from hexplan.executor._proto import hexplan_v1_pb2 as pb  # noqa: E402
@@ -50,39 +50,6 @@ def two_stage_plan(tmp_path, ckpt, workload: str = "") -> str:
 
 
 # ---- processes ------------------------------------------------------------------------------
-
-def _stat(pid: int):
-    """(state, ppid) of a process, or None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            text = f.read()
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2:].split()
-    return fields[0], int(fields[1])
-
-
-def alive(pid: int) -> bool:
-    s = _stat(pid)
-    return s is not None and s[0] not in ("Z", "X")
-
-
-def descendants(pid: int) -> set[int]:
-    """Every live process below ``pid`` (ppid chains read from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            s = _stat(int(entry))
-            if s is not None and s[0] not in ("Z", "X"):
-                children.setdefault(s[1], []).append(int(entry))
-    out, todo = set(), [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            if c not in out:
-                out.add(c)
-                todo.append(c)
-    return out
-
 
 def start_time(pid: int):
     """The process's start time (clock ticks since boot), or None when it is gone: with the pid,
@@ -267,7 +234,7 @@ def stacks(L: Launched, pids) -> str:
     for p in sorted(pids):
         try:
             with open(f"/proc/{p}/cmdline") as f:
-                info.append(f"{p} {_stat(p)}: {f.read().replace(chr(0), ' ')[:160]}")
+                info.append(f"{p} {proc_stat(p)}: {f.read().replace(chr(0), ' ')[:160]}")
             os.kill(p, signal.SIGABRT)
         except OSError:
             pass
@@ -280,7 +247,7 @@ def test_sigkill_leaves_no_orphans(ckpt, tmp_path):
     worker it started."""
     L = Launched(two_stage_plan(tmp_path, ckpt), ckpt, env={"PYTHONFAULTHANDLER": "1"})
     try:
-        nodes = [p for p in L.known if _stat(p) and _stat(p)[1] == L.proc.pid]
+        nodes = [p for p in L.known if proc_stat(p) and proc_stat(p)[1] == L.proc.pid]
         assert len(nodes) == 2, f"launch's children: {nodes}"
         below = {n: descendants(n) for n in nodes}
         assert all(below.values()), f"a node has no worker: {below}"

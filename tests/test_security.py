@@ -25,7 +25,7 @@ grpc = pytest.importorskip("grpc")
 pytest.importorskip("transformers")
 pytest.importorskip("cryptography")
 
-from executor_util import hf_greedy, make_checkpoint, plan  # noqa: E402
+from executor_util import descendants, hf_greedy, make_checkpoint, plan  # noqa: E402
 
 from hexplan.executor._proto import hexplan_v1_pb2 as pb  # noqa: E402
 from hexplan.executor._proto import hexplan_v1_pb2_grpc as pbg  # noqa: E402
@@ -335,31 +335,13 @@ def _listening(pids):
     return out
 
 
-def _descendants(pid):
-    children: dict = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                stat = open(f"/proc/{d}/stat").read()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(d))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(children.get(p, []))
-    return out
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_tp2_launch_with_token_binds_no_wildcard_and_matches_transformers(root):
     ckpt = str(root / "root" / "ckpt")
     with Launch(plan(ckpt, [("a", 2, 0, 1), ("b", 1, 1, 2)]), ckpt, threads=1) as L:
         got = generate(L.address, token_ids=[5, 17, 33], max_new_tokens=6, timeout=120)
         assert got["token_ids"] == hf_greedy(ckpt, [5, 17, 33], 6)
-        pids = _descendants(os.getpid())
+        pids = [os.getpid(), *descendants(os.getpid())]
         assert len(pids) >= 1 + 2 + 3, pids            # this process, 2 nodes, 3 workers
         sockets = _listening(pids)
         assert sockets, "no listening socket found"

@@ -12,7 +12,6 @@ from a fixed table, shapes that must add up to the bytes received).
 """
 from __future__ import annotations
 
-import ipaddress
 import json
 import math
 import os
@@ -25,6 +24,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from .wire import is_loopback
 
 # dtype names that may travel in a message header (never eval'd or getattr'd from input)
 _DTYPES = {str(d).removeprefix("torch."): d for d in (
@@ -162,7 +163,7 @@ def init_tp(rank: int, size: int, master_addr: str, master_port: int,
         store = dist.TCPStore(master_addr, master_port, size, False, timeout=timeout)
     if backend == "gloo":
         backend = _gloo_bound_to(master_addr)
-    elif backend == "nccl" and _loopback(master_addr):
+    elif backend == "nccl" and is_loopback(master_addr):
         os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
     dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout)
     device = f"cuda:{torch.cuda.current_device()}" if backend == "nccl" else "cpu"
@@ -199,15 +200,6 @@ def _gloo_bound_to(host: str) -> str:
         _GLOO_HOST.append(host)
     _GLOO_HOST[0] = host
     return name
-
-
-def _loopback(host: str) -> bool:
-    if host.strip("[]").lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def destroy_tp(ctx: TPContext) -> None:
