@@ -310,9 +310,9 @@ def instrument(gateway, t0_ref: list) -> list:
     orig = runner.run
     steps: list = []
 
-    def timed(step):
+    def timed(step, *args, **kwargs):          # (step[, epoch]: whatever the runner passes)
         t = time.perf_counter()
-        ok = orig(step)
+        ok = orig(step, *args, **kwargs)
         steps.append((t - t0_ref[0], time.perf_counter() - t, len(step.decode), step.decode_context,
                       [c[2] for c in step.prefill], step.logits))
         return ok
