@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import torch
 
@@ -90,6 +91,16 @@ def plan(checkpoint, *pipelines, weights=None):
             st.append({"node": node, "gpus": list(range(first, first + tp)), "tp": tp, "layers": [a, b]})
         pls.append({"weight": (weights or [1.0 / len(pipelines)] * len(pipelines))[i], "stages": st})
     return plan_from_dict({"model": checkpoint, "pipelines": pls})
+
+
+def wait_for(cond, timeout, what, poll=0.1):
+    """Poll ``cond()`` until true; AssertionError naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def free_port() -> int:

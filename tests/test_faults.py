@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 grpc = pytest.importorskip("grpc")
 pytest.importorskip("transformers")
 
-from executor_util import children, hf_greedy, make_checkpoint, plan  # noqa: E402
+from executor_util import children, hf_greedy, make_checkpoint, plan, wait_for  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
 from hexplan.executor import runner as runner_mod  # noqa: E402
@@ -45,13 +45,6 @@ def health(address) -> int:
                                                     timeout=5).status
 
 
-def wait_for(cond, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def run_all(address, jobs):

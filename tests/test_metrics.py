@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from concurrent import futures
 from pathlib import Path
 
@@ -19,7 +18,7 @@ torch = pytest.importorskip("torch")
 grpc = pytest.importorskip("grpc")
 pytest.importorskip("transformers")
 
-from executor_util import make_checkpoint, plan  # noqa: E402
+from executor_util import make_checkpoint, plan, wait_for  # noqa: E402
 
 from hexplan import logconfig  # noqa: E402
 from hexplan.executor._proto import hexplan_v1_pb2 as pb  # noqa: E402
@@ -37,13 +36,6 @@ def ckpt(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("tiny-metrics"), layers=2, heads=4, kv_heads=2, seed=7)
 
 
-def wait_for(cond, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def scrape(gw) -> dict:

@@ -488,29 +488,29 @@ class Gateway:
             draining = self.draining
         out = pb.StatusResponse(model=self.plan.model.name, draining=draining, in_flight=in_flight,
                                 queued=queued, down_nodes=down)
+        kv = self.kv_stats(timeout=2.0, live_only=True)   # a stopped pipeline's stages: the monitor probes them
         for index, state, reason, n, stages, alive in pipes:
             ps = out.pipelines.add(index=index, state=state, in_flight=n, reason=reason)
             for node, addr in stages:
                 st = ps.stages.add(node=node, address=addr)
-                if not alive:
-                    continue         # its stages are being probed by the monitor
-                try:
-                    r = self.stub(addr).Stats(pb.StatsRequest(), timeout=2)
-                    st.answering, st.kv_bytes, st.sequences = True, r.kv_bytes, r.sequences
-                except grpc.RpcError:
-                    st.answering = False
+                got = kv.get(addr) if alive else None
+                if got is not None:
+                    st.answering, (st.kv_bytes, st.sequences) = True, got
         out.serving = not draining and any(alive for *_, alive in pipes)
         return out
 
-    def kv_stats(self) -> dict:
+    def kv_stats(self, timeout: float = 5.0, live_only: bool = False) -> dict:
+        """{stage address: (kv_bytes, sequences), or None when it does not answer}, every stage
+        asked at once."""
+        calls = {addr: self.stub(addr).Stats.future(pb.StatsRequest(), timeout=timeout)
+                 for p in self.pipelines if p.alive or not live_only for addr in p.stages}
         out = {}
-        for p in self.pipelines:
-            for addr in p.stages:
-                try:
-                    s = self.stub(addr).Stats(pb.StatsRequest(), timeout=5)
-                    out[addr] = (s.kv_bytes, s.sequences)
-                except grpc.RpcError:
-                    out[addr] = None
+        for addr, f in calls.items():
+            try:
+                r = f.result()
+                out[addr] = (r.kv_bytes, r.sequences)
+            except grpc.RpcError:
+                out[addr] = None
         return out
 
 

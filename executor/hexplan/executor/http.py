@@ -682,29 +682,13 @@ def make_app(gw: Gateway, served_model_name: str, chat_template: str | None = No
                 out["usage"] = None
             return sse(out)
 
-        async def stream():
-            try:
-                if echo:
-                    for c in choices:
-                        yield chunk([{"index": c.index, "text": echo, "logprobs": None, "finish_reason": None}])
-                async with aclosing(front.events(choices)) as evs:
-                    async for c, ev in evs:
-                        if c is None:
-                            continue
-                        delta = front.apply(c, ev, fields)
-                        if delta or c.done or (tokens and c.pending):
-                            yield chunk([choice_obj(c, delta, c.finish)])
-                if usage:
-                    yield sse({"id": cid, "object": "text_completion", "created": created, "model": front.model,
-                               "choices": [], "usage": _usage(len(ids), choices)})
-            except APIError as e:
-                yield sse(e.body())
-            except Exception as e:
-                log.exception("HTTP stream %s failed", cid)
-                yield sse(APIError(500, f"internal error: {type(e).__name__}: {e}").body())
-            yield "data: [DONE]\n\n"
-
-        return SSEResponse(stream(), lambda: front.cancel_all(choices))
+        first = [chunk([{"index": c.index, "text": echo, "logprobs": None, "finish_reason": None}])
+                 for c in choices] if echo else []
+        tail = {"id": cid, "object": "text_completion", "created": created, "model": front.model, "choices": []}
+        return SSEResponse(_sse_stream(front, choices, fields, cid, tokens, first,
+                                       lambda c, delta: chunk([choice_obj(c, delta, c.finish)]),
+                                       tail if usage else None, len(ids)),
+                           lambda: front.cancel_all(choices))
 
     @app.post("/v1/chat/completions")
     async def chat(request: HTTPRequest):
@@ -764,30 +748,41 @@ def make_app(gw: Gateway, served_model_name: str, chat_template: str | None = No
                 out["usage"] = None
             return sse(out)
 
-        async def stream():
-            try:
-                for c in choices:
-                    yield chunk(c, {"role": "assistant", "content": ""})
-                async with aclosing(front.events(choices)) as evs:
-                    async for c, ev in evs:
-                        if c is None:
-                            continue
-                        delta = front.apply(c, ev, fields)
-                        if delta or c.done or (tokens and c.pending):
-                            yield chunk(c, {"content": delta} if delta else {}, c.finish)
-                if usage:
-                    yield sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": front.model,
-                               "system_fingerprint": None, "choices": [], "usage": _usage(len(ids), choices)})
-            except APIError as e:
-                yield sse(e.body())
-            except Exception as e:
-                log.exception("HTTP stream %s failed", cid)
-                yield sse(APIError(500, f"internal error: {type(e).__name__}: {e}").body())
-            yield "data: [DONE]\n\n"
-
-        return SSEResponse(stream(), lambda: front.cancel_all(choices))
+        first = [chunk(c, {"role": "assistant", "content": ""}) for c in choices]
+        tail = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": front.model,
+                "system_fingerprint": None, "choices": []}
+        return SSEResponse(_sse_stream(front, choices, fields, cid, tokens, first,
+                                       lambda c, delta: chunk(c, {"content": delta} if delta else {}, c.finish),
+                                       tail if usage else None, len(ids)),
+                           lambda: front.cancel_all(choices))
 
     return app
+
+
+async def _sse_stream(front, choices, fields, cid: str, tokens: bool, first: list, delta_chunk, usage_tail,
+                      prompt_tokens: int):
+    """The server-sent events of a streamed completion or chat completion: ``first`` (echo,
+    or the assistant role), a ``delta_chunk(choice, text)`` whenever a choice has new text, ends
+    or (``tokens``) has new token ids, ``usage_tail`` with the usage when asked, then ``[DONE]``;
+    an error after the first byte is an error event before ``[DONE]``."""
+    try:
+        for s in first:
+            yield s
+        async with aclosing(front.events(choices)) as evs:
+            async for c, ev in evs:
+                if c is None:
+                    continue
+                delta = front.apply(c, ev, fields)
+                if delta or c.done or (tokens and c.pending):
+                    yield delta_chunk(c, delta)
+        if usage_tail is not None:
+            yield sse(dict(usage_tail, usage=_usage(prompt_tokens, choices)))
+    except APIError as e:
+        yield sse(e.body())
+    except Exception as e:
+        log.exception("HTTP stream %s failed", cid)
+        yield sse(APIError(500, f"internal error: {type(e).__name__}: {e}").body())
+    yield "data: [DONE]\n\n"
 
 
 # ---- the server ---------------------------------------------------------------------------
