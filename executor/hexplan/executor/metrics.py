@@ -33,11 +33,9 @@ import threading
 import time
 from collections import deque
 
-import grpc
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from ._proto import hexplan_v1_pb2 as pb
 
 # vLLM's buckets (vllm/v1/metrics/loggers.py)
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -181,19 +179,8 @@ class Metrics:
             with gw.cv:
                 stages = [(p.index, si, node, addr) for p in gw.pipelines if p.alive
                           for si, (node, addr) in enumerate(zip(p.nodes, p.stages))]
-            calls = []
-            for pi, si, node, addr in stages:
-                try:
-                    calls.append((pi, si, node, gw.stub(addr).Stats.future(pb.StatsRequest(), timeout=STATS_TIMEOUT_S)))
-                except Exception:       # noqa: BLE001 - a bad address: no series for it
-                    pass
-            stats = {}
-            for pi, si, node, fut in calls:
-                try:
-                    r = fut.result()
-                except grpc.RpcError:
-                    continue
-                stats[pi, si] = (node, r.kv_bytes, r.sequences)
+            kv = gw.kv_stats(timeout=STATS_TIMEOUT_S, live_only=True)
+            stats = {(pi, si): (node, *kv[addr]) for pi, si, node, addr in stages if kv.get(addr) is not None}
             self._stats = stats
             self._stats_at = time.monotonic()
         finally:
