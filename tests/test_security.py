@@ -245,6 +245,11 @@ def test_load_shard_is_confined_to_the_checkpoint_root(secured, root):
         assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("tp:"), details
         code, details = code_of(stub.LoadShard, load_req(root / "root" / "ckpt", dtype="float64; rm -rf"))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("dtype:"), details
+        for cal in ({"calibrate_batches": [0]}, {"calibrate_batches": [1 << 20]},
+                    {"calibrate_batches": list(range(1, 40))}, {"calibrate_context": -1},
+                    {"calibrate_context": 1 << 30}):
+            code, details = code_of(stub.LoadShard, load_req(root / "root" / "ckpt", **cal))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and details.startswith("calibrate_batches"), (cal, details)
         assert list(stub.Stats(pb.StatsRequest(), timeout=RPC_S).stages) == []
 
 

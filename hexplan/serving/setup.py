@@ -11,7 +11,9 @@ Where the numbers come from:
   chosen from the pipeline itself. One loop per stage, so that while one micro-batch is on a
   stage the others have one each and no stage queues behind another loop's step (a one-stage
   pipeline runs one loop: more would only queue at its one worker, measured 60.7 against 87.3
-  tokens/s in docs/executor-benchmark.md); each of ``batch_size`` sequences (16), so
+  tokens/s in docs/executor-benchmark.md); each of the batch size its measured decode steps
+  call for (``choose_batch``: the gateway has every stage time decode steps of
+  ``CALIBRATION_BATCHES`` when it loads them), else ``batch_size`` sequences (16), so
   ``concurrency = loops x batch``, fewer when the cluster is known and the stages' memory holds
   fewer sequences of the workload's context beside their weights (``memory_concurrency``).
 * KV budget: ``concurrency x (prompt + output tokens)`` of the workload, what the planner
@@ -33,6 +35,32 @@ from ..evaluate import splits
 from ..plan import Plan
 
 DEFAULT_STEP_S = 0.05     # a step's duration when nothing better is known (mlfq quantum, estimates)
+# A bare plan's batch size: the decode batch sizes the stages time at load, and the least gain
+# in tokens/s that makes doubling the batch worth it (``choose_batch``).
+CALIBRATION_BATCHES = (8, 16, 32, 64, 128, 256)
+BATCH_GAIN = 1.10
+
+
+def choose_batch(step_ms: dict, gain: float = BATCH_GAIN) -> int | None:
+    """The batch size for a pipeline whose decode step of ``b`` sequences takes ``step_ms[b]``
+    (its slowest stage's time: with one loop per stage, that stage sets the pace): the smallest
+    measured size whose next larger one raises tokens/s (b / step time) by less than ``gain``,
+    else the largest. Past that point a larger batch mostly lengthens every step (each
+    sequence's time per token) for little more throughput: on a CPU, whose decode steps grow
+    almost linearly with the batch, that comes early; on a GPU, whose decode steps cost nearly
+    the same up to large batches, late. None when nothing was measured."""
+    sizes = sorted(b for b, ms in step_ms.items() if b > 0 and ms > 0)
+    for b, nxt in zip(sizes, sizes[1:]):
+        if (nxt / step_ms[nxt]) < gain * (b / step_ms[b]):
+            return b
+    return sizes[-1] if sizes else None
+
+
+def pipeline_step_ms(stage_ms: list[dict]) -> dict:
+    """A pipeline's decode step time per batch size from its stages' (``{batch: ms}`` each):
+    the slowest stage's, at the batch sizes every stage measured."""
+    common = set.intersection(*(set(d) for d in stage_ms)) if stage_ms else set()
+    return {b: max(d[b] for d in stage_ms) for b in sorted(common)}
 
 
 @dataclass(frozen=True)
@@ -60,16 +88,17 @@ def has_workload(plan: Plan) -> bool:
 def pipeline_configs(plan: Plan, workload: Workload, params: CostParams | None = None, cluster=None, *,
                      loops: int | None = None, prefill_chunk: int | None = None,
                      prefill_budget: int | None = None, batch: int | None = None,
-                     concurrency: int | None = None) -> list[PipelineConfig]:
+                     concurrency: int | None = None, batches: list | None = None) -> list[PipelineConfig]:
     """One PipelineConfig per pipeline of ``plan`` (module docstring). ``workload``: the plan's
     (hexplan.validate.plan_assumptions); ``cluster``: for the cost model's estimates (None:
-    the plan's predictions). Keyword arguments override the schedule."""
+    the plan's predictions). Keyword arguments override the schedule; ``batches``: a bare
+    plan's batch size per pipeline (``choose_batch``'s; None entries: the workload's)."""
     explicit = has_workload(plan)
     params = params or CostParams()
     out = []
-    for p in plan.pipelines:
+    for i, p in enumerate(plan.pipelines):
         n = len(p.stages)
-        b = batch or workload.batch_size
+        b = batch or (None if explicit or not batches else batches[i]) or workload.batch_size
         if explicit:
             conc = max(concurrency or workload.concurrency, b)
             nl = loops or -(-conc // b)
@@ -82,7 +111,8 @@ def pipeline_configs(plan: Plan, workload: Workload, params: CostParams | None =
                 nl = min(nl, conc)
                 b = batch or -(-conc // nl)
             conc = max(conc, b)
-        chunk = prefill_chunk or workload.prefill_chunk(n)
+        chunk = prefill_chunk or (workload.prefill_chunk(n) if n <= 1 or b == workload.batch_size
+                                  else -(-b * workload.prompt_tokens // workload.output_tokens))
         whole = prefill_budget or workload.prompt_tokens
         kv = conc * workload.context
         decode_s, prefill_s, estimated = _estimates(plan, p, workload, params, cluster, chunk)

@@ -37,6 +37,7 @@ from hexplan.evaluate import CostCache, evaluate_plan_pipelines
 from hexplan.plan import Plan, plan_cluster
 from hexplan.serving import NoPipeline, Scheduler, pipeline_configs
 from hexplan.serving.scheduler import DONE, NEW
+from hexplan.serving.setup import CALIBRATION_BATCHES, choose_batch, has_workload, pipeline_step_ms
 from hexplan.validate import plan_assumptions
 
 from ._proto import hexplan_v1_pb2 as pb
@@ -100,10 +101,12 @@ class Pipeline:
 
 def build_scheduler(plan: Plan, policy: str = "fcfs", *, max_batch: int | None = None,
                     prefill_tokens: int | None = None, prefill_chunk: int | None = None,
-                    mlfq_quantum_s: float | None = None, interleave: int | None = None) -> Scheduler:
+                    mlfq_quantum_s: float | None = None, interleave: int | None = None,
+                    batches: list | None = None) -> Scheduler:
     """The gateway's scheduler for ``plan``: hexplan.serving's, configured from the plan as the
     simulator configures it (the plan's workload, its cluster section for the cost model's
-    estimates and routing predictions when it has one)."""
+    estimates and routing predictions when it has one). ``batches``: a bare plan's batch size
+    per pipeline, chosen from its measured decode steps (``Gateway.start``)."""
     asm = plan_assumptions(plan)
     workload: Workload = asm.workload
     if interleave is not None and interleave != workload.interleave:
@@ -121,7 +124,7 @@ def build_scheduler(plan: Plan, policy: str = "fcfs", *, max_batch: int | None =
         metrics = None
     dispatcher = Dispatcher.for_plan(plan, workload.output_tokens, metrics)
     configs = pipeline_configs(plan, workload, asm.params, cluster, batch=max_batch, prefill_chunk=prefill_chunk,
-                               prefill_budget=prefill_tokens)
+                               prefill_budget=prefill_tokens, batches=batches)
     sched = Scheduler(configs, policy, dispatcher, mlfq_quantum_s=mlfq_quantum_s)
     # each pipeline's predicted output tokens/s (the cost model's on the plan's cluster, else the
     # plan's own figure, else None): the metrics' hexplan_pipeline_predicted_tokens_per_second
@@ -153,7 +156,8 @@ class Gateway:
     def __init__(self, plan: Plan, checkpoint: str, node_addresses: dict, tls: Tls | None = None,
                  dtype: str = "float32", max_batch: int | None = None, prefill_tokens: int | None = None,
                  prefill_chunk: int | None = None, policy: str = "fcfs", mlfq_quantum_s: float | None = None,
-                 interleave: int | None = None, matmul_pieces: int = 1, auth_token: str | None = None):
+                 interleave: int | None = None, matmul_pieces: int = 1, auth_token: str | None = None,
+                 calibrate: bool = True):
         self.plan, self.checkpoint, self.tls, self.dtype = plan, str(checkpoint), tls, dtype
         self.auth_token = auth_token or None   # sent on every call to node executors and stages
         self.node_addresses = dict(node_addresses)
@@ -168,9 +172,13 @@ class Gateway:
                 raise GatewayError(f"{name} must be an integer >= 1, got {v!r}")
         self.interleave = interleave         # parts a step is cut into (1: off)
         self.matmul_pieces = matmul_pieces   # slices of each TP row-parallel product (1: off)
-        self.scheduler = build_scheduler(plan, policy, max_batch=max_batch, prefill_tokens=prefill_tokens,
-                                         prefill_chunk=prefill_chunk, mlfq_quantum_s=mlfq_quantum_s,
-                                         interleave=interleave)
+        self._schedule_args = dict(max_batch=max_batch, prefill_tokens=prefill_tokens, prefill_chunk=prefill_chunk,
+                                   mlfq_quantum_s=mlfq_quantum_s, interleave=interleave)
+        self.scheduler = build_scheduler(plan, policy, **self._schedule_args)
+        # A bare plan's batch size comes from its stages' decode steps, timed at load (start);
+        # a plan's workload section or --max-batch fixes it.
+        self.calibrate = calibrate and max_batch is None and not has_workload(plan)
+        self.decode_ms: dict = {}     # pipeline -> {batch: ms of its slowest stage's decode step}
         self.config, ckpt_model = check_checkpoint(self.checkpoint, plan.model)
         self.vocab = ckpt_model.vocab_size
         # the checkpoint's context, or the plan's when its config.json does not say
@@ -218,8 +226,19 @@ class Gateway:
         return s
 
     def start(self) -> None:
+        calibrate, timings, max_tokens = None, {}, step_tokens(self)
+        if self.calibrate:
+            # the stages time decode steps at the workload's mean context (the checkpoint's limit
+            # permitting); the message limits allow the largest batch that may be chosen
+            context = max(1, min(int(self.workload.mean_decode_context), self.context_limit - 1))
+            calibrate = (CALIBRATION_BATCHES, context)
+            largest = build_scheduler(self.plan, self.policy, **dict(
+                self._schedule_args, batches=[max(CALIBRATION_BATCHES)] * len(self.plan.pipelines)))
+            max_tokens = max(max_tokens, step_tokens(self, largest.configs))
         addresses = load_shards(self.plan, self.checkpoint, self.dtype, self.node_addresses, self.stub,
-                                step_tokens(self))
+                                max_tokens, calibrate, timings)
+        if calibrate:
+            self._choose_batches(timings)
         total_w = sum(p.weight for p in self.plan.pipelines) or 1.0
         for pi, p in enumerate(self.plan.pipelines):
             self.pipelines.append(Pipeline(pi, (p.weight or 0.0) / total_w,
@@ -229,6 +248,22 @@ class Gateway:
         self.monitor.start()
         log.info("gateway: %d pipeline(s) loaded; micro-batch loops %s", len(self.pipelines),
                  ", ".join(f"{c.loops} x {c.batch}" for c in self.scheduler.configs))
+
+    def _choose_batches(self, timings: dict) -> None:
+        """Rebuild the (still empty) scheduler with each pipeline's batch size chosen from its
+        stages' measured decode steps (hexplan.serving.setup.choose_batch)."""
+        batches = []
+        for pi, p in enumerate(self.plan.pipelines):
+            ms = pipeline_step_ms([timings.get((pi, si), {}) for si in range(len(p.stages))])
+            self.decode_ms[pi] = ms
+            b = choose_batch(ms)
+            batches.append(b)
+            if b is not None:
+                log.info("pipeline %d: batch %d from its decode steps (batch: ms %s)", pi, b,
+                         ", ".join(f"{k}: {v:.1f}" for k, v in ms.items()))
+        predicted = getattr(self.scheduler, "predicted_tokens_per_s", None)
+        self.scheduler = build_scheduler(self.plan, self.policy, **dict(self._schedule_args, batches=batches))
+        self.scheduler.predicted_tokens_per_s = predicted
 
     def start_loops(self, pipeline: int | None = None) -> None:
         """One thread per micro-batch loop of each pipeline, or of ``pipeline`` (StepRunner.loop)."""

@@ -44,10 +44,11 @@ def request_message_limit(context: int) -> int:
 NODE_MESSAGE_LIMIT = 4 * 1024 * 1024     # a node executor's requests: LoadShard and friends, small
 
 
-def step_tokens(gw) -> int:
+def step_tokens(gw, configs=None) -> int:
     """Tokens one Forward of the gateway may carry at most: a full batch of decode tokens plus
-    the largest prompt budget of a step, or a whole prompt of the context, whichever is more."""
-    return max(c.batch + max(c.whole, c.chunk, gw.context_limit) for c in gw.scheduler.configs)
+    the largest prompt budget of a step, or a whole prompt of the context, whichever is more
+    (``configs``: the pipelines' schedule; default the gateway's)."""
+    return max(c.batch + max(c.whole, c.chunk, gw.context_limit) for c in (configs or gw.scheduler.configs))
 
 
 def worker_message_limit(max_step_tokens: int, hidden_size: int) -> int | None:

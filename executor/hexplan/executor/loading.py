@@ -57,17 +57,20 @@ def load_tokenizer(checkpoint: str):
         return None
 
 
-def load_shards(plan: Plan, checkpoint: str, dtype: str, node_addresses: dict, stub, max_step_tokens: int = 0) -> dict:
+def load_shards(plan: Plan, checkpoint: str, dtype: str, node_addresses: dict, stub, max_step_tokens: int = 0,
+                calibrate: tuple | None = None, timings: dict | None = None) -> dict:
     """Ask every node executor to load its stages; returns {(pipeline, stage): worker address}.
     ``stub(address)`` gives a node's Stage stub. Pipelines load in parallel, each one's stages
-    last to first (``load_pipeline``): a stage's downstream is fixed when it is loaded."""
+    last to first (``load_pipeline``): a stage's downstream is fixed when it is loaded.
+    ``calibrate``: (batch sizes, context tokens) each stage times decode steps of after loading;
+    ``timings`` (a dict) then receives {(pipeline, stage): {batch: ms}}."""
     missing = sorted({s.node for p in plan.pipelines for s in p.stages} - set(node_addresses))
     if missing:
         raise GatewayError(f"no address for node(s) {', '.join(missing)}: give them in the plan's cluster "
                            "section or with --nodes NAME=HOST:PORT")
     with futures.ThreadPoolExecutor(max_workers=max(1, min(8, len(plan.pipelines)))) as pool:
-        jobs = [pool.submit(load_pipeline, plan, pi, checkpoint, dtype, node_addresses, stub, max_step_tokens)
-                for pi in range(len(plan.pipelines))]
+        jobs = [pool.submit(load_pipeline, plan, pi, checkpoint, dtype, node_addresses, stub, max_step_tokens,
+                            calibrate, timings) for pi in range(len(plan.pipelines))]
         addresses: dict = {}
         for pi, job in enumerate(jobs):
             for si, address in enumerate(job.result()):
@@ -76,7 +79,7 @@ def load_shards(plan: Plan, checkpoint: str, dtype: str, node_addresses: dict, s
 
 
 def load_pipeline(plan: Plan, pi: int, checkpoint: str, dtype: str, node_addresses: dict, stub,
-                  max_step_tokens: int = 0) -> list[str]:
+                  max_step_tokens: int = 0, calibrate: tuple | None = None, timings: dict | None = None) -> list[str]:
     """Load pipeline ``pi``'s stages last to first, each with the rank-0 addresses of the
     stages after it (``LoadShardRequest.downstream``: where its Forward and Release go, for
     the stage's life); returns the stages' worker addresses, first to last. Reloading any
@@ -91,9 +94,15 @@ def load_pipeline(plan: Plan, pi: int, checkpoint: str, dtype: str, node_address
                                   layer_end=s.layers[1], is_first=si == 0, is_last=si == len(p.stages) - 1,
                                   tp=s.tp, gpus=list(s.gpus), dtype=dtype, model_json=model_json, downstream=later,
                                   max_step_tokens=max_step_tokens)
+        if calibrate:
+            req.calibrate_batches.extend(calibrate[0])
+            req.calibrate_context = calibrate[1]
         try:
-            address = stub(node_addresses[s.node]).LoadShard(req, timeout=LOAD_TIMEOUT_S).address
+            resp = stub(node_addresses[s.node]).LoadShard(req, timeout=LOAD_TIMEOUT_S)
         except grpc.RpcError as e:
             raise GatewayError(f"node {s.node} ({node_addresses[s.node]}): {e.details() or e.code().name}") from None
+        address = resp.address
+        if timings is not None and calibrate:
+            timings[pi, si] = {int(d.batch): float(d.ms) for d in resp.decode}
         later = [address] + later
     return later

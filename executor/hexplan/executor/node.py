@@ -25,6 +25,8 @@ from .wire import Tls, add_health_and_reflection, bind, is_loopback, make_server
 from .worker import DTYPES, worker_main
 
 LOAD_TIMEOUT_S = 600
+# LoadShardRequest.calibrate_*: timed decode steps at load (profile.calibrate_decode)
+MAX_CALIBRATION_POINTS, MAX_CALIBRATION_BATCH, MAX_CALIBRATION_CONTEXT = 16, 4096, 1 << 17
 MAX_CPU_TP = 64          # a node without GPUs runs at most max(8, cores) ranks per stage, never more than this
 
 
@@ -129,13 +131,21 @@ class NodeServicer(pbg.StageServicer):
         if request.dtype and request.dtype not in DTYPES:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"dtype: must be one of {', '.join(sorted(DTYPES))}, got {request.dtype!r} (node {self.name})")
+        if (len(request.calibrate_batches) > MAX_CALIBRATION_POINTS
+                or any(not 1 <= b <= MAX_CALIBRATION_BATCH for b in request.calibrate_batches)
+                or not 0 <= request.calibrate_context <= MAX_CALIBRATION_CONTEXT):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"calibrate_batches, calibrate_context: at most {MAX_CALIBRATION_POINTS} batch sizes of 1 to "
+                          f"{MAX_CALIBRATION_BATCH}, a context of 0 to {MAX_CALIBRATION_CONTEXT} tokens (node {self.name})")
         spec = {"stage_id": request.stage_id, "checkpoint": checkpoint,
                 "layer_start": request.layer_start, "layer_end": request.layer_end,
                 "is_first": request.is_first, "is_last": request.is_last, "tp": tp,
                 "gpus": list(request.gpus), "dtype": request.dtype or "float32", "host": self.host,
                 "threads": self.threads, "auth_token": self.auth_token,
                 "downstream": list(request.downstream),   # fixed for the stage's life
-                "max_step_tokens": int(request.max_step_tokens)}
+                "max_step_tokens": int(request.max_step_tokens),
+                "calibrate": {"batches": [int(b) for b in request.calibrate_batches],
+                              "context": max(1, int(request.calibrate_context))}}
         if not os.path.isdir(checkpoint):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"node {self.name}: checkpoint {request.checkpoint!r} is not a directory here")
         if not 0 <= request.layer_start < request.layer_end:
@@ -150,7 +160,7 @@ class NodeServicer(pbg.StageServicer):
                                 name=f"hexplan-{request.stage_id}-r{rank}", daemon=True)
             p.start()
             procs.append(p)
-        address, errors = None, []
+        address, errors, decode_ms = None, [], {}
         for _ in range(spec["tp"]):
             try:
                 msg = ready.get(timeout=LOAD_TIMEOUT_S)
@@ -162,6 +172,7 @@ class NodeServicer(pbg.StageServicer):
                 break
             if msg["rank"] == 0:
                 address = f"{self.host}:{msg['port']}"
+                decode_ms = msg.get("decode_ms") or {}
         if errors or address is None:
             for p in procs:
                 p.kill()
@@ -169,7 +180,8 @@ class NodeServicer(pbg.StageServicer):
                           f"node {self.name}: stage {request.stage_id} failed to load: {'; '.join(errors) or 'no address'}")
         with self.lock:
             self.stages[request.stage_id] = (procs, address)
-        return pb.LoadShardResponse(address=address)
+        return pb.LoadShardResponse(address=address, decode=[pb.DecodeTiming(batch=b, ms=ms)
+                                                             for b, ms in sorted(decode_ms.items())])
 
     def _unload(self, stage_id: str) -> None:
         with self.lock:

@@ -424,3 +424,89 @@ def _rank_main(spec: ProfileSpec, rank: int, port: int, outbox) -> None:
             outbox.put(("result", points, device_name(device)))
     except Exception as e:   # the parent turns it into one line
         outbox.put(("error", rank, str(e) if isinstance(e, ProfileError) else f"{type(e).__name__}: {e}"))
+
+
+# ---- a served stage's own decode steps, at load (the gateway's batch choice) ----------------
+
+CALIBRATION_PREFIX = "\x00calibrate-"   # request ids no client can send (they are the gateway's own)
+
+
+def calibrate_decode(model: StageModel, ctx: TPContext, batches, context: int, warmup: int = 1,
+                     repeats: int = 2, gain: float | None = None, max_step_s: float = 2.0) -> dict[int, float]:
+    """Median wall milliseconds of one decode step of each batch size in ``batches`` through this
+    loaded stage, every sequence at ``context`` cached tokens: what a served step costs, the LM
+    head and the logits' wire form included on a last stage. Every rank of ``ctx`` must call it
+    with the same arguments (the steps' collectives pair up); the slowest rank's time is
+    returned. Synthetic caches as ``measure``'s (one prompt prefilled, copied for the others,
+    put back to ``context`` before each step), all freed before returning.
+
+    Sizes run smallest first and stop after the first whose tokens/s is less than ``gain``
+    (default hexplan.serving.setup.BATCH_GAIN) x the previous size's: larger ones would not be
+    chosen (``choose_batch``). They also stop after a step slower than ``max_step_s``, and skip
+    sizes whose caches would take more than a quarter of the device's free memory."""
+    from hexplan.serving.setup import BATCH_GAIN
+
+    from .wire import to_proto
+
+    gain = BATCH_GAIN if gain is None else gain
+    device, dtype = model.inv_freq.device, model.layers_dtype
+    a = model.args
+    per_seq = 2 * len(model.layers) * model.tp.kv_heads * a.head_dim * (context + 1) * dtype.itemsize
+    budget = -_slowest(ctx, (-float(_free_bytes(device) // 4),))[0]   # the least of the ranks': one list for all
+    batches = sorted({int(b) for b in batches if b > 0 and int(b) * per_seq <= budget})
+    if not batches or context < 1:
+        return {}
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def inputs(n: int) -> torch.Tensor:
+        if model.shard.is_first:
+            return torch.randint(a.vocab_size, (n,), generator=gen).to(device)
+        return torch.randn(n, a.hidden_size, generator=gen).to(device, dtype)
+
+    ids = [f"{CALIBRATION_PREFIX}{i}" for i in range(batches[-1])]
+    sync = (lambda: torch.cuda.synchronize(device)) if str(device).startswith("cuda") else (lambda: None)
+    out: dict[int, float] = {}
+    try:
+        model.forward_parts([SeqChunk(ids[0], 0, context)], inputs(context))
+        src = model.caches[ids[0]]
+        for b in batches:
+            seqs = ids[:b]
+            for r in seqs:                                     # copies of the first one's, made as needed
+                if r not in model.caches:
+                    cache = SeqCache(len(model.layers), model.tp.kv_heads, a.head_dim, dtype, device)
+                    cache.k, cache.v, cache.length = src.k.clone(), src.v.clone(), src.length
+                    model.caches[r] = cache
+            chunks = [SeqChunk(r, context, 1) for r in seqs]
+            x = inputs(b)
+            times = []
+            for i in range(warmup + repeats):
+                for r in seqs:
+                    model.caches[r].length = context
+                sync()
+                t0 = time.perf_counter()
+                outs = model.forward_parts(chunks, x)
+                if model.shard.is_last and ctx.rank == 0:
+                    to_proto(torch.cat(outs).float())
+                sync()
+                if i >= warmup:
+                    times.append(time.perf_counter() - t0)
+            # the slowest rank's, so every rank takes the same decision to go on
+            out[b] = _slowest(ctx, (statistics.median(times) * 1e3,))[0]
+            sizes = list(out)
+            if out[b] > max_step_s * 1e3 or (
+                    len(sizes) > 1 and b / out[b] < gain * sizes[-2] / out[sizes[-2]]):
+                break
+    finally:
+        for r in ids:
+            model.caches.pop(r, None)
+    return out
+
+
+def _free_bytes(device) -> int:
+    """Free memory of ``device``: the GPU's, or the host's available memory."""
+    if str(device).startswith("cuda"):
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 32

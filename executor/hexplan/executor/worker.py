@@ -226,6 +226,11 @@ def worker_main(spec: dict, rank: int, master_port: int, ready, tls: dict | None
         ctx = init_tp(rank, tp, spec["host"], master_port, backend=backend) if tp > 1 else TPContext(0, 1, None)
         shard = ShardSpec(spec["layer_start"], spec["layer_end"], spec["is_first"], spec["is_last"])
         model = StageModel.load(spec["checkpoint"], shard, ctx, DTYPES[spec.get("dtype") or "float32"], device)
+        decode_ms = {}
+        cal = spec.get("calibrate")
+        if cal and cal.get("batches"):    # every rank: the steps' collectives pair up
+            from .profile import calibrate_decode
+            decode_ms = calibrate_decode(model, ctx, cal["batches"], int(cal["context"]))
     except Exception as e:  # report any load failure to the node, which reports it to the gateway
         ready.put({"rank": rank, "ok": False, "error": f"{type(e).__name__}: {e}"})
         return
@@ -244,7 +249,7 @@ def worker_main(spec: dict, rank: int, master_port: int, ready, tls: dict | None
             ready.put({"rank": rank, "ok": False, "error": str(e)})
             return
         server.start()
-        ready.put({"rank": rank, "ok": True, "port": port})
+        ready.put({"rank": rank, "ok": True, "port": port, "decode_ms": decode_ms})
         server.wait_for_termination()
     else:
         ready.put({"rank": rank, "ok": True})

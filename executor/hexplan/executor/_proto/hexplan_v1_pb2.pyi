@@ -195,7 +195,7 @@ class ReleaseResponse(_message.Message):
     def __init__(self, released: _Optional[int] = ...) -> None: ...
 
 class LoadShardRequest(_message.Message):
-    __slots__ = ("stage_id", "checkpoint", "layer_start", "layer_end", "is_first", "is_last", "tp", "gpus", "dtype", "model_json", "downstream", "max_step_tokens")
+    __slots__ = ("stage_id", "checkpoint", "layer_start", "layer_end", "is_first", "is_last", "tp", "gpus", "dtype", "model_json", "downstream", "max_step_tokens", "calibrate_batches", "calibrate_context")
     STAGE_ID_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
@@ -208,6 +208,8 @@ class LoadShardRequest(_message.Message):
     MODEL_JSON_FIELD_NUMBER: _ClassVar[int]
     DOWNSTREAM_FIELD_NUMBER: _ClassVar[int]
     MAX_STEP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATE_BATCHES_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     stage_id: str
     checkpoint: str
     layer_start: int
@@ -220,13 +222,25 @@ class LoadShardRequest(_message.Message):
     model_json: str
     downstream: _containers.RepeatedScalarFieldContainer[str]
     max_step_tokens: int
-    def __init__(self, stage_id: _Optional[str] = ..., checkpoint: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., is_first: _Optional[bool] = ..., is_last: _Optional[bool] = ..., tp: _Optional[int] = ..., gpus: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., model_json: _Optional[str] = ..., downstream: _Optional[_Iterable[str]] = ..., max_step_tokens: _Optional[int] = ...) -> None: ...
+    calibrate_batches: _containers.RepeatedScalarFieldContainer[int]
+    calibrate_context: int
+    def __init__(self, stage_id: _Optional[str] = ..., checkpoint: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., is_first: _Optional[bool] = ..., is_last: _Optional[bool] = ..., tp: _Optional[int] = ..., gpus: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., model_json: _Optional[str] = ..., downstream: _Optional[_Iterable[str]] = ..., max_step_tokens: _Optional[int] = ..., calibrate_batches: _Optional[_Iterable[int]] = ..., calibrate_context: _Optional[int] = ...) -> None: ...
 
 class LoadShardResponse(_message.Message):
-    __slots__ = ("address",)
+    __slots__ = ("address", "decode")
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_FIELD_NUMBER: _ClassVar[int]
     address: str
-    def __init__(self, address: _Optional[str] = ...) -> None: ...
+    decode: _containers.RepeatedCompositeFieldContainer[DecodeTiming]
+    def __init__(self, address: _Optional[str] = ..., decode: _Optional[_Iterable[_Union[DecodeTiming, _Mapping]]] = ...) -> None: ...
+
+class DecodeTiming(_message.Message):
+    __slots__ = ("batch", "ms")
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    MS_FIELD_NUMBER: _ClassVar[int]
+    batch: int
+    ms: float
+    def __init__(self, batch: _Optional[int] = ..., ms: _Optional[float] = ...) -> None: ...
 
 class UnloadShardRequest(_message.Message):
     __slots__ = ("stage_id",)
