@@ -250,6 +250,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(T, self.kv_heads, self.head_dim)
         q, k = apply_rope(q, b.cos, b.sin), apply_rope(k, b.cos, b.sin)
         out = torch.empty_like(q)
+        # decode rows' queries scaled once for the whole step (one op, not one per sequence)
+        qs = q * (self.head_dim ** -0.5) if any(c.length == 1 for c in b.chunks) else q
         i = 0
         for c, cache in zip(b.chunks, b.caches):
             end = c.start + c.length
@@ -257,7 +259,7 @@ class Attention(nn.Module):
             cache.v[self.idx, :, c.start:end] = v[i:i + c.length].transpose(0, 1)
             kc, vc = cache.k[self.idx, :, :end], cache.v[self.idx, :, :end]    # [kv, S, D] views, no copies
             if c.length == 1:
-                out[i] = self._attend_one(q[i], kc, vc)
+                self._attend_one(qs[i], kc, vc, out[i])
             else:
                 out[i:i + c.length] = self._attend(q[i:i + c.length], kc, vc, c.start)
             i += c.length
@@ -266,20 +268,23 @@ class Attention(nn.Module):
     def forward(self, x, b: Batch):
         return row_parallel_finish(self.o_proj, row_parallel_start(self.o_proj, self.core(x, b), self.ctx))
 
-    def _attend_one(self, q, k, v):       # one decode token. q: [h, D]; k, v: [kv, S, D]
-        """Attention of one new token over its whole cache: two batched matrix products on
-        views of the head-major cache (no copies; GQA by grouping the query heads of a KV
-        head). Gathering a step's caches into one padded batch instead cost 24% of a CPU
-        worker's time."""
+    def _attend_one(self, q, k, v, out):  # one decode token. q: [h, D], scaled; k, v: [kv, S, D]; out: [h, D]
+        """Attention of one new token over its whole cache, written into ``out``: two batched
+        matrix products on views of the head-major cache (no copies; GQA by grouping the query
+        heads of a KV head). Gathering a step's caches into one padded batch instead cost 24% of
+        a CPU worker's time. This runs once per sequence and layer, so it is a few ops: the
+        query comes scaled, the product lands in ``out``."""
         if self.window and k.shape[1] > self.window:
             k, v = k[:, -self.window:], v[:, -self.window:]
         kv, D = self.kv_heads, self.head_dim
-        qg = q.view(kv, self.heads // kv, D)                               # [kv, rep, D]
-        scores = torch.matmul(qg, k.transpose(1, 2)) * (D ** -0.5)         # [kv, rep, S]
-        # softmax in float32, as transformers' eager attention does (a no-op in float32; in
-        # bfloat16 it keeps greedy tokens closer to transformers': docs/executor.md, "GPU check")
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
-        return torch.matmul(probs, v).reshape(self.heads, D)
+        scores = torch.matmul(q.view(kv, self.heads // kv, D), k.transpose(1, 2))   # [kv, rep, S]
+        # softmax in float32, as transformers' eager attention does (in bfloat16 it keeps greedy
+        # tokens closer to transformers': docs/executor.md, "GPU check")
+        if scores.dtype == torch.float32:
+            probs = torch.softmax(scores, dim=-1)
+        else:
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+        torch.matmul(probs, v, out=out.view(kv, self.heads // kv, D))
 
     def _attend(self, q, k, v, start):    # q: [t, h, D]; k, v: [kv, S, D], S = start + t
         S = k.shape[1]
