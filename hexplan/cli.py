@@ -241,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     tls_args(la)
     la.add_argument("--auth-token-file", metavar="FILE",
                     help="the token the node executors started here require (default: a fresh random one)")
+    la.add_argument("--ray", metavar="ADDRESS",
+                    help="start the node executors as Ray actors on the Ray cluster at ADDRESS (HOST:PORT of its "
+                         "GCS), each pinned to the machine the plan names; Ray restarts a dead one and the gateway "
+                         "(here) reloads its shards. Needs the [ray] extra; see docs/ray.md")
     http_args(la)
     log_args(la)
 
@@ -315,6 +319,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, help="CPU threads per process, as a served worker has them (default: cores / TP, "
                                                "what `hexplan launch` gives each worker of a one-stage plan; a plan of W "
                                                "workers on one machine gets cores / W)")
+
+    dc = sub.add_parser("discover", help="write a cluster spec from a running Ray cluster, links measured",
+                        description="Read a Ray cluster's nodes (GPU type, count, IP), measure every pair's bandwidth "
+                                    "and latency with probe actors, group nodes into regions by latency and write a "
+                                    "cluster YAML. Needs the [ray] extra. See docs/ray.md.")
+    dc.add_argument("--ray", required=True, metavar="ADDRESS", help="the Ray cluster's HOST:PORT (its GCS)")
+    dc.add_argument("-o", "--output", default="-", help="cluster file to write (default '-': stdout)")
+    dc.add_argument("--name", default="ray-cluster", help="the cluster's name (default ray-cluster)")
+    dc.add_argument("--default-gpu-type", default="cpu",
+                    help="GPU type of nodes Ray cannot type (no GPU, or an unknown accelerator type); they get a "
+                         "FILL IN comment (default cpu: one CPU worker of the executor)")
+    dc.add_argument("--cpu-workers", type=int, default=1, help="count of a node without GPUs (default 1)")
+    dc.add_argument("--probe-mb", type=float, default=4.0, help="MB sent per bandwidth probe (default 4)")
+    dc.add_argument("--probe-timeout", type=float, default=10.0, help="seconds per node pair's probes (default 10)")
+    dc.add_argument("--region-latency-ms", type=float, default=2.0,
+                    help="nodes joined by links of lower one-way latency form one region (default 2)")
 
     sub.add_parser("gpus", help="list the built-in GPU catalog")
     sub.add_parser("models", help="list the built-in models")
@@ -673,11 +693,32 @@ def cmd_launch(args) -> int:
     http = _http_args(args)
     plan = load_plan(args.plan)
     policy, quantum = _policy(args)
+    if args.ray is not None:
+        return _launch_ray(args, plan, policy, quantum, drain_timeout, faults, http)
     try:
         return run_launch(plan, args.checkpoint, _listen(args.listen, "--listen"), _tls(args), args.dtype, args.threads,
                           policy=policy, mlfq_quantum_s=quantum, interleave=args.interleave,
                           matmul_pieces=args.matmul_pieces, drain_timeout=drain_timeout,
                           auth_token=_auth_token(args), **faults, **http)
+    except (GatewayError, RuntimeError) as e:
+        raise HexplanError(str(e)) from None
+
+
+def _launch_ray(args, plan, policy, quantum, drain_timeout, faults, http) -> int:
+    from .discover import check_address
+    from .executor.gateway import GatewayError
+
+    check_address(args.ray, "--ray")
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise HexplanError("--ray needs Ray: pip install 'hexplan[ray]'") from None
+    from .executor.ray_cluster import run_launch_ray
+    try:
+        return run_launch_ray(plan, args.checkpoint, args.ray, _listen(args.listen, "--listen"), _tls(args), args.dtype,
+                              args.threads, policy=policy, mlfq_quantum_s=quantum, interleave=args.interleave,
+                              matmul_pieces=args.matmul_pieces, drain_timeout=drain_timeout,
+                              auth_token=_auth_token(args), **faults, **http)
     except (GatewayError, RuntimeError) as e:
         raise HexplanError(str(e)) from None
 
@@ -899,6 +940,27 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def cmd_discover(args) -> int:
+    from .discover import discover
+
+    if args.output != "-" and not Path(args.output).resolve().parent.is_dir():
+        raise SpecError(f"no such directory: {Path(args.output).parent}", field="--output")
+    text, facts = discover(args.ray, default_gpu_type=args.default_gpu_type, cpu_workers=args.cpu_workers,
+                           probe_mb=args.probe_mb, probe_timeout=args.probe_timeout,
+                           region_latency_ms=args.region_latency_ms, name=args.name,
+                           progress=lambda msg: print(f"hexplan: {msg}", file=sys.stderr, flush=True))
+    loads_cluster(text, file=args.output)       # never write a file that does not load
+    if args.output == "-":
+        sys.stdout.write(text)
+    else:
+        _write(args.output, text, "--output")
+        print(f"hexplan: cluster written to {args.output}", file=sys.stderr)
+    for node in facts["nodes"]:
+        if node.note:
+            print(f"hexplan: note: node {node.name} ({node.ip}): {node.note}", file=sys.stderr)
+    return 0
+
+
 def _write(path: str, text: str, flag: str) -> None:
     """Write ``text`` to ``path`` whole or not at all (a temporary file renamed over it)."""
     import os
@@ -922,6 +984,7 @@ _COMMANDS = {"compare": cmd_compare, "solve": cmd_solve, "validate": cmd_validat
              "node": cmd_node, "serve": cmd_serve, "launch": cmd_launch, "generate": cmd_generate,
              "profile": cmd_profile, "status": cmd_status}
 _COMMANDS["simulate"] = cmd_simulate
+_COMMANDS["discover"] = cmd_discover
 
 
 # ---- rendering --------------------------------------------------------------------------
