@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from ..costmodel import CostParams, Workload, decode_layer_time, prefill_layer_time
+from ..costmodel import CostParams, Workload, decode_layer_time, lm_head_time, prefill_layer_time
 from ..evaluate import splits
 from ..plan import Plan
 
@@ -119,6 +119,28 @@ def pipeline_configs(plan: Plan, workload: Workload, params: CostParams | None =
         out.append(PipelineConfig(stages=n, loops=nl, batch=b, concurrency=conc, kv_tokens=kv, chunk=chunk,
                                   whole=whole, weight=max(0.0, p.weight or 0.0), decode_s=decode_s,
                                   prefill_s=prefill_s, estimated=estimated))
+    return out
+
+
+def estimated_batches(plan: Plan, workload: Workload, params: CostParams | None, cluster) -> list | None:
+    """A bare plan's batch size per pipeline as ``choose_batch`` picks it from the cost model's
+    decode steps (what the simulator runs; the gateway picks from measured ones), at the sizes
+    ``CALIBRATION_BATCHES`` and the workload's mean context. None for a plan with a workload
+    section or without a cluster."""
+    if has_workload(plan) or cluster is None:
+        return None
+    params = params or CostParams()
+    m = plan.model
+    out = []
+    for p in plan.pipelines:
+        stages = []
+        for i, s in enumerate(p.stages):
+            node = cluster.node(s.node)
+            stages.append({b: 1e3 * (s.num_layers * decode_layer_time(m, node.gpu, s.tp, b, workload.mean_decode_context,
+                                                                      node.interconnect, params)
+                                     + (lm_head_time(m, node.gpu, s.tp, b, params) if i == len(p.stages) - 1 else 0.0))
+                           for b in CALIBRATION_BATCHES})
+        out.append(choose_batch(pipeline_step_ms(stages)))
     return out
 
 

@@ -68,6 +68,7 @@ from ..costmodel import (TOKEN_ID_BYTES, CostParams, Workload, decode_layer_time
                          local_kv_heads, prefill_layer_time, send_time)
 from ..dispatch import Dispatcher, skip_join_level  # noqa: F401  (skip_join_level: also used from here)
 from ..serving import DONE_OK, Scheduler, pipeline_configs
+from ..serving.setup import estimated_batches
 from ..evaluate import splits
 from ..plan import Plan
 from .workload import RequestStream
@@ -239,8 +240,11 @@ class Engine:
         self.mlfq = options.policy == "mlfq"
         self._check_mlfq_options()
         # The schedule: the gateway's (hexplan.serving), from the same plan and workload.
+        # A bare plan's batch sizes: choose_batch on the cost model's decode steps, as the gateway
+        # chooses on its stages' measured ones.
         self.configs = pipeline_configs(plan, workload, params, cluster, loops=options.loops,
-                                        prefill_chunk=options.prefill_chunk, prefill_budget=options.prefill_budget)
+                                        prefill_chunk=options.prefill_chunk, prefill_budget=options.prefill_budget,
+                                        batches=estimated_batches(plan, workload, params, cluster))
         for pp, cfg, pl in zip(self.pipes, self.configs, plan.pipelines):
             pp.n_loops = cfg.loops
             # mlfq swap-in: every GPU of a stage brings back its own KV shard (its layers, its KV

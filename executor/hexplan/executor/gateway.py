@@ -37,7 +37,8 @@ from hexplan.evaluate import CostCache, evaluate_plan_pipelines
 from hexplan.plan import Plan, plan_cluster
 from hexplan.serving import NoPipeline, Scheduler, pipeline_configs
 from hexplan.serving.scheduler import DONE, NEW
-from hexplan.serving.setup import CALIBRATION_BATCHES, choose_batch, has_workload, pipeline_step_ms
+from hexplan.serving.setup import (CALIBRATION_BATCHES, choose_batch, estimated_batches, has_workload,
+                                   pipeline_step_ms)
 from hexplan.validate import plan_assumptions
 
 from ._proto import hexplan_v1_pb2 as pb
@@ -123,6 +124,8 @@ def build_scheduler(plan: Plan, policy: str = "fcfs", *, max_batch: int | None =
     else:
         metrics = None
     dispatcher = Dispatcher.for_plan(plan, workload.output_tokens, metrics)
+    if batches is None and max_batch is None:    # nothing measured yet: the cost model's, as the simulator's
+        batches = estimated_batches(plan, workload, asm.params, cluster)
     configs = pipeline_configs(plan, workload, asm.params, cluster, batch=max_batch, prefill_chunk=prefill_chunk,
                                prefill_budget=prefill_tokens, batches=batches)
     sched = Scheduler(configs, policy, dispatcher, mlfq_quantum_s=mlfq_quantum_s)
@@ -257,7 +260,7 @@ class Gateway:
             ms = pipeline_step_ms([timings.get((pi, si), {}) for si in range(len(p.stages))])
             self.decode_ms[pi] = ms
             b = choose_batch(ms)
-            batches.append(b)
+            batches.append(b if b is not None else self.scheduler.configs[pi].batch)   # else the estimate
             if b is not None:
                 log.info("pipeline %d: batch %d from its decode steps (batch: ms %s)", pi, b,
                          ", ".join(f"{k}: {v:.1f}" for k, v in ms.items()))
