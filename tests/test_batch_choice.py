@@ -105,3 +105,17 @@ def test_plan_with_a_workload_is_not_calibrated(ckpt):
     assert gw.calibrate is False and gw.scheduler.configs[0].batch == 5
     assert Gateway(pl, ckpt, {"a": "127.0.0.1:1"}).calibrate is True
     assert Gateway(pl, ckpt, {"a": "127.0.0.1:1"}, calibrate=False).calibrate is False
+
+
+def test_greedy_tokens_are_samplings_greedy_choice_and_flag_non_finite_rows():
+    from hexplan.executor.sampling import Sampling, sample
+    from hexplan.executor.worker import greedy_tokens
+
+    logits = torch.randn(5, 50)
+    logits[1, 7] = logits[1, 9] = 100.0                 # a tie: the first, as argmax in sample
+    logits[3, 2] = float("nan")
+    logits[4, 0] = float("inf")
+    got = greedy_tokens(logits)
+    assert got[1] == 7 and got[3] == -1 and got[4] == -1
+    for i in (0, 1, 2):
+        assert got[i] == sample(logits[i], Sampling())

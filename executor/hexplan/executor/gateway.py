@@ -238,6 +238,7 @@ class Gateway:
             largest = build_scheduler(self.plan, self.policy, **dict(
                 self._schedule_args, batches=[max(CALIBRATION_BATCHES)] * len(self.plan.pipelines)))
             max_tokens = max(max_tokens, step_tokens(self, largest.configs))
+        self.load_step_tokens = max_tokens
         addresses = load_shards(self.plan, self.checkpoint, self.dtype, self.node_addresses, self.stub,
                                 max_tokens, calibrate, timings)
         if calibrate:

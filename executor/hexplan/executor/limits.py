@@ -47,8 +47,11 @@ NODE_MESSAGE_LIMIT = 4 * 1024 * 1024     # a node executor's requests: LoadShard
 def step_tokens(gw, configs=None) -> int:
     """Tokens one Forward of the gateway may carry at most: a full batch of decode tokens plus
     the largest prompt budget of a step, or a whole prompt of the context, whichever is more
-    (``configs``: the pipelines' schedule; default the gateway's)."""
-    return max(c.batch + max(c.whole, c.chunk, gw.context_limit) for c in (configs or gw.scheduler.configs))
+    (``configs``: the pipelines' schedule; default the gateway's, and at least what its stages
+    were first loaded with, ``gw.load_step_tokens``, so a reloaded stage gets the same limit)."""
+    if configs is not None:
+        return max(c.batch + max(c.whole, c.chunk, gw.context_limit) for c in configs)
+    return max(getattr(gw, "load_step_tokens", 0), step_tokens(gw, gw.scheduler.configs))
 
 
 def worker_message_limit(max_step_tokens: int, hidden_size: int) -> int | None:

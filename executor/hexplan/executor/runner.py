@@ -91,9 +91,13 @@ class StepRunner:
             drop = s in dropped
             chunks.append(pb.SeqChunk(request_id=r.id, start=start, length=n, hidden=drop and r.want_hidden, drop=drop))
             tokens += r.context()[start:start + n]
+        # Every sequence greedy and none prefill-only: the last stage sends back tokens, not a
+        # step's logits (64 rows of a 32000 vocabulary are 8 MB each step, to encode, send and read).
+        greedy = not dropped and all(reqs[s].sampling.temperature <= 0
+                                     for s in list(step.decode) + [s for s, *_ in step.prefill])
         # the first stage sends it on to the stages after it (fixed when they were loaded)
         return pb.ForwardRequest(chunks=chunks, inputs=to_proto(torch.tensor(tokens, dtype=torch.int64)),
-                                 micro_batches=gw.interleave, matmul_pieces=gw.matmul_pieces)
+                                 micro_batches=gw.interleave, matmul_pieces=gw.matmul_pieces, greedy=greedy)
 
     def step_timeout(self, step: Step) -> float:
         """How long a step may take before its pipeline is suspect: ``stall_factor`` x its
@@ -135,7 +139,7 @@ class StepRunner:
             p.step_s = dt if p.step_s == 0 else 0.9 * p.step_s + 0.1 * dt
             if gw.metrics is not None:
                 gw.metrics.on_step(p.index, dt)
-            logits = from_proto(resp.logits)
+            logits = list(resp.tokens) if request.greedy else from_proto(resp.logits)
             hidden = list(from_proto(resp.hidden)) if resp.HasField("hidden") else []
             self.finish(step, logits, hidden, epoch)
         except Exception as e:   # a bug or bad data of ours: only this step's requests pay for it
@@ -161,8 +165,8 @@ class StepRunner:
 
     def finish(self, step: Step, logits, hidden=(), epoch: int | None = None) -> list[int]:
         """Sample, stream and report a completed Step (``logits``: one row per chunk, in
-        forward_request's order; ``hidden``: one row per chunk that asked for it). Returns the
-        sequences that ended."""
+        forward_request's order, or for a greedy step each row's token; ``hidden``: one row per
+        chunk that asked for it). Returns the sequences that ended."""
         gw = self.gw
         reqs = gw.requests
         p = gw.pipelines[step.pipeline]
@@ -227,7 +231,12 @@ class StepRunner:
         if r is None or r.cancelled.is_set():    # None: ended while a failed pipeline's step ran
             return
         try:
-            tok = sample(row, r.sampling)
+            if isinstance(row, int):   # a greedy step: the last stage's argmax, -1 if not finite
+                if row < 0:
+                    raise ValueError("the model returned non-finite logits")
+                tok = row
+            else:
+                tok = sample(row, r.sampling)
         except Exception as e:      # this request's sampling: only it fails
             errors[s] = f"sampling failed: {type(e).__name__}: {e}"
             stops[s] = "error"

@@ -120,7 +120,11 @@ class StageWorker(pbg.StageServicer):
                     outs = self._run(header, [inputs], hidden_out=hidden)
             except ValueError as e:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{stage}: {e}")
-            resp = pb.ForwardResponse(logits=to_proto(torch.cat(outs).float()))
+            logits = torch.cat(outs).float()
+            if request.greedy:    # the gateway samples every row greedily: send it the tokens alone
+                resp = pb.ForwardResponse(tokens=greedy_tokens(logits))
+            else:
+                resp = pb.ForwardResponse(logits=to_proto(logits))
             if hidden:
                 resp.hidden.CopyFrom(to_proto(torch.stack([hidden[c["request_id"]] for c in chunks if c["hidden"]])))
             return resp
@@ -133,7 +137,8 @@ class StageWorker(pbg.StageServicer):
 
         def send(i, out):
             a, b = parts[i]
-            req = pb.ForwardRequest(chunks=request.chunks[a:b], inputs=to_proto(out), matmul_pieces=request.matmul_pieces)
+            req = pb.ForwardRequest(chunks=request.chunks[a:b], inputs=to_proto(out), matmul_pieces=request.matmul_pieces,
+                                    greedy=request.greedy)
             sends.append(self._send(nxt, req, timeout))
         try:
             with self.lock:
@@ -147,7 +152,10 @@ class StageWorker(pbg.StageServicer):
             context.abort(code, f"stage {nxt}: {e.details()}")
         if len(replies) == 1:
             return replies[0]
-        resp = pb.ForwardResponse(logits=to_proto(torch.cat([from_proto(r.logits) for r in replies])))
+        if request.greedy:
+            resp = pb.ForwardResponse(tokens=[t for r in replies for t in r.tokens])
+        else:
+            resp = pb.ForwardResponse(logits=to_proto(torch.cat([from_proto(r.logits) for r in replies])))
         hidden = [from_proto(r.hidden) for r in replies if r.HasField("hidden")]
         if hidden:
             resp.hidden.CopyFrom(to_proto(torch.cat(hidden)))
@@ -193,6 +201,14 @@ class StageWorker(pbg.StageServicer):
         if self.ctx.size > 1:
             with self.lock:
                 broadcast_message(self.ctx, {"op": "stop"}, [])
+
+
+def greedy_tokens(logits: torch.Tensor) -> list[int]:
+    """Each row's argmax (the first of equal maxima, as sampling.sample's greedy choice), or -1
+    for a row with a non-finite value (the gateway fails that request, as sample would)."""
+    tokens = torch.argmax(logits, dim=-1)
+    tokens[~torch.isfinite(logits).all(dim=-1)] = -1
+    return tokens.tolist()
 
 
 def _apply(model: StageModel, header: dict, tensors: list, on_part=None, hidden_out=None):

@@ -157,26 +157,30 @@ class SeqChunk(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., start: _Optional[int] = ..., length: _Optional[int] = ..., hidden: _Optional[bool] = ..., drop: _Optional[bool] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("chunks", "inputs", "downstream", "micro_batches", "matmul_pieces")
+    __slots__ = ("chunks", "inputs", "downstream", "micro_batches", "matmul_pieces", "greedy")
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     DOWNSTREAM_FIELD_NUMBER: _ClassVar[int]
     MICRO_BATCHES_FIELD_NUMBER: _ClassVar[int]
     MATMUL_PIECES_FIELD_NUMBER: _ClassVar[int]
+    GREEDY_FIELD_NUMBER: _ClassVar[int]
     chunks: _containers.RepeatedCompositeFieldContainer[SeqChunk]
     inputs: Tensor
     downstream: _containers.RepeatedScalarFieldContainer[str]
     micro_batches: int
     matmul_pieces: int
-    def __init__(self, chunks: _Optional[_Iterable[_Union[SeqChunk, _Mapping]]] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., downstream: _Optional[_Iterable[str]] = ..., micro_batches: _Optional[int] = ..., matmul_pieces: _Optional[int] = ...) -> None: ...
+    greedy: bool
+    def __init__(self, chunks: _Optional[_Iterable[_Union[SeqChunk, _Mapping]]] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., downstream: _Optional[_Iterable[str]] = ..., micro_batches: _Optional[int] = ..., matmul_pieces: _Optional[int] = ..., greedy: _Optional[bool] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("logits", "hidden")
+    __slots__ = ("logits", "hidden", "tokens")
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
     logits: Tensor
     hidden: Tensor
-    def __init__(self, logits: _Optional[_Union[Tensor, _Mapping]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, logits: _Optional[_Union[Tensor, _Mapping]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("request_ids", "downstream", "offload")
