@@ -17,7 +17,9 @@ at t=0, greedy, every output forced to its length), served four ways:
            writes first), driven through /v1/completions (streamed, token ids in and out, one
            client thread per request, `ignore_eos`)
   planned  the same with the plan's workload section as `hexplan solve` writes it for this
-           workload (executor_bench.py's: its mean prompt and output, batch 16, concurrency 16)
+           workload: its mean prompt and output, and every request at once (`hexplan solve
+           --prompt-tokens P --output-tokens O --batch-size N --concurrency N`, N = --requests)
+  (bare chooses its batch size itself from its stage's decode steps, timed at load)
   grpc     `planned` driven through the gRPC API (hexplan.executor.client.generate), for the
            HTTP front's own cost
 
@@ -240,7 +242,7 @@ def main() -> int:
         reqs = eb.make_workload(n_req, prompt_range, output_range, model.vocab_size, args.seed, None)
         workload = {"prompt_tokens": round(statistics.mean(len(r["prompt"]) for r in reqs)),
                     "output_tokens": round(statistics.mean(r["output_len"] for r in reqs)),
-                    "batch_size": 16, "concurrency": 16}
+                    "batch_size": n_req, "concurrency": n_req}
         log(f"checkpoint {ckpt}; {n_req} requests, {sum(r['output_len'] for r in reqs)} output tokens, all at t=0")
         for rep in range(repeat):
             for name in runs:
