@@ -125,3 +125,39 @@ def test_kv_is_freed_when_the_stream_ends(ckpt, policy):
             assert (st.sequences, st.kv_bytes, st.offloaded_bytes) == (0, 0, 0), (addr, st)
     assert [len(r["token_ids"]) for r in gens] == [n for _, n in gen]
     assert all(r["finish_reason"] == "length" for r in gens)
+
+
+class GreedyStage(FakeStage):
+    """Answers a greedy step with tokens (the argmax of its logits), as a real last stage does;
+    records each step's greedy flag."""
+
+    def __init__(self, vocab, bad_row: int | None = None):
+        super().__init__(vocab)
+        self.flags: list = []
+        self.bad_row = bad_row
+
+    def Forward(self, req, timeout=None):
+        self.flags.append(req.greedy)
+        if not req.greedy:
+            return super().Forward(req, timeout)
+        tokens = [7] * len(req.chunks)
+        if self.bad_row is not None:
+            tokens[self.bad_row] = -1                 # a row whose logits were not finite
+        return pb.ForwardResponse(tokens=tokens)
+
+
+def test_greedy_steps_get_tokens_and_sampled_steps_logits(ckpt):
+    stage = GreedyStage(256, bad_row=1)
+    gw, p = _gateway_with_fake_stage(ckpt, stage)
+    a = gw.submit([1, 2, 3], Sampling(max_new_tokens=2))
+    b = gw.submit([4, 5], Sampling(max_new_tokens=2))
+    assert gw.runner.run(gw.runner.next_step(0, 0, wait=0))
+    assert stage.flags == [True]
+    assert list(a.events.queue)[0] == ("tokens", [7])
+    (ev,) = [e for e in b.events.queue if e[0] == "error"]      # its row was -1: it fails, a goes on
+    assert b.failed and ev[1] == grpc.StatusCode.INTERNAL and "non-finite" in ev[2]
+    # one sampled request in the step: the whole step asks for logits
+    stage.bad_row = None
+    c = gw.submit([6], Sampling(temperature=0.5, seed=1, max_new_tokens=1))
+    assert gw.runner.run(gw.runner.next_step(0, 0, wait=0))
+    assert stage.flags[-1] is False and c.generated and a.generated == [7, 7]

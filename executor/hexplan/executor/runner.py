@@ -139,7 +139,8 @@ class StepRunner:
             p.step_s = dt if p.step_s == 0 else 0.9 * p.step_s + 0.1 * dt
             if gw.metrics is not None:
                 gw.metrics.on_step(p.index, dt)
-            logits = list(resp.tokens) if request.greedy else from_proto(resp.logits)
+            # a greedy step's tokens; logits from a stage that sent them anyway (one without greedy)
+            logits = list(resp.tokens) if request.greedy and not resp.HasField("logits") else from_proto(resp.logits)
             hidden = list(from_proto(resp.hidden)) if resp.HasField("hidden") else []
             self.finish(step, logits, hidden, epoch)
         except Exception as e:   # a bug or bad data of ours: only this step's requests pay for it
