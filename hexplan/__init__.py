@@ -59,7 +59,8 @@ def solve(cluster, model="llama-2-70b", *, objective: str = "throughput", slo_tp
           workload: Workload | None = None, max_pipelines: int | None = None, progress=None) -> Plan:
     """Plan ``model`` on ``cluster`` (a Cluster or a path to a cluster YAML file).
 
-    ``progress(event, **info)`` is called as the search goes (heuristic, milp, done).
+    ``progress(event, **info)`` is called as the search goes (heuristic, milp, done), and
+    ``heartbeat`` (phase, incumbent, bound) every few seconds while it runs.
     The plan records the nodes it uses and their network (hexplan.cluster.cluster_to_dict), so it can
     be simulated without the cluster. Raises SpecError for bad input and InfeasibleError when
     nothing fits or no SLO can be met.

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
+import time
 from pathlib import Path
 
 from . import __version__
@@ -368,8 +370,13 @@ def cmd_solve(args) -> int:
                             args.interleave)
     except SpecError as e:  # name the command-line flag, not the dataclass field
         raise SpecError(e.message, field="--" + (e.field or "workload").replace("_", "-")) from None
+    # --time-limit is the command's wall time: the interpreter's start and the imports (about
+    # 0.5 s) and writing the plan come out of the solver's share
+    limit = args.time_limit
+    if isinstance(limit, (int, float)) and limit > 0:
+        limit = max(min(limit, 0.5), limit - _seconds_since_start() - 0.05)
     opts = SolveOptions(objective=args.objective, slo_tpot_ms=args.slo_tpot_ms, slo_ttft_ms=args.slo_ttft_ms,
-                        time_limit=args.time_limit, seed=args.seed, backend=args.solver, workload=workload,
+                        time_limit=limit, seed=args.seed, backend=args.solver, workload=workload,
                         max_pipelines=args.max_pipelines)
     if args.max_pipelines is not None and args.max_pipelines < 1:
         raise SpecError("must be at least 1", field="--max-pipelines")
@@ -397,13 +404,34 @@ def cmd_solve(args) -> int:
     return 0
 
 
+_IMPORTED = time.monotonic()
+
+
+def _seconds_since_start() -> float:
+    """Seconds since this process started (Linux: /proc), else since this module was imported."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rpartition(")")[2].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.monotonic() - _IMPORTED
+
+
 class _Progress:
     def __init__(self, stream):
         self.stream = stream
         self.last_inc = -1.0
 
     def __call__(self, event, elapsed=0.0, **info):
-        if "incumbent" in info:
+        if event == "heartbeat":   # every few seconds, whatever the phase (solver/optimizer.py)
+            bd = info.get("bound")
+            msg = (f"{info.get('phase', '?')}: plan {info.get('incumbent') or 0:.1f} tokens/s"
+                   + (f", upper bound {bd:.1f}" if bd is not None and bd < 1e300 else ""))
+            if info.get("milp_incumbent") is not None:
+                msg += f" (MILP incumbent {info['milp_incumbent']:.1f}, relaxed model)"
+        elif "incumbent" in info:
             inc, bd = info["incumbent"], info.get("bound")
             if inc <= self.last_inc + 1e-9:
                 return
@@ -418,6 +446,8 @@ class _Progress:
             msg = f"heuristic plan {info.get('throughput', 0):.1f} tokens/s" + (" (done)" if info.get("done") else "")
         elif event == "milp":
             msg = f"MILP {info.get('status')}: plan {info.get('throughput', 0):.1f} tokens/s, upper bound {info.get('bound', 0):.1f}"
+        elif event == "patterns":
+            msg = f"column generation: plan {info.get('throughput', 0):.1f} tokens/s, upper bound {info.get('bound', 0):.1f}"
         elif event == "latency":
             msg = f"fastest pipeline: {info.get('tpot_ms', 0):.2f} ms per output token"
         elif event == "done":

@@ -89,9 +89,11 @@ class MilpResult:
 
 
 def solve(model: LinearModel, backend: str = "highs", time_limit: float = 60.0, seed: int = 0,
-          warm_start: list | None = None, on_incumbent=None) -> MilpResult:
+          warm_start: list | None = None, on_incumbent=None, on_bound=None) -> MilpResult:
+    """``on_incumbent(obj, bound, seconds)`` at each improving solution; ``on_bound(bound,
+    incumbent)`` at most once a second while branch-and-bound runs (HiGHS only)."""
     if backend == "highs":
-        return _solve_highs(model, time_limit, seed, warm_start, on_incumbent)
+        return _solve_highs(model, time_limit, seed, warm_start, on_incumbent, on_bound)
     if backend == "cbc":
         return _solve_cbc(model, time_limit, seed, warm_start)
     raise ValueError(f"unknown MILP backend {backend!r}; use highs or cbc")
@@ -136,12 +138,17 @@ def _flush_c_stdio() -> None:
 
 # ---- HiGHS ----------------------------------------------------------------------------
 
-def _solve_highs(model, time_limit, seed, warm, on_incumbent) -> MilpResult:
+def _solve_highs(model, time_limit, seed, warm, on_incumbent, on_bound=None) -> MilpResult:
     with native_stdout_silenced():
-        return _solve_highs_inner(model, time_limit, seed, warm, on_incumbent)
+        return _solve_highs_inner(model, time_limit, seed, warm, on_incumbent, on_bound)
 
 
-def _solve_highs_inner(model, time_limit, seed, warm, on_incumbent) -> MilpResult:
+def relaxed(model: LinearModel) -> LinearModel:
+    """The LP relaxation: the same rows, every variable continuous."""
+    return LinearModel(model.names, model.lb, model.ub, [False] * model.num_vars, model.rows, model.objective)
+
+
+def _solve_highs_inner(model, time_limit, seed, warm, on_incumbent, on_bound=None) -> MilpResult:
     import highspy
     import numpy as np
 
@@ -191,6 +198,17 @@ def _solve_highs_inner(model, time_limit, seed, warm, on_incumbent) -> MilpResul
             d = e.data_out
             on_incumbent(-d.objective_function_value, -d.mip_dual_bound, d.running_time)
         h.cbMipImprovingSolution.subscribe(_cb)
+    if on_bound is not None:
+        last = [time.perf_counter()]
+
+        def _cb_bound(e):
+            now = time.perf_counter()
+            if now - last[0] >= 1.0:
+                last[0] = now
+                d = e.data_out
+                if math.isfinite(d.mip_dual_bound):
+                    on_bound(-d.mip_dual_bound, -d.mip_primal_bound if math.isfinite(d.mip_primal_bound) else None)
+        h.cbMipInterrupt.subscribe(_cb_bound)
     h.run()
     status = h.getModelStatus()
     info = h.getInfo()
@@ -244,7 +262,11 @@ def _solve_cbc_inner(model, time_limit, seed, warm) -> MilpResult:
         for i, (v, x) in enumerate(zip(vs, warm)):
             x = min(max(x, model.lb[i]), model.ub[i])  # PuLP rejects values a rounding step outside
             v.setInitialValue(round(x) if v.cat == pulp.LpInteger else x)
-    kw = dict(msg=False, timeLimit=max(1, int(math.ceil(time_limit))), warmStart=warm is not None,
+    # CBC counts only its own search: building the model here, writing it out and reading the
+    # solution back (about twice the build time) come out of the limit.
+    built = time.perf_counter() - t0
+    limit = max(0.5, round(time_limit - 2.5 * built, 1))
+    kw = dict(msg=False, timeLimit=limit, timeMode="elapsed", warmStart=warm is not None,
               options=[f"randomSeed {int(seed) % 2**31 or 1}", "randomCbcSeed 1"], threads=1)
     solver = pulp.COIN_CMD(**kw)
     if not solver.available():  # no `cbc` on PATH (pulp[cbc] installs one): PuLP's bundled binary
