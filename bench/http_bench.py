@@ -183,7 +183,8 @@ def run_hexplan(name: str, checkpoint: str, layers: int, reqs: list, threads: in
     torch.set_num_threads(1)   # this process: gateway, HTTP front, clients
     with Launch(plan, checkpoint, threads=threads, http="127.0.0.1:0") as L:
         c = L.gateway.scheduler.configs[0]
-        log(f"  {name}: {c.loops} micro-batch loop(s) of <= {c.batch}, <= {c.concurrency} in flight")
+        log(f"  {name}: {c.loops} micro-batch loop(s) of <= {c.batch}, <= {c.concurrency} in flight"
+            + (f" (batch chosen from decode steps, ms: {L.gateway.decode_ms[0]})" if L.gateway.decode_ms else ""))
         generate(L.address, token_ids=[1, 2, 3, 4, 5, 6, 7, 8], max_new_tokens=4, timeout=300)   # warm-up
         http_stream(L.http.port, L.http.front.model, {"id": "warm", "prompt": [1, 2, 3], "output_len": 4},
                     time.perf_counter())
