@@ -21,7 +21,6 @@ from types import SimpleNamespace
 import pytest
 
 import hexplan
-from hexplan.models import ModelSpec
 from hexplan.solver import formulation, milp
 from hexplan.solver.bounds import compute_bound, max_pipelines
 from hexplan.solver.problem import Problem, SolveOptions
@@ -30,15 +29,7 @@ from bruteforce import BruteForce
 
 REL = 1e-6
 
-GPU_TYPES = """
-gpu_types:
-  Tiny: {memory: 4GB, memory_bandwidth: 300GB/s, fp16_tflops: 30}
-  Mid:  {memory: 6GB, memory_bandwidth: 900GB/s, fp16_tflops: 120}
-  Fast: {memory: 3GB, memory_bandwidth: 1500GB/s, fp16_tflops: 200}
-  Big:  {memory: 12GB, memory_bandwidth: 400GB/s, fp16_tflops: 40}
-"""
-M8 = ModelSpec(name="tiny-8l", num_layers=8, hidden_size=4096, intermediate_size=11008,
-               num_heads=32, num_kv_heads=32, vocab_size=32000)
+from test_optimizer import GPU_TYPES, M8  # noqa: E402  (the tiny GPU types and the 8-layer model)
 
 
 def generate(seed: int) -> str:
@@ -235,3 +226,18 @@ def test_heartbeat_never_stops(monkeypatch):
     assert {b["phase"] for b in beats} >= {"heuristic", "milp"}
     assert all("incumbent" in b and "bound" in b for b in beats)
     assert any(b["bound"] is not None and b["bound"] > 0 for b in beats)
+
+
+def test_large_instances_skip_the_milp_and_keep_a_valid_bound(monkeypatch):
+    """Above MILP_SIZE_LIMIT (candidates x pipelines) the column generation takes the MILP's
+    time: the plan says the MILP was skipped, and plan and bound still bracket the optimum."""
+    from hexplan.solver import optimizer
+    monkeypatch.setattr(optimizer, "MILP_SIZE_LIMIT", 0)
+    seed = cases()[0]
+    cl = cluster_of(generate(seed))
+    best = optimum(seed)
+    plan = hexplan.solve(cl, model=M8, time_limit=4.0)
+    assert "milp_skipped" in plan.solver and plan.solver["milp_status"] == "skipped"
+    assert hexplan.validate_plan(plan, cl) == []
+    assert plan.throughput <= best.throughput * (1 + REL)
+    assert plan.predicted["upper_bound_tokens_per_s"] >= best.throughput * (1 - REL)

@@ -20,7 +20,7 @@ from hexplan import logconfig
 from hexplan.plan import Plan
 
 from .gateway import Gateway
-from .lifecycle import StopSignals, child_parent_args, drain_and_stop
+from .lifecycle import StopSignals, child_parent_args, drain_and_stop, stop_serving
 from .servicer import serve_gateway
 from .wire import TOKEN_ENV, Tls, is_loopback
 
@@ -140,12 +140,7 @@ class Launch:
         return drain_and_stop(self.gateway, self.server, timeout, err, hurry, http=self.http)
 
     def close(self) -> None:
-        if self.http is not None:
-            self.http.stop()
-        if self.server is not None:
-            self.server.stop(grace=1).wait()
-        if self.gateway is not None:
-            self.gateway.stop()
+        stop_serving(self.http, self.server, self.gateway)
         for proc, _ in self.nodes.values():
             if proc.poll() is None:
                 proc.terminate()

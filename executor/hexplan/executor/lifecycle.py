@@ -148,3 +148,14 @@ def drain_and_stop(gw, server, timeout: float, err=None, hurry=None,
         http.stop()
     gw.stop()
     return n
+
+
+def stop_serving(http, server, gateway) -> None:
+    """Stop what serves clients, each that was started: the HTTP front, the gRPC server (a
+    second's grace), then the gateway's loops (``Launch.close`` and ``RayLaunch.close``)."""
+    if http is not None:
+        http.stop()
+    if server is not None:
+        server.stop(grace=1).wait()
+    if gateway is not None:
+        gateway.stop()

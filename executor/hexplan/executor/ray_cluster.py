@@ -41,7 +41,7 @@ from hexplan.errors import SpecError
 from hexplan.plan import Plan
 
 from .gateway import Gateway
-from .lifecycle import StopSignals, drain_and_stop
+from .lifecycle import StopSignals, drain_and_stop, stop_serving
 from .servicer import serve_gateway
 from .wire import TOKEN_ENV, Tls
 
@@ -240,12 +240,7 @@ class RayLaunch:
     def close(self) -> None:
         import ray
 
-        if self.http is not None:
-            self.http.stop()
-        if self.server is not None:
-            self.server.stop(grace=1).wait()
-        if self.gateway is not None:
-            self.gateway.stop()
+        stop_serving(self.http, self.server, self.gateway)
         stops = []
         for a in self.actors.values():
             try:

@@ -35,6 +35,7 @@ HEARTBEAT_S = 2.5           # seconds between heartbeat events (the issue asks f
 BACKENDS = ("highs", "cbc", "none")
 EARLY_STOP_GAP = 0.005
 PATTERN_SHARE = 0.4         # of the time left after the heuristic, at most, for column generation
+MILP_SIZE_LIMIT = 10_000    # candidates x pipelines above which the MILP is skipped (throughput objective)
 
 
 def _check_options(o: SolveOptions) -> None:
@@ -176,18 +177,24 @@ def _solve(cluster, model, options, emit, t0, hb) -> Plan:
     # Column generation over node kinds (patterns.py): a valid bound, usually far tighter than
     # the MILP's root relaxation on clusters of many identical nodes, and integer patterns mapped
     # onto nodes as a second candidate plan. Up to PATTERN_SHARE of the time left.
+    # On large clusters the placement MILP grows with candidates x pipelines (7.8 GB at 1024 GPUs)
+    # and adds little: above MILP_SIZE_LIMIT the column generation gets the time instead.
+    K = max_pipelines(problem)
+    if options.max_pipelines:
+        K = min(K, options.max_pipelines)
+    milp_fits = len(problem.all_slots()) * K <= MILP_SIZE_LIMIT
     if (options.backend != "none" and options.objective == "throughput" and h_value < bound * (1 - EARLY_STOP_GAP)
             and time.perf_counter() < deadline - 1.0):
         beat(phase="patterns")
+        share = PATTERN_SHARE if milp_fits else 0.95
         state, bound, bound_source = _patterns(problem, ev, state, bound, bound_source, options,
-                                               PATTERN_SHARE * (deadline - time.perf_counter()), deadline, emit, beat)
+                                               share * (deadline - time.perf_counter()), deadline, emit, beat)
         h_value = max(h_value, total_value(ev, state))
+    if not milp_fits and options.objective == "throughput":
+        info["milp_skipped"] = f"{len(problem.all_slots())} candidates x {K} pipelines > {MILP_SIZE_LIMIT}"
     # Like Helix, stop early once a plan is within 0.5% of the compute-only bound.
     if options.backend != "none" and total_value(ev, state) < bound * (1 - EARLY_STOP_GAP) \
-            and time.perf_counter() < deadline - 0.2:
-        K = max_pipelines(problem)
-        if options.max_pipelines:
-            K = min(K, options.max_pipelines)
+            and time.perf_counter() < deadline - 0.2 and (milp_fits or options.objective != "throughput"):
         beat(phase="milp")
         n_cands = len(problem.all_slots())
         integer = n_cands * K <= INTEGER_LAYER_LIMIT

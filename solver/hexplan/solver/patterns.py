@@ -954,6 +954,36 @@ def lagrangian_bound(z: float, P: int, intervals, Z: float) -> float:
 # ---------------------------------------------------------------------------------------
 # LP and integer masters
 
+def _highs_master(cols, vals, kinds_gpus, K_max, ubs):
+    """The master problem as a HiGHS LP (minimising -value): one column per pattern (GPUs per
+    kind, plus 1 in the pipeline-count row), at most ``ubs[i]`` copies of pattern i, rows: each
+    kind's GPUs and the ``K_max`` pipelines."""
+    import highspy
+    lp = highspy.HighsLp()
+    n, nk = len(cols), len(kinds_gpus)
+    lp.num_col_, lp.num_row_ = n, nk + 1
+    lp.col_cost_ = np.array([-v for v in vals], dtype=float)
+    lp.col_lower_ = np.zeros(n)
+    lp.col_upper_ = np.array([float(u) for u in ubs])
+    lp.row_lower_ = np.full(nk + 1, -highspy.kHighsInf)
+    lp.row_upper_ = np.array([float(g) for g in kinds_gpus] + [float(K_max)])
+    starts, index, value = [], [], []
+    for g in cols:
+        starts.append(len(index))
+        for k in sorted(g):
+            if g[k]:
+                index.append(k)
+                value.append(float(g[k]))
+        index.append(nk)
+        value.append(1.0)
+    starts.append(len(index))
+    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
+    lp.a_matrix_.start_ = np.array(starts, dtype=np.int32)
+    lp.a_matrix_.index_ = np.array(index, dtype=np.int32)
+    lp.a_matrix_.value_ = np.array(value, dtype=float)
+    return lp
+
+
 def ortools_available() -> bool:
     """Whether OR-Tools (GLOP, CP-SAT) can be used in this process. OR-Tools' wheel bundles its
     own HiGHS: with highspy 1.15.x in the same process whichever is loaded second fails with
@@ -1032,28 +1062,7 @@ def _solve_lp_inner(cols, vals, kinds_gpus, K_max, backend):
         return obj.Value(), [x.solution_value() for x in xs], [max(0.0, r.dual_value()) for r in rows], \
             max(0.0, ck.dual_value())
     import highspy
-    lp = highspy.HighsLp()
-    n = len(cols)
-    lp.num_col_, lp.num_row_ = n, nk + 1
-    lp.col_cost_ = np.array([-v for v in vals], dtype=float)
-    lp.col_lower_ = np.zeros(n)
-    lp.col_upper_ = np.full(n, highspy.kHighsInf)
-    lp.row_lower_ = np.full(nk + 1, -highspy.kHighsInf)
-    lp.row_upper_ = np.array([float(g) for g in kinds_gpus] + [float(K_max)])
-    starts, index, value = [], [], []
-    for i, g in enumerate(cols):
-        starts.append(len(index))
-        for k in sorted(g):
-            if g[k]:
-                index.append(k)
-                value.append(float(g[k]))
-        index.append(nk)
-        value.append(1.0)
-    starts.append(len(index))
-    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
-    lp.a_matrix_.start_ = np.array(starts, dtype=np.int32)
-    lp.a_matrix_.index_ = np.array(index, dtype=np.int32)
-    lp.a_matrix_.value_ = np.array(value, dtype=float)
+    lp = _highs_master(cols, vals, kinds_gpus, K_max, [highspy.kHighsInf] * len(cols))
     h = _run_highs(lp)
     sol = h.getSolution()
     # minimising -v: row duals are <= 0 for <= rows; the max problem's duals are their negation
@@ -1089,28 +1098,7 @@ def _solve_int(cols, vals, kinds_gpus, K_max, time_limit, backend="cpsat", ubs=N
             return [0] * n
         return [int(s.Value(y)) for y in ys]
     import highspy
-    lp = highspy.HighsLp()
-    nk = len(kinds_gpus)
-    lp.num_col_, lp.num_row_ = n, nk + 1
-    lp.col_cost_ = np.array([-v for v in vals], dtype=float)
-    lp.col_lower_ = np.zeros(n)
-    lp.col_upper_ = np.array([float(u) for u in ubs])
-    lp.row_lower_ = np.full(nk + 1, -highspy.kHighsInf)
-    lp.row_upper_ = np.array([float(g) for g in kinds_gpus] + [float(K_max)])
-    starts, index, value = [], [], []
-    for g in cols:
-        starts.append(len(index))
-        for k in sorted(g):
-            if g[k]:
-                index.append(k)
-                value.append(float(g[k]))
-        index.append(nk)
-        value.append(1.0)
-    starts.append(len(index))
-    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
-    lp.a_matrix_.start_ = np.array(starts, dtype=np.int32)
-    lp.a_matrix_.index_ = np.array(index, dtype=np.int32)
-    lp.a_matrix_.value_ = np.array(value, dtype=float)
+    lp = _highs_master(cols, vals, kinds_gpus, K_max, ubs)
     lp.integrality_ = [highspy.HighsVarType.kInteger] * n
     h = _run_highs(lp, time_limit)
     sol = h.getSolution()
