@@ -60,6 +60,13 @@ CONFIGS = {
 log = eb.log
 
 
+def fresh(fn, *args):
+    """``fn(*args)`` in a new process (spawned: nothing of this one's state), its result back."""
+    import multiprocessing as mp
+    with futures.ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
 def run_tf(checkpoint: str, reqs: list, threads: int, max_batch_tokens: int, max_requests: int) -> dict:
     """transformers' continuous batching manager, one request per prompt with its own length."""
     from transformers import GenerationConfig, LlamaForCausalLM
@@ -248,11 +255,13 @@ def main() -> int:
         for rep in range(repeat):
             for name in runs:
                 log(f"({name}) {CONFIGS[name]}, run {rep + 1}/{repeat}")
+                # each run in a fresh process: one engine's leftovers (memory, threads) never
+                # weigh on the next run's, whichever engine that is
                 if name == "tf":
-                    res = run_tf(ckpt, reqs, threads, args.max_batch_tokens, args.max_requests_per_batch)
+                    res = fresh(run_tf, ckpt, reqs, threads, args.max_batch_tokens, args.max_requests_per_batch)
                 else:
-                    res = run_hexplan(name, ckpt, model.num_layers, reqs, threads,
-                                      None if name == "bare" else workload)
+                    res = fresh(run_hexplan, name, ckpt, model.num_layers, reqs, threads,
+                                None if name == "bare" else workload)
                 log(f"({name}) {res['tokens_per_s']:.1f} tokens/s, TTFT P50 {res['ttft_p50_s']:.2f} s, "
                     f"E2E P50 {res['latency_p50_s']:.2f} s")
                 runs[name].append(res)
