@@ -432,18 +432,21 @@ CALIBRATION_PREFIX = "\x00calibrate-"   # request ids no client can send (they a
 
 
 def calibrate_decode(model: StageModel, ctx: TPContext, batches, context: int, warmup: int = 1,
-                     repeats: int = 2, gain: float | None = None, max_step_s: float = 2.0) -> dict[int, float]:
-    """Median wall milliseconds of one decode step of each batch size in ``batches`` through this
+                     repeats: int = 3, gain: float | None = None, max_step_s: float = 2.0) -> dict[int, float]:
+    """Wall milliseconds of one decode step of each batch size in ``batches`` through this
     loaded stage, every sequence at ``context`` cached tokens: what a served step costs, the LM
     head and the logits' wire form included on a last stage. Every rank of ``ctx`` must call it
     with the same arguments (the steps' collectives pair up); the slowest rank's time is
-    returned. Synthetic caches as ``measure``'s (one prompt prefilled, copied for the others,
-    put back to ``context`` before each step), all freed before returning.
+    returned; each size's time is the fastest of ``repeats`` steps after ``warmup`` (other work
+    on the machine only ever adds time). Synthetic caches as ``measure``'s (one prompt
+    prefilled, copied for the others, put back to ``context`` before each step), all freed
+    before returning.
 
     Sizes run smallest first and stop after the first whose tokens/s is less than ``gain``
-    (default hexplan.serving.setup.BATCH_GAIN) x the previous size's: larger ones would not be
-    chosen (``choose_batch``). They also stop after a step slower than ``max_step_s``, and skip
-    sizes whose caches would take more than a quarter of the device's free memory."""
+    (default hexplan.serving.setup.BATCH_GAIN) x the previous size's, confirmed by timing both
+    again: larger ones would not be chosen (``choose_batch``). They also stop after a step slower
+    than ``max_step_s``, and skip sizes whose caches would take more than a quarter of the
+    device's free memory."""
     from hexplan.serving.setup import BATCH_GAIN
 
     from .wire import to_proto
@@ -469,7 +472,10 @@ def calibrate_decode(model: StageModel, ctx: TPContext, batches, context: int, w
     try:
         model.forward_parts([SeqChunk(ids[0], 0, context)], inputs(context))
         src = model.caches[ids[0]]
-        for b in batches:
+
+        def step_ms(b: int) -> float:
+            """The fastest of ``repeats`` timed steps of ``b`` sequences (after ``warmup``): a busy
+            machine only ever adds time. The slowest rank's, so every rank decides alike."""
             seqs = ids[:b]
             for r in seqs:                                     # copies of the first one's, made as needed
                 if r not in model.caches:
@@ -490,12 +496,24 @@ def calibrate_decode(model: StageModel, ctx: TPContext, batches, context: int, w
                 sync()
                 if i >= warmup:
                     times.append(time.perf_counter() - t0)
-            # the slowest rank's, so every rank takes the same decision to go on
-            out[b] = _slowest(ctx, (statistics.median(times) * 1e3,))[0]
-            sizes = list(out)
-            if out[b] > max_step_s * 1e3 or (
-                    len(sizes) > 1 and b / out[b] < gain * sizes[-2] / out[sizes[-2]]):
+            return _slowest(ctx, (min(times) * 1e3,))[0]
+
+        def too_little(b: int, prev: int) -> bool:
+            return b / out[b] < gain * prev / out[prev]
+
+        prev = None
+        for b in batches:
+            out[b] = step_ms(b)
+            if out[b] > max_step_s * 1e3:
                 break
+            if prev is not None and too_little(b, prev):
+                # before stopping on it, time both sizes again (a burst of other work can slow
+                # one size's steps and stop the timing early)
+                out[prev] = min(out[prev], step_ms(prev))
+                out[b] = min(out[b], step_ms(b))
+                if too_little(b, prev):
+                    break
+            prev = b
     finally:
         for r in ids:
             model.caches.pop(r, None)
