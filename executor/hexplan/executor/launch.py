@@ -27,6 +27,26 @@ from .wire import TOKEN_ENV, Tls, is_loopback
 READY_TIMEOUT_S = 120
 
 
+def start_serving(gw: Gateway, checkpoint: str, listen: str, tls: Tls | None, http: str | None = None,
+                  served_model_name: str | None = None, chat_template: str | None = None,
+                  max_queue: int | None = None):
+    """Load the gateway's shards (``gw.start``), serve its gRPC API on ``listen`` and, with
+    ``http`` (HOST:PORT), the OpenAI-compatible one: (gRPC server, its port, HTTP front or None).
+    A port the HTTP front cannot take stops the gRPC server and raises RuntimeError naming --http."""
+    gw.start()
+    server, port = serve_gateway(gw, listen, tls)
+    front = None
+    if http is not None:
+        from .http import default_model_name, serve_http
+        try:
+            front = serve_http(gw, http, served_model_name or default_model_name(checkpoint),
+                               chat_template=chat_template, max_queue=max_queue)
+        except OSError as e:
+            server.stop(0)
+            raise RuntimeError(f"--http: cannot listen on {http}: {e.strerror or e}") from None
+    return server, port, front
+
+
 def start_node(name: str, host: str, threads: int | None, tls: Tls | None, auth_token: str | None = None,
                checkpoint_root: str | None = None, port: int = 0) -> tuple[subprocess.Popen, str]:
     """Start ``hexplan node`` on ``host:port`` (0: a free port); ``auth_token`` goes in its
@@ -103,16 +123,9 @@ class Launch:
                                    max_batch=max_batch, prefill_chunk=prefill_chunk, policy=policy,
                                    mlfq_quantum_s=mlfq_quantum_s, interleave=interleave,
                                    matmul_pieces=matmul_pieces, auth_token=self.auth_token)
-            self.gateway.start()
-            self.server, self.port = serve_gateway(self.gateway, listen, tls)
+            self.server, self.port, self.http = start_serving(self.gateway, checkpoint, listen, tls, http,
+                                                              served_model_name, chat_template, max_queue)
             self.address = f"{host}:{self.port}"
-            if http is not None:
-                from .http import default_model_name, serve_http
-                try:
-                    self.http = serve_http(self.gateway, http, served_model_name or default_model_name(checkpoint),
-                                           chat_template=chat_template, max_queue=max_queue)
-                except OSError as e:
-                    raise RuntimeError(f"--http: cannot listen on {http}: {e.strerror or e}") from None
         except BaseException:
             self.close()
             raise

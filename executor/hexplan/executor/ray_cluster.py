@@ -41,8 +41,8 @@ from hexplan.errors import SpecError
 from hexplan.plan import Plan
 
 from .gateway import Gateway
+from .launch import start_serving
 from .lifecycle import StopSignals, drain_and_stop, stop_serving
-from .servicer import serve_gateway
 from .wire import TOKEN_ENV, Tls
 
 NODE_RESOURCE = "hexplan_node:"
@@ -211,16 +211,9 @@ class RayLaunch:
             self.gateway = Gateway(plan, checkpoint, self.nodes, tls, dtype, max_batch=max_batch,
                                    prefill_chunk=prefill_chunk, policy=policy, mlfq_quantum_s=mlfq_quantum_s,
                                    interleave=interleave, matmul_pieces=matmul_pieces, auth_token=self.auth_token)
-            self.gateway.start()
-            self.server, self.port = serve_gateway(self.gateway, listen, tls)
+            self.server, self.port, self.http = start_serving(self.gateway, checkpoint, listen, tls, http,
+                                                              served_model_name, chat_template, max_queue)
             self.address = f"{listen.rpartition(':')[0] or '127.0.0.1'}:{self.port}"
-            if http is not None:
-                from .http import default_model_name, serve_http
-                try:
-                    self.http = serve_http(self.gateway, http, served_model_name or default_model_name(checkpoint),
-                                           chat_template=chat_template, max_queue=max_queue)
-                except OSError as e:
-                    raise RuntimeError(f"--http: cannot listen on {http}: {e.strerror or e}") from None
         except BaseException as e:
             self.close()
             if type(e).__module__.startswith("ray"):
