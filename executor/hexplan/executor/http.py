@@ -242,24 +242,30 @@ class Choice:
         if self.tokenizer is None:
             return ""
         full = self._decode()
+        stopped = self._stopped(full)
+        if stopped is not None:
+            return stopped
+        if full.endswith("\ufffd"):
+            return ""                          # a character still being generated
+        return self._take(full[:len(full) - self.hold] if self.stops else full)
+
+    def _stopped(self, full: str) -> str | None:
+        """When ``full`` holds a stop string: finish ("stop") and return the text up to it not yet
+        sent; else None."""
         if self.stops:
             at = self._stop_at(full)
             if at >= 0:
                 self.finish = "stop"
                 return self._take(full[:max(at, len(self.text))])
-        if full.endswith("\ufffd"):
-            return ""                          # a character still being generated
-        return self._take(full[:len(full) - self.hold] if self.stops else full)
+        return None
 
     def end(self, reason: str) -> str:
         """The gateway's ``done``: the rest of the text."""
         self.ended = True
         full = self._decode()
-        if self.stops:
-            at = self._stop_at(full)
-            if at >= 0:
-                self.finish = "stop"
-                return self._take(full[:max(at, len(self.text))])
+        stopped = self._stopped(full)
+        if stopped is not None:
+            return stopped
         self.finish = reason
         return self._take(full)
 

@@ -181,13 +181,23 @@ def run_launch(plan: Plan, checkpoint: str, listen: str, tls: Tls | None, dtype:
     launch = Launch(plan, checkpoint, listen, tls, dtype, threads, policy=policy, mlfq_quantum_s=mlfq_quantum_s,
                     interleave=interleave, matmul_pieces=matmul_pieces, auth_token=auth_token, http=http,
                     served_model_name=served_model_name, chat_template=chat_template, max_queue=max_queue)
+    return serve_until_stopped(launch, signals, f"{len(launch.nodes)} node executor(s)", out, drain_timeout,
+                               stall_timeout_s, recovery_wait_s)
+
+
+def serve_until_stopped(launch, signals: StopSignals, executors: str, out, drain_timeout: float,
+                        stall_timeout_s: float | None = None, recovery_wait_s: float | None = None) -> int:
+    """The launch commands' life after start (``Launch`` or ``RayLaunch``): set the fault
+    timeouts given, print the ready line (``executors`` says where the nodes run), wait for
+    SIGTERM/SIGINT, drain, close everything, print the stopped line."""
+    gw = launch.gateway
     if stall_timeout_s is not None:
-        launch.gateway.stall_timeout_s = stall_timeout_s
+        gw.stall_timeout_s = stall_timeout_s
     if recovery_wait_s is not None:
-        launch.gateway.recovery_wait_s = recovery_wait_s
+        gw.recovery_wait_s = recovery_wait_s
     try:
-        print(f"hexplan: ready: serving {plan.model.name} on {launch.address} "
-              f"({len(plan.pipelines)} pipeline(s), {len(launch.nodes)} node executor(s))"
+        print(f"hexplan: ready: serving {gw.plan.model.name} on {launch.address} "
+              f"({len(gw.plan.pipelines)} pipeline(s), {executors})"
               + (f"; HTTP on {launch.http.url}" if launch.http is not None else ""), file=out, flush=True)
         signals.wait()
         launch.drain(drain_timeout, hurry=signals.hurry)

@@ -41,7 +41,7 @@ from hexplan.errors import SpecError
 from hexplan.plan import Plan
 
 from .gateway import Gateway
-from .launch import start_serving
+from .launch import serve_until_stopped, start_serving
 from .lifecycle import StopSignals, drain_and_stop, stop_serving
 from .wire import TOKEN_ENV, Tls
 
@@ -278,18 +278,6 @@ def run_launch_ray(plan: Plan, checkpoint: str, ray_address: str, listen: str, t
             ray.shutdown()
         raise
     launch._connected = connected          # close() disconnects
-    if stall_timeout_s is not None:
-        launch.gateway.stall_timeout_s = stall_timeout_s
-    if recovery_wait_s is not None:
-        launch.gateway.recovery_wait_s = recovery_wait_s
-    try:
-        where = ", ".join(f"{n}@{i['address']}" for n, i in launch.info.items())
-        print(f"hexplan: ready: serving {plan.model.name} on {launch.address} "
-              f"({len(plan.pipelines)} pipeline(s), {len(launch.actors)} node executor(s) on Ray: {where})"
-              + (f"; HTTP on {launch.http.url}" if launch.http is not None else ""), file=out, flush=True)
-        signals.wait()
-        launch.drain(drain_timeout, hurry=signals.hurry)
-    finally:
-        launch.close()
-    print("hexplan: stopped", file=out, flush=True)
-    return 0
+    where = ", ".join(f"{n}@{i['address']}" for n, i in launch.info.items())
+    return serve_until_stopped(launch, signals, f"{len(launch.actors)} node executor(s) on Ray: {where}", out,
+                               drain_timeout, stall_timeout_s, recovery_wait_s)
