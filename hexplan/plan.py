@@ -28,10 +28,15 @@ class Stage:
     tp: int
     layers: tuple[int, int]  # half-open [start, end)
     gpu: str = ""            # GPU type name, for readers
+    shift_sp: int = 1        # Shift Parallelism: >1 runs large steps as sp groups of tp // sp ranks
 
     @property
     def num_layers(self) -> int:
         return self.layers[1] - self.layers[0]
+
+    @property
+    def shifted(self) -> bool:
+        return self.shift_sp > 1
 
 
 @dataclass(frozen=True)
@@ -71,7 +76,8 @@ class Plan:
                 if v is not None:
                     pd[k] = _r(v)
             pd["stages"] = [{"node": s.node, **({"gpu": s.gpu} if s.gpu else {}), "gpus": list(s.gpus),
-                             "tp": s.tp, "layers": [s.layers[0], s.layers[1]]} for s in p.stages]
+                             "tp": s.tp, "layers": [s.layers[0], s.layers[1]],
+                             **({"shift": {"sp": s.shift_sp}} if s.shifted else {})} for s in p.stages]
             d["pipelines"].append(pd)
         if self.predicted:
             d["predicted"] = {k: _r(v) for k, v in self.predicted.items()}
@@ -203,7 +209,15 @@ def plan_from_dict(data, loc: Locator | None = None) -> Plan:
             a = _int(layers[0], sp + ("layers",), loc, "layer start")
             b = _int(layers[1], sp + ("layers",), loc, "layer end")
             gpu = sd.get("gpu", "")
-            stages.append(Stage(node, gpus_t, tp, (a, b), gpu if isinstance(gpu, str) else ""))
+            shift_sp = 1
+            if sd.get("shift") is not None:
+                sh = sd["shift"]
+                if not isinstance(sh, dict) or set(sh) - {"sp"} or "sp" not in sh:
+                    raise loc.error(sp + ("shift",), "expected a mapping {sp: N}, like shift: {sp: 2}")
+                shift_sp = _int(sh["sp"], sp + ("shift", "sp"), loc, "shift sp", 1)
+                if tp % shift_sp:
+                    raise loc.error(sp + ("shift", "sp"), f"sp {shift_sp} must divide the stage's tp {tp}")
+            stages.append(Stage(node, gpus_t, tp, (a, b), gpu if isinstance(gpu, str) else "", shift_sp))
         pipelines.append(Pipeline(tuple(stages), float(weight), _opt(pd, "throughput_tokens_per_s"),
                                   _opt(pd, "decode_ms_per_token"), _opt(pd, "ttft_ms")))
     def mapping(key):
