@@ -2,14 +2,16 @@
 
     python bench/fidelity_bench.py [--quick] [--only one,pp2,tp2pp] [--json out.json]
                                    [--checkpoint DIR] [--profile FILE] [--no-calibrate] [--wait-quiet S]
+                                   [--lone-profile]
 
 The model of bench/executor_bench.py (a random-weight Llama, hidden 768, 12 layers, 12 heads,
 intermediate 2048, vocab 32000, 512 positions, float32) on the local CPU cluster of
 cluster_specs/local-cpu.yaml (nodes cpu0 with 2 "GPUs" and cpu1 with 1, `gpu: cpu`), whose `cpu`
 type gets a profile of that model measured on this machine by `hexplan profile` (a subprocess;
 `--profile FILE` reuses a saved one): per-layer decode and prefill tables and the LM head's table
-at the plan's worker thread count and, for a plan with a TP stage, the all-reduce table of a
-`hexplan profile --tp 2` run. Three hand-written plans:
+at the plan's worker thread count, the decode table timed through a served worker (`--served`;
+`--lone-profile`: in the profiling process, as before) and, for a plan with a TP stage, the
+all-reduce table of a `hexplan profile --tp 2` run. Three hand-written plans:
 
   one    one stage holding layers 0-11 on cpu0 (1 worker, 2 threads)
   pp2    two pipeline stages, layers 0-5 on cpu0 and 6-11 on cpu1 (2 workers x 1 thread)
@@ -96,6 +98,9 @@ TARGET = 0.15
 ALLREDUCE_BATCHES = ",".join(map(str, range(1, 17)))
 
 
+SERVED_PROFILE = True    # TP-1 profiles: decode through a served worker (`hexplan profile --served`)
+
+
 def run_profile(ckpt: str, threads: int, context: int, out: Path, tp: int = 1) -> dict:
     """``hexplan profile --checkpoint CKPT --device cpu -o OUT`` with ``threads`` torch threads per
     process (a worker's), decode at ``context`` (the plan workload's mean decode context: a
@@ -108,6 +113,8 @@ def run_profile(ckpt: str, threads: int, context: int, out: Path, tp: int = 1) -
            "--threads", str(threads), "--context", str(context), "--layers", "6", "--repeats", "5", "--tp", str(tp)]
     if tp > 1:
         cmd += ["--decode-batches", ALLREDUCE_BATCHES]
+    elif SERVED_PROFILE:
+        cmd += ["--served"]
     log(f"  hexplan {' '.join(cmd[3:])}")
     t = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -543,6 +550,8 @@ def main() -> int:
     ap.add_argument("--profile", help="reuse a profile: a cluster YAML from `hexplan profile`, or a --json file of an "
                                       "earlier run (its profiles per thread count)")
     ap.add_argument("--no-calibrate", action="store_true", help="skip the measured terms and the sim+cal column")
+    ap.add_argument("--lone-profile", action="store_true",
+                    help="profile decode in the profiling process (`hexplan profile` without --served), as before")
     ap.add_argument("--no-measure", action="store_true", help="predicted and simulated only (no Launch)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write every number here")
@@ -552,6 +561,8 @@ def main() -> int:
                          "(a 0.5 s matmul at --quiet-gflops)")
     ap.add_argument("--quiet-gflops", type=float, default=120.0)
     args = ap.parse_args()
+    global SERVED_PROFILE
+    SERVED_PROFILE = not args.lone_profile
     if args.report:
         saved = json.loads(Path(args.report).read_text())
         report(saved["meta"], saved["results"])

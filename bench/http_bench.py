@@ -182,13 +182,14 @@ def replay_http(port: int, model: str, reqs: list, label: str) -> list:
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def run_hexplan(name: str, checkpoint: str, layers: int, reqs: list, threads: int, workload: dict | None) -> dict:
+def run_hexplan(name: str, checkpoint: str, layers: int, reqs: list, threads: int, workload: dict | None,
+                prefill_chunk: int | None = None) -> dict:
     from hexplan.executor.client import generate
     from hexplan.executor.launch import Launch
 
     plan = eb.make_plan(checkpoint, [(1, 0, layers)], workload)
     torch.set_num_threads(1)   # this process: gateway, HTTP front, clients
-    with Launch(plan, checkpoint, threads=threads, http="127.0.0.1:0") as L:
+    with Launch(plan, checkpoint, threads=threads, http="127.0.0.1:0", prefill_chunk=prefill_chunk) as L:
         c = L.gateway.scheduler.configs[0]
         log(f"  {name}: {c.loops} micro-batch loop(s) of <= {c.batch}, <= {c.concurrency} in flight"
             + (f" (batch chosen from decode steps, ms: {L.gateway.decode_ms[0]})" if L.gateway.decode_ms else ""))
@@ -227,6 +228,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument("--max-batch-tokens", type=int, default=1024, help="tf: max_batch_tokens (default 1024)")
     ap.add_argument("--max-requests-per-batch", type=int, default=32, help="tf: max_requests_per_batch (default 32)")
+    ap.add_argument("--prefill-chunk", type=int, default=None,
+                    help="planned and grpc: prompt tokens per step beside decoding sequences (default: the plan's)")
     ap.add_argument("--json", help="also write every number here")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -261,7 +264,7 @@ def main() -> int:
                     res = fresh(run_tf, ckpt, reqs, threads, args.max_batch_tokens, args.max_requests_per_batch)
                 else:
                     res = fresh(run_hexplan, name, ckpt, model.num_layers, reqs, threads,
-                                None if name == "bare" else workload)
+                                None if name == "bare" else workload, None if name == "bare" else args.prefill_chunk)
                 log(f"({name}) {res['tokens_per_s']:.1f} tokens/s, TTFT P50 {res['ttft_p50_s']:.2f} s, "
                     f"E2E P50 {res['latency_p50_s']:.2f} s")
                 runs[name].append(res)

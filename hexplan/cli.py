@@ -6,6 +6,7 @@ Exit codes: 0 success, 2 bad input or an infeasible request (one line on stderr,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -318,6 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--layers", type=int, help="layers to load and time; per layer = step / layers (default 4, or all if fewer)")
     g.add_argument("--repeats", type=int, default=3, help="timed runs per point; the median counts (default 3)")
     g.add_argument("--warmup", type=int, default=1, help="untimed runs per point first (default 1)")
+    g.add_argument("--served", action="store_true",
+                   help="time the decode steps through a served stage worker (a local `hexplan node`, Forward calls "
+                        "over gRPC, logits back) instead of in this process: what a served step costs on a CPU, "
+                        "where the two differ most (TP 1 only; the layers and LM head are still timed here)")
     g.add_argument("--threads", type=int, help="CPU threads per process, as a served worker has them (default: cores / TP, "
                                                "what `hexplan launch` gives each worker of a one-stage plan; a plan of W "
                                                "workers on one machine gets cores / W)")
@@ -849,6 +854,8 @@ def cmd_profile(args) -> int:
     why = model.tp_degree_ok(args.tp)
     if why:
         raise SpecError(why, field="--tp")
+    if args.served and args.tp != 1:
+        raise SpecError("measures TP 1 stages only; profile the all-reduces with --tp without --served", field="--served")
     layers = args.layers or min(4, model.num_layers)
     if layers > model.num_layers:
         raise SpecError(f"{layers} is more than the model's {model.num_layers} layers", field="--layers")
@@ -929,6 +936,19 @@ def cmd_profile(args) -> int:
 
     try:
         result = profile_checkpoint(spec, progress)
+        if args.served:
+            from .executor.profile_served import served_decode
+
+            print(f"hexplan: decode again through a served worker ({len(decode)} batch sizes)", file=err, flush=True)
+
+            def served_progress(p, done, total):
+                print(f"hexplan: [{done:>2}/{total}] served decode batch {p.x:>5}: {p.ms:9.4f} ms/layer at TP 1 (step "
+                      f"{p.step_ms:.2f} ms with the LM head, mean context {p.context:.0f}, spread {p.spread:.2f})",
+                      file=err, flush=True)
+            t_served = time.perf_counter()
+            served = served_decode(spec, result.lm_head_ms, served_progress)
+            result = dataclasses.replace(result, points=tuple(p for p in result.points if p.kind != "decode") + served,
+                                         seconds=result.seconds + time.perf_counter() - t_served)
     except torch.OutOfMemoryError:
         raise HexplanError(f"out of memory on {args.device}: try fewer --layers or smaller --decode-batches / "
                            "--prefill-tokens") from None
@@ -950,6 +970,8 @@ def cmd_profile(args) -> int:
             f"# {result.device_name}; layers 0-{layers - 1} of {model.num_layers}; decode context {context}; "
             f"median of {args.repeats} after {args.warmup} warm-up\n"
             f"# decode_ms, prefill_ms: ms per layer at TP 1 ({norm}); x = decode batch size / prompt tokens\n"
+            + ("# decode_ms: through a served worker (--served: Forward calls to a local hexplan node, less the LM "
+               "head's step)\n" if args.served else "")
             + ("# lm_head_ms: ms per step at TP 1 (final norm, LM head, logits out); x = logits rows\n"
                if "lm_head_ms" in tables else "")
             + (f"# allreduce_ms: ms per all-reduce at TP {args.tp} (the step beyond the slowest rank's compute, "

@@ -98,6 +98,25 @@ def test_stdout_is_only_the_yaml_section(ckpt):
     assert plan(ckpt, [("n0", 1, 0, 4)]).model.name == "tiny-llama"
 
 
+def test_served_times_decode_through_a_node_and_stops_it(ckpt):
+    r = hexplan("profile", "--checkpoint", ckpt, *GRID, "--served")
+    assert r.returncode == 0, r.stderr
+    t = tables_of(yaml.safe_load(r.stdout))
+    check_tables(t)
+    assert "through a served worker" in r.stdout           # the header says where decode_ms comes from
+    served = [line for line in r.stderr.splitlines() if "served decode batch" in line]
+    assert len(served) == 2 and all("mean context" in line for line in served), r.stderr
+    # the table is the served step less the LM head over the layers: the step a served worker
+    # reported, per batch, as the progress line shows it
+    for line, b in zip(served, (1, 4)):
+        step = float(line.split("(step ")[1].split(" ms")[0])
+        head = t["lm_head_ms"][b]
+        assert t["decode_ms"][b] == pytest.approx((step - head) / 2, rel=0.01, abs=2e-4), (line, t)
+    # the node it started is gone
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert not [a for a in ps.splitlines() if "hexplan.cli node" in a and "--name profile" in a], ps
+
+
 def test_output_file_and_names(ckpt, tmp_path):
     out = tmp_path / "p.yaml"
     r = hexplan("profile", "--checkpoint", ckpt, *GRID, "--gpu-type", "A100-40G", "--model", "my-llama", "-o", out)
@@ -175,6 +194,7 @@ def test_tp2_on_cpu_over_gloo(ckpt):
     (["--checkpoint", "{ckpt}", "--prefill-tokens", "0"], "--prefill-tokens"),
     (["--checkpoint", "{ckpt}", "--prefill-tokens", "300,400"], "--prefill-tokens"),
     (["--checkpoint", "{ckpt}", "--repeats", "0"], "--repeats"),
+    (["--checkpoint", "{ckpt}", "--served", "--tp", "2"], "--served"),
     (["--checkpoint", "{ckpt}", "-o", "{tmp}/no/such/dir/p.yaml"], "--output"),
     (["--checkpoint", "{ckpt}", "--merge", "{tmp}/c.yaml", "--gpu-type", "Z100"], "--gpu-type"),
 ])

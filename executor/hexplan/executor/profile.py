@@ -125,6 +125,7 @@ class Point:
     allreduce_ms: float
     spread: float = 1.0
     per_allreduce_ms: float = 0.0
+    context: float = 0.0    # decode through a served worker (profile_served): its steps' mean context
 
 
 @dataclass(frozen=True)
