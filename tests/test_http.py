@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import os
 import re
 import signal
@@ -233,8 +234,9 @@ def test_sse_wire_format(served):
     ({"prompt": {"not": "a prompt"}}, "prompt"),        # a pydantic error: 400 too, not 422
     ({"max_tokens": "many"}, "max_tokens"),
 ])
-def test_bad_fields_are_400_naming_the_field(served, kwargs, param):
+def test_bad_fields_are_400_naming_the_field(served, kwargs, param, caplog):
     L, _, _ = served
+    caplog.set_level(logging.INFO, logger="hexplan.access")
     args = {"model": MODEL, "prompt": "café", "max_tokens": 4} | kwargs
     with pytest.raises(openai.BadRequestError) as e:
         client(L).completions.create(**args)
@@ -242,6 +244,11 @@ def test_bad_fields_are_400_naming_the_field(served, kwargs, param):
     err = e.value.body
     assert err["param"] == param and err["type"] == "invalid_request_error", err
     assert err["message"].startswith(param), err
+    # a refused request has its access line too, with the answer and the error
+    access = [r for r in caplog.records if r.name == "hexplan.access"]
+    assert len(access) == 1, [r.getMessage() for r in access]
+    a = access[0]
+    assert (a.api, a.status, a.finish_reason, a.error) == ("POST /v1/completions", "HTTP 400", "refused", err["message"])
 
 
 def test_other_errors_in_openai_shape(served):

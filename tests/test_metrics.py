@@ -126,7 +126,17 @@ def test_metrics_follow_the_requests(ckpt, caplog):
         assert value(m, "vllm:kv_cache_usage_perc", **lbl) == 0
         assert value(m, "vllm:e2e_request_latency_seconds_count", **lbl) == 6
 
+        # refused (a bad field): no metrics, one access line saying so
+        with pytest.raises(grpc.RpcError) as e:
+            generate(L.address, token_ids=[1, 2], max_new_tokens=0, timeout=60, request_id="bad-one")
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert value(scrape(gw), "vllm:e2e_request_latency_seconds_count", **lbl) == 6
+
     access = [r for r in caplog.records if r.name == "hexplan.access"]
+    refused = [r for r in access if r.finish_reason == "refused"]
+    assert len(refused) == 1 and refused[0].status == "INVALID_ARGUMENT" and refused[0].api == "Generate"
+    assert refused[0].request_id == "bad-one" and refused[0].error.startswith("sampling.max_new_tokens:"), refused
+    access = [r for r in access if r.finish_reason != "refused"]
     assert len(access) == 6, [r.getMessage() for r in access]
     by_label = {r.label: r for r in access}
     r = by_label["job3"]

@@ -59,7 +59,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .gateway import Gateway, Request
 from .limits import request_message_limit, total_concurrency, waiting_allowance
-from .servicer import Invalid, check_prompt, check_sampling
+from .servicer import Invalid, check_prompt, check_sampling, log_refused
 
 log = logging.getLogger("hexplan.http")
 
@@ -72,6 +72,9 @@ DEFAULT_MAX_TOKENS = 16      # /v1/completions, as OpenAI's
 
 
 # ---- errors -------------------------------------------------------------------------------
+
+GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
+
 
 class APIError(Exception):
     """An error answered in OpenAI's shape with ``status``."""
@@ -596,17 +599,24 @@ def make_app(gw: Gateway, served_model_name: str, chat_template: str | None = No
     app = FastAPI(title="hexplan", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.front = front
 
+    def refused(request, err: APIError):
+        """The error's response; requests to the generation endpoints also get their access line
+        (``log_refused``: the ones accepted get theirs when they end)."""
+        if request.method == "POST" and request.url.path in GENERATION_PATHS:
+            log_refused(gw, f"POST {request.url.path}", f"HTTP {err.status}", err.message)
+        return err.response()
+
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
-        return exc.response()
+        return refused(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request, exc: RequestValidationError):
-        return validation_error(exc.errors()).response()
+        return refused(request, validation_error(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, exc: StarletteHTTPException):
-        return APIError(exc.status_code, str(exc.detail)).response()
+        return refused(request, APIError(exc.status_code, str(exc.detail)))
 
     @app.exception_handler(Exception)
     async def _internal(request, exc: Exception):     # the server logs the traceback

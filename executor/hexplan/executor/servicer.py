@@ -7,6 +7,7 @@ that goes away cancels its request (``Gateway.cancel``). The checks (``check_pro
 the fields its own way."""
 from __future__ import annotations
 
+import logging
 import math
 import queue
 
@@ -82,32 +83,53 @@ def check_sampling(gw: Gateway, ids: list[int], *, max_new_tokens: int, temperat
                     stop_token_ids=tuple(stop_token_ids), max_new_tokens=max_new_tokens)
 
 
+access_log = logging.getLogger("hexplan.access")
+
+
+def log_refused(gw: Gateway, api: str, status: str, message: str, request_id: str = "") -> None:
+    """The access line of a request refused before it was accepted (a bad field, a model it
+    does not serve, a full queue): ``status`` is its answer (a gRPC code's name, or ``HTTP
+    400``...), ``message`` the error the client got. Accepted requests get theirs from
+    ``Gateway.request_ended``; every request gets exactly one."""
+    if not access_log.isEnabledFor(logging.INFO):
+        return
+    model = getattr(gw, "served_model_name", "") or ""
+    fields = {"request_id": request_id or None, "api": api, "model": model, "finish_reason": "refused",
+              "status": status, "error": message}
+    access_log.info("request %s refused api=%s model=%s status=%s error=%s", request_id or "-", api, model,
+                    status.replace(" ", "_"), message, extra=fields)
+
+
 class InferenceServicer(pbg.InferenceServicer):
     """Thin adapter: validate, convert, submit, stream."""
 
     def __init__(self, gw: Gateway):
         self.gw = gw
 
-    def _prompt(self, request, context) -> list[int]:
+    def _invalid(self, request, context, api: str, message: str):
+        log_refused(self.gw, api, "INVALID_ARGUMENT", message, request.request_id)
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+    def _prompt(self, request, context, api: str) -> list[int]:
         """The request's prompt as token ids, checked (GenerateRequest and PrefillRequest)."""
         try:
             return check_prompt(self.gw, request.token_ids, request.prompt)
         except Invalid as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            self._invalid(request, context, api, str(e))
 
     def _watch(self, req: Request, context) -> Request:
         context.add_callback(lambda: self.gw.cancel(req))
         return req
 
-    def _request(self, request, context) -> Request:
-        ids = self._prompt(request, context)
+    def _request(self, request, context, api: str) -> Request:
+        ids = self._prompt(request, context, api)
         s = request.sampling
         try:
             sampling = check_sampling(self.gw, ids, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
                                       top_p=s.top_p if s.HasField("top_p") else 1.0, top_k=s.top_k,
                                       seed=s.seed if s.HasField("seed") else None, stop_token_ids=s.stop_token_ids)
         except Invalid as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            self._invalid(request, context, api, str(e))
         return self._watch(self.gw.submit(ids, sampling, request.request_id), context)
 
     def _events(self, req: Request, context):
@@ -130,7 +152,7 @@ class InferenceServicer(pbg.InferenceServicer):
         return tok.decode(ids, skip_special_tokens=True) if tok is not None and ids else ""
 
     def Generate(self, request, context):
-        req = self._request(request, context)
+        req = self._request(request, context, "Generate")
         shown = ""
         label = req.label
         for ev in self._events(req, context):
@@ -145,7 +167,7 @@ class InferenceServicer(pbg.InferenceServicer):
             label = ""              # on the first message only
 
     def GenerateUnary(self, request, context):
-        req = self._request(request, context)
+        req = self._request(request, context, "GenerateUnary")
         reason, ids = "", []
         for ev in self._events(req, context):
             if ev[0] == "tokens":
@@ -155,10 +177,10 @@ class InferenceServicer(pbg.InferenceServicer):
         return pb.GenerateResult(token_ids=ids, text=self._text(ids), finish_reason=reason, request_id=req.label)
 
     def Prefill(self, request, context):
-        ids = self._prompt(request, context)
+        ids = self._prompt(request, context, "Prefill")
         if len(ids) > self.gw.context_limit:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"prompt: {len(ids)} tokens exceed the model's context "
-                                                            f"of {self.gw.context_limit} tokens")
+            self._invalid(request, context, "Prefill", f"prompt: {len(ids)} tokens exceed the model's context "
+                                                       f"of {self.gw.context_limit} tokens")
         req = self._watch(self.gw.submit(ids, Sampling(), request.request_id, prefill_only=True,
                                          hidden=request.hidden), context)
         for ev in self._events(req, context):
