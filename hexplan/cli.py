@@ -62,9 +62,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--slo-ttft-ms", type=float, help="max time to first token of every pipeline (ms)")
     s.add_argument("--time-limit", type=float, default=60.0, help="seconds for the search (default 60)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0); same seed, same plan")
-    s.add_argument("--solver", choices=("highs", "cbc", "none"), default="highs",
-                   help="MILP backend: highs (default), cbc, or none (heuristic only)")
+    s.add_argument("--solver", choices=("highs", "cbc", "ortools", "none"), default="highs",
+                   help="MILP backend: highs (default), cbc, ortools (SCIP through OR-Tools; the column "
+                        "generation then uses GLOP and CP-SAT), or none (heuristic only)")
+    s.add_argument("--lp-backend", choices=("highs", "glop", "pdlp"),
+                   help="column generation's master LP: highs, glop or pdlp (OR-Tools) (default: glop with "
+                        "--solver ortools, else highs)")
+    s.add_argument("--int-backend", choices=("cpsat", "highs"),
+                   help="integer choice of pipeline patterns: cpsat (OR-Tools) or highs (default: cpsat when "
+                        "OR-Tools is installed, else highs)")
     s.add_argument("--max-pipelines", type=int, help="at most this many pipelines (replicas)")
+    s.add_argument("--shift", action=argparse.BooleanOptionalAction, default=False,
+                   help="let stages of TP >= 2 run shifted (Shift Parallelism: TP mode for small steps, SP mode "
+                        "for large ones; SP mode's weight shards per GPU, sp x those of TP mode) where that improves the objective by 2%% and "
+                        "fits in memory (default: --no-shift)")
     w = s.add_argument_group("workload (what the plan is optimised for)")
     d = Workload()
     w.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens, help=f"average prompt length (default {d.prompt_tokens})")
@@ -134,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="scheduling: fcfs (default: first come first served, a request keeps its batch slot to the end, "
                          "as the gateway) or mlfq (FastServe's skip-join multi-level feedback queue: preemption per "
                          "output token, KV offload to host memory under pressure)")
+    sm.add_argument("--shift-threshold", type=int, metavar="TOKENS",
+                    help="shifted stages run a step in SP mode above this many tokens, as the executor's "
+                         "--shift-threshold (default: the plan's, else each stage's cost-model crossover)")
     sm.add_argument("--interleave", type=int, metavar="N",
                     help="steps cut into N parts that overlap compute with communication, as the executor's "
                          "--interleave (default: the plan's, else 1: off)")
@@ -183,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
                                  "part's compute: the first stage sends part i on while computing part i+1, a TP "
                                  "stage's all-reduces run asynchronously under it (Liger-style; default: the plan's "
                                  "from `hexplan solve --interleave`, else 1: off)")
+        parser.add_argument("--shift-threshold", type=int, metavar="TOKENS",
+                            help="stages the plan shifts (shift: {sp: S}, Shift Parallelism) run a step of more than "
+                                 "TOKENS tokens in SP mode (S groups of tp/S ranks, Ulysses all-to-alls) and smaller "
+                                 "ones in TP mode; 0: every step in SP mode (default: each stage's cost-model "
+                                 "crossover, hexplan.costmodel.shift_threshold; 256 for a plan without a cluster "
+                                 "section)")
         parser.add_argument("--matmul-pieces", type=int, default=1, metavar="K",
                             help="cut each TP row-parallel matrix product into K slices whose all-reduces overlap "
                                  "the rest of the product (default 1: off)")
@@ -221,7 +241,29 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument("--recovery-wait", type=float, default=30.0, metavar="SECONDS",
                             help="requests already accepted wait up to SECONDS for a pipeline to come back when none "
                                  "is live, then fail UNAVAILABLE (default 30; 0: fail them at once)")
+    def replan_args(parser, how):
+        g = parser.add_argument_group("re-plan on cluster change (docs/deploying.md)")
+        g.add_argument("--replan", action="store_true",
+                       help=f"re-plan with no restart when nodes join or leave for good ({how}): solve again on the "
+                            "nodes there, load the new plan's shards beside the old ones, switch routing, drain and "
+                            "unload the old pipelines")
+        g.add_argument("--cluster", metavar="FILE",
+                       help="with --replan: the cluster to plan on (default: the plan's cluster section)")
+        g.add_argument("--replan-poll", type=float, default=2.0, metavar="SECONDS",
+                       help="with --replan: how often the node list is read (default 2)")
+        g.add_argument("--replan-grace", type=float, default=10.0, metavar="SECONDS",
+                       help="with --replan: a node missing this long has left for good (default 10)")
+        g.add_argument("--replan-time-limit", type=float, default=10.0, metavar="SECONDS",
+                       help="with --replan: the solver's time limit (default 10)")
+        g.add_argument("--replan-margin", type=float, default=0.05, metavar="FRACTION",
+                       help="with --replan: switch when the new plan predicts at least 1 + FRACTION times the "
+                            "current one's throughput, or the current one lost a pipeline (default 0.05)")
+        g.add_argument("--replan-drain-timeout", type=float, default=120.0, metavar="SECONDS",
+                       help="with --replan: a replaced pipeline still busy after SECONDS has its requests moved to "
+                            "the new pipelines, prefilled again there (default 120)")
     drain_arg(sv)
+    replan_args(sv, "a node of the cluster file whose `hexplan node` starts answering joins; one silent for "
+                    "--replan-grace seconds leaves")
     policy_args(sv)
     sv.add_argument("--prefill-chunk", type=int,
                     help="prompt tokens per step while a micro-batch has sequences decoding (chunked prefill; "
@@ -240,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     la.add_argument("--threads", type=int, help="CPU threads per worker process (default: cores / workers)")
     drain_arg(la)
+    replan_args(la, "with --ray only: Ray's node list")
     policy_args(la)
     tls_args(la)
     la.add_argument("--auth-token-file", metavar="FILE",
@@ -382,7 +425,15 @@ def cmd_solve(args) -> int:
         limit = max(min(limit, 0.5), limit - _seconds_since_start() - 0.05)
     opts = SolveOptions(objective=args.objective, slo_tpot_ms=args.slo_tpot_ms, slo_ttft_ms=args.slo_ttft_ms,
                         time_limit=limit, seed=args.seed, backend=args.solver, workload=workload,
-                        max_pipelines=args.max_pipelines)
+                        max_pipelines=args.max_pipelines, lp_backend=args.lp_backend,
+                        int_backend=args.int_backend)
+    from .solver.optimizer import check_options
+    try:   # before anything is printed: a missing OR-Tools is a usage error naming the option
+        check_options(opts)
+    except SpecError as e:
+        if e.field in ("solver", "lp_backend", "int_backend"):
+            raise SpecError(e.message, field="--" + e.field.replace("_", "-")) from None
+        raise
     if args.max_pipelines is not None and args.max_pipelines < 1:
         raise SpecError("must be at least 1", field="--max-pipelines")
     err = sys.stderr
@@ -392,6 +443,9 @@ def cmd_solve(args) -> int:
     progress = None if args.quiet else _Progress(err)
     try:
         plan = solve(cluster, model, opts, progress)
+        if args.shift:   # a post-pass over the solved placement (solver/hexplan/solver/shift.py)
+            from .solver.shift import shift_plan
+            plan = shift_plan(plan, cluster)
     except InfeasibleError as e:  # say which cluster file the request was infeasible on
         raise InfeasibleError(f"{args.cluster}: {e}") from None
     out = args.output or f"{_slug(cluster.name)}-{_slug(model.name)}.plan.{args.format}"
@@ -658,12 +712,18 @@ def cmd_serve(args) -> int:
         if v is not None and v < 1:
             raise SpecError(f"must be a positive integer, got {v}", field="--" + flag.replace("_", "-"))
     policy, quantum = _policy(args)
+    shift_threshold = _shift_threshold(args)
     tls = _tls(args)
+    replan = _replan_options(args)
+    cluster = _replan_cluster(args, plan) if replan is not None else None
+    for n in (cluster.nodes if cluster is not None else ()):   # --cluster's addresses, where not given
+        if n.address:
+            nodes.setdefault(n.name, n.address)
     try:
         gw = Gateway(plan, args.checkpoint, nodes, tls, args.dtype, max_batch=args.max_batch,
                      prefill_chunk=args.prefill_chunk, policy=policy, mlfq_quantum_s=quantum,
                      interleave=args.interleave, matmul_pieces=args.matmul_pieces,
-                     auth_token=_auth_token(args))
+                     auth_token=_auth_token(args), shift_threshold=shift_threshold)
         gw.stall_timeout_s, gw.recovery_wait_s = faults["stall_timeout_s"], faults["recovery_wait_s"]
         gw.start()
     except GatewayError as e:
@@ -679,13 +739,59 @@ def cmd_serve(args) -> int:
             server.stop(grace=0)
             gw.stop()
             raise SpecError(f"cannot listen on {http['http']}: {e.strerror or e}", field="--http") from None
+    replanner = None
+    if replan is not None:
+        from .executor.replan import ProbedNodes, Replanner
+        addresses = {n.name: n.address for n in cluster.nodes if n.address}
+        addresses.update(nodes)
+        replanner = Replanner(gw, cluster, ProbedNodes(gw, addresses), replan)
+        replanner.start()
     signals = StopSignals()
     print(f"hexplan: ready: serving {plan.model.name} on {args.listen.rpartition(':')[0]}:{port}"
           + (f"; HTTP on {front.url}" if front is not None else ""), flush=True)
     signals.wait()
     drain_and_stop(gw, server, drain_timeout, hurry=signals.hurry, http=front)
+    if replanner is not None:
+        replanner.stop()
     print("hexplan: stopped", flush=True)
     return 0
+
+
+def _replan_options(args):
+    """--replan's options, checked (each error names its flag), or None without --replan."""
+    if not args.replan:
+        if args.cluster is not None:
+            raise SpecError("only with --replan", field="--cluster")
+        return None
+    from .executor.replan import ReplanOptions
+    for flag, positive in (("replan_poll", True), ("replan_grace", False), ("replan_time_limit", True),
+                           ("replan_margin", False), ("replan_drain_timeout", False)):
+        v = getattr(args, flag)
+        if not ((0 < v if positive else 0 <= v) and v < float("inf")):
+            raise SpecError(f"must be a number {'> 0' if positive else '>= 0'}, got {v:g}",
+                            field="--" + flag.replace("_", "-"))
+    return ReplanOptions(poll_s=args.replan_poll, grace_s=args.replan_grace, time_limit_s=args.replan_time_limit,
+                         margin=args.replan_margin, drain_timeout_s=args.replan_drain_timeout)
+
+
+def _replan_cluster(args, plan, required: bool = True):
+    """The cluster --replan plans on: --cluster, else the plan's cluster section (None when it has
+    none and ``required`` is False: Ray's nodes then)."""
+    from .plan import plan_cluster
+    if args.cluster is not None:
+        cluster = load_cluster(args.cluster)
+    else:
+        try:
+            cluster = plan_cluster(plan)
+        except SpecError as e:
+            if not required:
+                return None
+            raise SpecError(f"--replan needs the cluster to plan on, and the plan's {e.message}: give --cluster FILE",
+                            field="--cluster") from None
+    missing = sorted({s.node for p in plan.pipelines for s in p.stages} - {n.name for n in cluster.nodes})
+    if missing:
+        raise SpecError(f"the plan's node(s) {', '.join(missing)} are not in the cluster", field="--cluster")
+    return cluster
 
 
 def _fault_args(args) -> dict:
@@ -701,6 +807,13 @@ def _drain_timeout(args) -> float:
     v = args.drain_timeout
     if not 0 <= v < float("inf"):
         raise SpecError(f"must be a number of seconds >= 0, got {v:g}", field="--drain-timeout")
+    return v
+
+
+def _shift_threshold(args) -> int | None:
+    v = args.shift_threshold
+    if v is not None and v < 0:
+        raise SpecError(f"must be a number of tokens >= 0, got {v}", field="--shift-threshold")
     return v
 
 
@@ -728,13 +841,19 @@ def cmd_launch(args) -> int:
     http = _http_args(args)
     plan = load_plan(args.plan)
     policy, quantum = _policy(args)
+    _shift_threshold(args)
     if args.ray is not None:
         return _launch_ray(args, plan, policy, quantum, drain_timeout, faults, http)
+    if args.replan:
+        raise SpecError("needs --ray: a local launch has no other machines to join or leave (without Ray, "
+                        "use `hexplan node` on each machine and `hexplan serve --replan --cluster FILE`)",
+                        field="--replan")
+    _replan_options(args)
     try:
         return run_launch(plan, args.checkpoint, _listen(args.listen, "--listen"), _tls(args), args.dtype, args.threads,
                           policy=policy, mlfq_quantum_s=quantum, interleave=args.interleave,
                           matmul_pieces=args.matmul_pieces, drain_timeout=drain_timeout,
-                          auth_token=_auth_token(args), **faults, **http)
+                          auth_token=_auth_token(args), shift_threshold=_shift_threshold(args), **faults, **http)
     except (GatewayError, RuntimeError) as e:
         raise HexplanError(str(e)) from None
 
@@ -744,6 +863,8 @@ def _launch_ray(args, plan, policy, quantum, drain_timeout, faults, http) -> int
     from .executor.gateway import GatewayError
 
     check_address(args.ray, "--ray")
+    replan = _replan_options(args)
+    cluster = _replan_cluster(args, plan, required=False) if replan is not None else None
     try:
         import ray  # noqa: F401
     except ImportError:
@@ -753,7 +874,8 @@ def _launch_ray(args, plan, policy, quantum, drain_timeout, faults, http) -> int
         return run_launch_ray(plan, args.checkpoint, args.ray, _listen(args.listen, "--listen"), _tls(args), args.dtype,
                               args.threads, policy=policy, mlfq_quantum_s=quantum, interleave=args.interleave,
                               matmul_pieces=args.matmul_pieces, drain_timeout=drain_timeout,
-                              auth_token=_auth_token(args), **faults, **http)
+                              auth_token=_auth_token(args), shift_threshold=_shift_threshold(args),
+                              replan=replan, cluster=cluster, **faults, **http)
     except (GatewayError, RuntimeError) as e:
         raise HexplanError(str(e)) from None
 

@@ -21,9 +21,16 @@ element, d TP degree, B decode batch (sequences per step), P prompt tokens, O ou
   bytes in N times as many messages, and communication hides under compute up to
   ``CostParams.contention`` times the compute: t = compute + comm - min(comm, contention * compute).
   docs/cost-model.md, section 13.
+* Shift Parallelism (a stage with ``shift: {sp: S}``): a step in SP mode (``sp=S``) splits its
+  tokens over S ranks of d / S-way TP weights, attention head-parallel over all d GPUs, two
+  all-to-alls per layer: ``sp_layer_split``. ``shift_threshold`` is the TP/SP crossover in step
+  tokens; a shifted stage holds its layers' SP-mode shards, S x W / d per GPU (TP mode reads
+  views of them: hexplan's executor keeps one copy where Arctic keeps two). docs/cost-model.md,
+  section 14.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -118,11 +125,15 @@ class CostParams:
     allreduce_alpha: float = 10e-6   # s, per ring step inside a node
     memory_headroom: float = 0.10    # share of GPU memory kept free (CUDA context, allocator)
     contention: float = 0.8          # interleaving: comm hidden <= contention x compute (Liger+)
+    shift_threshold: float | None = None  # shifted stages: step tokens above which SP mode runs (None: each stage's crossover)
 
     def to_dict(self) -> dict:
-        return {"mem_efficiency": self.mem_efficiency, "flops_efficiency": self.flops_efficiency,
-                "allreduce_alpha": self.allreduce_alpha, "memory_headroom": self.memory_headroom,
-                "contention": self.contention}
+        d = {"mem_efficiency": self.mem_efficiency, "flops_efficiency": self.flops_efficiency,
+             "allreduce_alpha": self.allreduce_alpha, "memory_headroom": self.memory_headroom,
+             "contention": self.contention}
+        if self.shift_threshold is not None:   # absent: the crossover; plans made before Shift Parallelism stay as they were
+            d["shift_threshold"] = self.shift_threshold
+        return d
 
 
 DEFAULT_PARAMS = CostParams()
@@ -178,6 +189,8 @@ class StageCost:
     output_tokens: int = 1
     prefill_whole_s: float | None = None   # interleaving: one prompt alone, not cut (None: prefill_layer_s)
     parts: int = 1             # parts a full step runs in (Workload.parts; 1: not interleaved)
+    shift_sp: int = 1          # Shift Parallelism: SP ranks of a shifted stage (1: not shifted)
+    shift_threshold: int = 0   # ... and the step tokens above which it runs in SP mode
 
     @property
     def ttft_layer_s(self) -> float:
@@ -239,11 +252,15 @@ def _overlap(compute: float, comm: float, parts: int, p: CostParams) -> LayerTim
 
 
 def decode_layer_split(model: ModelSpec, gpu: GpuType, tp: int, batch: float, context: float,
-                       interconnect: float, p: CostParams = DEFAULT_PARAMS, parts: int = 1) -> LayerTime:
+                       interconnect: float, p: CostParams = DEFAULT_PARAMS, parts: int = 1,
+                       sp: int = 1) -> LayerTime:
     """One decode step of ``batch`` sequences through one layer on a TP group, in ``parts`` equal
     parts (interleaving): each part reads the layer's weights and its sequences' KV cache
     (compute = sum of the parts' rooflines), each part all-reduces its own activations (same
-    bytes, ``parts`` times the alpha terms)."""
+    bytes, ``parts`` times the alpha terms). ``sp`` > 1: the step in Shift Parallelism's SP mode
+    on the ``tp`` GPUs (``sp_layer_split``; not cut into parts)."""
+    if sp > 1:
+        return sp_layer_split(model, gpu, tp, sp, batch, interconnect, p, context=context)
     hd, b = model.dim_head, model.bytes_per_param
     heads_local = model.num_heads // tp
     kv_tok = 2 * local_kv_heads(model, tp) * hd * b
@@ -270,16 +287,20 @@ def decode_layer_split(model: ModelSpec, gpu: GpuType, tp: int, batch: float, co
 
 
 def decode_layer_time(model: ModelSpec, gpu: GpuType, tp: int, batch: int, context: float,
-                      interconnect: float, p: CostParams = DEFAULT_PARAMS, parts: int = 1) -> float:
+                      interconnect: float, p: CostParams = DEFAULT_PARAMS, parts: int = 1,
+                      sp: int = 1) -> float:
     """Seconds for one decode step of ``batch`` sequences through one layer on a TP group
-    (``parts`` > 1: interleaved, see ``decode_layer_split``)."""
-    return decode_layer_split(model, gpu, tp, batch, context, interconnect, p, parts).total
+    (``parts`` > 1: interleaved, see ``decode_layer_split``; ``sp`` > 1: SP mode)."""
+    return decode_layer_split(model, gpu, tp, batch, context, interconnect, p, parts, sp).total
 
 
 def prefill_layer_split(model: ModelSpec, gpu: GpuType, tp: int, tokens: int, interconnect: float,
-                        p: CostParams = DEFAULT_PARAMS, parts: int = 1) -> LayerTime:
+                        p: CostParams = DEFAULT_PARAMS, parts: int = 1, sp: int = 1) -> LayerTime:
     """Prefill of one prompt of ``tokens`` tokens through one layer on a TP group, in ``parts``
-    equal parts of its tokens (interleaving; causal attention's FLOPs split evenly)."""
+    equal parts of its tokens (interleaving; causal attention's FLOPs split evenly). ``sp`` > 1:
+    in Shift Parallelism's SP mode on the ``tp`` GPUs (``sp_layer_split``; not cut into parts)."""
+    if sp > 1:
+        return sp_layer_split(model, gpu, tp, sp, tokens, interconnect, p)
     hd, b = model.dim_head, model.bytes_per_param
     heads_local = model.num_heads // tp
     kv_tok = 2 * local_kv_heads(model, tp) * hd * b
@@ -306,18 +327,20 @@ def prefill_layer_split(model: ModelSpec, gpu: GpuType, tp: int, tokens: int, in
 
 
 def prefill_layer_time(model: ModelSpec, gpu: GpuType, tp: int, tokens: int, interconnect: float,
-                       p: CostParams = DEFAULT_PARAMS, parts: int = 1) -> float:
+                       p: CostParams = DEFAULT_PARAMS, parts: int = 1, sp: int = 1) -> float:
     """Seconds to prefill one prompt of ``tokens`` tokens through one layer on a TP group
-    (``parts`` > 1: interleaved, see ``prefill_layer_split``)."""
-    return prefill_layer_split(model, gpu, tp, tokens, interconnect, p, parts).total
+    (``parts`` > 1: interleaved, see ``prefill_layer_split``; ``sp`` > 1: SP mode)."""
+    return prefill_layer_split(model, gpu, tp, tokens, interconnect, p, parts, sp).total
 
 
 def lm_head_time(model: ModelSpec, gpu: GpuType, tp: int, tokens: int, p: CostParams = DEFAULT_PARAMS,
-                 parts: int = 1) -> float:
+                 parts: int = 1, sp: int = 1) -> float:
     """Seconds for the final norm + LM head (vocab-parallel over TP) on ``tokens`` tokens; in
     ``parts`` parts each reads the head's weights. With a measured ``lm_head_ms`` table in the GPU
     type's profile of the model (TP 1, the last stage's whole head work on a step of that many
-    logits rows): the table / tp, per part."""
+    logits rows): the table / tp, per part. ``sp`` > 1 (Shift Parallelism's SP mode): the same as
+    TP mode's: the executor gathers the step's hidden states over the SP ranks and runs the d-way
+    head of TP mode on all rows (the gather itself is not modelled)."""
     n = _parts(parts, tokens)
     prof = gpu.profile_for(model.name)
     if prof is not None and prof.lm_head_ms is not None:
@@ -332,32 +355,167 @@ def lm_head_time(model: ModelSpec, gpu: GpuType, tp: int, tokens: int, p: CostPa
     return n * _roofline(nbytes, flops, gpu, p)
 
 
+# ---------------------------------------------------------------------------------------
+# Shift Parallelism (docs/cost-model.md, section 14). A shifted stage of degree d = tp runs a
+# step in TP mode (all d GPUs one TP group: the functions above with sp = 1) or in SP mode: sp
+# groups of t = d / sp GPUs, Ulysses sequence parallelism across the groups. The step's tokens
+# are split over the sp ranks (ceil(n / sp) each, with the d/sp-way TP weights), attention runs
+# head-parallel over all d GPUs (n_h / d query heads, the same KV heads as TP mode), and each
+# layer has two all-to-alls over the sp ranks (q/k/v in, attention output back) besides the two
+# all-reduces of each t-way group. The rule that picks the mode is hexplan.serving.shift.
+
+MIN_SHIFT_THRESHOLD = 16      # steps of at most this many tokens always run in TP mode
+MAX_SHIFT_THRESHOLD = 16384   # SP mode is never slower than TP mode beyond this
+
+
+def alltoall_time(model: ModelSpec, gpu: GpuType, sp: int, nbytes: float, interconnect: float,
+                  p: CostParams = DEFAULT_PARAMS) -> float:
+    """One all-to-all over ``sp`` ranks, each holding ``nbytes`` and keeping 1/sp of them:
+    pairwise exchange, sp - 1 steps of alpha + nbytes / (sp * beta), each rank sending
+    (sp - 1) / sp of its bytes -- half a ring all-reduce of the same bytes (``allreduce_time``'s
+    conventions). With a measured ``allreduce_ms`` table: half the table at the same bytes
+    (nbytes / (H b) rows), scaled by (sp - 1) / (allreduce_tp - 1)."""
+    if sp <= 1:
+        return 0.0
+    prof = gpu.profile_for(model.name)
+    if prof is not None and prof.allreduce_ms is not None:
+        rows = nbytes / (model.hidden_size * model.bytes_per_param)
+        return 0.5 * prof.allreduce_ms.ms(rows) / 1e3 * (sp - 1) / max(1, prof.allreduce_tp - 1)
+    return (sp - 1) * (p.allreduce_alpha + nbytes / (sp * interconnect))
+
+
+def sp_layer_split(model: ModelSpec, gpu: GpuType, tp: int, sp: int, tokens: float, interconnect: float,
+                   p: CostParams = DEFAULT_PARAMS, context: float | None = None) -> LayerTime:
+    """One layer of a step in SP mode on a shifted stage of ``tp`` GPUs (sp groups of t = tp / sp):
+    with ``context`` None, the prefill of one prompt of ``tokens`` tokens; else a decode step of
+    ``tokens`` sequences at mean context ``context``. The busiest rank has n = ceil(tokens / sp)
+    tokens:
+
+        bytes = layer_bytes / t + KV (tokens x context x kv_tok(d) read, or tokens x kv_tok(d) written)
+        flops = 2 params_layer / t x n + attention over all tokens on n_h / d heads
+        comm  = 2 AR(n rows, t) + A2A(n (n_h / t + 2 n_kv(t)) h_d b) + A2A(n (n_h / t) h_d b)
+
+    A measured profile (TP-1 tables) replaces the roofline by the larger of the rank's own
+    work, ms(n) / t, and its share of the whole step's, ms(tokens) / tp."""
+    t = tp // sp
+    hd, b = model.dim_head, model.bytes_per_param
+    heads = model.num_heads // tp          # query heads per GPU in attention (head-parallel over all tp)
+    kv_tok = 2 * local_kv_heads(model, tp) * hd * b
+    n = math.ceil(tokens / sp)
+    prof = gpu.profile_for(model.name)
+    table = (prof.decode_ms if context is not None else prof.prefill_ms) if prof else None
+    if table:
+        compute = max(table.ms(n) / t, table.ms(tokens) / tp) / 1e3
+    elif context is not None:
+        nbytes = model.layer_bytes / t + tokens * context * kv_tok
+        flops = 2 * model.params_per_layer / t * n + 4 * tokens * context * hd * heads
+        compute = _roofline(nbytes, flops, gpu, p)
+    else:
+        nbytes = model.layer_bytes / t + tokens * kv_tok
+        flops = 2 * model.params_per_layer / t * n + 2 * tokens * tokens * hd * heads
+        compute = _roofline(nbytes, flops, gpu, p)
+    qkv = n * (model.num_heads // t + 2 * local_kv_heads(model, t)) * hd * b
+    out = n * (model.num_heads // t) * hd * b
+    comm = (2 * allreduce_time(model, gpu, t, n, interconnect, p)
+            + alltoall_time(model, gpu, sp, qkv, interconnect, p) + alltoall_time(model, gpu, sp, out, interconnect, p))
+    return LayerTime(compute, comm)
+
+
+def shift_threshold(model: ModelSpec, gpu: GpuType, tp: int, sp: int, interconnect: float,
+                    p: CostParams = DEFAULT_PARAMS) -> int:
+    """The step size, in tokens, above which SP mode is faster than TP mode on a shifted stage of
+    ``tp`` GPUs with ``sp`` SP ranks: the cost model's crossover for a step of one prompt chunk
+    of n tokens (``prefill_layer_time`` with sp = 1 against sp = ``sp``), the largest n at which
+    TP mode is still at least as fast. Clamped to [MIN_SHIFT_THRESHOLD, MAX_SHIFT_THRESHOLD]:
+    steps of a few tokens (decode of a few sequences: where the latency is felt) stay in TP mode
+    even where the model calls SP mode faster, and where SP mode never wins the threshold is
+    the maximum (large prompts only). ``p.shift_threshold`` (not None) overrides it, unclamped
+    (0: every step in SP mode). Memoised; about
+    30 evaluations of the layer time on a first call. Assumes one crossover (TP faster below
+    it, SP faster above it), which holds for the roofline: SP mode reads sp times the weights
+    per GPU (a fixed cost) and moves fewer bytes per token."""
+    if p.shift_threshold is not None:
+        return int(p.shift_threshold)
+    if sp <= 1:
+        return MAX_SHIFT_THRESHOLD
+    return _crossover(model, gpu, tp, sp, interconnect, p)
+
+
+@functools.lru_cache(maxsize=4096)
+def _crossover(model: ModelSpec, gpu: GpuType, tp: int, sp: int, interconnect: float, p: CostParams) -> int:
+    def sp_faster(n: int) -> bool:
+        return (prefill_layer_time(model, gpu, tp, n, interconnect, p, sp=sp)
+                < prefill_layer_time(model, gpu, tp, n, interconnect, p))
+
+    lo, hi = MIN_SHIFT_THRESHOLD, MAX_SHIFT_THRESHOLD
+    if sp_faster(lo + 1):
+        return lo
+    if not sp_faster(hi + 1):
+        return hi
+    # TP mode is at least as fast at lo + 1, SP mode faster at hi + 1: bisect for the last TP n.
+    a, b = lo + 1, hi + 1
+    while b - a > 1:
+        m = (a + b) // 2
+        if sp_faster(m):
+            b = m
+        else:
+            a = m
+    return a
+
+
+def shift_weight_factor(sp: int) -> float:
+    """Layer weight bytes per GPU of a shifted stage over those of a plain TP stage of the same
+    degree d: SP mode's shard W / (d / sp), sp x W / d (1 when not shifted). TP mode's d-way
+    shard is a view of it (the d-way block t x sp + s lies inside tp-block t: executor shift.py),
+    so hexplan holds one copy where Arctic Inference holds both (1 + sp). The embedding and the
+    LM head are as in an unshifted stage (the head runs d-way in both modes)."""
+    return float(sp) if sp > 1 else 1.0
+
+
 def stage_cost(model: ModelSpec, gpu: GpuType, tp: int, workload: Workload, interconnect: float,
-               p: CostParams = DEFAULT_PARAMS) -> StageCost:
+               p: CostParams = DEFAULT_PARAMS, shift_sp: int = 1) -> StageCost:
     """All per-layer figures of a TP group of ``tp`` GPUs of type ``gpu``. With interleaving
     (``workload.interleave`` > 1) its steps run in ``workload.parts`` parts: decode steps, the
     prompt tokens riding in them and the LM head's decode call; a prompt on its own (TTFT) is one
-    chunk, which the executor does not cut (``prefill_whole_s``)."""
+    chunk, which the executor does not cut (``prefill_whole_s``).
+
+    ``shift_sp`` > 1: a shifted stage (Shift Parallelism). Each step takes the mode the shared
+    rule (hexplan.serving.shift.shift_mode) gives at ``shift_threshold``: a decode step of B
+    sequences is a step of B tokens, a prompt one of P tokens; SP-mode steps are not cut into
+    parts. Each GPU holds its layers' SP-mode shards (``shift_weight_factor``: TP mode reads views
+    of them); the embedding and the LM head are an unshifted stage's."""
     w = workload
     n = w.parts
-    dec = decode_layer_time(model, gpu, tp, w.batch_size, w.mean_decode_context, interconnect, p, n)
-    pre = prefill_layer_time(model, gpu, tp, w.prompt_tokens, interconnect, p, n)
+    sp_dec = sp_pre = sp_head = 1
+    threshold = 0
+    if shift_sp > 1:
+        from .serving.shift import SP_MODE, shift_mode   # the one copy of the rule
+
+        threshold = shift_threshold(model, gpu, tp, shift_sp, interconnect, p)
+        sp_dec = shift_sp if shift_mode(w.batch_size, threshold) == SP_MODE else 1
+        sp_pre = shift_sp if shift_mode(w.prompt_tokens, threshold) == SP_MODE else 1
+        sp_head = sp_dec
+    dec = decode_layer_time(model, gpu, tp, w.batch_size, w.mean_decode_context, interconnect, p, n, sp_dec)
+    pre = prefill_layer_time(model, gpu, tp, w.prompt_tokens, interconnect, p, n, sp_pre)
     # Each output token costs 1/B of a decode step plus 1/O of its request's prefill.
     rate = 1.0 / (dec / w.batch_size + pre / w.output_tokens)
     b = model.bytes_per_param
     kv_tok = 2 * local_kv_heads(model, tp) * model.dim_head * b
     kv_layer = w.concurrency * w.context * kv_tok
-    mem_per_layer = model.layer_bytes / tp + kv_layer
+    copies = shift_weight_factor(shift_sp)   # a shifted stage: SP mode's shards (TP mode's are views)
+    mem_per_layer = model.layer_bytes / tp * copies + kv_layer
     # Workspace: activations of one prompt in flight (hidden, q/k/v/o and the MLP shard).
     workspace = w.prompt_tokens * (4 * model.hidden_size + 2 * model.intermediate_size / tp) * b
     usable = gpu.memory * (1 - p.memory_headroom) - workspace
     embed = model.embedding_bytes / tp
     head = model.head_bytes / tp
-    head_dec = lm_head_time(model, gpu, tp, w.batch_size, p, n)
-    head_pre = lm_head_time(model, gpu, tp, 1, p)  # only the prompt's last position needs logits
-    whole = None if n == 1 else prefill_layer_time(model, gpu, tp, w.prompt_tokens, interconnect, p)
+    head_dec = lm_head_time(model, gpu, tp, w.batch_size, p, n, sp_head)
+    # only the prompt's last position needs logits (one row: the SP-mode rank that has it)
+    head_pre = lm_head_time(model, gpu, tp, 1, p, sp=sp_pre)
+    whole = None if n == 1 or sp_pre > 1 else prefill_layer_time(model, gpu, tp, w.prompt_tokens, interconnect, p)
     return StageCost(gpu.name, tp, dec, pre, rate, mem_per_layer, usable, embed, head,
-                     head_dec, head_pre, w.batch_size, w.output_tokens, whole, n)
+                     head_dec, head_pre, w.batch_size, w.output_tokens, whole, n,
+                     shift_sp, threshold)
 
 
 def hop_decode_time(model: ModelSpec, workload: Workload, bandwidth: float, latency: float) -> float:

@@ -24,6 +24,10 @@ has its token ids (a flow shop of identical jobs): for per-server times u_i of t
 for TPOT (a decode step) and ROUND (a decode step with its B/O prompts' share); TTFT is a prompt
 alone, one chunk, which the executor does not cut. A pipeline of one TP-1 stage has nothing to
 overlap and is not interleaved.
+
+Shift Parallelism (a stage with ``shift: {sp: S}``; docs/cost-model.md, section 14): the stage's
+costs are ``stage_cost(..., shift_sp=S)``: SP mode's weight shards in its memory, a decode step of B
+sequences and a prompt of P tokens each in the mode the threshold rule gives.
 """
 from __future__ import annotations
 
@@ -58,20 +62,22 @@ class CostCache:
         self.model, self.workload, self.params = model, workload, params
         self._cache: dict = {}
 
-    def get(self, gpu, tp: int, interconnect: float, split: bool = True) -> StageCost:
+    def get(self, gpu, tp: int, interconnect: float, split: bool = True, shift_sp: int = 1) -> StageCost:
         """``split`` False: the group's costs without interleaving (a pipeline of one TP-1 stage,
-        which the executor does not cut into parts)."""
-        key = (gpu.name, gpu, tp, interconnect)
+        which the executor does not cut into parts). ``shift_sp`` > 1: a shifted stage (Shift
+        Parallelism: SP mode's weight shards, each step in the mode of the threshold rule)."""
+        key = (gpu.name, gpu, tp, interconnect) + ((shift_sp,) if shift_sp > 1 else ())
         if not split and self.workload.interleave > 1:
             key += ("whole",)
             sc = self._cache.get(key)
             if sc is None:
                 sc = self._cache[key] = stage_cost(self.model, gpu, tp, replace(self.workload, interleave=1),
-                                                   interconnect, self.params)
+                                                   interconnect, self.params, shift_sp)
             return sc
         sc = self._cache.get(key)
         if sc is None:
-            sc = self._cache[key] = stage_cost(self.model, gpu, tp, self.workload, interconnect, self.params)
+            sc = self._cache[key] = stage_cost(self.model, gpu, tp, self.workload, interconnect, self.params,
+                                               shift_sp)
         return sc
 
 
@@ -152,14 +158,15 @@ def pipeline_latencies(ov: Overheads, w: Workload, layer_counts) -> tuple[float,
 
 
 def pipeline_overheads(cluster: Cluster, costs: CostCache, nodes, tps,
-                       shares: Counter | None = None) -> Overheads:
+                       shares: Counter | None = None, shifts=None) -> Overheads:
+    """``shifts``: each stage's Shift Parallelism SP ranks (None: no stage is shifted)."""
     model, w = costs.model, costs.workload
     coord = cluster.coordinator_node.name
     sc = []
     split = splits(tps)
-    for n, tp in zip(nodes, tps):
+    for n, tp, sp in zip(nodes, tps, shifts or [1] * len(tps)):
         node = cluster.node(n)
-        sc.append(costs.get(node.gpu, tp, node.interconnect, split))
+        sc.append(costs.get(node.gpu, tp, node.interconnect, split, sp))
     link_in, link_out = cluster.link(coord, nodes[0]), cluster.link(nodes[-1], coord)
     hops = [cluster.link(a, b) for a, b in zip(nodes, nodes[1:])]
     tpot = (send_time(w.batch_size * TOKEN_ID_BYTES, link_in.bandwidth, link_in.latency)
@@ -189,11 +196,12 @@ def pipeline_overheads(cluster: Cluster, costs: CostCache, nodes, tps,
 
 
 def evaluate_pipeline(cluster: Cluster, costs: CostCache, nodes, tps, layer_counts,
-                      shares: Counter | None = None) -> PipelineMetrics:
-    """Metrics of one pipeline: ``nodes[i]`` hosts stage i with TP ``tps[i]`` and ``layer_counts[i]`` layers."""
+                      shares: Counter | None = None, shifts=None) -> PipelineMetrics:
+    """Metrics of one pipeline: ``nodes[i]`` hosts stage i with TP ``tps[i]`` and ``layer_counts[i]``
+    layers (and, with ``shifts``, Shift Parallelism's SP ranks ``shifts[i]``; 1: not shifted)."""
     w = costs.workload
     k = len(nodes)
-    ov = pipeline_overheads(cluster, costs, nodes, tps, shares)
+    ov = pipeline_overheads(cluster, costs, nodes, tps, shares, shifts)
     sc = ov.costs
     tpot, ttft, round_s = pipeline_latencies(ov, w, layer_counts)
     limits = [(s.capacity(l, last=(i == k - 1)), f"stage {i} compute") for i, (l, s) in enumerate(zip(layer_counts, sc))]
@@ -215,7 +223,13 @@ def evaluate_plan_pipelines(cluster: Cluster, costs: CostCache, plan_pipelines) 
     node_lists = [[s.node for s in p.stages] for p in plan_pipelines]
     shares = hop_shares(cluster, node_lists)
     return [evaluate_pipeline(cluster, costs, [s.node for s in p.stages], [s.tp for s in p.stages],
-                              [s.num_layers for s in p.stages], shares) for p in plan_pipelines]
+                              [s.num_layers for s in p.stages], shares, stage_shifts(p)) for p in plan_pipelines]
+
+
+def stage_shifts(pipeline) -> list[int] | None:
+    """Each stage's Shift Parallelism SP ranks (``Stage.shift_sp``), None when none is shifted."""
+    sps = [getattr(s, "shift_sp", 1) for s in pipeline.stages]
+    return sps if any(sp > 1 for sp in sps) else None
 
 
 def weighted_mean(values, weights) -> float:

@@ -32,13 +32,15 @@ def format_plan(plan: "Plan", cluster: "Cluster | None" = None) -> str:
     coord = (plan.cluster or {}).get("coordinator")
     coord = f"coordinator({coord})" if coord else "coordinator"
     for i, p in enumerate(plan.pipelines):
-        hops = " -> ".join(f"{s.node}[{_gpus(s.gpus)}] TP{s.tp} L{s.layers[0]}-{s.layers[1] - 1}" for s in p.stages)
+        hops = " -> ".join(f"{s.node}[{_gpus(s.gpus)}] TP{s.tp}{f' shift SP{s.shift_sp}' if s.shifted else ''} "
+                           f"L{s.layers[0]}-{s.layers[1] - 1}" for s in p.stages)
         out.append(f"  pipeline {i} ({p.weight:.0%} of requests): {coord} -> {hops} -> {coord}")
     rows = []
     for i, p in enumerate(plan.pipelines):
         for j, s in enumerate(p.stages):
             rows.append((i if j == 0 else "", f"{p.weight:.3f}" if j == 0 else "",
-                         _fmt(p.throughput_tokens_per_s) if j == 0 else "", j, s.node, s.gpu or "", _gpus(s.gpus), s.tp,
+                         _fmt(p.throughput_tokens_per_s) if j == 0 else "", j, s.node, s.gpu or "", _gpus(s.gpus),
+                         f"{s.tp} (shift sp {s.shift_sp})" if s.shifted else s.tp,
                          f"[{s.layers[0]}, {s.layers[1]})", s.num_layers))
     out.append("")
     out.append(table(("pipeline", "weight", "tokens/s", "stage", "node", "gpu", "gpus", "tp", "layers", "#layers"), rows))

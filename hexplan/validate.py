@@ -2,7 +2,8 @@
 
 It re-derives everything from the cluster, the model and the cost model, and never calls
 solver code: coverage and contiguity of layer ranges, TP groups inside one node with a degree
-the model can split, each GPU used at most once, memory per GPU, SLOs, and the predicted
+the model can split (and, for a shifted stage, SP-mode groups of tp / sp it can split too), each
+GPU used at most once, memory per GPU (SP mode's weight shards on a shifted stage), SLOs, and the predicted
 throughput recomputed (sum over disjoint pipelines of their bottleneck) and compared.
 """
 from __future__ import annotations
@@ -62,11 +63,14 @@ def plan_assumptions(plan: Plan) -> Assumptions:
     for k, v in pd.items():
         if k not in CostParams.__dataclass_fields__:
             raise SpecError("unknown cost parameter", field=f"assumptions.cost_params.{k}")
-        vals[k] = float(number(f"assumptions.cost_params.{k}", v, positive=(k not in ("memory_headroom", "contention"))))
+        vals[k] = float(number(f"assumptions.cost_params.{k}", v,
+                               positive=(k not in ("memory_headroom", "contention", "shift_threshold"))))
     if not 0 <= vals.get("memory_headroom", 0.0) < 1:
         raise SpecError("must be in [0, 1)", field="assumptions.cost_params.memory_headroom")
     if not 0 <= vals.get("contention", 0.0) <= 1:
         raise SpecError("must be in [0, 1]", field="assumptions.cost_params.contention")
+    if vals.get("shift_threshold", 0.0) < 0:
+        raise SpecError("must be a number of tokens >= 0", field="assumptions.cost_params.shift_threshold")
     params = CostParams(**vals)
     slo = {}
     for k in ("slo_tpot_ms", "slo_ttft_ms"):
@@ -114,6 +118,14 @@ def validate_plan(plan: Plan, cluster: Cluster, check_predictions: bool = True) 
             reason = model.tp_degree_ok(s.tp)
             if reason:
                 problems.append(f"{where}: {reason}")
+            elif s.shift_sp > 1:
+                if s.tp % s.shift_sp:
+                    problems.append(f"{where}: shift sp {s.shift_sp} does not divide TP {s.tp}")
+                else:
+                    reason = model.tp_degree_ok(s.tp // s.shift_sp)
+                    if reason:
+                        problems.append(f"{where}: shift sp {s.shift_sp} leaves TP groups of "
+                                        f"{s.tp // s.shift_sp} in SP mode: {reason}")
             a, b = s.layers
             if a != expect:
                 problems.append(f"{where}: layers start at {a}, expected {expect} (ranges must be contiguous)")
@@ -134,8 +146,15 @@ def validate_plan(plan: Plan, cluster: Cluster, check_predictions: bool = True) 
     for pi, (p, m) in enumerate(zip(plan.pipelines, metrics)):
         for si, (used_b, lim) in enumerate(zip(m.memory_per_gpu, m.memory_limit)):
             if used_b > lim * (1 + 1e-9):
+                s = p.stages[si]
+                why = ""
+                if s.shifted:
+                    t = s.tp // s.shift_sp
+                    why = (f" (shift sp {s.shift_sp} holds the TP-{t} weight shards of SP mode for its "
+                           f"{s.num_layers} layers, {s.shift_sp}x those of an unshifted TP-{s.tp} stage; drop the "
+                           f"shift or give the stage fewer layers)")
                 problems.append(f"pipeline {pi} stage {si}: needs {used_b / 1e9:.2f} GB per GPU, "
-                                f"only {lim / 1e9:.2f} GB usable")
+                                f"only {lim / 1e9:.2f} GB usable{why}")
         if p.weight > 0 and asm.slo_tpot_s and m.tpot_s > asm.slo_tpot_s * (1 + 1e-6):
             problems.append(f"pipeline {pi}: TPOT {m.tpot_s * 1e3:.2f} ms exceeds SLO {asm.slo_tpot_s * 1e3:.2f} ms")
         if p.weight > 0 and asm.slo_ttft_s and m.ttft_s > asm.slo_ttft_s * (1 + 1e-6):

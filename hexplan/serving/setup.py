@@ -30,7 +30,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from ..costmodel import CostParams, Workload, decode_layer_time, lm_head_time, prefill_layer_time
+from ..costmodel import (CostParams, Workload, decode_layer_time, lm_head_time, prefill_layer_time,
+                         shift_weight_factor)
 from ..evaluate import splits
 from ..plan import Plan
 
@@ -153,8 +154,8 @@ def memory_concurrency(plan: Plan, p, workload: Workload, params: CostParams, cl
     for i, s in enumerate(p.stages):
         gpu = cluster.node(s.node).gpu
         usable = gpu.memory * s.tp * (1 - params.memory_headroom)
-        weights = (s.num_layers * m.layer_bytes + (m.embedding_bytes if i == 0 else 0)
-                   + (m.head_bytes if i == last else 0))
+        weights = (s.num_layers * m.layer_bytes * shift_weight_factor(s.shift_sp)   # shift: SP mode's shards
+                   + (m.embedding_bytes if i == 0 else 0) + (m.head_bytes if i == last else 0))
         per_seq = s.num_layers * m.kv_bytes_per_token_per_layer * workload.context
         n = int((usable - weights) // per_seq) if per_seq > 0 else 1 << 30
         room = n if room is None else min(room, n)

@@ -25,7 +25,8 @@ from .run import DEFAULT_LOAD, capacity_rate
 _SIM_FLAGS = {"rate": "--rate", "duration": "--duration", "cv": "--cv", "warmup": "--warmup", "arrival": "--arrival",
               "prompt_len": "--prompt-len", "output_len": "--output-len", "workload": "--workload",
               "sweep_rate": "--sweep-rate", "prefill_budget": "--prefill-budget", "loops": "--loops",
-              "prefill_chunk": "--prefill-chunk", "policy": "--policy", "interleave": "--interleave"}
+              "prefill_chunk": "--prefill-chunk", "policy": "--policy", "interleave": "--interleave",
+              "shift_threshold": "--shift-threshold"}
 
 
 def _workload(args, trace) -> "sim.WorkloadSpec":
@@ -59,7 +60,7 @@ def _default_rate(args, plan: Plan, cluster: Cluster, spec: "sim.WorkloadSpec") 
     """No --rate and no --workload: DEFAULT_LOAD of the plan's predicted capacity (its predicted
     output tokens/s over the mean output length), rounded to 3 digits so the note's rate can be
     given back as --rate. The choice goes to stderr: stdout stays the report (or pure JSON)."""
-    capacity = capacity_rate(plan, cluster, spec, args.interleave)
+    capacity = capacity_rate(plan, cluster, spec, args.interleave, args.shift_threshold)
     if not capacity > 0:
         raise SpecError("the plan predicts no throughput to take a default rate from: give one", field="rate")
     rate = float(f"{DEFAULT_LOAD * capacity:.3g}")
@@ -100,7 +101,8 @@ def run_simulate(args) -> int:
         ms = lambda v: v / 1e3 if v is not None else None
         slo = sim.Slo(ttft_s=ms(args.slo_ttft_ms), tpot_s=ms(args.slo_tpot_ms), e2e_s=args.slo_e2e_s)
         opts = dict(prefill_budget=args.prefill_budget, loops=args.loops, prefill_chunk=args.prefill_chunk,
-                    routing=args.routing, policy=args.policy, interleave=args.interleave)
+                    routing=args.routing, policy=args.policy, interleave=args.interleave,
+                    shift_threshold=args.shift_threshold)
         if args.sweep_rate:
             if not slo:
                 raise SpecError("a rate sweep needs an objective: give --slo-ttft-ms, --slo-tpot-ms or --slo-e2e-s",

@@ -49,6 +49,15 @@ percentiles or output formats (metrics.py) or where requests come from (workload
   while stage s computes part 2. The step is done when its last part is back. With N = 1, or a
   step of one sequence, nothing changes.
 
+* Shift Parallelism (a stage with ``shift: {sp: S}``): every step on a shifted stage takes the
+  mode ``hexplan.serving.shift.shift_mode(step tokens, threshold)`` gives, the rule the
+  executor's workers apply; step tokens are its decode tokens plus its prompt chunks' tokens.
+  The threshold is the stage's ``costmodel.shift_threshold`` (the cost model's TP/SP crossover),
+  or ``CostParams.shift_threshold`` when set (``hexplan simulate --shift-threshold``). SP-mode
+  steps take the cost model's SP-mode times (``sp=S``: decode, prompt chunks, LM head) and are
+  not cut into interleaved parts. ``EngineStats.shift_steps`` counts the steps of each mode (once
+  per step and kind of shifted stage in the pipeline).
+
 Speed: only links shared by several pipeline hops need an event per visit. Every other server
 is fed by exactly one upstream server whose departures are computed in time order, so a step
 is walked through consecutive private servers at once (FIFO order is preserved); the heap holds
@@ -65,10 +74,11 @@ from itertools import accumulate
 
 from ..cluster import Cluster
 from ..costmodel import (TOKEN_ID_BYTES, CostParams, Workload, decode_layer_time, lm_head_time,
-                         local_kv_heads, prefill_layer_time, send_time)
+                         local_kv_heads, prefill_layer_time, send_time, shift_threshold)
 from ..dispatch import Dispatcher, skip_join_level  # noqa: F401  (skip_join_level: also used from here)
 from ..serving import DONE_OK, Scheduler, pipeline_configs
 from ..serving.setup import estimated_batches
+from ..serving.shift import SP_MODE, TP_MODE, shift_mode
 from ..evaluate import splits
 from ..plan import Plan
 from .workload import RequestStream
@@ -119,19 +129,47 @@ class EngineStats:
     preemptions: int = 0       # mlfq: unfinished requests a loop's next step left out (and no other loop took)
     demotions: int = 0         # mlfq: moves to a lower-priority queue after using a quantum
     promotions: int = 0        # mlfq: moves back to the top queue after waiting mlfq_promote_s
+    shift_steps: dict = field(default_factory=dict)   # Shift Parallelism: mode -> steps of shifted stages (whole run)
 
 
 class _Kind:
-    """Per-layer step times of one TP group type (GPU, degree, intra-node bandwidth), memoised."""
+    """Per-layer step times of one TP group type (GPU, degree, intra-node bandwidth; Shift
+    Parallelism's SP ranks and threshold), memoised."""
 
-    __slots__ = ("model", "gpu", "tp", "ic", "params", "dec", "pre", "dec_p", "pre_p")
+    __slots__ = ("model", "gpu", "tp", "ic", "params", "dec", "pre", "dec_p", "pre_p", "sp", "threshold",
+                 "dec_sp", "pre_sp")
 
-    def __init__(self, model, gpu, tp, ic, params):
+    def __init__(self, model, gpu, tp, ic, params, sp: int = 1):
         self.model, self.gpu, self.tp, self.ic, self.params = model, gpu, tp, ic, params
         self.dec: dict = {}
         self.pre: dict = {}
         self.dec_p: dict = {}    # interleaving: (n, ctx_sum, parts) -> seconds
         self.pre_p: dict = {}    # interleaving: (tokens, parts) -> seconds
+        self.sp = sp             # > 1: a shifted stage; its steps above ``threshold`` tokens run in SP mode
+        self.threshold = shift_threshold(model, gpu, tp, sp, ic, params) if sp > 1 else 0
+        self.dec_sp: dict = {}   # SP mode: (n, ctx_sum) -> seconds
+        self.pre_sp: dict = {}   # SP mode: tokens -> seconds
+
+    def sp_mode(self, step_tokens: int) -> bool:
+        """Whether a step of ``step_tokens`` tokens runs in SP mode here (the shared rule)."""
+        return self.sp > 1 and shift_mode(step_tokens, self.threshold) == SP_MODE
+
+    def decode_sp(self, n: int, ctx_sum: int) -> float:
+        key = (n, ctx_sum)
+        t = self.dec_sp.get(key)
+        if t is None:
+            if len(self.dec_sp) > _CACHE_LIMIT:
+                self.dec_sp.clear()
+            t = self.dec_sp[key] = decode_layer_time(self.model, self.gpu, self.tp, n, ctx_sum / n, self.ic,
+                                                     self.params, sp=self.sp)
+        return t
+
+    def prefill_sp(self, tokens: int) -> float:
+        t = self.pre_sp.get(tokens)
+        if t is None:
+            t = self.pre_sp[tokens] = prefill_layer_time(self.model, self.gpu, self.tp, tokens, self.ic, self.params,
+                                                         sp=self.sp)
+        return t
 
     def decode(self, n: int, ctx_sum: int) -> float:
         key = (n, ctx_sum)
@@ -203,16 +241,16 @@ class Engine:
             local_kinds: dict = {}
             for s in pl.stages:
                 node = cluster.node(s.node)
-                key = (node.gpu, s.tp, node.interconnect)
+                key = (node.gpu, s.tp, node.interconnect, s.shift_sp)
                 if key not in kinds:
-                    kinds[key] = _Kind(self.model, node.gpu, s.tp, node.interconnect, params)
+                    kinds[key] = _Kind(self.model, node.gpu, s.tp, node.interconnect, params, s.shift_sp)
                 if key not in local_kinds:
                     local_kinds[key] = len(pp.kinds)
                     pp.kinds.append(kinds[key])
                 pp.stage_kind.append(local_kinds[key])
                 pp.stage_layers.append(s.num_layers)
             last = cluster.node(nodes[-1])
-            pp.head = (last.gpu, pl.stages[-1].tp)
+            pp.head = (last.gpu, pl.stages[-1].tp, pp.kinds[pp.stage_kind[-1]])   # the last stage's kind: its mode
             pp.head_cache = {}
             hops = [(coord, nodes[0])] + list(zip(nodes, nodes[1:])) + [(nodes[-1], coord)]
             pp.links = [cluster.link(a, b) for a, b in hops]
@@ -410,10 +448,10 @@ class Engine:
         chunks = step.prefill
         nlog = step.logits
         swap_tok = step.restored_tokens
-        per_layer = self._layer_times(pipe, n_dec, step.decode_context, chunks, parts)
         tokens_in = n_dec
         for c in chunks:
             tokens_in += c[2]
+        per_layer = self._layer_times(pipe, n_dec, step.decode_context, chunks, parts, tokens_in)
         links = pipe.links
         first = send_time(TOKEN_ID_BYTES * tokens_in, links[0].bandwidth, 0.0)
         last = len(pipe.stage_layers) - 1
@@ -424,11 +462,12 @@ class Engine:
             if swap_tok:
                 t += swap_tok * pipe.swap_s[i]
             if i == last:
-                key = nlog if parts == 1 else (nlog, parts)
+                gpu, tp, kind = pipe.head
+                sp = kind.sp if kind.sp_mode(tokens_in) else 1
+                key = (nlog, parts, sp)
                 h = pipe.head_cache.get(key)
                 if h is None:
-                    gpu, tp = pipe.head
-                    h = pipe.head_cache[key] = lm_head_time(self.model, gpu, tp, nlog, self.params, parts)
+                    h = pipe.head_cache[key] = lm_head_time(self.model, gpu, tp, nlog, self.params, parts, sp)
                 unit.append((t + h) / parts)
                 unit.append(send_time(TOKEN_ID_BYTES * nlog / parts, links[i + 1].bandwidth, 0.0))
             else:
@@ -436,14 +475,30 @@ class Engine:
                 unit.append(send_time(act / parts, links[i + 1].bandwidth, 0.0))
         return first, unit
 
-    def _layer_times(self, pipe: _Pipe, n_dec: int, ctx_sum: int, chunks, parts: int = 1) -> list:
+    def _layer_times(self, pipe: _Pipe, n_dec: int, ctx_sum: int, chunks, parts: int = 1,
+                     step_tokens: int = 0) -> list:
         """Per-layer time of a step on each kind of stage of the pipeline: one decode step of
         the ``n_dec`` decoding sequences at their mean context, plus each (request, start,
         tokens, last) prompt chunk's share of its prompt's prefill (tokens / prompt tokens:
-        chunking spreads a prompt's cost, it adds none); in ``parts`` parts when interleaved."""
+        chunking spreads a prompt's cost, it adds none); in ``parts`` parts when interleaved.
+        A shifted stage (Shift Parallelism) runs the step in SP mode when its ``step_tokens``
+        (decode tokens + prompt chunk tokens) are above its threshold (``shift_mode``, the rule
+        the executor's workers apply): the same sum with the SP-mode times, not interleaved."""
         prompt = self.prompt
         per_layer = []
+        modes = self.stats.shift_steps
         for kind in pipe.kinds:
+            if kind.sp > 1:
+                sp = kind.sp_mode(step_tokens)
+                mode = SP_MODE if sp else TP_MODE
+                modes[mode] = modes.get(mode, 0) + 1
+                if sp:
+                    t = kind.decode_sp(n_dec, ctx_sum) if n_dec else 0.0
+                    for c in chunks:
+                        p = prompt[c[0]]
+                        t += kind.prefill_sp(p) * c[2] / p
+                    per_layer.append(t)
+                    continue
             if parts == 1:
                 t = kind.decode(n_dec, ctx_sum) if n_dec else 0.0
                 for c in chunks:

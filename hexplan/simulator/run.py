@@ -33,7 +33,8 @@ def simulate(plan: Plan | str, cluster: Cluster | str | None, workload_spec: Wor
              prefill_chunk: int | None = None, routing: str = "delay", policy: str = "fcfs",
              mlfq_levels: int | None = None, mlfq_quantum_s: float | None = None,
              mlfq_promote_s: float | None = None, offload_bandwidth: float | None = None,
-             interleave: int | None = None, keep_samples: bool = True) -> SimResult:
+             interleave: int | None = None, keep_samples: bool = True,
+             shift_threshold: int | None = None) -> SimResult:
     """Replay ``workload_spec`` against ``plan`` on ``cluster`` (objects or file paths; a None
     cluster is rebuilt from the plan's ``cluster`` section).
 
@@ -50,11 +51,15 @@ def simulate(plan: Plan | str, cluster: Cluster | str | None, workload_spec: Wor
     last quantum, swaps over ``offload_bandwidth`` bytes/s, default 16e9; docs/simulator.md).
     ``interleave``: parts each step is cut into (Liger-style overlap, as the executor's
     ``--interleave``); default the plan's own (``assumptions.workload.interleave``, else 1).
+    ``shift_threshold``: step tokens above which a shifted stage (Shift Parallelism) runs in SP
+    mode, as the executor's ``--shift-threshold``; default the plan's
+    (``assumptions.cost_params.shift_threshold``), else each stage's cost-model crossover.
     Raises SpecError when the plan does not fit the cluster or an input is out of range.
     """
     plan, cluster = _inputs(plan, cluster)
     setup = _setup(plan, cluster, workload_spec, slo, prefill_budget, loops, prefill_chunk, routing,
-                   _Policy(policy, mlfq_levels, mlfq_quantum_s, mlfq_promote_s, offload_bandwidth), interleave)
+                   _Policy(policy, mlfq_levels, mlfq_quantum_s, mlfq_promote_s, offload_bandwidth), interleave,
+                   shift_threshold)
     return _run(setup, workload_spec, seed, keep_samples)
 
 
@@ -101,14 +106,16 @@ class _Setup:
 
 
 def _setup(plan, cluster, spec, slo, prefill_budget, loops, prefill_chunk=None, routing="delay",
-           policy: _Policy = _Policy(), interleave: int | None = None) -> _Setup:
+           policy: _Policy = _Policy(), interleave: int | None = None,
+           shift_threshold: int | None = None) -> _Setup:
     if not isinstance(spec, WorkloadSpec):
         raise SpecError(f"expected a WorkloadSpec, got {type(spec).__name__}", field="workload_spec")
     if routing not in ("delay", "weights"):
         raise SpecError(f"must be 'delay' or 'weights', got {routing!r}", field="routing")
     policy_options = policy.options()
     for name, v, lo in (("prefill_budget", prefill_budget, 1), ("loops", loops, 1),
-                        ("prefill_chunk", prefill_chunk, 1), ("interleave", interleave, 1)):
+                        ("prefill_chunk", prefill_chunk, 1), ("interleave", interleave, 1),
+                        ("shift_threshold", shift_threshold, 0)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
             raise SpecError(f"must be an integer >= {lo}, got {v!r}", field=name)
     problems = validate_plan(plan, cluster, check_predictions=False)
@@ -122,6 +129,9 @@ def _setup(plan, cluster, spec, slo, prefill_budget, loops, prefill_chunk=None, 
     overridden = interleave is not None and interleave != asm.workload.interleave
     if overridden:   # the plan run with another interleave than it was solved for
         asm = replace(asm, workload=replace(asm.workload, interleave=interleave))
+    if shift_threshold is not None and shift_threshold != asm.params.shift_threshold:
+        asm = replace(asm, params=replace(asm.params, shift_threshold=shift_threshold))
+        overridden = overridden or any(s.shifted for p in plan.pipelines for s in p.stages)
     metrics = evaluate_plan_pipelines(cluster, CostCache(plan.model, asm.workload, asm.params), plan.pipelines)
     predicted = (0.0 if overridden else plan.throughput) or sum(m.throughput for m in metrics)
     dispatcher = Dispatcher.for_plan(plan, asm.workload.output_tokens, metrics)
@@ -137,13 +147,14 @@ DEFAULT_LOAD = 0.8
 
 
 def capacity_rate(plan: Plan | str, cluster: Cluster | str | None, workload_spec: WorkloadSpec,
-                  interleave: int | None = None) -> float:
+                  interleave: int | None = None, shift_threshold: int | None = None) -> float:
     """Requests/s the plan is predicted to sustain: its predicted output tokens/s (the figure the
     report compares against, recomputed for another ``interleave``) over the mean output length
     of ``workload_spec`` (the plan's own when the spec leaves it). ``hexplan simulate`` without
     a rate runs at DEFAULT_LOAD of it."""
     plan, cluster = _inputs(plan, cluster)
-    return _setup(plan, cluster, workload_spec, None, None, None, interleave=interleave).capacity_rate(workload_spec)
+    return _setup(plan, cluster, workload_spec, None, None, None, interleave=interleave,
+                  shift_threshold=shift_threshold).capacity_rate(workload_spec)
 
 
 def _run(s: _Setup, spec: WorkloadSpec, seed: int, keep_samples: bool) -> SimResult:
@@ -205,13 +216,13 @@ def sweep_rate(plan: Plan | str, cluster: Cluster | str | None, workload_spec: W
                loops: int | None = None, prefill_chunk: int | None = None, routing: str = "delay",
                policy: str = "fcfs", mlfq_levels: int | None = None, mlfq_quantum_s: float | None = None,
                mlfq_promote_s: float | None = None, offload_bandwidth: float | None = None,
-               interleave: int | None = None) -> Sweep:
+               interleave: int | None = None, shift_threshold: int | None = None) -> Sweep:
     """Binary search for the highest Poisson/gamma request rate whose run meets ``slo``.
 
     Starts at ``start_rate`` (default: the plan's predicted tokens/s over the mean output
     length), grows by 1.5x while probes pass, then bisects until the bracket is within
     ``tolerance`` of its upper end or ``max_probes`` runs. ``on_probe(probe)`` sees each run.
-    The scheduler options (``policy``, ``interleave`` and the rest) are simulate()'s.
+    The scheduler options (``policy``, ``interleave``, ``shift_threshold`` and the rest) are simulate()'s.
     """
     plan, cluster = _inputs(plan, cluster)
     if not slo:
@@ -222,7 +233,8 @@ def sweep_rate(plan: Plan | str, cluster: Cluster | str | None, workload_spec: W
         raise SpecError("a rate sweep draws arrivals at each rate: use poisson or gamma arrivals "
                         "(a trace can still supply the lengths)", field="arrival")
     s = _setup(plan, cluster, workload_spec, slo, prefill_budget, loops, prefill_chunk, routing,
-               _Policy(policy, mlfq_levels, mlfq_quantum_s, mlfq_promote_s, offload_bandwidth), interleave)
+               _Policy(policy, mlfq_levels, mlfq_quantum_s, mlfq_promote_s, offload_bandwidth), interleave,
+               shift_threshold)
     if start_rate is None:
         start_rate = max(s.capacity_rate(workload_spec), 1e-6)
     probes: list[Probe] = []

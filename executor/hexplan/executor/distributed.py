@@ -121,14 +121,37 @@ class TPContext:
         done_at = self.link.done_at(t.numel() * t.element_size(), self.size) if self.link else 0.0
         return Pending(t, work, done_at)
 
-    def all_gather_last_dim(self, t: torch.Tensor) -> torch.Tensor:
-        """Concatenate every rank's ``t`` (same shape on all ranks) along the last dim, rank order."""
+    def all_gather_last_dim(self, t: torch.Tensor, order: list[int] | None = None) -> torch.Tensor:
+        """Concatenate every rank's ``t`` (same shape on all ranks) along the last dim, rank
+        order, or with ``order`` the part of rank ``order[i]`` i-th (a shifted stage's vocab
+        shards: ``shift.ShiftLayout.vocab_order``)."""
         if self.size == 1:
             return t
         t = t.contiguous()
         parts = [torch.empty_like(t) for _ in range(self.size)]
         dist.all_gather(parts, t, group=self.group)
-        return torch.cat(parts, dim=-1)
+        return torch.cat(parts if order is None else [parts[r] for r in order], dim=-1)
+
+    def all_gather_first_dim(self, t: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's ``t`` (same shape on all ranks) along the first dim, rank order."""
+        if self.size == 1:
+            return t
+        t = t.contiguous()
+        parts = [torch.empty_like(t) for _ in range(self.size)]
+        dist.all_gather(parts, t, group=self.group)
+        return torch.cat(parts)
+
+    def all_to_all(self, t: torch.Tensor) -> torch.Tensor:
+        """``t``: [size, ...]; row i goes to rank i. Returns [size, ...] whose row i came from
+        rank i (torch.distributed's all_to_all_single: gloo on the CPU, NCCL on CUDA)."""
+        if self.size == 1:
+            return t
+        if t.shape[0] != self.size:
+            raise ValueError(f"all_to_all takes [{self.size}, ...], got {list(t.shape)}")
+        t = t.contiguous()
+        out = torch.empty_like(t)
+        dist.all_to_all_single(out, t, group=self.group)
+        return out
 
 
 def init_tp(rank: int, size: int, master_addr: str, master_port: int,

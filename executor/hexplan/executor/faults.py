@@ -95,7 +95,10 @@ def pipeline_failed(gw, p, why: str, epoch: int | None = None, stalled: bool = F
 def reload_pipeline(gw, p) -> list[str]:
     """Load pipeline ``p``'s stages again (loading.load_pipeline: last stage first, each told
     the stages after it); returns the new stage addresses. Raises GatewayError."""
-    return load_pipeline(gw.plan, p.index, gw.checkpoint, gw.dtype, gw.node_addresses, gw.stub, step_tokens(gw))
+    plan = p.plan if p.plan is not None else gw.plan
+    index = p.plan_index if p.plan_index >= 0 else p.index
+    return load_pipeline(plan, index, gw.checkpoint, gw.dtype, gw.node_addresses, gw.stub, step_tokens(gw),
+                         generation=p.generation, shift_threshold=getattr(gw, "shift_threshold", None))
 
 
 class Monitor:
@@ -120,7 +123,7 @@ class Monitor:
                 self.last_live_probe = time.monotonic()
                 self.probe_live()
             for p in list(gw.pipelines):
-                if p.alive:
+                if p.alive or p.state == "retired":     # retired: a re-plan replaced it (replan.py)
                     self.next_probe.pop(p.index, None)
                     continue
                 now = time.monotonic()
@@ -157,10 +160,11 @@ class Monitor:
             log.warning("pipeline %d: reload failed (%s); will try again", p.index, e)
             return False
         with gw.cv:
-            if p.epoch != epoch or p.alive or gw.stop_event.is_set():
+            if p.epoch != epoch or p.alive or gw.stop_event.is_set() or p.state == "retired":
                 return p.alive
             p.stages = addresses
-            p.alive, p.state, p.reason = True, "live", ""
+            # a pipeline a re-plan is draining comes back draining (it takes no new requests)
+            p.alive, p.state, p.reason = True, "draining" if p.retiring else "live", ""
             p.epoch += 1
             p.step_s = 0.0
             still_down = {n for q in gw.pipelines if not q.alive for n in q.nodes}

@@ -94,10 +94,18 @@ class Pipeline:
     nodes: list[str]
     alive: bool = True
     served: int = 0            # requests ever routed here
-    state: str = "live"        # "live" | "down" (a stage or node does not answer) | "suspect" (a step stalled)
+    # "live" | "down" (a stage or node does not answer) | "suspect" (a step stalled) | after a
+    # re-plan (replan.py): "draining" (takes no new requests, finishes its own) | "retired" (unloaded)
+    state: str = "live"
     reason: str = ""           # why it is not live
     epoch: int = 0             # bumped when it fails or comes back: a step of an older epoch is ignored
     step_s: float = 0.0        # running mean of its steps' wall time (stall detection)
+    # the plan it was loaded from (None: the gateway's first), its index there and the plan's
+    # generation (0 first, then one per re-plan that loaded shards: replan.py; stage ids, reloads)
+    plan: Plan | None = None
+    plan_index: int = -1       # -1: ``index``
+    generation: int = 0
+    retiring: bool = False     # a re-plan replaced it: no new requests; retired once empty
 
 
 def build_scheduler(plan: Plan, policy: str = "fcfs", *, max_batch: int | None = None,
@@ -160,7 +168,7 @@ class Gateway:
                  dtype: str = "float32", max_batch: int | None = None, prefill_tokens: int | None = None,
                  prefill_chunk: int | None = None, policy: str = "fcfs", mlfq_quantum_s: float | None = None,
                  interleave: int | None = None, matmul_pieces: int = 1, auth_token: str | None = None,
-                 calibrate: bool = True):
+                 calibrate: bool = True, shift_threshold: int | None = None):
         self.plan, self.checkpoint, self.tls, self.dtype = plan, str(checkpoint), tls, dtype
         self.auth_token = auth_token or None   # sent on every call to node executors and stages
         self.node_addresses = dict(node_addresses)
@@ -174,6 +182,12 @@ class Gateway:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise GatewayError(f"{name} must be an integer >= 1, got {v!r}")
         self.interleave = interleave         # parts a step is cut into (1: off)
+        if shift_threshold is not None and (isinstance(shift_threshold, bool) or not isinstance(shift_threshold, int)
+                                            or shift_threshold < 0):
+            raise GatewayError(f"shift_threshold must be an integer >= 0 tokens, got {shift_threshold!r}")
+        # shifted stages run steps of more tokens in SP mode (None: each stage's default,
+        # loading.stage_shift_threshold)
+        self.shift_threshold = shift_threshold
         self.matmul_pieces = matmul_pieces   # slices of each TP row-parallel product (1: off)
         self._schedule_args = dict(max_batch=max_batch, prefill_tokens=prefill_tokens, prefill_chunk=prefill_chunk,
                                    mlfq_quantum_s=mlfq_quantum_s, interleave=interleave)
@@ -240,7 +254,7 @@ class Gateway:
             max_tokens = max(max_tokens, step_tokens(self, largest.configs))
         self.load_step_tokens = max_tokens
         addresses = load_shards(self.plan, self.checkpoint, self.dtype, self.node_addresses, self.stub,
-                                max_tokens, calibrate, timings)
+                                max_tokens, calibrate, timings, shift_threshold=self.shift_threshold)
         if calibrate:
             self._choose_batches(timings)
         total_w = sum(p.weight for p in self.plan.pipelines) or 1.0

@@ -93,7 +93,7 @@ class Launch:
                  prefill_chunk: int | None = None, policy: str = "fcfs", mlfq_quantum_s: float | None = None,
                  interleave: int | None = None, matmul_pieces: int = 1, auth_token: str | None = None,
                  http: str | None = None, served_model_name: str | None = None, chat_template: str | None = None,
-                 max_queue: int | None = None):
+                 max_queue: int | None = None, shift_threshold: int | None = None):
         """``http``: also serve the OpenAI-compatible HTTP API on this HOST:PORT (http.py; port 0:
         a free one, in ``self.http.port``), as ``served_model_name`` (default: the checkpoint
         folder's name), with ``chat_template`` (Jinja text) and ``max_queue``."""
@@ -122,7 +122,8 @@ class Launch:
             self.gateway = Gateway(plan, checkpoint, {n: a for n, (_, a) in self.nodes.items()}, tls, dtype,
                                    max_batch=max_batch, prefill_chunk=prefill_chunk, policy=policy,
                                    mlfq_quantum_s=mlfq_quantum_s, interleave=interleave,
-                                   matmul_pieces=matmul_pieces, auth_token=self.auth_token)
+                                   matmul_pieces=matmul_pieces, auth_token=self.auth_token,
+                                   shift_threshold=shift_threshold)
             self.server, self.port, self.http = start_serving(self.gateway, checkpoint, listen, tls, http,
                                                               served_model_name, chat_template, max_queue)
             self.address = f"{host}:{self.port}"
@@ -176,11 +177,12 @@ def run_launch(plan: Plan, checkpoint: str, listen: str, tls: Tls | None, dtype:
                matmul_pieces: int = 1, drain_timeout: float = 30.0, auth_token: str | None = None,
                stall_timeout_s: float | None = None, recovery_wait_s: float | None = None,
                http: str | None = None, served_model_name: str | None = None, chat_template: str | None = None,
-               max_queue: int | None = None) -> int:
+               max_queue: int | None = None, shift_threshold: int | None = None) -> int:
     signals = StopSignals()
     launch = Launch(plan, checkpoint, listen, tls, dtype, threads, policy=policy, mlfq_quantum_s=mlfq_quantum_s,
                     interleave=interleave, matmul_pieces=matmul_pieces, auth_token=auth_token, http=http,
-                    served_model_name=served_model_name, chat_template=chat_template, max_queue=max_queue)
+                    served_model_name=served_model_name, chat_template=chat_template, max_queue=max_queue,
+                    shift_threshold=shift_threshold)
     return serve_until_stopped(launch, signals, f"{len(launch.nodes)} node executor(s)", out, drain_timeout,
                                stall_timeout_s, recovery_wait_s)
 

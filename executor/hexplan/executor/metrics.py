@@ -46,7 +46,7 @@ REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 2
                            120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 FINISH_REASONS = ("stop", "length", "abort", "error")     # vLLM's, less repetition
-STATES = ("live", "suspect", "down")
+STATES = ("live", "suspect", "down", "draining", "retired")   # the last two: re-plans (replan.py)
 WINDOW_S = 60.0            # measured tokens/s: over this many seconds
 STATS_EVERY_S = 5.0        # stage Stats are asked at most this often (when scraped)
 STATS_TIMEOUT_S = 1.0
@@ -231,7 +231,8 @@ class _Scraped:
         g.add_metric([name], used / budget if budget else 0.0)
         yield g
         g = GaugeMetricFamily("hexplan_pipeline_state",
-                              "1 for the pipeline's current state: live, suspect (a step stalled) or down.",
+                              "1 for the pipeline's current state: live, suspect (a step stalled), down, "
+                              "or after a re-plan draining or retired.",
                               labels=["pipeline", "state"])
         for pi, state in pipes:
             for s in STATES:

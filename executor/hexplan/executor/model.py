@@ -13,6 +13,11 @@ the one KV head its query heads use. The LM head is split over the vocabulary (p
 multiple of the TP size) and its logits are all-gathered. Loading reads, with safetensors'
 ``get_slice``, only this stage's tensors and only this rank's slice of them.
 
+A shifted stage (Shift Parallelism, shift.py) runs each step either as above (TP mode) or in SP
+mode: its tokens split over sp ranks, Ulysses all-to-alls around the same ``Attention.attend``
+on the same KV cache; each layer then also holds SP mode's tp-way weights (``DecoderLayer.sp``),
+of which the TP-mode weights are views.
+
 Shapes: T tokens in the batch, H hidden size, D head dim, h / kv this rank's query / KV heads.
 """
 from __future__ import annotations
@@ -30,6 +35,7 @@ from hexplan.errors import SpecError
 from hexplan.models import model_from_hf_config, read_hf_config, rope_parameters
 
 from .distributed import Pending, TPContext
+from .shift import SP_MODE, TP_MODE, Shift, ShiftLayout, SPWeights, shift_problem, sp_layer_steps, sp_slices, tp_views
 
 
 @dataclass(frozen=True)
@@ -122,7 +128,11 @@ class TPLayout:
 
     @classmethod
     def of(cls, a: ModelArgs, ctx: TPContext) -> "TPLayout":
-        tp, r = ctx.size, ctx.rank
+        return cls.at(a, ctx.rank, ctx.size)
+
+    @classmethod
+    def at(cls, a: ModelArgs, r: int, tp: int) -> "TPLayout":
+        """Rank ``r``'s part of a ``tp``-way layout (a shifted stage's TP mode: its layout rank)."""
         if a.num_heads % tp or a.intermediate_size % tp:
             raise ValueError(f"TP {tp} must divide num_attention_heads {a.num_heads} "
                              f"and intermediate_size {a.intermediate_size}")
@@ -248,6 +258,12 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(T, self.heads, self.head_dim)      # [T, h, D]
         k = self.k_proj(x).view(T, self.kv_heads, self.head_dim)   # [T, kv, D]
         v = self.v_proj(x).view(T, self.kv_heads, self.head_dim)
+        return self.attend(q, k, v, b)
+
+    def attend(self, q, k, v, b: Batch):                           # q: [T, h, D]; k, v: [T, kv, D]
+        """RoPE, cache append and attention of this rank's heads over the batch's T tokens;
+        [T, h * D]. Both modes of a shifted stage come here with the same heads (shift.py)."""
+        T = q.shape[0]
         q, k = apply_rope(q, b.cos, b.sin), apply_rope(k, b.cos, b.sin)
         out = torch.empty_like(q)
         # decode rows' queries scaled once for the whole step (one op, not one per sequence)
@@ -314,12 +330,14 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, a: ModelArgs, t: TPLayout, ctx: TPContext, local_idx: int):
+    def __init__(self, a: ModelArgs, t: TPLayout, ctx: TPContext, local_idx: int, shift: ShiftLayout | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.self_attn = Attention(a, t, ctx, local_idx)
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.mlp = MLP(a, t, ctx)
+        # a shifted stage: SP mode's tp-way weights (TP mode's are views of them, shift.tp_views)
+        self.sp = SPWeights(a, shift, t.kv_heads) if shift is not None else None
 
     def steps(self, x, b: Batch, pieces: int = 1):                 # x: [T, H]
         """This layer on one part of a step, as a generator: it yields after starting each of
@@ -351,17 +369,25 @@ class TensorSlice:
 
 
 class StageModel(nn.Module):
-    def __init__(self, config: dict, shard: ShardSpec, ctx: TPContext):
+    def __init__(self, config: dict, shard: ShardSpec, ctx: TPContext, shift: Shift | None = None):
+        """``shift``: run shifted (shift.py); its groups come from shift.init_shift over ``ctx``."""
         super().__init__()
         a = ModelArgs.from_hf_config(config)
         if not 0 <= shard.layer_start <= shard.layer_end <= a.num_layers:
             raise ValueError(f"layers [{shard.layer_start}, {shard.layer_end}) are outside "
                              f"the model's {a.num_layers} layers")
-        self.config, self.args, self.shard, self.ctx = config, a, shard, ctx
-        self.tp = TPLayout.of(a, ctx)
+        self.config, self.args, self.shard, self.ctx, self.shift = config, a, shard, ctx, shift
+        lay = shift.layout if shift is not None else None
+        if lay is not None:
+            problem = shift_problem(a.num_heads, a.num_kv_heads, a.intermediate_size, ctx.size, lay.sp)
+            if problem or lay.size != ctx.size or lay.rank != ctx.rank:
+                raise ValueError(problem or f"shift layout {lay} does not match TP rank {ctx.rank} of {ctx.size}")
+        self.tp = TPLayout.at(a, lay.layout_rank, ctx.size) if lay else TPLayout.of(a, ctx)
+        self.vocab_order = lay.vocab_order if lay else None       # the logits' fixed permutation
+        self.mode_steps = {TP_MODE: 0, SP_MODE: 0}                # steps run in each mode
         n = shard.layer_end - shard.layer_start
         self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size) if shard.is_first else None
-        self.layers = nn.ModuleList(DecoderLayer(a, self.tp, ctx, j) for j in range(n))
+        self.layers = nn.ModuleList(DecoderLayer(a, self.tp, ctx, j, lay) for j in range(n))
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps) if shard.is_last else None
         self.lm_head = nn.Linear(a.hidden_size, self.tp.vocab, bias=False) if shard.is_last else None
         self.register_buffer("inv_freq", rope_inv_freq(a), persistent=False)
@@ -371,19 +397,47 @@ class StageModel(nn.Module):
     # -- loading ---------------------------------------------------------------------------
     @classmethod
     def load(cls, checkpoint_dir, shard: ShardSpec, ctx: TPContext,
-             dtype=torch.float32, device="cpu") -> "StageModel":
-        """Build on the meta device, read this rank's slices, move to ``device``."""
+             dtype=torch.float32, device="cpu", shift: Shift | None = None) -> "StageModel":
+        """Build on the meta device, read this rank's slices, move to ``device``. A shifted
+        stage reads SP mode's tp-way weights only; TP mode's are views of them (on ``device``,
+        so the views share its memory)."""
         ckpt = Path(checkpoint_dir)
         config = read_hf_config(ckpt / "config.json")
         with torch.device("meta"):
-            model = cls(config, shard, ctx)
+            model = cls(config, shard, ctx, shift)
         state = read_slices(ckpt, model.checkpoint_slices())
-        state = {k: t.to(dtype) for k, t in state.items()}
+        state = {k: t.to(device=device, dtype=dtype) for k, t in state.items()}
+        if shift is not None:
+            state = model._shift_state(state)
         model.load_state_dict(state, strict=True, assign=True)
         return model.to(device).requires_grad_(False).eval()
 
+    def _shift_state(self, state: dict) -> dict:
+        """A shifted stage's state: k/v pieces (``name@s``) concatenated, TP mode's weights as
+        views of SP mode's."""
+        out = {}
+        for k in sorted(state):
+            name, _, piece = k.partition("@")
+            if not piece:
+                out[k] = state[k]
+            elif piece == "0":
+                pieces = [state[f"{name}@{s}"] for s in range(self.shift.layout.sp)]
+                out[name] = torch.cat(pieces, dim=0)
+        views = tp_views(self.args, self.shift.layout, self.tp.kv_heads)
+        keys = set(self.state_dict(keep_vars=True))
+        for j in range(len(self.layers)):
+            for suffix, (src, dim, a, b) in views.items():
+                key = f"layers.{j}.{suffix}"
+                if key not in keys:                                # an absent bias
+                    continue
+                t = out[f"layers.{j}.{src}"]
+                out[key] = t if dim is None else t.narrow(dim, a, b - a)
+        return out
+
     def checkpoint_slices(self) -> dict[str, TensorSlice]:
         """For each parameter of this stage, the checkpoint tensor and slice it is read from."""
+        if self.shift is not None:
+            return self._shift_slices()
         a, t = self.args, self.tp
         H, D, I = a.hidden_size, a.head_dim, a.intermediate_size
         q_rows = (t.head0 * D, (t.head0 + t.heads) * D)
@@ -421,6 +475,45 @@ class StageModel(nn.Module):
             elif local == "lm_head.weight":
                 name = "model.embed_tokens.weight" if a.tie_word_embeddings else "lm_head.weight"
                 out[local] = TensorSlice(name, (a.vocab_size, H), 0, t.vocab0, t.vocab0 + t.vocab)
+        return out
+
+    def _shift_slices(self) -> dict[str, TensorSlice]:
+        """A shifted stage's slices: SP mode's tp-way layer weights (k/v in one piece per sp
+        index, ``name@s``), the embedding, norms and the d-way LM head; TP mode's layer weights
+        are views of SP mode's (``_shift_state``), not read."""
+        a, t, lay = self.args, self.tp, self.shift.layout
+        D = a.head_dim
+
+        def kv_rows(k):
+            kt = TPLayout.at(a, k, lay.size)
+            return kt.kv_head0 * D, (kt.kv_head0 + kt.kv_heads) * D
+        sp = sp_slices(a, lay, kv_rows)
+        own = {"input_layernorm.weight", "post_attention_layernorm.weight"}
+        out = {}
+        for local in self.state_dict():
+            if local.startswith("layers."):
+                _, j, suffix = local.split(".", 2)
+                layer = f"model.layers.{self.shard.layer_start + int(j)}"
+                if suffix in own:
+                    out[local] = TensorSlice(f"{layer}.{suffix}", (a.hidden_size,))
+                elif suffix in sp:
+                    proj = suffix.removeprefix("sp.")                 # q/k/v/o_proj: attention; gate/up/down: MLP
+                    name = f"{layer}.{'self_attn' if proj[0] in 'qkvo' else 'mlp'}.{proj}"
+                    shape, dim, ranges = sp[suffix]
+                    if ranges is None:
+                        out[local] = TensorSlice(name, shape)
+                    elif len(ranges) == 1:
+                        out[local] = TensorSlice(name, shape, dim, *ranges[0])
+                    else:
+                        for s, rng in enumerate(ranges):
+                            out[f"{local}@{s}"] = TensorSlice(name, shape, dim, *rng)
+            elif local == "embed_tokens.weight":
+                out[local] = TensorSlice("model.embed_tokens.weight", (a.vocab_size, a.hidden_size))
+            elif local == "norm.weight":
+                out[local] = TensorSlice("model.norm.weight", (a.hidden_size,))
+            elif local == "lm_head.weight":
+                name = "model.embed_tokens.weight" if a.tie_word_embeddings else "lm_head.weight"
+                out[local] = TensorSlice(name, (a.vocab_size, a.hidden_size), 0, t.vocab0, t.vocab0 + t.vocab)
         return out
 
     # -- running ---------------------------------------------------------------------------
@@ -467,15 +560,22 @@ class StageModel(nn.Module):
                 cache.reserve(c.start + c.length)
             positions = torch.cat([torch.arange(c.start, c.start + c.length) for c in chunks])
             cos, sin = rope_cos_sin(positions.to(device), self.inv_freq, dtype)
-            x = self.embed_tokens(inputs.to(device)) if self.shard.is_first else inputs.to(device, dtype)
             offsets = [0]
             for c in chunks:
                 offsets.append(offsets[-1] + c.length)
+            # a shifted stage's mode: every rank runs the same step, so all agree (shift.py)
+            mode = self.shift.mode(offsets[-1]) if self.shift is not None else TP_MODE
+            self.mode_steps[mode] += 1
+            if mode == SP_MODE:                                    # each rank embeds its own tokens
+                x = inputs.to(device) if self.shard.is_first else inputs.to(device, dtype)
+            else:
+                x = self.embed_tokens(inputs.to(device)) if self.shard.is_first else inputs.to(device, dtype)
             runs = []                                              # one generator per part
             for a, e in parts:
                 t0, t1 = offsets[a], offsets[e]
                 b = Batch(chunks[a:e], caches[a:e], cos[t0:t1], sin[t0:t1])
-                runs.append(self._run_part(x[t0:t1], b, pieces))
+                run = self._run_part_sp if mode == SP_MODE else self._run_part
+                runs.append(run(x[t0:t1], b, pieces))
             outs: list = [None] * len(runs)
             if self.ctx.size == 1 or len(runs) == 1:               # nothing to overlap between parts
                 for i, run in enumerate(runs):
@@ -506,6 +606,20 @@ class StageModel(nn.Module):
             x = yield from layer.steps(x, b, pieces)
         return x
 
+    def _run_part_sp(self, inputs, b: Batch, pieces: int):
+        """A part in SP mode (shift.py): this rank takes block s of its T tokens (ids or hidden
+        states), padded with zero rows to ceil(T / sp); the SP group gathers the result [T, H]."""
+        lay = self.shift.layout
+        T = inputs.shape[0]
+        Ts = -(-T // lay.sp)
+        mine = inputs[lay.s * Ts:(lay.s + 1) * Ts]
+        x = self.embed_tokens(mine) if self.shard.is_first else mine
+        if x.shape[0] < Ts:
+            x = F.pad(x, (0, 0, 0, Ts - x.shape[0]))
+        for layer in self.layers:                                  # x: [Ts, H]
+            x = yield from sp_layer_steps(layer, x, b, self.shift, T, pieces)
+        return self.shift.sp_ctx.all_gather_first_dim(x)[:T]
+
     def _finish_part(self, x, chunks: list[SeqChunk], index: int, on_part, hidden_out=None):
         """A part's output: its hidden states, or on the last stage its chunks' last-token logits."""
         if self.shard.is_last:
@@ -516,7 +630,11 @@ class StageModel(nn.Module):
                     if c.hidden:
                         hidden_out[c.request_id] = row.float()
             logits = F.linear(h, self.lm_head.weight)              # [n, vocab / tp]
-            x = self.ctx.all_gather_last_dim(logits)[:, :self.args.vocab_size].float()
+            if self.vocab_order is None:
+                x = self.ctx.all_gather_last_dim(logits)
+            else:                                                  # a shifted stage's shards (shift.py)
+                x = self.ctx.all_gather_last_dim(logits, self.vocab_order)
+            x = x[:, :self.args.vocab_size].float()
         if on_part is not None:
             on_part(index, x)
         return x

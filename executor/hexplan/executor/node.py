@@ -22,6 +22,7 @@ from ._proto import hexplan_v1_pb2_grpc as pbg
 from .lifecycle import StopSignals, exit_later, set_parent_death_signal, watch_parent
 from .limits import NODE_MESSAGE_LIMIT
 from .wire import Tls, add_health_and_reflection, bind, is_loopback, make_server, server_interceptors, split_host_port
+from .shift import DEFAULT_SHIFT_THRESHOLD
 from .worker import DTYPES, worker_main
 
 LOAD_TIMEOUT_S = 600
@@ -131,6 +132,14 @@ class NodeServicer(pbg.StageServicer):
         if request.dtype and request.dtype not in DTYPES:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"dtype: must be one of {', '.join(sorted(DTYPES))}, got {request.dtype!r} (node {self.name})")
+        shift_sp = request.shift_sp or 1
+        threshold = request.shift_threshold if request.HasField("shift_threshold") else DEFAULT_SHIFT_THRESHOLD
+        if shift_sp < 1 or tp % shift_sp:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"shift_sp: must be at least 1 and divide tp {tp}, got {request.shift_sp} (node {self.name})")
+        if threshold < 0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"shift_threshold: must be >= 0 tokens, got {threshold} (node {self.name})")
         if (len(request.calibrate_batches) > MAX_CALIBRATION_POINTS
                 or any(not 1 <= b <= MAX_CALIBRATION_BATCH for b in request.calibrate_batches)
                 or not 0 <= request.calibrate_context <= MAX_CALIBRATION_CONTEXT):
@@ -144,6 +153,7 @@ class NodeServicer(pbg.StageServicer):
                 "threads": self.threads, "auth_token": self.auth_token,
                 "downstream": list(request.downstream),   # fixed for the stage's life
                 "max_step_tokens": int(request.max_step_tokens),
+                "shift_sp": int(shift_sp), "shift_threshold": int(threshold),
                 "calibrate": {"batches": [int(b) for b in request.calibrate_batches],
                               "context": max(1, int(request.calibrate_context))}}
         if not os.path.isdir(checkpoint):

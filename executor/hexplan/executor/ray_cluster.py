@@ -24,6 +24,10 @@ their runtime_env's environment (HEXPLAN_AUTH_TOKEN), never on a command line; w
 read the Ray cluster's actor table can read it, and whoever can submit Ray jobs can run code
 on every node anyway. With ``--tls-*`` the same certificate paths must exist on every machine.
 
+``replan`` (``--replan``, replan.py): the gateway watches ``ray.nodes()``; a raylet that joins
+gets an executor actor (``start_executor``, pinned the same way) when a new plan uses it, and
+the actor of one that left for good is killed (``stop_executor``).
+
 SIGTERM/SIGINT: drain as ``hexplan launch`` does, then stop every actor's executor and kill the
 actors for good (no restart). Actors are owned by this process: if it dies, SIGKILL included,
 Ray kills them too.
@@ -114,30 +118,29 @@ def place(plan: Plan, ray_nodes: list[dict]) -> dict:
     SpecError naming the node when no Ray node fits (module docstring)."""
     alive = [n for n in ray_nodes if n.get("Alive", n.get("alive"))]
     addresses = {n["name"]: n.get("address") for n in (plan.cluster or {}).get("nodes", []) if n.get("name")}
-    out = {}
-    for name in plan_nodes(plan):
-        by_res = [n for n in alive if f"{NODE_RESOURCE}{name}" in (n.get("Resources") or {})]
-        if len(by_res) > 1:
-            raise SpecError(f"plan node {name}: {len(by_res)} Ray nodes have the resource {NODE_RESOURCE}{name}; "
-                            "give it to one", field="--ray")
-        if by_res:
-            out[name] = (by_res[0], "resource")
-            continue
-        addr = addresses.get(name) or ""
-        host = addr.rpartition(":")[0].strip("[]")
-        by_ip = [n for n in alive if host and n["NodeManagerAddress"] == host]
-        if len(by_ip) == 1:
-            out[name] = (by_ip[0], "node_id")
-            continue
-        by_host = [n for n in alive if n.get("NodeManagerHostname") == name]
-        if len(by_host) == 1:
-            out[name] = (by_host[0], "node_id")
-            continue
-        raise SpecError(f"plan node {name}: no Ray node has the resource {NODE_RESOURCE}{name}"
-                        + (f", {len(by_ip)} have its address's IP {host}" if host else "")
-                        + f" and none is one machine named {name}; start its raylet with "
-                        f"--resources='{{\"{NODE_RESOURCE}{name}\": 1}}'", field="--ray")
-    return out
+    return {name: place_node(name, alive, addresses.get(name) or "") for name in plan_nodes(plan)}
+
+
+def place_node(name: str, alive: list[dict], addr: str = "") -> tuple[dict, str]:
+    """The live Ray node for plan node ``name`` (``addr``: its address in the plan's cluster
+    section, if any) and how to pin to it; SpecError when none fits."""
+    by_res = [n for n in alive if f"{NODE_RESOURCE}{name}" in (n.get("Resources") or {})]
+    if len(by_res) > 1:
+        raise SpecError(f"plan node {name}: {len(by_res)} Ray nodes have the resource {NODE_RESOURCE}{name}; "
+                        "give it to one", field="--ray")
+    if by_res:
+        return by_res[0], "resource"
+    host = addr.rpartition(":")[0].strip("[]")
+    by_ip = [n for n in alive if host and n["NodeManagerAddress"] == host]
+    if len(by_ip) == 1:
+        return by_ip[0], "node_id"
+    by_host = [n for n in alive if n.get("NodeManagerHostname") == name]
+    if len(by_host) == 1:
+        return by_host[0], "node_id"
+    raise SpecError(f"plan node {name}: no Ray node has the resource {NODE_RESOURCE}{name}"
+                    + (f", {len(by_ip)} have its address's IP {host}" if host else "")
+                    + f" and none is one machine named {name}; start its raylet with "
+                    f"--resources='{{\"{NODE_RESOURCE}{name}\": 1}}'", field="--ray")
 
 
 def plan_nodes(plan: Plan) -> list[str]:
@@ -159,7 +162,11 @@ class RayLaunch:
                  max_batch: int | None = None, prefill_chunk: int | None = None, policy: str = "fcfs",
                  mlfq_quantum_s: float | None = None, interleave: int | None = None, matmul_pieces: int = 1,
                  auth_token: str | None = None, http: str | None = None, served_model_name: str | None = None,
-                 chat_template: str | None = None, max_queue: int | None = None, max_restarts: int = MAX_RESTARTS):
+                 chat_template: str | None = None, max_queue: int | None = None, max_restarts: int = MAX_RESTARTS,
+                 replan=None, cluster=None, shift_threshold: int | None = None):
+        """``replan`` (replan.ReplanOptions): re-plan when Ray's nodes join or leave, on
+        ``cluster`` (a hexplan.cluster.Cluster; default the plan's cluster section, else Ray's
+        nodes with the default network)."""
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -167,7 +174,8 @@ class RayLaunch:
 
         self.actors: dict = {}
         self.info: dict = {}
-        self.server = self.gateway = self.http = None
+        self.server = self.gateway = self.http = self.replanner = None
+        self._args = (threads, tls, checkpoint, max_restarts)
         self.auth_token = auth_token or secrets.token_urlsafe(32)
         self.tag = secrets.token_hex(4)
         self._connected = connect(ray_address)
@@ -210,15 +218,74 @@ class RayLaunch:
             self.nodes = {n: i["address"] for n, i in self.info.items()}
             self.gateway = Gateway(plan, checkpoint, self.nodes, tls, dtype, max_batch=max_batch,
                                    prefill_chunk=prefill_chunk, policy=policy, mlfq_quantum_s=mlfq_quantum_s,
-                                   interleave=interleave, matmul_pieces=matmul_pieces, auth_token=self.auth_token)
+                                   interleave=interleave, matmul_pieces=matmul_pieces, auth_token=self.auth_token,
+                                   shift_threshold=shift_threshold)
             self.server, self.port, self.http = start_serving(self.gateway, checkpoint, listen, tls, http,
                                                               served_model_name, chat_template, max_queue)
             self.address = f"{listen.rpartition(':')[0] or '127.0.0.1'}:{self.port}"
+            if replan is not None:
+                self.start_replanner(replan, cluster)
         except BaseException as e:
             self.close()
             if type(e).__module__.startswith("ray"):
                 raise RuntimeError(f"--ray: {type(e).__name__}: {' '.join(str(e).split())[:300]}") from None
             raise
+
+    def start_replanner(self, options, cluster=None) -> None:
+        """Watch Ray's nodes and re-plan as they join and leave (replan.py)."""
+        from hexplan.plan import plan_cluster
+
+        from .replan import RayNodes, Replanner, cluster_from_ray
+        source = RayNodes()
+        if cluster is None:
+            try:
+                cluster = plan_cluster(self.gateway.plan)
+            except SpecError:
+                cluster = cluster_from_ray(source.poll())
+        self.replanner = Replanner(self.gateway, cluster, source, options, provision=_RayExecutors(self))
+        self.replanner.start()
+
+    def start_executor(self, name: str) -> str:
+        """An executor actor on the Ray node that joined as ``name`` (pinned as at launch, all its
+        GPUs); returns its address."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        threads, tls, checkpoint, max_restarts = self._args
+        if name in self.actors:
+            return self.info[name]["address"]
+        alive = [n for n in ray.nodes() if n.get("Alive", n.get("alive"))]
+        rn, pin = place_node(name, alive)
+        res = rn.get("Resources") or {}
+        opts = {"num_cpus": 0, "max_restarts": max_restarts, "max_task_retries": 0,
+                "name": f"hexplan-{self.tag}-{name}", "namespace": "hexplan",
+                "runtime_env": {"env_vars": {TOKEN_ENV: self.auth_token}}}
+        if res.get("GPU", 0):
+            opts["num_gpus"] = int(res["GPU"])
+        if pin == "resource":
+            opts["resources"] = {f"{NODE_RESOURCE}{name}": 0.001}
+        else:
+            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(rn["NodeID"], soft=False)
+        task_opts = {k: v for k, v in opts.items() if k in ("resources", "scheduling_strategy")}
+        host = rn["NodeManagerAddress"]
+        port = ray.get(ray.remote(num_cpus=0)(free_port_on).options(**task_opts).remote(host), timeout=READY_TIMEOUT_S)
+        tls_args = (tls.cert, tls.key, tls.ca) if tls and tls.enabled else None
+        t = threads or max(1, int(res.get("CPU", 1)))
+        actor = ray.remote(NodeExecutor).options(**opts).remote(name, host, port, t, tls_args, checkpoint)
+        info = ray.get(actor.info.remote(), timeout=READY_TIMEOUT_S)
+        self.actors[name], self.info[name] = actor, info
+        return info["address"]
+
+    def stop_executor(self, name: str) -> None:
+        """Kill node ``name``'s actor for good (its node left the cluster)."""
+        import ray
+        actor = self.actors.pop(name, None)
+        self.info.pop(name, None)
+        if actor is not None:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:
+                pass
 
     def kill_node(self, name: str) -> None:
         """Kill node ``name``'s actor (Ray restarts it); for tests and benchmarks."""
@@ -234,8 +301,10 @@ class RayLaunch:
         import ray
 
         stop_serving(self.http, self.server, self.gateway)
+        if self.replanner is not None:
+            self.replanner.stop()
         stops = []
-        for a in self.actors.values():
+        for a in list(self.actors.values()):
             try:
                 stops.append(a.stop.remote())
             except Exception:
@@ -244,7 +313,7 @@ class RayLaunch:
             ray.wait(stops, num_returns=len(stops), timeout=20)
         except Exception:
             pass
-        for a in self.actors.values():
+        for a in list(self.actors.values()):
             try:
                 ray.kill(a, no_restart=True)
             except Exception:
@@ -259,6 +328,19 @@ class RayLaunch:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class _RayExecutors:
+    """The re-planner's provisioner on Ray: an executor for a node that joined, none for one that left."""
+
+    def __init__(self, launch: RayLaunch):
+        self.launch = launch
+
+    def start(self, name: str) -> str:
+        return self.launch.start_executor(name)
+
+    def stop(self, name: str) -> None:
+        self.launch.stop_executor(name)
 
 
 def run_launch_ray(plan: Plan, checkpoint: str, ray_address: str, listen: str, tls: Tls | None, dtype: str,

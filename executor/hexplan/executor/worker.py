@@ -13,6 +13,9 @@ worker connect elsewhere. Rank 0's server checks the node's auth token and, with
 certificates (mutual TLS) like the node's own server; calls to the next stage carry the token
 and present this node's certificate.
 
+A shifted stage (``shift_sp`` > 1 in the spec, shift.py) makes SP mode's sub-groups at load;
+each rank then picks every step's mode from the step itself, so the broadcast is unchanged.
+
 The worker exits when its node executor (its parent process) goes away.
 """
 from __future__ import annotations
@@ -29,6 +32,7 @@ from ._proto import hexplan_v1_pb2 as pb
 from ._proto import hexplan_v1_pb2_grpc as pbg
 from .distributed import TPContext, broadcast_message, init_tp, parse_link_delay
 from .model import SeqChunk, ShardSpec, StageModel
+from .shift import init_shift
 from .limits import worker_message_limit
 from .wire import (Tls, add_health_and_reflection, bind, channel, from_proto, make_server, server_interceptors,
                    to_proto)
@@ -240,8 +244,12 @@ def worker_main(spec: dict, rank: int, master_port: int, ready, tls: dict | None
         backend = "nccl" if device.startswith("cuda") else "gloo"
         # the rendezvous store and gloo bind the node's own host, never every interface
         ctx = init_tp(rank, tp, spec["host"], master_port, backend=backend) if tp > 1 else TPContext(0, 1, None)
+        shift_sp = int(spec.get("shift_sp") or 1)
+        # a shifted stage (shift.py): SP mode's sub-groups, made by every rank in the same order
+        shift = init_shift(ctx, shift_sp, int(spec["shift_threshold"])) if shift_sp > 1 else None
         shard = ShardSpec(spec["layer_start"], spec["layer_end"], spec["is_first"], spec["is_last"])
-        model = StageModel.load(spec["checkpoint"], shard, ctx, DTYPES[spec.get("dtype") or "float32"], device)
+        model = StageModel.load(spec["checkpoint"], shard, ctx, DTYPES[spec.get("dtype") or "float32"], device,
+                                shift=shift)
         decode_ms = {}
         cal = spec.get("calibrate")
         if cal and cal.get("batches"):    # every rank: the steps' collectives pair up

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from hexplan.cluster import cluster_to_dict
-from hexplan.evaluate import evaluate_plan_pipelines, hop_shares, pipeline_overheads
+from hexplan.evaluate import evaluate_plan_pipelines, hop_shares, pipeline_overheads, stage_shifts
 from hexplan.plan import Pipeline, Plan, Stage
 
 from .problem import Problem
@@ -42,15 +42,28 @@ def assemble_plan(problem: Problem, chains, bound: float, solver: dict) -> Plan:
             stages.append(Stage(node, gpus_of[pi, si], tp, (a, a + l), cl.node(node).gpu.name))
             a += l
         pipelines.append(Pipeline(tuple(stages)))
-    # Final metrics with shared links, then max-flow routing.
-    metrics = evaluate_plan_pipelines(cl, problem.costs, pipelines)
+    pipelines, predicted = route_and_predict(cl, problem.costs, pipelines, bound)
+    o = problem.options  # for the latency objective, the solver's problem carries the TPOT it reached
+    assumptions = {"objective": o.objective, "slo_tpot_ms": o.slo_tpot_ms, "slo_ttft_ms": o.slo_ttft_ms,
+                   "workload": problem.workload.to_dict(), "cost_params": o.params.to_dict()}
+    # the nodes used, their network and GPU types as a cluster spec: the plan alone can be simulated
+    cluster_info = cluster_to_dict(cl, {s.node for p in pipelines for s in p.stages}, problem.model.name)
+    return Plan(problem.model, tuple(pipelines), predicted, dict(solver), assumptions, cluster_info)
+
+
+def route_and_predict(cl, costs, pipelines, bound: float) -> tuple[list[Pipeline], dict]:
+    """Final metrics of placed ``pipelines`` (Stages with GPUs, layers and any Shift Parallelism),
+    with shared links, then max-flow routing: (the pipelines with their weights and figures, the
+    plan's ``predicted`` section). ``bound`` is raised to the throughput if rounding put it below."""
+    metrics = evaluate_plan_pipelines(cl, costs, pipelines)
     shares = hop_shares(cl, [[s.node for s in p.stages] for p in pipelines])
     graph = []
     for p, m in zip(pipelines, metrics):
-        ov = pipeline_overheads(cl, problem.costs, [s.node for s in p.stages], [s.tp for s in p.stages], shares)
+        ov = pipeline_overheads(cl, costs, [s.node for s in p.stages], [s.tp for s in p.stages], shares,
+                                stage_shifts(p))
         hop_caps = [c for c, what in ov.limits if what.startswith("link ")]
         coord_caps = [c for c, what in ov.limits if what.startswith("coordinator")]
-        graph.append((list(m.stage_capacity), hop_caps, min(coord_caps + [problem.workload.concurrency / m.round_s])))
+        graph.append((list(m.stage_capacity), hop_caps, min(coord_caps + [costs.workload.concurrency / m.round_s])))
     total, flows = route(graph)
     weights = [f / total if total > 0 else 0.0 for f in flows]
     pipelines = [replace(p, weight=w_, throughput_tokens_per_s=f, decode_ms_per_token=m.tpot_s * 1e3,
@@ -60,13 +73,8 @@ def assemble_plan(problem: Problem, chains, bound: float, solver: dict) -> Plan:
         "throughput_tokens_per_s": total,
         "upper_bound_tokens_per_s": bound,
         "gap": 1 - total / bound if bound > 0 else 0.0,
-        "requests_per_s": total / problem.workload.output_tokens,
+        "requests_per_s": total / costs.workload.output_tokens,
         "decode_ms_per_token": sum(w_ * m.tpot_s for w_, m in zip(weights, metrics)) * 1e3,
         "ttft_ms": sum(w_ * m.ttft_s for w_, m in zip(weights, metrics)) * 1e3,
     }
-    o = problem.options  # for the latency objective, the solver's problem carries the TPOT it reached
-    assumptions = {"objective": o.objective, "slo_tpot_ms": o.slo_tpot_ms, "slo_ttft_ms": o.slo_ttft_ms,
-                   "workload": problem.workload.to_dict(), "cost_params": o.params.to_dict()}
-    # the nodes used, their network and GPU types as a cluster spec: the plan alone can be simulated
-    cluster_info = cluster_to_dict(cl, {s.node for p in pipelines for s in p.stages}, problem.model.name)
-    return Plan(problem.model, tuple(pipelines), predicted, dict(solver), assumptions, cluster_info)
+    return pipelines, predicted

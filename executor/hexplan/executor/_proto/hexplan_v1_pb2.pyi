@@ -199,7 +199,7 @@ class ReleaseResponse(_message.Message):
     def __init__(self, released: _Optional[int] = ...) -> None: ...
 
 class LoadShardRequest(_message.Message):
-    __slots__ = ("stage_id", "checkpoint", "layer_start", "layer_end", "is_first", "is_last", "tp", "gpus", "dtype", "model_json", "downstream", "max_step_tokens", "calibrate_batches", "calibrate_context")
+    __slots__ = ("stage_id", "checkpoint", "layer_start", "layer_end", "is_first", "is_last", "tp", "gpus", "dtype", "model_json", "downstream", "max_step_tokens", "calibrate_batches", "calibrate_context", "shift_sp", "shift_threshold")
     STAGE_ID_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
@@ -214,6 +214,8 @@ class LoadShardRequest(_message.Message):
     MAX_STEP_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CALIBRATE_BATCHES_FIELD_NUMBER: _ClassVar[int]
     CALIBRATE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    SHIFT_SP_FIELD_NUMBER: _ClassVar[int]
+    SHIFT_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     stage_id: str
     checkpoint: str
     layer_start: int
@@ -228,7 +230,9 @@ class LoadShardRequest(_message.Message):
     max_step_tokens: int
     calibrate_batches: _containers.RepeatedScalarFieldContainer[int]
     calibrate_context: int
-    def __init__(self, stage_id: _Optional[str] = ..., checkpoint: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., is_first: _Optional[bool] = ..., is_last: _Optional[bool] = ..., tp: _Optional[int] = ..., gpus: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., model_json: _Optional[str] = ..., downstream: _Optional[_Iterable[str]] = ..., max_step_tokens: _Optional[int] = ..., calibrate_batches: _Optional[_Iterable[int]] = ..., calibrate_context: _Optional[int] = ...) -> None: ...
+    shift_sp: int
+    shift_threshold: int
+    def __init__(self, stage_id: _Optional[str] = ..., checkpoint: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., is_first: _Optional[bool] = ..., is_last: _Optional[bool] = ..., tp: _Optional[int] = ..., gpus: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., model_json: _Optional[str] = ..., downstream: _Optional[_Iterable[str]] = ..., max_step_tokens: _Optional[int] = ..., calibrate_batches: _Optional[_Iterable[int]] = ..., calibrate_context: _Optional[int] = ..., shift_sp: _Optional[int] = ..., shift_threshold: _Optional[int] = ...) -> None: ...
 
 class LoadShardResponse(_message.Message):
     __slots__ = ("address", "decode")
