@@ -56,11 +56,13 @@ def __getattr__(name: str):
 
 def solve(cluster, model="llama-2-70b", *, objective: str = "throughput", slo_tpot_ms: float | None = None,
           slo_ttft_ms: float | None = None, time_limit: float = 60.0, seed: int = 0, backend: str = "highs",
-          workload: Workload | None = None, max_pipelines: int | None = None, progress=None) -> Plan:
+          workload: Workload | None = None, max_pipelines: int | None = None, shift: bool = False,
+          progress=None) -> Plan:
     """Plan ``model`` on ``cluster`` (a Cluster or a path to a cluster YAML file).
 
     ``progress(event, **info)`` is called as the search goes (heuristic, milp, done), and
-    ``heartbeat`` (phase, incumbent, bound) every few seconds while it runs.
+    ``heartbeat`` (phase, incumbent, bound) every few seconds while it runs. ``shift``: let
+    stages of TP >= 2 run shifted (Shift Parallelism) where that helps the objective and fits.
     The plan records the nodes it uses and their network (hexplan.cluster.cluster_to_dict), so it can
     be simulated without the cluster. Raises SpecError for bad input and InfeasibleError when
     nothing fits or no SLO can be met.
@@ -72,7 +74,7 @@ def solve(cluster, model="llama-2-70b", *, objective: str = "throughput", slo_tp
     spec = load_model(model)
     opts = SolveOptions(objective=objective, slo_tpot_ms=slo_tpot_ms, slo_ttft_ms=slo_ttft_ms,
                         time_limit=time_limit, seed=seed, backend=backend,
-                        workload=workload or Workload(), max_pipelines=max_pipelines)
+                        workload=workload or Workload(), max_pipelines=max_pipelines, shift=shift)
     return _solve(cluster, spec, opts, progress)
 
 

@@ -426,7 +426,7 @@ def cmd_solve(args) -> int:
     opts = SolveOptions(objective=args.objective, slo_tpot_ms=args.slo_tpot_ms, slo_ttft_ms=args.slo_ttft_ms,
                         time_limit=limit, seed=args.seed, backend=args.solver, workload=workload,
                         max_pipelines=args.max_pipelines, lp_backend=args.lp_backend,
-                        int_backend=args.int_backend)
+                        int_backend=args.int_backend, shift=args.shift)
     from .solver.optimizer import check_options
     try:   # before anything is printed: a missing OR-Tools is a usage error naming the option
         check_options(opts)
@@ -443,9 +443,6 @@ def cmd_solve(args) -> int:
     progress = None if args.quiet else _Progress(err)
     try:
         plan = solve(cluster, model, opts, progress)
-        if args.shift:   # a post-pass over the solved placement (solver/hexplan/solver/shift.py)
-            from .solver.shift import shift_plan
-            plan = shift_plan(plan, cluster)
     except InfeasibleError as e:  # say which cluster file the request was infeasible on
         raise InfeasibleError(f"{args.cluster}: {e}") from None
     out = args.output or f"{_slug(cluster.name)}-{_slug(model.name)}.plan.{args.format}"

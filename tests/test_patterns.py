@@ -141,3 +141,40 @@ def test_bound_is_valid_with_interleaving(name):
     assert res.bound >= best.throughput * (1 - REL), (name, res.bound, best.describe())
     plan = assemble_plan(pb, chains, res.bound, {"name": "patterns"})
     assert hexplan.validate_plan(plan, case_cluster(name)) == []
+
+
+def test_start_columns_from_a_plan_bound_the_lp_from_below():
+    """Columns from a known plan (the optimum's pipelines): the master LP is at least that
+    plan's throughput from the first iteration, and the bound stays valid."""
+    for name in ("five-singles", "two-regions-3-pipelines"):
+        best = brute_optimum(name)
+        res = patterns.pattern_bound(problem_of(name), time_limit=2.0, max_iter=1,
+                                     start=[list(p.slots) for p in best.pipelines])
+        assert res.lp_value >= best.throughput * (1 - REL), (name, res.log)
+        assert res.bound >= best.throughput * (1 - REL), (name, res.log)
+
+
+def test_resource_row_only_tightens_the_lagrangian_bound():
+    """The third row (classes' least cost, Farley) can only lower the bound, never below z."""
+    import random
+    rng = random.Random(3)
+    for _ in range(50):
+        z, P = rng.uniform(100, 1000), rng.randint(1, 20)
+        iv = []
+        for _ in range(rng.randint(1, 30)):
+            t = rng.uniform(1, 300)
+            r = rng.uniform(0.01, 0.3) * t
+            iv.append((r, t, rng.uniform(0.5, 1.0) * (t - r) + 1e-3))
+        two = patterns.lagrangian_bound(z, P, [(r, t) for r, t, _ in iv], 1e9)
+        three = patterns.lagrangian_bound(z, P, iv, 1e9)
+        assert z * (1 - 1e-9) <= three <= two * (1 + 1e-9)
+
+
+@needs_ortools
+def test_pdlp_master_gives_a_valid_bound():
+    """PDLP's duals are approximate: the bound uses the dual objective pi.G + mu P, valid for
+    any duals >= 0, so it stays above the optimum."""
+    for name in ("five-singles", "two-regions-3-pipelines"):
+        best = brute_optimum(name)
+        res = patterns.pattern_bound(problem_of(name), time_limit=2.0, lp_backend="pdlp")
+        assert res.bound >= best.throughput * (1 - REL), (name, res.log)

@@ -385,7 +385,7 @@ def test_cli_solve_shift_and_simulate_threshold(tmp_path):
     assert off.returncode == 0 and on.returncode == 0, (off.stderr, on.stderr)
     plan_off, plan_on = loads_plan((tmp_path / "off.yaml").read_text()), loads_plan((tmp_path / "on.yaml").read_text())
     assert not any(s.shifted for p in plan_off.pipelines for s in p.stages)        # --no-shift is the default
-    # 70B at TP 4 on H200s: 35 GB + 70 GB of weights fit in 141 GB, and prompts of 2048 run faster
+    # 70B at TP 4 on H200s: SP mode's TP-2 shards (70 GB) fit in 141 GB, and prompts of 2048 run faster
     assert all(s.shift_sp == 2 for p in plan_on.pipelines for s in p.stages)
     assert "shift sp 2" in on.stdout
     assert plan_on.predicted["ttft_ms"] < plan_off.predicted["ttft_ms"]
@@ -398,3 +398,19 @@ def test_cli_solve_shift_and_simulate_threshold(tmp_path):
     ok = _hexplan("simulate", tmp_path / "on.yaml", "--rate", "1", "--duration", "10", "--shift-threshold", "300",
                   "--json")
     assert ok.returncode == 0, ok.stderr
+
+
+def test_library_solve_shift_runs_the_post_pass():
+    from pathlib import Path
+
+    import hexplan
+
+    node = Path(__file__).resolve().parent.parent / "cluster_specs" / "h200-node.yaml"
+    w = Workload(prompt_tokens=2048, output_tokens=256)
+    kw = dict(objective="latency", backend="none", time_limit=5, workload=w)
+    plain = hexplan.solve(node, "llama-3-70b", **kw)
+    shifted = hexplan.solve(node, "llama-3-70b", shift=True, **kw)
+    assert not any(s.shifted for p in plain.pipelines for s in p.stages)
+    assert any(s.shifted for p in shifted.pipelines for s in p.stages)
+    assert shifted.predicted["ttft_ms"] < plain.predicted["ttft_ms"]
+    assert validate_plan(shifted, hexplan.load_cluster(node)) == []

@@ -16,7 +16,7 @@ from hexplan.plan import Plan
 
 from .assemble import assemble_plan
 from .bounds import compute_bound
-from .optimizer import _check_options
+from .optimizer import check_options as _check_options
 from .problem import Problem, SolveOptions
 
 

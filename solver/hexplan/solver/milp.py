@@ -1,7 +1,10 @@
-"""A small solver-neutral MILP container and its backends: HiGHS (highspy) and CBC (PuLP).
+"""A small solver-neutral MILP container and its backends: HiGHS (highspy), CBC (PuLP) and
+SCIP through OR-Tools (``ortools``, the optional extra).
 
-OR-Tools is not offered as a backend: its wheel bundles its own HiGHS, and loading it next to
-highspy in one process fails with undefined symbols (seen with ortools 9.15 + highspy 1.15).
+OR-Tools' wheel bundles its own HiGHS: loading it next to highspy 1.15.x in one process fails
+with undefined symbols (ortools 9.15; highspy 1.11 and 1.16 load beside it), so highspy is
+always imported first (``patterns.ortools_available``) and the ``ortools`` backend is only used
+when asked for.
 
 The formulation (solver/hexplan/solver/formulation.py) writes rows into ``LinearModel``; a backend solves it
 and returns a ``MilpResult``. Every variable carries a readable name (``x[n0/tp4#0,p1]``) so a
@@ -96,7 +99,10 @@ def solve(model: LinearModel, backend: str = "highs", time_limit: float = 60.0, 
         return _solve_highs(model, time_limit, seed, warm_start, on_incumbent, on_bound)
     if backend == "cbc":
         return _solve_cbc(model, time_limit, seed, warm_start)
-    raise ValueError(f"unknown MILP backend {backend!r}; use highs or cbc")
+    if backend == "ortools":
+        with native_stdout_silenced():
+            return _solve_ortools(model, time_limit, seed, warm_start)
+    raise ValueError(f"unknown MILP backend {backend!r}; use highs, cbc or ortools")
 
 
 @contextlib.contextmanager
@@ -283,3 +289,55 @@ def _solve_cbc_inner(model, time_limit, seed, warm) -> MilpResult:
         status = "time_limit"
     return MilpResult(status, values if has else None, obj, obj if status == "optimal" else None,
                       time.perf_counter() - t0, "cbc")
+
+
+# ---- OR-Tools (SCIP through pywraplp) -------------------------------------------------
+
+def _solve_ortools(model, time_limit, seed, warm) -> MilpResult:
+    """The model with SCIP, as OR-Tools' wheel bundles it (one thread, the seed, the warm start
+    as a hint). SCIP's dual bound is reported at the time limit as HiGHS's is."""
+    from .patterns import ortools_available
+    if not ortools_available():
+        raise RuntimeError("the ortools backend needs OR-Tools (pip install 'hexplan[ortools]')")
+    from ortools.linear_solver import pywraplp
+
+    t0 = time.perf_counter()
+    s = pywraplp.Solver.CreateSolver("SCIP")
+    if s is None:
+        raise RuntimeError("this OR-Tools build has no SCIP")
+    inf = s.infinity()
+    vs = []
+    for i, name in enumerate(model.names):
+        lo = model.lb[i] if model.lb[i] > -INF else -inf
+        hi = model.ub[i] if model.ub[i] < INF else inf
+        vs.append(s.IntVar(lo, hi, f"v{i}") if model.integer[i] else s.NumVar(lo, hi, f"v{i}"))
+    for coeffs, lo, hi, name in model.rows:
+        c = s.Constraint(lo if lo > -INF else -inf, hi if hi < INF else inf)
+        for i, a in coeffs.items():
+            c.SetCoefficient(vs[i], a)
+    obj = s.Objective()
+    for i, a in model.objective.items():
+        obj.SetCoefficient(vs[i], a)
+    obj.SetMaximization()
+    if warm is not None:
+        s.SetHint(vs, [min(max(x, model.lb[i]), model.ub[i]) for i, x in enumerate(warm)])
+    s.SetNumThreads(1)
+    s.SetSolverSpecificParametersAsString(f"randomization/randomseedshift = {int(seed) % 2**31}\n")
+    s.SetTimeLimit(int(max(0.1, time_limit - (time.perf_counter() - t0)) * 1000))
+    st = s.Solve()
+    has = st in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE)
+    status = {pywraplp.Solver.OPTIMAL: "optimal", pywraplp.Solver.FEASIBLE: "time_limit",
+              pywraplp.Solver.INFEASIBLE: "infeasible"}.get(st, "time_limit" if st == pywraplp.Solver.NOT_SOLVED
+                                                             else "error")
+    values = [v.solution_value() for v in vs] if has else None
+    objective = obj.Value() if has else None
+    bound = None
+    if status in ("optimal", "time_limit"):
+        try:
+            b = obj.BestBound()
+            bound = b if math.isfinite(b) and abs(b) < 1e29 else None
+        except Exception:     # some builds have no dual bound at all
+            bound = None
+        if bound is None and status == "optimal" and objective is not None:
+            bound = objective * (1 + 1e-4) + 1e-9     # pywraplp's default relative gap
+    return MilpResult(status, values, objective, bound, time.perf_counter() - t0, "ortools")

@@ -1,9 +1,11 @@
 """``solve(cluster, model, options) -> Plan``: heuristic, MILP, polish, routing, report.
 
 1. A greedy construction with local search (solver/hexplan/solver/heuristic.py) gives a plan in about a second.
+1b. Column generation over node kinds (solver/hexplan/solver/patterns.py, throughput objective):
+   a valid bound and integer patterns mapped onto nodes, started from the heuristic's pipelines.
 2. The placement MILP (solver/hexplan/solver/formulation.py) starts from it (warm start) and improves it until
-   it is proven optimal or the time limit is near; its dual bound is the upper bound reported
-   (with the compute-only bound of solver/hexplan/solver/bounds.py when that is tighter).
+   it is proven optimal or the time limit is near; the bound reported is the least of its dual
+   bound, the column generation's and the compute-only bound (solver/hexplan/solver/bounds.py).
 3. The MILP's pipelines get exact integer layers and a last local search; stages whose removal
    costs no throughput are then dropped, freeing their GPUs.
 4. Max-flow over the placed graph (solver/hexplan/solver/routing.py) gives the routing weights.
@@ -32,17 +34,31 @@ from .problem import OBJECTIVES, TP_DEGREES, Problem, SolveOptions
 
 INTEGER_LAYER_LIMIT = 150   # use the integer-layer MILP when candidates x pipelines <= this
 HEARTBEAT_S = 2.5           # seconds between heartbeat events (the issue asks for <= 5 s)
-BACKENDS = ("highs", "cbc", "none")
+BACKENDS = ("highs", "cbc", "ortools", "none")   # the MILPs' solver; ortools: SCIP through OR-Tools
 EARLY_STOP_GAP = 0.005
-PATTERN_SHARE = 0.4         # of the time left after the heuristic, at most, for column generation
+PATTERN_SHARE = 0.9         # of the time left after the heuristic, at most, for column generation
+HEURISTIC_SHARE = 0.25      # of the time limit, at most, for the heuristic (0.15 when patterns run)
 MILP_SIZE_LIMIT = 10_000    # candidates x pipelines above which the MILP is skipped (throughput objective)
 
 
-def _check_options(o: SolveOptions) -> None:
+def check_options(o: SolveOptions) -> None:
+    """SpecError (naming the option's field) for options solve() cannot run with."""
     if o.objective not in OBJECTIVES:
         raise SpecError(f"unknown objective {o.objective!r}; use one of {', '.join(OBJECTIVES)}", field="objective")
     if o.backend not in BACKENDS:
         raise SpecError(f"unknown solver backend {o.backend!r}; use one of {', '.join(BACKENDS)}", field="solver")
+    from .patterns import INT_BACKENDS, LP_BACKENDS, ortools_available
+    if o.lp_backend is not None and o.lp_backend not in LP_BACKENDS:
+        raise SpecError(f"unknown LP backend {o.lp_backend!r}; use one of {', '.join(LP_BACKENDS)}",
+                        field="lp_backend")
+    if o.int_backend is not None and o.int_backend not in INT_BACKENDS:
+        raise SpecError(f"unknown integer backend {o.int_backend!r}; use one of {', '.join(INT_BACKENDS)}",
+                        field="int_backend")
+    for fld, val, needs in (("solver", o.backend, ("ortools",)), ("lp_backend", o.lp_backend, ("glop", "pdlp")),
+                            ("int_backend", o.int_backend, ("cpsat",))):
+        if val in needs and not ortools_available():
+            raise SpecError(f"{val} needs OR-Tools, which is not installed here: pip install 'hexplan[ortools]'",
+                            field=fld)
     if not (isinstance(o.time_limit, (int, float)) and o.time_limit > 0 and math.isfinite(o.time_limit)):
         raise SpecError(f"must be a positive number of seconds, got {o.time_limit!r}", field="time_limit")
     degs = o.tp_degrees
@@ -112,7 +128,7 @@ class Heartbeat:
 
 
 def solve(cluster: Cluster, model: ModelSpec, options: SolveOptions = SolveOptions(), progress=None) -> Plan:
-    _check_options(options)
+    check_options(options)
     t0 = time.perf_counter()
     report = progress or (lambda *a, **k: None)
     lock = threading.Lock()
@@ -157,7 +173,13 @@ def _solve(cluster, model, options, emit, t0, hb) -> Plan:
     ev = ChainEvaluator(problem)
     beat(phase="heuristic")
     budget = options.time_limit
-    h_deadline = min(deadline, t0 + max(0.5, 0.25 * budget))
+    h_share = HEURISTIC_SHARE
+    K_all = max_pipelines(problem) if options.max_pipelines is None else min(max_pipelines(problem),
+                                                                             options.max_pipelines)
+    if options.objective == "throughput" and options.backend != "none":
+        # the column generation needs the time more (and the most where the MILP is skipped)
+        h_share = min(h_share, 0.15 if len(problem.all_slots()) * K_all <= MILP_SIZE_LIMIT else 0.1)
+    h_deadline = min(deadline, t0 + max(0.5, h_share * budget))
     def on_heuristic(ev_, **k):
         beat(incumbent=k.get("throughput"))
         emit("heuristic", **k)
@@ -186,7 +208,7 @@ def _solve(cluster, model, options, emit, t0, hb) -> Plan:
     if (options.backend != "none" and options.objective == "throughput" and h_value < bound * (1 - EARLY_STOP_GAP)
             and time.perf_counter() < deadline - 1.0):
         beat(phase="patterns")
-        share = PATTERN_SHARE if milp_fits else 0.95
+        share = PATTERN_SHARE if milp_fits else 0.88   # the rest: polish, routing, the plan
         state, bound, bound_source = _patterns(problem, ev, state, bound, bound_source, options,
                                                share * (deadline - time.perf_counter()), deadline, emit, beat)
         h_value = max(h_value, total_value(ev, state))
@@ -239,6 +261,9 @@ def _solve(cluster, model, options, emit, t0, hb) -> Plan:
     state = prune(ev, state)
 
     plan = build_plan(problem, ev, state, options, bound, milp_status, info, time.perf_counter() - t0)
+    if options.shift:   # Shift Parallelism post-pass over the placement (solver/hexplan/solver/shift.py)
+        from .shift import shift_plan
+        plan = shift_plan(plan, problem.cluster)
     emit("done", throughput=plan.throughput, bound=bound)
     return plan
 
@@ -249,7 +274,9 @@ def _patterns(problem, ev, state, bound, bound_source, options, budget, deadline
     from .patterns import pattern_plan
 
     try:
-        chains, res = pattern_plan(problem, max(0.5, budget), progress=lambda m: emit("patterns", message=m))
+        chains, res = pattern_plan(problem, max(0.5, budget), lp_backend=lp_backend(options),
+                                   int_backend=options.int_backend, progress=lambda m: emit("patterns", message=m),
+                                   bound_share=0.8, start=[list(p) for p in state.pipes])
     except Exception as e:   # the MILP still runs; say why this phase gave nothing
         emit("patterns", message=f"column generation failed ({type(e).__name__}: {e}); going on without it")
         return state, bound, bound_source
@@ -266,6 +293,13 @@ def _patterns(problem, ev, state, bound, bound_source, options, budget, deadline
     beat(incumbent=value)
     emit("patterns", throughput=value, bound=bound)
     return state, bound, bound_source
+
+
+def lp_backend(options: SolveOptions) -> str:
+    """The column generation's master-LP backend: as asked, else GLOP with --solver ortools."""
+    if options.lp_backend is not None:
+        return options.lp_backend
+    return "glop" if options.backend == "ortools" else "highs"
 
 
 def _mip_backend(options: SolveOptions) -> str:
@@ -305,6 +339,8 @@ def build_plan(problem: Problem, ev: ChainEvaluator, state: State, options: Solv
     gap = plan.predicted["gap"]
     status = "optimal" if milp_status == "optimal" and gap <= 1e-4 else (
         "time_limit" if milp_status == "time_limit" else "feasible")
+    if options.objective == "throughput" and options.backend != "none":
+        info.setdefault("lp_backend", lp_backend(options))
     return replace(plan, solver={"name": "hexplan", "backend": options.backend, "status": status,
                                  "seconds": seconds, "time_limit": options.time_limit, "seed": options.seed,
                                  **info})

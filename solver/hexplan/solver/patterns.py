@@ -14,10 +14,12 @@ multiset of slot types, i.e. one pipeline up to the choice of nodes and of the s
 * Master LP:  max sum_p u_p x_p  s.t.  sum_p g_kp x_p <= G_k (GPUs of kind k),
   [sum_p x_p <= K_max],  x >= 0.   Any plan is an integer point with u_p >= its throughput
   (link sharing between pipelines only lowers a plan), so the LP over *all* patterns bounds it.
-* Pricing: a bound on max_p (u_p - pi g_p - mu) from a min-cost knapsack over slot types per
-  region set and throughput level (Lagrangian relaxation of Little's law), which also proposes
-  the columns. Bound:  z* <= z_RMP + P_max * max(0, max reduced cost)  (docs/solver.md,
-  "Patterns over node kinds").
+* Pricing: first the patterns one group away from the LP's support, valued exactly (cheap:
+  columns only); then a bound on max_p (u_p - pi g_p - mu) from a min-cost knapsack over slot
+  types per region set and throughput level (Lagrangian relaxation of Little's law), which also
+  proposes columns. Bound: z* <= pi.G + mu P + max {sum_i n_i r_i} over the pricing's classes
+  (pipeline count, value and cost rows; docs/solver.md, "Patterns over node kinds"), valid for
+  any duals >= 0.
 * Integer choice of patterns (CP-SAT, or HiGHS MILP) on exact values, then mapping onto nodes.
 
 Entry points: ``pattern_bound(problem, time_limit)`` and ``pattern_plan(problem, time_limit)``.
@@ -39,9 +41,14 @@ from .milp import native_stdout_silenced
 from .problem import Problem
 
 INF = math.inf
-LP_BACKENDS = ("highs", "glop")
+LP_BACKENDS = ("highs", "glop", "pdlp")   # pdlp: OR-Tools' first-order LP solver
 SMALL_KIND_GPUS = 16     # kinds with at most this many GPUs are priced as a whole (GPU limit exact)
 INT_BACKENDS = ("cpsat", "highs")
+NEW_COLUMNS = 100        # columns added per column-generation iteration, at most
+# pricing passes: a coarse one for columns while the LP moves, a fine one for the bound
+COARSE = dict(rel_tol=0.01, max_points=40, steps=4, ratio=1.5, floor=1e-4)
+FINE = dict(rel_tol=1e-4, max_points=3000, steps=12, ratio=1.25, floor=1e-4)
+LOCAL_ROUNDS = 40        # rounds of neighbour pricing (cheap) in a column generation, at most
 
 
 # ---------------------------------------------------------------------------------------
@@ -159,6 +166,9 @@ class Patterns:
         self.caps = list(self.full)
         self._upper: dict = {}
         self._exact: dict = {}
+        self._pts_key, self._pts_cache = None, {}    # price(): points priced at the last duals
+        self._rmin: dict = {}                          # least round trip per (region set, T)
+        self._fin: dict = {}
         self.P_max = max_pipelines(problem)
         if problem.options.max_pipelines:
             self.P_max = min(self.P_max, problem.options.max_pipelines)
@@ -289,11 +299,15 @@ class Patterns:
                 else:
                     slots.append((ta, 1, ta.cap[1], False))
                     slots.append((tb, 1, tb.cap[2], True))
-                T = self._bisect(slots, fixed_r, fixed_d, fixed_p, min(hi, sum(t.rate * n for t, n in zip(tys, cnt)) / L))
+                T = self._bisect(slots, fixed_r, fixed_d, fixed_p, min(hi, sum(t.rate * n for t, n in zip(tys, cnt)) / L),
+                                 floor=best)
                 best = max(best, T)
         return min(best, self.t_cap)
 
-    def _bisect(self, slots, fixed_r, fixed_d, fixed_p, hi) -> float:
+    def _bisect(self, slots, fixed_r, fixed_d, fixed_p, hi, floor=0.0) -> float:
+        """The largest feasible T (from above: a bound). Only a value above ``floor`` matters
+        to the caller (the best of other first / last choices): when ``floor`` is infeasible,
+        T* <= floor and ``floor`` is returned."""
         L, C = self.L, self.C
         pb = self.problem
         if sum(n * c for _, n, c, _ in slots) < L or min(c for _, _, c, _ in slots) < 1:
@@ -340,12 +354,17 @@ class Patterns:
                     return False
             return True
 
-        if not feasible(0.0) or hi <= 0:
+        if hi <= 0 or hi * (1 + 1e-9) <= floor:
+            return min(hi * (1 + 1e-9), floor) if hi > 0 else 0.0
+        if floor > 0:
+            if not feasible(floor):
+                return floor
+        elif not feasible(0.0):
             return 0.0
         hi = hi * (1 + 1e-9)
         if feasible(hi):
             return hi
-        lo = 0.0
+        lo = floor
         for _ in range(60):
             if hi - lo <= 1e-7 * hi:
                 break
@@ -412,6 +431,18 @@ class Patterns:
             t = min(opts, key=lambda t: ((duals[t.kind] * t.tp + 1e-9) / t.cap[0], -t.rate, t.idx))
             cnt[t.idx] = cnt.get(t.idx, 0) + 1
         return tuple(sorted(cnt.items()))
+
+    def pattern_of(self, slots):
+        """The pattern (sorted (type, count) tuple) of a pipeline given as (node, tp) slots, or
+        None when a slot has no type here."""
+        tid = {(t.kind, t.tp): t.idx for t in self.types}
+        cnt: dict = {}
+        for node, tp in slots:
+            j = tid.get((self.kind_of.get(node), tp))
+            if j is None:
+                return None
+            cnt[j] = cnt.get(j, 0) + 1
+        return tuple(sorted(cnt.items())) or None
 
     def seed_patterns(self) -> list:
         """Starting columns: one slot of each type, and the pipelines of a greedy deal (each
@@ -606,7 +637,7 @@ class Patterns:
             cum = np.cumsum(ce, axis=1)
             prev = cum - ce
             z = ys[None, None, :] - kS[:, None, None] - prev[:, :, None]
-            take = np.clip(z, 0, ce[:, :, None])
+            take = np.minimum(np.maximum(z, 0), ce[:, :, None])
             cost = base[:, None] + const[:, None] + (take * r_sorted[None, :, None]).sum(axis=1)
             feas = (ys[None, :] >= kS[:, None]) & (ys[None, :] <= kS[:, None] + cum[:, -1:]) & mask[:, None] & ok[:, None]
             return np.where(feas, cost, INF)
@@ -670,13 +701,24 @@ class Patterns:
                     cost[0] = 0.0
                     opts.append((0, cost, lambda y: {}))
                 continue
-            M = np.where(np.isfinite(A), price[kd] * gpus[:, None] + (lam * A if lam else 0.0), INF)
+            A0, pen = self._finite_parts(A)
+            M = (price[kd] * gpus)[:, None] + pen
+            if lam:
+                M = M + lam * A0
             arg = np.argmin(M, axis=0)
             cost = M[arg, np.arange(L + 1)]
             if dd == 0:
                 cost[0] = 0.0
             opts.append((dd, cost, lambda y, arg=arg, sidx=sidx: dict(splits[sidx[arg[y]]]) if y else {}))
         return opts
+
+    def _finite_parts(self, A):
+        """(A with inf set to 0, 0 / inf where A is finite / not), cached per table."""
+        hit = self._fin.get(id(A))
+        if hit is None or hit[0] is not A:
+            fin = np.isfinite(A)
+            hit = self._fin[id(A)] = (A, np.where(fin, A, 0.0), np.where(fin, 0.0, INF))
+        return hit[1], hit[2]
 
     _IDX: dict = {}
 
@@ -769,7 +811,7 @@ class Patterns:
         r += min(self.coord_out[self.types[j].kind][0] + self.types[j].head_r for j in js)
         return r
 
-    def price(self, duals, mu, t_start, deadline, rel_tol=0.002, max_points=400, steps=7, ratio=1.25):
+    def price(self, duals, mu, t_start, deadline, rel_tol=0.002, max_points=400, steps=7, ratio=1.25, floor=1e-4):
         """Upper bound on max_p (u_p - duals . g_p - mu) over all patterns, and candidate
         patterns with their reduced costs."""
         cands: dict = {}
@@ -784,9 +826,13 @@ class Patterns:
             cands[pat] = rc
             rc_ub = max(rc_ub, rc)
             if rc > 0:
-                intervals.append((rc, u))
+                intervals.append((rc, u, u - rc))
         C = self.C
-        for kinds, R in self.contexts():
+        hard_stop = deadline      # past it: only what keeps the bound valid, cheaply
+        cache_key = (tuple(duals), mu, tuple(self.caps))
+        if self._pts_key != cache_key:      # new duals: the points priced before say nothing
+            self._pts_key, self._pts_cache = cache_key, {}
+        for ci, (kinds, R) in enumerate(self.contexts()):
             tys, hin, const, cap = self.context_data(kinds, R)
             if not tys:
                 continue
@@ -794,7 +840,14 @@ class Patterns:
             if T_top <= 0:
                 continue
 
-            lam_hint = [0.0]
+            cached = self._pts_cache.get(ci)
+            if cached is None and time.perf_counter() > hard_stop:
+                # out of time before this region set: its patterns carry at most T_top and cost
+                # at least 0, which is a valid (weak) class
+                intervals.append((T_top - mu, 0.0, mu))
+                rc_ub = max(rc_ub, T_top - mu)
+                continue
+            lam_hint = [cached[1] if cached else 0.0]
             seen_sols: set = set()     # every knapsack solution met: candidate columns
 
             def lower_cost(T):
@@ -810,8 +863,11 @@ class Patterns:
                     # Lagrangian on Little's law: g(lam) is concave; its slope at lam is the
                     # round of the knapsack's solution minus C / T. Bracket, then bisect on it.
                     # No pattern at all when even the least round trip breaks Little's law.
-                    zero = {k_: 0.0 for k_ in range(len(self.kinds))}
-                    rmin, _ = self.knapsack(tys, hin, zero, T, 1.0)
+                    rkey = (ci, T, tuple(self.caps))
+                    rmin = self._rmin.get(rkey)
+                    if rmin is None:     # the least round at T: the same for every dual
+                        zero = {k_: 0.0 for k_ in range(len(self.kinds))}
+                        rmin = self._rmin[rkey] = self.knapsack(tys, hin, zero, T, 1.0)[0]
                     if rmin + const > C / T * (1 + 1e-9):
                         return INF, None
 
@@ -832,6 +888,8 @@ class Patterns:
                     if sl > 0:
                         lo = lam
                         for _ in range(40):
+                            if time.perf_counter() > hard_stop:
+                                break         # every g(lam) is a lower bound: best stays valid
                             lam *= 4
                             v, s_, sl = g(lam)
                             if v > best:
@@ -842,6 +900,8 @@ class Patterns:
                     else:
                         hi = lam
                         for _ in range(12):
+                            if time.perf_counter() > hard_stop:
+                                break
                             lam /= 4
                             v, s_, sl = g(lam)
                             if v > best:
@@ -851,6 +911,8 @@ class Patterns:
                                 break
                     if lo is not None and hi is not None:
                         for _ in range(steps):
+                            if time.perf_counter() > hard_stop:
+                                break
                             mid = math.sqrt(lo * hi)
                             v, s_, sl = g(mid)
                             if v > best:
@@ -862,16 +924,19 @@ class Patterns:
                         lam_hint[0] = hi
                 return best, best_sol
 
-            # geometric grid from T_top down, refined where the bound is largest
-            pts = {}
+            # geometric grid from T_top down, refined where the bound is largest; the points of an
+            # earlier pricing at the same duals (a coarse pass) are kept and only refined
+            pts = dict(cached[0]) if cached else {}
             grid = [T_top]
             T = T_top
-            while T > T_top * 1e-4 and len(grid) < 200:
+            while T > T_top * floor and len(grid) < 200:
                 T /= ratio
                 grid.append(T)
-            grid.append(T_top * 1e-9)
+            if floor <= 1e-4:
+                grid.append(T_top * 1e-9)
             grid.sort(reverse=True)
-            for T in grid:
+            low = min(pts) if pts else INF
+            for T in (T for T in grid if T < low):      # all of it, or what a cut pass left
                 pts[T] = lower_cost(T)
                 if time.perf_counter() > deadline:
                     break
@@ -898,8 +963,12 @@ class Patterns:
                 mid = math.sqrt(lo * hi)
                 pts[mid] = lower_cost(mid)
                 n_ref += 1
+            self._pts_cache[ci] = (dict(pts), lam_hint[0])
             ubs = interval_ubs()
-            intervals += [(v, lo) for v, lo, _ in ubs if v > 0]
+            # (rc bound, least value, least pi.g + mu) per class: a pattern of (lo, hi] is feasible
+            # at lo, so its cost is at least the knapsack's there (costs are >= 0 below the grid)
+            intervals += [(v, lo, (pts[lo][0] if lo > 0 and math.isfinite(pts[lo][0]) else 0.0) + mu)
+                          for v, lo, _ in ubs if v > 0]
             top = max(ubs)
             if top[0] > rc_ub:
                 rc_ub = top[0]
@@ -909,6 +978,8 @@ class Patterns:
                 if sol is not None:
                     seen_sols.add(tuple(sorted(sol[0].items())))
             for pat in seen_sols:
+                if time.perf_counter() > hard_stop:
+                    break            # candidate columns only: the bound does not need them
                 for q in {pat, self.repair(pat, duals)}:
                     if not q or q in cands:
                         continue
@@ -926,8 +997,8 @@ def lagrangian_bound(z: float, P: int, intervals, Z: float) -> float:
     beta = 0 is the textbook bound z + P max_i r_i. Iterated with Z := the new bound."""
     if not intervals:
         return min(Z, z)
-    r = np.array([a for a, _ in intervals], dtype=float)
-    t = np.array([b for _, b in intervals], dtype=float)
+    r = np.array([iv[0] for iv in intervals], dtype=float)
+    t = np.array([iv[1] for iv in intervals], dtype=float)
     pos = t > 0
     hi = float((r[pos] / t[pos]).max()) if pos.any() else 0.0
 
@@ -945,6 +1016,50 @@ def lagrangian_bound(z: float, P: int, intervals, Z: float) -> float:
             else:
                 lo = m1
         val = z + min(f(lo, Z), f(0.0, Z))
+        if val >= Z - 1e-9 * max(1.0, Z):
+            break
+        Z = val
+    if len(intervals[0]) > 2:
+        Z = min(Z, _resource_bound(z, P, r, t, np.array([iv[2] for iv in intervals], dtype=float), Z))
+    return Z
+
+
+def _resource_bound(z, P, r, t, w, Z) -> float:
+    """The Lagrangian bound with a third row: a class's patterns cost at least w_i = (least
+    pi.g) + mu each, and a plan's sum_p x_p (pi.g_p + mu) <= pi.G + mu P = z (pi, mu >= 0), so
+        z* <= z + max { r.n : sum n <= P, t.n <= Z, w.n <= z, n >= 0 }
+    (Farley's ratio bound z max_i t_i / w_i is this LP's third row alone). A 3-row LP; iterated
+    with Z := the new value. Returns Z when HiGHS fails (the bound stays what it was)."""
+    import highspy
+    keep = r > 0
+    r, t, w = r[keep], t[keep], w[keep]
+    if not len(r):
+        return min(Z, z)
+    n = len(r)
+    for _ in range(3):
+        lp = highspy.HighsLp()
+        lp.num_col_, lp.num_row_ = n, 3
+        lp.col_cost_ = -r
+        lp.col_lower_ = np.zeros(n)
+        lp.col_upper_ = np.full(n, highspy.kHighsInf)
+        lp.row_lower_ = np.full(3, -highspy.kHighsInf)
+        lp.row_upper_ = np.array([float(P), float(Z), float(z)])
+        lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
+        lp.a_matrix_.start_ = np.arange(0, 3 * n + 1, 3, dtype=np.int32)
+        lp.a_matrix_.index_ = np.tile(np.array([0, 1, 2], dtype=np.int32), n)
+        lp.a_matrix_.value_ = np.stack([np.ones(n), t, w], axis=1).reshape(-1)
+        try:
+            h = _run_highs(lp)
+        except RuntimeError:
+            return Z
+        if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
+            return Z
+        # the LP's dual objective bounds its optimum from above whatever the primal tolerance
+        y = [max(0.0, -d) for d in h.getSolution().row_dual]
+        val = z + y[0] * P + y[1] * Z + y[2] * z
+        slack = float((r - (y[0] + y[1] * t + y[2] * w)).max())
+        if slack > 0:               # dual slightly infeasible: pay for it on every pipeline
+            val += P * slack
         if val >= Z - 1e-9 * max(1.0, Z):
             break
         Z = val
@@ -1036,11 +1151,11 @@ def _solve_lp(cols, vals, kinds_gpus, K_max, backend="highs"):
 
 def _solve_lp_inner(cols, vals, kinds_gpus, K_max, backend):
     nk = len(kinds_gpus)
-    if backend == "glop":
+    if backend in ("glop", "pdlp"):
         if not ortools_available():
-            raise RuntimeError("the GLOP backend needs OR-Tools (pip install 'hexplan[ortools]')")
+            raise RuntimeError(f"the {backend} backend needs OR-Tools (pip install 'hexplan[ortools]')")
         from ortools.linear_solver import pywraplp
-        s = pywraplp.Solver.CreateSolver("GLOP")
+        s = pywraplp.Solver.CreateSolver(backend.upper())
         xs = [s.NumVar(0.0, s.infinity(), f"x{i}") for i in range(len(cols))]
         rows = []
         for k in range(nk):
@@ -1058,7 +1173,7 @@ def _solve_lp_inner(cols, vals, kinds_gpus, K_max, backend):
         obj.SetMaximization()
         st = s.Solve()
         if st != pywraplp.Solver.OPTIMAL:
-            raise RuntimeError(f"GLOP status {st}")
+            raise RuntimeError(f"{backend.upper()} status {st}")
         return obj.Value(), [x.solution_value() for x in xs], [max(0.0, r.dual_value()) for r in rows], \
             max(0.0, ck.dual_value())
     import highspy
@@ -1125,7 +1240,7 @@ class PatternResult:
 
 
 def pattern_bound(problem: Problem, time_limit: float = 10.0, lp_backend: str = "highs",
-                  progress=None, max_iter: int = 60) -> PatternResult:
+                  progress=None, max_iter: int = 60, start=None) -> PatternResult:
     """Column generation over node kinds. ``result.bound`` is valid at every iteration (the
     smallest seen is kept); ``progress(msg)`` gets one line per iteration."""
     t0 = time.perf_counter()
@@ -1148,13 +1263,17 @@ def pattern_bound(problem: Problem, time_limit: float = 10.0, lp_backend: str = 
             seen.add(pat)
             pats.append(pat)
 
+    for pipe in start or ():       # a known plan's pipelines (lists of slots): its patterns first
+        pat = ctx.pattern_of(pipe)
+        if pat is not None:
+            add(pat)
     for p in ctx.seed_patterns():
         add(p)
     z, x = 0.0, []
     it = 0
     nk = len(ctx.kinds)
+    n_local = 0
     while it < max_iter:
-        it += 1
         if pats:
             cols = [ctx.gpus(p) for p in pats]
             vals = [ctx.upper_value(p) for p in pats]
@@ -1163,19 +1282,35 @@ def pattern_bound(problem: Problem, time_limit: float = 10.0, lp_backend: str = 
             z, x, duals, mu = 0.0, [], [0.0] * nk, 0.0
         remaining = deadline - time.perf_counter()
         last = remaining < 0.2 * time_limit
+        if not last and n_local < LOCAL_ROUNDS and x:
+            # cheap pricing first: patterns one group away from the LP's support, valued exactly
+            # (u_p); the knapsack pricing (and the bound) only when none of them improves
+            support = [p for p, v in zip(pats, x) if v > 1e-6]
+            near = [(ctx.upper_value(q) - sum(duals[k] * v for k, v in ctx.gpus(q).items()) - mu, q)
+                    for q in neighbour_patterns(ctx, support) if q not in seen]
+            near = sorted(((rc, q) for rc, q in near if rc > 1e-6 * max(1.0, z)), reverse=True)[:NEW_COLUMNS]
+            if near:
+                n_local += 1
+                for _, q in near:
+                    add(q)
+                say(f"patterns: LP {z:.2f}, +{len(near)} neighbouring columns, {time.perf_counter() - t0:.1f}s")
+                continue
+        it += 1
         rc_ub, cands = ctx.price(duals, mu, t0, time.perf_counter() + max(0.05, remaining * (0.8 if last else 0.4)),
-                                 rel_tol=0.001 if last else 0.01, max_points=400 if last else 40,
-                                 steps=7 if last else 4, ratio=1.25 if last else 1.5)
-        b = lagrangian_bound(z, K_max, ctx.intervals, bound)
+                                 **(FINE if last else COARSE))
+        # any duals >= 0 give pi.G + mu P >= every plan's sum of (u - rc); it is z_RMP for an
+        # exact LP solution, and stays valid for approximate duals (PDLP)
+        zd = sum(d * g for d, g in zip(duals, G)) + mu * K_max
+        b = lagrangian_bound(zd, K_max, ctx.intervals, bound)
         bound = min(bound, b)
         new = sorted(((rc, p) for p, rc in cands.items() if rc > 1e-7 * max(1.0, z) and p not in seen),
-                     reverse=True)[:20]
+                     reverse=True)[:NEW_COLUMNS]
         if not new and not last and rc_ub > 1e-6 * max(1.0, z) and time.perf_counter() < deadline:
             # converged on the columns: spend what is left on a fine pricing for the bound
-            rc_ub, cands = ctx.price(duals, mu, t0, deadline, rel_tol=0.001, max_points=400, steps=7, ratio=1.25)
-            bound = min(bound, lagrangian_bound(z, K_max, ctx.intervals, bound))
+            rc_ub, cands = ctx.price(duals, mu, t0, deadline, **FINE)
+            bound = min(bound, lagrangian_bound(zd, K_max, ctx.intervals, bound))
             new = sorted(((rc, p) for p, rc in cands.items() if rc > 1e-7 * max(1.0, z) and p not in seen),
-                         reverse=True)[:20]
+                         reverse=True)[:NEW_COLUMNS]
         for _, p in new:
             add(p)
         line = (f"patterns it {it}: LP {z:.2f}, max reduced cost <= {rc_ub:.3f}, bound {bound:.2f}, "
@@ -1185,6 +1320,30 @@ def pattern_bound(problem: Problem, time_limit: float = 10.0, lp_backend: str = 
         if not new or rc_ub <= 1e-6 * max(1.0, z) or time.perf_counter() > deadline:
             break
     return PatternResult(bound, z, pats, x, log, it, time.perf_counter() - t0, ctx, duals, mu)
+
+
+def neighbour_patterns(ctx: Patterns, pats) -> set:
+    """Patterns one group away from ``pats`` (one fewer, one more, one swapped for another
+    type) that fit the cluster."""
+    out = set()
+    for p in pats:
+        cnt = dict(p)
+        for j in list(cnt):
+            q = dict(cnt)
+            q[j] -= 1
+            if not q[j]:
+                del q[j]
+            out.add(tuple(sorted(q.items())))
+            for t in ctx.types:
+                if t.idx != j:
+                    r = dict(q)
+                    r[t.idx] = r.get(t.idx, 0) + 1
+                    out.add(tuple(sorted(r.items())))
+        for t in ctx.types:
+            r = dict(cnt)
+            r[t.idx] = r.get(t.idx, 0) + 1
+            out.add(tuple(sorted(r.items())))
+    return {q for q in out if q and ctx.fits(q)}
 
 
 def _dive(ctx: Patterns, result: PatternResult, deadline: float, lp_backend: str) -> list:
@@ -1256,13 +1415,14 @@ def _dive(ctx: Patterns, result: PatternResult, deadline: float, lp_backend: str
 
 
 def pattern_plan(problem: Problem, time_limit: float = 10.0, lp_backend: str = "highs",
-                 int_backend: str | None = None, progress=None, result: PatternResult | None = None):
+                 int_backend: str | None = None, progress=None, result: PatternResult | None = None,
+                 bound_share: float = 0.65, start=None):
     """(chains, result): integer patterns over the generated columns on their exact values,
     mapped onto concrete nodes (``ChainResult`` list, links shared counted), and the
     column-generation result (``result.bound`` is the valid bound)."""
     t0 = time.perf_counter()
     if result is None:
-        result = pattern_bound(problem, time_limit * 0.65, lp_backend, progress)
+        result = pattern_bound(problem, time_limit * bound_share, lp_backend, progress, start=start)
     ctx = result.context
     if int_backend is None:
         int_backend = "cpsat" if ortools_available() else "highs"

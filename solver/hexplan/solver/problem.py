@@ -25,10 +25,15 @@ class SolveOptions:
     slo_ttft_ms: float | None = None     # time to first token, per pipeline, no queueing
     time_limit: float = 60.0             # seconds for the whole solve
     seed: int = 0
-    backend: str = "highs"               # highs | cbc | none (heuristic only)
+    backend: str = "highs"               # highs | cbc | ortools | none (heuristic only): the MILPs
+    lp_backend: str | None = None        # column generation's master LP: highs | glop | pdlp
+                                         # (None: glop with backend ortools, else highs)
+    int_backend: str | None = None       # integer choice of patterns: cpsat | highs (None: cpsat
+                                         # when OR-Tools loads, else highs)
     workload: Workload = field(default_factory=Workload)
     params: CostParams = DEFAULT_PARAMS
     max_pipelines: int | None = None
+    shift: bool = False                  # let TP >= 2 stages run shifted (Shift Parallelism post-pass, shift.py)
     tp_degrees: tuple[int, ...] = TP_DEGREES   # TP degrees a stage may use (Helix-style: (1,))
     nodes: tuple[str, ...] | None = None      # use only these nodes' GPUs (None: every node); the
                                               # coordinator and the network stay the cluster's
