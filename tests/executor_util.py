@@ -153,3 +153,19 @@ def children(pid: int) -> list[int]:
             if s is not None and s[1] == pid and s[0] not in ("Z", "X"):
                 out.append(int(entry))
     return out
+
+
+def stop_ranks(inbox, procs, what: str = "TP workers") -> None:
+    """Stop the rank processes a test spawned: one "stop" message on ``inbox`` (rank 0 passes it
+    on), then join, terminate the stragglers, and check every rank ended cleanly. gloo can abort
+    (SIGABRT, -6) a rank whose peer tore the group down first, after the work is done and
+    checked; any other exit code is a failure."""
+    inbox.put(({"op": "stop"}, []))
+    for p in procs:
+        p.join(timeout=10)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.terminate()
+        p.join(timeout=5)
+    assert not alive, f"{what} did not stop"
+    assert all(p.exitcode in (0, -6) for p in procs), [p.exitcode for p in procs]

@@ -23,6 +23,8 @@ torch = pytest.importorskip("torch")
 safetensors = pytest.importorskip("safetensors")
 pytest.importorskip("safetensors.torch")
 
+from executor_util import stop_ranks  # noqa: E402
+
 from hexplan.executor import model as model_mod  # noqa: E402
 from hexplan.executor.distributed import (TPContext, broadcast_message, destroy_tp,  # noqa: E402
                                           init_tp)
@@ -467,17 +469,7 @@ class RemoteStage:
         raise TimeoutError("TP stage did not answer within 60 s")
 
     def close(self):
-        self.inbox.put(({"op": "stop"}, []))
-        for p in self.procs:
-            p.join(timeout=10)
-        alive = [p for p in self.procs if p.is_alive()]
-        for p in alive:
-            p.terminate()
-            p.join(timeout=5)
-        assert not alive, "TP workers did not stop"
-        # gloo can abort (SIGABRT, -6) a rank whose peer tore the group down first, after the
-        # work is done and checked; any other exit code is a failure.
-        assert all(p.exitcode in (0, -6) for p in self.procs), [p.exitcode for p in self.procs]
+        stop_ranks(self.inbox, self.procs, "TP workers")
 
 
 @pytest.fixture

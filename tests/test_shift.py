@@ -22,7 +22,7 @@ from hexplan.executor.model import SeqChunk, ShardSpec, StageModel  # noqa: E402
 from hexplan.executor.shift import ShiftLayout, init_shift, shift_problem  # noqa: E402
 from hexplan.serving.shift import SP_MODE, TP_MODE  # noqa: E402
 
-from executor_util import free_port  # noqa: E402
+from executor_util import free_port, stop_ranks  # noqa: E402
 from test_executor_model import ATOL, greedy, hf_reference, make_checkpoint  # noqa: E402
 
 
@@ -169,16 +169,7 @@ class ShiftStage:
         self.inbox.put(({"op": op, **kw}, []))
 
     def close(self):
-        self.inbox.put(({"op": "stop"}, []))
-        for p in self.procs:
-            p.join(timeout=10)
-        alive = [p for p in self.procs if p.is_alive()]
-        for p in alive:
-            p.terminate()
-            p.join(timeout=5)
-        assert not alive, "workers did not stop"
-        # gloo may abort (-6) a rank whose peer tore the group down first, after the checks
-        assert all(p.exitcode in (0, -6) for p in self.procs), [p.exitcode for p in self.procs]
+        stop_ranks(self.inbox, self.procs, "workers")
 
 
 @pytest.fixture

@@ -1458,25 +1458,7 @@ def pattern_plan(problem: Problem, time_limit: float = 10.0, lp_backend: str = "
 
     def neighbours(ps):
         """Patterns one slot away (one fewer, one more, one swapped), most promising first."""
-        out = set()
-        for p in ps:
-            cnt = dict(p)
-            for j in list(cnt):
-                q = dict(cnt)
-                q[j] -= 1
-                if not q[j]:
-                    del q[j]
-                out.add(tuple(sorted(q.items())))
-                for t in ctx.types:
-                    if t.idx != j:
-                        r = dict(q)
-                        r[t.idx] = r.get(t.idx, 0) + 1
-                        out.add(tuple(sorted(r.items())))
-            for t in ctx.types:
-                r = dict(cnt)
-                r[t.idx] = r.get(t.idx, 0) + 1
-                out.add(tuple(sorted(r.items())))
-        out = [q for q in out if q and q not in pool and ctx.fits(q)]
+        out = [q for q in neighbour_patterns(ctx, ps) if q not in pool]
         score = {q: ctx.upper_value(q) - sum(duals[k] * v for k, v in ctx.gpus(q).items()) for q in out}
         return sorted(out, key=lambda q: -score[q])
 
