@@ -169,3 +169,37 @@ def stop_ranks(inbox, procs, what: str = "TP workers") -> None:
         p.join(timeout=5)
     assert not alive, f"{what} did not stop"
     assert all(p.exitcode in (0, -6) for p in procs), [p.exitcode for p in procs]
+
+
+RAY_NODE = dict(num_cpus=1, node_ip_address="127.0.0.1", object_store_memory=100 * 2**20)
+
+
+def ray_cluster_on_loopback(*resources: dict, attempts: int = 2):
+    """A ray.cluster_utils.Cluster on 127.0.0.1, one raylet per dict of custom resources (the first
+    is the head), this process connected as its driver (hexplan.discover.connect).
+
+    Ray waits a fixed 30 s for a raylet to register; on two shared cores right after another
+    module's cluster has shut down, a raylet can miss that ("The current node timed out during
+    startup"). A start that fails so is torn down and tried again, at most ``attempts`` times."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from hexplan.discover import connect
+
+    for attempt in range(1, attempts + 1):
+        c = None
+        try:
+            c = Cluster(initialize_head=True, head_node_args=dict(RAY_NODE, include_dashboard=False,
+                                                                  resources=resources[0]))
+            for r in resources[1:]:
+                c.add_node(**RAY_NODE, resources=r)
+            c.wait_for_nodes(timeout=60)
+            assert connect(c.address)
+            return c
+        except Exception as e:
+            ray.shutdown()
+            if c is not None:
+                c.shutdown()
+            if attempt == attempts or "timed out during startup" not in str(e):
+                raise
+            time.sleep(2.0)

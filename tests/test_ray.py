@@ -17,28 +17,19 @@ pytest.importorskip("torch")
 pytest.importorskip("grpc")
 pytest.importorskip("transformers")
 
-from executor_util import hf_greedy, make_checkpoint, plan, wait_for  # noqa: E402
+from executor_util import hf_greedy, make_checkpoint, plan, ray_cluster_on_loopback, wait_for  # noqa: E402
 
 from hexplan.cli import main  # noqa: E402
 from hexplan.cluster import load_cluster  # noqa: E402
 
-NODE = dict(num_cpus=1, node_ip_address="127.0.0.1", object_store_memory=100 * 2**20)
 
 
 @pytest.fixture(scope="module")
 def cluster():
     """Two raylets on loopback: hexplan_node:a (the head) and hexplan_node:b; this process is
     connected as a driver (hexplan.discover.connect keeps it on loopback)."""
-    from ray.cluster_utils import Cluster
-
-    from hexplan.discover import connect
-
-    c = Cluster(initialize_head=True, head_node_args=dict(NODE, include_dashboard=False,
-                                                          resources={"hexplan_node:a": 1}))
+    c = ray_cluster_on_loopback({"hexplan_node:a": 1}, {"hexplan_node:b": 1})
     try:
-        c.add_node(**NODE, resources={"hexplan_node:b": 1})
-        c.wait_for_nodes(timeout=60)
-        assert connect(c.address)
         yield c
     finally:
         ray.shutdown()

@@ -15,7 +15,8 @@ pytest.importorskip("torch")
 pytest.importorskip("grpc")
 pytest.importorskip("transformers")
 
-from executor_util import hf_greedy, make_checkpoint, plan, wait_for  # noqa: E402
+from executor_util import RAY_NODE as NODE  # noqa: E402
+from executor_util import hf_greedy, make_checkpoint, plan, ray_cluster_on_loopback, wait_for  # noqa: E402
 
 from hexplan.cluster import loads_cluster  # noqa: E402
 from hexplan.executor.sampling import Sampling  # noqa: E402
@@ -203,22 +204,13 @@ def test_replan_cli_errors_are_one_line(argv, want, ckpt, tmp_path, capsys):
 
 # ---- on Ray: a raylet joins, one leaves ------------------------------------------------------
 
-NODE = dict(num_cpus=1, node_ip_address="127.0.0.1", object_store_memory=100 * 2**20)
-
 
 @pytest.fixture
 def ray_cluster():
     """A fresh loopback Ray cluster per test (head: hexplan_node:a); this process is its driver."""
     ray = pytest.importorskip("ray")
-    from ray.cluster_utils import Cluster
-
-    from hexplan.discover import connect
-
-    c = Cluster(initialize_head=True, head_node_args=dict(NODE, include_dashboard=False,
-                                                          resources={"hexplan_node:a": 1}))
+    c = ray_cluster_on_loopback({"hexplan_node:a": 1})
     try:
-        c.wait_for_nodes(timeout=60)
-        assert connect(c.address)
         yield c
     finally:
         ray.shutdown()
