@@ -39,6 +39,23 @@ class Node:
     region: str = ""
     interconnect: float = 0.0  # bytes/s per GPU inside the node
     address: str | None = None  # host:port of this node's executor
+    host: str = ""  # a machine it shares with other nodes (Cluster.hosts); "" for its own
+
+
+@dataclass(frozen=True)
+class Host:
+    """One machine that several nodes' workers share (CPU workers as separate processes: the
+    local clusters of the executor's tests and benchmarks). While stages of its nodes run at once
+    they share its ``cores`` and memory bandwidth; the simulator slows them (hexplan.simulator,
+    "Shared hosts"): each worker gets max(1, cores // workers) threads, as `hexplan launch` gives
+    them, and every running worker beyond the first adds ``contention`` to the others' step time."""
+    name: str
+    cores: int
+    contention: float = 0.0
+
+    def slowdown(self, workers: int, threads: int) -> float:
+        """Step-time multiplier while ``workers`` workers of ``threads`` threads each run at once."""
+        return max(1.0, workers * threads / self.cores) * (1.0 + self.contention * (workers - 1))
 
 
 @dataclass(frozen=True)
@@ -61,6 +78,7 @@ class Cluster:
     links: tuple[LinkRule, ...] = ()
     coordinator: str = ""  # node name; "" means the first node
     source: str | None = field(default=None, compare=False)  # file it was read from
+    hosts: tuple[Host, ...] = ()   # machines shared by several nodes (Node.host)
 
     def __post_init__(self):
         # Lookup caches (not fields: they do not take part in equality or repr).
@@ -69,6 +87,13 @@ class Cluster:
 
     def node(self, name: str) -> Node:
         return self._by_name[name]
+
+    def host(self, name: str) -> Host | None:
+        """The shared machine named ``name`` (a node's ``host``), or None."""
+        for h in self.hosts:
+            if h.name == name:
+                return h
+        return None
 
     @property
     def coordinator_node(self) -> Node:
@@ -121,8 +146,8 @@ class Cluster:
 # ---------------------------------------------------------------------------------------
 # Parsing
 
-_NODE_KEYS = {"name", "gpu", "count", "region", "interconnect", "address"}
-_TOP_KEYS = {"name", "nodes", "network", "gpu_types", "coordinator", "description"}
+_NODE_KEYS = {"name", "gpu", "count", "region", "interconnect", "address", "host"}
+_TOP_KEYS = {"name", "nodes", "network", "gpu_types", "coordinator", "description", "hosts"}
 _GPU_KEYS = {"memory", "memory_bandwidth", "fp16_tflops", "interconnect", "price_per_hour", "profiles"}
 
 
@@ -266,6 +291,7 @@ def cluster_from_dict(data, loc: Locator) -> Cluster:
             raise loc.error(("gpu_types",), f"GPU type names must be strings, got {show(tname)}")
         gpu_types[tname] = _gpu_type(tname, td, ("gpu_types", tname), loc)
 
+    hosts = _hosts(data.get("hosts"), loc)
     raw_nodes = data.get("nodes")
     if not isinstance(raw_nodes, list) or not raw_nodes:
         raise loc.error(("nodes",), "missing or empty: list at least one node")
@@ -307,7 +333,11 @@ def cluster_from_dict(data, loc: Locator) -> Cluster:
         if address is not None:
             if not isinstance(address, str) or address.rpartition(":")[2].isdigit() is False or ":" not in address:
                 raise loc.error(p + ("address",), f"expected host:port, got {show(address)}")
-        nodes.append(Node(nname, gpu, count, region, inter, address))
+        host = nd.get("host", "") or ""
+        if host and (not isinstance(host, str) or host not in hosts):
+            raise loc.error(p + ("host",), f"unknown host {show(host)}; name one of the cluster's 'hosts'"
+                            + (f" ({', '.join(map(plain, hosts))})" if hosts else " (there are none)"))
+        nodes.append(Node(nname, gpu, count, region, inter, address, host))
 
     regions = {n.region for n in nodes if n.region}
     clash = regions & names
@@ -354,7 +384,31 @@ def cluster_from_dict(data, loc: Locator) -> Cluster:
     if coord and (not isinstance(coord, str) or coord not in names):
         raise loc.error(("coordinator",), f"unknown node {show(coord)}; nodes: {', '.join(map(plain, sorted(names)))}")
 
-    return Cluster(name, tuple(nodes), default, tuple(rules), coord or "", loc.file)
+    return Cluster(name, tuple(nodes), default, tuple(rules), coord or "", loc.file, tuple(hosts.values()))
+
+
+def _hosts(raw, loc: Locator) -> dict:
+    """The ``hosts`` section: {name: {cores: N, contention: F}} (docs/cluster-format.md)."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise loc.error(("hosts",), "expected a mapping of host name -> {cores: N, contention: F}")
+    out = {}
+    for name, d in raw.items():
+        p = ("hosts", name)
+        if not isinstance(name, str) or not name:
+            raise loc.error(("hosts",), f"host names must be strings, got {show(name)}")
+        if not isinstance(d, dict):
+            raise loc.error(p, "expected {cores: N, contention: F}")
+        _check_keys(d, {"cores", "contention"}, p, loc)
+        cores = d.get("cores")
+        if isinstance(cores, bool) or not isinstance(cores, int) or cores <= 0:
+            raise loc.error(p + ("cores",), f"must be a positive integer, got {show(cores)}")
+        cont = d.get("contention", 0.0)
+        if isinstance(cont, bool) or not isinstance(cont, (int, float)) or not 0 <= cont <= 10:
+            raise loc.error(p + ("contention",), f"must be a number from 0 to 10, got {show(cont)}")
+        out[name] = Host(name, cores, float(cont))
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -373,7 +427,10 @@ def cluster_to_dict(cluster: Cluster, keep=None, model: str | None = None) -> di
     nodes = [n for n in cluster.nodes if keep is None or n.name in keep or n is cluster.coordinator_node]
     names = {n.name for n in nodes}
     places = names | {n.region for n in nodes if n.region}
+    used = {n.host for n in nodes if n.host}
     out: dict = {"name": cluster.name, "coordinator": cluster.coordinator_node.name,
+                 **({"hosts": {h.name: {"cores": h.cores, "contention": h.contention}
+                               for h in cluster.hosts if h.name in used}} if used else {}),
                  "nodes": [_node_dict(n) for n in nodes],
                  "network": {"default": _link_dict(cluster.default_link),
                              "links": [{"between": list(r.between), **_link_dict(r.link)}
@@ -386,7 +443,8 @@ def cluster_to_dict(cluster: Cluster, keep=None, model: str | None = None) -> di
 
 def _node_dict(n: Node) -> dict:
     return {"name": n.name, "gpu": n.gpu.name, "count": n.count, **({"region": n.region} if n.region else {}),
-            "interconnect": exact_bandwidth(n.interconnect), **({"address": n.address} if n.address else {})}
+            "interconnect": exact_bandwidth(n.interconnect), **({"address": n.address} if n.address else {}),
+            **({"host": n.host} if n.host else {})}
 
 
 def _link_dict(link: Link) -> dict:

@@ -49,6 +49,12 @@ percentiles or output formats (metrics.py) or where requests come from (workload
   while stage s computes part 2. The step is done when its last part is back. With N = 1, or a
   step of one sequence, nothing changes.
 
+* Shared hosts (nodes naming the same ``host``, cluster.Host): a stage on one serves a step at a
+  time, booked when it starts, slowed by ``Host.slowdown`` of its own workers, and further for
+  the time it overlaps a step on another stage of the host, which is lengthened the same way
+  (``_hosted_end``; its departure is an event that moves with it). Processor sharing, exact for
+  two steps at once. Nodes without a host take the path above, unchanged.
+
 * Shift Parallelism (a stage with ``shift: {sp: S}``): every step on a shifted stage takes the
   mode ``hexplan.serving.shift.shift_mode(step tokens, threshold)`` gives, the rule the
   executor's workers apply; step tokens are its decode tokens plus its prompt chunks' tokens.
@@ -83,7 +89,7 @@ from ..evaluate import splits
 from ..plan import Plan
 from .workload import RequestStream
 
-ARRIVAL, STEP_DONE, RESUME = 0, 1, 2
+ARRIVAL, STEP_DONE, RESUME, HOSTED = 0, 1, 2, 3
 _CACHE_LIMIT = 200_000
 POLICIES = ("fcfs", "mlfq")
 
@@ -207,7 +213,7 @@ class _Kind:
 
 class _Pipe:
     __slots__ = ("index", "stage_kind", "stage_layers", "kinds", "head", "head_cache", "links", "chain", "delay",
-                 "act_bytes", "n_loops", "idle", "parts", "cur", "swap_s")
+                 "act_bytes", "n_loops", "idle", "parts", "cur", "swap_s", "stage_res", "hosted")
 
 
 class Engine:
@@ -254,12 +260,13 @@ class Engine:
             pp.head_cache = {}
             hops = [(coord, nodes[0])] + list(zip(nodes, nodes[1:])) + [(nodes[-1], coord)]
             pp.links = [cluster.link(a, b) for a, b in hops]
-            chain, delay = [], []
+            chain, delay, pp.stage_res = [], [], []
             for i, ((a, b), lk) in enumerate(zip(hops, pp.links)):
                 chain.append(resource(*link_key(a, b, pi, i)))
                 delay.append(lk.latency)     # propagation: after the link, not holding it
                 if i < len(nodes):
                     chain.append(resource(("stage", pi, i), ""))
+                    pp.stage_res.append(chain[-1])
                     delay.append(0.0)
             pp.chain, pp.delay = chain, delay
             pp.act_bytes = self.model.activation_bytes_per_token
@@ -269,6 +276,7 @@ class Engine:
             self.pipes.append(pp)
         self.shared = [u > 1 for u in users]
         self.n_res = len(users)
+        self._shared_hosts(plan, cluster)
         self.weights = [max(0.0, p.weight) for p in plan.pipelines]
         if options.routing not in ("delay", "weights"):
             raise ValueError(f"routing must be 'delay' or 'weights', got {options.routing!r}")
@@ -291,6 +299,60 @@ class Engine:
                          * self.model.bytes_per_param / options.offload_bandwidth
                          for layers, s in zip(pp.stage_layers, pl.stages)]
         self.scheduler = self.new_scheduler()
+
+    def _shared_hosts(self, plan: Plan, cluster: Cluster) -> None:
+        """Stages on nodes that share a machine (``Node.host``): each stage resource on one gets
+        (host, threads per worker, its workers, the host's stage resources), for ``_hosted_end``."""
+        self.host_info: list = [None] * self.n_res
+        workers: dict = {}
+        for pl in plan.pipelines:
+            for s in pl.stages:
+                h = cluster.node(s.node).host
+                if h:
+                    workers[h] = workers.get(h, 0) + s.tp
+        members: dict = {}
+        for pp, pl in zip(self.pipes, plan.pipelines):
+            pp.hosted = False
+            for rid, s in zip(pp.stage_res, pl.stages):
+                host = cluster.host(cluster.node(s.node).host)
+                if host is None:
+                    continue
+                threads = max(1, host.cores // workers[host.name])   # `hexplan launch`'s default
+                self.host_info[rid] = (host, threads, s.tp, members.setdefault(host.name, []))
+                members[host.name].append(rid)
+                pp.hosted = True
+
+    def _hosted_end(self, r: int, start: float, d: float) -> float:
+        """When a step of modelled time ``d`` that starts at ``start`` on stage resource ``r``
+        (on a shared host) ends. Alone its workers run ``Host.slowdown(w)`` slower than the
+        profile (a TP stage's ranks share the host too); for the time it overlaps a step already
+        booked on another stage of the host, both run at the slowdown of their workers together:
+        this step is lengthened, and so is the other's hold on its stage (the other step's
+        departure is already scheduled, so that part of its slowdown reaches the next step on
+        that stage, not this one: an approximation of processor sharing that the precomputed
+        departures allow)."""
+        host, threads, w, members = self.host_info[r]
+        free, hstart, busy = self.free, self.hstart, self.busy
+        m0 = host.slowdown(w, threads)
+        dur = d * m0
+        end = start + dur
+        extra = 0.0
+        for o in members:
+            if o == r:
+                continue
+            b = free[o]
+            ov = (end if end < b else b) - max(start, hstart[o])
+            if ov <= 0.0:
+                continue
+            wo = self.host_info[o][2]
+            both = host.slowdown(w + wo, threads)
+            extra += ov * (both / m0 - 1.0)
+            grow = ov * (both / host.slowdown(wo, threads) - 1.0)
+            free[o] = b + grow
+            if b + grow > self.w0 and b < self.w1:
+                busy[o] += min(b + grow, self.w1) - max(b, self.w0)
+        hstart[r] = start
+        return end + extra
 
     def new_scheduler(self) -> Scheduler:
         """A fresh scheduler for a run, configured as the gateway configures its own."""
@@ -322,6 +384,7 @@ class Engine:
             pipe.idle = list(range(pipe.n_loops))   # a heap: the lowest idle loop is woken first
             pipe.cur = [None] * pipe.n_loops        # each loop's step in flight
         self.free = [0.0] * self.n_res
+        self.hstart = [0.0] * self.n_res    # when the step on a shared host's stage started
         self.busy = [0.0] * self.n_res
         self.heap: list = []
         self.seq = 0
@@ -361,6 +424,14 @@ class Engine:
             elif code == RESUME:
                 pipe, g, svc, last = ev[3]
                 self._walk(pipe, g, svc, ev[4], now, now, last)
+            elif code == HOSTED:
+                # a step leaving a shared host's stage: on, unless a later step on the host
+                # lengthened it (then leave at its new end)
+                pipe, g, svc, last, r, start = ev[3]
+                if self.hstart[r] == start and self.free[r] > now:
+                    self._push(self.free[r], HOSTED, ev[3], ev[4])
+                else:
+                    self._walk(pipe, g, svc, ev[4], now, now, last)
             else:
                 t, p, o = ev[3]
                 nxt = stream.next()
@@ -518,12 +589,25 @@ class Engine:
         shared link in the future or the end of the pipeline; the step is done when its
         ``last`` part is."""
         chain, delay, free, busy, shared = pipe.chain, pipe.delay, self.free, self.busy, self.shared
+        hosted = self.host_info if pipe.hosted else None
         w0, w1 = self.w0, self.w1
         n = len(chain)
         while i < n:
             r = chain[i]
             if t > now and shared[r]:
                 self._push(t, RESUME, (pipe, g, svc, last), i)
+                return
+            if hosted is not None and hosted[r] is not None:
+                # A stage on a shared host serves one step at a time, booked when it starts (a
+                # step that runs beside it later can still lengthen it: ``_hosted_end``).
+                if t > now or free[r] > now:
+                    self._push(t if t > free[r] else free[r], RESUME, (pipe, g, svc, last), i)
+                    return
+                end = self._hosted_end(r, now, svc[i])
+                free[r] = end
+                if end > w0 and now < w1:
+                    busy[r] += (end if end < w1 else w1) - (now if now > w0 else w0)
+                self._push(end, HOSTED, (pipe, g, svc, last, r, now), i + 1)
                 return
             f = free[r]
             start = t if t > f else f

@@ -1,0 +1,92 @@
+"""Nodes that share one machine (`hosts:` and a node's `host:`): the cluster field and the
+simulator's slowdown of stages that run at once on it (hexplan.simulator.engine, "Shared hosts")."""
+from __future__ import annotations
+
+import pytest
+
+import hexplan
+from hexplan import SpecError, loads_cluster
+from hexplan.cluster import Host, cluster_to_dict
+from hexplan.costmodel import Workload
+from hexplan.plan import Pipeline, Plan, Stage
+from hexplan.simulator import TraceRequest, WorkloadSpec, simulate
+
+W = Workload(512, 128, 16, 32)   # 2 loops of 16 on a two-stage pipeline
+
+
+def cluster(host: str | None, cores: int = 2, contention: float = 0.2):
+    hosts = f"hosts:\n  box: {{cores: {cores}, contention: {contention}}}\n" if host else ""
+    on = ", host: box" if host else ""
+    return loads_cluster(f"name: shared\n{hosts}nodes:\n"
+                         f"  - {{name: a, gpu: A100-80G, count: 2{on}}}\n"
+                         f"  - {{name: b, gpu: A100-80G, count: 1{on}}}\n"
+                         "network:\n  default: {bandwidth: 100Gbps, latency: 0.01ms}\n")
+
+
+def two_stages(tp0: int = 1):
+    stages = (Stage("a", tuple(range(tp0)), tp0, (0, 20), "A100-80G"), Stage("b", (0,), 1, (20, 40), "A100-80G"))
+    return Plan(hexplan.load_model("llama-2-13b"), (Pipeline(stages, 1.0),), assumptions={"workload": W.to_dict()})
+
+
+def saturated(plan, c, duration=120.0):
+    trace = (TraceRequest(0.0, W.prompt_tokens, W.output_tokens),) * 3000
+    res = simulate(plan, c, WorkloadSpec(arrival="trace", trace=trace, duration=duration))
+    assert res.requests_unfinished > 0, "the batch ran dry: not an overload"
+    return res
+
+
+def alone(plan, c):
+    """One request every 30 s: a single loop, the stages never run at once."""
+    trace = tuple(TraceRequest(30.0 * i, W.prompt_tokens, W.output_tokens) for i in range(10))
+    return simulate(plan, c, WorkloadSpec(arrival="trace", trace=trace, duration=300.0, warmup=0.0))
+
+
+def test_the_fields_read_back_and_bad_ones_name_themselves():
+    c = cluster("box", cores=4, contention=0.15)
+    assert c.hosts == (Host("box", 4, 0.15),) and {n.host for n in c.nodes} == {"box"}
+    again = hexplan.cluster.cluster_from_dict(cluster_to_dict(c), hexplan.yamlio.Locator(None, {}))
+    assert again.hosts == c.hosts and [n.host for n in again.nodes] == ["box", "box"]
+    assert "hosts" not in cluster_to_dict(cluster(None))
+    with pytest.raises(SpecError, match=r"nodes\[0\]\.host.*unknown host 'nope'"):
+        loads_cluster("name: x\nnodes:\n  - {name: a, gpu: A100-80G, count: 1, host: nope}\n")
+    with pytest.raises(SpecError, match=r"hosts\.box\.cores"):
+        loads_cluster("name: x\nhosts:\n  box: {cores: 0}\nnodes:\n  - {name: a, gpu: A100-80G, count: 1, host: box}\n")
+    with pytest.raises(SpecError, match=r"hosts\.box\.contention"):
+        loads_cluster("name: x\nhosts:\n  box: {cores: 2, contention: -1}\nnodes:\n  - {name: a, gpu: A100-80G, count: 1}\n")
+
+
+def test_slowdown():
+    h = Host("box", 2, 0.2)
+    assert h.slowdown(1, 1) == 1.0
+    assert h.slowdown(2, 1) == pytest.approx(1.2)        # both cores busy: bandwidth only
+    assert h.slowdown(3, 1) == pytest.approx(1.5 * 1.4)  # 3 workers on 2 cores, and bandwidth
+    assert h.slowdown(1, 2) == 1.0
+
+
+def test_stages_that_never_overlap_are_not_slowed():
+    plan = two_stages()
+    free, shared = alone(plan, cluster(None)), alone(plan, cluster("box"))
+    assert shared.requests_completed == free.requests_completed == 10
+    assert shared.ttft_s.p50 == pytest.approx(free.ttft_s.p50, rel=1e-9)
+    assert shared.tpot_s.p50 == pytest.approx(free.tpot_s.p50, rel=1e-9)
+
+
+@pytest.mark.parametrize("cores, contention, want", [(2, 0.2, 1.2), (1, 0.0, 2.0), (2, 0.0, 1.0)])
+def test_saturated_stages_share_the_host(cores, contention, want):
+    # Two balanced stages, two loops: at saturation each stage is busy nearly all the time, so
+    # both run at once nearly all the time and the pipeline's rate drops by the pair's slowdown.
+    plan = two_stages()
+    free = saturated(plan, cluster(None))
+    shared = saturated(plan, cluster("box", cores, contention))
+    ratio = free.throughput_tokens_per_s / shared.throughput_tokens_per_s
+    assert ratio == pytest.approx(want, rel=0.06), (free.throughput_tokens_per_s, shared.throughput_tokens_per_s)
+
+
+def test_a_tp_stage_alone_shares_the_host_between_its_ranks():
+    # A TP-2 stage then a TP-1 stage on a 2-core host: 3 workers, 1 thread each. Alone, the TP-2
+    # stage's two ranks contend (1 + c); the TP-1 stage runs at its profile.
+    plan = two_stages(tp0=2)
+    free, shared = alone(plan, cluster(None)), alone(plan, cluster("box", 2, 0.2))
+    assert free.requests_completed == shared.requests_completed == 10
+    assert shared.tpot_s.p50 > free.tpot_s.p50 * 1.02
+    assert shared.tpot_s.p50 < free.tpot_s.p50 * 1.2
