@@ -2,7 +2,7 @@
 
     python bench/fidelity_bench.py [--quick] [--only one,pp2,tp2pp] [--json out.json]
                                    [--checkpoint DIR] [--profile FILE] [--no-calibrate] [--wait-quiet S]
-                                   [--lone-profile]
+                                   [--lone-profile] [--contention F | --no-host]
 
 The model of bench/executor_bench.py (a random-weight Llama, hidden 768, 12 layers, 12 heads,
 intermediate 2048, vocab 32000, 512 positions, float32) on the local CPU cluster of
@@ -17,7 +17,11 @@ all-reduce table of a `hexplan profile --tp 2` run. Three hand-written plans:
   pp2    two pipeline stages, layers 0-5 on cpu0 and 6-11 on cpu1 (2 workers x 1 thread)
   tp2pp  a TP-2 stage with layers 0-5 on cpu0, then a TP-1 stage with 6-11 on cpu1 (3 workers x 1 thread)
 
-each with the plan workload the executor benchmark writes (assumptions.workload: the trace's mean
+cpu0 and cpu1 are one machine here, so both simulations put them on one shared host (`hosts:
+{local: {cores, contention}}`, docs/cluster-format.md): the cores of this machine and the
+contention measured at the start (`measure_contention`: a 1-thread decode step alone against two
+such processes at once; `--contention F` gives it, `--no-host` simulates two separate machines).
+Each plan has the plan workload the executor benchmark writes (assumptions.workload: the trace's mean
 prompt and output, micro-batches of 16, concurrency 16 per stage), which the gateway and the
 simulator both schedule by. Three loads per plan: Poisson arrivals (seeded) at 30% and 70% of the
 predicted capacity (hexplan.simulator.run.capacity_rate: the plan's predicted output tokens/s over
@@ -187,13 +191,73 @@ def with_allreduce(tables: dict, ckpt: str, threads: int, context: int, tmp: str
     return {**tables, "allreduce_ms": tp2["allreduce_ms"], "allreduce_tp": tp2["allreduce_tp"]}
 
 
+# ---- the host's contention ---------------------------------------------------------------------------
+
+def _contention_worker(ckpt: str, batch: int, layers: int, steps: int, go, out) -> None:
+    """One 1-thread process timing decode steps of ``batch`` sequences on ``layers`` layers
+    (the stage's own forward, as a worker runs it) once ``go`` is set; puts the median ms."""
+    torch.set_num_threads(1)
+    from hexplan.executor.distributed import TPContext
+    from hexplan.executor.model import SeqCache, SeqChunk, ShardSpec, StageModel
+    m = StageModel.load(ckpt, ShardSpec(0, layers, False, False), TPContext(0, 1))
+    kv, hd, ctx = MODEL["num_key_value_heads"], MODEL["hidden_size"] // MODEL["num_attention_heads"], 171
+    ids = []
+    for i in range(batch):
+        c = SeqCache(layers, kv, hd, torch.float32, "cpu")
+        c.reserve(ctx + 1)
+        c.k.normal_()
+        c.v.normal_()
+        c.length = ctx
+        m.caches[f"s{i}"] = c
+        ids.append(f"s{i}")
+    chunks, x = [SeqChunk(r, ctx, 1) for r in ids], torch.randn(batch, MODEL["hidden_size"])
+    go.wait()
+    ts = []
+    for _ in range(steps):
+        for r in ids:
+            m.caches[r].length = ctx
+        t = time.perf_counter()
+        m.forward_batch(chunks, x)
+        ts.append(time.perf_counter() - t)
+    out.put(statistics.median(ts[3:]) * 1e3)
+
+
+def measure_contention(ckpt: str, batch: int = 8, layers: int = 6, rounds: int = 2) -> dict:
+    """The host's ``contention`` (docs/cluster-format.md, "Shared machines"): how much slower a
+    1-thread decode step is while another 1-thread process runs the same steps on the other core,
+    than alone. Alone and together in turn, ``rounds`` times; the ratio of the medians, less 1."""
+    import multiprocessing as mp
+    spawn = mp.get_context("spawn")
+    runs: dict = {1: [], 2: []}
+    for _ in range(rounds):
+        for k in (1, 2):
+            out, go = spawn.Queue(), spawn.Event()
+            ps = [spawn.Process(target=_contention_worker, args=(ckpt, batch, layers, 25, go, out), daemon=True)
+                  for _ in range(k)]
+            for p in ps:
+                p.start()
+            time.sleep(8)          # loaded, caches filled: start together
+            go.set()
+            runs[k] += [out.get(timeout=180) for _ in ps]
+            for p in ps:
+                p.join(timeout=30)
+    alone, both = statistics.median(runs[1]), statistics.median(runs[2])
+    return {"batch": batch, "layers": layers, "alone_ms": runs[1], "together_ms": runs[2],
+            "contention": max(0.0, both / alone - 1.0)}
+
+
 # ---- cluster and plans -----------------------------------------------------------------------------
 
-def base_cluster_dict(model_name: str, tables: dict) -> dict:
-    """cluster_specs/local-cpu.yaml with the `cpu` type carrying this model's profile."""
+def base_cluster_dict(model_name: str, tables: dict, host: dict | None = None) -> dict:
+    """cluster_specs/local-cpu.yaml with the `cpu` type carrying this model's profile; with
+    ``host`` ({cores, contention}), its two nodes on one shared machine (`hosts: {local: ...}`)."""
     d = yaml.safe_load(LOCAL_CPU.read_text())
     for n in d["nodes"]:
         n.pop("address", None)
+        if host:
+            n["host"] = "local"
+    if host:
+        d["hosts"] = {"local": dict(host)}
     d["name"] = "local-cpu-fidelity"
     d["gpu_types"] = {"cpu": {"profiles": {model_name: tables}}}
     return d
@@ -565,6 +629,11 @@ def main() -> int:
                     help="before the profile and each plan, wait up to S seconds for the shared host to be quiet "
                          "(a 0.5 s matmul at --quiet-gflops)")
     ap.add_argument("--quiet-gflops", type=float, default=120.0)
+    ap.add_argument("--contention", type=float, default=None, metavar="F",
+                    help="the host's contention for the simulator (default: measured, two 1-thread decode "
+                         "processes against one; 0 with --no-host)")
+    ap.add_argument("--no-host", action="store_true",
+                    help="simulate cpu0 and cpu1 as separate machines (no `hosts`), as before")
     args = ap.parse_args()
     global SERVED_PROFILE
     SERVED_PROFILE = not args.lone_profile
@@ -602,6 +671,16 @@ def main() -> int:
         w0 = plan_workload(sat, [None])
         context = round(w0["prompt_tokens"] + (w0["output_tokens"] + 1) / 2)
         meta["calibration_gflops_start"] = wait_quiet(args.wait_quiet, args.quiet_gflops, cores, "the start")
+        host = None
+        if not args.no_host:
+            if args.contention is None:
+                log("measuring the host's contention (two 1-thread decode processes against one)")
+                meta["contention"] = measure_contention(ckpt)
+                log(f"  alone {meta['contention']['alone_ms']} ms, together {meta['contention']['together_ms']} ms: "
+                    f"contention {meta['contention']['contention']:.3f}")
+            host = {"cores": cores, "contention": round(meta["contention"]["contention"], 4)
+                    if args.contention is None else args.contention}
+            meta["host"] = host
         profiles: dict = {}
         for pname in only:
             label, stages = PLANS[pname]
@@ -616,7 +695,7 @@ def main() -> int:
             log(f"[{pname}] profile, {threads} thread(s): " + "; ".join(
                 f"{k} {profiles[threads][k]}" for k in TABLES if k in profiles[threads]))
             results[pname] = run_plan(pname, label, stages, ckpt, model_name, profiles, sat, n_poisson, args,
-                                      cores, vocab, calibrating)
+                                      cores, vocab, calibrating, host)
             log(f"[{pname}] done at {time.perf_counter() - t_all:.0f} s")
     finally:
         tmp.cleanup()
@@ -632,11 +711,11 @@ def main() -> int:
 
 
 def run_plan(pname, label, stages, ckpt, model_name, profiles, sat, n_poisson, args, cores, vocab,
-             calibrating) -> dict:
+             calibrating, host=None) -> dict:
     workers = sum(tp for _, tp, _, _ in stages)
     threads = max(1, cores // workers)
     workload = plan_workload(sat, stages)
-    base = base_cluster_dict(model_name, profiles[threads])
+    base = base_cluster_dict(model_name, profiles[threads], host)
     pr_profile = profiles[threads]
     cluster = make_cluster(base)
     plan = plan_for(ckpt, stages, workload)
@@ -692,6 +771,13 @@ def report(meta: dict, results: dict) -> None:
     print(f"\nfidelity bench, started {meta['started']}; {meta['n_poisson']} Poisson requests per load, "
           f"{meta['n_saturated']} saturated; {meta['cores']} cores, torch {meta['torch']}; "
           f"{meta.get('total_s', 0):.0f} s in all\n")
+    host = meta.get("host")
+    if host:
+        c = meta.get("contention")
+        print(f"cpu0 and cpu1 simulated as one shared host: {host['cores']} cores, contention {host['contention']:.3f}"
+              + (f" (measured: a 1-thread decode step of {c['batch']} on {c['layers']} layers, alone "
+                 f"{statistics.median(c['alone_ms']):.1f} ms, two processes at once "
+                 f"{statistics.median(c['together_ms']):.1f} ms)" if c else " (given)") + "\n")
     print(table(results, sources))
     rows = [(p, pr) for p, pr in results.items() if pr.get("calibration", {}).get("probe")]
     if rows:
