@@ -7,9 +7,11 @@ when it has been missing for ``grace_s`` (a restarted executor comes back sooner
 gateway's own fault handling, faults.py, covers that). On a change:
 
 1. Solve: the planner (hexplan.solver ``solve``) on the cluster restricted to the nodes there
-   (``SolveOptions.nodes``), at the plan's workload and cost parameters, within ``time_limit_s``.
-   The solver takes no incumbent, so the floor is applied here: the current plan's pipelines that
-   survive the change, evaluated by the same cost model (hexplan.evaluate) on the same cluster.
+   (``SolveOptions.nodes``), at the plan's workload and cost parameters, within ``time_limit_s``,
+   warm-started from the live pipelines (``SolveOptions.start``: those whose nodes are all still
+   there seed the search, which returns nothing worse than them in the solver's terms). The floor
+   is also applied here: the current plan's pipelines that survive the change, evaluated by the
+   same cost model (hexplan.evaluate) on the same cluster.
 2. Decide: switch when the new plan predicts at least ``1 + margin`` times the survivors'
    throughput, or when the current plan lost a pipeline (then the better of the new plan and the
    survivors). Otherwise keep serving as is.
@@ -267,11 +269,17 @@ class Replanner:
             return sum(p.throughput_tokens_per_s or 0.0 for p in pipelines)
 
     def solve(self) -> Plan | None:
+        """The planner on the nodes there, warm-started from the live pipelines (those on nodes
+        still there seed its search: ``SolveOptions.start``)."""
         from hexplan.solver import SolveOptions, solve
 
+        gw = self.gw
+        with gw.cv:
+            live = [p.plan.pipelines[p.plan_index] for p in gw.pipelines if not p.retiring and p.state != "retired"]
         opts = SolveOptions(time_limit=self.options.time_limit_s, backend=self.options.solver,
                             workload=self.workload, params=self.params,
-                            nodes=tuple(sorted(n for n in self.members if any(m.name == n for m in self.cluster.nodes))))
+                            nodes=tuple(sorted(n for n in self.members if any(m.name == n for m in self.cluster.nodes))),
+                            start=tuple(tuple((s.node, s.tp) for s in pl.stages) for pl in live))
         try:
             return solve(self.cluster, self.model, opts)
         except HexplanError as e:        # infeasible on what is left, ...

@@ -184,6 +184,13 @@ def _solve(cluster, model, options, emit, t0, hb) -> Plan:
         beat(incumbent=k.get("throughput"))
         emit("heuristic", **k)
     state = heuristic_solve(problem, ev, h_deadline, options.seed, progress=on_heuristic)
+    if options.start:
+        start = start_state(problem, options.start)
+        info["start_tokens_per_s"] = total_value(ev, start)
+        if info["start_tokens_per_s"] > total_value(ev, state) + 1e-9:
+            state = start
+            emit("heuristic", message=f"the start plan's pipelines ({info['start_tokens_per_s']:.1f} tokens/s) "
+                                      "beat the heuristic's: searching from them")
     if total_value(ev, state) <= 0 and (problem.slo_tpot or problem.slo_ttft):
         state = _seed_with_fastest(problem, ev, options, deadline)
     h_value = total_value(ev, state)
@@ -266,6 +273,25 @@ def _solve(cluster, model, options, emit, t0, hb) -> Plan:
         plan = shift_plan(plan, problem.cluster)
     emit("done", throughput=plan.throughput, bound=bound)
     return plan
+
+
+def start_state(problem: Problem, start) -> State:
+    """The pipelines of ``start`` (``SolveOptions.start``) that this problem can place: every
+    stage's node among the usable ones with its TP degree allowed, and GPUs left for it on the
+    node (in the order given: a pipeline that no longer fits is dropped whole)."""
+    free = {n.name: n.count for n in problem.nodes}
+    pipes = []
+    for p in start:
+        p = [(str(node), int(tp)) for node, tp in p]
+        need: dict = {}
+        for node, tp in p:
+            need[node] = need.get(node, 0) + tp
+        if p and all(node in free and tp in problem.allowed_tp[node] for node, tp in p) \
+                and all(free[n] >= k for n, k in need.items()):
+            for n, k in need.items():
+                free[n] -= k
+            pipes.append(p)
+    return State(problem, pipes)
 
 
 def _patterns(problem, ev, state, bound, bound_source, options, budget, deadline, emit, beat):

@@ -37,6 +37,10 @@ class SolveOptions:
     tp_degrees: tuple[int, ...] = TP_DEGREES   # TP degrees a stage may use (Helix-style: (1,))
     nodes: tuple[str, ...] | None = None      # use only these nodes' GPUs (None: every node); the
                                               # coordinator and the network stay the cluster's
+    start: tuple[tuple[tuple[str, int], ...], ...] | None = None
+                                         # warm start: pipelines as ((node, tp), ...) per stage in
+                                         # order (a running plan's, hexplan.executor.replan); the
+                                         # ones that still fit seed the search, which never returns less
 
 
 class Problem:
