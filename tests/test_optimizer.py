@@ -540,3 +540,71 @@ def test_library_rejects_unknown_lp_and_int_backends():
         solve(cl, model, SolveOptions(time_limit=1.0, lp_backend="simplex"))
     with pytest.raises(SpecError, match="int_backend"):
         solve(cl, model, SolveOptions(time_limit=1.0, int_backend="gurobi"))
+
+
+# ---- local search over many pipelines: moves streamed, not listed ---------------------------------------
+
+def test_streamed_moves_are_the_listed_ones_and_fewer_than_counted():
+    """Above MOVE_LIST_LIMIT local search streams its moves (memory O(P), not O(P^2): the list
+    was about 500 MB at 4096 GPUs). The stream holds the listed moves but re-dealing (offered up
+    to 24 pipelines only), each once; _move_count bounds the list's length."""
+    import random as _random
+
+    from hexplan.solver import heuristic as H
+    from hexplan.solver.layers import ChainEvaluator
+    from hexplan.solver.problem import Problem, SolveOptions
+
+    for name in ("two-regions-3-pipelines", "gqa-3-pipelines", "five-singles"):
+        model, _ = CASES[name]
+        pb = Problem(case_cluster(name), model, SolveOptions())
+        ev = ChainEvaluator(pb)
+        st = H.heuristic_solve(pb, ev, float("inf"), 0)
+        st.pipes.append(list(st.pipes[0][:1]))        # one pipeline more: every kind of move
+        listed = list(H._moves(pb, st))
+        streamed = list(H._moves_streamed(pb, st, _random.Random(1)))
+        assert len(streamed) == len(set(streamed))
+        assert set(streamed) == {m for m in listed if m[0] != "redeal"}, name
+        assert H._move_count(st) >= len(listed)
+
+
+def test_local_search_streaming_keeps_the_plan_valid_and_no_worse(monkeypatch):
+    """With every local search streamed (MOVE_LIST_LIMIT 0) solve still returns a valid plan,
+    no worse than the heuristic's start and within the reported bound."""
+    from hexplan.solver import heuristic as H
+
+    monkeypatch.setattr(H, "MOVE_LIST_LIMIT", 0)
+    for name in ("two-regions-3-pipelines", "five-singles"):
+        model, _ = CASES[name]
+        cl = case_cluster(name)
+        plan = hexplan.solve(cl, model, time_limit=5.0, backend="none")
+        assert hexplan.validate_plan(plan, cl) == []
+        best = brute_optimum(name)
+        assert plan.throughput <= best.throughput * (1 + 1e-6)
+        assert plan.throughput >= 0.9 * best.throughput, (name, plan.throughput, best.throughput)
+        assert plan.solver["heuristic_tokens_per_s"] <= plan.throughput * (1 + 1e-6)
+
+
+def test_link_cache_is_per_class_and_gives_each_pair_its_own_link():
+    """Cluster.link caches per (node named by a rule, else its region) class pair, not per node
+    pair (an O(nodes^2) cache: 109 MB at 4096 GPUs): every pair still gets the link a fresh
+    cluster computes for it first, with node-named rules (hexgen-case), region rules
+    (three-regions-one-copy) and a 64-GPU generated cluster; the cache stays small."""
+    from dataclasses import replace as _replace
+    from pathlib import Path
+
+    import sys as _sys
+    root = Path(__file__).resolve().parents[1]
+    _sys.path.insert(0, str(root / "bench"))
+    from cluster_gen import generate
+
+    clusters = [hexplan.load_cluster(root / "cluster_specs" / "hexgen-case.yaml"),
+                hexplan.load_cluster(root / "cluster_specs" / "three-regions-one-copy.yaml"),
+                hexplan.loads_cluster(generate(64, 1))]
+    for cl in clusters:
+        names = [n.name for n in cl.nodes]
+        for a in names:
+            for b in names:
+                fresh = _replace(cl, nodes=cl.nodes)        # empty caches: computed for (a, b) alone
+                assert cl.link(a, b) == fresh.link(a, b), (cl.name, a, b)
+        classes = {cl._link_class[n] for n in names}
+        assert len(cl._links) <= len(names) + len(classes) ** 2

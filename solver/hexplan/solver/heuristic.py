@@ -6,7 +6,8 @@ deal the groups to K pipelines largest-memory first onto the pipeline with the l
 raises the sum of exact pipeline throughputs (solver/hexplan/solver/layers.py): move a group to another
 pipeline or to the free pool, swap two groups, add a free group, change a group's TP degree
 (split or merge inside its node). The neighbourhood is scanned in an order shuffled by the
-seed, so results are reproducible for a given seed and budget.
+seed, so results are reproducible for a given seed and budget. Above MOVE_LIST_LIMIT moves (hundreds of
+pipelines) they are streamed pipeline by pipeline instead of listed, so memory stays O(pipelines).
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import time
 from .bounds import max_pipelines
 from .layers import ChainEvaluator
 from .problem import Problem
+
+MOVE_LIST_LIMIT = 200_000   # moves above which local search streams them instead of listing them
 
 
 class State:
@@ -129,10 +132,13 @@ def local_search(ev: ChainEvaluator, state: State, rng: random.Random, deadline:
         if time.perf_counter() > deadline:
             break
         improved = False
-        moves = list(_moves(problem, state))
-        rng.shuffle(moves)
-        # Moves that change the number of pipelines first: few, and the largest gains.
-        moves.sort(key=lambda mv: mv[0] not in ("open", "split", "redeal", "merge"))
+        if _move_count(state) <= MOVE_LIST_LIMIT:
+            moves = list(_moves(problem, state))
+            rng.shuffle(moves)
+            # Moves that change the number of pipelines first: few, and the largest gains.
+            moves.sort(key=lambda mv: mv[0] not in ("open", "split", "redeal", "merge"))
+        else:   # hundreds of pipelines: the same moves, streamed (memory O(P), not O(P^2))
+            moves = _moves_streamed(problem, state, rng)
         for mv in moves:
             if time.perf_counter() > deadline:
                 break
@@ -165,35 +171,40 @@ def slot_kinds(problem: Problem) -> dict:
     return kinds
 
 
-def _moves(problem: Problem, state: State):
-    P = len(state.pipes)
-    kinds = slot_kinds(problem)
-
+def _slot_moves(problem: Problem, state: State, p: int, P: int, kinds: dict):
+    """The moves of pipeline p's groups: remove, move to another pipeline, re-degree, fuse
+    with a group of the same node, swap with a group of a later pipeline."""
     def kind(slot):
         return kinds[slot[0]], slot[1]
 
+    seen_i = set()
+    for i in range(len(state.pipes[p])):
+        ki = kind(state.pipes[p][i])
+        if ki in seen_i:
+            continue     # an interchangeable group of this pipeline was tried already
+        seen_i.add(ki)
+        yield ("remove", p, i)
+        for q in range(P):
+            if q != p:
+                yield ("move", p, i, q)
+        yield ("retp", p, i)
+        for j in range(i + 1, len(state.pipes[p])):
+            if state.pipes[p][j][0] == state.pipes[p][i][0]:
+                yield ("fuse", p, i, j)
+        for q in range(p + 1, P):
+            seen_j = {ki}
+            for j in range(len(state.pipes[q])):
+                kj = kind(state.pipes[q][j])
+                if kj not in seen_j:
+                    seen_j.add(kj)
+                    yield ("swap", p, i, q, j)
+
+
+def _moves(problem: Problem, state: State):
+    P = len(state.pipes)
+    kinds = slot_kinds(problem)
     for p in range(P):
-        seen_i = set()
-        for i in range(len(state.pipes[p])):
-            ki = kind(state.pipes[p][i])
-            if ki in seen_i:
-                continue     # an interchangeable group of this pipeline was tried already
-            seen_i.add(ki)
-            yield ("remove", p, i)
-            for q in range(P):
-                if q != p:
-                    yield ("move", p, i, q)
-            yield ("retp", p, i)
-            for j in range(i + 1, len(state.pipes[p])):
-                if state.pipes[p][j][0] == state.pipes[p][i][0]:
-                    yield ("fuse", p, i, j)
-            for q in range(p + 1, P):
-                seen_j = {ki}
-                for j in range(len(state.pipes[q])):
-                    kj = kind(state.pipes[q][j])
-                    if kj not in seen_j:
-                        seen_j.add(kj)
-                        yield ("swap", p, i, q, j)
+        yield from _slot_moves(problem, state, p, P, kinds)
     for q in range(P):
         yield ("add", q)
     for p in range(P):
@@ -208,6 +219,37 @@ def _moves(problem: Problem, state: State):
         for p in range(P):
             for q in range(p + 1, P):
                 yield ("redeal", p, q)
+
+
+def _move_count(state: State) -> int:
+    """An upper estimate of the number of moves ``_moves`` yields (P pipelines, S groups)."""
+    P = len(state.pipes)
+    sizes = [len(p) for p in state.pipes]
+    S = sum(sizes)
+    return S * (P + 2) + (S * S + sum(n * n for n in sizes)) // 2 + P * P + 2 * P + 1
+
+
+def _moves_streamed(problem: Problem, state: State, rng: random.Random):
+    """The moves of ``_moves`` (but re-dealing, which it offers only up to 24 pipelines), never
+    all in memory: those that change the number of pipelines first (open, split, merge), then
+    pipeline by pipeline in a shuffled order, each pipeline's moves shuffled. Local search over
+    hundreds of pipelines would otherwise hold O(P^2) move tuples (about 500 MB at 4096 GPUs)."""
+    P = len(state.pipes)
+    kinds = slot_kinds(problem)
+    order = list(range(P))
+    rng.shuffle(order)
+    yield ("open",)
+    for p in order:
+        yield ("split", p)
+    for p in order:
+        qs = list(range(p + 1, P))
+        rng.shuffle(qs)
+        for q in qs:
+            yield ("merge", p, q)
+    for p in order:
+        mine = list(_slot_moves(problem, state, p, P, kinds)) + [("add", p)]
+        rng.shuffle(mine)
+        yield from mine
 
 
 def _try(ev, state: State, vals, mv):

@@ -39,6 +39,8 @@ EARLY_STOP_GAP = 0.005
 PATTERN_SHARE = 0.9         # of the time left after the heuristic, at most, for column generation
 HEURISTIC_SHARE = 0.25      # of the time limit, at most, for the heuristic (0.15 when patterns run)
 MILP_SIZE_LIMIT = 10_000    # candidates x pipelines above which the MILP is skipped (throughput objective)
+EXACT_SHARE = 0.3           # of the column generation's time left at convergence, for its exact pass
+                            # (all of it where the MILP is skipped: patterns.pattern_bound)
 
 
 def check_options(o: SolveOptions) -> None:
@@ -217,7 +219,8 @@ def _solve(cluster, model, options, emit, t0, hb) -> Plan:
         beat(phase="patterns")
         share = PATTERN_SHARE if milp_fits else 0.88   # the rest: polish, routing, the plan
         state, bound, bound_source = _patterns(problem, ev, state, bound, bound_source, options,
-                                               share * (deadline - time.perf_counter()), deadline, emit, beat)
+                                               share * (deadline - time.perf_counter()), deadline, emit, beat,
+                                               exact_share=EXACT_SHARE if milp_fits else 1.0)
         h_value = max(h_value, total_value(ev, state))
     if not milp_fits and options.objective == "throughput":
         info["milp_skipped"] = f"{len(problem.all_slots())} candidates x {K} pipelines > {MILP_SIZE_LIMIT}"
@@ -294,7 +297,7 @@ def start_state(problem: Problem, start) -> State:
     return State(problem, pipes)
 
 
-def _patterns(problem, ev, state, bound, bound_source, options, budget, deadline, emit, beat):
+def _patterns(problem, ev, state, bound, bound_source, options, budget, deadline, emit, beat, exact_share=0.3):
     """(state, bound, bound source) after column generation (patterns.pattern_plan): the
     better of ``state`` and the patterns' plan (polished by the local search), the smaller bound."""
     from .patterns import pattern_plan
@@ -302,7 +305,7 @@ def _patterns(problem, ev, state, bound, bound_source, options, budget, deadline
     try:
         chains, res = pattern_plan(problem, max(0.5, budget), lp_backend=lp_backend(options),
                                    int_backend=options.int_backend, progress=lambda m: emit("patterns", message=m),
-                                   bound_share=0.8, start=[list(p) for p in state.pipes])
+                                   bound_share=0.8, start=[list(p) for p in state.pipes], exact_share=exact_share)
     except Exception as e:   # the MILP still runs; say why this phase gave nothing
         emit("patterns", message=f"column generation failed ({type(e).__name__}: {e}); going on without it")
         return state, bound, bound_source

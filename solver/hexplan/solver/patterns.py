@@ -48,6 +48,8 @@ NEW_COLUMNS = 100        # columns added per column-generation iteration, at mos
 # pricing passes: a coarse one for columns while the LP moves, a fine one for the bound
 COARSE = dict(rel_tol=0.01, max_points=40, steps=4, ratio=1.5, floor=1e-4)
 FINE = dict(rel_tol=1e-4, max_points=3000, steps=12, ratio=1.25, floor=1e-4)
+EXACT_BUCKETS = 256      # cost buckets of _constrained_cost (its bound is within blocks x target / 256)
+EXACT_GOAL = 0.003       # the exact pass stops once every class's bound x P_max is below this share of z
 LOCAL_ROUNDS = 40        # rounds of neighbour pricing (cheap) in a column generation, at most
 
 
@@ -169,6 +171,7 @@ class Patterns:
         self._pts_key, self._pts_cache = None, {}    # price(): points priced at the last duals
         self._rmin: dict = {}                          # least round trip per (region set, T)
         self._fin: dict = {}
+        self._nx: dict = {}
         self.P_max = max_pipelines(problem)
         if problem.options.max_pipelines:
             self.P_max = min(self.P_max, problem.options.max_pipelines)
@@ -527,6 +530,7 @@ class Patterns:
         U0, U1, U2 = cap_at(t.cap[0]), cap_at(t.cap[1]), cap_at(t.cap[2], t.head_tok)
         h = hin[t.idx][0][0]
         per_slot = price[t.kind] * t.tp + lam * h
+        hn = self._node_extra(hin).get(t.idx, 0.0)
         opts = []
         for df in (0, 1):
             for dl in (0, 1):
@@ -540,6 +544,9 @@ class Patterns:
                     n = np.where(ys <= base, float(fixed), 1e18)
                 ok = (ys >= np.maximum(n, 1)) & (n <= self.avail(t))
                 cost = n * per_slot + lam * t.rnd * ys
+                if hn > 0:    # whole nodes these groups fill, less the first stage's node
+                    full = np.floor(np.minimum(n, 1e9) * t.tp / self.kinds[t.kind].count)
+                    cost = cost + lam * hn * (np.maximum(full - 1, 0) if df else full)
                 if df:
                     cost = cost - lam * h + lam * self.coord_in[t.kind][0]
                 if dl:
@@ -550,6 +557,42 @@ class Patterns:
                 nn = n
                 opts.append((2 * df + dl, cost, lambda y, nn=nn, j=t.idx: {j: int(nn[y])} if y else {}))
         return opts
+
+    def _node_extra(self, hin) -> dict:
+        """Per slot type of a multi-GPU kind priced by type (not as a whole), the least extra
+        round seconds per node its groups fill: each node's first stage (but the pipeline's
+        first) is reached from another node, at least ``h_node`` (the least inter-node hop
+        into the kind within the context), while its group was charged only its ``hin``. The
+        groups of types of one kind below the node size (tp < GPUs per node) fill at least
+        sum_t floor(n_t tp_t / count) <= (nodes they use) nodes, less one when the first stage
+        is one of them and all their nodes are full; so the knapsack adds
+        hn * floor(n tp / count) per type (one node fewer for the first stage's type).
+        hn = h_node - the largest hin of the kind's partial types. Left out (0) where the
+        context's region crossings are charged over a hop below h_node (``context_data``)."""
+        k = id(hin)
+        hit = self._nx.get(k)
+        if hit is not None and hit[0] is hin:
+            return hit[1]
+        out = {}
+        ctx_kinds = {self.types[j].kind for j in hin}
+        regions = {self.kinds[a].region for a in ctx_kinds}
+        hmax = max((h[0][0] for h in hin.values()), default=0.0)
+        for kd in ctx_kinds:
+            cnt = self.kinds[kd].count
+            if cnt < 2 or self.kinds[kd].gpus <= SMALL_KIND_GPUS:
+                continue     # single-GPU nodes: every hop in is inter-node already; small: tables
+            hops = [self.inter[a][kd][0][0] for a in ctx_kinds if self.inter[a][kd] is not None]
+            part = [j for j in hin if self.types[j].kind == kd and self.types[j].tp < cnt]
+            if not hops or not part:
+                continue
+            h_node = min(hops)
+            if len(regions) > 1 and hmax < h_node:
+                continue
+            hn = max(0.0, h_node - max(hin[j][0][0] for j in part))
+            for j in part:
+                out[j] = hn
+        self._nx[k] = (hin, out)
+        return out
 
     def kind_splits(self, kd: int) -> list:
         """Every non-empty multiset of this kind's groups (type index, count) that fits in its
@@ -614,8 +657,12 @@ class Patterns:
         ctx_kinds = {self.types[j].kind for j in hin}
         node_hops = [self.inter[a][kd][0][0] for a in ctx_kinds if self.inter[a][kd] is not None]
         h_node = min(node_hops) if node_hops else 0.0          # least hop from another node
-        h_low = min((hin[t.idx][0][0] for t in ktys), default=0.0)
-        hn = max(0.0, h_node - h_low)
+        # a node's first stage (not the pipeline's first) comes from another node: at least
+        # h_node, of which its own group was charged at most the largest hop into a partial
+        # group (tp < node size); whole-node groups are charged an inter-node hop already
+        cnt = self.kinds[kd].count
+        part = [i for i, t in enumerate(ktys) if t.tp < cnt]
+        hn = max(0.0, h_node - max(hin[ktys[i].idx][0][0] for i in part)) if part else 0.0
         U = np.array(ucap, dtype=float).reshape(len(ktys), 3)
         U0, U1, U2 = U[:, 0], U[:, 1], U[:, 2]
         rho = np.array([t.rnd for t in ktys])
@@ -625,7 +672,8 @@ class Patterns:
         ok = ~(used & (U0[None, :] < 1)).any(axis=1)
         kS = Nmat.sum(axis=1)
         gS = Nmat @ tp
-        mS = np.ceil(gS / self.kinds[kd].count)
+        pmask = np.array([t.tp < cnt for t in ktys], dtype=bool)
+        mS = np.ceil((Nmat * pmask[None, :]) @ tp / cnt)     # nodes holding partial groups
         base = Nmat @ (rho + h) + mS * hn
         order = np.argsort(rho, kind="stable")
         r_sorted = rho[order]
@@ -650,7 +698,7 @@ class Patterns:
             if U1[i] >= 1:
                 e = extra0.copy()
                 e[:, i] -= np.where(used[:, i], U0[i] - U1[i], 0.0)
-                firsts[i] = (e, -h[i] - hn + self.coord_in[kd][0])
+                firsts[i] = (e, -h[i] - (hn if pmask[i] else 0.0) + self.coord_in[kd][0])
             if U2[i] >= 1:
                 lasts[i] = (U0[i] - U2[i], self.coord_out[kd][0] + t.head_r)
         best2 = np.full((nS, L + 1), INF)
@@ -809,11 +857,17 @@ class Patterns:
         js = list(counts)
         r += min(self.coord_in[self.types[j].kind][0] - hin[j][0][0] for j in js)
         r += min(self.coord_out[self.types[j].kind][0] + self.types[j].head_r for j in js)
+        nx = self._node_extra(hin)     # the nodes filled (as the knapsack charges them)
+        if nx:
+            ex = [nx.get(j, 0.0) * (counts[j] * self.types[j].tp // self.kinds[self.types[j].kind].count) for j in js]
+            r += sum(ex) - max([nx.get(j, 0.0) for j in js if ex[js.index(j)] > 0], default=0.0)
         return r
 
-    def price(self, duals, mu, t_start, deadline, rel_tol=0.002, max_points=400, steps=7, ratio=1.25, floor=1e-4):
+    def price(self, duals, mu, t_start, deadline, rel_tol=0.002, max_points=400, steps=7, ratio=1.25, floor=1e-4,
+              exact_until=None, exact_goal=0.0):
         """Upper bound on max_p (u_p - duals . g_p - mu) over all patterns, and candidate
-        patterns with their reduced costs."""
+        patterns with their reduced costs. ``exact_until``: then, until that time, the classes
+        whose bound exceeds ``exact_goal`` get Little's law as a constraint (``_tighten``)."""
         cands: dict = {}
         rc_ub = 0.0
         intervals = []      # (reduced cost bound, least value) of every class of patterns
@@ -829,6 +883,7 @@ class Patterns:
                 intervals.append((rc, u, u - rc))
         C = self.C
         hard_stop = deadline      # past it: only what keeps the bound valid, cheaply
+        classes = []        # per region set: (index, kinds, R, points T -> (least cost, solution), ...)
         cache_key = (tuple(duals), mu, tuple(self.caps))
         if self._pts_key != cache_key:      # new duals: the points priced before say nothing
             self._pts_key, self._pts_cache = cache_key, {}
@@ -964,15 +1019,7 @@ class Patterns:
                 pts[mid] = lower_cost(mid)
                 n_ref += 1
             self._pts_cache[ci] = (dict(pts), lam_hint[0])
-            ubs = interval_ubs()
-            # (rc bound, least value, least pi.g + mu) per class: a pattern of (lo, hi] is feasible
-            # at lo, so its cost is at least the knapsack's there (costs are >= 0 below the grid)
-            intervals += [(v, lo, (pts[lo][0] if lo > 0 and math.isfinite(pts[lo][0]) else 0.0) + mu)
-                          for v, lo, _ in ubs if v > 0]
-            top = max(ubs)
-            if top[0] > rc_ub:
-                rc_ub = top[0]
-                self.last_argmax = (kinds, R, top, pts.get(top[1]))
+            classes.append((ci, kinds, R, pts, tys, hin, const))
             # candidate columns from the knapsack solutions
             for T, (c, sol) in pts.items():
                 if sol is not None:
@@ -984,8 +1031,138 @@ class Patterns:
                     if not q or q in cands:
                         continue
                     cands[q] = self.upper_value(q) - sum(duals[k] * v for k, v in self.gpus(q).items()) - mu
+        if exact_until is not None and classes:
+            self._tighten(classes, duals, mu, exact_until, exact_goal)
+        for ci, kinds, R, pts, *_ in classes:
+            ubs = _interval_ubs(pts, mu)
+            # (rc bound, least value, least pi.g + mu) per class: a pattern of (lo, hi] is feasible
+            # at lo, so its cost is at least the knapsack's there (costs are >= 0 below the grid)
+            intervals += [(v, lo, (pts[lo][0] if lo > 0 and math.isfinite(pts[lo][0]) else 0.0) + mu)
+                          for v, lo, _ in ubs if v > 0]
+            top = max(ubs)
+            if top[0] > rc_ub:
+                rc_ub = top[0]
+                self.last_argmax = (kinds, R, top, pts.get(top[1]))
         self.intervals = intervals
         return rc_ub, cands
+
+    def _tighten(self, classes, duals, mu, deadline, goal=0.0):
+        """Raise the least cost of the classes with the largest reduced-cost bound, largest
+        first, to ``_constrained_cost`` (Little's law kept as a constraint, not dualised) until
+        ``deadline`` or until no class's bound exceeds ``goal``: an interval's lower end first
+        (EXACT_BUCKETS cost buckets, then 4x as many), then its midpoint. A pattern feasible at
+        T >= lo is feasible at lo, so every point above lo costs at least what lo does: each
+        point's cost stays a lower bound, and the intervals stay valid."""
+        level: dict = {}
+        final = set()
+        while time.perf_counter() < deadline:
+            best = None
+            for e in classes:
+                for v, lo, hi in _interval_ubs(e[3], mu):
+                    if v > goal and lo > 0 and (e[0], lo) not in final and (best is None or v > best[0]):
+                        best = (v, lo, hi, e)
+            if best is None:
+                return
+            v, lo, hi, (ci, _, _, pts, tys, hin, const) = best
+            lv = level.get((ci, lo), 0)
+            at, buckets = lo, EXACT_BUCKETS * (4 if lv else 1)
+            if lv >= 2:
+                if hi - lo <= 1e-5 * hi:
+                    final.add((ci, lo))
+                    continue
+                at = math.sqrt(lo * hi)
+                pts[at] = (pts[lo][0], None)
+            level[(ci, at)] = lv + 1 if at == lo else 2
+            c = self._constrained_cost(tys, hin, duals, at, const, hi - mu, buckets)
+            if c > pts[at][0]:
+                for T in pts:
+                    if T >= at and pts[T][0] < c:
+                        pts[T] = (c, pts[T][1])
+
+    def _constrained_cost(self, tys, hin, price, T, const, target, buckets=None):
+        """A lower bound on the least cost (price . GPUs) of a pipeline of >= 2 stages feasible
+        at throughput T, with Little's law as a constraint: the knapsack's blocks (same layer
+        caps, hops, coordinator links and LM head) in a dynamic programme over (first / last
+        placed, layers, cost bucket) that keeps the least round trip. Each block's cost is
+        rounded down to a multiple of delta = target / buckets (so the sum is too: a lower
+        bound); costs of ``target`` and more share the top bucket. A small kind's splits are
+        kept apart (grouped by cost bucket: the least round per bucket), so its GPU cost and
+        its round trip are those of one split. Returns the least bucket whose round trip keeps
+        T * (round + const) <= C, times delta (inf when none does)."""
+        L, C = self.L, self.C
+        B = buckets or EXACT_BUCKETS
+        if not (target > 0) or T <= 0:
+            return 0.0
+        delta = target / B
+        idx = self._IDX.get(L)
+        if idx is None:
+            self.knapsack(tys, hin, price, T, 0.0)       # builds the index tables
+            idx = self._IDX[L]
+        ys = idx[0]
+        zero = [0.0] * len(self.kinds)
+        small = {}
+        for t in tys:
+            if self.kinds[t.kind].gpus <= SMALL_KIND_GPUS:
+                small.setdefault(t.kind, []).append(t)
+        blocks = [("kind", kd) for kd in small] + [("type", t) for t in tys if t.kind not in small]
+        f = np.full((4, L + 1, B + 1), INF)
+        f[0, 0, 0] = 0.0
+        unused = np.full(L + 1, INF)
+        unused[0] = 0.0
+        nob = np.zeros(L + 1, dtype=int)
+        for what, item in blocks:
+            opts = []      # (flags, cost bucket per layer count, round per layer count)
+            if what == "kind":
+                # every split apart, grouped by cost bucket: the least round per bucket
+                opts.append((0, nob, unused))
+                for dd, (sidx, gpus, A) in self._kind_table(item, hin, T).items():
+                    if not len(sidx):
+                        continue
+                    bys = np.minimum(np.floor(np.maximum(price[item] * gpus, 0.0) / delta), B).astype(int)
+                    for b in np.unique(bys):
+                        opts.append((dd, np.full(L + 1, b), A[bys == b].min(axis=0)))
+            else:
+                oc = self._type_opts(item, hin, price, T, 0.0, ys)
+                orr = self._type_opts(item, hin, zero, T, 1.0, ys)
+                for (dd, cc, _), (_, rr, _) in zip(oc, orr):
+                    fin = np.isfinite(cc) & np.isfinite(rr)
+                    bys = np.where(fin, np.minimum(np.floor(np.maximum(np.where(fin, cc, 0.0), 0.0) / delta), B), 0)
+                    opts.append((dd, bys.astype(int), np.where(fin, rr, INF)))
+            if len(opts) <= 1 and what == "kind":
+                continue
+            g = np.full_like(f, INF)
+            for src in range(4):
+                F = f[src]
+                if not np.isfinite(F).any():
+                    continue
+                for dd, bys, rr in opts:
+                    if src & dd:
+                        continue
+                    G = g[src | dd]
+                    for y in np.nonzero(np.isfinite(rr))[0]:
+                        by = int(bys[y])
+                        S = F[:L + 1 - y] + rr[y]
+                        if by == 0:
+                            np.minimum(G[y:], S, out=G[y:])
+                            continue
+                        if by < B:
+                            np.minimum(G[y:, by:B], S[:, :B - by], out=G[y:, by:B])
+                        G[y:, B] = np.minimum(G[y:, B], S[:, B - by:].min(axis=1))
+            f = g
+        ok = np.nonzero(T * (f[3, L] + const) <= C * (1 + 1e-9))[0]
+        return float(ok[0]) * delta if len(ok) else INF
+
+
+def _interval_ubs(pts, mu):
+    """(reduced-cost bound, T_lo, T_hi) per interval of the priced points: a pattern of value in
+    (T_lo, T_hi] is feasible at T_lo, so it costs at least the points' cost there; below the
+    grid, costs are >= 0."""
+    Ts = sorted(pts)
+    out = [(Ts[0] - mu, 0.0, Ts[0])]
+    for lo, hi in zip(Ts, Ts[1:]):
+        c = pts[lo][0]
+        out.append((hi - c - mu if math.isfinite(c) else -INF, lo, hi))
+    return out
 
 
 def lagrangian_bound(z: float, P: int, intervals, Z: float) -> float:
@@ -1240,9 +1417,11 @@ class PatternResult:
 
 
 def pattern_bound(problem: Problem, time_limit: float = 10.0, lp_backend: str = "highs",
-                  progress=None, max_iter: int = 60, start=None) -> PatternResult:
+                  progress=None, max_iter: int = 60, start=None, exact_share: float = 0.3) -> PatternResult:
     """Column generation over node kinds. ``result.bound`` is valid at every iteration (the
-    smallest seen is kept); ``progress(msg)`` gets one line per iteration."""
+    smallest seen is kept); ``progress(msg)`` gets one line per iteration. Once the columns
+    have converged, up to ``exact_share`` of the time left goes to the exact pass of the
+    pricing (``Patterns._tighten``), which only lowers the bound."""
     t0 = time.perf_counter()
     deadline = t0 + time_limit
     ctx = Patterns(problem)
@@ -1296,7 +1475,9 @@ def pattern_bound(problem: Problem, time_limit: float = 10.0, lp_backend: str = 
                 say(f"patterns: LP {z:.2f}, +{len(near)} neighbouring columns, {time.perf_counter() - t0:.1f}s")
                 continue
         it += 1
+        goal = EXACT_GOAL * max(1.0, z) / max(1, K_max)
         rc_ub, cands = ctx.price(duals, mu, t0, time.perf_counter() + max(0.05, remaining * (0.8 if last else 0.4)),
+                                 exact_until=deadline if last else None, exact_goal=goal,
                                  **(FINE if last else COARSE))
         # any duals >= 0 give pi.G + mu P >= every plan's sum of (u - rc); it is z_RMP for an
         # exact LP solution, and stays valid for approximate duals (PDLP)
@@ -1307,7 +1488,9 @@ def pattern_bound(problem: Problem, time_limit: float = 10.0, lp_backend: str = 
                      reverse=True)[:NEW_COLUMNS]
         if not new and not last and rc_ub > 1e-6 * max(1.0, z) and time.perf_counter() < deadline:
             # converged on the columns: spend what is left on a fine pricing for the bound
-            rc_ub, cands = ctx.price(duals, mu, t0, deadline, **FINE)
+            now = time.perf_counter()
+            rc_ub, cands = ctx.price(duals, mu, t0, deadline, exact_until=now + exact_share * (deadline - now),
+                                     exact_goal=goal, **FINE)
             bound = min(bound, lagrangian_bound(zd, K_max, ctx.intervals, bound))
             new = sorted(((rc, p) for p, rc in cands.items() if rc > 1e-7 * max(1.0, z) and p not in seen),
                          reverse=True)[:NEW_COLUMNS]
@@ -1416,13 +1599,14 @@ def _dive(ctx: Patterns, result: PatternResult, deadline: float, lp_backend: str
 
 def pattern_plan(problem: Problem, time_limit: float = 10.0, lp_backend: str = "highs",
                  int_backend: str | None = None, progress=None, result: PatternResult | None = None,
-                 bound_share: float = 0.65, start=None):
+                 bound_share: float = 0.65, start=None, exact_share: float = 0.3):
     """(chains, result): integer patterns over the generated columns on their exact values,
     mapped onto concrete nodes (``ChainResult`` list, links shared counted), and the
     column-generation result (``result.bound`` is the valid bound)."""
     t0 = time.perf_counter()
     if result is None:
-        result = pattern_bound(problem, time_limit * bound_share, lp_backend, progress, start=start)
+        result = pattern_bound(problem, time_limit * bound_share, lp_backend, progress, start=start,
+                               exact_share=exact_share)
     ctx = result.context
     if int_backend is None:
         int_backend = "cpsat" if ortools_available() else "highs"
