@@ -364,9 +364,12 @@ def run_executor(name: str, checkpoint: str, stages, reqs: list, threads: int, w
 
 # ---- gRPC overhead per stage hop ------------------------------------------------------------------
 
-def decode_sequence(prompt_len: int, steps: int, batch: int, tag: str):
-    """The chunks of a prefill then `steps` 1-token decode steps for `batch` sequences."""
-    out = [[(f"{tag}-{j}", 0, prompt_len) for j in range(batch)]]
+def decode_sequence(prompt_len: int, steps: int, batch: int, tag: str, max_step_tokens: int | None = None):
+    """The chunks of a prefill then `steps` 1-token decode steps for `batch` sequences. The
+    prefill is one step, or with ``max_step_tokens`` as many steps of whole prompts as keep each
+    within it (a stage refuses a step larger than the launch's steps: its gRPC message limit)."""
+    per = batch if not max_step_tokens else max(1, max_step_tokens // max(1, prompt_len))
+    out = [[(f"{tag}-{j}", 0, prompt_len) for j in range(i, min(batch, i + per))] for i in range(0, batch, per)]
     for s in range(steps):
         out.append([(f"{tag}-{j}", prompt_len + s, 1) for j in range(batch)])
     return out
@@ -392,10 +395,11 @@ def time_rpc(address: str, downstream: list, seq: list, vocab: int, seed: int, t
             t = time.perf_counter()
             resp = stub.Forward(req, timeout=60)
             from_proto(resp.logits)
-            times.append(time.perf_counter() - t)
+            if all(c[2] == 1 for c in chunks):   # decode steps only: the prefill is not timed
+                times.append(time.perf_counter() - t)
         ids = sorted({c[0] for chunks in seq for c in chunks})
         stub.Release(pb.ReleaseRequest(request_ids=ids, downstream=downstream), timeout=30)
-    return times[1:]                         # drop the prefill
+    return times
 
 
 def time_health(address: str, n: int) -> list:

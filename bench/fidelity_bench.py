@@ -482,7 +482,7 @@ def run_plan_measured(name: str, ckpt: str, stages, plan, loads: dict, probes: b
             addrs = list(gw.pipelines[0].stages)
             for b in PROBE_BATCHES:
                 out["rpc"][b] = statistics.median(time_rpc(addrs[0], addrs[1:],
-                                                           decode_sequence(probe_prompt, 25, b, f"rpc{b}"),
+                                                           decode_sequence(probe_prompt, 25, b, f"rpc{b}", 512),
                                                            vocab, seed, L.auth_token)[5:])
             # the same through the gateway (sampling, streaming, scheduler)
             for b in (1, 16):
