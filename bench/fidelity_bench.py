@@ -43,8 +43,8 @@ out measured in service and fed in as cluster fields (`calibrate_terms`; --no-ca
 the decode table as served (decode steps of 1..16 sequences sent straight to the launched plan's
 first stage, less the profile's LM head and all-reduces and the links) and the gateway's own cost
 per step (the same step through the gateway, as latency on the coordinator's links). Its
-difference from `sim` is what a served step costs beyond the profile (host sharing, the gateway
-process beside the workers). Target: simulated within 15% of measured on throughput, P50 TTFT
+difference from `sim` is what a served step costs beyond the profile and the shared-host term (the
+gateway process and the stages' transfers beside the workers). Target: simulated within 15% of measured on throughput, P50 TTFT
 and P50 TPOT in every cell. The probes' table (served step against the model's, per batch) is
 printed after the main one; `--json` keeps every request and every gateway step (their
 composition and duration).

@@ -325,12 +325,11 @@ class Engine:
     def _hosted_end(self, r: int, start: float, d: float) -> float:
         """When a step of modelled time ``d`` that starts at ``start`` on stage resource ``r``
         (on a shared host) ends. Alone its workers run ``Host.slowdown(w)`` slower than the
-        profile (a TP stage's ranks share the host too); for the time it overlaps a step already
-        booked on another stage of the host, both run at the slowdown of their workers together:
-        this step is lengthened, and so is the other's hold on its stage (the other step's
-        departure is already scheduled, so that part of its slowdown reaches the next step on
-        that stage, not this one: an approximation of processor sharing that the precomputed
-        departures allow)."""
+        profile (a TP stage's ranks share the host too); for the time it overlaps the step running
+        on another stage of the host, both run at the slowdown of their workers together: this
+        step is lengthened, and so is the other one (its ``free`` end moves; its HOSTED departure
+        event sees that and waits for the new end). Sets this stage's ``hstart``; the caller books
+        ``free`` and ``busy`` for this step."""
         host, threads, w, members = self.host_info[r]
         free, hstart, busy = self.free, self.hstart, self.busy
         m0 = host.slowdown(w, threads)
