@@ -1048,13 +1048,44 @@ class Patterns:
 
     def _tighten(self, classes, duals, mu, deadline, goal=0.0):
         """Raise the least cost of the classes with the largest reduced-cost bound, largest
-        first, to ``_constrained_cost`` (Little's law kept as a constraint, not dualised) until
-        ``deadline`` or until no class's bound exceeds ``goal``: an interval's lower end first
-        (EXACT_BUCKETS cost buckets, then 4x as many), then its midpoint. A pattern feasible at
-        T >= lo is feasible at lo, so every point above lo costs at least what lo does: each
-        point's cost stays a lower bound, and the intervals stay valid."""
-        level: dict = {}
+        first, with Little's law as a constraint (not dualised), until ``deadline`` or until no
+        class's bound exceeds ``goal``. The dynamic programme depends on T only through the
+        layer caps, and larger caps only relax it: one run per region set and caps vector
+        (``_round_profile``: the least round trip per cost bucket) prices every point whose
+        caps are at most those (the same caps, or any larger T), each with its own Little's law
+        (``_profile_cost``). A class whose lower end this does not raise is split at its
+        midpoint (priced from the profiles), and once narrow, priced again with 4x the buckets.
+        A pattern feasible at T is feasible below T, so the least cost is non-decreasing in T
+        and a point's cost is carried to the points above it: every point's cost stays a lower
+        bound, and the intervals stay valid."""
+        profs: dict = {}       # (region set, caps) -> [(delta, profile), level]
+        keys: dict = {}        # (region set, T) -> caps at T (flat)
         final = set()
+
+        def key_of(e, T):
+            k = keys.get((e[0], T))
+            if k is None:
+                k = keys[(e[0], T)] = tuple(x for c in self._cap_key(e[4], T) for x in c)
+            return k
+
+        def covers(k, kT):
+            return all(a >= b for a, b in zip(k, kT))
+
+        def cost_at(e, T, c):
+            kT = key_of(e, T)
+            for (ci, k), pr in profs.items():
+                if ci == e[0] and covers(k, kT):
+                    c = max(c, self._profile_cost(pr[0], T, e[6]))
+            return c
+
+        def lift(pts):
+            run = -INF
+            for T in sorted(pts):
+                if pts[T][0] < run:
+                    pts[T] = (run, pts[T][1])
+                else:
+                    run = pts[T][0]
+
         while time.perf_counter() < deadline:
             best = None
             for e in classes:
@@ -1063,36 +1094,73 @@ class Patterns:
                         best = (v, lo, hi, e)
             if best is None:
                 return
-            v, lo, hi, (ci, _, _, pts, tys, hin, const) = best
-            lv = level.get((ci, lo), 0)
-            at, buckets = lo, EXACT_BUCKETS * (4 if lv else 1)
-            if lv >= 2:
-                if hi - lo <= 1e-5 * hi:
-                    final.add((ci, lo))
-                    continue
-                at = math.sqrt(lo * hi)
-                pts[at] = (pts[lo][0], None)
-            level[(ci, at)] = lv + 1 if at == lo else 2
-            c = self._constrained_cost(tys, hin, duals, at, const, hi - mu, buckets)
-            if c > pts[at][0]:
+            v, lo, hi, e = best
+            ci, _, _, pts, tys, hin, const = e
+            k = key_of(e, lo)
+            pr = profs.get((ci, k))
+            narrow = hi - lo <= 1e-5 * hi
+            if pr is None or (pr[1] < 2 and narrow):
+                # the largest target among the classes whose lower end has these caps
+                cmax = max(h for _, l, h in _interval_ubs(pts, mu) if l > 0 and key_of(e, l) == k) - mu
+                level = 1 if pr is None else 2
+                prof = self._round_profile(tys, hin, duals, lo, cmax, EXACT_BUCKETS * (4 if level == 2 else 1))
+                profs[(ci, k)] = [prof, level]
                 for T in pts:
-                    if T >= at and pts[T][0] < c:
-                        pts[T] = (c, pts[T][1])
+                    if T > 0 and covers(k, key_of(e, T)):
+                        c = self._profile_cost(prof, T, const)
+                        if c > pts[T][0]:
+                            pts[T] = (c, pts[T][1])
+                lift(pts)
+                continue
+            if not narrow:
+                mid = math.sqrt(lo * hi)
+                pts[mid] = (cost_at(e, mid, pts[lo][0]), None)
+                lift(pts)
+                continue
+            final.add((ci, lo))
+
+    def _cap_key(self, tys, T) -> tuple:
+        """Layer caps (middle, first, last) of each type of ``tys`` at throughput T (T > 0), as
+        the knapsack's items take them: the exact pass depends on T through these only."""
+        inv = 1 / T
+        out = []
+        for t in tys:
+            c = math.floor(t.rate * inv * (1 + 1e-9))
+            out.append((min(t.cap[0], c), min(t.cap[1], c),
+                        min(t.cap[2], math.floor(t.rate * (inv - t.head_tok) * (1 + 1e-9)))))
+        return tuple(out)
 
     def _constrained_cost(self, tys, hin, price, T, const, target, buckets=None):
         """A lower bound on the least cost (price . GPUs) of a pipeline of >= 2 stages feasible
-        at throughput T, with Little's law as a constraint: the knapsack's blocks (same layer
-        caps, hops, coordinator links and LM head) in a dynamic programme over (first / last
-        placed, layers, cost bucket) that keeps the least round trip. Each block's cost is
-        rounded down to a multiple of delta = target / buckets (so the sum is too: a lower
-        bound); costs of ``target`` and more share the top bucket. A small kind's splits are
-        kept apart (grouped by cost bucket: the least round per bucket), so its GPU cost and
-        its round trip are those of one split. Returns the least bucket whose round trip keeps
-        T * (round + const) <= C, times delta (inf when none does)."""
-        L, C = self.L, self.C
-        B = buckets or EXACT_BUCKETS
+        at throughput T, with Little's law as a constraint (``_round_profile`` at T, costs in
+        buckets of target / buckets; costs of ``target`` and more share the top bucket: the
+        result is at most ``target``; inf when no pipeline is feasible)."""
         if not (target > 0) or T <= 0:
             return 0.0
+        return self._profile_cost(self._round_profile(tys, hin, price, T, target, buckets), T, const)
+
+    def _profile_cost(self, prof, T, const):
+        """The least cost bucket of a round profile whose round trip keeps Little's law at T,
+        T (round + const) <= C, times its width: a lower bound on the cost of every pipeline
+        feasible at T, for a profile made at T or at any T0 whose layer caps are at least those
+        at T (T0 <= T: larger caps only relax the programme). inf when none."""
+        delta, f = prof
+        ok = np.nonzero(T * (f + const) <= self.C * (1 + 1e-9))[0]
+        return float(ok[0]) * delta if len(ok) else INF
+
+    def _round_profile(self, tys, hin, price, T, target, buckets=None):
+        """(delta, f): f[b] = the least round trip (seconds, as the knapsack charges it, without
+        the region set's constant) of a pipeline of >= 2 stages whose layer caps are those at T
+        and whose cost, each item's cost rounded down to a multiple of delta = target / buckets,
+        is at most b delta (b = buckets: any cost). A dynamic programme over (first / last
+        placed, layers, cost bucket) over the knapsack's items (same layer caps, hops,
+        coordinator links and LM head). A small kind's splits are kept apart (grouped by cost
+        bucket: the least round per bucket), so its GPU cost and its round trip are those of
+        one split. Rounding each item's cost down makes each sum a lower bound. An entry
+        (bucket, layers) of an item whose round is not below that of a cheaper bucket at the
+        same layers is dropped (it cannot lower any f[b])."""
+        L = self.L
+        B = buckets or EXACT_BUCKETS
         delta = target / B
         idx = self._IDX.get(L)
         if idx is None:
@@ -1105,52 +1173,54 @@ class Patterns:
             if self.kinds[t.kind].gpus <= SMALL_KIND_GPUS:
                 small.setdefault(t.kind, []).append(t)
         blocks = [("kind", kd) for kd in small] + [("type", t) for t in tys if t.kind not in small]
+        # f[s, x, b]: least round with flags s, x layers, rounded cost <= b buckets
         f = np.full((4, L + 1, B + 1), INF)
-        f[0, 0, 0] = 0.0
-        unused = np.full(L + 1, INF)
-        unused[0] = 0.0
-        nob = np.zeros(L + 1, dtype=int)
+        f[0, 0, :] = 0.0
         for what, item in blocks:
-            opts = []      # (flags, cost bucket per layer count, round per layer count)
+            opts = []      # (flags, [(layers, cost bucket, round)])
             if what == "kind":
-                # every split apart, grouped by cost bucket: the least round per bucket
-                opts.append((0, nob, unused))
+                # every split apart, grouped by cost bucket: the least round per bucket, kept
+                # where it is below every cheaper bucket's at the same layer count
                 for dd, (sidx, gpus, A) in self._kind_table(item, hin, T).items():
                     if not len(sidx):
                         continue
                     bys = np.minimum(np.floor(np.maximum(price[item] * gpus, 0.0) / delta), B).astype(int)
+                    run = np.full(L + 1, INF)
+                    pairs = []
                     for b in np.unique(bys):
-                        opts.append((dd, np.full(L + 1, b), A[bys == b].min(axis=0)))
+                        row = A[bys == b].min(axis=0)
+                        for y in np.nonzero(row < run)[0]:
+                            pairs.append((int(y), int(b), float(row[y])))
+                        run = np.minimum(run, row)
+                    opts.append((dd, pairs))
             else:
                 oc = self._type_opts(item, hin, price, T, 0.0, ys)
                 orr = self._type_opts(item, hin, zero, T, 1.0, ys)
                 for (dd, cc, _), (_, rr, _) in zip(oc, orr):
                     fin = np.isfinite(cc) & np.isfinite(rr)
-                    bys = np.where(fin, np.minimum(np.floor(np.maximum(np.where(fin, cc, 0.0), 0.0) / delta), B), 0)
-                    opts.append((dd, bys.astype(int), np.where(fin, rr, INF)))
-            if len(opts) <= 1 and what == "kind":
+                    if not dd:
+                        fin[0] = False          # not using the type: f stays as it is
+                    bys = np.minimum(np.floor(np.maximum(np.where(fin, cc, 0.0), 0.0) / delta), B).astype(int)
+                    opts.append((dd, [(int(y), int(bys[y]), float(rr[y])) for y in np.nonzero(fin)[0]]))
+            if not any(p for _, p in opts):
                 continue
-            g = np.full_like(f, INF)
+            g = f.copy()       # the item unused
             for src in range(4):
                 F = f[src]
-                if not np.isfinite(F).any():
+                if not np.isfinite(F[:, B]).any():
                     continue
-                for dd, bys, rr in opts:
+                for dd, pairs in opts:
                     if src & dd:
                         continue
                     G = g[src | dd]
-                    for y in np.nonzero(np.isfinite(rr))[0]:
-                        by = int(bys[y])
-                        S = F[:L + 1 - y] + rr[y]
-                        if by == 0:
-                            np.minimum(G[y:], S, out=G[y:])
+                    for y, by, r in pairs:
+                        if by >= B:
+                            np.minimum(G[y:, B], F[:L + 1 - y, B] + r, out=G[y:, B])
                             continue
-                        if by < B:
-                            np.minimum(G[y:, by:B], S[:, :B - by], out=G[y:, by:B])
-                        G[y:, B] = np.minimum(G[y:, B], S[:, B - by:].min(axis=1))
+                        np.minimum(G[y:, by:], F[:L + 1 - y, :B + 1 - by] + r, out=G[y:, by:])
+                        np.minimum(G[y:, B], F[:L + 1 - y, B] + r, out=G[y:, B])
             f = g
-        ok = np.nonzero(T * (f[3, L] + const) <= C * (1 + 1e-9))[0]
-        return float(ok[0]) * delta if len(ok) else INF
+        return delta, f[3, L].copy()
 
 
 def _interval_ubs(pts, mu):
