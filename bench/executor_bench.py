@@ -257,9 +257,9 @@ def instrument_steps(gateway, t0_ref: list) -> list:
     runner = gateway.runner
     orig = runner.run
 
-    def timed(step):
+    def timed(step, *args):
         t = time.perf_counter()
-        ok = orig(step)
+        ok = orig(step, *args)
         if step.size:
             steps.append((t - t0_ref[0], time.perf_counter() - t, step.size, step.tokens))
         return ok
