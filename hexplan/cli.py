@@ -615,6 +615,15 @@ def _executor():
     return executor
 
 
+def _gateway_torch_threads():
+    """A gateway process's own torch work is small (token tensors, sampling a step's rows); one
+    torch thread does it. Its micro-batch loops run on several threads, each of which would get
+    a team of OpenMP threads as large as the machine, spinning on the cores the stages compute
+    on when they share the machine (`hexplan launch`; worker.ComputeThread)."""
+    import torch
+    torch.set_num_threads(1)
+
+
 def _tls(args):
     from .executor.wire import Tls
 
@@ -694,6 +703,7 @@ def cmd_serve(args) -> int:
     from .executor.lifecycle import StopSignals, drain_and_stop
     from .executor.servicer import serve_gateway
 
+    _gateway_torch_threads()
     drain_timeout = _drain_timeout(args)
     faults = _fault_args(args)
     http = _http_args(args)
@@ -833,6 +843,7 @@ def cmd_launch(args) -> int:
     from .executor.gateway import GatewayError
     from .executor.launch import run_launch
 
+    _gateway_torch_threads()
     drain_timeout = _drain_timeout(args)
     faults = _fault_args(args)
     http = _http_args(args)

@@ -21,6 +21,7 @@ The worker exits when its node executor (its parent process) goes away.
 from __future__ import annotations
 
 import os
+import queue
 import threading
 import time
 from concurrent import futures
@@ -68,14 +69,59 @@ def _watch_parent(parent: int) -> None:
     threading.Thread(target=run, daemon=True, name="parent-watch").start()
 
 
-class StageWorker(pbg.StageServicer):
-    """Rank 0's Stage servicer over a loaded StageModel."""
+class ComputeThread:
+    """Runs a worker's torch work on one thread: the one that made it (the process's main
+    thread, which loaded the model and timed its decode steps).
 
-    def __init__(self, model: StageModel, ctx: TPContext, spec: dict, tls: Tls | None):
+    gRPC runs each call on a thread of its pool. Were the forwards run there, every pool thread
+    that ran one would get a team of OpenMP threads of its own, and once a process has more
+    OpenMP threads than CPUs, libgomp's idle threads stop spinning (GOMP_SPINCOUNT drops to
+    100), so every parallel region of a step waits for its threads to wake from the kernel.
+    Measured on the 2-core development machine, a 64-sequence decode step of the 134M model
+    took 217 ms on the thread that made the first team and 359 ms, on that thread as well as on
+    any other, once a second thread had run one forward (docs/executor-benchmark.md). One
+    thread also runs the calls in the order they came, as the lock it replaces did not."""
+
+    def __init__(self):
+        self._owner = threading.get_ident()
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+
+    def call(self, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)`` on the compute thread; its result, or its exception raised
+        here. Called on the compute thread itself, it just runs it."""
+        if threading.get_ident() == self._owner:
+            return fn(*args, **kwargs)
+        fut: futures.Future = futures.Future()
+        self._q.put((fut, fn, args, kwargs))
+        return fut.result()
+
+    def serve(self, stopped, poll_s: float = 0.5) -> None:
+        """Run the calls handed over, in order, until ``stopped()`` (checked at least every
+        ``poll_s``). On the thread that made this object only."""
+        assert threading.get_ident() == self._owner, "serve() runs on the compute thread"
+        while not stopped():
+            try:
+                fut, fn, args, kwargs = self._q.get(timeout=poll_s)
+            except queue.Empty:
+                continue
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(*args, **kwargs))
+            except BaseException as e:  # the caller's to handle, on its own thread
+                fut.set_exception(e)
+
+
+class StageWorker(pbg.StageServicer):
+    """Rank 0's Stage servicer over a loaded StageModel. Every call that touches the model
+    runs on the compute thread (``ComputeThread``), one at a time."""
+
+    def __init__(self, model: StageModel, ctx: TPContext, spec: dict, tls: Tls | None,
+                 compute: ComputeThread | None = None):
         self.model, self.ctx, self.spec, self.tls = model, ctx, spec, tls
         self.token = spec.get("auth_token") or None
         self.downstream = [str(a) for a in spec.get("downstream") or []]   # fixed at load
-        self.lock = threading.Lock()
+        self.compute = compute or ComputeThread()
         self._stubs: dict = {}
         self._stubs_lock = threading.Lock()
         self.link = parse_link_delay(os.environ.get("HEXPLAN_LINK_DELAY", ""))
@@ -118,20 +164,21 @@ class StageWorker(pbg.StageServicer):
         if len(parts) > 1:
             self.interleaved_steps += 1
         if not self.downstream:      # request.downstream is ignored: the stage's is fixed at load
-            hidden: dict = {}
+            def last_stage():
+                hidden: dict = {}
+                logits = torch.cat(self._run(header, [inputs], hidden_out=hidden)).float()
+                if request.greedy:    # the gateway samples every row greedily: send it the tokens alone
+                    resp = pb.ForwardResponse(tokens=greedy_tokens(logits))
+                else:
+                    resp = pb.ForwardResponse(logits=to_proto(logits))
+                if hidden:
+                    resp.hidden.CopyFrom(to_proto(torch.stack([hidden[c["request_id"]] for c in chunks
+                                                               if c["hidden"]])))
+                return resp
             try:
-                with self.lock:
-                    outs = self._run(header, [inputs], hidden_out=hidden)
+                return self.compute.call(last_stage)
             except ValueError as e:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{stage}: {e}")
-            logits = torch.cat(outs).float()
-            if request.greedy:    # the gateway samples every row greedily: send it the tokens alone
-                resp = pb.ForwardResponse(tokens=greedy_tokens(logits))
-            else:
-                resp = pb.ForwardResponse(logits=to_proto(logits))
-            if hidden:
-                resp.hidden.CopyFrom(to_proto(torch.stack([hidden[c["request_id"]] for c in chunks if c["hidden"]])))
-            return resp
         # A pipeline stage hands each part to the sending thread as soon as it is computed; the
         # logits come back in order.
         nxt = self.downstream[0]
@@ -145,8 +192,7 @@ class StageWorker(pbg.StageServicer):
                                     greedy=request.greedy)
             sends.append(self._send(nxt, req, timeout))
         try:
-            with self.lock:
-                self._run(header, [inputs], on_part=send)
+            self.compute.call(self._run, header, [inputs], on_part=send)
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{stage}: {e}")
         try:
@@ -157,6 +203,13 @@ class StageWorker(pbg.StageServicer):
         if len(replies) == 1:
             return replies[0]
         if request.greedy:
+            return self._joined(replies, True)
+        return self.compute.call(self._joined, replies, False)   # torch.cat: on the compute thread
+
+    @staticmethod
+    def _joined(replies: list, greedy: bool):
+        """One response from the next stage's replies to the parts of a step, in order."""
+        if greedy:
             resp = pb.ForwardResponse(tokens=[t for r in replies for t in r.tokens])
         else:
             resp = pb.ForwardResponse(logits=to_proto(torch.cat([from_proto(r.logits) for r in replies])))
@@ -184,8 +237,7 @@ class StageWorker(pbg.StageServicer):
     def Release(self, request, context):
         ids = list(request.request_ids)
         op = "offload" if request.offload else "release"
-        with self.lock:
-            released = self._run({"op": op, "ids": ids}, [])
+        released = self.compute.call(self._run, {"op": op, "ids": ids}, [])
         if self.downstream:
             try:
                 self._stub(self.downstream[0]).Release(
@@ -195,16 +247,14 @@ class StageWorker(pbg.StageServicer):
         return pb.ReleaseResponse(released=released)
 
     def Stats(self, request, context):
-        with self.lock:
-            return pb.StatsResponse(name=self.spec["stage_id"], kv_bytes=self.model.kv_bytes(),
-                                    sequences=self.model.num_sequences(), stages=[self.spec["stage_id"]],
-                                    offloaded_bytes=self.model.offloaded_bytes(),
-                                    interleaved_steps=self.interleaved_steps)
+        return self.compute.call(lambda: pb.StatsResponse(
+            name=self.spec["stage_id"], kv_bytes=self.model.kv_bytes(), sequences=self.model.num_sequences(),
+            stages=[self.spec["stage_id"]], offloaded_bytes=self.model.offloaded_bytes(),
+            interleaved_steps=self.interleaved_steps))
 
     def stop_followers(self):
         if self.ctx.size > 1:
-            with self.lock:
-                broadcast_message(self.ctx, {"op": "stop"}, [])
+            self.compute.call(broadcast_message, self.ctx, {"op": "stop"}, [])
 
 
 def greedy_tokens(logits: torch.Tensor) -> list[int]:
@@ -274,7 +324,8 @@ def worker_main(spec: dict, rank: int, master_port: int, ready, tls: dict | None
             return
         server.start()
         ready.put({"rank": rank, "ok": True, "port": port, "decode_ms": decode_ms})
-        server.wait_for_termination()
+        # this thread loaded the model and timed it: it runs every forward too (ComputeThread)
+        worker.compute.serve(lambda: not server.wait_for_termination(timeout=0))
     else:
         ready.put({"rank": rank, "ok": True})
         while True:

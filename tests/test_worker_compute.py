@@ -1,0 +1,87 @@
+"""A stage worker runs all of its torch work on one thread (worker.ComputeThread)."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("grpc")
+
+from hexplan.executor.worker import ComputeThread  # noqa: E402
+
+
+def serving(compute: ComputeThread):
+    """Serve ``compute``'s calls on this thread (its owner) until the returned stop is called."""
+    done = threading.Event()
+    return done, (lambda: compute.serve(done.is_set, poll_s=0.05))
+
+
+def test_calls_from_other_threads_run_on_the_owner_in_order():
+    compute = ComputeThread()
+    owner = threading.get_ident()
+    seen, results, errors = [], {}, []
+
+    def caller(i):
+        try:
+            results[i] = compute.call(lambda: (seen.append(i), threading.get_ident())[1])
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    done, serve = serving(compute)
+    threads = []
+    for i in range(8):                       # one after the other: the queue keeps their order
+        t = threading.Thread(target=caller, args=(i,))
+        t.start()
+        threads.append(t)
+        time.sleep(0.01)
+    stopper = threading.Thread(target=lambda: ([t.join(10) for t in threads], done.set()))
+    stopper.start()
+    serve()                                  # returns once every caller has its answer
+    stopper.join(10)
+    assert not errors
+    assert set(results.values()) == {owner}  # every call ran on the compute thread
+    assert seen == list(range(8))
+
+
+def test_an_exception_reaches_the_caller_and_the_thread_goes_on():
+    compute = ComputeThread()
+    done, serve = serving(compute)
+    out = {}
+
+    def caller():
+        try:
+            compute.call(lambda: int("x"))
+        except ValueError as e:
+            out["error"] = str(e)
+        out["after"] = compute.call(lambda: 41 + 1)
+        done.set()
+
+    t = threading.Thread(target=caller)
+    t.start()
+    serve()
+    t.join(10)
+    assert "invalid literal" in out["error"]
+    assert out["after"] == 42
+
+
+def test_a_call_on_the_owner_runs_inline_and_serve_stops():
+    compute = ComputeThread()
+    assert compute.call(lambda a, b=0: a + b, 2, b=3) == 5   # no server needed on its own thread
+    t0 = time.monotonic()
+    compute.serve(lambda: time.monotonic() - t0 > 0.1, poll_s=0.02)
+    assert time.monotonic() - t0 < 2
+    with pytest.raises(AssertionError):                      # serve() belongs to the owner
+        err = []
+        th = threading.Thread(target=lambda: _catch(err, lambda: compute.serve(lambda: True)))
+        th.start()
+        th.join(10)
+        raise err[0]
+
+
+def _catch(sink, fn):
+    try:
+        fn()
+    except BaseException as e:
+        sink.append(e)
