@@ -197,6 +197,7 @@ def run_hexplan(name: str, checkpoint: str, layers: int, reqs: list, threads: in
         http_stream(L.http.port, L.http.front.model, {"id": "warm", "prompt": [1, 2, 3], "output_len": 4},
                     time.perf_counter())
         gflops = eb.calibrate(os.cpu_count() or 1)
+        steps = eb.instrument_steps(L.gateway, [time.perf_counter()])
         if name == "grpc":
             records = eb.replay(L.address, reqs, f"  {name}")
         else:
@@ -204,7 +205,22 @@ def run_hexplan(name: str, checkpoint: str, layers: int, reqs: list, threads: in
         schedule = {"micro_batches": c.loops, "max_batch": c.batch, "concurrency": c.concurrency}
     wall = max(r["end"] for r in records)
     return eb.summarize(name, records, wall, {"threads_per_worker": threads, "schedule": schedule,
-                                              "workload": workload, "calibration_gflops": gflops})
+                                              "workload": workload, "calibration_gflops": gflops,
+                                              "steps": step_summary(steps)})
+
+
+def step_summary(steps: list) -> dict:
+    """The gateway's steps as its step runner timed them (start, seconds, sequences, tokens):
+    how many, their total time, and the median time of the decode-only steps of the largest
+    batches (at least 7/8 of the largest), the figure to hold against a stage's decode step
+    timed alone (docs/executor-benchmark.md, "One compute thread per worker")."""
+    if not steps:
+        return {}
+    decode = [s for s in steps if s[3] == s[2]]
+    top = max((s[2] for s in decode), default=0)
+    big = sorted(s[1] for s in decode if s[2] * 8 >= top * 7)
+    return {"count": len(steps), "busy_s": sum(s[1] for s in steps), "decode_only": len(decode),
+            "large_decode_batch": top, "large_decode_step_ms_p50": 1e3 * big[len(big) // 2] if big else None}
 
 
 def table(rows: list, base: dict | None, grpc: dict | None) -> str:
@@ -265,8 +281,11 @@ def main() -> int:
                 else:
                     res = fresh(run_hexplan, name, ckpt, model.num_layers, reqs, threads,
                                 None if name == "bare" else workload, None if name == "bare" else args.prefill_chunk)
+                st = res.get("steps") or {}
                 log(f"({name}) {res['tokens_per_s']:.1f} tokens/s, TTFT P50 {res['ttft_p50_s']:.2f} s, "
-                    f"E2E P50 {res['latency_p50_s']:.2f} s")
+                    f"E2E P50 {res['latency_p50_s']:.2f} s"
+                    + (f"; {st['count']} steps, decode-only steps of {st['large_decode_batch']}: "
+                       f"{st['large_decode_step_ms_p50']:.0f} ms (P50)" if st.get("large_decode_step_ms_p50") else ""))
                 runs[name].append(res)
     finally:
         tmp.cleanup()
