@@ -71,16 +71,23 @@ def every_pipeline(bf: BruteForce):
                     yield ordered, thr
 
 
+def pipelines_by_region_set(ctx, bf) -> dict:
+    """Every pipeline of ``bf`` (just under its throughput), grouped by the set of regions it
+    uses, in a stable order: the pass prices each region set on its own."""
+    by_ctx: dict = {}
+    for ordered, thr in every_pipeline(bf):
+        regions = frozenset(ctx.kinds[ctx.kind_of[node]].region for node, _ in ordered)
+        by_ctx.setdefault(regions, []).append((ordered, thr * (1 - 1e-7)))
+    return dict(sorted(by_ctx.items(), key=lambda kv: sorted(kv[0])))
+
+
 def check_profiles(cluster, model, bf, seed):
     """Every pipeline's cost is at least the exact pass's cost at its throughput, from profiles
     made at lower throughputs (its own among them) in its region set, for random prices: as
     the pass uses them, one profile prices every point at or above the T it was made at."""
     ctx = patterns.Patterns(Problem(cluster, model, SolveOptions()))
     rng = random.Random(seed)
-    by_ctx: dict = {}
-    for ordered, thr in every_pipeline(bf):
-        regions = frozenset(ctx.kinds[ctx.kind_of[node]].region for node, _ in ordered)
-        by_ctx.setdefault(regions, []).append((ordered, thr * (1 - 1e-7)))
+    by_ctx = pipelines_by_region_set(ctx, bf)
     checked = 0
     for regions, pipes in by_ctx.items():
         ctx_kinds = [k.idx for k in ctx.kinds if k.region in regions]
@@ -149,12 +156,9 @@ def check_tighten(cluster, model, bf, seed):
     pipeline of its region set that is feasible there (throughput at or above the point)."""
     ctx = patterns.Patterns(Problem(cluster, model, SolveOptions()))
     rng = random.Random(seed)
-    by_ctx: dict = {}
-    for ordered, thr in every_pipeline(bf):
-        regions = frozenset(ctx.kinds[ctx.kind_of[node]].region for node, _ in ordered)
-        by_ctx.setdefault(regions, []).append((ordered, thr * (1 - 1e-7)))
+    by_ctx = pipelines_by_region_set(ctx, bf)
     checked = 0
-    for ci, (regions, pipes) in enumerate(sorted(by_ctx.items(), key=lambda kv: sorted(kv[0]))):
+    for ci, (regions, pipes) in enumerate(by_ctx.items()):
         ctx_kinds = [k.idx for k in ctx.kinds if k.region in regions]
         tys, hin, const, _ = ctx.context_data(ctx_kinds, len(regions))
         Ts = sorted(T for _, T in pipes)

@@ -79,8 +79,9 @@ class ComputeThread:
     100), so every parallel region of a step waits for its threads to wake from the kernel.
     Measured on the 2-core development machine, a 64-sequence decode step of the 134M model
     took 217 ms on the thread that made the first team and 359 ms, on that thread as well as on
-    any other, once a second thread had run one forward (docs/executor-benchmark.md). One
-    thread also runs the calls in the order they came, as the lock it replaces did not."""
+    any other, once a second thread had run one forward (bench/thread_team_bench.py,
+    docs/executor-benchmark.md). One thread also runs the calls in the order they came, as the
+    lock it replaces did not."""
 
     def __init__(self):
         self._owner = threading.get_ident()
@@ -98,7 +99,8 @@ class ComputeThread:
     def serve(self, stopped, poll_s: float = 0.5) -> None:
         """Run the calls handed over, in order, until ``stopped()`` (checked at least every
         ``poll_s``). On the thread that made this object only."""
-        assert threading.get_ident() == self._owner, "serve() runs on the compute thread"
+        if threading.get_ident() != self._owner:
+            raise RuntimeError("ComputeThread.serve() runs on the thread that made it")
         while not stopped():
             try:
                 fut, fn, args, kwargs = self._q.get(timeout=poll_s)
@@ -116,12 +118,11 @@ class StageWorker(pbg.StageServicer):
     """Rank 0's Stage servicer over a loaded StageModel. Every call that touches the model
     runs on the compute thread (``ComputeThread``), one at a time."""
 
-    def __init__(self, model: StageModel, ctx: TPContext, spec: dict, tls: Tls | None,
-                 compute: ComputeThread | None = None):
+    def __init__(self, model: StageModel, ctx: TPContext, spec: dict, tls: Tls | None):
         self.model, self.ctx, self.spec, self.tls = model, ctx, spec, tls
         self.token = spec.get("auth_token") or None
         self.downstream = [str(a) for a in spec.get("downstream") or []]   # fixed at load
-        self.compute = compute or ComputeThread()
+        self.compute = ComputeThread()    # made on the thread that loaded the model (worker_main)
         self._stubs: dict = {}
         self._stubs_lock = threading.Lock()
         self.link = parse_link_delay(os.environ.get("HEXPLAN_LINK_DELAY", ""))
