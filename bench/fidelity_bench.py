@@ -60,6 +60,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -193,9 +194,11 @@ def with_allreduce(tables: dict, ckpt: str, threads: int, context: int, tmp: str
 
 # ---- the host's contention ---------------------------------------------------------------------------
 
-def _contention_worker(ckpt: str, batch: int, layers: int, steps: int, go, out) -> None:
-    """One 1-thread process timing decode steps of ``batch`` sequences on ``layers`` layers
-    (the stage's own forward, as a worker runs it) once ``go`` is set; puts the median ms."""
+def _contention_worker(ckpt: str, batch: int, layers: int, seconds: float, timed: bool, go, on, out) -> None:
+    """One 1-thread process running decode steps of ``batch`` sequences on ``layers`` layers (the
+    stage's own forward, as a worker runs it) from ``go`` for ``seconds``. ``timed``: step
+    continuously and put [(ms, whether ``on`` was set all through the step)]; else step only
+    while ``on`` is set (the other process's company)."""
     torch.set_num_threads(1)
     from hexplan.executor.distributed import TPContext
     from hexplan.executor.model import SeqCache, SeqChunk, ShardSpec, StageModel
@@ -212,38 +215,53 @@ def _contention_worker(ckpt: str, batch: int, layers: int, steps: int, go, out) 
         ids.append(f"s{i}")
     chunks, x = [SeqChunk(r, ctx, 1) for r in ids], torch.randn(batch, MODEL["hidden_size"])
     go.wait()
+    end = time.monotonic() + seconds
     ts = []
-    for _ in range(steps):
+    while time.monotonic() < end:
+        if not timed and not on.wait(timeout=0.05):
+            continue
         for r in ids:
             m.caches[r].length = ctx
+        before = on.is_set()
         t = time.perf_counter()
         m.forward_batch(chunks, x)
-        ts.append(time.perf_counter() - t)
-    out.put(statistics.median(ts[3:]) * 1e3)
+        ts.append(((time.perf_counter() - t) * 1e3, before, on.is_set()))
+    # the steps wholly inside one kind of phase: (ms, the other process stepping beside it)
+    out.put([(ms, a) for ms, a, b in ts[3:] if a == b] if timed else [])
 
 
-def measure_contention(ckpt: str, batch: int = 8, layers: int = 6, rounds: int = 2) -> dict:
+def measure_contention(ckpt: str, batch: int = 8, layers: int = 6, cycles: int = 10, phase_s: float = 0.6) -> dict:
     """The host's ``contention`` (docs/cluster-format.md, "Shared machines"): how much slower a
-    1-thread decode step is while another 1-thread process runs the same steps on the other core,
-    than alone. Alone and together in turn, ``rounds`` times; the ratio of the medians, less 1."""
+    1-thread decode step is while another 1-thread process runs the same steps on the other core
+    than alone. One process steps all the time; the other steps in alternate phases of
+    ``phase_s`` (``cycles`` of each), so slow drifts of a shared host hit both sides alike. The
+    ratio of the medians of the steps wholly inside each kind of phase, less 1."""
     import multiprocessing as mp
     spawn = mp.get_context("spawn")
-    runs: dict = {1: [], 2: []}
-    for _ in range(rounds):
-        for k in (1, 2):
-            out, go = spawn.Queue(), spawn.Event()
-            ps = [spawn.Process(target=_contention_worker, args=(ckpt, batch, layers, 25, go, out), daemon=True)
-                  for _ in range(k)]
-            for p in ps:
-                p.start()
-            time.sleep(8)          # loaded, caches filled: start together
-            go.set()
-            runs[k] += [out.get(timeout=180) for _ in ps]
-            for p in ps:
-                p.join(timeout=30)
-    alone, both = statistics.median(runs[1]), statistics.median(runs[2])
-    return {"batch": batch, "layers": layers, "alone_ms": runs[1], "together_ms": runs[2],
-            "contention": max(0.0, both / alone - 1.0)}
+    out, go, on = spawn.Queue(), spawn.Event(), spawn.Event()
+    seconds = 2 * cycles * phase_s + 1.0
+    ps = [spawn.Process(target=_contention_worker, args=(ckpt, batch, layers, seconds, timed, go, on, out),
+                        daemon=True) for timed in (True, False)]
+    for p in ps:
+        p.start()
+    time.sleep(8)          # loaded, caches filled
+    go.set()
+    time.sleep(0.5)        # warm-up steps, alone
+    for _ in range(cycles):
+        on.set()
+        time.sleep(phase_s)
+        on.clear()
+        time.sleep(phase_s)
+    rows = [r for _ in ps for r in out.get(timeout=180)]
+    for p in ps:
+        p.join(timeout=30)
+    alone = [ms for ms, both in rows if not both]
+    together = [ms for ms, both in rows if both]
+    if len(alone) < 5 or len(together) < 5:
+        raise RuntimeError(f"contention: too few steps ({len(alone)} alone, {len(together)} together)")
+    a, b = statistics.median(alone), statistics.median(together)
+    return {"batch": batch, "layers": layers, "alone_ms": round(a, 3), "alone_steps": len(alone),
+            "together_ms": round(b, 3), "together_steps": len(together), "contention": max(0.0, b / a - 1.0)}
 
 
 # ---- cluster and plans -----------------------------------------------------------------------------
@@ -396,6 +414,103 @@ def instrument(gateway, t0_ref: list) -> list:
     return steps
 
 
+def read_step_logs(logdir: str) -> dict:
+    """The stage workers' compute log (HEXPLAN_STEP_LOG): {stage id: [(start, end, tokens)]},
+    rank 0 of each stage, in time order."""
+    out: dict = {}
+    for f in sorted(Path(logdir).glob("s.*")):
+        sid = f.name.split(".")[1]
+        rows = [tuple(float(x) for x in line.split()[:3]) for line in f.read_text().splitlines() if line.strip()]
+        out.setdefault(sid, []).extend(rows)
+    return {k: sorted(v) for k, v in sorted(out.items())}
+
+
+def step_breakdown(steps: list, t0: float, logs: dict) -> dict:
+    """Where the gateway's steps' time went: each step matched to its compute on every stage (the
+    first forward of its tokens inside the step), and split into each stage's compute, the wait
+    for a stage busy with another loop's step, and the rest (hops: gRPC, serialisation, waking
+    threads; the gateway's own work). Means over the steps matched, ms; ``overlap``: the share
+    of each stage's compute during which another stage of the plan computed too."""
+    import bisect
+
+    sids = [k for k in logs if k.startswith("p0s")]
+    starts = {k: [r[0] for r in logs[k]] for k in sids}
+    acc = {"step": [], "hops": [], **{f"compute_{k}": [] for k in sids}, **{f"queued_{k}": [] for k in sids},
+           **{f"overlap_{k}": [] for k in sids}}
+
+    def busy_in(k, a, b, skip):
+        v, i, tot = logs[k], max(0, bisect.bisect_left(starts[k], a) - 1), 0.0
+        while i < len(v) and v[i][0] < b:
+            if v[i][0] != skip:
+                tot += max(0.0, min(b, v[i][1]) - max(a, v[i][0]))
+            i += 1
+        return tot
+
+    for s in steps:
+        a, b = t0 + s[0], t0 + s[0] + s[1]
+        tokens = s[2] + sum(s[4])
+        found = []
+        for k in sids:
+            v, i = logs[k], bisect.bisect_left(starts[k], a)
+            while i < len(v) and v[i][0] < b and not (int(v[i][2]) == tokens and v[i][1] <= b + 1e-3):
+                i += 1
+            if i < len(v) and v[i][0] < b:
+                found.append((k, v[i]))
+        if len(found) != len(sids):
+            continue
+        prev, rest = a, s[1]
+        for k, (c0, c1, _) in found:
+            q = busy_in(k, prev, c0, c0)
+            acc[f"compute_{k}"].append(c1 - c0)
+            acc[f"queued_{k}"].append(q)
+            acc[f"overlap_{k}"].append(sum(busy_in(o, c0, c1, -1.0) for o in sids if o != k) / max(1e-9, c1 - c0))
+            rest -= (c1 - c0) + q
+            prev = c1
+        acc["step"].append(s[1])
+        acc["hops"].append(rest)
+    n = len(acc["step"])
+    out = {"steps": len(steps), "matched": n}
+    if n:
+        out.update({k: statistics.mean(v) * (1.0 if k.startswith("overlap") else 1e3) for k, v in acc.items()})
+    return out
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of process ``pid`` and all its descendants, from /proc (0 where
+    there is no /proc): a node executor and the stage workers it started."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    kids: dict = {}
+    cpu: dict = {}
+    for d in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        kids.setdefault(int(fields[1]), []).append(int(d))
+        cpu[int(d)] = (int(fields[11]) + int(fields[12])) / tick
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += cpu.get(p, 0.0)
+        todo.extend(kids.get(p, ()))
+    return total
+
+
+def cpu_snapshot(launch) -> dict:
+    """CPU seconds so far: this process (the gateway and the replaying clients) and each node's
+    process tree (its stage workers)."""
+    return {"gateway": time.process_time(),
+            **{n: tree_cpu_s(launch.node_process(n).pid) for n in launch.nodes}}
+
+
+def cpu_used(before: dict, after: dict, wall: float) -> dict:
+    """Cores busy on average over ``wall`` seconds, per process group, from two snapshots."""
+    return {k: (after[k] - before[k]) / wall for k in before}
+
+
 def uninstrument(gateway) -> None:
     if "run" in vars(gateway.runner):
         del gateway.runner.run
@@ -466,7 +581,13 @@ def run_plan_measured(name: str, ckpt: str, stages, plan, loads: dict, probes: b
     torch.set_num_threads(1)
     out: dict = {"workers": workers, "threads_per_worker": threads, "cells": {}, "probe": {}}
     t = time.perf_counter()
-    with Launch(plan, ckpt, listen="127.0.0.1:0", threads=threads) as L:
+    logdir = tempfile.mkdtemp(prefix="hexplan-steplog-")
+    os.environ["HEXPLAN_STEP_LOG"] = os.path.join(logdir, "s")   # the workers' compute (worker.open_step_log)
+    try:
+        launch = Launch(plan, ckpt, listen="127.0.0.1:0", threads=threads)
+    finally:
+        del os.environ["HEXPLAN_STEP_LOG"]
+    with launch as L:
         out["launch_s"] = time.perf_counter() - t
         gw = L.gateway
         sched = schedule_of(gw)
@@ -494,15 +615,21 @@ def run_plan_measured(name: str, ckpt: str, stages, plan, loads: dict, probes: b
             log(f"  {name} {load}: {len(reqs)} requests over {reqs[-1]['arrival']:.1f} s")
             t0_ref = [0.0]
             steps = instrument(gw, t0_ref)
+            cpu0, w0 = cpu_snapshot(L), time.perf_counter()
             recs = replay(L.address, reqs, f"{name} {load}", t0_ref)
+            cores = cpu_used(cpu0, cpu_snapshot(L), time.perf_counter() - w0)
             uninstrument(gw)
             cell = measured_cell(recs)
+            cell["cores_busy"] = cores
             cell["per_request"] = [{k: v for k, v in r.items() if k != "gaps"} for r in recs]
             cell["steps"] = steps
+            cell["breakdown"] = step_breakdown(steps, t0_ref[0], read_step_logs(logdir))
             out["cells"][load] = cell
             log(f"  {name} {load}: {cell['tokens_per_s']:.1f} tokens/s, TTFT P50 {cell['ttft_p50_s']:.2f} s, "
-                f"TPOT P50 {cell['tpot_p50_s'] * 1e3:.0f} ms, makespan {cell['makespan_s']:.1f} s")
+                f"TPOT P50 {cell['tpot_p50_s'] * 1e3:.0f} ms, makespan {cell['makespan_s']:.1f} s; cores busy "
+                + ", ".join(f"{k} {v:.2f}" for k, v in cores.items()))
         out["calibration_after_gflops"] = calibrate(os.cpu_count() or 1, 0.5)
+    shutil.rmtree(logdir, ignore_errors=True)
     return out
 
 
@@ -766,6 +893,29 @@ def _get(d: dict, k):
     return d[k] if k in d else d[str(k)]
 
 
+def _median(x) -> float:
+    """A median saved as a number, or the values of an older run."""
+    return float(x) if isinstance(x, (int, float)) else statistics.median(x)
+
+
+def breakdown_table(results: dict) -> str:
+    """Where the measured steps' time went (``step_breakdown``), per plan and load."""
+    lines = []
+    for p, pr in results.items():
+        for load, c in pr["cells"].items():
+            b = c.get("meas", {}).get("breakdown")
+            if not b or not b.get("matched"):
+                continue
+            sids = sorted(k[len("compute_"):] for k in b if k.startswith("compute_"))
+            if not lines:
+                lines = ["| plan | load | steps matched | step ms | per stage: compute ms (share overlapped) | "
+                         "per stage: waiting for the other loop ms | hops and the rest ms |", "|---|---|---|---|---|---|---|"]
+            lines.append(f"| {p} | {load} | {b['matched']} / {b['steps']} | {b['step']:.1f} | "
+                         + " / ".join(f"{b['compute_' + k]:.1f} ({b['overlap_' + k]:.2f})" for k in sids) + " | "
+                         + " / ".join(f"{b['queued_' + k]:.1f}" for k in sids) + f" | {b['hops']:.1f} |")
+    return "\n".join(lines)
+
+
 def report(meta: dict, results: dict) -> None:
     sources = meta["sources"]
     print(f"\nfidelity bench, started {meta['started']}; {meta['n_poisson']} Poisson requests per load, "
@@ -776,8 +926,8 @@ def report(meta: dict, results: dict) -> None:
         c = meta.get("contention")
         print(f"cpu0 and cpu1 simulated as one shared host: {host['cores']} cores, contention {host['contention']:.3f}"
               + (f" (measured: a 1-thread decode step of {c['batch']} on {c['layers']} layers, alone "
-                 f"{statistics.median(c['alone_ms']):.1f} ms, two processes at once "
-                 f"{statistics.median(c['together_ms']):.1f} ms)" if c else " (given)") + "\n")
+                 f"{_median(c['alone_ms']):.1f} ms, another process stepping beside it "
+                 f"{_median(c['together_ms']):.1f} ms)" if c else " (given)") + "\n")
     print(table(results, sources))
     rows = [(p, pr) for p, pr in results.items() if pr.get("calibration", {}).get("probe")]
     if rows:
@@ -807,6 +957,11 @@ def report(meta: dict, results: dict) -> None:
                   + ", ".join(f"x{b} {float(v):.1f} ms" for b, v in head.items())
                   + ("; all-reduce (profile, TP 2) " + ", ".join(f"x{b} {float(_get(ar, b)) * 1e3:.0f} us"
                                                                   for b in (1, 16)) if ar else ""))
+    bt = breakdown_table(results)
+    if bt:
+        print("\nWhere the measured steps' time went (each gateway step matched to its forward on every stage, "
+              "from the workers' HEXPLAN_STEP_LOG; means):\n")
+        print(bt)
     for p, pr in results.items():
         ms = pr.get("measured_run")
         if ms:

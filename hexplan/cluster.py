@@ -47,15 +47,32 @@ class Host:
     """One machine that several nodes' workers share (CPU workers as separate processes: the
     local clusters of the executor's tests and benchmarks). While stages of its nodes run at once
     they share its ``cores`` and memory bandwidth; the simulator slows them (hexplan.simulator,
-    "Shared hosts"): each worker gets max(1, cores // workers) threads, as `hexplan launch` gives
-    them, and every running worker beyond the first adds ``contention`` to the others' step time."""
+    "Shared hosts", and ``slowdown``). Each worker gets max(1, cores // workers) threads, as
+    `hexplan launch` gives them."""
     name: str
     cores: int
     contention: float = 0.0
 
-    def slowdown(self, workers: int, threads: int) -> float:
-        """Step-time multiplier while ``workers`` workers of ``threads`` threads each run at once."""
-        return max(1.0, workers * threads / self.cores) * (1.0 + self.contention * (workers - 1))
+    def slowdown(self, stage: tuple, others: tuple = ()) -> float:
+        """Step-time multiplier of a stage while ``others`` run beside it here. Each is
+        (workers, threads per worker, compute share): a TP stage's ranks wait on each other's
+        all-reduces for the rest of the step, leaving their cores to others.
+
+        * Every running worker beyond the first adds ``contention`` (memory bandwidth, caches).
+        * A one-worker stage is time-shared when the cores asked for (threads x compute share,
+          summed) exceed ``cores``.
+        * A TP stage's ranks run in lockstep, so its compute runs at the pace of the cores the
+          other stages leave it: its compute share slows by workers x threads / cores left
+          (at least its threads).
+        """
+        w, t, u = stage
+        used = sum(o[0] * o[1] * o[2] for o in others)
+        workers = w + sum(o[0] for o in others)
+        if w == 1:
+            f = max(1.0, (t * u + used) / self.cores)
+        else:
+            f = 1.0 + u * (max(1.0, w * t / max(t, self.cores - used)) - 1.0)
+        return f * (1.0 + self.contention * (workers - 1))
 
 
 @dataclass(frozen=True)

@@ -79,7 +79,7 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 
 from ..cluster import Cluster
-from ..costmodel import (TOKEN_ID_BYTES, CostParams, Workload, decode_layer_time, lm_head_time,
+from ..costmodel import (TOKEN_ID_BYTES, CostParams, Workload, allreduce_time, decode_layer_time, lm_head_time,
                          local_kv_heads, prefill_layer_time, send_time, shift_threshold)
 from ..dispatch import Dispatcher, skip_join_level  # noqa: F401  (skip_join_level: also used from here)
 from ..serving import DONE_OK, Scheduler, pipeline_configs
@@ -213,7 +213,8 @@ class _Kind:
 
 class _Pipe:
     __slots__ = ("index", "stage_kind", "stage_layers", "kinds", "head", "head_cache", "links", "chain", "delay",
-                 "act_bytes", "n_loops", "idle", "parts", "cur", "swap_s", "stage_res", "hosted")
+                 "act_bytes", "n_loops", "idle", "parts", "cur", "swap_s", "stage_res", "hosted",
+                 "tokens", "nparts")
 
 
 class Engine:
@@ -322,17 +323,19 @@ class Engine:
                 members[host.name].append(rid)
                 pp.hosted = True
 
-    def _hosted_end(self, r: int, start: float, d: float) -> float:
+    def _hosted_end(self, r: int, start: float, d: float, share: float) -> float:
         """When a step of modelled time ``d`` that starts at ``start`` on stage resource ``r``
-        (on a shared host) ends. Alone its workers run ``Host.slowdown(w)`` slower than the
-        profile (a TP stage's ranks share the host too); for the time it overlaps the step running
-        on another stage of the host, both run at the slowdown of their workers together: this
-        step is lengthened, and so is the other one (its ``free`` end moves; its HOSTED departure
-        event sees that and waits for the new end). Sets this stage's ``hstart``; the caller books
-        ``free`` and ``busy`` for this step."""
+        (on a shared host) ends, its workers computing for ``share`` of it (``_share``). Alone
+        they run ``Host.slowdown`` of their own slower than the profile (a TP stage's ranks share
+        the host too); for the time it overlaps the step running on another stage of the host,
+        each runs at its slowdown beside the other: this step is lengthened, and so is the other
+        one (its ``free`` end moves; its HOSTED departure event sees that and waits for the new
+        end). Sets this stage's ``hstart`` and ``hshare``; the caller books ``free`` and ``busy``
+        for this step."""
         host, threads, w, members = self.host_info[r]
-        free, hstart, busy = self.free, self.hstart, self.busy
-        m0 = host.slowdown(w, threads)
+        free, hstart, busy, hshare = self.free, self.hstart, self.busy, self.hshare
+        me = (w, threads, share)
+        m0 = host.slowdown(me)
         dur = d * m0
         end = start + dur
         extra = 0.0
@@ -343,15 +346,27 @@ class Engine:
             ov = (end if end < b else b) - max(start, hstart[o])
             if ov <= 0.0:
                 continue
-            wo = self.host_info[o][2]
-            both = host.slowdown(w + wo, threads)
-            extra += ov * (both / m0 - 1.0)
-            grow = ov * (both / host.slowdown(wo, threads) - 1.0)
+            other = (self.host_info[o][2], self.host_info[o][1], hshare[o])
+            extra += ov * (host.slowdown(me, (other,)) / m0 - 1.0)
+            grow = ov * (host.slowdown(other, (me,)) / host.slowdown(other) - 1.0)
             free[o] = b + grow
             if b + grow > self.w0 and b < self.w1:
                 busy[o] += min(b + grow, self.w1) - max(b, self.w0)
         hstart[r] = start
+        hshare[r] = share
         return end + extra
+
+    def _share(self, pipe: _Pipe, stage: int, d: float, tokens: int, parts: int) -> float:
+        """The compute share of a step of ``tokens`` tokens that takes a pipeline's stage on a
+        shared host ``d`` (modelled, per part): 1, less a TP stage's all-reduces (2 per layer,
+        ``allreduce_time``), for which its ranks wait on each other."""
+        tp = self.host_info[pipe.stage_res[stage]][2]
+        if tp == 1 or d <= 0.0:
+            return 1.0
+        kind = pipe.kinds[pipe.stage_kind[stage]]
+        comm = pipe.stage_layers[stage] * 2 * allreduce_time(self.model, kind.gpu, tp, tokens / parts, kind.ic,
+                                                             self.params)
+        return max(0.0, 1.0 - comm / d)
 
     def new_scheduler(self) -> Scheduler:
         """A fresh scheduler for a run, configured as the gateway configures its own."""
@@ -382,8 +397,11 @@ class Engine:
         for pipe in self.pipes:
             pipe.idle = list(range(pipe.n_loops))   # a heap: the lowest idle loop is woken first
             pipe.cur = [None] * pipe.n_loops        # each loop's step in flight
+            pipe.tokens = [0] * pipe.n_loops        # its tokens (decode + prompt chunks)
+            pipe.nparts = [1] * pipe.n_loops        # the parts it is cut into
         self.free = [0.0] * self.n_res
         self.hstart = [0.0] * self.n_res    # when the step on a shared host's stage started
+        self.hshare = [1.0] * self.n_res    # and its compute share (_share)
         self.busy = [0.0] * self.n_res
         self.heap: list = []
         self.seq = 0
@@ -496,6 +514,9 @@ class Engine:
             return False
         pipe.cur[g] = step
         parts = min(pipe.parts, len(step.decode) + len(step.prefill))
+        if pipe.hosted:
+            pipe.tokens[g] = len(step.decode) + sum(c[2] for c in step.prefill)
+            pipe.nparts[g] = parts
         first, unit = self._service(pipe, step, parts)
         if parts == 1:
             self._walk(pipe, g, [first] + unit, 0, now, now)
@@ -602,7 +623,8 @@ class Engine:
                 if t > now or free[r] > now:
                     self._push(t if t > free[r] else free[r], RESUME, (pipe, g, svc, last), i)
                     return
-                end = self._hosted_end(r, now, svc[i])
+                end = self._hosted_end(r, now, svc[i], self._share(pipe, (i - 1) // 2, svc[i], pipe.tokens[g],
+                                                                   pipe.nparts[g]))
                 free[r] = end
                 if end > w0 and now < w1:
                     busy[r] += (end if end < w1 else w1) - (now if now > w0 else w0)

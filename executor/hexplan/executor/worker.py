@@ -69,6 +69,21 @@ def _watch_parent(parent: int) -> None:
     threading.Thread(target=run, daemon=True, name="parent-watch").start()
 
 
+def open_step_log(stage_id: str):
+    """``HEXPLAN_STEP_LOG=PREFIX`` (off by default): the stage worker appends a line per forward
+    to ``PREFIX.<stage id>.<pid>``: when its compute started and ended (seconds of
+    CLOCK_MONOTONIC, the clock of ``time.monotonic`` and, on Linux, ``time.perf_counter``), its
+    tokens and its chunks. Beside the gateway's own step times it shows where a served step's
+    time goes: each stage's compute, the queue in front of it, the hops (bench/fidelity_bench.py,
+    "Where a step's time goes"). A file the operator names, not a caller: nothing from the
+    network reaches it."""
+    prefix = os.environ.get("HEXPLAN_STEP_LOG")
+    if not prefix:
+        return None
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in stage_id)
+    return open(f"{prefix}.{safe}.{os.getpid()}", "a", buffering=1, encoding="utf-8")
+
+
 class ComputeThread:
     """Runs a worker's torch work on one thread: the one that made it (the process's main
     thread, which loaded the model and timed its decode steps).
@@ -129,6 +144,7 @@ class StageWorker(pbg.StageServicer):
         self._link_lock = threading.Lock()
         self.interleaved_steps = 0
         self._sender = futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="send")
+        self.step_log = open_step_log(str(spec["stage_id"]))
 
     def _stub(self, address: str) -> pbg.StageStub:
         with self._stubs_lock:
@@ -138,9 +154,13 @@ class StageWorker(pbg.StageServicer):
             return stub
 
     def _run(self, header: dict, tensors: list, on_part=None, hidden_out=None):
+        t0 = time.monotonic()
         if self.ctx.size > 1:
             broadcast_message(self.ctx, header, tensors)
-        return _apply(self.model, header, tensors, on_part, hidden_out)
+        out = _apply(self.model, header, tensors, on_part, hidden_out)
+        if self.step_log is not None and header["op"] == "forward":
+            self.step_log.write(f"{t0:.6f} {time.monotonic():.6f} {tensors[0].shape[0]} {len(header['chunks'])}\n")
+        return out
 
     def Forward(self, request, context):
         stage = f"stage {self.spec['stage_id']}"
