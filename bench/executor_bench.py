@@ -375,10 +375,12 @@ def decode_sequence(prompt_len: int, steps: int, batch: int, tag: str, max_step_
     return out
 
 
-def time_rpc(address: str, downstream: list, seq: list, vocab: int, seed: int, token: str | None = None) -> list:
+def time_rpc(address: str, downstream: list, seq: list, vocab: int, seed: int, token: str | None = None,
+             stamps: list | None = None) -> list:
     """Send each step of `seq` as a Forward straight to a stage worker; seconds per call.
     ``token``: the launch's auth token (``Launch.auth_token``). ``downstream`` is only a record:
-    a stage's downstream is fixed when it is loaded."""
+    a stage's downstream is fixed when it is loaded. ``stamps``: also gets (start, seconds) of
+    each timed call, start on ``time.perf_counter``'s clock."""
     from hexplan.executor._proto import hexplan_v1_pb2 as pb
     from hexplan.executor._proto import hexplan_v1_pb2_grpc as pbg
     from hexplan.executor.wire import channel, from_proto, to_proto
@@ -397,6 +399,8 @@ def time_rpc(address: str, downstream: list, seq: list, vocab: int, seed: int, t
             from_proto(resp.logits)
             if all(c[2] == 1 for c in chunks):   # decode steps only: the prefill is not timed
                 times.append(time.perf_counter() - t)
+                if stamps is not None:
+                    stamps.append((t, times[-1]))
         ids = sorted({c[0] for chunks in seq for c in chunks})
         stub.Release(pb.ReleaseRequest(request_ids=ids, downstream=downstream), timeout=30)
     return times

@@ -288,14 +288,23 @@ def calibrated_cluster_dict(base: dict, stages, cal: dict) -> dict:
     * a coordinator node "gw" (the gateway; no stage on it) whose links to cpu0 and cpu1 each
       have half the measured fixed cost of a step as latency (a step crosses both, in and out);
     * the `cpu` type's decode table replaced by the one measured as served (``decode_table``,
-      ms per layer at TP 1 against batch). Its LM head and all-reduce tables stay the profile's."""
+      ms per layer at TP 1 against batch). Its LM head and all-reduce tables stay the profile's;
+    * with two loops measured at once (``overlap_probe``): ``hop_s`` more latency on every link
+      (the cost of a hop between processes busy computing), and the host's ``contention`` as
+      the stages' compute showed it beside each other in service."""
     d = json.loads(json.dumps(base))
     d["nodes"].append({"name": "gw", "gpu": "cpu", "count": 1})
     d["coordinator"] = "gw"
     links = d["network"].setdefault("links", [])
     half = max(0.0, cal["fixed_s"]) / 2
+    hop = max(0.0, cal.get("hop_s", 0.0))
     for n in ("cpu0", "cpu1"):
-        links.append({"between": ["gw", n], "bandwidth": "10Gbps", "latency": f"{half * 1e3:.4f}ms"})
+        links.append({"between": ["gw", n], "bandwidth": "10Gbps", "latency": f"{(half + hop) * 1e3:.4f}ms"})
+    if hop:
+        links.append({"between": ["cpu0", "cpu1"], "bandwidth": "10Gbps", "latency": f"{hop * 1e3:.4f}ms"})
+    if cal.get("contention") is not None and d.get("hosts"):
+        for h in d["hosts"].values():
+            h["contention"] = round(cal["contention"], 4)
     cpu = d["gpu_types"]["cpu"]
     if cal.get("decode_table"):
         for tables in cpu["profiles"].values():
@@ -414,6 +423,34 @@ def instrument(gateway, t0_ref: list) -> list:
     return steps
 
 
+OVERLAP_BATCH = 8
+OVERLAP_STEPS = 30
+
+
+def overlap_probe(addrs: list, prompt: int, vocab: int, seed: int, token: str, logdir: str, stage_model) -> dict:
+    """Decode steps of ``OVERLAP_BATCH`` sequences straight to the first stage, one loop and then
+    two loops at once (two clients), matched to the stages' compute (HEXPLAN_STEP_LOG,
+    ``step_breakdown``): each stage's compute alone and beside the other loop, the share of it
+    that overlapped another stage's, and the hops per step (the step less compute and queueing)."""
+    import threading
+
+    def run(loops: int) -> dict:
+        stamps: list = [[] for _ in range(loops)]
+        # the loops differ by a sequence, so a forward's size tells its loop
+        sizes = [OVERLAP_BATCH + i for i in range(loops)]
+        seqs = [decode_sequence(prompt, OVERLAP_STEPS, sizes[i], f"ov{loops}-{i}", 512) for i in range(loops)]
+        ts = [threading.Thread(target=time_rpc, args=(addrs[0], addrs[1:], seqs[i], vocab, seed + i, token, stamps[i]))
+              for i in range(loops)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        ctx = prompt + OVERLAP_STEPS / 2
+        steps = sorted((t, d, n, n * ctx, [], n) for st, n in zip(stamps, sizes) for t, d in st[5:])
+        return step_breakdown(steps, 0.0, read_step_logs(logdir), stage_model)
+    return {"one_loop": run(1), "two_loops": run(2)}
+
+
 def read_step_logs(logdir: str) -> dict:
     """The stage workers' compute log (HEXPLAN_STEP_LOG): {stage id: [(start, end, tokens)]},
     rank 0 of each stage, in time order."""
@@ -425,18 +462,37 @@ def read_step_logs(logdir: str) -> dict:
     return {k: sorted(v) for k, v in sorted(out.items())}
 
 
-def step_breakdown(steps: list, t0: float, logs: dict) -> dict:
+def stage_model_s(plan, cluster, batch: int, context: float) -> list:
+    """The profile's time of a decode step of ``batch`` sequences at ``context`` on each stage
+    of the plan's pipeline, alone (no host slowdown, no links): its layers (all-reduces
+    included) and, on the last, the LM head."""
+    asm = plan_assumptions(plan)
+    stages = plan.pipelines[0].stages
+    out = []
+    for i, s in enumerate(stages):
+        node = cluster.node(s.node)
+        t = s.num_layers * decode_layer_time(plan.model, node.gpu, s.tp, batch, context, node.interconnect, asm.params)
+        if i == len(stages) - 1:
+            t += lm_head_time(plan.model, node.gpu, s.tp, batch, asm.params)
+        out.append(t)
+    return out
+
+
+def step_breakdown(steps: list, t0: float, logs: dict, model=None) -> dict:
     """Where the gateway's steps' time went: each step matched to its compute on every stage (the
     first forward of its tokens inside the step), and split into each stage's compute, the wait
     for a stage busy with another loop's step, and the rest (hops: gRPC, serialisation, waking
     threads; the gateway's own work). Means over the steps matched, ms; ``overlap``: the share
-    of each stage's compute during which another stage of the plan computed too."""
+    of each stage's compute during which another stage of the plan computed too. ``model(n,
+    mean context)``: each stage's modelled decode step alone (``stage_model_s``); for the decode
+    steps, ``served_vs_model_STAGE`` is their summed compute over the summed model."""
     import bisect
 
     sids = [k for k in logs if k.startswith("p0s")]
     starts = {k: [r[0] for r in logs[k]] for k in sids}
     acc = {"step": [], "hops": [], **{f"compute_{k}": [] for k in sids}, **{f"queued_{k}": [] for k in sids},
            **{f"overlap_{k}": [] for k in sids}}
+    dec = {k: [0.0, 0.0] for k in sids}     # decode steps: served compute, model
 
     def busy_in(k, a, b, skip):
         v, i, tot = logs[k], max(0, bisect.bisect_left(starts[k], a) - 1), 0.0
@@ -459,6 +515,10 @@ def step_breakdown(steps: list, t0: float, logs: dict) -> dict:
         if len(found) != len(sids):
             continue
         prev, rest = a, s[1]
+        if model is not None and not s[4] and s[2]:
+            for (k, (c0, c1, _)), m in zip(found, model(s[2], s[3] / s[2])):
+                dec[k][0] += c1 - c0
+                dec[k][1] += m
         for k, (c0, c1, _) in found:
             q = busy_in(k, prev, c0, c0)
             acc[f"compute_{k}"].append(c1 - c0)
@@ -472,6 +532,7 @@ def step_breakdown(steps: list, t0: float, logs: dict) -> dict:
     out = {"steps": len(steps), "matched": n}
     if n:
         out.update({k: statistics.mean(v) * (1.0 if k.startswith("overlap") else 1e3) for k, v in acc.items()})
+        out.update({f"served_vs_model_{k}": v[0] / v[1] for k, v in dec.items() if v[1] > 0})
     return out
 
 
@@ -571,7 +632,7 @@ def model_step_s(plan, cluster, batch: int, context: float, params=None) -> floa
 
 
 def run_plan_measured(name: str, ckpt: str, stages, plan, loads: dict, probes: bool, vocab: int,
-                      seed: int, probe_prompt: int = 128) -> dict:
+                      seed: int, probe_prompt: int = 128, stage_model=None) -> dict:
     """One Launch of the plan; every load's trace served in turn; the probe steps first."""
     from hexplan.executor.client import generate
     from hexplan.executor.launch import Launch
@@ -605,6 +666,10 @@ def run_plan_measured(name: str, ckpt: str, stages, plan, loads: dict, probes: b
                 out["rpc"][b] = statistics.median(time_rpc(addrs[0], addrs[1:],
                                                            decode_sequence(probe_prompt, 25, b, f"rpc{b}", 512),
                                                            vocab, seed, L.auth_token)[5:])
+            # two loops of decode steps at once, straight to the first stage: each stage's compute
+            # beside the other's (and the gRPC work of the other loop) against one loop alone
+            out["overlap"] = overlap_probe(addrs, probe_prompt, vocab, seed, L.auth_token, logdir, stage_model)
+            log(f"  {name}: two loops at once: " + json.dumps(out["overlap"]))
             # the same through the gateway (sampling, streaming, scheduler)
             for b in (1, 16):
                 out["probe"][b] = probe(L.address, b, probe_prompt, 24 if b == 1 else 32, vocab, seed + b)
@@ -623,7 +688,7 @@ def run_plan_measured(name: str, ckpt: str, stages, plan, loads: dict, probes: b
             cell["cores_busy"] = cores
             cell["per_request"] = [{k: v for k, v in r.items() if k != "gaps"} for r in recs]
             cell["steps"] = steps
-            cell["breakdown"] = step_breakdown(steps, t0_ref[0], read_step_logs(logdir))
+            cell["breakdown"] = step_breakdown(steps, t0_ref[0], read_step_logs(logdir), stage_model)
             out["cells"][load] = cell
             log(f"  {name} {load}: {cell['tokens_per_s']:.1f} tokens/s, TTFT P50 {cell['ttft_p50_s']:.2f} s, "
                 f"TPOT P50 {cell['tpot_p50_s'] * 1e3:.0f} ms, makespan {cell['makespan_s']:.1f} s; cores busy "
@@ -704,12 +769,35 @@ def calibrate_terms(pr: dict, ckpt: str) -> dict:
         cal["decode_table"] = table
         if 1 in gwp and 1 in rpc:
             cal["fixed_s"] = max(0.0, gwp[1] - rpc[1])
+        cal.update(served_host_terms(run.get("overlap"), pr["stages"], pr["cluster"]))
         out["probe"] = {"rows": rows, "gateway_ms": {b: v * 1e3 for b, v in gwp.items()},
                         "fixed_ms": cal["fixed_s"] * 1e3}
     d = calibrated_cluster_dict(pr["cluster"], pr["stages"], cal)
     out["terms"] = cal
     out["cluster"] = d
     return out, plan, make_cluster(d)
+
+
+def served_host_terms(ov: dict | None, stages, cluster: dict) -> dict:
+    """From ``overlap_probe``: ``hop_s``, the hops of a step with two loops in flight over the
+    links the model has (one each way and one between stages: ``len(stages) + 1``), the latency
+    of each; and the
+    host's ``contention`` from the 1-worker stages' compute beside the other loop against alone,
+    (ratio - 1) / (share of it overlapped) / (other workers on the host)."""
+    if not ov or not ov.get("two_loops", {}).get("matched") or not ov.get("one_loop", {}).get("matched"):
+        return {}
+    one, two = ov["one_loop"], ov["two_loops"]
+    out = {"hop_s": max(0.0, two["hops"] / 1e3 / (len(stages) + 1))}
+    workers = sum(tp for _, tp, _, _ in stages)
+    cs = []
+    for i, (_, tp, _, _) in enumerate(stages):
+        k = f"p0s{i}"
+        share = two.get(f"overlap_{k}", 0.0)
+        if tp == 1 and workers > 1 and share >= 0.3 and one.get(f"compute_{k}"):
+            cs.append((two[f"compute_{k}"] / one[f"compute_{k}"] - 1.0) / share / (workers - 1))
+    if cs and cluster.get("hosts"):
+        out["contention"] = max(0.0, statistics.mean(cs))
+    return out
 
 
 PROBE_BATCHES = (1, 2, 4, 8, 12, 16)
@@ -866,7 +954,8 @@ def run_plan(pname, label, stages, ckpt, model_name, profiles, sat, n_poisson, a
     if args.no_measure:
         return pr
     probe_prompt = probe_prompt_for(workload)
-    m = run_plan_measured(pname, ckpt, stages, plan, loads, calibrating, vocab, args.seed, probe_prompt)
+    m = run_plan_measured(pname, ckpt, stages, plan, loads, calibrating, vocab, args.seed, probe_prompt,
+                          lambda n, ctx: stage_model_s(plan, cluster, n, ctx))
     pr["measured_run"] = {k: v for k, v in m.items() if k != "cells"}
     for load, c in m["cells"].items():
         pr["cells"][load]["meas"] = {k: v for k, v in c.items() if k not in ("per_request", "steps")}
@@ -909,10 +998,13 @@ def breakdown_table(results: dict) -> str:
             sids = sorted(k[len("compute_"):] for k in b if k.startswith("compute_"))
             if not lines:
                 lines = ["| plan | load | steps matched | step ms | per stage: compute ms (share overlapped) | "
-                         "per stage: waiting for the other loop ms | hops and the rest ms |", "|---|---|---|---|---|---|---|"]
+                         "per stage: waiting for the other loop ms | hops and the rest ms | per stage: decode compute "
+                         "served / profile |", "|---|---|---|---|---|---|---|---|"]
             lines.append(f"| {p} | {load} | {b['matched']} / {b['steps']} | {b['step']:.1f} | "
                          + " / ".join(f"{b['compute_' + k]:.1f} ({b['overlap_' + k]:.2f})" for k in sids) + " | "
-                         + " / ".join(f"{b['queued_' + k]:.1f}" for k in sids) + f" | {b['hops']:.1f} |")
+                         + " / ".join(f"{b['queued_' + k]:.1f}" for k in sids) + f" | {b['hops']:.1f} | "
+                         + " / ".join(f"{b['served_vs_model_' + k]:.2f}" if "served_vs_model_" + k in b else "-"
+                                      for k in sids) + " |")
     return "\n".join(lines)
 
 

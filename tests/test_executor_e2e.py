@@ -76,6 +76,23 @@ def test_gqa_model(gqa_ckpt):
         check_greedy(L.address, gqa_ckpt)
 
 
+def test_step_log_records_every_stage_forward(ckpt, tmp_path, monkeypatch):
+    # HEXPLAN_STEP_LOG: each stage worker writes a line per forward (start, end, tokens, chunks)
+    monkeypatch.setenv("HEXPLAN_STEP_LOG", str(tmp_path / "s"))
+    with Launch(plan(ckpt, [("a", 1, 0, 2), ("b", 2, 2, 6)]), ckpt) as L:
+        got = generate(L.address, token_ids=PROMPTS[1], max_new_tokens=4, timeout=120)
+    assert got["token_ids"] == hf_greedy(ckpt, PROMPTS[1], 4)
+    files = {f.name.split(".")[1]: f for f in tmp_path.glob("s.*")}
+    assert sorted(files) == ["p0s0", "p0s1"]     # rank 0 of each stage only
+    rows = {k: [line.split() for line in f.read_text().splitlines()] for k, f in files.items()}
+    for k, r in rows.items():          # the prompt's forward, then three decode steps
+        assert [int(x[2]) for x in r] == [len(PROMPTS[1]), 1, 1, 1], (k, r)
+        assert all(float(x[0]) <= float(x[1]) and x[3] == "1" for x in r), (k, r)
+    # the same step reaches stage 1 after stage 0 has computed it
+    for a, b in zip(rows["p0s0"], rows["p0s1"]):
+        assert float(a[1]) <= float(b[0]) + 1e-3
+
+
 def test_eight_concurrent_requests_one_pipeline(ckpt):
     with Launch(plan(ckpt, [("a", 1, 0, 3), ("b", 1, 3, 6)]), ckpt) as L:
         results = concurrent(L.address, PROMPTS, NEW)

@@ -50,10 +50,11 @@ percentiles or output formats (metrics.py) or where requests come from (workload
   step of one sequence, nothing changes.
 
 * Shared hosts (nodes naming the same ``host``, cluster.Host): a stage on one serves a step at a
-  time, booked when it starts, slowed by ``Host.slowdown`` of its own workers, and further for
-  the time it overlaps a step on another stage of the host, which is lengthened the same way
-  (``_hosted_end``; its departure is an event that moves with it). Processor sharing, exact for
-  two steps at once. Nodes without a host take the path above, unchanged.
+  time, booked when it starts, slowed by its own ``Host.slowdown``, and further for the time it
+  overlaps a step on another stage of the host, which is lengthened the same way
+  (``_hosted_end``; its departure is an event that moves with it). A step's compute share
+  (``_share``: 1, less a TP stage's all-reduces) goes into the slowdown. Processor sharing,
+  exact for two steps at once. Nodes without a host take the path above, unchanged.
 
 * Shift Parallelism (a stage with ``shift: {sp: S}``): every step on a shifted stage takes the
   mode ``hexplan.serving.shift.shift_mode(step tokens, threshold)`` gives, the rule the
