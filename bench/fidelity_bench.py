@@ -19,8 +19,9 @@ all-reduce table of a `hexplan profile --tp 2` run. Three hand-written plans:
 
 cpu0 and cpu1 are one machine here, so both simulations put them on one shared host (`hosts:
 {local: {cores, contention}}`, docs/cluster-format.md): the cores of this machine and the
-contention measured at the start (`measure_contention`: a 1-thread decode step alone against two
-such processes at once; `--contention F` gives it, `--no-host` simulates two separate machines).
+contention measured at the start (`measure_contention`: a 1-thread decode step while another
+1-thread process steps beside it, in alternate phases, against alone; `--contention F` gives it,
+`--no-host` simulates two separate machines).
 Each plan has the plan workload the executor benchmark writes (assumptions.workload: the trace's mean
 prompt and output, micro-batches of 16, concurrency 16 per stage), which the gateway and the
 simulator both schedule by. Three loads per plan: Poisson arrivals (seeded) at 30% and 70% of the
@@ -41,15 +42,20 @@ twice: `sim` on the cluster as specified (the profile's decode, prefill, LM-head
 tables, default CostParams), and `sim+cal` on the same cluster with what the profile still leaves
 out measured in service and fed in as cluster fields (`calibrate_terms`; --no-calibrate skips it):
 the decode table as served (decode steps of 1..16 sequences sent straight to the launched plan's
-first stage, less the profile's LM head and all-reduces and the links) and the gateway's own cost
-per step (the same step through the gateway, as latency on the coordinator's links). Its
-difference from `sim` is what a served step costs beyond the profile and the shared-host term (the
-gateway process and the stages' transfers beside the workers). Target: simulated within 15% of measured on throughput, P50 TTFT
-and P50 TPOT in every cell. The probes' table (served step against the model's, per batch) is
-printed after the main one; `--json` keeps every request and every gateway step (their
-composition and duration).
+first stage, less the profile's LM head and all-reduces and the links), the gateway's own cost
+per step (the same step through the gateway, as latency on the coordinator's links), and from two
+loops of decode steps sent at once (`overlap_probe`) the hops of a step between busy processes
+(as latency on every link) and the host's contention as the stages' compute shows it in service
+(`served_host_terms`). Target: simulated within 15% of measured on throughput, P50 TTFT and P50
+TPOT in every cell. The probes' table (served step against the model's, per batch) is printed
+after the main one, then where the measured steps' time went: the stage workers log each
+forward's compute (HEXPLAN_STEP_LOG, docs/executor.md), and each gateway step is split into each
+stage's compute, the wait for a stage busy with the other loop, and the hops, with each stage's
+decode compute against the profile's time for it alone (`step_breakdown`). `--json` keeps every
+request and every gateway step (their composition and duration), the CPU each process group
+used per load (`cores_busy`) and the breakdown.
 
-Progress on stderr, markdown tables on stdout. About 10-11 minutes in full on the 2-core
+Progress on stderr, markdown tables on stdout. About 13-14 minutes in full on the 2-core
 development machine when it is otherwise idle (--wait-quiet S waits for that before the profile
 and each plan), about 3 with --quick (plan `one`, 12 Poisson and 16 saturated requests).
 """
@@ -889,7 +895,7 @@ def main() -> int:
         host = None
         if not args.no_host:
             if args.contention is None:
-                log("measuring the host's contention (two 1-thread decode processes against one)")
+                log("measuring the host's contention (a 1-thread decode step with another process stepping beside it, and alone)")
                 meta["contention"] = measure_contention(ckpt)
                 log(f"  alone {meta['contention']['alone_ms']} ms, together {meta['contention']['together_ms']} ms: "
                     f"contention {meta['contention']['contention']:.3f}")

@@ -55,24 +55,19 @@ class Host:
 
     def slowdown(self, stage: tuple, others: tuple = ()) -> float:
         """Step-time multiplier of a stage while ``others`` run beside it here. Each is
-        (workers, threads per worker, compute share): a TP stage's ranks wait on each other's
-        all-reduces for the rest of the step, leaving their cores to others.
+        (workers, threads per worker, compute share): the share of its step its workers compute;
+        a TP stage's ranks wait on each other's all-reduces for the rest, leaving their cores.
 
+        * The cores are time-shared once the stage's own threads, with the cores the others ask
+          for (threads x compute share), exceed ``cores``: ``max(1, asked / cores)``. Its own
+          threads count whole: a TP stage's ranks run in lockstep, so a rank waiting for its
+          core holds the others up, and their waits stretch with it.
         * Every running worker beyond the first adds ``contention`` (memory bandwidth, caches).
-        * A one-worker stage is time-shared when the cores asked for (threads x compute share,
-          summed) exceed ``cores``.
-        * A TP stage's ranks run in lockstep, so its compute runs at the pace of the cores the
-          other stages leave it: its compute share slows by workers x threads / cores left
-          (at least its threads).
         """
-        w, t, u = stage
-        used = sum(o[0] * o[1] * o[2] for o in others)
+        w, t, _ = stage
+        asked = w * t + sum(o[0] * o[1] * o[2] for o in others)
         workers = w + sum(o[0] for o in others)
-        if w == 1:
-            f = max(1.0, (t * u + used) / self.cores)
-        else:
-            f = 1.0 + u * (max(1.0, w * t / max(t, self.cores - used)) - 1.0)
-        return f * (1.0 + self.contention * (workers - 1))
+        return max(1.0, asked / self.cores) * (1.0 + self.contention * (workers - 1))
 
 
 @dataclass(frozen=True)

@@ -62,16 +62,14 @@ def test_slowdown():
     assert h.slowdown(one, (one,)) == pytest.approx(1.2)             # both cores busy: bandwidth only
     assert h.slowdown(one, (one, one)) == pytest.approx(1.5 * 1.4)   # 3 workers on 2 cores, and bandwidth
     assert h.slowdown((1, 2, 1.0)) == 1.0
-    # A TP-2 stage alone: its ranks have the 2 cores; beside a 1-worker stage they share the one
-    # core left, in lockstep: their compute share (0.6) runs twice as long.
+    # A TP-2 stage whose ranks compute 60% of its step and wait on all-reduces for the rest.
     tp2 = (2, 1, 0.6)
-    assert h.slowdown(tp2) == pytest.approx(1.2)
-    assert h.slowdown(tp2, (one,)) == pytest.approx((1 + 0.6) * 1.4)
-    # The 1-worker stage beside it: the ranks wait on all-reduces for 40% of their step, so the
-    # cores asked for (1 + 2 x 0.6) exceed the 2 cores by 10% only.
+    assert h.slowdown(tp2) == pytest.approx(1.2)                     # alone: its ranks have the cores
+    # Beside a 1-worker stage its ranks share the cores with it, in lockstep: 3 threads on 2.
+    assert h.slowdown(tp2, (one,)) == pytest.approx(1.5 * 1.4)
+    # The 1-worker stage beside it: the ranks' waits leave cores, 1 + 2 x 0.6 asked of 2.
     assert h.slowdown(one, (tp2,)) == pytest.approx(1.1 * 1.4)
-    # All-reduce time is not slowed: a stage that only communicates is slowed by bandwidth only.
-    assert h.slowdown((2, 1, 0.0), (one,)) == pytest.approx(1.4)
+    assert h.slowdown(one, ((2, 1, 0.0),)) == pytest.approx(1.4)     # ranks that only wait: bandwidth only
 
 
 def test_stages_that_never_overlap_are_not_slowed():
