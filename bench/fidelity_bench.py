@@ -304,10 +304,11 @@ def calibrated_cluster_dict(base: dict, stages, cal: dict) -> dict:
     links = d["network"].setdefault("links", [])
     half = max(0.0, cal["fixed_s"]) / 2
     hop = max(0.0, cal.get("hop_s", 0.0))
+    base_lat = 1e-4        # base_cluster_dict's links: 0.1 ms
     for n in ("cpu0", "cpu1"):
         links.append({"between": ["gw", n], "bandwidth": "10Gbps", "latency": f"{(half + hop) * 1e3:.4f}ms"})
     if hop:
-        links.append({"between": ["cpu0", "cpu1"], "bandwidth": "10Gbps", "latency": f"{hop * 1e3:.4f}ms"})
+        links.append({"between": ["cpu0", "cpu1"], "bandwidth": "10Gbps", "latency": f"{(base_lat + hop) * 1e3:.4f}ms"})
     if cal.get("contention") is not None and d.get("hosts"):
         for h in d["hosts"].values():
             h["contention"] = round(cal["contention"], 4)
@@ -785,15 +786,17 @@ def calibrate_terms(pr: dict, ckpt: str) -> dict:
 
 
 def served_host_terms(ov: dict | None, stages, cluster: dict) -> dict:
-    """From ``overlap_probe``: ``hop_s``, the hops of a step with two loops in flight over the
-    links the model has (one each way and one between stages: ``len(stages) + 1``), the latency
-    of each; and the
+    """From ``overlap_probe``: ``hop_s``, what the hops of a step with two loops in flight add to
+    a lone step's, over the links the model has (one each way and one between stages:
+    ``len(stages) + 1``), as latency on each; and the
     host's ``contention`` from the 1-worker stages' compute beside the other loop against alone,
     (ratio - 1) / (share of it overlapped) / (other workers on the host)."""
     if not ov or not ov.get("two_loops", {}).get("matched") or not ov.get("one_loop", {}).get("matched"):
         return {}
     one, two = ov["one_loop"], ov["two_loops"]
-    out = {"hop_s": max(0.0, two["hops"] / 1e3 / (len(stages) + 1))}
+    # the hops of a lone step are in the served decode table already (the probe's step less the
+    # model's compute): what two loops add, per link, on top of the links' own latency
+    out = {"hop_s": max(0.0, (two["hops"] - one["hops"]) / 1e3 / (len(stages) + 1))}
     workers = sum(tp for _, tp, _, _ in stages)
     cs = []
     for i, (_, tp, _, _) in enumerate(stages):
@@ -846,13 +849,17 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write every number here")
     ap.add_argument("--report", metavar="JSON", help="only print the tables of a saved --json file")
+    ap.add_argument("--resimulate", metavar="JSON",
+                    help="simulate the traces of a saved --json run again with this checkout's simulator (its "
+                         "clusters, profiles and measured terms; needs --checkpoint for the model) and print the "
+                         "tables against the run's measurements")
     ap.add_argument("--wait-quiet", type=float, default=0, metavar="S",
                     help="before the profile and each plan, wait up to S seconds for the shared host to be quiet "
                          "(a 0.5 s matmul at --quiet-gflops)")
     ap.add_argument("--quiet-gflops", type=float, default=120.0)
     ap.add_argument("--contention", type=float, default=None, metavar="F",
-                    help="the host's contention for the simulator (default: measured, two 1-thread decode "
-                         "processes against one; 0 with --no-host)")
+                    help="the host's contention for the simulator (default: measured: a 1-thread decode step "
+                         "with another process stepping beside it, against alone; 0 with --no-host)")
     ap.add_argument("--no-host", action="store_true",
                     help="simulate cpu0 and cpu1 as separate machines (no `hosts`), as before")
     args = ap.parse_args()
@@ -861,6 +868,15 @@ def main() -> int:
     if args.report:
         saved = json.loads(Path(args.report).read_text())
         report(saved["meta"], saved["results"])
+        return 0
+    if args.resimulate:
+        if not args.checkpoint:
+            ap.error("--resimulate needs --checkpoint (the benchmark model's folder)")
+        saved = json.loads(Path(args.resimulate).read_text())
+        resimulate(saved["results"], args.checkpoint)
+        report(saved["meta"], saved["results"])
+        if args.json:
+            Path(args.json).write_text(json.dumps(saved, indent=1))
         return 0
 
     def on_term(*_):
@@ -981,6 +997,34 @@ def run_plan(pname, label, stages, ckpt, model_name, profiles, sat, n_poisson, a
         for load in pr["cells"]:
             pr["cells"][load]["sim+cal"] = simulate_trace(cplan, ccluster, loads[load])
     return pr
+
+
+def saved_trace(cell: dict) -> list:
+    """A measured cell's trace as the simulator takes it: every request's arrival, prompt length
+    and output tokens, in arrival order."""
+    recs = sorted(cell["meas_detail"]["per_request"], key=lambda r: (r["arrival"], r["id"]))
+    return [{"arrival": r["arrival"], "prompt": [0] * r["prompt_len"], "output_len": r["tokens"]} for r in recs]
+
+
+def resimulate(results: dict, ckpt: str) -> None:
+    """``sim`` and ``sim+cal`` of a saved run again, on its clusters (profile, host) and its
+    measured terms, with this checkout's simulator: a change to the simulator checked against
+    measurements already taken (a run on a shared host moves by up to 20% between hours)."""
+    for pname, pr in results.items():
+        plan = plan_for(ckpt, pr["stages"], pr["workload"])
+        cluster = make_cluster(pr["cluster"])
+        cal = None
+        if "calibration" in pr:
+            cal, cplan, ccluster = calibrate_terms(pr, ckpt)
+            pr["calibration"] = cal
+        for load, c in pr["cells"].items():
+            if "meas_detail" not in c:
+                continue
+            trace = saved_trace(c)
+            c["sim"] = simulate_trace(plan, cluster, trace)
+            if cal is not None:
+                c["sim+cal"] = simulate_trace(cplan, ccluster, trace)
+        log(f"[{pname}] simulated again")
 
 
 def _get(d: dict, k):
