@@ -74,9 +74,9 @@ def open_step_log(stage_id: str):
     to ``PREFIX.<stage id>.<pid>``: when its compute started and ended (seconds of
     CLOCK_MONOTONIC, the clock of ``time.monotonic`` and, on Linux, ``time.perf_counter``), its
     tokens and its chunks. Beside the gateway's own step times it shows where a served step's
-    time goes: each stage's compute, the queue in front of it, the hops (bench/fidelity_bench.py,
-    "Where a step's time goes"). A file the operator names, not a caller: nothing from the
-    network reaches it."""
+    time goes: each stage's compute, the queue in front of it, the hops
+    (bench/fidelity_bench.py's ``step_breakdown``). A file the operator names, not a caller:
+    nothing from the network reaches it."""
     prefix = os.environ.get("HEXPLAN_STEP_LOG")
     if not prefix:
         return None
