@@ -304,7 +304,7 @@ def calibrated_cluster_dict(base: dict, stages, cal: dict) -> dict:
     links = d["network"].setdefault("links", [])
     half = max(0.0, cal["fixed_s"]) / 2
     hop = max(0.0, cal.get("hop_s", 0.0))
-    base_lat = 1e-4        # base_cluster_dict's links: 0.1 ms
+    base_lat = make_cluster(base).default_link.latency
     for n in ("cpu0", "cpu1"):
         links.append({"between": ["gw", n], "bandwidth": "10Gbps", "latency": f"{(half + hop) * 1e3:.4f}ms"})
     if hop:
@@ -469,18 +469,18 @@ def read_step_logs(logdir: str) -> dict:
     return {k: sorted(v) for k, v in sorted(out.items())}
 
 
-def stage_model_s(plan, cluster, batch: int, context: float) -> list:
+def stage_model_s(plan, cluster, batch: int, context: float, params=None) -> list:
     """The profile's time of a decode step of ``batch`` sequences at ``context`` on each stage
     of the plan's pipeline, alone (no host slowdown, no links): its layers (all-reduces
-    included) and, on the last, the LM head."""
-    asm = plan_assumptions(plan)
+    included) and, on the last, the LM head. ``params``: the plan's cost parameters unless given."""
+    p = params or plan_assumptions(plan).params
     stages = plan.pipelines[0].stages
     out = []
     for i, s in enumerate(stages):
         node = cluster.node(s.node)
-        t = s.num_layers * decode_layer_time(plan.model, node.gpu, s.tp, batch, context, node.interconnect, asm.params)
+        t = s.num_layers * decode_layer_time(plan.model, node.gpu, s.tp, batch, context, node.interconnect, p)
         if i == len(stages) - 1:
-            t += lm_head_time(plan.model, node.gpu, s.tp, batch, asm.params)
+            t += lm_head_time(plan.model, node.gpu, s.tp, batch, p)
         out.append(t)
     return out
 
@@ -543,9 +543,10 @@ def step_breakdown(steps: list, t0: float, logs: dict, model=None) -> dict:
     return out
 
 
-def tree_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) of process ``pid`` and all its descendants, from /proc (0 where
-    there is no /proc): a node executor and the stage workers it started."""
+def tree_cpu_s(pids: dict) -> dict:
+    """CPU seconds (user + system) of each process in ``pids`` ({name: pid}) with all its
+    descendants, from one pass over /proc (0 where there is no /proc): a node executor and the
+    stage workers it started."""
     tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     kids: dict = {}
     cpu: dict = {}
@@ -559,19 +560,22 @@ def tree_cpu_s(pid: int) -> float:
             continue
         kids.setdefault(int(fields[1]), []).append(int(d))
         cpu[int(d)] = (int(fields[11]) + int(fields[12])) / tick
-    total, todo = 0.0, [pid]
-    while todo:
-        p = todo.pop()
-        total += cpu.get(p, 0.0)
-        todo.extend(kids.get(p, ()))
-    return total
+    out = {}
+    for name, pid in pids.items():
+        total, todo = 0.0, [pid]
+        while todo:
+            p = todo.pop()
+            total += cpu.get(p, 0.0)
+            todo.extend(kids.get(p, ()))
+        out[name] = total
+    return out
 
 
 def cpu_snapshot(launch) -> dict:
     """CPU seconds so far: this process (the gateway and the replaying clients) and each node's
     process tree (its stage workers)."""
     return {"gateway": time.process_time(),
-            **{n: tree_cpu_s(launch.node_process(n).pid) for n in launch.nodes}}
+            **tree_cpu_s({n: launch.node_process(n).pid for n in launch.nodes})}
 
 
 def cpu_used(before: dict, after: dict, wall: float) -> dict:
@@ -619,8 +623,6 @@ def model_step_s(plan, cluster, batch: int, context: float, params=None) -> floa
     and out and between stages (latency + bytes), as hexplan/simulator/engine.py adds them up."""
     from hexplan.costmodel import TOKEN_ID_BYTES, send_time
 
-    asm = plan_assumptions(plan)
-    p = params or asm.params
     model = plan.model
     stages = plan.pipelines[0].stages
     coord = cluster.coordinator_node.name
@@ -630,12 +632,7 @@ def model_step_s(plan, cluster, batch: int, context: float, params=None) -> floa
         lk = cluster.link(a, b)
         nbytes = (batch * model.activation_bytes_per_token if 0 < i < len(hops) - 1 else batch * TOKEN_ID_BYTES)
         t += send_time(nbytes, lk.bandwidth, lk.latency)
-    for s in stages:
-        node = cluster.node(s.node)
-        t += s.num_layers * decode_layer_time(model, node.gpu, s.tp, batch, context, node.interconnect, p)
-    last = cluster.node(stages[-1].node)
-    t += lm_head_time(model, last.gpu, stages[-1].tp, batch, p)
-    return t
+    return t + sum(stage_model_s(plan, cluster, batch, context, params))
 
 
 def run_plan_measured(name: str, ckpt: str, stages, plan, loads: dict, probes: bool, vocab: int,

@@ -214,8 +214,7 @@ class _Kind:
 
 class _Pipe:
     __slots__ = ("index", "stage_kind", "stage_layers", "kinds", "head", "head_cache", "links", "chain", "delay",
-                 "act_bytes", "n_loops", "idle", "parts", "cur", "swap_s", "stage_res", "hosted",
-                 "tokens", "nparts")
+                 "act_bytes", "n_loops", "idle", "parts", "cur", "swap_s", "stage_res", "hosted")
 
 
 class Engine:
@@ -357,14 +356,16 @@ class Engine:
         hshare[r] = share
         return end + extra
 
-    def _share(self, pipe: _Pipe, stage: int, d: float, tokens: int, parts: int) -> float:
-        """The compute share of a step of ``tokens`` tokens that takes a pipeline's stage on a
-        shared host ``d`` (modelled, per part): 1, less a TP stage's all-reduces (2 per layer,
+    def _share(self, pipe: _Pipe, stage: int, d: float, step) -> float:
+        """The compute share of ``step`` on a pipeline's stage on a shared host, which takes it
+        ``d`` (modelled, per part): 1, less a TP stage's all-reduces (2 per layer,
         ``allreduce_time``), for which its ranks wait on each other."""
         tp = self.host_info[pipe.stage_res[stage]][2]
         if tp == 1 or d <= 0.0:
             return 1.0
         kind = pipe.kinds[pipe.stage_kind[stage]]
+        tokens = len(step.decode) + sum(c[2] for c in step.prefill)
+        parts = min(pipe.parts, len(step.decode) + len(step.prefill))   # as _start cuts it
         comm = pipe.stage_layers[stage] * 2 * allreduce_time(self.model, kind.gpu, tp, tokens / parts, kind.ic,
                                                              self.params)
         return max(0.0, 1.0 - comm / d)
@@ -398,8 +399,6 @@ class Engine:
         for pipe in self.pipes:
             pipe.idle = list(range(pipe.n_loops))   # a heap: the lowest idle loop is woken first
             pipe.cur = [None] * pipe.n_loops        # each loop's step in flight
-            pipe.tokens = [0] * pipe.n_loops        # its tokens (decode + prompt chunks)
-            pipe.nparts = [1] * pipe.n_loops        # the parts it is cut into
         self.free = [0.0] * self.n_res
         self.hstart = [0.0] * self.n_res    # when the step on a shared host's stage started
         self.hshare = [1.0] * self.n_res    # and its compute share (_share)
@@ -515,9 +514,6 @@ class Engine:
             return False
         pipe.cur[g] = step
         parts = min(pipe.parts, len(step.decode) + len(step.prefill))
-        if pipe.hosted:
-            pipe.tokens[g] = len(step.decode) + sum(c[2] for c in step.prefill)
-            pipe.nparts[g] = parts
         first, unit = self._service(pipe, step, parts)
         if parts == 1:
             self._walk(pipe, g, [first] + unit, 0, now, now)
@@ -624,8 +620,7 @@ class Engine:
                 if t > now or free[r] > now:
                     self._push(t if t > free[r] else free[r], RESUME, (pipe, g, svc, last), i)
                     return
-                end = self._hosted_end(r, now, svc[i], self._share(pipe, (i - 1) // 2, svc[i], pipe.tokens[g],
-                                                                   pipe.nparts[g]))
+                end = self._hosted_end(r, now, svc[i], self._share(pipe, (i - 1) // 2, svc[i], pipe.cur[g]))
                 free[r] = end
                 if end > w0 and now < w1:
                     busy[r] += (end if end < w1 else w1) - (now if now > w0 else w0)
