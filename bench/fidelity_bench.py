@@ -3,6 +3,8 @@
     python bench/fidelity_bench.py [--quick] [--only one,pp2,tp2pp] [--json out.json]
                                    [--checkpoint DIR] [--profile FILE] [--no-calibrate] [--wait-quiet S]
                                    [--lone-profile] [--contention F | --no-host]
+    python bench/fidelity_bench.py --resimulate RUN.json --checkpoint DIR
+    python bench/fidelity_bench.py --combine RUN1.json RUN2.json ...
 
 The model of bench/executor_bench.py (a random-weight Llama, hidden 768, 12 layers, 12 heads,
 intermediate 2048, vocab 32000, 512 positions, float32) on the local CPU cluster of
@@ -55,6 +57,12 @@ decode compute against the profile's time for it alone (`step_breakdown`). `--js
 request and every gateway step (their composition and duration), the CPU each process group
 used per load (`cores_busy`) and the breakdown.
 
+`--resimulate` runs a saved run's traces through this checkout's simulator again (a simulator
+change checked on measurements already taken); `--combine` prints the medians of several saved
+runs (run them with the plan order alternated, `--only tp2pp,pp2,one`), the measured figures'
+own spread between runs, and the target judged on the medians: one run on a shared host moves a
+cell by up to 20%, more than the target.
+
 Progress on stderr, markdown tables on stdout. About 13-14 minutes in full on the 2-core
 development machine when it is otherwise idle (--wait-quiet S waits for that before the profile
 and each plan), about 3 with --quick (plan `one`, 12 Poisson and 16 saturated requests).
@@ -82,7 +90,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from executor_bench import (MODEL, benchmark_checkpoint, calibrate, decode_sequence, log,  # noqa: E402
                             make_workload, percentile, replay, time_rpc)
 
-from hexplan.cluster import cluster_from_dict  # noqa: E402
+from hexplan.cluster import Host, cluster_from_dict  # noqa: E402
 from hexplan.costmodel import decode_layer_time, lm_head_time  # noqa: E402
 from hexplan.evaluate import CostCache, evaluate_plan_pipelines  # noqa: E402
 from hexplan.gpus import ProfileTable  # noqa: E402
@@ -785,23 +793,40 @@ def calibrate_terms(pr: dict, ckpt: str) -> dict:
 def served_host_terms(ov: dict | None, stages, cluster: dict) -> dict:
     """From ``overlap_probe``: ``hop_s``, what the hops of a step with two loops in flight add to
     a lone step's, over the links the model has (one each way and one between stages:
-    ``len(stages) + 1``), as latency on each; and the
-    host's ``contention`` from the 1-worker stages' compute beside the other loop against alone,
-    (ratio - 1) / (share of it overlapped) / (other workers on the host)."""
+    ``len(stages) + 1``), as latency on each; and the host's ``contention``, from each 1-worker
+    stage's compute beside the other loop against alone: its slowdown over the time it
+    overlapped, less what ``Host.slowdown`` gives it for sharing the cores (the other stages
+    computing for their share: 1, or a TP stage's compute less its all-reduces, from the
+    profile's table), per other worker on the host."""
     if not ov or not ov.get("two_loops", {}).get("matched") or not ov.get("one_loop", {}).get("matched"):
         return {}
     one, two = ov["one_loop"], ov["two_loops"]
     # the hops of a lone step are in the served decode table already (the probe's step less the
     # model's compute): what two loops add, per link, on top of the links' own latency
     out = {"hop_s": max(0.0, (two["hops"] - one["hops"]) / 1e3 / (len(stages) + 1))}
+    if not cluster.get("hosts"):
+        return out
     workers = sum(tp for _, tp, _, _ in stages)
+    cores = next(iter(cluster["hosts"].values()))["cores"]
+    threads = max(1, cores // workers)
+    tables = next(iter(cluster["gpu_types"]["cpu"]["profiles"].values()))
+    shares = []
+    for i, (_, tp, a, b) in enumerate(stages):
+        c = two.get(f"compute_p0s{i}")
+        if tp == 1 or not c or "allreduce_ms" not in tables:
+            shares.append(1.0)
+        else:   # 2 all-reduces per layer, of the probe's smaller batch
+            shares.append(max(0.0, 1.0 - 2 * (b - a) * float(_get(tables["allreduce_ms"], OVERLAP_BATCH)) / c))
+    bare = Host("probe", cores, 0.0)
     cs = []
     for i, (_, tp, _, _) in enumerate(stages):
         k = f"p0s{i}"
         share = two.get(f"overlap_{k}", 0.0)
         if tp == 1 and workers > 1 and share >= 0.3 and one.get(f"compute_{k}"):
-            cs.append((two[f"compute_{k}"] / one[f"compute_{k}"] - 1.0) / share / (workers - 1))
-    if cs and cluster.get("hosts"):
+            full = 1.0 + (two[f"compute_{k}"] / one[f"compute_{k}"] - 1.0) / share   # all through beside the other
+            others = tuple((otp, threads, shares[j]) for j, (_, otp, _, _) in enumerate(stages) if j != i)
+            cs.append((full / bare.slowdown((1, threads, 1.0), others) - 1.0) / (workers - 1))
+    if cs:
         out["contention"] = max(0.0, statistics.mean(cs))
     return out
 
@@ -850,6 +875,9 @@ def main() -> int:
                     help="simulate the traces of a saved --json run again with this checkout's simulator (its "
                          "clusters, profiles and measured terms; needs --checkpoint for the model) and print the "
                          "tables against the run's measurements")
+    ap.add_argument("--combine", nargs="+", metavar="JSON",
+                    help="print the medians over saved --json runs (alternate their plan order with --only), the "
+                         "measurement's own spread between runs and the target judged on the medians")
     ap.add_argument("--wait-quiet", type=float, default=0, metavar="S",
                     help="before the profile and each plan, wait up to S seconds for the shared host to be quiet "
                          "(a 0.5 s matmul at --quiet-gflops)")
@@ -865,6 +893,9 @@ def main() -> int:
     if args.report:
         saved = json.loads(Path(args.report).read_text())
         report(saved["meta"], saved["results"])
+        return 0
+    if args.combine:
+        combine([json.loads(Path(f).read_text()) for f in args.combine], args.combine)
         return 0
     if args.resimulate:
         if not args.checkpoint:
@@ -1112,5 +1143,55 @@ def report(meta: dict, results: dict) -> None:
         if ok:
             print(f"\ntarget ({s} within {TARGET:.0%} of measured on tok/s, P50 TTFT, P50 TPOT): {sum(ok)} of "
                   f"{len(ok)} cells")
+
+
+def combine(runs: list, names: list) -> None:
+    """Several saved runs as one: each figure of each cell is the median over the runs that have
+    the cell (a shared host moves a single run's cell by up to 20%, more than the target), the
+    target judged on those medians; with each run's own count, and how far the measured figures
+    of a cell spread between runs ((max - min) / median), which bounds what any model can match."""
+    sources = runs[0]["meta"]["sources"]
+    print(f"\nfidelity bench, {len(runs)} runs combined: " + ", ".join(
+        f"{Path(n).name} ({r['meta']['started']}, plans {', '.join(r['results'])}, contention "
+        f"{r['meta'].get('host', {}).get('contention', 0):.3f})" for n, r in zip(names, runs)) + "\n")
+    for n, r in zip(names, runs):
+        cells = [c for pr in r["results"].values() for c in pr["cells"].values() if "meas" in c]
+        counts = [f"{s} {sum(all(abs(err(c[s][k], c['meas'][k])) <= TARGET for k in CHECKED) for c in cells if s in c)}"
+                  for s in sources[1:-1]]
+        print(f"{Path(n).name}: cells within {TARGET:.0%} as it ran: " + ", ".join(counts) + f" of {len(cells)}")
+    med: dict = {}
+    spread_rows = ["| plan | load | runs | measured tok/s | TTFT P50 s | TPOT P50 ms | spread (tok/s, TTFT50, TPOT50) |",
+                   "|---|---|---|---|---|---|---|"]
+    plans = [p for p in PLANS if any(p in r["results"] for r in runs)]
+    for p in plans:
+        for load, _ in LOADS:
+            cs = [r["results"][p]["cells"][load] for r in runs if p in r["results"] and load in r["results"][p]["cells"]]
+            cs = [c for c in cs if "meas" in c]
+            if not cs:
+                continue
+            offered = [c["offered_rate"] for c in cs if c["offered_rate"]]
+            cell = {"offered_rate": statistics.median(offered) if offered else None}
+            for s in sources:
+                have = [c[s] for c in cs if s in c]
+                if have:
+                    cell[s] = {k: statistics.median(h[k] for h in have) for k, *_ in METRICS}
+            med.setdefault(p, {"cells": {}})["cells"][load] = cell
+            m = [c["meas"] for c in cs]
+            spread = [(max(x[k] for x in m) - min(x[k] for x in m)) / statistics.median(x[k] for x in m)
+                      for k in CHECKED]
+            spread_rows.append(f"| {p} | {load} | {len(cs)} | " + " | ".join(
+                " / ".join(fmt.format(x[k] * sc) for x in m) for k, _, sc, fmt in METRICS if k in CHECKED) + " | "
+                + ", ".join(f"{v * 100:.0f}%" for v in spread) + " |")
+    print("\nMedians over the runs:\n")
+    print(table(med, sources))
+    print("\nThe measured figures of each run, and their spread between runs:\n")
+    print("\n".join(spread_rows))
+    cells = [c for pr in med.values() for c in pr["cells"].values()]
+    for s in sources[1:-1]:
+        ok = [all(abs(err(c[s][k], c["meas"][k])) <= TARGET for k in CHECKED) for c in cells if s in c]
+        print(f"\ntarget on the medians ({s} within {TARGET:.0%} of measured on tok/s, P50 TTFT, P50 TPOT): "
+              f"{sum(ok)} of {len(ok)} cells")
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -58,16 +58,29 @@ class Host:
         (workers, threads per worker, compute share): the share of its step its workers compute;
         a TP stage's ranks wait on each other's all-reduces for the rest, leaving their cores.
 
-        * The cores are time-shared once the stage's own threads, with the cores the others ask
-          for (threads x compute share), exceed ``cores``: ``max(1, asked / cores)``. Its own
-          threads count whole: a TP stage's ranks run in lockstep, so a rank waiting for its
-          core holds the others up, and their waits stretch with it.
+        * The cores are time-shared while the stage's own threads, with those of the others
+          computing at that moment, exceed ``cores``: ``max(1, threads / cores)``, averaged
+          over the others' phases (each computing for its share of the time, independently).
+          Its own threads count whole: a TP stage's ranks run in lockstep, so a rank waiting
+          for its core holds the others up, and their waits stretch with it.
         * Every running worker beyond the first adds ``contention`` (memory bandwidth, caches).
         """
         w, t, _ = stage
-        asked = w * t + sum(o[0] * o[1] * o[2] for o in others)
+        # the distribution of the threads the others compute with: {threads: probability}
+        dist = {0: 1.0}
+        for ow, ot, share in others:
+            if share <= 0.0:
+                continue
+            n, nxt = ow * ot, {}
+            for k, p in dist.items():
+                if share < 1.0:
+                    nxt[k] = nxt.get(k, 0.0) + p * (1.0 - share)
+                nxt[k + n] = nxt.get(k + n, 0.0) + p * min(1.0, share)
+            dist = nxt
+        own = w * t
+        shared = sum(p * max(1.0, (own + k) / self.cores) for k, p in dist.items())
         workers = w + sum(o[0] for o in others)
-        return max(1.0, asked / self.cores) * (1.0 + self.contention * (workers - 1))
+        return shared * (1.0 + self.contention * (workers - 1))
 
 
 @dataclass(frozen=True)

@@ -67,9 +67,36 @@ def test_slowdown():
     assert h.slowdown(tp2) == pytest.approx(1.2)                     # alone: its ranks have the cores
     # Beside a 1-worker stage its ranks share the cores with it, in lockstep: 3 threads on 2.
     assert h.slowdown(tp2, (one,)) == pytest.approx(1.5 * 1.4)
-    # The 1-worker stage beside it: the ranks' waits leave cores, 1 + 2 x 0.6 asked of 2.
-    assert h.slowdown(one, (tp2,)) == pytest.approx(1.1 * 1.4)
+    # The 1-worker stage beside it: 3 threads on 2 cores while the ranks compute (60% of the
+    # time), its own core while they wait on all-reduces.
+    assert h.slowdown(one, (tp2,)) == pytest.approx((0.6 * 1.5 + 0.4 * 1.0) * 1.4)
     assert h.slowdown(one, ((2, 1, 0.0),)) == pytest.approx(1.4)     # ranks that only wait: bandwidth only
+    # Two TP-2 stages computing half the time beside a 1-worker stage, no contention: 1, 3 or 5
+    # threads on 2 cores with probability 1/4, 1/2, 1/4.
+    bare = Host("box", 2, 0.0)
+    assert bare.slowdown(one, ((2, 1, 0.5), (2, 1, 0.5))) == pytest.approx(0.25 * 1 + 0.5 * 1.5 + 0.25 * 2.5)
+
+
+def test_slowdown_averages_the_others_phases():
+    # Against a brute force over which of the other stages compute at a moment (each for its
+    # share of the time, independently): max(1, threads / cores), weighted, x contention.
+    import itertools
+    import random
+    rng = random.Random(7)
+    for _ in range(200):
+        h = Host("box", rng.choice([1, 2, 4, 8]), rng.choice([0.0, 0.05, 0.3]))
+        stage = (rng.randint(1, 4), rng.randint(1, 2), rng.random())
+        others = tuple((rng.randint(1, 4), rng.randint(1, 3), rng.choice([0.0, 1.0, rng.random()]))
+                       for _ in range(rng.randint(0, 4)))
+        want = 0.0
+        for on in itertools.product((False, True), repeat=len(others)):
+            p, threads = 1.0, stage[0] * stage[1]
+            for (w, t, share), o in zip(others, on):
+                p *= share if o else 1.0 - share
+                threads += w * t if o else 0
+            want += p * max(1.0, threads / h.cores)
+        want *= 1.0 + h.contention * (stage[0] + sum(o[0] for o in others) - 1)
+        assert h.slowdown(stage, others) == pytest.approx(want, rel=1e-12), (h, stage, others)
 
 
 def test_stages_that_never_overlap_are_not_slowed():

@@ -1,0 +1,91 @@
+"""bench/fidelity_bench.py's pure parts: the host terms it takes from the two-loop probe, and the
+medians of several saved runs (`--combine`). The runs themselves need minutes of a quiet host and
+live in docs/fidelity.md, not here."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import fidelity_bench as fb  # noqa: E402
+
+from hexplan.cluster import Host  # noqa: E402
+
+
+def _cluster(cores: int, allreduce_ms: float) -> dict:
+    tables = {"decode_ms": {"1": 1.0}, "prefill_ms": {"16": 1.0}, "allreduce_ms": {str(fb.OVERLAP_BATCH): allreduce_ms},
+              "allreduce_tp": 2}
+    return {"hosts": {"local": {"cores": cores, "contention": 0.0}},
+            "gpu_types": {"cpu": {"profiles": {"m": tables}}}}
+
+
+def _probe(stages, cores, contention, tp_compute_ms, tp1_alone_ms, overlap, allreduce_ms):
+    """The two-loop probe a host following ``Host.slowdown`` with ``contention`` would give:
+    each TP-1 stage overlapped for ``overlap`` of its compute by the others."""
+    workers = sum(tp for _, tp, _, _ in stages)
+    threads = max(1, cores // workers)
+    shares = [1.0 if tp == 1 else 1.0 - 2 * (b - a) * allreduce_ms / tp_compute_ms for _, tp, a, b in stages]
+    host = Host("h", cores, contention)
+    one = {"matched": 25, "hops": 5.0}
+    two = {"matched": 50, "hops": 5.0 + 3.0 * (len(stages) + 1)}
+    for i, (_, tp, _, _) in enumerate(stages):
+        k = f"p0s{i}"
+        if tp == 1:
+            others = tuple((otp, threads, shares[j]) for j, (_, otp, _, _) in enumerate(stages) if j != i)
+            full = host.slowdown((1, threads, 1.0), others)
+            one[f"compute_{k}"] = tp1_alone_ms
+            two[f"compute_{k}"] = tp1_alone_ms * (1.0 + overlap * (full - 1.0))
+        else:
+            one[f"compute_{k}"] = two[f"compute_{k}"] = tp_compute_ms
+        two[f"overlap_{k}"] = overlap
+    return {"one_loop": one, "two_loops": two}
+
+
+@pytest.mark.parametrize("stages", [[("cpu0", 1, 0, 6), ("cpu1", 1, 6, 12)],       # pp2
+                                    [("cpu0", 2, 0, 6), ("cpu1", 1, 6, 12)]])      # tp2pp
+@pytest.mark.parametrize("contention", [0.0, 0.04, 0.15])
+def test_served_host_terms_recover_the_hosts_contention(stages, contention):
+    # The TP-1 stage's slowdown beside the others is core sharing (Host.slowdown with no
+    # contention) times contention: only the contention is taken, so the simulator's rule does
+    # not count the core sharing twice.
+    ov = _probe(stages, 2, contention, tp_compute_ms=40.0, tp1_alone_ms=50.0, overlap=0.8, allreduce_ms=1.5)
+    got = fb.served_host_terms(ov, stages, _cluster(2, 1.5))
+    assert got["contention"] == pytest.approx(contention, abs=1e-9)
+    assert got["hop_s"] == pytest.approx(3e-3)
+
+
+def test_served_host_terms_without_a_host_or_probe():
+    stages = [("cpu0", 1, 0, 6), ("cpu1", 1, 6, 12)]
+    assert fb.served_host_terms(None, stages, _cluster(2, 1.5)) == {}
+    ov = _probe(stages, 2, 0.1, 40.0, 50.0, 0.8, 1.5)
+    no_host = {k: v for k, v in _cluster(2, 1.5).items() if k != "hosts"}
+    assert set(fb.served_host_terms(ov, stages, no_host)) == {"hop_s"}
+
+
+def _run(meas_tok: float, sim_tok: float, started: str) -> dict:
+    cell = {"offered_rate": 0.5,
+            "meas": {"tokens_per_s": meas_tok, "ttft_p50_s": 0.2, "ttft_p90_s": 0.4, "tpot_p50_s": 0.05},
+            "sim": {"tokens_per_s": sim_tok, "ttft_p50_s": 0.2, "ttft_p90_s": 0.4, "tpot_p50_s": 0.05},
+            "pred": {"tokens_per_s": 50.0, "ttft_p50_s": 0.1, "ttft_p90_s": 0.1, "tpot_p50_s": 0.04}}
+    return {"meta": {"sources": ["pred", "sim", "meas"], "started": started, "host": {"contention": 0.0}},
+            "results": {"one": {"cells": {"30%": cell}}}}
+
+
+def test_combine_takes_medians_and_judges_the_target_on_them(tmp_path, capsys):
+    # Three runs of one cell: measured 100, 80 and 130 tokens/s, simulated 100 each time. One run
+    # alone misses (130: -23%); the medians (100 against 100) meet the target.
+    runs = [_run(100.0, 100.0, "a"), _run(80.0, 100.0, "b"), _run(130.0, 100.0, "c")]
+    names = []
+    for i, r in enumerate(runs):
+        p = tmp_path / f"run{i}.json"
+        p.write_text(json.dumps(r))
+        names.append(str(p))
+    fb.combine(runs, names)
+    out = capsys.readouterr().out
+    assert "run1.json: cells within 15% as it ran: sim 0 of 1" in out      # 100 against 80: +25%
+    assert "run2.json: cells within 15% as it ran: sim 0 of 1" in out      # 100 against 130: -23%
+    assert "| one | 30% | 3 | 100.0 / 80.0 / 130.0 |" in out
+    assert "50%, 0%, 0%" in out                                             # (130 - 80) / 100
+    assert "target on the medians (sim within 15% of measured on tok/s, P50 TTFT, P50 TPOT): 1 of 1 cells" in out
