@@ -126,3 +126,37 @@ def test_a_tp_stage_alone_shares_the_host_between_its_ranks():
     assert free.requests_completed == shared.requests_completed == 10
     assert shared.tpot_s.p50 > free.tpot_s.p50 * 1.02
     assert shared.tpot_s.p50 < free.tpot_s.p50 * 1.2
+
+
+def test_a_step_with_a_prompt_chunk_costs_at_least_a_forward_of_its_tokens():
+    # A chunk is charged its share of its prompt's prefill (chunking spreads a prompt's cost),
+    # but a step is never cheaper than a prompt forward of all its tokens: on a CPU a small
+    # forward is mostly fixed cost. The profile: bench/fidelity_bench.py's model on the 2-core
+    # development host, 1 thread (1 decode + a 32-token chunk of a 136-token prompt took 7.0 ms
+    # a layer there, the share rule says 5.9, a 33-token prompt 6.5).
+    from hexplan.costmodel import CostParams
+    from hexplan.simulator.engine import Engine, EngineStats
+
+    c = loads_cluster("name: cpu\ngpu_types:\n  A100-80G:\n    profiles:\n      llama-2-13b:\n"
+                      "        decode_ms: {1: 2.52, 2: 2.58, 4: 4.27, 8: 5.95, 16: 7.52}\n"
+                      "        prefill_ms: {16: 5.5, 32: 6.47, 64: 8.48, 128: 13.74, 256: 28.8}\n"
+                      "nodes:\n  - {name: a, gpu: A100-80G, count: 2}\n  - {name: b, gpu: A100-80G, count: 1}\n")
+    eng = Engine(two_stages(), c, W, CostParams())
+    eng.stats = EngineStats(window=(0.0, 1.0))
+    eng.prompt = [136, 16, 256]
+    pipe = eng.pipes[0]
+    kind = pipe.kinds[0]
+
+    def per_layer(n_dec, chunks):
+        return eng._layer_times(pipe, n_dec, n_dec * 150, chunks, 1, n_dec + sum(ch[2] for ch in chunks))[0]
+
+    share = kind.decode(1, 150) + kind.prefill(136) * 32 / 136
+    floor = kind.prefill(33)
+    assert floor > share                                  # the case the floor is for
+    assert per_layer(1, [(0, 32, 32, False)]) == pytest.approx(floor)
+    assert per_layer(0, [(0, 0, 32, False)]) == pytest.approx(kind.prefill(32))   # a chunk alone: a 32-token forward
+    # a whole prompt keeps its own prefill; decode-heavy steps keep the sum, above the floor
+    assert per_layer(0, [(1, 0, 16, True)]) == pytest.approx(kind.prefill(16))
+    many = kind.decode(16, 16 * 150) + kind.prefill(256) * 8 / 256
+    assert many > kind.prefill(24)
+    assert per_layer(16, [(2, 0, 8, False)]) == pytest.approx(many)

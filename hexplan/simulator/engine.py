@@ -568,13 +568,17 @@ class Engine:
         """Per-layer time of a step on each kind of stage of the pipeline: one decode step of
         the ``n_dec`` decoding sequences at their mean context, plus each (request, start,
         tokens, last) prompt chunk's share of its prompt's prefill (tokens / prompt tokens:
-        chunking spreads a prompt's cost, it adds none); in ``parts`` parts when interleaved.
+        chunking spreads a prompt's cost, it adds none), and at least a prompt forward of all
+        the step's tokens when it carries a chunk (docs/simulator.md, "Service times"); in
+        ``parts`` parts when interleaved.
         A shifted stage (Shift Parallelism) runs the step in SP mode when its ``step_tokens``
         (decode tokens + prompt chunk tokens) are above its threshold (``shift_mode``, the rule
         the executor's workers apply): the same sum with the SP-mode times, not interleaved."""
         prompt = self.prompt
         per_layer = []
         modes = self.stats.shift_steps
+        # the floor of a step with a chunk: a prompt forward of all its tokens
+        n_tok = step_tokens or n_dec + sum(c[2] for c in chunks)
         for kind in pipe.kinds:
             if kind.sp > 1:
                 sp = kind.sp_mode(step_tokens)
@@ -585,6 +589,9 @@ class Engine:
                     for c in chunks:
                         p = prompt[c[0]]
                         t += kind.prefill_sp(p) * c[2] / p
+                    if chunks:
+                        floor = kind.prefill_sp(n_tok)
+                        t = floor if floor > t else t
                     per_layer.append(t)
                     continue
             if parts == 1:
@@ -593,11 +600,17 @@ class Engine:
                     p = prompt[c[0]]
                     take = c[2]
                     t += kind.prefill(p) if take == p else kind.prefill(p) * take / p
+                if chunks:
+                    floor = kind.prefill(n_tok)
+                    t = floor if floor > t else t
             else:
                 t = kind.decode_parts(n_dec, ctx_sum, parts) if n_dec else 0.0
                 for c in chunks:
                     p = prompt[c[0]]
                     t += kind.prefill_parts(p, parts) * c[2] / p
+                if chunks:
+                    floor = kind.prefill_parts(n_tok, parts)
+                    t = floor if floor > t else t
             per_layer.append(t)
         return per_layer
 
