@@ -61,7 +61,7 @@ used per load (`cores_busy`) and the breakdown.
 change checked on measurements already taken); `--combine` prints the medians of several saved
 runs (run them with the plan order alternated, `--only tp2pp,pp2,one`), the measured figures'
 own spread between runs, and the target judged on the medians: one run on a shared host moves a
-cell by up to 20%, more than the target.
+cell by up to 23% (docs/fidelity.md), more than the target.
 
 Progress on stderr, markdown tables on stdout. About 13-14 minutes in full on the 2-core
 development machine when it is otherwise idle (--wait-quiet S waits for that before the profile
@@ -723,6 +723,11 @@ def err(sim: float, meas: float) -> float:
     return (sim - meas) / meas if meas else math.nan
 
 
+def within(cell: dict, source: str) -> bool:
+    """Whether ``source`` is within TARGET of the measurement on every CHECKED figure of ``cell``."""
+    return all(abs(err(cell[source][k], cell["meas"][k])) <= TARGET for k in CHECKED)
+
+
 def table(results: dict, sources) -> str:
     head = "| plan | load | offered req/s |"
     sep = "|---|---|---|"
@@ -1139,7 +1144,7 @@ def report(meta: dict, results: dict) -> None:
                   f"before the loads, {ms.get('calibration_after_gflops', 0):.0f} after")
     cells = [(p, l, c) for p, pr in results.items() for l, c in pr["cells"].items() if "meas" in c]
     for s in sources[1:-1]:
-        ok = [all(abs(err(c[s][k], c["meas"][k])) <= TARGET for k in CHECKED) for _, _, c in cells if s in c]
+        ok = [within(c, s) for _, _, c in cells if s in c]
         if ok:
             print(f"\ntarget ({s} within {TARGET:.0%} of measured on tok/s, P50 TTFT, P50 TPOT): {sum(ok)} of "
                   f"{len(ok)} cells")
@@ -1147,7 +1152,7 @@ def report(meta: dict, results: dict) -> None:
 
 def combine(runs: list, names: list) -> None:
     """Several saved runs as one: each figure of each cell is the median over the runs that have
-    the cell (a shared host moves a single run's cell by up to 20%, more than the target), the
+    the cell (a shared host moves a single run's cell by up to 23%, more than the target), the
     target judged on those medians; with each run's own count, and how far the measured figures
     of a cell spread between runs ((max - min) / median), which bounds what any model can match."""
     sources = runs[0]["meta"]["sources"]
@@ -1156,8 +1161,7 @@ def combine(runs: list, names: list) -> None:
         f"{r['meta'].get('host', {}).get('contention', 0):.3f})" for n, r in zip(names, runs)) + "\n")
     for n, r in zip(names, runs):
         cells = [c for pr in r["results"].values() for c in pr["cells"].values() if "meas" in c]
-        counts = [f"{s} {sum(all(abs(err(c[s][k], c['meas'][k])) <= TARGET for k in CHECKED) for c in cells if s in c)}"
-                  for s in sources[1:-1]]
+        counts = [f"{s} {sum(within(c, s) for c in cells if s in c)}" for s in sources[1:-1]]
         print(f"{Path(n).name}: cells within {TARGET:.0%} as it ran: " + ", ".join(counts) + f" of {len(cells)}")
     med: dict = {}
     spread_rows = ["| plan | load | runs | measured tok/s | TTFT P50 s | TPOT P50 ms | spread (tok/s, TTFT50, TPOT50) |",
@@ -1188,7 +1192,7 @@ def combine(runs: list, names: list) -> None:
     print("\n".join(spread_rows))
     cells = [c for pr in med.values() for c in pr["cells"].values()]
     for s in sources[1:-1]:
-        ok = [all(abs(err(c[s][k], c["meas"][k])) <= TARGET for k in CHECKED) for c in cells if s in c]
+        ok = [within(c, s) for c in cells if s in c]
         print(f"\ntarget on the medians ({s} within {TARGET:.0%} of measured on tok/s, P50 TTFT, P50 TPOT): "
               f"{sum(ok)} of {len(ok)} cells")
 

@@ -132,8 +132,8 @@ def test_a_step_with_a_prompt_chunk_costs_at_least_a_forward_of_its_tokens():
     # A chunk is charged its share of its prompt's prefill (chunking spreads a prompt's cost),
     # but a step is never cheaper than a prompt forward of all its tokens: on a CPU a small
     # forward is mostly fixed cost. The profile: bench/fidelity_bench.py's model on the 2-core
-    # development host, 1 thread (1 decode + a 32-token chunk of a 136-token prompt took 7.0 ms
-    # a layer there, the share rule says 5.9, a 33-token prompt 6.5).
+    # development host, 1 thread (bench/chunk_cost_bench.py: 1 decode + a 32-token chunk of a
+    # 136-token prompt took 6.8 ms a layer there, the share rule says 5.9, the floor 6.2).
     from hexplan.costmodel import CostParams
     from hexplan.simulator.engine import Engine, EngineStats
 

@@ -580,38 +580,31 @@ class Engine:
         # the floor of a step with a chunk: a prompt forward of all its tokens
         n_tok = step_tokens or n_dec + sum(c[2] for c in chunks)
         for kind in pipe.kinds:
+            sp = False
             if kind.sp > 1:
                 sp = kind.sp_mode(step_tokens)
                 mode = SP_MODE if sp else TP_MODE
                 modes[mode] = modes.get(mode, 0) + 1
-                if sp:
-                    t = kind.decode_sp(n_dec, ctx_sum) if n_dec else 0.0
-                    for c in chunks:
-                        p = prompt[c[0]]
-                        t += kind.prefill_sp(p) * c[2] / p
-                    if chunks:
-                        floor = kind.prefill_sp(n_tok)
-                        t = floor if floor > t else t
-                    per_layer.append(t)
-                    continue
-            if parts == 1:
+            if sp:
+                t = kind.decode_sp(n_dec, ctx_sum) if n_dec else 0.0
+                for c in chunks:
+                    p = prompt[c[0]]
+                    t += kind.prefill_sp(p) * c[2] / p
+                floor = kind.prefill_sp(n_tok) if chunks else 0.0
+            elif parts == 1:
                 t = kind.decode(n_dec, ctx_sum) if n_dec else 0.0
                 for c in chunks:
                     p = prompt[c[0]]
                     take = c[2]
                     t += kind.prefill(p) if take == p else kind.prefill(p) * take / p
-                if chunks:
-                    floor = kind.prefill(n_tok)
-                    t = floor if floor > t else t
+                floor = kind.prefill(n_tok) if chunks else 0.0
             else:
                 t = kind.decode_parts(n_dec, ctx_sum, parts) if n_dec else 0.0
                 for c in chunks:
                     p = prompt[c[0]]
                     t += kind.prefill_parts(p, parts) * c[2] / p
-                if chunks:
-                    floor = kind.prefill_parts(n_tok, parts)
-                    t = floor if floor > t else t
-            per_layer.append(t)
+                floor = kind.prefill_parts(n_tok, parts) if chunks else 0.0
+            per_layer.append(t if t > floor else floor)
         return per_layer
 
     def _walk(self, pipe: _Pipe, g: int, svc: list, i: int, t: float, now: float, last: bool = True) -> None:
