@@ -91,7 +91,7 @@ from executor_bench import (MODEL, benchmark_checkpoint, calibrate, decode_seque
                             make_workload, percentile, replay, time_rpc)
 
 from hexplan.cluster import Host, cluster_from_dict  # noqa: E402
-from hexplan.costmodel import decode_layer_time, lm_head_time  # noqa: E402
+from hexplan.costmodel import call_time, decode_layer_time, lm_head_time  # noqa: E402
 from hexplan.evaluate import CostCache, evaluate_plan_pipelines  # noqa: E402
 from hexplan.gpus import ProfileTable  # noqa: E402
 from hexplan.plan import plan_from_dict  # noqa: E402
@@ -480,7 +480,8 @@ def read_step_logs(logdir: str) -> dict:
 def stage_model_s(plan, cluster, batch: int, context: float, params=None) -> list:
     """The profile's time of a decode step of ``batch`` sequences at ``context`` on each stage
     of the plan's pipeline, alone (no host slowdown, no links): its layers (all-reduces
-    included) and, on the last, the LM head. ``params``: the plan's cost parameters unless given."""
+    included) and, on the last, the LM head: what a worker's step log times (the call's own
+    cost, ``call_time``, is outside it, in the hops). ``params``: the plan's cost parameters unless given."""
     p = params or plan_assumptions(plan).params
     stages = plan.pipelines[0].stages
     out = []
@@ -627,8 +628,9 @@ def probe(address: str, batch: int, prompt_len: int, out_len: int, vocab: int, s
 
 def model_step_s(plan, cluster, batch: int, context: float, params=None) -> float:
     """The simulator's time for one decode step of ``batch`` sequences at ``context`` through
-    the plan's pipeline, no queueing: every stage's layers (and all-reduces), LM head, links in
-    and out and between stages (latency + bytes), as hexplan/simulator/engine.py adds them up."""
+    the plan's pipeline, no queueing: every stage's layers (and all-reduces) and call (the
+    profile's ``call_ms``), LM head, links in and out and between stages (latency + bytes), as
+    hexplan/simulator/engine.py adds them up."""
     from hexplan.costmodel import TOKEN_ID_BYTES, send_time
 
     model = plan.model
@@ -640,7 +642,8 @@ def model_step_s(plan, cluster, batch: int, context: float, params=None) -> floa
         lk = cluster.link(a, b)
         nbytes = (batch * model.activation_bytes_per_token if 0 < i < len(hops) - 1 else batch * TOKEN_ID_BYTES)
         t += send_time(nbytes, lk.bandwidth, lk.latency)
-    return t + sum(stage_model_s(plan, cluster, batch, context, params))
+    calls = sum(call_time(model, cluster.node(s.node).gpu, batch) for s in stages)
+    return t + calls + sum(stage_model_s(plan, cluster, batch, context, params))
 
 
 def run_plan_measured(name: str, ckpt: str, stages, plan, loads: dict, probes: bool, vocab: int,

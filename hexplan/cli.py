@@ -1069,12 +1069,18 @@ def cmd_profile(args) -> int:
         if args.served:
             from .executor.profile_served import served_decode
 
-            print(f"hexplan: decode again through a served worker ({len(decode)} batch sizes)", file=err, flush=True)
+            print(f"hexplan: decode again through a served worker ({len(decode)} batch sizes"
+                  + (", then through a 1-layer shard to split each call's own cost from its layers'" if layers > 1
+                     else "") + ")", file=err, flush=True)
 
             def served_progress(p, done, total):
-                print(f"hexplan: [{done:>2}/{total}] served decode batch {p.x:>5}: {p.ms:9.4f} ms/layer at TP 1 (step "
-                      f"{p.step_ms:.2f} ms with the LM head, mean context {p.context:.0f}, spread {p.spread:.2f})",
-                      file=err, flush=True)
+                if p.kind == "call":
+                    print(f"hexplan: [{done:>2}/{total}] served 1-layer step batch {p.x:>5}: {p.step_ms:.2f} ms, the "
+                          f"call's own {p.ms:.2f} ms (spread {p.spread:.2f})", file=err, flush=True)
+                    return
+                print(f"hexplan: [{done:>2}/{total}] served decode batch {p.x:>5}: {p.ms:9.4f} ms/layer at TP 1 with "
+                      f"the call (step {p.step_ms:.2f} ms with the LM head, mean context {p.context:.0f}, spread "
+                      f"{p.spread:.2f})", file=err, flush=True)
             t_served = time.perf_counter()
             served = served_decode(spec, result.lm_head_ms, served_progress)
             result = dataclasses.replace(result, points=tuple(p for p in result.points if p.kind != "decode") + served,
@@ -1089,6 +1095,8 @@ def cmd_profile(args) -> int:
     if result.allreduce_ms:
         tables["allreduce_ms"] = {x: _ms(v) for x, v in result.allreduce_ms.items()}
         tables["allreduce_tp"] = args.tp
+    if result.call_ms:
+        tables["call_ms"] = {x: _ms(v) for x, v in result.call_ms.items()}
     print(f"hexplan: measured in {result.seconds:.1f} s on {result.device_name}", file=err, flush=True)
     noisy = [p for p in result.points if p.spread > NOISY]
     if noisy:
@@ -1101,7 +1109,10 @@ def cmd_profile(args) -> int:
             f"median of {args.repeats} after {args.warmup} warm-up\n"
             f"# decode_ms, prefill_ms: ms per layer at TP 1 ({norm}); x = decode batch size / prompt tokens\n"
             + ("# decode_ms: through a served worker (--served: Forward calls to a local hexplan node, less the LM "
-               "head's step)\n" if args.served else "")
+               "head's step" + (" and the call's own cost" if "call_ms" in tables else "") + ")\n"
+               if args.served else "")
+            + ("# call_ms: ms per Forward call to a stage beyond its layers and LM head (gRPC, (de)serialising, "
+               "per-call work), from a served 1-layer shard; x = sequences in the step\n" if "call_ms" in tables else "")
             + ("# lm_head_ms: ms per step at TP 1 (final norm, LM head, logits out); x = logits rows\n"
                if "lm_head_ms" in tables else "")
             + (f"# allreduce_ms: ms per all-reduce at TP {args.tp} (the step beyond the slowest rank's compute, "

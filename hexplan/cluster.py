@@ -233,12 +233,13 @@ def _table(d, path, loc: Locator) -> ProfileTable:
     return ProfileTable(tuple(sorted(pts)))
 
 
-_PROFILE_TABLES = ("decode_ms", "prefill_ms", "lm_head_ms", "allreduce_ms")
+_PROFILE_TABLES = ("decode_ms", "prefill_ms", "lm_head_ms", "allreduce_ms", "call_ms")
 
 
 def _profile(tables: dict, pp, loc: Locator) -> Profile:
-    """One model's profile: the per-layer tables, the LM head's table and the TP all-reduce's
-    (``allreduce_ms`` with the degree it was measured at, ``allreduce_tp``)."""
+    """One model's profile: the per-layer tables, the LM head's table, the TP all-reduce's
+    (``allreduce_ms`` with the degree it was measured at, ``allreduce_tp``) and a call's own
+    cost per stage (``call_ms``)."""
     _check_keys(tables, {*_PROFILE_TABLES, "allreduce_tp"}, pp, loc)
     got = {k: _table(tables[k], pp + (k,), loc) for k in _PROFILE_TABLES if k in tables}
     degree = 0

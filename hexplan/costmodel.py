@@ -160,6 +160,18 @@ def allreduce_time(model: ModelSpec, gpu: GpuType, tp: int, rows: float, interco
     return ring_allreduce_time(rows * model.hidden_size * model.bytes_per_param, tp, interconnect, p.allreduce_alpha)
 
 
+def call_time(model: ModelSpec, gpu: GpuType, seqs: float) -> float:
+    """Seconds one call to a stage costs beyond its layers and LM head, for a step of ``seqs``
+    sequences: the ``call_ms`` table of the GPU type's profile of the model (``hexplan profile
+    --served``: the gRPC round trip, (de)serialising, the worker's per-call work), charged once
+    per stage a step visits and not split over TP ranks; 0 without one (a GPU's is small beside
+    its step, and rooflines have none)."""
+    prof = gpu.profile_for(model.name)
+    if prof is None or prof.call_ms is None:
+        return 0.0
+    return prof.call_ms.ms(seqs) / 1e3
+
+
 def send_time(nbytes: float, bandwidth: float, latency: float) -> float:
     """One message over a link: latency + bytes / bandwidth."""
     return latency + nbytes / bandwidth
@@ -191,6 +203,13 @@ class StageCost:
     parts: int = 1             # parts a full step runs in (Workload.parts; 1: not interleaved)
     shift_sp: int = 1          # Shift Parallelism: SP ranks of a shifted stage (1: not shifted)
     shift_threshold: int = 0   # ... and the step tokens above which it runs in SP mode
+    call_decode_s: float = 0.0   # the call's own cost (profile call_ms) on one decode step, any stage
+    call_prefill_s: float = 0.0  # ... on one prompt's step
+
+    @property
+    def call_cost_per_token(self) -> float:
+        """Seconds of the stage's call cost per output token (decode step share + prefill share)."""
+        return self.call_decode_s / self.batch_size + self.call_prefill_s / self.output_tokens
 
     @property
     def ttft_layer_s(self) -> float:
@@ -214,8 +233,9 @@ class StageCost:
 
     def capacity(self, layers: int, last: bool = False) -> float:
         """Output tokens/s this stage sustains when it holds ``layers`` layers (and, for the
-        last stage, the LM head): 1 / (layers / layer_rate + head cost per token)."""
-        per_token = layers / self.layer_rate + (self.head_cost_per_token if last else 0.0)
+        last stage, the LM head): 1 / (layers / layer_rate + head cost per token + call cost
+        per token)."""
+        per_token = layers / self.layer_rate + (self.head_cost_per_token if last else 0.0) + self.call_cost_per_token
         return 1.0 / per_token if per_token > 0 else math.inf
 
 
@@ -515,7 +535,7 @@ def stage_cost(model: ModelSpec, gpu: GpuType, tp: int, workload: Workload, inte
     whole = None if n == 1 or sp_pre > 1 else prefill_layer_time(model, gpu, tp, w.prompt_tokens, interconnect, p)
     return StageCost(gpu.name, tp, dec, pre, rate, mem_per_layer, usable, embed, head,
                      head_dec, head_pre, w.batch_size, w.output_tokens, whole, n,
-                     shift_sp, threshold)
+                     shift_sp, threshold, call_time(model, gpu, w.batch_size), call_time(model, gpu, 1))
 
 
 def hop_decode_time(model: ModelSpec, workload: Workload, bandwidth: float, latency: float) -> float:

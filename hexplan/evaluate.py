@@ -3,15 +3,18 @@
 For one pipeline (stages in order, coordinator C at both ends):
 
     TPOT  = hop(C -> s1, B token ids) + sum_s l_s * decode_layer_s + sum_hops hop(B activations)
-            + LM head(B tokens) + hop(s_k -> C, B token ids)
+            + LM head(B tokens) + sum_s call(B) + hop(s_k -> C, B token ids)
     TTFT  = hop(C -> s1, P token ids) + sum_s l_s * prefill_layer_s + sum_hops hop(P activations)
-            + LM head(1 token) + hop(s_k -> C, one token id)
-    T     = min( min_s 1 / (l_s / layer_rate_s [+ LM head per token, last stage]),   # compute
+            + LM head(1 token) + sum_s call(1) + hop(s_k -> C, one token id)
+    T     = min( min_s 1 / (l_s / layer_rate_s [+ LM head per token, last stage] + call per token),  # compute
                  min_hops link capacity / sharing,    # activation bytes per output token
                  coordinator link capacities,         # token ids
                  concurrency / ROUND )                # Little's law: in-flight sequences / round trip
     ROUND = TPOT + (B / O) * TTFT      # a micro-batch's step also carries the prefill of the B/O
                                        # requests that replace its finished ones
+
+call(n) is a call's own cost on every stage a step visits, from the profile's ``call_ms`` table
+(costmodel.call_time; 0 without one).
 
 The plan's throughput is the max-flow over these pipelines (hexplan.solver.routing), which for
 disjoint chains is the sum of their T.
@@ -140,8 +143,8 @@ def pipeline_latencies(ov: Overheads, w: Workload, layer_counts) -> tuple[float,
     dec, rnd = [], []
     k = len(sc)
     for i, (l, s) in enumerate(zip(layer_counts, sc)):
-        d = l * s.decode_layer_s
-        r = l * (s.decode_layer_s + share * s.prefill_layer_s)
+        d = l * s.decode_layer_s + s.call_decode_s
+        r = l * (s.decode_layer_s + share * s.prefill_layer_s) + s.call_decode_s + share * s.call_prefill_s
         if i == k - 1:
             d += s.head_decode_s
             r += s.head_decode_s + share * s.head_prefill_s
@@ -171,11 +174,11 @@ def pipeline_overheads(cluster: Cluster, costs: CostCache, nodes, tps,
     hops = [cluster.link(a, b) for a, b in zip(nodes, nodes[1:])]
     tpot = (send_time(w.batch_size * TOKEN_ID_BYTES, link_in.bandwidth, link_in.latency)
             + sum(hop_decode_time(model, w, h.bandwidth, h.latency) for h in hops)
-            + sc[-1].head_decode_s
+            + sc[-1].head_decode_s + sum(s.call_decode_s for s in sc)
             + send_time(w.batch_size * TOKEN_ID_BYTES, link_out.bandwidth, link_out.latency))
     ttft = (send_time(w.prompt_tokens * TOKEN_ID_BYTES, link_in.bandwidth, link_in.latency)
             + sum(hop_prefill_time(model, w, h.bandwidth, h.latency) for h in hops)
-            + sc[-1].head_prefill_s
+            + sc[-1].head_prefill_s + sum(s.call_prefill_s for s in sc)
             + send_time(TOKEN_ID_BYTES, link_out.bandwidth, link_out.latency))
     limits = []
     for h, a, b in zip(hops, nodes, nodes[1:]):

@@ -42,13 +42,15 @@ class ProfileTable:
 @dataclass(frozen=True)
 class Profile:
     """Measured times of one model on one GPU type: per-layer tables at TP 1, the step's LM head
-    at TP 1, and one TP all-reduce as measured at TP ``allreduce_tp``."""
+    at TP 1, one TP all-reduce as measured at TP ``allreduce_tp``, and what one call to a stage
+    costs beyond its layers (``hexplan profile --served``: gRPC, (de)serialising, per-call work)."""
 
     decode_ms: ProfileTable | None = None   # x = batch size (sequences per decode step)
     prefill_ms: ProfileTable | None = None  # x = prompt tokens in the step
     lm_head_ms: ProfileTable | None = None  # x = logits rows (sequences in the step); whole step, not per layer
     allreduce_ms: ProfileTable | None = None  # x = rows of the hidden state (tokens in the step); one all-reduce
     allreduce_tp: int = 0                   # the TP degree allreduce_ms was measured at (>= 2 when it is set)
+    call_ms: ProfileTable | None = None     # x = sequences in the step; once per stage a step visits
 
 
 @dataclass(frozen=True)

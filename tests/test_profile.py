@@ -61,11 +61,12 @@ def one_error_line(r) -> str:
     return lines[0][len("hexplan: error: "):]
 
 
-def tables_of(doc, gpu="cpu", model="tiny-llama", tp=1):
+def tables_of(doc, gpu="cpu", model="tiny-llama", tp=1, served=False):
     assert list(doc) == ["gpu_types"] and list(doc["gpu_types"]) == [gpu], doc
     assert list(doc["gpu_types"][gpu]) == ["profiles"] and list(doc["gpu_types"][gpu]["profiles"]) == [model], doc
     t = doc["gpu_types"][gpu]["profiles"][model]
-    assert list(t) == ["decode_ms", "prefill_ms", "lm_head_ms"] + (["allreduce_ms", "allreduce_tp"] if tp > 1 else []), t
+    assert list(t) == (["decode_ms", "prefill_ms", "lm_head_ms"] + (["allreduce_ms", "allreduce_tp"] if tp > 1 else [])
+                       + (["call_ms"] if served else [])), t
     return t
 
 
@@ -101,20 +102,41 @@ def test_stdout_is_only_the_yaml_section(ckpt):
 def test_served_times_decode_through_a_node_and_stops_it(ckpt):
     r = hexplan("profile", "--checkpoint", ckpt, *GRID, "--served")
     assert r.returncode == 0, r.stderr
-    t = tables_of(yaml.safe_load(r.stdout))
+    t = tables_of(yaml.safe_load(r.stdout), served=True)
     check_tables(t)
     assert "through a served worker" in r.stdout           # the header says where decode_ms comes from
+    assert "call_ms: ms per Forward call" in r.stdout
     served = [line for line in r.stderr.splitlines() if "served decode batch" in line]
     assert len(served) == 2 and all("mean context" in line for line in served), r.stderr
-    # the table is the served step less the LM head over the layers: the step a served worker
-    # reported, per batch, as the progress line shows it
-    for line, b in zip(served, (1, 4)):
+    small = [line for line in r.stderr.splitlines() if "served 1-layer step batch" in line]
+    assert len(small) == 2, r.stderr
+    # the served step of 2 layers = call + 2 layers + LM head, and of 1 layer = call + 1 layer +
+    # LM head (unless noise crossed them: then the call is 0 and the layers keep the step), as
+    # the progress lines report the steps
+    for line, one, b in zip(served, small, (1, 4)):
         step = float(line.split("(step ")[1].split(" ms")[0])
-        head = t["lm_head_ms"][b]
-        assert t["decode_ms"][b] == pytest.approx((step - head) / 2, rel=0.01, abs=2e-4), (line, t)
+        step1 = float(one.split("batch")[1].split(": ")[1].split(" ms")[0])
+        head, layer, call = t["lm_head_ms"][b], t["decode_ms"][b], t["call_ms"][b]
+        assert 2 * layer + call + head == pytest.approx(step, rel=0.01, abs=2e-3), (line, t)
+        if call > 1e-5:
+            assert layer + call + head == pytest.approx(step1, rel=0.01, abs=2e-3), (one, t)
+        else:
+            assert layer == pytest.approx((step - head) / 2, rel=0.01, abs=2e-4), (line, t)
     # the node it started is gone
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert not [a for a in ps.splitlines() if "hexplan.cli node" in a and "--name profile" in a], ps
+
+
+def test_split_call_takes_the_slope_and_keeps_noise_in_the_layers():
+    from hexplan.executor.profile_served import split_call
+
+    # step(L) = call + L x layer + head: 6 layers 40 ms, 1 layer 15 ms, head 5 ms
+    layer, call = split_call(40.0, 15.0, 6, 1, 5.0)
+    assert layer == pytest.approx(5.0) and call == pytest.approx(5.0)
+    assert 6 * layer + call + 5.0 == pytest.approx(40.0) and layer + call + 5.0 == pytest.approx(15.0)
+    # noise: the 1-layer step as slow as the 6-layer one, or a slope that leaves less than the head
+    assert split_call(40.0, 41.0, 6, 1, 5.0) == (pytest.approx(35.0 / 6), 0.0)
+    assert split_call(40.0, 2.0, 6, 1, 5.0) == (pytest.approx(35.0 / 6), 0.0)
 
 
 def test_output_file_and_names(ckpt, tmp_path):

@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from ..costmodel import (CostParams, Workload, decode_layer_time, lm_head_time, prefill_layer_time,
+from ..costmodel import (CostParams, Workload, call_time, decode_layer_time, lm_head_time, prefill_layer_time,
                          shift_weight_factor)
 from ..evaluate import splits
 from ..plan import Plan
@@ -139,7 +139,8 @@ def estimated_batches(plan: Plan, workload: Workload, params: CostParams | None,
             node = cluster.node(s.node)
             stages.append({b: 1e3 * (s.num_layers * decode_layer_time(m, node.gpu, s.tp, b, workload.mean_decode_context,
                                                                       node.interconnect, params)
-                                     + (lm_head_time(m, node.gpu, s.tp, b, params) if i == len(p.stages) - 1 else 0.0))
+                                     + (lm_head_time(m, node.gpu, s.tp, b, params) if i == len(p.stages) - 1 else 0.0)
+                                     + call_time(m, node.gpu, b))
                            for b in CALIBRATION_BATCHES})
         out.append(choose_batch(pipeline_step_ms(stages)))
     return out
@@ -172,9 +173,11 @@ def _estimates(plan: Plan, p, workload: Workload, params: CostParams, cluster, c
             node = cluster.node(s.node)
             kinds.append((s.num_layers, node.gpu, s.tp, node.interconnect))
         # One decode step of B sequences at the workload's mean context through every stage (no
-        # LM head, no links): what each sequence of a step spends of its quantum per token.
+        # LM head, no links; each stage's call): what each sequence of a step spends of its
+        # quantum per token.
         step = sum(layers * decode_layer_time(model, gpu, tp, workload.batch_size, workload.mean_decode_context,
                                               ic, params, min(parts, workload.batch_size))
+                   + call_time(model, gpu, workload.batch_size)
                    for layers, gpu, tp, ic in kinds)
         cache: dict = {}
 
@@ -182,7 +185,7 @@ def _estimates(plan: Plan, p, workload: Workload, params: CostParams, cluster, c
             t = cache.get(tokens)
             if t is None:
                 t = cache[tokens] = sum(layers * prefill_layer_time(model, gpu, tp, tokens, ic, params)
-                                        for layers, gpu, tp, ic in kinds)
+                                        + call_time(model, gpu, 1) for layers, gpu, tp, ic in kinds)
             return t
         return step, prefill_s, True
     step = (p.decode_ms_per_token or 0) / 1e3

@@ -80,8 +80,8 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 
 from ..cluster import Cluster
-from ..costmodel import (TOKEN_ID_BYTES, CostParams, Workload, allreduce_time, decode_layer_time, lm_head_time,
-                         local_kv_heads, prefill_layer_time, send_time, shift_threshold)
+from ..costmodel import (TOKEN_ID_BYTES, CostParams, Workload, allreduce_time, call_time, decode_layer_time,
+                         lm_head_time, local_kv_heads, prefill_layer_time, send_time, shift_threshold)
 from ..dispatch import Dispatcher, skip_join_level  # noqa: F401  (skip_join_level: also used from here)
 from ..serving import DONE_OK, Scheduler, pipeline_configs
 from ..serving.setup import estimated_batches
@@ -214,7 +214,7 @@ class _Kind:
 
 class _Pipe:
     __slots__ = ("index", "stage_kind", "stage_layers", "kinds", "head", "head_cache", "links", "chain", "delay",
-                 "act_bytes", "n_loops", "idle", "parts", "cur", "swap_s", "stage_res", "hosted")
+                 "act_bytes", "n_loops", "idle", "parts", "cur", "swap_s", "stage_res", "hosted", "calls", "call_cache")
 
 
 class Engine:
@@ -244,10 +244,13 @@ class Engine:
             pp = _Pipe()
             pp.index = pi
             nodes = [s.node for s in pl.stages]
-            pp.kinds, pp.stage_kind, pp.stage_layers = [], [], []
+            pp.kinds, pp.stage_kind, pp.stage_layers, pp.calls = [], [], [], []
+            pp.call_cache = {}
             local_kinds: dict = {}
             for s in pl.stages:
                 node = cluster.node(s.node)
+                prof = node.gpu.profile_for(self.model.name)
+                pp.calls.append(node.gpu if prof is not None and prof.call_ms is not None else None)
                 key = (node.gpu, s.tp, node.interconnect, s.shift_sp)
                 if key not in kinds:
                     kinds[key] = _Kind(self.model, node.gpu, s.tp, node.interconnect, params, s.shift_sp)
@@ -527,8 +530,9 @@ class Engine:
     def _service(self, pipe: _Pipe, step, parts: int) -> tuple:
         """Service times of a step: (the first link's, [stage 0, link, stage 1, ..., last stage,
         link back] of one part). Stage s: l_s x (one decode step of the step's decoding sequences
-        at their mean context + each prompt chunk's share of its prompt's prefill) (+ the LM head
-        on the last stage, + mlfq's swap-in of restored KV); links: the bytes over bandwidth
+        at their mean context + each prompt chunk's share of its prompt's prefill) + the call's
+        own cost for the step's sequences (profile ``call_ms``) (+ the LM head on the last stage,
+        + mlfq's swap-in of restored KV); links: the bytes over bandwidth
         (latency is added after the link: pipe.delay). In ``parts`` > 1 parts (interleaving),
         each part takes 1/parts of the step's interleaved stage time (cost model, p parts: the
         weights read p times, TP all-reduces hidden under compute) and of its bytes."""
@@ -545,8 +549,15 @@ class Engine:
         last = len(pipe.stage_layers) - 1
         act = tokens_in * pipe.act_bytes
         unit = []
+        seqs = n_dec + len(chunks)
         for i, layers in enumerate(pipe.stage_layers):
             t = layers * per_layer[pipe.stage_kind[i]]
+            gpu = pipe.calls[i]
+            if gpu is not None:   # the call's own cost (profile call_ms), once per stage
+                c = pipe.call_cache.get((i, seqs))
+                if c is None:
+                    c = pipe.call_cache[(i, seqs)] = call_time(self.model, gpu, seqs)
+                t += c
             if swap_tok:
                 t += swap_tok * pipe.swap_s[i]
             if i == last:

@@ -118,7 +118,8 @@ class Point:
     timed step over the fastest, a noise gauge (a busy machine shows 1.5 and more). All from the
     slowest rank. ``per_allreduce_ms`` (TP > 1, decode and prefill): one all-reduce as the step
     costs it, (step - the slowest rank's compute) / (2 x layers)."""
-    kind: str           # "decode" (x = batch size), "prefill" (x = prompt tokens), "head" (x = rows)
+    kind: str           # "decode" (x = batch size), "prefill" (x = prompt tokens), "head" (x = rows),
+                        # "call" (x = sequences: a served call's own cost, ms per call; profile_served)
     x: int
     ms: float
     step_ms: float
@@ -149,6 +150,11 @@ class ProfileResult:
     @property
     def lm_head_ms(self) -> dict[int, float]:
         return self.table("head")
+
+    @property
+    def call_ms(self) -> dict[int, float]:
+        """A served call's own cost against sequences (``--served``; profile_served)."""
+        return self.table("call")
 
     @property
     def allreduce_ms(self) -> dict[int, float]:

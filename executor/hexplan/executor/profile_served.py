@@ -10,16 +10,23 @@ This module measures the decode table that way. It starts a ``hexplan node`` on 
 random token, the worker thread count a served worker gets), has it load layers ``[0, layers)``
 as a first and last stage (embedding, the layers, final norm and LM head), prefills the largest
 batch's sequences at ``context`` tokens, and then sends decode steps of B sequences as Forward
-calls, the gateway's own call, logits back. A decode point's table value is
+calls, the gateway's own call, logits back. It does that twice: with ``layers`` layers and with
+one (``CALL_LAYERS``), and splits each step in three,
 
-    (median served step - the LM head's step at B rows) / layers
+    served step(B, L) = call(B) + L x layer(B) + LM head(B)
 
-with the LM head's step from the lone measurement (``profile.measure``'s ``head`` points, which
-include serialising the logits as the worker does), so the table stays per layer at TP 1 and
-the cost model adds the LM head as before. The steps advance the sequences (a served step can't
-be put back), so the context of batch B's steps is ``context`` plus the steps already taken by
-its sequences; ``Point`` keeps the mean in ``context``. TP 1 only: a TP group's all-reduces are
-measured by ``--tp`` without ``--served``.
+the layer's time from the slope between the two shards, the LM head's step from the lone
+measurement (``profile.measure``'s ``head`` points, which include serialising the logits as the
+worker does), and the call -- what a Forward costs beyond its layers and the head: the gRPC
+round trip, (de)serialising, the worker's per-call work on its sequences, the embedding -- as
+what is left (``split_call``). The decode table gets the layer (per layer at TP 1, as before);
+``call`` points become the profile's ``call_ms`` table, which the cost model charges once per
+stage a step visits (costmodel.call_time), so a plan of 12 layers in one stage no longer pays
+the profile's one call twice, and a plan of two stages pays it twice. With ``layers`` = 1 there is
+no split: the call stays in the layer's figure. The steps advance the sequences (a served step
+can't be put back), so the context of batch B's steps is ``context`` plus the steps already
+taken by its sequences; ``Point`` keeps the mean in ``context``. TP 1 only: a TP group's
+all-reduces are measured by ``--tp`` without ``--served``.
 """
 from __future__ import annotations
 
@@ -34,6 +41,7 @@ import torch
 from .profile import Point, ProfileError, ProfileSpec, worker_threads
 
 PREFILL_SEQS_PER_CALL = 8     # prompts per prefill Forward (bounded messages)
+CALL_LAYERS = 1               # the second, smaller shard that splits a call's own cost from its layers'
 STEP_TIMEOUT_S = 300.0
 
 
@@ -46,7 +54,7 @@ def served_decode(spec: ProfileSpec, head_ms: dict[int, float], progress=None) -
     from ._proto import hexplan_v1_pb2 as pb
     from ._proto import hexplan_v1_pb2_grpc as pbg
     from .launch import start_node
-    from .wire import channel, to_proto
+    from .wire import channel
 
     if spec.tp != 1:
         raise ProfileError("--served measures TP 1 stages (the all-reduce table comes from --tp without --served)")
@@ -65,12 +73,77 @@ def served_decode(spec: ProfileSpec, head_ms: dict[int, float], progress=None) -
     def ids(n: int) -> torch.Tensor:
         return torch.randint(0, vocab, (n,), generator=gen, dtype=torch.int64)
 
+    total = len(batches) * (2 if spec.layers > CALL_LAYERS else 1)
+    done = [0]
+
+    def whole(b: int, step: float, context: float, spread: float) -> None:
+        if step * 1e3 <= head_ms[b]:
+            raise ProfileError(f"the served decode step of {b} sequence(s) ({step * 1e3:.2f} ms) took less "
+                               f"than the LM head's step alone ({head_ms[b]:.2f} ms): the machine is too busy "
+                               "to measure; run again when it is quiet, or with more --repeats")
+        done[0] += 1
+        if progress is not None:   # before the call is split off: the whole step over the layers
+            progress(Point("decode", b, (step * 1e3 - head_ms[b]) / spec.layers, step * 1e3, 0.0, spread,
+                           context=context), done[0], total)
+
+    def split(b: int, step: float, context: float, spread: float) -> None:
+        done[0] += 1
+        if progress is not None:
+            per_layer, call = split_call(steps[b][0] * 1e3, step * 1e3, spec.layers, CALL_LAYERS, head_ms[b])
+            progress(Point("call", b, call, step * 1e3, 0.0, spread, context=context), done[0], total)
+
     try:
-        with channel(node_address, None, token) as ch:
-            resp = pbg.StageStub(ch).LoadShard(pb.LoadShardRequest(
-                stage_id="profile", checkpoint=str(ckpt), layer_start=0, layer_end=spec.layers, is_first=True,
-                is_last=True, tp=1, gpus=[0] if spec.device == "cuda" else [], dtype=spec.dtype,
-                model_json=json.dumps(model.to_dict())), timeout=STEP_TIMEOUT_S)
+        with channel(node_address, None, token) as node:
+            steps = _served_steps(pb, pbg, node, ckpt, model, spec.layers, batches, spec, ids, token, "profile", whole)
+            small = None
+            if spec.layers > CALL_LAYERS:
+                small = _served_steps(pb, pbg, node, ckpt, model, CALL_LAYERS, batches, spec, ids, token,
+                                      "profile-call", split)
+        points, calls = [], []
+        for b in batches:
+            step, context, spread = steps[b]
+            if small is None:   # one layer: no second shard to split the call from the layers
+                per_layer, call = (step * 1e3 - head_ms[b]) / spec.layers, None
+            else:
+                per_layer, call = split_call(step * 1e3, small[b][0] * 1e3, spec.layers, CALL_LAYERS, head_ms[b])
+            points.append(Point("decode", b, per_layer, step * 1e3, 0.0, spread, context=context))
+            if call is not None:
+                calls.append(Point("call", b, call, small[b][0] * 1e3, 0.0, small[b][2], context=small[b][1]))
+        return tuple(points) + tuple(calls)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except Exception:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def split_call(step_ms: float, small_ms: float, layers: int, small_layers: int, head_ms: float) -> tuple[float, float]:
+    """(ms per layer, ms of the call) from the served step of ``layers`` layers and of
+    ``small_layers`` layers at the same batch: the layers' slope, and what is left of the
+    larger step after its layers and the LM head's step, >= 0. Both clamped so that the
+    layers keep the step when the two measurements cross (noise)."""
+    per_layer = (step_ms - small_ms) / (layers - small_layers)
+    call = step_ms - head_ms - layers * per_layer
+    if per_layer <= 0 or call < 0:   # noise: all of it in the layers, as without the second shard
+        return (step_ms - head_ms) / layers, 0.0
+    return per_layer, call
+
+
+def _served_steps(pb, pbg, node, ckpt: Path, model, layers: int, batches, spec: ProfileSpec, ids, token: str,
+                  stage_id: str, measured=None) -> dict[int, tuple[float, float, float]]:
+    """Load layers [0, ``layers``) as a first and last stage on the node, prefill the largest
+    batch's sequences, time decode steps of every batch as Forward calls, unload. Returns
+    {batch: (median step s, mean context, slowest / fastest)}; ``measured(batch, *that)`` after
+    each batch."""
+    from .wire import channel, to_proto
+
+    resp = pbg.StageStub(node).LoadShard(pb.LoadShardRequest(
+        stage_id=stage_id, checkpoint=str(ckpt), layer_start=0, layer_end=layers, is_first=True,
+        is_last=True, tp=1, gpus=[0] if spec.device == "cuda" else [], dtype=spec.dtype,
+        model_json=json.dumps(model.to_dict())), timeout=STEP_TIMEOUT_S)
+    try:
         with channel(resp.address, None, token) as ch:
             stub = pbg.StageStub(ch)
 
@@ -86,33 +159,20 @@ def served_decode(spec: ProfileSpec, head_ms: dict[int, float], progress=None) -
             pos = dict.fromkeys(seqs, spec.context)
             for a in range(0, len(seqs), PREFILL_SEQS_PER_CALL):
                 forward([(r, 0, spec.context) for r in seqs[a:a + PREFILL_SEQS_PER_CALL]])
-            points = []
-            for done, b in enumerate(batches, 1):
+            out = {}
+            for b in batches:
                 mine = seqs[:b]
                 context = statistics.mean(pos[r] for r in mine)
                 times = []
-                for i in range(spec.warmup + spec.repeats):
+                for _ in range(spec.warmup + spec.repeats):
                     times.append(forward([(r, pos[r], 1) for r in mine]))
                     for r in mine:
                         pos[r] += 1
                 timed = times[spec.warmup:]
-                step = statistics.median(timed)
-                if step * 1e3 <= head_ms[b]:
-                    raise ProfileError(f"the served decode step of {b} sequence(s) ({step * 1e3:.2f} ms) took less "
-                                       f"than the LM head's step alone ({head_ms[b]:.2f} ms): the machine is too busy "
-                                       "to measure; run again when it is quiet, or with more --repeats")
-                per_layer = (step * 1e3 - head_ms[b]) / spec.layers
-                point = Point("decode", b, per_layer, step * 1e3, 0.0, max(timed) / max(min(timed), 1e-12),
-                              context=context)
-                points.append(point)
-                if progress is not None:
-                    progress(point, done, len(batches))
+                out[b] = (statistics.median(timed), context, max(timed) / max(min(timed), 1e-12))
+                if measured is not None:
+                    measured(b, *out[b])
             stub.Release(pb.ReleaseRequest(request_ids=seqs), timeout=60)
-        return tuple(points)
+        return out
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except Exception:
-            proc.kill()
-            proc.wait(timeout=10)
+        pbg.StageStub(node).UnloadShard(pb.UnloadShardRequest(stage_id=stage_id), timeout=60)

@@ -1,0 +1,74 @@
+"""A call's own cost (the profile's ``call_ms``, from `hexplan profile --served`): what one Forward
+to a stage costs beyond its layers and LM head. Read from the cluster file, charged once per
+stage a step visits by the cost model, the plan's prediction and the simulator."""
+from __future__ import annotations
+
+import pytest
+
+import hexplan
+from hexplan import SpecError, loads_cluster
+from hexplan.cluster import cluster_from_dict, cluster_to_dict
+from hexplan.costmodel import Workload, call_time
+from hexplan.evaluate import CostCache, evaluate_plan_pipelines
+from hexplan.plan import Pipeline, Plan, Stage
+from hexplan.simulator import TraceRequest, WorkloadSpec, simulate
+from hexplan.yamlio import Locator
+
+W = Workload(512, 128, 16, 32)
+TABLES = ("        decode_ms: {1: 2.5, 16: 7.5}\n"
+          "        prefill_ms: {16: 5.5, 512: 60.0}\n"
+          "        lm_head_ms: {1: 3.0, 16: 8.0}\n")
+
+
+def cluster(call: str | None):
+    extra = f"        call_ms: {call}\n" if call else ""
+    return loads_cluster("name: cpu\ngpu_types:\n  A100-80G:\n    profiles:\n      llama-2-13b:\n" + TABLES + extra
+                         + "nodes:\n  - {name: a, gpu: A100-80G, count: 1}\n  - {name: b, gpu: A100-80G, count: 1}\n"
+                         "network:\n  default: {bandwidth: 100Gbps, latency: 0.01ms}\n")
+
+
+def plan(split: bool) -> Plan:
+    if split:
+        stages = (Stage("a", (0,), 1, (0, 20), "A100-80G"), Stage("b", (0,), 1, (20, 40), "A100-80G"))
+    else:
+        stages = (Stage("a", (0,), 1, (0, 40), "A100-80G"),)
+    return Plan(hexplan.load_model("llama-2-13b"), (Pipeline(stages, 1.0),), assumptions={"workload": W.to_dict()})
+
+
+def test_the_table_reads_back_and_a_bad_one_names_itself():
+    c = cluster("{1: 2.0, 16: 6.0}")
+    model = hexplan.load_model("llama-2-13b")
+    gpu = c.node("a").gpu
+    assert call_time(model, gpu, 1) == pytest.approx(2.0e-3)
+    assert call_time(model, gpu, 4) == pytest.approx((2.0 + 4.0 * 3 / 15) * 1e-3)   # interpolated in sequences
+    assert call_time(model, cluster(None).node("a").gpu, 4) == 0.0                   # no table: no call cost
+    assert call_time(hexplan.load_model("llama-2-7b"), gpu, 4) == 0.0                # another model's profile
+    again = cluster_from_dict(cluster_to_dict(c), Locator(None, {}))
+    assert again.node("a").gpu.profile_for("llama-2-13b").call_ms == gpu.profile_for("llama-2-13b").call_ms
+    with pytest.raises(SpecError, match=r"line 9: .*profiles\.llama-2-13b\.call_ms\[4\]: milliseconds must be positive"):
+        cluster("{1: 2.0, 4: -1}")
+
+
+def test_the_simulator_charges_it_once_per_stage_a_step_visits():
+    # One request alone: its TPOT is one decode step's time. A constant 3 ms call adds 3 ms per
+    # stage the step visits: once on one stage, twice on two.
+    trace = (TraceRequest(0.0, W.prompt_tokens, W.output_tokens),)
+    spec = WorkloadSpec(arrival="trace", trace=trace, duration=60.0, warmup=0.0)
+    for split, stages in ((False, 1), (True, 2)):
+        without = simulate(plan(split), cluster(None), spec)
+        with_call = simulate(plan(split), cluster("{1: 3.0, 64: 3.0}"), spec)
+        assert with_call.steps == without.steps
+        assert with_call.tpot_s.p50 - without.tpot_s.p50 == pytest.approx(stages * 3e-3, rel=1e-6)
+        assert with_call.ttft_s.p50 > without.ttft_s.p50
+
+
+def test_the_plan_prediction_charges_it_once_per_stage():
+    for split, stages in ((False, 1), (True, 2)):
+        p = plan(split)
+        [without] = evaluate_plan_pipelines(cluster(None), CostCache(p.model, W), p.pipelines)
+        [with_call] = evaluate_plan_pipelines(cluster("{1: 3.0, 64: 3.0}"), CostCache(p.model, W), p.pipelines)
+        assert with_call.tpot_s - without.tpot_s == pytest.approx(stages * 3e-3)
+        assert with_call.ttft_s - without.ttft_s == pytest.approx(stages * 3e-3)
+        # each stage's capacity pays its call per output token: 1/B of a decode step's, 1/O of a prompt's
+        for cap0, cap1 in zip(without.stage_capacity, with_call.stage_capacity):
+            assert 1 / cap1 - 1 / cap0 == pytest.approx(3e-3 / W.batch_size + 3e-3 / W.output_tokens)
