@@ -81,7 +81,7 @@ FIELD = "gpu_types.A100-40G.profiles.llama-2-7b."
     ("allreduce_tp: 2", "", 9, "allreduce_ms", "needs allreduce_tp"),
     ("allreduce_ms: {1: 0.1, 16: 0.3, 512: 1.1}", "", 10, "allreduce_tp", "given without allreduce_ms"),
     ("lm_head_ms:", "lm_head:", 8, "lm_head", "unknown field 'lm_head'; expected one of allreduce_ms, "
-                                              "allreduce_tp, decode_ms, lm_head_ms, prefill_ms"),
+                                              "allreduce_tp, call_ms, decode_ms, lm_head_ms, prefill_ms"),
 ])
 def test_bad_tables_are_one_line_naming_the_field(old, new, line, field, message):
     assert old in TABLES

@@ -561,7 +561,7 @@ def test_profile_tables_are_checked():
     assert "milliseconds must be positive, got -1.4" in str(ei.value)
     bad = PROFILED.replace("decode_ms:", "decode_us:")
     with pytest.raises(SpecError, match="unknown field 'decode_us'; expected one of allreduce_ms, allreduce_tp, "
-                                        "decode_ms, lm_head_ms, prefill_ms"):
+                                        "call_ms, decode_ms, lm_head_ms, prefill_ms"):
         loads_cluster(bad)
     bad = PROFILED.replace("{1000: 8}", "[8]")
     with pytest.raises(SpecError, match=r"prefill_ms: expected a mapping like \{1: 1.4, 100: 2.5\}"):

@@ -89,7 +89,7 @@ def served_decode(spec: ProfileSpec, head_ms: dict[int, float], progress=None) -
     def split(b: int, step: float, context: float, spread: float) -> None:
         done[0] += 1
         if progress is not None:
-            per_layer, call = split_call(steps[b][0] * 1e3, step * 1e3, spec.layers, CALL_LAYERS, head_ms[b])
+            _, call = split_call(steps[b][0] * 1e3, step * 1e3, spec.layers, CALL_LAYERS, head_ms[b])
             progress(Point("call", b, call, step * 1e3, 0.0, spread, context=context), done[0], total)
 
     try:
