@@ -122,6 +122,7 @@ TARGET = 0.15
 ALLREDUCE_BATCHES = ",".join(map(str, range(1, 17)))
 
 
+PROFILE_LAYERS = 6       # layers `hexplan profile` loads (the plans' stages hold 6 or 12)
 SERVED_PROFILE = True    # TP-1 profiles: decode through a served worker (`hexplan profile --served`)
 
 
@@ -134,7 +135,8 @@ def run_profile(ckpt: str, threads: int, context: int, out: Path, tp: int = 1) -
     table (decode 1..16 only). Returns the `cpu` type's profiles in OUT ({model name: {decode_ms,
     prefill_ms, lm_head_ms[, allreduce_ms, allreduce_tp]}})."""
     cmd = [sys.executable, "-m", "hexplan.cli", "profile", "--checkpoint", ckpt, "--device", "cpu", "-o", str(out),
-           "--threads", str(threads), "--context", str(context), "--layers", "6", "--repeats", "5", "--tp", str(tp)]
+           "--threads", str(threads), "--context", str(context), "--layers", str(PROFILE_LAYERS), "--repeats", "5",
+           "--tp", str(tp)]
     if tp > 1:
         cmd += ["--decode-batches", ALLREDUCE_BATCHES]
     elif SERVED_PROFILE:
@@ -158,13 +160,13 @@ def read_profile(path: Path) -> dict:
     return prof
 
 
-TABLES = ("decode_ms", "prefill_ms", "lm_head_ms", "allreduce_ms")
+TABLES = ("decode_ms", "prefill_ms", "lm_head_ms", "allreduce_ms")   # the smallest of the runs' figures
 
 
 def get_profile(ckpt: str, threads: int, context: int, tmp: str, saved: str | None, runs: int = 2,
                 tp: int = 1) -> dict:
-    """This model's tables ({decode_ms, prefill_ms, lm_head_ms}; at ``tp`` 2 also allreduce_ms,
-    allreduce_tp) for workers of ``threads`` torch threads (plan one's worker has 2, the others'
+    """This model's tables ({decode_ms, prefill_ms, lm_head_ms, call_ms}; at ``tp`` 2 also
+    allreduce_ms, allreduce_tp) for workers of ``threads`` torch threads (plan one's worker has 2, the others'
     1: the same layer is slower): ``runs`` runs of `hexplan profile`, the smallest time of each
     point (on a shared host interference only ever adds time); or the saved ones (``--profile``)."""
     name = Path(ckpt).name
@@ -185,10 +187,18 @@ def get_profile(ckpt: str, threads: int, context: int, tmp: str, saved: str | No
         if kind in tables[0]:
             keys = tables[0][kind].keys()
             out[kind] = {x: min(t[kind][x] for t in tables) for x in keys}
+    if all("call_ms" in t for t in tables):
+        # a served step splits into its layers and the call's own cost: take both from the run
+        # whose step (PROFILE_LAYERS layers + call) was the fastest at that batch, not each's
+        # smallest, which would pair one run's layers with another's call
+        out["call_ms"] = {}
+        for x in tables[0]["call_ms"]:
+            best = min(tables, key=lambda t: PROFILE_LAYERS * t["decode_ms"][x] + t["call_ms"][x])
+            out["decode_ms"][x], out["call_ms"][x] = best["decode_ms"][x], best["call_ms"][x]
     if "allreduce_tp" in tables[0]:
         out["allreduce_tp"] = tables[0]["allreduce_tp"]
     for t in tables:
-        log("  run: " + "; ".join(f"{k} {t[k]}" for k in TABLES if k in t))
+        log("  run: " + "; ".join(f"{k} {t[k]}" for k in TABLES + ("call_ms",) if k in t))
     return out
 
 
@@ -966,7 +976,7 @@ def main() -> int:
             if any(tp > 1 for _, tp, _, _ in stages):
                 profiles[threads] = with_allreduce(profiles[threads], ckpt, threads, context, tmp.name, args.profile)
             log(f"[{pname}] profile, {threads} thread(s): " + "; ".join(
-                f"{k} {profiles[threads][k]}" for k in TABLES if k in profiles[threads]))
+                f"{k} {profiles[threads][k]}" for k in TABLES + ("call_ms",) if k in profiles[threads]))
             results[pname] = run_plan(pname, label, stages, ckpt, model_name, profiles, sat, n_poisson, args,
                                       cores, vocab, calibrating, host)
             log(f"[{pname}] done at {time.perf_counter() - t_all:.0f} s")
