@@ -1076,7 +1076,8 @@ def cmd_profile(args) -> int:
             def served_progress(p, done, total):
                 if p.kind == "call":
                     print(f"hexplan: [{done:>2}/{total}] served 1-layer step batch {p.x:>5}: {p.step_ms:.2f} ms, the "
-                          f"call's own {p.ms:.2f} ms (spread {p.spread:.2f})", file=err, flush=True)
+                          f"call's own {p.ms:.2f} ms at this batch (spread {p.spread:.2f}; the table fits a line "
+                          "through all batches)", file=err, flush=True)
                     return
                 print(f"hexplan: [{done:>2}/{total}] served decode batch {p.x:>5}: {p.ms:9.4f} ms/layer at TP 1 with "
                       f"the call (step {p.step_ms:.2f} ms with the LM head, mean context {p.context:.0f}, spread "
@@ -1097,6 +1098,9 @@ def cmd_profile(args) -> int:
         tables["allreduce_tp"] = args.tp
     if result.call_ms:
         tables["call_ms"] = {x: _ms(v) for x, v in result.call_ms.items()}
+        ends = sorted(result.call_ms)
+        print(f"hexplan: a call's own cost, fitted: {result.call_ms[ends[0]]:.2f} ms at {ends[0]} sequence(s) to "
+              f"{result.call_ms[ends[-1]]:.2f} ms at {ends[-1]}", file=err, flush=True)
     print(f"hexplan: measured in {result.seconds:.1f} s on {result.device_name}", file=err, flush=True)
     noisy = [p for p in result.points if p.spread > NOISY]
     if noisy:
@@ -1112,7 +1116,8 @@ def cmd_profile(args) -> int:
                "head's step" + (" and the call's own cost" if "call_ms" in tables else "") + ")\n"
                if args.served else "")
             + ("# call_ms: ms per Forward call to a stage beyond its layers and LM head (gRPC, (de)serialising, "
-               "per-call work), from a served 1-layer shard; x = sequences in the step\n" if "call_ms" in tables else "")
+               "per-call work), from a served 1-layer shard, a line fitted over the batches; x = sequences in the "
+               "step\n" if "call_ms" in tables else "")
             + ("# lm_head_ms: ms per step at TP 1 (final norm, LM head, logits out); x = logits rows\n"
                if "lm_head_ms" in tables else "")
             + (f"# allreduce_ms: ms per all-reduce at TP {args.tp} (the step beyond the slowest rank's compute, "

@@ -89,3 +89,20 @@ def test_combine_takes_medians_and_judges_the_target_on_them(tmp_path, capsys):
     assert "| one | 30% | 3 | 100.0 / 80.0 / 130.0 |" in out
     assert "50%, 0%, 0%" in out                                             # (130 - 80) / 100
     assert "target on the medians (sim within 15% of measured on tok/s, P50 TTFT, P50 TPOT): 1 of 1 cells" in out
+
+
+def test_two_profiles_merge_point_by_point_and_keep_a_steps_call_with_its_layers(monkeypatch):
+    # Interference only adds time, so each table takes the smaller of two runs' figures; but a
+    # served step's layers and call come from one measurement (split_call), so each batch takes
+    # both from the run whose whole step (layers x PROFILE_LAYERS + call) was faster.
+    runs = iter([{"m": {"decode_ms": {1: 2.0, 2: 3.0}, "prefill_ms": {16: 5.0}, "lm_head_ms": {1: 1.0, 2: 1.0},
+                        "call_ms": {1: 1.0, 2: 9.0}}},
+                 {"m": {"decode_ms": {1: 2.5, 2: 2.5}, "prefill_ms": {16: 4.0}, "lm_head_ms": {1: 2.0, 2: 0.5},
+                        "call_ms": {1: 0.5, 2: 2.0}}}])
+    monkeypatch.setattr(fb, "run_profile", lambda *a, **k: next(runs))
+    got = fb.get_profile("/ckpt/m", 1, 100, "/tmp", None, runs=2)
+    assert got["prefill_ms"] == {16: 4.0} and got["lm_head_ms"] == {1: 1.0, 2: 0.5}
+    # batch 1: 6 x 2.0 + 1.0 = 13 beats 6 x 2.5 + 0.5 = 15.5 (the run with the larger call);
+    # batch 2: 6 x 2.5 + 2.0 = 17 beats 6 x 3.0 + 9.0 = 27
+    assert fb.PROFILE_LAYERS == 6
+    assert got["decode_ms"] == {1: 2.0, 2: 2.5} and got["call_ms"] == {1: 1.0, 2: 2.0}

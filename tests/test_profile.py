@@ -110,33 +110,47 @@ def test_served_times_decode_through_a_node_and_stops_it(ckpt):
     assert len(served) == 2 and all("mean context" in line for line in served), r.stderr
     small = [line for line in r.stderr.splitlines() if "served 1-layer step batch" in line]
     assert len(small) == 2, r.stderr
-    # the served step of 2 layers = call + 2 layers + LM head, and of 1 layer = call + 1 layer +
-    # LM head (unless noise crossed them: then the call is 0 and the layers keep the step), as
-    # the progress lines report the steps
+    # the served step of 2 layers = call + 2 layers + LM head, the call a line through the two
+    # batches' splits (floored at 0), as the progress lines report the steps
+    steps, smalls = {}, {}
     for line, one, b in zip(served, small, (1, 4)):
-        step = float(line.split("(step ")[1].split(" ms")[0])
-        step1 = float(one.split("batch")[1].split(": ")[1].split(" ms")[0])
+        steps[b] = float(line.split("(step ")[1].split(" ms")[0])
+        smalls[b] = float(one.split("batch")[1].split(": ")[1].split(" ms")[0])
         head, layer, call = t["lm_head_ms"][b], t["decode_ms"][b], t["call_ms"][b]
-        assert 2 * layer + call + head == pytest.approx(step, rel=0.01, abs=2e-3), (line, t)
-        if call > 1e-5:
-            assert layer + call + head == pytest.approx(step1, rel=0.01, abs=2e-3), (one, t)
-        else:
-            assert layer == pytest.approx((step - head) / 2, rel=0.01, abs=2e-4), (line, t)
+        assert 2 * layer + call + head == pytest.approx(steps[b], rel=0.01, abs=2e-3), (line, t)
+    from hexplan.executor.profile_served import split_calls
+    _, want = split_calls(steps, smalls, 2, 1, t["lm_head_ms"])
+    assert [t["call_ms"][b] for b in (1, 4)] == pytest.approx([max(want[b], 1e-6) for b in (1, 4)], rel=0.02, abs=2e-3)
     # the node it started is gone
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert not [a for a in ps.splitlines() if "hexplan.cli node" in a and "--name profile" in a], ps
 
 
-def test_split_call_takes_the_slope_and_keeps_noise_in_the_layers():
-    from hexplan.executor.profile_served import split_call
+def test_split_calls_fits_a_line_and_the_layers_keep_the_rest_of_each_step():
+    from hexplan.executor.profile_served import raw_call, split_calls
 
-    # step(L) = call + L x layer + head: 6 layers 40 ms, 1 layer 15 ms, head 5 ms
-    layer, call = split_call(40.0, 15.0, 6, 1, 5.0)
-    assert layer == pytest.approx(5.0) and call == pytest.approx(5.0)
-    assert 6 * layer + call + 5.0 == pytest.approx(40.0) and layer + call + 5.0 == pytest.approx(15.0)
-    # noise: the 1-layer step as slow as the 6-layer one, or a slope that leaves less than the head
-    assert split_call(40.0, 41.0, 6, 1, 5.0) == (pytest.approx(35.0 / 6), 0.0)
-    assert split_call(40.0, 2.0, 6, 1, 5.0) == (pytest.approx(35.0 / 6), 0.0)
+    # step(B, L) = call(B) + L x layer(B) + head(B), the call 1 + 0.5 B ms: exact data, exact split
+    layer, head = {1: 2.0, 4: 3.0, 16: 6.0}, {1: 3.0, 4: 5.0, 16: 9.0}
+    call = {b: 1.0 + 0.5 * b for b in layer}
+    step6 = {b: call[b] + 6 * layer[b] + head[b] for b in layer}
+    step1 = {b: call[b] + layer[b] + head[b] for b in layer}
+    assert raw_call(step6[4], step1[4], 6, 1, head[4]) == pytest.approx(call[4])
+    got_layer, got_call = split_calls(step6, step1, 6, 1, head)
+    assert got_call == pytest.approx(call) and got_layer == pytest.approx(layer)
+    # noise in one batch's 1-layer step: the line moves less than that batch's own split, and
+    # every batch's layers and call still add up to its served step
+    noisy = {**step1, 4: step1[4] + 3.0}
+    got_layer, got_call = split_calls(step6, noisy, 6, 1, head)
+    assert abs(got_call[4] - call[4]) < abs(raw_call(step6[4], noisy[4], 6, 1, head[4]) - call[4])
+    for b in layer:
+        assert 6 * got_layer[b] + got_call[b] + head[b] == pytest.approx(step6[b])
+    # a line below 0 is floored at 0, and the layers keep the whole step
+    bare = {b: 6 * layer[b] + head[b] for b in layer}               # no call, and 1-layer steps 3 ms fast:
+    fast = {b: layer[b] + head[b] - 3.0 for b in layer}              # the slope leaves -3.6 ms for the call
+    assert raw_call(bare[4], fast[4], 6, 1, head[4]) == pytest.approx(-3.6)
+    got_layer, got_call = split_calls(bare, fast, 6, 1, head)
+    assert got_call == {1: 0.0, 4: 0.0, 16: 0.0}
+    assert got_layer == pytest.approx(layer)
 
 
 def test_output_file_and_names(ckpt, tmp_path):

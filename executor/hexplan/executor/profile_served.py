@@ -15,14 +15,15 @@ one (``CALL_LAYERS``), and splits each step in three,
 
     served step(B, L) = call(B) + L x layer(B) + LM head(B)
 
-the layer's time from the slope between the two shards, the LM head's step from the lone
-measurement (``profile.measure``'s ``head`` points, which include serialising the logits as the
-worker does), and the call -- what a Forward costs beyond its layers and the head: the gRPC
-round trip, (de)serialising, the worker's per-call work on its sequences, the embedding -- as
-what is left (``split_call``). The decode table gets the layer (per layer at TP 1, as before);
+the LM head's step from the lone measurement (``profile.measure``'s ``head`` points, which
+include serialising the logits as the worker does), and the call -- what a Forward costs beyond
+its layers and the head: the gRPC round trip, (de)serialising, the worker's per-call work on its
+sequences, the embedding -- as what the slope between the two shards leaves of the larger step,
+fitted as a line in sequences over all the batches (``split_calls``), the layers taking the
+rest of each step. The decode table gets the layer (per layer at TP 1, as before);
 ``call`` points become the profile's ``call_ms`` table, which the cost model charges once per
-stage a step visits (costmodel.call_time), so a plan of 12 layers in one stage no longer pays
-the profile's one call twice, and a plan of two stages pays it twice. With ``layers`` = 1 there is
+stage a step visits (costmodel.call_time), so a stage of 12 layers no longer pays a 6-layer
+profile's one call twice, and a plan of two stages pays it twice. With ``layers`` = 1 there is
 no split: the call stays in the layer's figure. The steps advance the sequences (a served step
 can't be put back), so the context of batch B's steps is ``context`` plus the steps already
 taken by its sequences; ``Point`` keeps the mean in ``context``. TP 1 only: a TP group's
@@ -88,9 +89,9 @@ def served_decode(spec: ProfileSpec, head_ms: dict[int, float], progress=None) -
 
     def split(b: int, step: float, context: float, spread: float) -> None:
         done[0] += 1
-        if progress is not None:
-            _, call = split_call(steps[b][0] * 1e3, step * 1e3, spec.layers, CALL_LAYERS, head_ms[b])
-            progress(Point("call", b, call, step * 1e3, 0.0, spread, context=context), done[0], total)
+        if progress is not None:   # this batch's own split, before the line is fitted over all of them
+            raw = raw_call(steps[b][0] * 1e3, step * 1e3, spec.layers, CALL_LAYERS, head_ms[b])
+            progress(Point("call", b, raw, step * 1e3, 0.0, spread, context=context), done[0], total)
 
     try:
         with channel(node_address, None, token) as node:
@@ -99,16 +100,15 @@ def served_decode(spec: ProfileSpec, head_ms: dict[int, float], progress=None) -
             if spec.layers > CALL_LAYERS:
                 small = _served_steps(pb, pbg, node, ckpt, model, CALL_LAYERS, batches, spec, ids, token,
                                       "profile-call", split)
-        points, calls = [], []
-        for b in batches:
-            step, context, spread = steps[b]
-            if small is None:   # one layer: no second shard to split the call from the layers
-                per_layer, call = (step * 1e3 - head_ms[b]) / spec.layers, None
-            else:
-                per_layer, call = split_call(step * 1e3, small[b][0] * 1e3, spec.layers, CALL_LAYERS, head_ms[b])
-            points.append(Point("decode", b, per_layer, step * 1e3, 0.0, spread, context=context))
-            if call is not None:
-                calls.append(Point("call", b, call, small[b][0] * 1e3, 0.0, small[b][2], context=small[b][1]))
+        if small is None:   # one layer: no second shard to split the call from the layers
+            return tuple(Point("decode", b, (steps[b][0] * 1e3 - head_ms[b]) / spec.layers, steps[b][0] * 1e3, 0.0,
+                               steps[b][2], context=steps[b][1]) for b in batches)
+        per_layer, call = split_calls({b: steps[b][0] * 1e3 for b in batches}, {b: small[b][0] * 1e3 for b in batches},
+                                      spec.layers, CALL_LAYERS, head_ms)
+        points = tuple(Point("decode", b, per_layer[b], steps[b][0] * 1e3, 0.0, steps[b][2], context=steps[b][1])
+                       for b in batches)
+        calls = tuple(Point("call", b, call[b], small[b][0] * 1e3, 0.0, small[b][2], context=small[b][1])
+                      for b in batches)
         return tuple(points) + tuple(calls)
     finally:
         proc.terminate()
@@ -119,15 +119,36 @@ def served_decode(spec: ProfileSpec, head_ms: dict[int, float], progress=None) -
             proc.wait(timeout=10)
 
 
-def split_call(step_ms: float, small_ms: float, layers: int, small_layers: int, head_ms: float) -> tuple[float, float]:
-    """(ms per layer, ms of the call) from the served step of ``layers`` layers and of
-    ``small_layers`` layers at the same batch: the layers' slope, and what is left of the
-    larger step after its layers and the LM head's step, >= 0. Both clamped so that the
-    layers keep the step when the two measurements cross (noise)."""
+def raw_call(step_ms: float, small_ms: float, layers: int, small_layers: int, head_ms: float) -> float:
+    """One batch's call: what is left of the served step of ``layers`` layers after its layers
+    (the slope to the step of ``small_layers`` layers at the same batch) and the LM head's step.
+    Noisy (it can come out negative): ``split_calls`` fits a line through all batches'."""
     per_layer = (step_ms - small_ms) / (layers - small_layers)
-    call = step_ms - head_ms - layers * per_layer
-    if per_layer <= 0 or call < 0:   # noise: all of it in the layers, as without the second shard
-        return (step_ms - head_ms) / layers, 0.0
+    return step_ms - head_ms - layers * per_layer
+
+
+def split_calls(step_ms: dict, small_ms: dict, layers: int, small_layers: int,
+                head_ms: dict) -> tuple[dict, dict]:
+    """({batch: ms per layer}, {batch: ms of the call}) from the served steps of ``layers`` and of
+    ``small_layers`` layers at each batch. The call is a least-squares line in sequences through
+    the batches' ``raw_call`` values (on the development CPU one batch's split moved by 0-10 ms
+    between neighbours, the line by well under that), floored at 0; each batch's layers then
+    take the rest of its step, so ``layers x per_layer + call + head`` is its served step. A
+    batch whose step the call would leave <= 0 for its layers keeps the whole step in them (call
+    0)."""
+    xs = sorted(step_ms)
+    raw = [raw_call(step_ms[b], small_ms[b], layers, small_layers, head_ms[b]) for b in xs]
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(raw) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, raw)) / sxx if sxx > 0 else 0.0
+    per_layer, call = {}, {}
+    for b in xs:
+        c = max(0.0, my + slope * (b - mx))
+        rest = step_ms[b] - head_ms[b] - c
+        if rest <= 0:
+            c, rest = 0.0, step_ms[b] - head_ms[b]
+        per_layer[b], call[b] = rest / layers, c
     return per_layer, call
 
 
