@@ -363,9 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repeats", type=int, default=3, help="timed runs per point; the median counts (default 3)")
     g.add_argument("--warmup", type=int, default=1, help="untimed runs per point first (default 1)")
     g.add_argument("--served", action="store_true",
-                   help="time the decode steps through a served stage worker (a local `hexplan node`, Forward calls "
-                        "over gRPC, logits back) instead of in this process: what a served step costs on a CPU, "
-                        "where the two differ most (TP 1 only; the layers and LM head are still timed here)")
+                   help="time decode steps and prompts through a served stage worker (a local `hexplan node`, "
+                        "Forward calls over gRPC, logits back) instead of in this process: what a served step costs on "
+                        "a CPU, where the two differ most; and, through a second 1-layer shard, a call's own cost "
+                        "(call_ms) apart from the layers' (TP 1 only; the LM head is still timed here)")
     g.add_argument("--threads", type=int, help="CPU threads per process, as a served worker has them (default: cores / TP, "
                                                "what `hexplan launch` gives each worker of a one-stage plan; a plan of W "
                                                "workers on one machine gets cores / W)")
@@ -1067,25 +1068,31 @@ def cmd_profile(args) -> int:
     try:
         result = profile_checkpoint(spec, progress)
         if args.served:
-            from .executor.profile_served import served_decode
+            from .executor.profile_served import served_profile
 
-            print(f"hexplan: decode again through a served worker ({len(decode)} batch sizes"
-                  + (", then through a 1-layer shard to split each call's own cost from its layers'" if layers > 1
-                     else "") + ")", file=err, flush=True)
+            print(f"hexplan: decode and prefill again through a served worker ({len(decode)} batch sizes, "
+                  f"{len(prefill)} prompt lengths"
+                  + ("; then decode through a 1-layer shard to split each call's own cost from its layers'"
+                     if layers > 1 else "") + ")", file=err, flush=True)
 
             def served_progress(p, done, total):
                 if p.kind == "call":
                     print(f"hexplan: [{done:>2}/{total}] served 1-layer step batch {p.x:>5}: {p.step_ms:.2f} ms, the "
-                          f"call's own {p.ms:.2f} ms at this batch (spread {p.spread:.2f}; the table fits a line "
-                          "through all batches)", file=err, flush=True)
+                          f"call's own {p.ms:.2f} ms at this batch (spread {p.spread:.2f}; the table makes it "
+                          "non-decreasing over the batches)", file=err, flush=True)
+                    return
+                if p.kind == "prefill":
+                    print(f"hexplan: [{done:>2}/{total}] served prefill {p.x:>5} tokens: {p.ms:9.4f} ms/layer at TP 1 "
+                          f"with the call (step {p.step_ms:.2f} ms with the LM head, spread {p.spread:.2f})",
+                          file=err, flush=True)
                     return
                 print(f"hexplan: [{done:>2}/{total}] served decode batch {p.x:>5}: {p.ms:9.4f} ms/layer at TP 1 with "
                       f"the call (step {p.step_ms:.2f} ms with the LM head, mean context {p.context:.0f}, spread "
                       f"{p.spread:.2f})", file=err, flush=True)
             t_served = time.perf_counter()
-            served = served_decode(spec, result.lm_head_ms, served_progress)
-            result = dataclasses.replace(result, points=tuple(p for p in result.points if p.kind != "decode") + served,
-                                         seconds=result.seconds + time.perf_counter() - t_served)
+            served = served_profile(spec, result.lm_head_ms, served_progress)
+            result = dataclasses.replace(result, points=tuple(p for p in result.points if p.kind not in ("decode", "prefill"))
+                                         + served, seconds=result.seconds + time.perf_counter() - t_served)
     except torch.OutOfMemoryError:
         raise HexplanError(f"out of memory on {args.device}: try fewer --layers or smaller --decode-batches / "
                            "--prefill-tokens") from None
@@ -1099,7 +1106,7 @@ def cmd_profile(args) -> int:
     if result.call_ms:
         tables["call_ms"] = {x: _ms(v) for x, v in result.call_ms.items()}
         ends = sorted(result.call_ms)
-        print(f"hexplan: a call's own cost, fitted: {result.call_ms[ends[0]]:.2f} ms at {ends[0]} sequence(s) to "
+        print(f"hexplan: a call's own cost, made non-decreasing: {result.call_ms[ends[0]]:.2f} ms at {ends[0]} sequence(s) to "
               f"{result.call_ms[ends[-1]]:.2f} ms at {ends[-1]}", file=err, flush=True)
     print(f"hexplan: measured in {result.seconds:.1f} s on {result.device_name}", file=err, flush=True)
     noisy = [p for p in result.points if p.spread > NOISY]
@@ -1112,12 +1119,12 @@ def cmd_profile(args) -> int:
             f"# {result.device_name}; layers 0-{layers - 1} of {model.num_layers}; decode context {context}; "
             f"median of {args.repeats} after {args.warmup} warm-up\n"
             f"# decode_ms, prefill_ms: ms per layer at TP 1 ({norm}); x = decode batch size / prompt tokens\n"
-            + ("# decode_ms: through a served worker (--served: Forward calls to a local hexplan node, less the LM "
-               "head's step" + (" and the call's own cost" if "call_ms" in tables else "") + ")\n"
+            + ("# decode_ms, prefill_ms: through a served worker (--served: Forward calls to a local hexplan node, "
+               "less the LM head's step" + (" and the call's own cost" if "call_ms" in tables else "") + ")\n"
                if args.served else "")
             + ("# call_ms: ms per Forward call to a stage beyond its layers and LM head (gRPC, (de)serialising, "
-               "per-call work), from a served 1-layer shard, a line fitted over the batches; x = sequences in the "
-               "step\n" if "call_ms" in tables else "")
+               "per-call work), from a served 1-layer shard, non-decreasing over the batches; x = sequences in "
+               "the step\n" if "call_ms" in tables else "")
             + ("# lm_head_ms: ms per step at TP 1 (final norm, LM head, logits out); x = logits rows\n"
                if "lm_head_ms" in tables else "")
             + (f"# allreduce_ms: ms per all-reduce at TP {args.tp} (the step beyond the slowest rank's compute, "

@@ -121,13 +121,24 @@ def test_served_times_decode_through_a_node_and_stops_it(ckpt):
     from hexplan.executor.profile_served import split_calls
     _, want = split_calls(steps, smalls, 2, 1, t["lm_head_ms"])
     assert [t["call_ms"][b] for b in (1, 4)] == pytest.approx([max(want[b], 1e-6) for b in (1, 4)], rel=0.02, abs=2e-3)
+    # the prompts too, through the 2-layer shard: a served prompt's step = its call (one
+    # sequence) + 2 layers + the LM head on one row
+    prompts = [line for line in r.stderr.splitlines() if "served prefill" in line]
+    assert len(prompts) == 2, r.stderr
+    for line, n in zip(prompts, (8, 128)):
+        step = float(line.split("(step ")[1].split(" ms")[0])
+        want_ms = max((step - t["lm_head_ms"][1] - t["call_ms"][1]) / 2, 1e-6)
+        assert t["prefill_ms"][n] == pytest.approx(want_ms, rel=0.01, abs=2e-3), (line, t)
     # the node it started is gone
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert not [a for a in ps.splitlines() if "hexplan.cli node" in a and "--name profile" in a], ps
 
 
-def test_split_calls_fits_a_line_and_the_layers_keep_the_rest_of_each_step():
-    from hexplan.executor.profile_served import raw_call, split_calls
+def test_split_calls_keeps_the_call_non_decreasing_and_the_layers_keep_the_rest_of_each_step():
+    from hexplan.executor.profile_served import monotone, raw_call, split_calls
+
+    assert monotone([1.0, 3.0, 2.0, 4.0, 0.0]) == pytest.approx([1.0, 2.25, 2.25, 2.25, 2.25])
+    assert monotone([1.0, 2.0, 5.0]) == [1.0, 2.0, 5.0]
 
     # step(B, L) = call(B) + L x layer(B) + head(B), the call 1 + 0.5 B ms: exact data, exact split
     layer, head = {1: 2.0, 4: 3.0, 16: 6.0}, {1: 3.0, 4: 5.0, 16: 9.0}
@@ -137,14 +148,15 @@ def test_split_calls_fits_a_line_and_the_layers_keep_the_rest_of_each_step():
     assert raw_call(step6[4], step1[4], 6, 1, head[4]) == pytest.approx(call[4])
     got_layer, got_call = split_calls(step6, step1, 6, 1, head)
     assert got_call == pytest.approx(call) and got_layer == pytest.approx(layer)
-    # noise in one batch's 1-layer step: the line moves less than that batch's own split, and
-    # every batch's layers and call still add up to its served step
-    noisy = {**step1, 4: step1[4] + 3.0}
+    # noise in one batch's 1-layer step that makes its call exceed a larger batch's: pooled with
+    # it, nearer the truth than that batch's own split, and every batch's layers and call still
+    # add up to its served step
+    noisy = {**step1, 4: step1[4] + 6.0}
     got_layer, got_call = split_calls(step6, noisy, 6, 1, head)
     assert abs(got_call[4] - call[4]) < abs(raw_call(step6[4], noisy[4], 6, 1, head[4]) - call[4])
     for b in layer:
         assert 6 * got_layer[b] + got_call[b] + head[b] == pytest.approx(step6[b])
-    # a line below 0 is floored at 0, and the layers keep the whole step
+    # calls below 0 are floored at 0, and the layers keep the whole step
     bare = {b: 6 * layer[b] + head[b] for b in layer}               # no call, and 1-layer steps 3 ms fast:
     fast = {b: layer[b] + head[b] - 3.0 for b in layer}              # the slope leaves -3.6 ms for the call
     assert raw_call(bare[4], fast[4], 6, 1, head[4]) == pytest.approx(-3.6)

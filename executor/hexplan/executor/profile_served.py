@@ -19,7 +19,7 @@ the LM head's step from the lone measurement (``profile.measure``'s ``head`` poi
 include serialising the logits as the worker does), and the call -- what a Forward costs beyond
 its layers and the head: the gRPC round trip, (de)serialising, the worker's per-call work on its
 sequences, the embedding -- as what the slope between the two shards leaves of the larger step,
-fitted as a line in sequences over all the batches (``split_calls``), the layers taking the
+made non-decreasing in sequences over all the batches (``split_calls``), the layers taking the
 rest of each step. The decode table gets the layer (per layer at TP 1, as before);
 ``call`` points become the profile's ``call_ms`` table, which the cost model charges once per
 stage a step visits (costmodel.call_time), so a stage of 12 layers no longer pays a 6-layer
@@ -46,10 +46,11 @@ CALL_LAYERS = 1               # the second, smaller shard that splits a call's o
 STEP_TIMEOUT_S = 300.0
 
 
-def served_decode(spec: ProfileSpec, head_ms: dict[int, float], progress=None) -> tuple[Point, ...]:
-    """Decode points measured through a served worker (module docstring). ``head_ms``: the LM
-    head's step ms per rows, at least at every decode batch of ``spec``; ``progress(point, done,
-    total)`` after each."""
+def served_profile(spec: ProfileSpec, head_ms: dict[int, float], progress=None) -> tuple[Point, ...]:
+    """Decode, prefill and call points measured through a served worker (module docstring).
+    ``head_ms``: the LM head's step ms per rows, at least at 1 and every decode batch of
+    ``spec``; ``progress(point, done, total)`` after each."""
+    from hexplan.gpus import ProfileTable
     from hexplan.models import model_from_hf_config, read_hf_config
 
     from ._proto import hexplan_v1_pb2 as pb
@@ -60,6 +61,7 @@ def served_decode(spec: ProfileSpec, head_ms: dict[int, float], progress=None) -
     if spec.tp != 1:
         raise ProfileError("--served measures TP 1 stages (the all-reduce table comes from --tp without --served)")
     batches = sorted(spec.decode_batches)
+    prompts = tuple(sorted(spec.prefill_tokens))
     missing = [b for b in batches if b not in head_ms]
     if missing:
         raise ProfileError(f"no LM head time for decode batch(es) {missing}")
@@ -74,20 +76,23 @@ def served_decode(spec: ProfileSpec, head_ms: dict[int, float], progress=None) -
     def ids(n: int) -> torch.Tensor:
         return torch.randint(0, vocab, (n,), generator=gen, dtype=torch.int64)
 
-    total = len(batches) * (2 if spec.layers > CALL_LAYERS else 1)
+    head1 = head_ms[1] if 1 in head_ms else ProfileTable(tuple(sorted(head_ms.items()))).ms(1)
+    total = len(batches) * (2 if spec.layers > CALL_LAYERS else 1) + len(prompts)
     done = [0]
 
-    def whole(b: int, step: float, context: float, spread: float) -> None:
-        if step * 1e3 <= head_ms[b]:
-            raise ProfileError(f"the served decode step of {b} sequence(s) ({step * 1e3:.2f} ms) took less "
-                               f"than the LM head's step alone ({head_ms[b]:.2f} ms): the machine is too busy "
-                               "to measure; run again when it is quiet, or with more --repeats")
+    def whole(kind: str, x: int, step: float, context: float, spread: float) -> None:
+        head = head_ms[x] if kind == "decode" else head1
+        if step * 1e3 <= head:
+            what = f"decode step of {x} sequence(s)" if kind == "decode" else f"prompt of {x} tokens"
+            raise ProfileError(f"the served {what} ({step * 1e3:.2f} ms) took less than the LM head's step alone "
+                               f"({head:.2f} ms): the machine is too busy to measure; run again when it is quiet, "
+                               "or with more --repeats")
         done[0] += 1
         if progress is not None:   # before the call is split off: the whole step over the layers
-            progress(Point("decode", b, (step * 1e3 - head_ms[b]) / spec.layers, step * 1e3, 0.0, spread,
+            progress(Point(kind, x, (step * 1e3 - head) / spec.layers, step * 1e3, 0.0, spread,
                            context=context), done[0], total)
 
-    def split(b: int, step: float, context: float, spread: float) -> None:
+    def split(kind: str, b: int, step: float, context: float, spread: float) -> None:
         done[0] += 1
         if progress is not None:   # this batch's own split, before the line is fitted over all of them
             raw = raw_call(steps[b][0] * 1e3, step * 1e3, spec.layers, CALL_LAYERS, head_ms[b])
@@ -95,21 +100,27 @@ def served_decode(spec: ProfileSpec, head_ms: dict[int, float], progress=None) -
 
     try:
         with channel(node_address, None, token) as node:
-            steps = _served_steps(pb, pbg, node, ckpt, model, spec.layers, batches, spec, ids, token, "profile", whole)
+            steps, pre = _served_steps(pb, pbg, node, ckpt, model, spec.layers, batches, spec, ids, token, "profile",
+                                       whole, prompts)
             small = None
             if spec.layers > CALL_LAYERS:
-                small = _served_steps(pb, pbg, node, ckpt, model, CALL_LAYERS, batches, spec, ids, token,
-                                      "profile-call", split)
+                small, _ = _served_steps(pb, pbg, node, ckpt, model, CALL_LAYERS, batches, spec, ids, token,
+                                         "profile-call", split)
         if small is None:   # one layer: no second shard to split the call from the layers
-            return tuple(Point("decode", b, (steps[b][0] * 1e3 - head_ms[b]) / spec.layers, steps[b][0] * 1e3, 0.0,
-                               steps[b][2], context=steps[b][1]) for b in batches)
-        per_layer, call = split_calls({b: steps[b][0] * 1e3 for b in batches}, {b: small[b][0] * 1e3 for b in batches},
-                                      spec.layers, CALL_LAYERS, head_ms)
+            per_layer = {b: (steps[b][0] * 1e3 - head_ms[b]) / spec.layers for b in batches}
+            call = {}
+        else:
+            per_layer, call = split_calls({b: steps[b][0] * 1e3 for b in batches},
+                                          {b: small[b][0] * 1e3 for b in batches}, spec.layers, CALL_LAYERS, head_ms)
         points = tuple(Point("decode", b, per_layer[b], steps[b][0] * 1e3, 0.0, steps[b][2], context=steps[b][1])
                        for b in batches)
-        calls = tuple(Point("call", b, call[b], small[b][0] * 1e3, 0.0, small[b][2], context=small[b][1])
-                      for b in batches)
-        return tuple(points) + tuple(calls)
+        # a prompt alone: one sequence's call, the LM head on its last position (one row)
+        call1 = ProfileTable(tuple(sorted(call.items()))).ms(1) if call else 0.0
+        prefill = tuple(Point("prefill", n, max(1e-6, (pre[n][0] * 1e3 - head1 - call1) / spec.layers),
+                              pre[n][0] * 1e3, 0.0, pre[n][2]) for n in prompts)
+        calls = tuple(Point("call", b, c, small[b][0] * 1e3, 0.0, small[b][2], context=small[b][1])
+                      for b, c in call.items())
+        return points + prefill + calls
     finally:
         proc.terminate()
         try:
@@ -122,7 +133,7 @@ def served_decode(spec: ProfileSpec, head_ms: dict[int, float], progress=None) -
 def raw_call(step_ms: float, small_ms: float, layers: int, small_layers: int, head_ms: float) -> float:
     """One batch's call: what is left of the served step of ``layers`` layers after its layers
     (the slope to the step of ``small_layers`` layers at the same batch) and the LM head's step.
-    Noisy (it can come out negative): ``split_calls`` fits a line through all batches'."""
+    Noisy (it can come out negative): ``split_calls`` smooths it over all batches."""
     per_layer = (step_ms - small_ms) / (layers - small_layers)
     return step_ms - head_ms - layers * per_layer
 
@@ -130,21 +141,17 @@ def raw_call(step_ms: float, small_ms: float, layers: int, small_layers: int, he
 def split_calls(step_ms: dict, small_ms: dict, layers: int, small_layers: int,
                 head_ms: dict) -> tuple[dict, dict]:
     """({batch: ms per layer}, {batch: ms of the call}) from the served steps of ``layers`` and of
-    ``small_layers`` layers at each batch. The call is a least-squares line in sequences through
-    the batches' ``raw_call`` values (on the development CPU one batch's split moved by 0-10 ms
-    between neighbours, the line by well under that), floored at 0; each batch's layers then
-    take the rest of its step, so ``layers x per_layer + call + head`` is its served step. A
-    batch whose step the call would leave <= 0 for its layers keeps the whole step in them (call
-    0)."""
+    ``small_layers`` layers at each batch. The call is the batches' ``raw_call`` values made
+    non-decreasing in sequences (``monotone``: a call never costs less for more sequences; on the
+    development CPU one batch's split moved by 0-10 ms between neighbours) and floored at 0;
+    each batch's layers then take the rest of its step, so ``layers x per_layer + call + head``
+    is its served step. A batch whose step the call would leave <= 0 for its layers keeps the
+    whole step in them (call 0)."""
     xs = sorted(step_ms)
-    raw = [raw_call(step_ms[b], small_ms[b], layers, small_layers, head_ms[b]) for b in xs]
-    n = len(xs)
-    mx, my = sum(xs) / n, sum(raw) / n
-    sxx = sum((x - mx) ** 2 for x in xs)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, raw)) / sxx if sxx > 0 else 0.0
+    fitted = monotone([raw_call(step_ms[b], small_ms[b], layers, small_layers, head_ms[b]) for b in xs])
     per_layer, call = {}, {}
-    for b in xs:
-        c = max(0.0, my + slope * (b - mx))
+    for b, c in zip(xs, fitted):
+        c = max(0.0, c)
         rest = step_ms[b] - head_ms[b] - c
         if rest <= 0:
             c, rest = 0.0, step_ms[b] - head_ms[b]
@@ -152,12 +159,26 @@ def split_calls(step_ms: dict, small_ms: dict, layers: int, small_layers: int,
     return per_layer, call
 
 
+def monotone(ys: list[float]) -> list[float]:
+    """The non-decreasing sequence closest to ``ys`` in least squares (pool adjacent violators:
+    a run that falls is replaced by its mean)."""
+    blocks: list[list[float]] = []          # [sum, count]
+    for y in ys:
+        blocks.append([y, 1])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            s, n = blocks.pop()
+            blocks[-1][0] += s
+            blocks[-1][1] += n
+    return [s / n for s, n in blocks for _ in range(n)]
+
+
 def _served_steps(pb, pbg, node, ckpt: Path, model, layers: int, batches, spec: ProfileSpec, ids, token: str,
-                  stage_id: str, measured=None) -> dict[int, tuple[float, float, float]]:
+                  stage_id: str, measured=None, prompts=()) -> tuple[dict, dict]:
     """Load layers [0, ``layers``) as a first and last stage on the node, prefill the largest
-    batch's sequences, time decode steps of every batch as Forward calls, unload. Returns
-    {batch: (median step s, mean context, slowest / fastest)}; ``measured(batch, *that)`` after
-    each batch."""
+    batch's sequences, time decode steps of every batch as Forward calls, then a prompt of each
+    of ``prompts`` tokens alone from position 0 (a fresh sequence each time, released after it),
+    unload. Returns ({batch: (median step s, mean context, slowest / fastest)}, {prompt tokens:
+    the same, context 0}); ``measured(kind, x, *that)`` after each point."""
     from .wire import channel, to_proto
 
     resp = pbg.StageStub(node).LoadShard(pb.LoadShardRequest(
@@ -192,8 +213,19 @@ def _served_steps(pb, pbg, node, ckpt: Path, model, layers: int, batches, spec: 
                 timed = times[spec.warmup:]
                 out[b] = (statistics.median(timed), context, max(timed) / max(min(timed), 1e-12))
                 if measured is not None:
-                    measured(b, *out[b])
+                    measured("decode", b, *out[b])
             stub.Release(pb.ReleaseRequest(request_ids=seqs), timeout=60)
-        return out
+            pre = {}
+            for n in prompts:
+                times = []
+                for i in range(spec.warmup + spec.repeats):
+                    rid = f"prompt-{n}-{i}"
+                    times.append(forward([(rid, 0, n)]))
+                    stub.Release(pb.ReleaseRequest(request_ids=[rid]), timeout=60)
+                timed = times[spec.warmup:]
+                pre[n] = (statistics.median(timed), 0.0, max(timed) / max(min(timed), 1e-12))
+                if measured is not None:
+                    measured("prefill", n, *pre[n])
+        return out, pre
     finally:
         pbg.StageStub(node).UnloadShard(pb.UnloadShardRequest(stage_id=stage_id), timeout=60)
