@@ -11,9 +11,10 @@ intermediate 2048, vocab 32000, 512 positions, float32) on the local CPU cluster
 cluster_specs/local-cpu.yaml (nodes cpu0 with 2 "GPUs" and cpu1 with 1, `gpu: cpu`), whose `cpu`
 type gets a profile of that model measured on this machine by `hexplan profile` (a subprocess;
 `--profile FILE` reuses a saved one): per-layer decode and prefill tables and the LM head's table
-at the plan's worker thread count, the decode table timed through a served worker (`--served`;
-`--lone-profile`: in the profiling process, as before) and, for a plan with a TP stage, the
-all-reduce table of a `hexplan profile --tp 2` run. Three hand-written plans:
+at the plan's worker thread count, the decode and prefill tables timed through a served worker
+and a call's own cost per stage apart from them (`--served`: `call_ms`; `--lone-profile`: in the
+profiling process, as before, no call) and, for a plan with a TP stage, the all-reduce table of
+a `hexplan profile --tp 2` run. Three hand-written plans:
 
   one    one stage holding layers 0-11 on cpu0 (1 worker, 2 threads)
   pp2    two pipeline stages, layers 0-5 on cpu0 and 6-11 on cpu1 (2 workers x 1 thread)
@@ -40,11 +41,11 @@ outputs 16..128 (executor_bench.make_workload). For each (plan, load):
 
 Throughput is output tokens over the makespan (first arrival to last token) in all three, TTFT is
 from arrival to first token, TPOT per request (e2e - TTFT) / (tokens - 1). The simulator runs
-twice: `sim` on the cluster as specified (the profile's decode, prefill, LM-head and all-reduce
-tables, default CostParams), and `sim+cal` on the same cluster with what the profile still leaves
+twice: `sim` on the cluster as specified (the profile's decode, prefill, LM-head, all-reduce
+and call tables, default CostParams), and `sim+cal` on the same cluster with what the profile still leaves
 out measured in service and fed in as cluster fields (`calibrate_terms`; --no-calibrate skips it):
 the decode table as served (decode steps of 1..16 sequences sent straight to the launched plan's
-first stage, less the profile's LM head and all-reduces and the links), the gateway's own cost
+first stage, less the profile's LM head, all-reduces and calls and the links), the gateway's own cost
 per step (the same step through the gateway, as latency on the coordinator's links), and from two
 loops of decode steps sent at once (`overlap_probe`) the hops of a step between busy processes
 (as latency on every link) and the host's contention as the stages' compute shows it in service
@@ -771,7 +772,7 @@ def calibrate_terms(pr: dict, ckpt: str) -> dict:
 
     1. The decode table as served: decode steps of B sequences sent straight to the launched
        plan's first stage (``rpc``), minus what the model adds besides the layers' compute (the
-       profile's LM head and all-reduces, links), over the plan's layers (sum of layers / tp):
+       profile's LM head, all-reduces and calls, links), over the plan's layers (sum of layers / tp):
        per layer at TP 1. The prefill table stays the profile's (mixed steps match it).
     2. The gateway's own cost per step (through the gateway minus straight to the stage, one
        sequence): half of it as latency on each coordinator link."""
