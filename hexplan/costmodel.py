@@ -353,6 +353,46 @@ def prefill_layer_time(model: ModelSpec, gpu: GpuType, tp: int, tokens: int, int
     return prefill_layer_split(model, gpu, tp, tokens, interconnect, p, parts, sp).total
 
 
+@functools.lru_cache(maxsize=256)
+def _quadratic(table) -> float:
+    """The P^2 coefficient of a least-squares fit ms = a + b P + q P^2 to a prefill table's
+    points (the attention's share of a prompt's cost), >= 0; 0 with fewer than 3 points."""
+    pts = table.points
+    if len(pts) < 3:
+        return 0.0
+    # normal equations of the 3-parameter fit, solved by Cramer's rule
+    s = [sum(x ** k for x, _ in pts) for k in range(5)]
+    t = [sum(y * x ** k for x, y in pts) for k in range(3)]
+    m = [[s[0], s[1], s[2]], [s[1], s[2], s[3]], [s[2], s[3], s[4]]]
+
+    def det(a):
+        return (a[0][0] * (a[1][1] * a[2][2] - a[1][2] * a[2][1]) - a[0][1] * (a[1][0] * a[2][2] - a[1][2] * a[2][0])
+                + a[0][2] * (a[1][0] * a[2][1] - a[1][1] * a[2][0]))
+    d = det(m)
+    if d == 0:
+        return 0.0
+    mq = [[m[i][0], m[i][1], t[i]] for i in range(3)]
+    return max(0.0, det(mq) / d)
+
+
+def chunk_context_time(model: ModelSpec, gpu: GpuType, tp: int, start: int, tokens: int,
+                       p: CostParams = DEFAULT_PARAMS) -> float:
+    """Seconds per layer a prompt chunk of ``tokens`` tokens starting at position ``start`` spends
+    attending to the ``start`` positions before it, beyond a prompt of ``tokens`` tokens from 0
+    (``prefill_layer_time``, which the chunk floor charges). With a measured ``prefill_ms``
+    table: the attention's P^2 term of the table, 2 q x start x tokens (q from a least-squares
+    quadratic through its points; a CPU profile: q = 9e-5 ms, so a 32-token chunk at 96 costs
+    0.55 ms a layer more than a 32-token prompt, measured about 0.7); else the attention FLOPs,
+    4 x tokens x start x d_h x heads / tp, at the roofline's FLOP rate."""
+    if start <= 0 or tokens <= 0:
+        return 0.0
+    prof = gpu.profile_for(model.name)
+    if prof is not None and prof.prefill_ms is not None:
+        return 2 * _quadratic(prof.prefill_ms) * start * tokens / 1e3 / tp
+    flops = 4 * tokens * start * model.dim_head * (model.num_heads // tp)
+    return flops / (gpu.flops * p.flops_efficiency)
+
+
 def lm_head_time(model: ModelSpec, gpu: GpuType, tp: int, tokens: int, p: CostParams = DEFAULT_PARAMS,
                  parts: int = 1, sp: int = 1) -> float:
     """Seconds for the final norm + LM head (vocab-parallel over TP) on ``tokens`` tokens; in

@@ -153,10 +153,37 @@ def test_a_step_with_a_prompt_chunk_costs_at_least_a_forward_of_its_tokens():
     share = kind.decode(1, 150) + kind.prefill(136) * 32 / 136
     floor = kind.prefill(33)
     assert floor > share                                  # the case the floor is for
-    assert per_layer(1, [(0, 32, 32, False)]) == pytest.approx(floor)
+    # the floor's chunk at position 32 also attends to the 32 positions before it
+    assert kind.chunk_context(32, 32) > 0
+    assert per_layer(1, [(0, 32, 32, False)]) == pytest.approx(floor + kind.chunk_context(32, 32))
     assert per_layer(0, [(0, 0, 32, False)]) == pytest.approx(kind.prefill(32))   # a chunk alone: a 32-token forward
     # a whole prompt keeps its own prefill; decode-heavy steps keep the sum, above the floor
     assert per_layer(0, [(1, 0, 16, True)]) == pytest.approx(kind.prefill(16))
     many = kind.decode(16, 16 * 150) + kind.prefill(256) * 8 / 256
     assert many > kind.prefill(24)
     assert per_layer(16, [(2, 0, 8, False)]) == pytest.approx(many)
+
+
+def test_a_chunks_attention_to_its_earlier_positions_is_the_prefill_tables_quadratic_term():
+    from hexplan.costmodel import _quadratic, chunk_context_time
+    from hexplan.gpus import ProfileTable
+
+    # a table that is exactly a + b P + q P^2: the fit gives q back, and a chunk of c tokens at s
+    # costs 2 q s c more than a prompt of c (its queries against the s earlier keys)
+    a, b, q = 3.0, 0.05, 1e-4
+    table = ProfileTable(tuple((x, a + b * x + q * x * x) for x in (16, 32, 64, 128, 256, 512)))
+    assert _quadratic(table) == pytest.approx(q, rel=1e-6)
+    assert _quadratic(ProfileTable(((16, 1.0), (32, 2.0)))) == 0.0          # too few points to tell
+    c = loads_cluster("name: cpu\ngpu_types:\n  A100-80G:\n    profiles:\n      llama-2-13b:\n"
+                      "        decode_ms: {1: 2.5}\n"
+                      "        prefill_ms: {" + ", ".join(f"{x}: {y!r}" for x, y in table.points) + "}\n"
+                      "nodes:\n  - {name: a, gpu: A100-80G, count: 2}\n")
+    model, gpu = hexplan.load_model("llama-2-13b"), c.node("a").gpu
+    assert chunk_context_time(model, gpu, 1, 96, 32) == pytest.approx(2 * q * 96 * 32 / 1e3, rel=1e-6)
+    assert chunk_context_time(model, gpu, 2, 96, 32) == pytest.approx(q * 96 * 32 / 1e3, rel=1e-6)   # TP 2: half each
+    assert chunk_context_time(model, gpu, 1, 0, 32) == 0.0
+    # without a profile: the attention FLOPs at the roofline's rate, 4 c s d_h heads
+    bare = loads_cluster("name: g\nnodes:\n  - {name: a, gpu: A100-80G, count: 1}\n").node("a").gpu
+    flops = 4 * 32 * 96 * model.dim_head * model.num_heads
+    from hexplan.costmodel import DEFAULT_PARAMS
+    assert chunk_context_time(model, bare, 1, 96, 32) == pytest.approx(flops / (bare.flops * DEFAULT_PARAMS.flops_efficiency))

@@ -80,8 +80,9 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 
 from ..cluster import Cluster
-from ..costmodel import (TOKEN_ID_BYTES, CostParams, Workload, allreduce_time, call_time, decode_layer_time,
-                         lm_head_time, local_kv_heads, prefill_layer_time, send_time, shift_threshold)
+from ..costmodel import (TOKEN_ID_BYTES, CostParams, Workload, allreduce_time, call_time, chunk_context_time,
+                         decode_layer_time, lm_head_time, local_kv_heads, prefill_layer_time, send_time,
+                         shift_threshold)
 from ..dispatch import Dispatcher, skip_join_level  # noqa: F401  (skip_join_level: also used from here)
 from ..serving import DONE_OK, Scheduler, pipeline_configs
 from ..serving.setup import estimated_batches
@@ -144,7 +145,7 @@ class _Kind:
     Parallelism's SP ranks and threshold), memoised."""
 
     __slots__ = ("model", "gpu", "tp", "ic", "params", "dec", "pre", "dec_p", "pre_p", "sp", "threshold",
-                 "dec_sp", "pre_sp")
+                 "dec_sp", "pre_sp", "ctx")
 
     def __init__(self, model, gpu, tp, ic, params, sp: int = 1):
         self.model, self.gpu, self.tp, self.ic, self.params = model, gpu, tp, ic, params
@@ -156,6 +157,7 @@ class _Kind:
         self.threshold = shift_threshold(model, gpu, tp, sp, ic, params) if sp > 1 else 0
         self.dec_sp: dict = {}   # SP mode: (n, ctx_sum) -> seconds
         self.pre_sp: dict = {}   # SP mode: tokens -> seconds
+        self.ctx: dict = {}      # (start, tokens) -> a chunk's attention to its earlier positions
 
     def sp_mode(self, step_tokens: int) -> bool:
         """Whether a step of ``step_tokens`` tokens runs in SP mode here (the shared rule)."""
@@ -192,6 +194,15 @@ class _Kind:
         t = self.pre.get(tokens)
         if t is None:
             t = self.pre[tokens] = prefill_layer_time(self.model, self.gpu, self.tp, tokens, self.ic, self.params)
+        return t
+
+    def chunk_context(self, start: int, tokens: int) -> float:
+        key = (start, tokens)
+        t = self.ctx.get(key)
+        if t is None:
+            if len(self.ctx) > _CACHE_LIMIT:
+                self.ctx.clear()
+            t = self.ctx[key] = chunk_context_time(self.model, self.gpu, self.tp, start, tokens, self.params)
         return t
 
     def decode_parts(self, n: int, ctx_sum: int, parts: int) -> float:
@@ -580,7 +591,8 @@ class Engine:
         the ``n_dec`` decoding sequences at their mean context, plus each (request, start,
         tokens, last) prompt chunk's share of its prompt's prefill (tokens / prompt tokens:
         chunking spreads a prompt's cost, it adds none), and at least a prompt forward of all
-        the step's tokens when it carries a chunk (docs/simulator.md, "Service times"); in
+        the step's tokens when it carries a chunk, plus each chunk's attention to the positions
+        before its start (docs/simulator.md, "Service times"); in
         ``parts`` parts when interleaved.
         A shifted stage (Shift Parallelism) runs the step in SP mode when its ``step_tokens``
         (decode tokens + prompt chunk tokens) are above its threshold (``shift_mode``, the rule
@@ -615,6 +627,10 @@ class Engine:
                     p = prompt[c[0]]
                     t += kind.prefill_parts(p, parts) * c[2] / p
                 floor = kind.prefill_parts(n_tok, parts) if chunks else 0.0
+            if chunks:   # the floor's chunks attend to their prompts' earlier positions too
+                for c in chunks:
+                    if c[1]:
+                        floor += kind.chunk_context(c[1], c[2])
             per_layer.append(t if t > floor else floor)
         return per_layer
 
