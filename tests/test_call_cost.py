@@ -72,3 +72,39 @@ def test_the_plan_prediction_charges_it_once_per_stage():
         # each stage's capacity pays its call per output token: 1/B of a decode step's, 1/O of a prompt's
         for cap0, cap1 in zip(without.stage_capacity, with_call.stage_capacity):
             assert 1 / cap1 - 1 / cap0 == pytest.approx(3e-3 / W.batch_size + 3e-3 / W.output_tokens)
+
+
+def test_on_a_shared_host_a_tp_stages_ranks_do_not_compute_together_during_its_call():
+    # A TP stage's compute share (what its ranks compute together, for Host.slowdown) leaves
+    # out its all-reduces and now its call too, which rank 0 takes alone.
+    from hexplan.costmodel import CostParams, allreduce_time
+    from hexplan.serving.step import Step
+    from hexplan.simulator.engine import Engine, EngineStats
+
+    def engine(call):
+        extra = f"        call_ms: {call}\n" if call else ""
+        c = loads_cluster("name: cpu\nhosts:\n  box: {cores: 2, contention: 0.0}\ngpu_types:\n  A100-80G:\n"
+                          "    profiles:\n      llama-2-13b:\n" + TABLES + "        allreduce_ms: {1: 0.2, 512: 1.0}\n"
+                          "        allreduce_tp: 2\n" + extra
+                          + "nodes:\n  - {name: a, gpu: A100-80G, count: 2, host: box}\n"
+                          "  - {name: b, gpu: A100-80G, count: 1, host: box}\n")
+        stages = (Stage("a", (0, 1), 2, (0, 20), "A100-80G"), Stage("b", (0,), 1, (20, 40), "A100-80G"))
+        p = Plan(hexplan.load_model("llama-2-13b"), (Pipeline(stages, 1.0),), assumptions={"workload": W.to_dict()})
+        eng = Engine(p, c, W, CostParams())
+        eng.stats = EngineStats(window=(0.0, 1.0))
+        eng.prompt = [512] * 8
+        return eng
+
+    step = Step(0, 0, decode=(0, 1, 2, 3), decode_context=4 * 600, logits=4)
+    shares = []
+    for call in (None, "{1: 3.0, 64: 3.0}"):
+        eng = engine(call)
+        pipe = eng.pipes[0]
+        _, unit = eng._service(pipe, step, 1)
+        d = unit[0]                                   # the TP stage's service time of the step
+        comm = 20 * 2 * allreduce_time(eng.model, pipe.kinds[0].gpu, 2, 4, pipe.kinds[0].ic, eng.params)
+        want = 1.0 - (comm + (3e-3 if call else 0.0)) / d
+        assert eng._share(pipe, 0, d, step) == pytest.approx(want)
+        assert eng._share(pipe, 1, unit[2], step) == 1.0          # a TP-1 stage: its one worker takes the call
+        shares.append(want)
+    assert shares[1] < shares[0]

@@ -373,7 +373,8 @@ class Engine:
     def _share(self, pipe: _Pipe, stage: int, d: float, step) -> float:
         """The compute share of ``step`` on a pipeline's stage on a shared host, which takes it
         ``d`` (modelled, per part): 1, less a TP stage's all-reduces (2 per layer,
-        ``allreduce_time``), for which its ranks wait on each other."""
+        ``allreduce_time``), for which its ranks wait on each other, and its call's own cost
+        (``call_time``, which ``_service`` has just cached), which rank 0 takes alone."""
         tp = self.host_info[pipe.stage_res[stage]][2]
         if tp == 1 or d <= 0.0:
             return 1.0
@@ -382,6 +383,8 @@ class Engine:
         parts = min(pipe.parts, len(step.decode) + len(step.prefill))   # as _start cuts it
         comm = pipe.stage_layers[stage] * 2 * allreduce_time(self.model, kind.gpu, tp, tokens / parts, kind.ic,
                                                              self.params)
+        if pipe.calls[stage] is not None:   # the call: rank 0 alone takes it, the other ranks wait
+            comm += pipe.call_cache.get((stage, len(step.decode) + len(step.prefill)), 0.0) / parts
         return max(0.0, 1.0 - comm / d)
 
     def new_scheduler(self) -> Scheduler:
