@@ -128,7 +128,8 @@ def test_served_times_decode_through_a_node_and_stops_it(ckpt):
     for line, n in zip(prompts, (8, 128)):
         step = float(line.split("(step ")[1].split(" ms")[0])
         want_ms = max((step - t["lm_head_ms"][1] - t["call_ms"][1]) / 2, 1e-6)
-        assert t["prefill_ms"][n] == pytest.approx(want_ms, rel=0.01, abs=2e-3), (line, t)
+        # (the progress line rounds the step to 0.01 ms: up to 0.0025 ms a layer here)
+        assert t["prefill_ms"][n] == pytest.approx(want_ms, rel=0.01, abs=3e-3), (line, t)
     # the node it started is gone
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert not [a for a in ps.splitlines() if "hexplan.cli node" in a and "--name profile" in a], ps
