@@ -261,7 +261,7 @@ class Engine:
             for s in pl.stages:
                 node = cluster.node(s.node)
                 prof = node.gpu.profile_for(self.model.name)
-                pp.calls.append(node.gpu if prof is not None and prof.call_ms is not None else None)
+                pp.calls.append(node.gpu if prof is not None and prof.call_ms is not None else None)   # _call_s
                 key = (node.gpu, s.tp, node.interconnect, s.shift_sp)
                 if key not in kinds:
                     kinds[key] = _Kind(self.model, node.gpu, s.tp, node.interconnect, params, s.shift_sp)
@@ -374,7 +374,7 @@ class Engine:
         """The compute share of ``step`` on a pipeline's stage on a shared host, which takes it
         ``d`` (modelled, per part): 1, less a TP stage's all-reduces (2 per layer,
         ``allreduce_time``), for which its ranks wait on each other, and its call's own cost
-        (``call_time``, which ``_service`` has just cached), which rank 0 takes alone."""
+        (``_call_s``), which rank 0 takes alone."""
         tp = self.host_info[pipe.stage_res[stage]][2]
         if tp == 1 or d <= 0.0:
             return 1.0
@@ -383,9 +383,19 @@ class Engine:
         parts = min(pipe.parts, len(step.decode) + len(step.prefill))   # as _start cuts it
         comm = pipe.stage_layers[stage] * 2 * allreduce_time(self.model, kind.gpu, tp, tokens / parts, kind.ic,
                                                              self.params)
-        if pipe.calls[stage] is not None:   # the call: rank 0 alone takes it, the other ranks wait
-            comm += pipe.call_cache.get((stage, len(step.decode) + len(step.prefill)), 0.0) / parts
+        comm += self._call_s(pipe, stage, len(step.decode) + len(step.prefill)) / parts   # rank 0 alone
         return max(0.0, 1.0 - comm / d)
+
+    def _call_s(self, pipe: _Pipe, stage: int, seqs: int) -> float:
+        """A call's own cost on a pipeline's stage for a step of ``seqs`` sequences (the
+        profile's ``call_ms``, ``call_time``; 0 without one), memoised per pipeline."""
+        gpu = pipe.calls[stage]
+        if gpu is None:
+            return 0.0
+        c = pipe.call_cache.get((stage, seqs))
+        if c is None:
+            c = pipe.call_cache[(stage, seqs)] = call_time(self.model, gpu, seqs)
+        return c
 
     def new_scheduler(self) -> Scheduler:
         """A fresh scheduler for a run, configured as the gateway configures its own."""
@@ -565,13 +575,7 @@ class Engine:
         unit = []
         seqs = n_dec + len(chunks)
         for i, layers in enumerate(pipe.stage_layers):
-            t = layers * per_layer[pipe.stage_kind[i]]
-            gpu = pipe.calls[i]
-            if gpu is not None:   # the call's own cost (profile call_ms), once per stage
-                c = pipe.call_cache.get((i, seqs))
-                if c is None:
-                    c = pipe.call_cache[(i, seqs)] = call_time(self.model, gpu, seqs)
-                t += c
+            t = layers * per_layer[pipe.stage_kind[i]] + self._call_s(pipe, i, seqs)   # once per stage
             if swap_tok:
                 t += swap_tok * pipe.swap_s[i]
             if i == last:

@@ -48,8 +48,9 @@ STEP_TIMEOUT_S = 300.0
 
 def served_profile(spec: ProfileSpec, head_ms: dict[int, float], progress=None) -> tuple[Point, ...]:
     """Decode, prefill and call points measured through a served worker (module docstring).
-    ``head_ms``: the LM head's step ms per rows, at least at 1 and every decode batch of
-    ``spec``; ``progress(point, done, total)`` after each."""
+    ``head_ms``: the LM head's step ms per rows, at least at every decode batch of ``spec`` (a
+    prompt's one row: the table at 1, interpolated if 1 is not a decode batch);
+    ``progress(point, done, total)`` after each."""
     from hexplan.gpus import ProfileTable
     from hexplan.models import model_from_hf_config, read_hf_config
 
