@@ -382,7 +382,8 @@ def chunk_context_time(model: ModelSpec, gpu: GpuType, tp: int, start: int, toke
     (``prefill_layer_time``, which the chunk floor charges). With a measured ``prefill_ms``
     table: the attention's P^2 term of the table, 2 q x start x tokens (q from a least-squares
     quadratic through its points; a CPU profile: q = 9e-5 ms, so a 32-token chunk at 96 costs
-    0.55 ms a layer more than a 32-token prompt, measured about 0.7); else the attention FLOPs,
+    0.55 ms a layer more than a 32-token prompt, bench/served_step_bench.py measured 0.3-0.8);
+    else the attention FLOPs,
     4 x tokens x start x d_h x heads / tp, at the roofline's FLOP rate."""
     if start <= 0 or tokens <= 0:
         return 0.0
