@@ -488,6 +488,17 @@ def read_step_logs(logdir: str) -> dict:
     return {k: sorted(v) for k, v in sorted(out.items())}
 
 
+def cell_step_logs(logs: dict, t0: float, steps: list) -> dict:
+    """The stage workers' compute log rows inside one load's steps, on the steps' clock (seconds
+    from the load's start): {stage id: [[start, end, tokens]]}, kept in ``--json`` so that the
+    steps can be split again later (``step_breakdown(steps, 0.0, ...)``)."""
+    if not steps:
+        return {}
+    end = t0 + max(s[0] + s[1] for s in steps) + 1.0
+    return {k: [[round(a - t0, 6), round(b - t0, 6), n] for a, b, n in v if t0 - 1.0 <= a <= end]
+            for k, v in logs.items()}
+
+
 def stage_model_s(plan, cluster, batch: int, context: float, params=None) -> list:
     """The profile's time of a decode step of ``batch`` sequences at ``context`` on each stage
     of the plan's pipeline, alone (no host slowdown, no links): its layers (all-reduces
@@ -714,7 +725,9 @@ def run_plan_measured(name: str, ckpt: str, stages, plan, loads: dict, probes: b
             cell["cores_busy"] = cores
             cell["per_request"] = [{k: v for k, v in r.items() if k != "gaps"} for r in recs]
             cell["steps"] = steps
-            cell["breakdown"] = step_breakdown(steps, t0_ref[0], read_step_logs(logdir), stage_model)
+            logs = read_step_logs(logdir)
+            cell["breakdown"] = step_breakdown(steps, t0_ref[0], logs, stage_model)
+            cell["step_logs"] = cell_step_logs(logs, t0_ref[0], steps)
             out["cells"][load] = cell
             log(f"  {name} {load}: {cell['tokens_per_s']:.1f} tokens/s, TTFT P50 {cell['ttft_p50_s']:.2f} s, "
                 f"TPOT P50 {cell['tpot_p50_s'] * 1e3:.0f} ms, makespan {cell['makespan_s']:.1f} s; cores busy "
@@ -1027,8 +1040,9 @@ def run_plan(pname, label, stages, ckpt, model_name, profiles, sat, n_poisson, a
                           lambda n, ctx: stage_model_s(plan, cluster, n, ctx))
     pr["measured_run"] = {k: v for k, v in m.items() if k != "cells"}
     for load, c in m["cells"].items():
-        pr["cells"][load]["meas"] = {k: v for k, v in c.items() if k not in ("per_request", "steps")}
-        pr["cells"][load]["meas_detail"] = {"per_request": c["per_request"], "steps": c["steps"]}
+        pr["cells"][load]["meas"] = {k: v for k, v in c.items() if k not in ("per_request", "steps", "step_logs")}
+        pr["cells"][load]["meas_detail"] = {"per_request": c["per_request"], "steps": c["steps"],
+                                            "step_logs": c["step_logs"]}
     if calibrating:
         try:
             cal, cplan, ccluster = calibrate_terms(pr, ckpt)

@@ -73,7 +73,8 @@ def open_step_log(stage_id: str):
     """``HEXPLAN_STEP_LOG=PREFIX`` (off by default): the stage worker appends a line per forward
     to ``PREFIX.<stage id>.<pid>``: when its compute started and ended (seconds of
     CLOCK_MONOTONIC, the clock of ``time.monotonic`` and, on Linux, ``time.perf_counter``), its
-    tokens and its chunks. Beside the gateway's own step times it shows where a served step's
+    tokens, its chunks, and when its Forward call arrived (before the request was decoded and
+    queued for the compute thread). Beside the gateway's own step times it shows where a served step's
     time goes: each stage's compute, the queue in front of it, the hops
     (bench/fidelity_bench.py's ``step_breakdown``). A file the operator names, not a caller:
     nothing from the network reaches it."""
@@ -159,10 +160,12 @@ class StageWorker(pbg.StageServicer):
             broadcast_message(self.ctx, header, tensors)
         out = _apply(self.model, header, tensors, on_part, hidden_out)
         if self.step_log is not None and header["op"] == "forward":
-            self.step_log.write(f"{t0:.6f} {time.monotonic():.6f} {tensors[0].shape[0]} {len(header['chunks'])}\n")
+            self.step_log.write(f"{t0:.6f} {time.monotonic():.6f} {tensors[0].shape[0]} {len(header['chunks'])} "
+                                f"{header.get('arrived', t0):.6f}\n")
         return out
 
     def Forward(self, request, context):
+        arrived = time.monotonic()
         stage = f"stage {self.spec['stage_id']}"
         try:
             chunks = [{"request_id": c.request_id, "start": int(c.start), "length": int(c.length),
@@ -182,6 +185,8 @@ class StageWorker(pbg.StageServicer):
         n = request.micro_batches if (self.downstream or self.ctx.size > 1) else 1
         parts = split_parts([c["length"] for c in chunks], n)
         header = {"op": "forward", "chunks": chunks, "parts": parts, "pieces": max(1, request.matmul_pieces)}
+        if self.step_log is not None:
+            header["arrived"] = arrived
         if len(parts) > 1:
             self.interleaved_steps += 1
         if not self.downstream:      # request.downstream is ignored: the stage's is fixed at load
