@@ -434,16 +434,19 @@ def simulate_trace(plan, cluster, reqs: list) -> dict:
 
 def instrument(gateway, t0_ref: list) -> list:
     """Record every gateway step as (start s, seconds, decode sequences, decode context sum,
-    prefill chunk tokens, logits rows), wrapping the step runner's ``run(step)``."""
+    prefill chunk tokens, logits rows, [[chunk start, tokens, prompt tokens, last]]), wrapping
+    the step runner's ``run(step)``."""
     runner = gateway.runner
     orig = runner.run
     steps: list = []
 
     def timed(step, *args, **kwargs):          # (step[, epoch]: whatever the runner passes)
+        prompt = gateway.scheduler.prompt
+        chunks = [[c[1], c[2], prompt[c[0]], bool(c[3])] for c in step.prefill]
         t = time.perf_counter()
         ok = orig(step, *args, **kwargs)
         steps.append((t - t0_ref[0], time.perf_counter() - t, len(step.decode), step.decode_context,
-                      [c[2] for c in step.prefill], step.logits))
+                      [c[2] for c in step.prefill], step.logits, chunks))
         return ok
     runner.run = timed
     return steps
@@ -478,24 +481,28 @@ def overlap_probe(addrs: list, prompt: int, vocab: int, seed: int, token: str, l
 
 
 def read_step_logs(logdir: str) -> dict:
-    """The stage workers' compute log (HEXPLAN_STEP_LOG): {stage id: [(start, end, tokens)]},
-    rank 0 of each stage, in time order."""
+    """The stage workers' compute log (HEXPLAN_STEP_LOG): {stage id: [(start, end, tokens,
+    arrived)]} (arrived: when the Forward call came in), rank 0 of each stage, in time order."""
     out: dict = {}
     for f in sorted(Path(logdir).glob("s.*")):
         sid = f.name.split(".")[1]
-        rows = [tuple(float(x) for x in line.split()[:3]) for line in f.read_text().splitlines() if line.strip()]
+        rows = []
+        for line in f.read_text().splitlines():
+            v = [float(x) for x in line.split()]
+            if v:
+                rows.append((v[0], v[1], v[2], v[4] if len(v) > 4 else v[0]))
         out.setdefault(sid, []).extend(rows)
     return {k: sorted(v) for k, v in sorted(out.items())}
 
 
 def cell_step_logs(logs: dict, t0: float, steps: list) -> dict:
     """The stage workers' compute log rows inside one load's steps, on the steps' clock (seconds
-    from the load's start): {stage id: [[start, end, tokens]]}, kept in ``--json`` so that the
-    steps can be split again later (``step_breakdown(steps, 0.0, ...)``)."""
+    from the load's start): {stage id: [[start, end, tokens, arrived]]}, kept in ``--json`` so
+    that the steps can be split again later (``step_breakdown(steps, 0.0, ...)``)."""
     if not steps:
         return {}
     end = t0 + max(s[0] + s[1] for s in steps) + 1.0
-    return {k: [[round(a - t0, 6), round(b - t0, 6), n] for a, b, n in v if t0 - 1.0 <= a <= end]
+    return {k: [[round(a - t0, 6), round(b - t0, 6), n, round(r - t0, 6)] for a, b, n, r in v if t0 - 1.0 <= a <= end]
             for k, v in logs.items()}
 
 
@@ -516,21 +523,23 @@ def stage_model_s(plan, cluster, batch: int, context: float, params=None) -> lis
     return out
 
 
-def step_breakdown(steps: list, t0: float, logs: dict, model=None) -> dict:
-    """Where the gateway's steps' time went: each step matched to its compute on every stage (the
-    first forward of its tokens inside the step), and split into each stage's compute, the wait
-    for a stage busy with another loop's step, and the rest (hops: gRPC, serialisation, waking
-    threads; the gateway's own work). Means over the steps matched, ms; ``overlap``: the share
-    of each stage's compute during which another stage of the plan computed too. ``model(n,
-    mean context)``: each stage's modelled decode step alone (``stage_model_s``); for the decode
-    steps, ``served_vs_model_STAGE`` is their summed compute over the summed model."""
+def step_rows(steps: list, t0: float, logs: dict, step_model=None) -> list:
+    """Each gateway step (``instrument``'s rows) matched to its compute on every stage of the
+    first pipeline (the first forward of its tokens inside the step, HEXPLAN_STEP_LOG), split in
+    time order into, per stage: ``to`` (from the step's start, or the last stage's compute end,
+    to the Forward call's arrival: the gateway's or the stage's sending, gRPC, the hop), ``queued``
+    (after arrival, the time that stage computed another loop's step), ``inside`` (the rest
+    between arrival and compute: decoding the request, waking the compute thread), ``compute``
+    and ``overlap`` (the share of the compute during which another stage computed too); then
+    ``back`` (from the last compute's end to the step's end: the logits' way back, sampling).
+    Steps not found on every stage are left out. Times in seconds; each row also has ``t``,
+    ``step``, ``decode`` (sequences), ``context`` (their summed context) and ``chunks`` (prompt
+    chunk tokens); with ``step_model`` (``StepModel``), each stage's ``model`` (its modelled
+    compute, seconds) where the step has the detail for it."""
     import bisect
 
     sids = [k for k in logs if k.startswith("p0s")]
     starts = {k: [r[0] for r in logs[k]] for k in sids}
-    acc = {"step": [], "hops": [], **{f"compute_{k}": [] for k in sids}, **{f"queued_{k}": [] for k in sids},
-           **{f"overlap_{k}": [] for k in sids}}
-    dec = {k: [0.0, 0.0] for k in sids}     # decode steps: served compute, model
 
     def busy_in(k, a, b, skip):
         v, i, tot = logs[k], max(0, bisect.bisect_left(starts[k], a) - 1), 0.0
@@ -540,6 +549,7 @@ def step_breakdown(steps: list, t0: float, logs: dict, model=None) -> dict:
             i += 1
         return tot
 
+    rows = []
     for s in steps:
         a, b = t0 + s[0], t0 + s[0] + s[1]
         tokens = s[2] + sum(s[4])
@@ -552,25 +562,132 @@ def step_breakdown(steps: list, t0: float, logs: dict, model=None) -> dict:
                 found.append((k, v[i]))
         if len(found) != len(sids):
             continue
-        prev, rest = a, s[1]
-        if model is not None and not s[4] and s[2]:
-            for (k, (c0, c1, _)), m in zip(found, model(s[2], s[3] / s[2])):
-                dec[k][0] += c1 - c0
-                dec[k][1] += m
-        for k, (c0, c1, _) in found:
-            q = busy_in(k, prev, c0, c0)
-            acc[f"compute_{k}"].append(c1 - c0)
-            acc[f"queued_{k}"].append(q)
-            acc[f"overlap_{k}"].append(sum(busy_in(o, c0, c1, -1.0) for o in sids if o != k) / max(1e-9, c1 - c0))
-            rest -= (c1 - c0) + q
+        prev = a
+        stages = {}
+        for k, row in found:
+            c0, c1 = row[0], row[1]
+            arrived = min(c0, max(prev, row[3])) if len(row) > 3 else prev   # (older logs: no arrival)
+            q = busy_in(k, arrived, c0, c0)
+            stages[k] = {"to": arrived - prev, "queued": q, "inside": max(0.0, c0 - arrived - q), "compute": c1 - c0,
+                         "overlap": sum(busy_in(o, c0, c1, -1.0) for o in sids if o != k) / max(1e-9, c1 - c0)}
             prev = c1
-        acc["step"].append(s[1])
+        model = step_model(s) if step_model is not None else None
+        if model is not None:
+            for k, (m, _) in zip(sids, model):
+                stages[k]["model"] = m
+        rows.append({"t": s[0], "step": s[1], "decode": s[2], "context": s[3], "chunks": list(s[4]),
+                     "stages": stages, "back": b - prev})
+    return rows
+
+
+class StepModel:
+    """The simulator's time for a measured step (an ``instrument`` row) on each stage of the
+    plan's first pipeline, alone (``Engine.step_service``; no queue, no shared host): [(the
+    stage's time less its call's own cost, which the workers' step log leaves out (it lies in
+    the hops), the call)], seconds; None for a row without its chunks' detail (older runs)."""
+
+    def __init__(self, plan, cluster):
+        from hexplan.simulator.engine import Engine
+        asm = plan_assumptions(plan)
+        self.engine = Engine(plan, cluster, asm.workload, asm.params)
+
+    def __call__(self, row) -> list | None:
+        from hexplan.serving.step import Step
+        detail = row[6] if len(row) > 6 else []
+        if len(detail) != len(row[4]):
+            return None
+        n = row[2]
+        chunks = tuple((n + j, c[0], c[1], c[3]) for j, c in enumerate(detail))
+        prompts = [0] * n + [c[2] for c in detail]
+        step = Step(0, 0, decode=tuple(range(n)), prefill=chunks, decode_context=row[3], logits=row[5])
+        return [(t - call, call) for t, call in self.engine.step_service(step, prompts)]
+
+
+def step_kind(decode: int, chunks: list) -> str:
+    """A step's kind for grouping: "D<n>" (n sequences decoding, 6 and more as "D6+") or, with
+    a prompt chunk, "P<n>" (n sequences decoding beside it)."""
+    n = f"{decode}" if decode < 6 else "6+"
+    return ("P" if chunks else "D") + n
+
+
+def step_kinds_table(rows: list) -> str:
+    """``step_rows`` by kind of step (``step_kind``): how many, the median step, and the means
+    of each part of it (ms): per stage the hop to it, the wait for the other loop, the rest
+    before its compute, its compute; the way back."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(step_kind(r["decode"], r["chunks"]), []).append(r)
+    if not groups:
+        return ""
+    sids = list(rows[0]["stages"])
+    head = " | ".join(f"{k}: to / queued / inside / compute" for k in sids)
+    lines = [f"| kind | steps | step ms (median) | {head} | back ms | per stage: compute / model |",
+             "|---|---|---|" + "---|" * len(sids) + "---|---|"]
+
+    def order(k):
+        return (k[0] == "P", int(k[1:].rstrip("+")))
+    for kind in sorted(groups, key=order):
+        g = groups[kind]
+        parts = []
+        for k in sids:
+            parts.append(" / ".join(f"{statistics.mean(r['stages'][k][part] for r in g) * 1e3:.1f}"
+                                    for part in ("to", "queued", "inside", "compute")))
+        lines.append(f"| {kind} | {len(g)} | {statistics.median(r['step'] for r in g) * 1e3:.1f} | "
+                     + " | ".join(parts) + f" | {statistics.mean(r['back'] for r in g) * 1e3:.1f} | "
+                     + " / ".join(_ratio_text(_model_ratio(g, k)) for k in sids) + " |")
+    return "\n".join(lines)
+
+
+def _model_ratio(rows: list, stage: str) -> float | None:
+    """Summed compute over summed model of ``rows`` on ``stage``; None without a model."""
+    m = [(r["stages"][stage]["compute"], r["stages"][stage]["model"]) for r in rows if "model" in r["stages"][stage]]
+    total = sum(x[1] for x in m)
+    return sum(x[0] for x in m) / total if m and total > 0 else None
+
+
+def _ratio_text(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def step_breakdown(steps: list, t0: float, logs: dict, model=None, step_model=None) -> dict:
+    """Where the gateway's steps' time went (``step_rows``): means over the steps matched, ms,
+    of each stage's compute, its wait for a stage busy with another loop's step, and the rest
+    (hops: gRPC, serialisation, waking threads; the gateway's own work); ``overlap``: the share
+    of each stage's compute during which another stage of the plan computed too. ``model(n,
+    mean context)``: each stage's modelled decode step alone (``stage_model_s``); for the decode
+    steps, ``served_vs_model_STAGE`` is their summed compute over the summed model. With
+    ``step_model`` (``StepModel``): ``vs_model_decode_STAGE`` and ``vs_model_prompt_STAGE``, the
+    same over the model of each step as the simulator books it, for the steps without and with
+    a prompt chunk."""
+    sids = [k for k in logs if k.startswith("p0s")]
+    acc = {"step": [], "hops": [], **{f"compute_{k}": [] for k in sids}, **{f"queued_{k}": [] for k in sids},
+           **{f"overlap_{k}": [] for k in sids}}
+    dec = {k: [0.0, 0.0] for k in sids}     # decode steps: served compute, model
+    rows = step_rows(steps, t0, logs, step_model)
+    for r in rows:
+        st = r["stages"]
+        if model is not None and not r["chunks"] and r["decode"]:
+            for k, m in zip(sids, model(r["decode"], r["context"] / r["decode"])):
+                dec[k][0] += st[k]["compute"]
+                dec[k][1] += m
+        rest = r["step"]
+        for k in sids:
+            acc[f"compute_{k}"].append(st[k]["compute"])
+            acc[f"queued_{k}"].append(st[k]["queued"])
+            acc[f"overlap_{k}"].append(st[k]["overlap"])
+            rest -= st[k]["compute"] + st[k]["queued"]
+        acc["step"].append(r["step"])
         acc["hops"].append(rest)
-    n = len(acc["step"])
+    n = len(rows)
     out = {"steps": len(steps), "matched": n}
     if n:
         out.update({k: statistics.mean(v) * (1.0 if k.startswith("overlap") else 1e3) for k, v in acc.items()})
         out.update({f"served_vs_model_{k}": v[0] / v[1] for k, v in dec.items() if v[1] > 0})
+        for name, g in (("decode", [r for r in rows if not r["chunks"]]), ("prompt", [r for r in rows if r["chunks"]])):
+            for k in sids:
+                ratio = _model_ratio(g, k)
+                if ratio is not None:
+                    out[f"vs_model_{name}_{k}"] = ratio
     return out
 
 
@@ -669,7 +786,7 @@ def model_step_s(plan, cluster, batch: int, context: float, params=None) -> floa
 
 
 def run_plan_measured(name: str, ckpt: str, stages, plan, loads: dict, probes: bool, vocab: int,
-                      seed: int, probe_prompt: int = 128, stage_model=None) -> dict:
+                      seed: int, probe_prompt: int = 128, stage_model=None, step_model=None) -> dict:
     """One Launch of the plan; every load's trace served in turn; the probe steps first."""
     from hexplan.executor.client import generate
     from hexplan.executor.launch import Launch
@@ -726,7 +843,7 @@ def run_plan_measured(name: str, ckpt: str, stages, plan, loads: dict, probes: b
             cell["per_request"] = [{k: v for k, v in r.items() if k != "gaps"} for r in recs]
             cell["steps"] = steps
             logs = read_step_logs(logdir)
-            cell["breakdown"] = step_breakdown(steps, t0_ref[0], logs, stage_model)
+            cell["breakdown"] = step_breakdown(steps, t0_ref[0], logs, stage_model, step_model)
             cell["step_logs"] = cell_step_logs(logs, t0_ref[0], steps)
             out["cells"][load] = cell
             log(f"  {name} {load}: {cell['tokens_per_s']:.1f} tokens/s, TTFT P50 {cell['ttft_p50_s']:.2f} s, "
@@ -1037,7 +1154,7 @@ def run_plan(pname, label, stages, ckpt, model_name, profiles, sat, n_poisson, a
         return pr
     probe_prompt = probe_prompt_for(workload)
     m = run_plan_measured(pname, ckpt, stages, plan, loads, calibrating, vocab, args.seed, probe_prompt,
-                          lambda n, ctx: stage_model_s(plan, cluster, n, ctx))
+                          lambda n, ctx: stage_model_s(plan, cluster, n, ctx), StepModel(plan, cluster))
     pr["measured_run"] = {k: v for k, v in m.items() if k != "cells"}
     for load, c in m["cells"].items():
         pr["cells"][load]["meas"] = {k: v for k, v in c.items() if k not in ("per_request", "steps", "step_logs")}
@@ -1083,6 +1200,11 @@ def resimulate(results: dict, ckpt: str) -> None:
                 continue
             trace = saved_trace(c)
             c["sim"] = simulate_trace(plan, cluster, trace)
+            md = c["meas_detail"]
+            if md.get("step_logs"):   # the measured steps split again, beside this checkout's model
+                c["meas"]["breakdown"] = step_breakdown(
+                    md["steps"], 0.0, {k: [tuple(r) for r in v] for k, v in md["step_logs"].items()},
+                    lambda n, ctx: stage_model_s(plan, cluster, n, ctx), StepModel(plan, cluster))
             if cal is not None:
                 c["sim+cal"] = simulate_trace(cplan, ccluster, trace)
         log(f"[{pname}] simulated again")
@@ -1110,12 +1232,15 @@ def breakdown_table(results: dict) -> str:
             if not lines:
                 lines = ["| plan | load | steps matched | step ms | per stage: compute ms (share overlapped) | "
                          "per stage: waiting for the other loop ms | hops and the rest ms | per stage: decode compute "
-                         "served / profile |", "|---|---|---|---|---|---|---|---|"]
+                         "served / profile | per stage: compute / simulated, steps without a prompt chunk; with one |",
+                         "|---|---|---|---|---|---|---|---|---|"]
             lines.append(f"| {p} | {load} | {b['matched']} / {b['steps']} | {b['step']:.1f} | "
                          + " / ".join(f"{b['compute_' + k]:.1f} ({b['overlap_' + k]:.2f})" for k in sids) + " | "
                          + " / ".join(f"{b['queued_' + k]:.1f}" for k in sids) + f" | {b['hops']:.1f} | "
                          + " / ".join(f"{b['served_vs_model_' + k]:.2f}" if "served_vs_model_" + k in b else "-"
-                                      for k in sids) + " |")
+                                      for k in sids) + " | "
+                         + "; ".join(" / ".join(_ratio_text(b.get(f"vs_model_{w}_{k}")) for k in sids)
+                                     for w in ("decode", "prompt")) + " |")
     return "\n".join(lines)
 
 

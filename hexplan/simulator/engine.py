@@ -512,6 +512,21 @@ class Engine:
         st.demotions, st.promotions = sched.demotions, sched.promotions
         return st
 
+    def step_service(self, step, prompts, pipeline: int = 0) -> list:
+        """Each stage's modelled time for ``step`` on its own, as ``_service`` books it (no queue,
+        no shared host, links left out): [(stage time s, of which the call's own cost s)], for
+        tools that set a measured step beside the model (bench/fidelity_bench.py). ``prompts``:
+        the prompt length of each sequence id that the step's prefill chunks name."""
+        pipe = self.pipes[pipeline]
+        saved = (getattr(self, "prompt", None), getattr(self, "stats", None))
+        self.prompt, self.stats = prompts, EngineStats(window=(0.0, 0.0))
+        try:
+            parts = min(pipe.parts, step.size)
+            _, unit = self._service(pipe, step, parts)
+        finally:
+            self.prompt, self.stats = saved
+        return [(unit[2 * i] * parts, self._call_s(pipe, i, step.size)) for i in range(len(pipe.stage_layers))]
+
     def _push(self, t, code, a, b):
         self.seq += 1
         heapq.heappush(self.heap, (t, self.seq, code, a, b))
@@ -562,7 +577,8 @@ class Engine:
         weights read p times, TP all-reduces hidden under compute) and of its bytes."""
         n_dec = len(step.decode)
         chunks = step.prefill
-        nlog = step.logits
+        nlog = n_dec + len(chunks)   # the last stage's LM head runs on every chunk's last token (the
+        # executor's _finish_part), also a prompt's chunks before its last, whose logits go unused
         swap_tok = step.restored_tokens
         tokens_in = n_dec
         for c in chunks:
