@@ -108,3 +108,25 @@ def test_on_a_shared_host_a_tp_stages_ranks_do_not_compute_together_during_its_c
         assert eng._share(pipe, 1, unit[2], step) == 1.0          # a TP-1 stage: its one worker takes the call
         shares.append(want)
     assert shares[1] < shares[0]
+
+
+def test_the_last_stage_runs_the_lm_head_on_every_chunk_even_one_whose_logits_go_unused():
+    # The executor's last stage computes logits for each chunk's last token (model.py
+    # _finish_part), a prompt's chunk before its last one included: a step of one decode and
+    # such a chunk pays the head for two rows, though it yields one token (Step.logits == 1).
+    from hexplan.costmodel import DEFAULT_PARAMS, lm_head_time
+    from hexplan.serving.step import Step
+    from hexplan.simulator.engine import Engine
+
+    c, p = cluster("{1: 2.0, 16: 6.0}"), plan(split=True)
+    engine = Engine(p, c, W, DEFAULT_PARAMS)
+    gpu = c.node("b").gpu
+    step = Step(0, 0, decode=(0,), prefill=((1, 0, 256, False),), decode_context=600, logits=1)
+    (first, call0), (last, call1) = engine.step_service(step, [0, 512])
+    assert call0 == pytest.approx(call_time(p.model, gpu, 2)) and call1 == pytest.approx(call0)
+    head = lm_head_time(p.model, gpu, 1, 2, DEFAULT_PARAMS)
+    assert head != pytest.approx(lm_head_time(p.model, gpu, 1, 1, DEFAULT_PARAMS))
+    assert last - first == pytest.approx(head)          # both stages have 20 layers of the same GPU
+    whole = Step(0, 0, decode=(0,), prefill=((1, 0, 512, True),), decode_context=600, logits=2)
+    (f2, _), (l2, _) = engine.step_service(whole, [0, 512])
+    assert l2 - f2 == pytest.approx(head)

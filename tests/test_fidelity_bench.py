@@ -106,3 +106,27 @@ def test_two_profiles_merge_point_by_point_and_keep_a_steps_call_with_its_layers
     # batch 2: 6 x 2.5 + 2.0 = 17 beats 6 x 3.0 + 9.0 = 27
     assert fb.PROFILE_LAYERS == 6
     assert got["decode_ms"] == {1: 2.0, 2: 2.5} and got["call_ms"] == {1: 1.0, 2: 2.0}
+
+
+def test_step_rows_split_a_step_into_hops_queues_and_compute_that_add_up():
+    # One step of 100 ms (3 decodes, so 3 tokens) on two stages, and a step of another loop
+    # (5 tokens) that holds stage 1 when this one's call arrives there. Log rows: (compute
+    # start, end, tokens, when the Forward arrived).
+    steps = [(0.0, 0.100, 3, 600, [], 3, [])]
+    logs = {"p0s0": [(1.005, 1.040, 3, 1.002)],
+            "p0s1": [(1.030, 1.044, 5, 1.029), (1.045, 1.090, 3, 1.042)]}
+    (row,) = fb.step_rows(steps, 1.0, logs)
+    s0, s1 = row["stages"]["p0s0"], row["stages"]["p0s1"]
+    assert (s0["to"], s0["queued"], s0["inside"], s0["compute"]) == pytest.approx((0.002, 0.0, 0.003, 0.035))
+    assert (s1["to"], s1["queued"], s1["inside"], s1["compute"]) == pytest.approx((0.002, 0.002, 0.001, 0.045))
+    assert s0["overlap"] == pytest.approx(0.010 / 0.035)        # stage 1's other step, 1.030-1.040
+    assert row["back"] == pytest.approx(0.010)
+    parts = sum(s[k] for s in (s0, s1) for k in ("to", "queued", "inside", "compute")) + row["back"]
+    assert parts == pytest.approx(row["step"])
+    # the means keep their meaning: queued from arrival; the rest are the hops
+    b = fb.step_breakdown(steps, 1.0, logs)
+    assert b["matched"] == 1 and b["queued_p0s1"] == pytest.approx(2.0) and b["hops"] == pytest.approx(16.0)
+    # a step no stage logged is left out
+    assert fb.step_rows([(0.5, 0.01, 1, 100, [], 1, [])], 1.0, logs) == []
+    table = fb.step_kinds_table([row])
+    assert "| D3 | 1 | 100.0 | 2.0 / 0.0 / 3.0 / 35.0 | 2.0 / 2.0 / 1.0 / 45.0 | 10.0 | - / - |" in table
