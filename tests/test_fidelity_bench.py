@@ -91,21 +91,28 @@ def test_combine_takes_medians_and_judges_the_target_on_them(tmp_path, capsys):
     assert "target on the medians (sim within 15% of measured on tok/s, P50 TTFT, P50 TPOT): 1 of 1 cells" in out
 
 
-def test_two_profiles_merge_point_by_point_and_keep_a_steps_call_with_its_layers(monkeypatch):
-    # Interference only adds time, so each table takes the smaller of two runs' figures; but a
-    # served step's layers and call come from one measurement (split_call), so each batch takes
-    # both from the run whose whole step (layers x PROFILE_LAYERS + call) was faster.
-    runs = iter([{"m": {"decode_ms": {1: 2.0, 2: 3.0}, "prefill_ms": {16: 5.0}, "lm_head_ms": {1: 1.0, 2: 1.0},
-                        "call_ms": {1: 1.0, 2: 9.0}}},
-                 {"m": {"decode_ms": {1: 2.5, 2: 2.5}, "prefill_ms": {16: 4.0}, "lm_head_ms": {1: 2.0, 2: 0.5},
-                        "call_ms": {1: 0.5, 2: 2.0}}}])
+def test_profiles_merge_to_the_median_and_keep_a_steps_call_with_its_layers(monkeypatch):
+    # The host's speed drifts both ways between runs, so each table takes the median of the
+    # runs' figures (of two, their mean); but a served step's layers and call come from one
+    # measurement (split_call), so each batch takes both from the run whose whole step
+    # (layers x PROFILE_LAYERS + call) was the median, or the mean of the two middle runs.
+    three = [{"m": {"decode_ms": {1: 2.0, 2: 3.0}, "prefill_ms": {16: 5.0}, "lm_head_ms": {1: 1.0, 2: 1.0},
+                    "call_ms": {1: 1.0, 2: 9.0}}},
+             {"m": {"decode_ms": {1: 2.5, 2: 2.5}, "prefill_ms": {16: 4.0}, "lm_head_ms": {1: 2.0, 2: 0.5},
+                    "call_ms": {1: 0.5, 2: 2.0}}},
+             {"m": {"decode_ms": {1: 3.0, 2: 2.0}, "prefill_ms": {16: 6.0}, "lm_head_ms": {1: 3.0, 2: 0.7},
+                    "call_ms": {1: 0.2, 2: 1.0}}}]
+    runs = iter(three)
     monkeypatch.setattr(fb, "run_profile", lambda *a, **k: next(runs))
-    got = fb.get_profile("/ckpt/m", 1, 100, "/tmp", None, runs=2)
-    assert got["prefill_ms"] == {16: 4.0} and got["lm_head_ms"] == {1: 1.0, 2: 0.5}
-    # batch 1: 6 x 2.0 + 1.0 = 13 beats 6 x 2.5 + 0.5 = 15.5 (the run with the larger call);
-    # batch 2: 6 x 2.5 + 2.0 = 17 beats 6 x 3.0 + 9.0 = 27
+    got = fb.get_profile("/ckpt/m", 1, 100, "/tmp", None, runs=3)
+    assert got["prefill_ms"] == {16: 5.0} and got["lm_head_ms"] == {1: 2.0, 2: 0.7}
+    # batch 1: steps 13, 15.5, 18.2; batch 2: 27, 17, 13: the second run's both times
     assert fb.PROFILE_LAYERS == 6
-    assert got["decode_ms"] == {1: 2.0, 2: 2.5} and got["call_ms"] == {1: 1.0, 2: 2.0}
+    assert got["decode_ms"] == {1: 2.5, 2: 2.5} and got["call_ms"] == {1: 0.5, 2: 2.0}
+    runs = iter(three[:2])
+    got = fb.get_profile("/ckpt/m", 1, 100, "/tmp", None, runs=2)
+    assert got["prefill_ms"] == {16: 4.5}
+    assert got["decode_ms"] == {1: 2.25, 2: 2.75} and got["call_ms"] == {1: 0.75, 2: 5.5}
 
 
 def test_step_rows_split_a_step_into_hops_queues_and_compute_that_add_up():
@@ -125,7 +132,7 @@ def test_step_rows_split_a_step_into_hops_queues_and_compute_that_add_up():
     assert parts == pytest.approx(row["step"])
     # the means keep their meaning: queued from arrival; the rest are the hops
     b = fb.step_breakdown(steps, 1.0, logs)
-    assert b["matched"] == 1 and b["queued_p0s1"] == pytest.approx(2.0) and b["hops"] == pytest.approx(16.0)
+    assert b["matched"] == 1 and b["queued_p0s1"] == pytest.approx(2.0) and b["hops"] == pytest.approx(18.0)
     # a step no stage logged is left out
     assert fb.step_rows([(0.5, 0.01, 1, 100, [], 1, [])], 1.0, logs) == []
     table = fb.step_kinds_table([row])

@@ -177,8 +177,8 @@ def _served_steps(pb, pbg, node, ckpt: Path, model, layers: int, batches, spec: 
                   stage_id: str, measured=None, prompts=()) -> tuple[dict, dict]:
     """Load layers [0, ``layers``) as a first and last stage on the node, prefill the largest
     batch's sequences, time decode steps of every batch as Forward calls, then a prompt of each
-    of ``prompts`` tokens alone from position 0 (a fresh sequence each time, released after it),
-    unload. Returns ({batch: (median step s, mean context, slowest / fastest)}, {prompt tokens:
+    of ``prompts`` tokens alone from position 0 (a fresh sequence each time, released after it;
+    in rounds of every length), unload. Returns ({batch: (median step s, mean context, slowest / fastest)}, {prompt tokens:
     the same, context 0}); ``measured(kind, x, *that)`` after each point."""
     from .wire import channel, to_proto
 
@@ -216,14 +216,18 @@ def _served_steps(pb, pbg, node, ckpt: Path, model, layers: int, batches, spec: 
                 if measured is not None:
                     measured("decode", b, *out[b])
             stub.Release(pb.ReleaseRequest(request_ids=seqs), timeout=60)
-            pre = {}
-            for n in prompts:
-                times = []
-                for i in range(spec.warmup + spec.repeats):
+            # prompts in rounds, every length once a round: a shared host's speed drifts over
+            # seconds, and timing each length's repeats back to back gave one length the host's
+            # fast minute and the next its slow one (a 32-token prompt 5.6 to 7.0 ms a layer
+            # between runs, against 5-7% for its neighbours), a kink in the table
+            pre, times = {}, {n: [] for n in prompts}
+            for i in range(spec.warmup + spec.repeats):
+                for n in prompts:
                     rid = f"prompt-{n}-{i}"
-                    times.append(forward([(rid, 0, n)]))
+                    times[n].append(forward([(rid, 0, n)]))
                     stub.Release(pb.ReleaseRequest(request_ids=[rid]), timeout=60)
-                timed = times[spec.warmup:]
+            for n in prompts:
+                timed = times[n][spec.warmup:]
                 pre[n] = (statistics.median(timed), 0.0, max(timed) / max(min(timed), 1e-12))
                 if measured is not None:
                     measured("prefill", n, *pre[n])
