@@ -375,23 +375,47 @@ def _quadratic(table) -> float:
     return max(0.0, det(mq) / d)
 
 
-def chunk_context_time(model: ModelSpec, gpu: GpuType, tp: int, start: int, tokens: int,
-                       p: CostParams = DEFAULT_PARAMS) -> float:
-    """Seconds per layer a prompt chunk of ``tokens`` tokens starting at position ``start`` spends
-    attending to the ``start`` positions before it, beyond a prompt of ``tokens`` tokens from 0
-    (``prefill_layer_time``, which the chunk floor charges). With a measured ``prefill_ms``
-    table: the attention's P^2 term of the table, 2 q x start x tokens (q from a least-squares
-    quadratic through its points; a CPU profile: q = 9e-5 ms, so a 32-token chunk at 96 costs
-    0.55 ms a layer more than a 32-token prompt, bench/served_step_bench.py measured 0.3-0.8);
-    else the attention FLOPs,
-    4 x tokens x start x d_h x heads / tp, at the roofline's FLOP rate."""
-    if start <= 0 or tokens <= 0:
-        return 0.0
+def attention_pair_time(model: ModelSpec, gpu: GpuType, tp: int, p: CostParams = DEFAULT_PARAMS) -> float:
+    """Seconds per layer of one (query, key) pair of a prompt's attention on a TP group: with a
+    measured ``prefill_ms`` table, the P^2 coefficient q of a least-squares quadratic through its
+    points (a prompt of P tokens has P^2 / 2 causal pairs, so q is half a pair's time; a CPU
+    profile: q = 9e-5 ms, so a 32-token chunk at position 96, 2 x 96 x 32 pairs beyond a 32-token
+    prompt's, costs 0.55 ms a layer more, where bench/served_step_bench.py measured 0.3-0.8);
+    else the attention FLOPs of a pair, 2 x d_h x heads / tp x 2 (QK^T and PV), over half the
+    causal mask, at the roofline's FLOP rate. The unit in which the simulator's steps with prompt
+    chunks count attention (``_Kind.mixed``)."""
     prof = gpu.profile_for(model.name)
     if prof is not None and prof.prefill_ms is not None:
-        return 2 * _quadratic(prof.prefill_ms) * start * tokens / 1e3 / tp
-    flops = 4 * tokens * start * model.dim_head * (model.num_heads // tp)
-    return flops / (gpu.flops * p.flops_efficiency)
+        return _quadratic(prof.prefill_ms) / 1e3 / tp
+    return 2 * model.dim_head * (model.num_heads // tp) / (gpu.flops * p.flops_efficiency)
+
+
+def decode_attention_time(model: ModelSpec, gpu: GpuType, tp: int, context: float,
+                          p: CostParams = DEFAULT_PARAMS) -> float:
+    """Seconds per layer one decoding sequence adds to a step that also carries a prompt chunk,
+    beyond its row in the step's matrix products (which ``prefill_layer_time`` of all the step's
+    tokens charges): its attention over its ``context`` cached positions and its own per-sequence
+    work. With measured ``decode_ms`` and ``prefill_ms`` tables: how much faster the decode table
+    grows per sequence than the prefill table per token between the decode table's two largest
+    batches (both add a row to the products; a sequence also attends and is handled apart; the
+    prefill table's first span where it has no points that low), >= 0,
+    at the profiled context (a CPU profile: 0.12-0.14 ms, where served steps of n decodes and a
+    32-token chunk grew by about 0.14 ms a layer per decode, docs/fidelity.md); else the
+    roofline of reading its KV cache."""
+    prof = gpu.profile_for(model.name)
+    if prof is not None and prof.decode_ms is not None and prof.prefill_ms is not None \
+            and len(prof.decode_ms.points) >= 2:
+        (b1, d1), (b2, d2) = prof.decode_ms.points[-2:]
+        pre = prof.prefill_ms
+        # the prefill table's growth per token over the same span, or its first span where it
+        # has no points that low (it is flat below its first point)
+        lo = max(b1, pre.points[0][0])
+        hi = max(b2, pre.points[1][0] if len(pre.points) > 1 else b2, lo + 1)
+        per_seq = (d2 - d1) / (b2 - b1) - (pre.ms(hi) - pre.ms(lo)) / (hi - lo)
+        return max(0.0, per_seq) / 1e3 / tp
+    hd = model.dim_head
+    nbytes = context * 2 * local_kv_heads(model, tp) * hd * model.bytes_per_param
+    return _roofline(nbytes, 4 * context * hd * (model.num_heads // tp), gpu, p)
 
 
 def lm_head_time(model: ModelSpec, gpu: GpuType, tp: int, tokens: int, p: CostParams = DEFAULT_PARAMS,

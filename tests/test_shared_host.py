@@ -128,13 +128,14 @@ def test_a_tp_stage_alone_shares_the_host_between_its_ranks():
     assert shared.tpot_s.p50 < free.tpot_s.p50 * 1.2
 
 
-def test_a_step_with_a_prompt_chunk_costs_at_least_a_forward_of_its_tokens():
-    # A chunk is charged its share of its prompt's prefill (chunking spreads a prompt's cost),
-    # but a step is never cheaper than a prompt forward of all its tokens: on a CPU a small
-    # forward is mostly fixed cost. The profile: bench/fidelity_bench.py's model on the 2-core
-    # development host, 1 thread (bench/chunk_cost_bench.py: 1 decode + a 32-token chunk of a
-    # 136-token prompt took 6.8 ms a layer there, the share rule says 5.9, the floor 6.2).
-    from hexplan.costmodel import CostParams
+def test_a_step_with_a_prompt_chunk_costs_at_least_the_pass_the_executor_makes():
+    # A chunk is charged its share of its prompt's prefill (chunking spreads a prompt's cost: the
+    # planner's accounting), but a step is never cheaper than the executor's one pass over all
+    # its T tokens: a prompt forward of T, less the attention across them that its chunks do not
+    # have, plus each chunk's own (within itself, and to the positions before it) and each
+    # decode's. On a CPU a small forward is mostly fixed cost, so that pass is the larger. The
+    # profile: bench/fidelity_bench.py's model on the 2-core development host, 1 thread.
+    from hexplan.costmodel import CostParams, _quadratic, decode_attention_time
     from hexplan.simulator.engine import Engine, EngineStats
 
     c = loads_cluster("name: cpu\ngpu_types:\n  A100-80G:\n    profiles:\n      llama-2-13b:\n"
@@ -143,33 +144,47 @@ def test_a_step_with_a_prompt_chunk_costs_at_least_a_forward_of_its_tokens():
                       "nodes:\n  - {name: a, gpu: A100-80G, count: 2}\n  - {name: b, gpu: A100-80G, count: 1}\n")
     eng = Engine(two_stages(), c, W, CostParams())
     eng.stats = EngineStats(window=(0.0, 1.0))
-    eng.prompt = [136, 16, 256]
+    eng.prompt = [136, 16, 256, 16]
     pipe = eng.pipes[0]
     kind = pipe.kinds[0]
+    gpu = c.node("a").gpu
+    q = _quadratic(gpu.profile_for("llama-2-13b").prefill_ms) / 1e3
+    assert q > 0 and kind.pair == pytest.approx(q)
 
     def per_layer(n_dec, chunks):
         return eng._layer_times(pipe, n_dec, n_dec * 150, chunks, 1, n_dec + sum(ch[2] for ch in chunks))[0]
 
+    # a decoding sequence beside a chunk: the decode table's growth per sequence between its
+    # two largest batches (8 and 16) less the prefill table's per token (from 16 to 32: it has
+    # no points below 16)
+    attn = decode_attention_time(two_stages().model, gpu, 1, 150)
+    assert attn == pytest.approx(((7.52 - 5.95) / 8 - (6.47 - 5.5) / 16) / 1e3)
+    # 1 decode and a 32-token chunk of a 136-token prompt at position 32: a forward of 33
+    # tokens, its attention across 33 x 33 pairs replaced by the chunk's 32 x 32 and 2 x 32 x 32
+    # to the 32 before it, and the decode's; above the share rule
     share = kind.decode(1, 150) + kind.prefill(136) * 32 / 136
-    floor = kind.prefill(33)
-    assert floor > share                                  # the case the floor is for
-    # the floor's chunk at position 32 also attends to the 32 positions before it
-    assert kind.chunk_context(32, 32) > 0
-    assert per_layer(1, [(0, 32, 32, False)]) == pytest.approx(floor + kind.chunk_context(32, 32))
-    assert per_layer(0, [(0, 0, 32, False)]) == pytest.approx(kind.prefill(32))   # a chunk alone: a 32-token forward
-    # a whole prompt keeps its own prefill; decode-heavy steps keep the sum, above the floor
+    one = kind.prefill(33) - q * (33 * 33 - 32 * 32 - 2 * 32 * 32) + attn
+    assert one > share and per_layer(1, [(0, 32, 32, False)]) == pytest.approx(one)
+    # a chunk alone is a prompt forward of its tokens; a whole prompt alone keeps its prefill
+    assert per_layer(0, [(0, 0, 32, False)]) == pytest.approx(kind.prefill(32))
     assert per_layer(0, [(1, 0, 16, True)]) == pytest.approx(kind.prefill(16))
+    # two whole 16-token prompts: one pass of 32 tokens without the attention between them is
+    # less than the two prompts' own prefills, which stand
+    assert kind.prefill(32) - q * (32 * 32 - 2 * 256) < 2 * kind.prefill(16)
+    assert per_layer(0, [(1, 0, 16, True), (3, 0, 16, True)]) == pytest.approx(2 * kind.prefill(16))
+    # decode-heavy: 16 decodes and an 8-token chunk keep the sum of a decode step and the
+    # chunk's share, above the pass
     many = kind.decode(16, 16 * 150) + kind.prefill(256) * 8 / 256
-    assert many > kind.prefill(24)
+    assert kind.prefill(24) - q * (24 * 24 - 64) + 16 * attn < many
     assert per_layer(16, [(2, 0, 8, False)]) == pytest.approx(many)
 
 
-def test_a_chunks_attention_to_its_earlier_positions_is_the_prefill_tables_quadratic_term():
-    from hexplan.costmodel import _quadratic, chunk_context_time
+def test_an_attention_pair_is_the_prefill_tables_quadratic_term():
+    from hexplan.costmodel import DEFAULT_PARAMS, _quadratic, attention_pair_time
     from hexplan.gpus import ProfileTable
 
-    # a table that is exactly a + b P + q P^2: the fit gives q back, and a chunk of c tokens at s
-    # costs 2 q s c more than a prompt of c (its queries against the s earlier keys)
+    # a table that is exactly a + b P + q P^2: the fit gives q back, the time of a (query, key)
+    # pair in the unit a prompt's P^2 counts them (a chunk of c tokens at s has c^2 + 2 s c)
     a, b, q = 3.0, 0.05, 1e-4
     table = ProfileTable(tuple((x, a + b * x + q * x * x) for x in (16, 32, 64, 128, 256, 512)))
     assert _quadratic(table) == pytest.approx(q, rel=1e-6)
@@ -179,11 +194,10 @@ def test_a_chunks_attention_to_its_earlier_positions_is_the_prefill_tables_quadr
                       "        prefill_ms: {" + ", ".join(f"{x}: {y!r}" for x, y in table.points) + "}\n"
                       "nodes:\n  - {name: a, gpu: A100-80G, count: 2}\n")
     model, gpu = hexplan.load_model("llama-2-13b"), c.node("a").gpu
-    assert chunk_context_time(model, gpu, 1, 96, 32) == pytest.approx(2 * q * 96 * 32 / 1e3, rel=1e-6)
-    assert chunk_context_time(model, gpu, 2, 96, 32) == pytest.approx(q * 96 * 32 / 1e3, rel=1e-6)   # TP 2: half each
-    assert chunk_context_time(model, gpu, 1, 0, 32) == 0.0
-    # without a profile: the attention FLOPs at the roofline's rate, 4 c s d_h heads
+    assert attention_pair_time(model, gpu, 1) == pytest.approx(q / 1e3, rel=1e-6)
+    assert attention_pair_time(model, gpu, 2) == pytest.approx(q / 2e3, rel=1e-6)     # TP 2: half the heads each
+    # without a profile: a pair's attention FLOPs at the roofline's rate, as the prefill
+    # roofline's 2 P^2 d_h heads counts them
     bare = loads_cluster("name: g\nnodes:\n  - {name: a, gpu: A100-80G, count: 1}\n").node("a").gpu
-    flops = 4 * 32 * 96 * model.dim_head * model.num_heads
-    from hexplan.costmodel import DEFAULT_PARAMS
-    assert chunk_context_time(model, bare, 1, 96, 32) == pytest.approx(flops / (bare.flops * DEFAULT_PARAMS.flops_efficiency))
+    flops = 2 * model.dim_head * model.num_heads
+    assert attention_pair_time(model, bare, 1) == pytest.approx(flops / (bare.flops * DEFAULT_PARAMS.flops_efficiency))

@@ -72,6 +72,7 @@ arrivals, step completions and visits to shared links.
 """
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 import random
@@ -80,7 +81,8 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 
 from ..cluster import Cluster
-from ..costmodel import (TOKEN_ID_BYTES, CostParams, Workload, allreduce_time, call_time, chunk_context_time,
+from ..costmodel import (TOKEN_ID_BYTES, CostParams, Workload, allreduce_time, attention_pair_time, call_time,
+                         decode_attention_time,
                          decode_layer_time, lm_head_time, local_kv_heads, prefill_layer_time, send_time,
                          shift_threshold)
 from ..dispatch import Dispatcher, skip_join_level  # noqa: F401  (skip_join_level: also used from here)
@@ -145,7 +147,7 @@ class _Kind:
     Parallelism's SP ranks and threshold), memoised."""
 
     __slots__ = ("model", "gpu", "tp", "ic", "params", "dec", "pre", "dec_p", "pre_p", "sp", "threshold",
-                 "dec_sp", "pre_sp", "ctx")
+                 "dec_sp", "pre_sp", "attn", "pair")
 
     def __init__(self, model, gpu, tp, ic, params, sp: int = 1):
         self.model, self.gpu, self.tp, self.ic, self.params = model, gpu, tp, ic, params
@@ -157,7 +159,8 @@ class _Kind:
         self.threshold = shift_threshold(model, gpu, tp, sp, ic, params) if sp > 1 else 0
         self.dec_sp: dict = {}   # SP mode: (n, ctx_sum) -> seconds
         self.pre_sp: dict = {}   # SP mode: tokens -> seconds
-        self.ctx: dict = {}      # (start, tokens) -> a chunk's attention to its earlier positions
+        self.attn: dict = {}     # mean context -> a decoding sequence's attention beside a chunk
+        self.pair = attention_pair_time(model, gpu, tp, params)   # one (query, key) pair of a prompt
 
     def sp_mode(self, step_tokens: int) -> bool:
         """Whether a step of ``step_tokens`` tokens runs in SP mode here (the shared rule)."""
@@ -196,13 +199,34 @@ class _Kind:
             t = self.pre[tokens] = prefill_layer_time(self.model, self.gpu, self.tp, tokens, self.ic, self.params)
         return t
 
-    def chunk_context(self, start: int, tokens: int) -> float:
-        key = (start, tokens)
-        t = self.ctx.get(key)
-        if t is None:
-            if len(self.ctx) > _CACHE_LIMIT:
-                self.ctx.clear()
-            t = self.ctx[key] = chunk_context_time(self.model, self.gpu, self.tp, start, tokens, self.params)
+    def mixed(self, n: int, ctx_sum: int, chunks, prefill=None) -> float:
+        """A step with prompt ``chunks`` ((request, start, tokens, last)) beside ``n`` decoding
+        sequences, as the executor runs it: one pass of the matrix products over all its T
+        tokens (a prompt forward of T, less the attention across them: its chunks do not attend
+        to each other), each chunk's attention within itself and to its earlier positions, and
+        each decoding sequence's attention (docs/simulator.md, "Service times"). ``prefill``:
+        the prompt forward's time (tokens -> s; default ``self.prefill``; SP mode's or an
+        interleaved step's otherwise: their attention runs on the same heads)."""
+        prefill = prefill or self.prefill
+        T, own, big = n, 0, 0
+        for c in chunks:
+            k = c[2]
+            T += k
+            own += k * k + 2 * c[1] * k
+            if k > big:
+                big = k
+        t = prefill(T) - self.pair * (T * T - own)
+        floor = prefill(big)
+        if t < floor:
+            t = floor
+        if n:
+            ctx = ctx_sum // n
+            a = self.attn.get(ctx)
+            if a is None:
+                if len(self.attn) > _CACHE_LIMIT:
+                    self.attn.clear()
+                a = self.attn[ctx] = decode_attention_time(self.model, self.gpu, self.tp, ctx, self.params)
+            t += n * a
         return t
 
     def decode_parts(self, n: int, ctx_sum: int, parts: int) -> float:
@@ -611,20 +635,18 @@ class Engine:
     def _layer_times(self, pipe: _Pipe, n_dec: int, ctx_sum: int, chunks, parts: int = 1,
                      step_tokens: int = 0) -> list:
         """Per-layer time of a step on each kind of stage of the pipeline: one decode step of
-        the ``n_dec`` decoding sequences at their mean context, plus each (request, start,
-        tokens, last) prompt chunk's share of its prompt's prefill (tokens / prompt tokens:
-        chunking spreads a prompt's cost, it adds none), and at least a prompt forward of all
-        the step's tokens when it carries a chunk, plus each chunk's attention to the positions
-        before its start (docs/simulator.md, "Service times"); in
-        ``parts`` parts when interleaved.
+        the ``n_dec`` decoding sequences at their mean context; with (request, start, tokens,
+        last) prompt chunks, the larger of that plus each chunk's share of its prompt's prefill
+        (tokens / prompt tokens: the planner's accounting, chunking spreads a prompt's cost)
+        and the step as the executor runs it (``_Kind.mixed``: one pass of the products over
+        all its tokens, each chunk's and each decode's attention; docs/simulator.md, "Service
+        times"); in ``parts`` parts when interleaved.
         A shifted stage (Shift Parallelism) runs the step in SP mode when its ``step_tokens``
         (decode tokens + prompt chunk tokens) are above its threshold (``shift_mode``, the rule
         the executor's workers apply): the same sum with the SP-mode times, not interleaved."""
         prompt = self.prompt
         per_layer = []
         modes = self.stats.shift_steps
-        # the floor of a step with a chunk: a prompt forward of all its tokens
-        n_tok = step_tokens or n_dec + sum(c[2] for c in chunks)
         for kind in pipe.kinds:
             sp = False
             if kind.sp > 1:
@@ -633,28 +655,21 @@ class Engine:
                 modes[mode] = modes.get(mode, 0) + 1
             if sp:
                 t = kind.decode_sp(n_dec, ctx_sum) if n_dec else 0.0
-                for c in chunks:
-                    p = prompt[c[0]]
-                    t += kind.prefill_sp(p) * c[2] / p
-                floor = kind.prefill_sp(n_tok) if chunks else 0.0
+                pre = kind.prefill_sp
             elif parts == 1:
                 t = kind.decode(n_dec, ctx_sum) if n_dec else 0.0
-                for c in chunks:
-                    p = prompt[c[0]]
-                    take = c[2]
-                    t += kind.prefill(p) if take == p else kind.prefill(p) * take / p
-                floor = kind.prefill(n_tok) if chunks else 0.0
+                pre = kind.prefill
             else:
                 t = kind.decode_parts(n_dec, ctx_sum, parts) if n_dec else 0.0
-                for c in chunks:
+                pre = functools.partial(kind.prefill_parts, parts=parts)
+            if chunks:
+                for c in chunks:   # each chunk's share of its prompt's prefill
                     p = prompt[c[0]]
-                    t += kind.prefill_parts(p, parts) * c[2] / p
-                floor = kind.prefill_parts(n_tok, parts) if chunks else 0.0
-            if chunks:   # the floor's chunks attend to their prompts' earlier positions too
-                for c in chunks:
-                    if c[1]:
-                        floor += kind.chunk_context(c[1], c[2])
-            per_layer.append(t if t > floor else floor)
+                    t += pre(p) if c[2] == p else pre(p) * c[2] / p
+                fused = kind.mixed(n_dec, ctx_sum, chunks, pre)
+                if fused > t:
+                    t = fused
+            per_layer.append(t)
         return per_layer
 
     def _walk(self, pipe: _Pipe, g: int, svc: list, i: int, t: float, now: float, last: bool = True) -> None:
