@@ -1,6 +1,6 @@
 """Served steps with prompts and prompt chunks, through a stage worker on a local node.
 
-    python bench/served_step_bench.py [--checkpoint DIR] [--threads 1] [--layers 6] [--rounds 2]
+    python bench/served_step_bench.py [--checkpoint DIR] [--threads 1] [--layers 6] [--rounds 2] [--between N]
 
 The executor benchmark's model (bench/executor_bench.py), layers [0, ``layers``) as a first and
 last stage (embedding, layers, final norm, LM head) on a `hexplan node` started on 127.0.0.1 with
@@ -12,7 +12,9 @@ after 3 warm-up calls, in ms for the whole step:
 * prompts of 16, 32, 64, 136 and 256 tokens alone from position 0 (what the prefill table holds);
 * a 32-token chunk at position 96 of a prompt (its first 96 tokens sent before, untimed), alone
   and with 1, 2 or 3 decodes beside it: the steps a two-loop plan makes while it prefills in
-  chunks (docs/fidelity.md, "A call's own cost, prompts as served, a chunk's context").
+  chunks (docs/fidelity.md, "A call's own cost, prompts as served, a chunk's context");
+* with ``--between N``, a decode step, a prompt and a chunk step again, each right after an
+  untimed decode step of N other sequences (docs/fidelity.md, "Steps with a prompt chunk").
 
 ``rounds`` repeats the whole table (the figures move between rounds on a shared host). Markdown
 on stdout, progress on stderr. About a minute on the 2-core development machine.
@@ -43,6 +45,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="the worker's torch threads (a pp2 stage worker's: 1)")
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--between", type=int, default=0, metavar="N",
+                    help="also time some rows right after an untimed decode step of N other sequences (16: the "
+                         "other loop's step, as a two-loop stage alternates in service)")
     args = ap.parse_args()
     from hexplan.executor._proto import hexplan_v1_pb2 as pb
     from hexplan.executor._proto import hexplan_v1_pb2_grpc as pbg
@@ -75,14 +80,22 @@ def main() -> int:
                 return (time.perf_counter() - t) * 1e3
 
             decoders = [f"d{j}" for j in range(3)]
+            others = [f"o{j}" for j in range(args.between)]
+            for r in others:
+                forward([(r, 0, CONTEXT)])
+            opos = dict.fromkeys(others, CONTEXT)
             for r in decoders:
                 forward([(r, 0, CONTEXT)])
             pos = dict.fromkeys(decoders, CONTEXT)
             fresh = iter(range(1 << 30))
 
-            def row(name: str, n_dec: int, chunk: int = 0, start: int = 0) -> None:
+            def row(name: str, n_dec: int, chunk: int = 0, start: int = 0, between: bool = False) -> None:
                 times = []
                 for i in range(WARMUP + TIMED):
+                    if between:   # the other loop's step first, untimed, as a stage alternates in service
+                        forward([(r, opos[r], 1) for r in others])
+                        for r in others:
+                            opos[r] += 1
                     chunks = [(r, pos[r], 1) for r in decoders[:n_dec]]
                     rid = None
                     if chunk:
@@ -109,6 +122,12 @@ def main() -> int:
                 row("32-token chunk at 96", 0, 32, 96)
                 for d in (1, 2, 3):
                     row(f"{d} decode(s) + 32-token chunk at 96", d, 32, 96)
+                if others:
+                    b = f"after a decode step of {len(others)}"
+                    row(f"decode, 1 sequence, {b}", 1, between=True)
+                    row(f"prompt of 32 tokens from 0, {b}", 0, 32, between=True)
+                    row(f"prompt of 136 tokens from 0, {b}", 0, 136, between=True)
+                    row(f"1 decode + 32-token chunk at 96, {b}", 1, 32, 96, between=True)
     finally:
         proc.terminate()
         proc.wait(timeout=20)
