@@ -376,14 +376,14 @@ def _quadratic(table) -> float:
 
 
 def attention_pair_time(model: ModelSpec, gpu: GpuType, tp: int, p: CostParams = DEFAULT_PARAMS) -> float:
-    """Seconds per layer of one (query, key) pair of a prompt's attention on a TP group: with a
-    measured ``prefill_ms`` table, the P^2 coefficient q of a least-squares quadratic through its
-    points (a prompt of P tokens has P^2 / 2 causal pairs, so q is half a pair's time; a CPU
-    profile: q = 9e-5 ms, so a 32-token chunk at position 96, 2 x 96 x 32 pairs beyond a 32-token
-    prompt's, costs 0.55 ms a layer more, where bench/served_step_bench.py measured 0.3-0.8);
-    else the attention FLOPs of a pair, 2 x d_h x heads / tp x 2 (QK^T and PV), over half the
-    causal mask, at the roofline's FLOP rate. The unit in which the simulator's steps with prompt
-    chunks count attention (``_Kind.mixed``)."""
+    """Seconds per layer of attention per unit of P^2 on a TP group, the unit in which a prompt
+    of P tokens attends (its P^2 / 2 causal pairs) and the simulator counts a step's attention
+    (``_Kind.mixed``: a chunk of c tokens at position s is c^2 + 2 s c). With a measured
+    ``prefill_ms`` table, the P^2 coefficient q of a least-squares quadratic through its points
+    (a CPU profile: q = 9e-5 ms, so a 32-token chunk at position 96 costs 2 x 96 x 32 q = 0.55 ms
+    a layer more than a 32-token prompt from 0, where bench/served_step_bench.py measured
+    0.3-0.8); else the prefill roofline's attention FLOPs per unit, 2 x d_h x heads / tp, at its
+    FLOP rate."""
     prof = gpu.profile_for(model.name)
     if prof is not None and prof.prefill_ms is not None:
         return _quadratic(prof.prefill_ms) / 1e3 / tp
