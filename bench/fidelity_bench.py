@@ -54,9 +54,13 @@ TPOT in every cell. The probes' table (served step against the model's, per batc
 after the main one, then where the measured steps' time went: the stage workers log each
 forward's compute (HEXPLAN_STEP_LOG, docs/executor.md), and each gateway step is split into each
 stage's compute, the wait for a stage busy with the other loop, and the hops, with each stage's
-decode compute against the profile's time for it alone (`step_breakdown`). `--json` keeps every
-request and every gateway step (their composition and duration), the CPU each process group
-used per load (`cores_busy`) and the breakdown.
+decode compute against the profile's time for it alone (`step_breakdown`), and its compute over
+the simulator's time for that same step, for the steps without and with a prompt chunk
+(`StepModel`). `--json` keeps every request and every gateway step (their composition, chunks
+and duration), the workers' compute logs, the CPU each process group used per load
+(`cores_busy`) and the breakdown; `--kinds JSON --checkpoint DIR` prints a saved run's steps by
+kind (n decodes, with or without a chunk), each stage's hop, queue and compute beside the
+simulator's (`step_kinds_table`).
 
 `--resimulate` runs a saved run's traces through this checkout's simulator again (a simulator
 change checked on measurements already taken); `--combine` prints the medians of several saved
@@ -1043,6 +1047,10 @@ def main() -> int:
                          "with another process stepping beside it, against alone; 0 with --no-host)")
     ap.add_argument("--no-host", action="store_true",
                     help="simulate cpu0 and cpu1 as separate machines (no `hosts`), as before")
+    ap.add_argument("--kinds", metavar="JSON",
+                    help="only print, for every plan and load of a saved --json run, its measured steps by kind "
+                         "(step_kinds_table: each stage's hop, queue and compute; compute over the simulator's "
+                         "time for the same step); needs --checkpoint")
     args = ap.parse_args()
     global SERVED_PROFILE
     SERVED_PROFILE = not args.lone_profile
@@ -1052,6 +1060,11 @@ def main() -> int:
         return 0
     if args.combine:
         combine([json.loads(Path(f).read_text()) for f in args.combine], args.combine)
+        return 0
+    if args.kinds:
+        if not args.checkpoint:
+            ap.error("--kinds needs --checkpoint (the benchmark model's folder)")
+        print_kinds(json.loads(Path(args.kinds).read_text())["results"], args.checkpoint)
         return 0
     if args.resimulate:
         if not args.checkpoint:
@@ -1189,6 +1202,23 @@ def saved_trace(cell: dict) -> list:
     and output tokens, in arrival order."""
     recs = sorted(cell["meas_detail"]["per_request"], key=lambda r: (r["arrival"], r["id"]))
     return [{"arrival": r["arrival"], "prompt": [0] * r["prompt_len"], "output_len": r["tokens"]} for r in recs]
+
+
+def print_kinds(results: dict, ckpt: str) -> None:
+    """Each saved cell's measured steps by kind (``step_kinds_table``), beside the simulator's
+    time for each step alone (``StepModel``, this checkout's), on stdout."""
+    for pname, pr in results.items():
+        model = StepModel(plan_for(ckpt, pr["stages"], pr["workload"]), make_cluster(pr["cluster"]))
+        for load, c in pr["cells"].items():
+            md = c.get("meas_detail") or {}
+            if not md.get("step_logs"):
+                log(f"[{pname} {load}] no step logs saved (a run before they were kept)")
+                continue
+            rows = step_rows(md["steps"], 0.0, {k: [tuple(r) for r in v] for k, v in md["step_logs"].items()}, model)
+            print(f"\n{pname} {load}: {len(rows)} of {len(md['steps'])} steps matched; ms (means; the step's "
+                  "median), per stage: the hop to it, the wait for the other loop, the rest before its compute, "
+                  "its compute; then the way back\n")
+            print(step_kinds_table(rows))
 
 
 def resimulate(results: dict, ckpt: str) -> None:
