@@ -137,3 +137,29 @@ def test_step_rows_split_a_step_into_hops_queues_and_compute_that_add_up():
     assert fb.step_rows([(0.5, 0.01, 1, 100, [], 1, [])], 1.0, logs) == []
     table = fb.step_kinds_table([row])
     assert "| D3 | 1 | 100.0 | 2.0 / 0.0 / 3.0 / 35.0 | 2.0 / 2.0 / 1.0 / 45.0 | 10.0 | - / - |" in table
+
+
+def test_kinds_sets_each_saved_step_beside_the_simulators_time_for_it(tmp_path, capsys):
+    # `--kinds`: a saved run's steps by kind, each stage's compute over the simulator's time for
+    # that step alone, from the run's own cluster (profile) and this checkout's simulator.
+    ckpt = tmp_path / "llama-134m"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps(dict(fb.MODEL, model_type="llama", architectures=["LlamaForCausalLM"])))
+    tables = {"decode_ms": {1: 2.5, 4: 5.0, 8: 7.0}, "prefill_ms": {16: 5.0, 32: 6.0, 64: 8.0, 128: 13.5},
+              "lm_head_ms": {1: 5.0, 8: 13.0}}
+    stages = [["cpu0", 1, 0, 6], ["cpu1", 1, 6, 12]]
+    steps = [[0.0, 0.100, 3, 600, [], 3, []], [0.2, 0.150, 1, 200, [32], 1, [[32, 32, 136, False]]]]
+    logs = {"p0s0": [[0.005, 0.040, 3, 0.002], [0.205, 0.250, 33, 0.201]],
+            "p0s1": [[0.045, 0.090, 3, 0.042], [0.255, 0.345, 33, 0.252]]}
+    results = {"pp2": {"stages": stages, "workload": {"prompt_tokens": 136, "output_tokens": 69},
+                       "cluster": fb.base_cluster_dict(ckpt.name, tables),
+                       "cells": {"30%": {"meas_detail": {"steps": steps, "step_logs": logs}}}}}
+    fb.print_kinds(results, str(ckpt))
+    out = capsys.readouterr().out
+    assert "pp2 30%: 2 of 2 steps matched" in out
+    d3 = next(line for line in out.splitlines() if line.startswith("| D3 |"))
+    p1 = next(line for line in out.splitlines() if line.startswith("| P1 |"))
+    # stage 0 of the decode step: 35 ms against 6 layers x decode_ms(3) (no call table, no head)
+    ratio0 = float(d3.rsplit("|", 2)[-2].split("/")[0])
+    assert ratio0 == pytest.approx(35.0 / (6 * (5.0 - (5.0 - 2.5) / 3)), rel=0.01)
+    assert "-" not in p1.rsplit("|", 2)[-2]                      # the chunk's detail was there: a model
