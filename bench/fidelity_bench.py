@@ -467,7 +467,7 @@ OVERLAP_BATCH = 8
 OVERLAP_STEPS = 30
 
 
-def overlap_probe(addrs: list, prompt: int, vocab: int, seed: int, token: str, logdir: str, stage_model) -> dict:
+def overlap_probe(addrs: list, prompt: int, vocab: int, seed: int, token: str, logdir: str, step_model) -> dict:
     """Decode steps of ``OVERLAP_BATCH`` sequences straight to the first stage, one loop and then
     two loops at once (two clients), matched to the stages' compute (HEXPLAN_STEP_LOG,
     ``step_breakdown``): each stage's compute alone and beside the other loop, the share of it
@@ -487,13 +487,14 @@ def overlap_probe(addrs: list, prompt: int, vocab: int, seed: int, token: str, l
             t.join()
         ctx = prompt + OVERLAP_STEPS / 2
         steps = sorted((t, d, n, n * ctx, [], n) for st, n in zip(stamps, sizes) for t, d in st[5:])
-        return step_breakdown(steps, 0.0, read_step_logs(logdir), stage_model)
+        return step_breakdown(steps, 0.0, read_step_logs(logdir), step_model)
     return {"one_loop": run(1), "two_loops": run(2)}
 
 
 def read_step_logs(logdir: str) -> dict:
     """The stage workers' compute log (HEXPLAN_STEP_LOG): {stage id: [(start, end, tokens,
-    arrived)]} (arrived: when the Forward call came in), rank 0 of each stage, in time order."""
+    arrived)]} (arrived: when the Forward call came in; None in a log from before it was
+    written), rank 0 of each stage, in time order."""
     out: dict = {}
     for f in sorted(Path(logdir).glob("s.*")):
         sid = f.name.split(".")[1]
@@ -501,7 +502,7 @@ def read_step_logs(logdir: str) -> dict:
         for line in f.read_text().splitlines():
             v = [float(x) for x in line.split()]
             if v:
-                rows.append((v[0], v[1], v[2], v[4] if len(v) > 4 else v[0]))
+                rows.append((v[0], v[1], v[2], v[4] if len(v) > 4 else None))
         out.setdefault(sid, []).extend(rows)
     return {k: sorted(v) for k, v in sorted(out.items())}
 
@@ -513,8 +514,13 @@ def cell_step_logs(logs: dict, t0: float, steps: list) -> dict:
     if not steps:
         return {}
     end = t0 + max(s[0] + s[1] for s in steps) + 1.0
-    return {k: [[round(a - t0, 6), round(b - t0, 6), n, round(r - t0, 6)] for a, b, n, r in v if t0 - 1.0 <= a <= end]
-            for k, v in logs.items()}
+    return {k: [[round(a - t0, 6), round(b - t0, 6), n, None if r is None else round(r - t0, 6)]
+                for a, b, n, r in v if t0 - 1.0 <= a <= end] for k, v in logs.items()}
+
+
+def saved_step_logs(detail: dict) -> dict:
+    """A saved cell's ``meas_detail`` step logs as ``read_step_logs`` gives them (tuples)."""
+    return {k: [tuple(r) for r in v] for k, v in detail["step_logs"].items()}
 
 
 def stage_model_s(plan, cluster, batch: int, context: float, params=None) -> list:
@@ -577,7 +583,7 @@ def step_rows(steps: list, t0: float, logs: dict, step_model=None) -> list:
         stages = {}
         for k, row in found:
             c0, c1 = row[0], row[1]
-            arrived = min(c0, max(prev, row[3])) if len(row) > 3 else prev   # (older logs: no arrival)
+            arrived = prev if len(row) < 4 or row[3] is None else min(c0, max(prev, row[3]))   # (older logs: none)
             q = busy_in(k, arrived, c0, c0)
             stages[k] = {"to": arrived - prev, "queued": q, "inside": max(0.0, c0 - arrived - q), "compute": c1 - c0,
                          "overlap": sum(busy_in(o, c0, c1, -1.0) for o in sids if o != k) / max(1e-9, c1 - c0)}
@@ -660,27 +666,20 @@ def _ratio_text(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
-def step_breakdown(steps: list, t0: float, logs: dict, model=None, step_model=None) -> dict:
+def step_breakdown(steps: list, t0: float, logs: dict, step_model=None) -> dict:
     """Where the gateway's steps' time went (``step_rows``): means over the steps matched, ms,
     of each stage's compute, its wait for a stage busy with another loop's step, and the rest
     (hops: gRPC, serialisation, waking threads; the gateway's own work); ``overlap``: the share
-    of each stage's compute during which another stage of the plan computed too. ``model(n,
-    mean context)``: each stage's modelled decode step alone (``stage_model_s``); for the decode
-    steps, ``served_vs_model_STAGE`` is their summed compute over the summed model. With
+    of each stage's compute during which another stage of the plan computed too. With
     ``step_model`` (``StepModel``): ``vs_model_decode_STAGE`` and ``vs_model_prompt_STAGE``, the
-    same over the model of each step as the simulator books it, for the steps without and with
-    a prompt chunk."""
+    stage's summed compute over the simulator's summed time for the same steps alone, for the
+    steps without and with a prompt chunk."""
     sids = [k for k in logs if k.startswith("p0s")]
     acc = {"step": [], "hops": [], **{f"compute_{k}": [] for k in sids}, **{f"queued_{k}": [] for k in sids},
            **{f"overlap_{k}": [] for k in sids}}
-    dec = {k: [0.0, 0.0] for k in sids}     # decode steps: served compute, model
     rows = step_rows(steps, t0, logs, step_model)
     for r in rows:
         st = r["stages"]
-        if model is not None and not r["chunks"] and r["decode"]:
-            for k, m in zip(sids, model(r["decode"], r["context"] / r["decode"])):
-                dec[k][0] += st[k]["compute"]
-                dec[k][1] += m
         rest = r["step"]
         for k in sids:
             acc[f"compute_{k}"].append(st[k]["compute"])
@@ -693,7 +692,6 @@ def step_breakdown(steps: list, t0: float, logs: dict, model=None, step_model=No
     out = {"steps": len(steps), "matched": n}
     if n:
         out.update({k: statistics.mean(v) * (1.0 if k.startswith("overlap") else 1e3) for k, v in acc.items()})
-        out.update({f"served_vs_model_{k}": v[0] / v[1] for k, v in dec.items() if v[1] > 0})
         for name, g in (("decode", [r for r in rows if not r["chunks"]]), ("prompt", [r for r in rows if r["chunks"]])):
             for k in sids:
                 ratio = _model_ratio(g, k)
@@ -797,7 +795,7 @@ def model_step_s(plan, cluster, batch: int, context: float, params=None) -> floa
 
 
 def run_plan_measured(name: str, ckpt: str, stages, plan, loads: dict, probes: bool, vocab: int,
-                      seed: int, probe_prompt: int = 128, stage_model=None, step_model=None) -> dict:
+                      seed: int, probe_prompt: int = 128, step_model=None) -> dict:
     """One Launch of the plan; every load's trace served in turn; the probe steps first."""
     from hexplan.executor.client import generate
     from hexplan.executor.launch import Launch
@@ -833,7 +831,7 @@ def run_plan_measured(name: str, ckpt: str, stages, plan, loads: dict, probes: b
                                                            vocab, seed, L.auth_token)[5:])
             # two loops of decode steps at once, straight to the first stage: each stage's compute
             # beside the other's (and the gRPC work of the other loop) against one loop alone
-            out["overlap"] = overlap_probe(addrs, probe_prompt, vocab, seed, L.auth_token, logdir, stage_model)
+            out["overlap"] = overlap_probe(addrs, probe_prompt, vocab, seed, L.auth_token, logdir, step_model)
             log(f"  {name}: two loops at once: " + json.dumps(out["overlap"]))
             # the same through the gateway (sampling, streaming, scheduler)
             for b in (1, 16):
@@ -854,7 +852,7 @@ def run_plan_measured(name: str, ckpt: str, stages, plan, loads: dict, probes: b
             cell["per_request"] = [{k: v for k, v in r.items() if k != "gaps"} for r in recs]
             cell["steps"] = steps
             logs = read_step_logs(logdir)
-            cell["breakdown"] = step_breakdown(steps, t0_ref[0], logs, stage_model, step_model)
+            cell["breakdown"] = step_breakdown(steps, t0_ref[0], logs, step_model)
             cell["step_logs"] = cell_step_logs(logs, t0_ref[0], steps)
             out["cells"][load] = cell
             log(f"  {name} {load}: {cell['tokens_per_s']:.1f} tokens/s, TTFT P50 {cell['ttft_p50_s']:.2f} s, "
@@ -1174,7 +1172,7 @@ def run_plan(pname, label, stages, ckpt, model_name, profiles, sat, n_poisson, a
         return pr
     probe_prompt = probe_prompt_for(workload)
     m = run_plan_measured(pname, ckpt, stages, plan, loads, calibrating, vocab, args.seed, probe_prompt,
-                          lambda n, ctx: stage_model_s(plan, cluster, n, ctx), StepModel(plan, cluster))
+                          StepModel(plan, cluster))
     pr["measured_run"] = {k: v for k, v in m.items() if k != "cells"}
     for load, c in m["cells"].items():
         pr["cells"][load]["meas"] = {k: v for k, v in c.items() if k not in ("per_request", "steps", "step_logs")}
@@ -1214,7 +1212,7 @@ def print_kinds(results: dict, ckpt: str) -> None:
             if not md.get("step_logs"):
                 log(f"[{pname} {load}] no step logs saved (a run before they were kept)")
                 continue
-            rows = step_rows(md["steps"], 0.0, {k: [tuple(r) for r in v] for k, v in md["step_logs"].items()}, model)
+            rows = step_rows(md["steps"], 0.0, saved_step_logs(md), model)
             print(f"\n{pname} {load}: {len(rows)} of {len(md['steps'])} steps matched; ms (means; the step's "
                   "median), per stage: the hop to it, the wait for the other loop, the rest before its compute, "
                   "its compute; then the way back\n")
@@ -1239,9 +1237,7 @@ def resimulate(results: dict, ckpt: str) -> None:
             c["sim"] = simulate_trace(plan, cluster, trace)
             md = c["meas_detail"]
             if md.get("step_logs"):   # the measured steps split again, beside this checkout's model
-                c["meas"]["breakdown"] = step_breakdown(
-                    md["steps"], 0.0, {k: [tuple(r) for r in v] for k, v in md["step_logs"].items()},
-                    lambda n, ctx: stage_model_s(plan, cluster, n, ctx), StepModel(plan, cluster))
+                c["meas"]["breakdown"] = step_breakdown(md["steps"], 0.0, saved_step_logs(md), StepModel(plan, cluster))
             if cal is not None:
                 c["sim+cal"] = simulate_trace(cplan, ccluster, trace)
         log(f"[{pname}] simulated again")
@@ -1268,15 +1264,14 @@ def breakdown_table(results: dict) -> str:
             sids = sorted(k[len("compute_"):] for k in b if k.startswith("compute_"))
             if not lines:
                 lines = ["| plan | load | steps matched | step ms | per stage: compute ms (share overlapped) | "
-                         "per stage: waiting for the other loop ms | hops and the rest ms | per stage: decode compute "
-                         "served / profile | per stage: compute / simulated, steps without a prompt chunk; with one |",
-                         "|---|---|---|---|---|---|---|---|---|"]
+                         "per stage: waiting for the other loop ms | hops and the rest ms | per stage: compute / "
+                         "simulated, steps without a prompt chunk; with one |", "|---|---|---|---|---|---|---|---|"]
             lines.append(f"| {p} | {load} | {b['matched']} / {b['steps']} | {b['step']:.1f} | "
                          + " / ".join(f"{b['compute_' + k]:.1f} ({b['overlap_' + k]:.2f})" for k in sids) + " | "
                          + " / ".join(f"{b['queued_' + k]:.1f}" for k in sids) + f" | {b['hops']:.1f} | "
-                         + " / ".join(f"{b['served_vs_model_' + k]:.2f}" if "served_vs_model_" + k in b else "-"
-                                      for k in sids) + " | "
-                         + "; ".join(" / ".join(_ratio_text(b.get(f"vs_model_{w}_{k}")) for k in sids)
+                         # (an older run has only its decode steps' served / profile, the same figure)
+                         + "; ".join(" / ".join(_ratio_text(b.get(f"vs_model_{w}_{k}", b.get(f"served_vs_model_{k}")
+                                                                  if w == "decode" else None)) for k in sids)
                                      for w in ("decode", "prompt")) + " |")
     return "\n".join(lines)
 

@@ -133,6 +133,10 @@ def test_step_rows_split_a_step_into_hops_queues_and_compute_that_add_up():
     # the means keep their meaning: queued from arrival; the rest are the hops
     b = fb.step_breakdown(steps, 1.0, logs)
     assert b["matched"] == 1 and b["queued_p0s1"] == pytest.approx(2.0) and b["hops"] == pytest.approx(18.0)
+    # a log from before the arrival was written: the wait counts from the last stage's end
+    old = {k: [(a, b, n, None) for a, b, n, _ in v] for k, v in logs.items()}
+    (row_old,) = fb.step_rows(steps, 1.0, old)
+    assert row_old["stages"]["p0s1"]["to"] == 0.0 and row_old["stages"]["p0s1"]["queued"] == pytest.approx(0.004)
     # a step no stage logged is left out
     assert fb.step_rows([(0.5, 0.01, 1, 100, [], 1, [])], 1.0, logs) == []
     table = fb.step_kinds_table([row])

@@ -82,9 +82,8 @@ from itertools import accumulate
 
 from ..cluster import Cluster
 from ..costmodel import (TOKEN_ID_BYTES, CostParams, Workload, allreduce_time, attention_pair_time, call_time,
-                         decode_attention_time,
-                         decode_layer_time, lm_head_time, local_kv_heads, prefill_layer_time, send_time,
-                         shift_threshold)
+                         decode_attention_time, decode_layer_time, lm_head_time, local_kv_heads, prefill_layer_time,
+                         send_time, shift_threshold)
 from ..dispatch import Dispatcher, skip_join_level  # noqa: F401  (skip_join_level: also used from here)
 from ..serving import DONE_OK, Scheduler, pipeline_configs
 from ..serving.setup import estimated_batches
@@ -285,7 +284,7 @@ class Engine:
             for s in pl.stages:
                 node = cluster.node(s.node)
                 prof = node.gpu.profile_for(self.model.name)
-                pp.calls.append(node.gpu if prof is not None and prof.call_ms is not None else None)   # _call_s
+                pp.calls.append(node.gpu if prof is not None and prof.call_ms is not None else None)
                 key = (node.gpu, s.tp, node.interconnect, s.shift_sp)
                 if key not in kinds:
                     kinds[key] = _Kind(self.model, node.gpu, s.tp, node.interconnect, params, s.shift_sp)

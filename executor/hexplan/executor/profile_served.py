@@ -178,8 +178,9 @@ def _served_steps(pb, pbg, node, ckpt: Path, model, layers: int, batches, spec: 
     """Load layers [0, ``layers``) as a first and last stage on the node, prefill the largest
     batch's sequences, time decode steps of every batch as Forward calls, then a prompt of each
     of ``prompts`` tokens alone from position 0 (a fresh sequence each time, released after it;
-    in rounds of every length), unload. Returns ({batch: (median step s, mean context, slowest / fastest)}, {prompt tokens:
-    the same, context 0}); ``measured(kind, x, *that)`` after each point."""
+    in rounds of every length), unload. Returns ({batch: (median step s, mean context, slowest /
+    fastest)}, {prompt tokens: the same, context 0}); ``measured(kind, x, *that)`` after each
+    point."""
     from .wire import channel, to_proto
 
     resp = pbg.StageStub(node).LoadShard(pb.LoadShardRequest(
