@@ -354,12 +354,12 @@ def prefill_layer_time(model: ModelSpec, gpu: GpuType, tp: int, tokens: int, int
 
 
 @functools.lru_cache(maxsize=256)
-def _quadratic(table) -> float:
-    """The P^2 coefficient of a least-squares fit ms = a + b P + q P^2 to a prefill table's
-    points (the attention's share of a prompt's cost), >= 0; 0 with fewer than 3 points."""
+def _quadratic_fit(table) -> tuple[float, float, float] | None:
+    """(a, b, q) of the least-squares fit ms = a + b P + q P^2 to a prefill table's points;
+    None with fewer than 3 points or a singular fit."""
     pts = table.points
     if len(pts) < 3:
-        return 0.0
+        return None
     # normal equations of the 3-parameter fit, solved by Cramer's rule
     s = [sum(x ** k for x, _ in pts) for k in range(5)]
     t = [sum(y * x ** k for x, y in pts) for k in range(3)]
@@ -370,9 +370,33 @@ def _quadratic(table) -> float:
                 + a[0][2] * (a[1][0] * a[2][1] - a[1][1] * a[2][0]))
     d = det(m)
     if d == 0:
+        return None
+
+    def col(j):   # m with its column j replaced by t
+        return [[t[i] if k == j else m[i][k] for k in range(3)] for i in range(3)]
+    return det(col(0)) / d, det(col(1)) / d, det(col(2)) / d
+
+
+def _quadratic(table) -> float:
+    """The P^2 coefficient of ``_quadratic_fit`` (the attention's share of a prompt's cost),
+    >= 0; 0 with fewer than 3 points."""
+    fit = _quadratic_fit(table)
+    return max(0.0, fit[2]) if fit else 0.0
+
+
+def step_fixed_time(model: ModelSpec, gpu: GpuType, tp: int) -> float:
+    """Seconds per layer that a step pays once, whatever its tokens, in a measured prefill
+    table: the intercept a of ``_quadratic_fit`` (>= 0) / tp. On a CPU it is most of a small
+    forward (the fidelity bench's profile: a = 4.7 ms of a 32-token prompt's 6.8 ms a layer).
+    A step of decodes and a prompt chunk pays it once, in its decode step, so the simulator's
+    share rule charges a chunk its share of its prompt's prefill less it (``_Kind.share``).
+    0 without a measured table: a roofline prefill of a prompt is its FLOPs or its reads, not
+    a fixed cost plus per-token work."""
+    prof = gpu.profile_for(model.name)
+    if prof is None or prof.prefill_ms is None:
         return 0.0
-    mq = [[m[i][0], m[i][1], t[i]] for i in range(3)]
-    return max(0.0, det(mq) / d)
+    fit = _quadratic_fit(prof.prefill_ms)
+    return max(0.0, fit[0]) / 1e3 / tp if fit else 0.0
 
 
 def attention_pair_time(model: ModelSpec, gpu: GpuType, tp: int, p: CostParams = DEFAULT_PARAMS) -> float:

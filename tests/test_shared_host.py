@@ -130,12 +130,13 @@ def test_a_tp_stage_alone_shares_the_host_between_its_ranks():
 
 def test_a_step_with_a_prompt_chunk_costs_at_least_the_pass_the_executor_makes():
     # A chunk is charged its share of its prompt's prefill (chunking spreads a prompt's cost: the
-    # planner's accounting), but a step is never cheaper than the executor's one pass over all
-    # its T tokens: a prompt forward of T, less the attention across them that its chunks do not
-    # have, plus each chunk's own (within itself, and to the positions before it) and each
-    # decode's. On a CPU a small forward is mostly fixed cost, so that pass is the larger. The
-    # profile: bench/fidelity_bench.py's model on the 2-core development host, 1 thread.
-    from hexplan.costmodel import CostParams, _quadratic, decode_attention_time
+    # planner's accounting) less the step's fixed cost, which the step pays once, but a step is
+    # never cheaper than the executor's one pass over all its T tokens: a prompt forward of T,
+    # less the attention across them that its chunks do not have, plus each chunk's own (within
+    # itself, and to the positions before it) and each decode's. On a CPU a small forward is
+    # mostly fixed cost, so that pass is the larger for few decodes. The profile:
+    # bench/fidelity_bench.py's model on the 2-core development host, 1 thread.
+    from hexplan.costmodel import CostParams, _quadratic, _quadratic_fit, decode_attention_time, step_fixed_time
     from hexplan.simulator.engine import Engine, EngineStats
 
     c = loads_cluster("name: cpu\ngpu_types:\n  A100-80G:\n    profiles:\n      llama-2-13b:\n"
@@ -148,8 +149,13 @@ def test_a_step_with_a_prompt_chunk_costs_at_least_the_pass_the_executor_makes()
     pipe = eng.pipes[0]
     kind = pipe.kinds[0]
     gpu = c.node("a").gpu
-    q = _quadratic(gpu.profile_for("llama-2-13b").prefill_ms) / 1e3
+    table = gpu.profile_for("llama-2-13b").prefill_ms
+    q = _quadratic(table) / 1e3
     assert q > 0 and kind.pair == pytest.approx(q)
+    # the fixed cost: the intercept of the same quadratic fit, 4.74 of a 16-token prompt's 5.5 ms
+    fixed = _quadratic_fit(table)[0] / 1e3
+    assert 4.5e-3 < fixed < 5e-3 and kind.fixed == pytest.approx(fixed)
+    assert step_fixed_time(two_stages().model, gpu, 2) == pytest.approx(fixed / 2)
 
     def per_layer(n_dec, chunks):
         return eng._layer_times(pipe, n_dec, n_dec * 150, chunks, 1, n_dec + sum(ch[2] for ch in chunks))[0]
@@ -162,21 +168,28 @@ def test_a_step_with_a_prompt_chunk_costs_at_least_the_pass_the_executor_makes()
     # 1 decode and a 32-token chunk of a 136-token prompt at position 32: a forward of 33
     # tokens, its attention across 33 x 33 pairs replaced by the chunk's 32 x 32 and 2 x 32 x 32
     # to the 32 before it, and the decode's; above the share rule
-    share = kind.decode(1, 150) + kind.prefill(136) * 32 / 136
+    share = kind.decode(1, 150) + (kind.prefill(136) - fixed) * 32 / 136
     one = kind.prefill(33) - q * (33 * 33 - 32 * 32 - 2 * 32 * 32) + attn
     assert one > share and per_layer(1, [(0, 32, 32, False)]) == pytest.approx(one)
-    # a chunk alone is a prompt forward of its tokens; a whole prompt alone keeps its prefill
-    assert per_layer(0, [(0, 0, 32, False)]) == pytest.approx(kind.prefill(32))
+    # a chunk alone pays the fixed cost and its share (at least a prompt forward of its tokens);
+    # a whole prompt alone keeps its prefill
+    alone = fixed + (kind.prefill(136) - fixed) * 32 / 136
+    assert alone > kind.prefill(32) and per_layer(0, [(0, 0, 32, False)]) == pytest.approx(alone)
     assert per_layer(0, [(1, 0, 16, True)]) == pytest.approx(kind.prefill(16))
-    # two whole 16-token prompts: one pass of 32 tokens without the attention between them is
-    # less than the two prompts' own prefills, which stand
-    assert kind.prefill(32) - q * (32 * 32 - 2 * 256) < 2 * kind.prefill(16)
-    assert per_layer(0, [(1, 0, 16, True), (3, 0, 16, True)]) == pytest.approx(2 * kind.prefill(16))
+    # two whole 16-token prompts pay the fixed cost once: the two prefills less one fixed cost,
+    # here below the pass (a forward of 32 tokens without the attention between the prompts)
+    two = 2 * kind.prefill(16) - fixed
+    pass32 = kind.prefill(32) - q * (32 * 32 - 2 * 256)
+    assert two < pass32 < 2 * kind.prefill(16)
+    assert per_layer(0, [(1, 0, 16, True), (3, 0, 16, True)]) == pytest.approx(pass32)
     # decode-heavy: 16 decodes and an 8-token chunk keep the sum of a decode step and the
-    # chunk's share, above the pass
-    many = kind.decode(16, 16 * 150) + kind.prefill(256) * 8 / 256
+    # chunk's share less the fixed cost, above the pass
+    many = kind.decode(16, 16 * 150) + (kind.prefill(256) - fixed) * 8 / 256
     assert kind.prefill(24) - q * (24 * 24 - 64) + 16 * attn < many
     assert per_layer(16, [(2, 0, 8, False)]) == pytest.approx(many)
+    # without a measured prefill table there is no fixed cost: a roofline's prompt is its FLOPs
+    bare = loads_cluster("name: g\nnodes:\n  - {name: a, gpu: A100-80G, count: 1}\n").node("a").gpu
+    assert step_fixed_time(two_stages().model, bare, 1) == 0.0
 
 
 def test_an_attention_pair_is_the_prefill_tables_quadratic_term():

@@ -83,7 +83,7 @@ from itertools import accumulate
 from ..cluster import Cluster
 from ..costmodel import (TOKEN_ID_BYTES, CostParams, Workload, allreduce_time, attention_pair_time, call_time,
                          decode_attention_time, decode_layer_time, lm_head_time, local_kv_heads, prefill_layer_time,
-                         send_time, shift_threshold)
+                         send_time, shift_threshold, step_fixed_time)
 from ..dispatch import Dispatcher, skip_join_level  # noqa: F401  (skip_join_level: also used from here)
 from ..serving import DONE_OK, Scheduler, pipeline_configs
 from ..serving.setup import estimated_batches
@@ -146,7 +146,7 @@ class _Kind:
     Parallelism's SP ranks and threshold), memoised."""
 
     __slots__ = ("model", "gpu", "tp", "ic", "params", "dec", "pre", "dec_p", "pre_p", "sp", "threshold",
-                 "dec_sp", "pre_sp", "attn", "pair")
+                 "dec_sp", "pre_sp", "attn", "pair", "fixed")
 
     def __init__(self, model, gpu, tp, ic, params, sp: int = 1):
         self.model, self.gpu, self.tp, self.ic, self.params = model, gpu, tp, ic, params
@@ -160,6 +160,7 @@ class _Kind:
         self.pre_sp: dict = {}   # SP mode: tokens -> seconds
         self.attn: dict = {}     # mean context -> a decoding sequence's attention beside a chunk
         self.pair = attention_pair_time(model, gpu, tp, params)   # one (query, key) pair of a prompt
+        self.fixed = step_fixed_time(model, gpu, tp)               # what a step pays once (a profile's)
 
     def sp_mode(self, step_tokens: int) -> bool:
         """Whether a step of ``step_tokens`` tokens runs in SP mode here (the shared rule)."""
@@ -637,7 +638,9 @@ class Engine:
         the ``n_dec`` decoding sequences at their mean context; with (request, start, tokens,
         last) prompt chunks, the larger of that plus each chunk's share of its prompt's prefill
         (tokens / prompt tokens: the planner's accounting, chunking spreads a prompt's cost)
-        and the step as the executor runs it (``_Kind.mixed``: one pass of the products over
+        less the step's fixed cost, which the step pays once (``step_fixed_time``: a measured
+        prefill table's intercept; with no decodes the step pays it itself), and the step as
+        the executor runs it (``_Kind.mixed``: one pass of the products over
         all its tokens, each chunk's and each decode's attention; docs/simulator.md, "Service
         times"); in ``parts`` parts when interleaved.
         A shifted stage (Shift Parallelism) runs the step in SP mode when its ``step_tokens``
@@ -652,19 +655,23 @@ class Engine:
                 sp = kind.sp_mode(step_tokens)
                 mode = SP_MODE if sp else TP_MODE
                 modes[mode] = modes.get(mode, 0) + 1
+            fixed = 0.0
             if sp:
                 t = kind.decode_sp(n_dec, ctx_sum) if n_dec else 0.0
                 pre = kind.prefill_sp
             elif parts == 1:
-                t = kind.decode(n_dec, ctx_sum) if n_dec else 0.0
+                fixed = kind.fixed if chunks else 0.0
+                t = kind.decode(n_dec, ctx_sum) if n_dec else fixed
                 pre = kind.prefill
             else:
                 t = kind.decode_parts(n_dec, ctx_sum, parts) if n_dec else 0.0
                 pre = functools.partial(kind.prefill_parts, parts=parts)
             if chunks:
-                for c in chunks:   # each chunk's share of its prompt's prefill
+                for c in chunks:   # each chunk's share of its prompt's prefill, less the step's fixed cost
                     p = prompt[c[0]]
-                    t += pre(p) if c[2] == p else pre(p) * c[2] / p
+                    x = pre(p) - fixed
+                    if x > 0.0:
+                        t += x if c[2] == p else x * c[2] / p
                 fused = kind.mixed(n_dec, ctx_sum, chunks, pre)
                 if fused > t:
                     t = fused
