@@ -58,9 +58,10 @@ decode compute against the profile's time for it alone (`step_breakdown`), and i
 the simulator's time for that same step, for the steps without and with a prompt chunk
 (`StepModel`). `--json` keeps every request and every gateway step (their composition, chunks
 and duration), the workers' compute logs, the CPU each process group used per load
-(`cores_busy`) and the breakdown; `--kinds JSON --checkpoint DIR` prints a saved run's steps by
-kind (n decodes, with or without a chunk), each stage's hop, queue and compute beside the
-simulator's (`step_kinds_table`).
+(`cores_busy`) and the breakdown; `--kinds JSON [JSON ...] --checkpoint DIR` prints saved runs'
+steps by kind (n decodes, with or without a chunk), each stage's hop, queue and compute beside
+the simulator's (`step_kinds_table`), then each plan's stages over all the runs
+(`kinds_summary_table`).
 
 `--resimulate` runs a saved run's traces through this checkout's simulator again (a simulator
 change checked on measurements already taken); `--combine` prints the medians of several saved
@@ -1045,10 +1046,11 @@ def main() -> int:
                          "with another process stepping beside it, against alone; 0 with --no-host)")
     ap.add_argument("--no-host", action="store_true",
                     help="simulate cpu0 and cpu1 as separate machines (no `hosts`), as before")
-    ap.add_argument("--kinds", metavar="JSON",
-                    help="only print, for every plan and load of a saved --json run, its measured steps by kind "
+    ap.add_argument("--kinds", metavar="JSON", nargs="+",
+                    help="only print, for every plan and load of saved --json runs, the measured steps by kind "
                          "(step_kinds_table: each stage's hop, queue and compute; compute over the simulator's "
-                         "time for the same step); needs --checkpoint")
+                         "time for the same step), then each plan's stages over all the runs and loads "
+                         "(kinds_summary_table); needs --checkpoint")
     args = ap.parse_args()
     global SERVED_PROFILE
     SERVED_PROFILE = not args.lone_profile
@@ -1062,7 +1064,7 @@ def main() -> int:
     if args.kinds:
         if not args.checkpoint:
             ap.error("--kinds needs --checkpoint (the benchmark model's folder)")
-        print_kinds(json.loads(Path(args.kinds).read_text())["results"], args.checkpoint)
+        print_kinds([json.loads(Path(f).read_text())["results"] for f in args.kinds], args.checkpoint, args.kinds)
         return 0
     if args.resimulate:
         if not args.checkpoint:
@@ -1202,21 +1204,63 @@ def saved_trace(cell: dict) -> list:
     return [{"arrival": r["arrival"], "prompt": [0] * r["prompt_len"], "output_len": r["tokens"]} for r in recs]
 
 
-def print_kinds(results: dict, ckpt: str) -> None:
-    """Each saved cell's measured steps by kind (``step_kinds_table``), beside the simulator's
-    time for each step alone (``StepModel``, this checkout's), on stdout."""
-    for pname, pr in results.items():
-        model = StepModel(plan_for(ckpt, pr["stages"], pr["workload"]), make_cluster(pr["cluster"]))
-        for load, c in pr["cells"].items():
-            md = c.get("meas_detail") or {}
-            if not md.get("step_logs"):
-                log(f"[{pname} {load}] no step logs saved (a run before they were kept)")
-                continue
-            rows = step_rows(md["steps"], 0.0, saved_step_logs(md), model)
-            print(f"\n{pname} {load}: {len(rows)} of {len(md['steps'])} steps matched; ms (means; the step's "
-                  "median), per stage: the hop to it, the wait for the other loop, the rest before its compute, "
-                  "its compute; then the way back\n")
-            print(step_kinds_table(rows))
+def print_kinds(runs: list, ckpt: str, names: list | None = None) -> None:
+    """Each saved run's cells' measured steps by kind (``step_kinds_table``), beside the
+    simulator's time for each step alone (``StepModel``, this checkout's), then, per plan, its
+    stages over all the runs and loads (``kinds_summary_table``), on stdout. ``runs``: saved
+    runs' ``results``."""
+    everything: dict = {}
+    for i, results in enumerate(runs):
+        name = names[i] if names else f"run {i + 1}"
+        for pname, pr in results.items():
+            model = StepModel(plan_for(ckpt, pr["stages"], pr["workload"]), make_cluster(pr["cluster"]))
+            for load, c in pr["cells"].items():
+                md = c.get("meas_detail") or {}
+                if not md.get("step_logs"):
+                    log(f"[{name} {pname} {load}] no step logs saved (a run before they were kept)")
+                    continue
+                rows = step_rows(md["steps"], 0.0, saved_step_logs(md), model)
+                everything.setdefault(pname, []).extend(rows)
+                print(f"\n{name}: {pname} {load}: {len(rows)} of {len(md['steps'])} steps matched; ms (means; the "
+                      "step's median), per stage: the hop to it, the wait for the other loop, the rest before its "
+                      "compute, its compute; then the way back\n")
+                print(step_kinds_table(rows))
+    for pname, rows in everything.items():
+        print(f"\n{pname}, {len(runs)} run(s), every load: each stage's compute over the simulator's time for the "
+              "same steps, by kind\n")
+        print(kinds_summary_table(rows))
+
+
+KIND_BUCKETS = ((1, 3), (4, 8), (9, None))   # decodes in a step: 1-3, 4-8, 9 and more
+
+
+def kinds_summary_table(rows: list) -> str:
+    """``step_rows`` with a model (``StepModel``), per stage: summed compute over summed
+    simulated time of decode steps (``D``) and of steps with a prompt chunk (``P``) by the
+    decodes in them (``KIND_BUCKETS``), and of steps of prompts alone. A step kind whose ratio
+    differs from the stage's decode steps is a term the model gets wrong for it."""
+    if not rows:
+        return ""
+    sids = list(rows[0]["stages"])
+
+    def bucket(r) -> str:
+        n = r["decode"]
+        if r["chunks"] and n == 0:
+            return "prompts"
+        for lo, hi in KIND_BUCKETS:
+            if n >= lo and (hi is None or n <= hi):
+                return ("P" if r["chunks"] else "D") + (f"{lo}-{hi}" if hi else f"{lo}+")
+        return "D0"
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(bucket(r), []).append(r)
+    names = [f"{k}{lo}-{hi}" if hi else f"{k}{lo}+" for k in "D" for lo, hi in KIND_BUCKETS]
+    names += ["prompts"] + [f"P{lo}-{hi}" if hi else f"P{lo}+" for lo, hi in KIND_BUCKETS]
+    head = " | ".join(f"{n} ({len(groups.get(n, []))})" for n in names)
+    lines = [f"| stage | {head} |", "|---|" + "---|" * len(names)]
+    for k in sids:
+        lines.append(f"| {k} | " + " | ".join(_ratio_text(_model_ratio(groups.get(n, []), k)) for n in names) + " |")
+    return "\n".join(lines)
 
 
 def resimulate(results: dict, ckpt: str) -> None:

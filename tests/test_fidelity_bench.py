@@ -158,12 +158,19 @@ def test_kinds_sets_each_saved_step_beside_the_simulators_time_for_it(tmp_path, 
     results = {"pp2": {"stages": stages, "workload": {"prompt_tokens": 136, "output_tokens": 69},
                        "cluster": fb.base_cluster_dict(ckpt.name, tables),
                        "cells": {"30%": {"meas_detail": {"steps": steps, "step_logs": logs}}}}}
-    fb.print_kinds(results, str(ckpt))
+    fb.print_kinds([results, results], str(ckpt), ["a.json", "b.json"])
     out = capsys.readouterr().out
-    assert "pp2 30%: 2 of 2 steps matched" in out
+    assert "a.json: pp2 30%: 2 of 2 steps matched" in out and "b.json: pp2 30%" in out
     d3 = next(line for line in out.splitlines() if line.startswith("| D3 |"))
     p1 = next(line for line in out.splitlines() if line.startswith("| P1 |"))
     # stage 0 of the decode step: 35 ms against 6 layers x decode_ms(3) (no call table, no head)
     ratio0 = float(d3.rsplit("|", 2)[-2].split("/")[0])
     assert ratio0 == pytest.approx(35.0 / (6 * (5.0 - (5.0 - 2.5) / 3)), rel=0.01)
     assert "-" not in p1.rsplit("|", 2)[-2]                      # the chunk's detail was there: a model
+    # over both runs: each stage's decode steps of 1-3 sequences (two D3 steps) and steps of 1-3
+    # decodes and a chunk (two P1 steps), the same ratios as each run's; no other kind of step
+    assert "pp2, 2 run(s), every load" in out
+    assert "| stage | D1-3 (2) | D4-8 (0) | D9+ (0) | prompts (0) | P1-3 (2) | P4-8 (0) | P9+ (0) |" in out
+    s0 = next(line for line in out.splitlines() if line.startswith("| p0s0 |")).split("|")
+    assert float(s0[2]) == pytest.approx(ratio0, abs=0.006) and s0[3].strip() == "-"
+    assert float(s0[6]) == pytest.approx(float(p1.rsplit("|", 2)[-2].split("/")[0]), abs=0.006)
