@@ -1234,6 +1234,10 @@ def print_kinds(runs: list, ckpt: str, names: list | None = None) -> None:
 KIND_BUCKETS = ((1, 3), (4, 8), (9, None))   # decodes in a step: 1-3, 4-8, 9 and more
 
 
+def _bucket(prefix: str, lo: int, hi: int | None) -> str:
+    return f"{prefix}{lo}-{hi}" if hi else f"{prefix}{lo}+"
+
+
 def kinds_summary_table(rows: list) -> str:
     """``step_rows`` with a model (``StepModel``), per stage: summed compute over summed
     simulated time of decode steps (``D``) and of steps with a prompt chunk (``P``) by the
@@ -1242,20 +1246,17 @@ def kinds_summary_table(rows: list) -> str:
     if not rows:
         return ""
     sids = list(rows[0]["stages"])
-
-    def bucket(r) -> str:
-        n = r["decode"]
-        if r["chunks"] and n == 0:
-            return "prompts"
-        for lo, hi in KIND_BUCKETS:
-            if n >= lo and (hi is None or n <= hi):
-                return ("P" if r["chunks"] else "D") + (f"{lo}-{hi}" if hi else f"{lo}+")
-        return "D0"
     groups: dict = {}
     for r in rows:
-        groups.setdefault(bucket(r), []).append(r)
-    names = [f"{k}{lo}-{hi}" if hi else f"{k}{lo}+" for k in "D" for lo, hi in KIND_BUCKETS]
-    names += ["prompts"] + [f"P{lo}-{hi}" if hi else f"P{lo}+" for lo, hi in KIND_BUCKETS]
+        n = r["decode"]
+        if n == 0:
+            name = "prompts"
+        else:
+            name = next(_bucket("P" if r["chunks"] else "D", lo, hi) for lo, hi in KIND_BUCKETS
+                        if n >= lo and (hi is None or n <= hi))
+        groups.setdefault(name, []).append(r)
+    names = ([_bucket("D", lo, hi) for lo, hi in KIND_BUCKETS] + ["prompts"]
+             + [_bucket("P", lo, hi) for lo, hi in KIND_BUCKETS])
     head = " | ".join(f"{n} ({len(groups.get(n, []))})" for n in names)
     lines = [f"| stage | {head} |", "|---|" + "---|" * len(names)]
     for k in sids:

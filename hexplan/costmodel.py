@@ -389,7 +389,8 @@ def step_fixed_time(model: ModelSpec, gpu: GpuType, tp: int) -> float:
     table: the intercept a of ``_quadratic_fit`` (>= 0) / tp. On a CPU it is most of a small
     forward (the fidelity bench's profile: a = 4.7 ms of a 32-token prompt's 6.8 ms a layer).
     A step of decodes and a prompt chunk pays it once, in its decode step, so the simulator's
-    share rule charges a chunk its share of its prompt's prefill less it (``_Kind.share``).
+    share rule charges a chunk its share of its prompt's prefill less it
+    (``Engine._layer_times``).
     0 without a measured table: a roofline prefill of a prompt is its FLOPs or its reads, not
     a fixed cost plus per-token work."""
     prof = gpu.profile_for(model.name)

@@ -640,9 +640,9 @@ class Engine:
         (tokens / prompt tokens: the planner's accounting, chunking spreads a prompt's cost)
         less the step's fixed cost, which the step pays once (``step_fixed_time``: a measured
         prefill table's intercept; with no decodes the step pays it itself), and the step as
-        the executor runs it (``_Kind.mixed``: one pass of the products over
-        all its tokens, each chunk's and each decode's attention; docs/simulator.md, "Service
-        times"); in ``parts`` parts when interleaved.
+        the executor runs it (``_Kind.mixed``: one pass of the products over all its tokens,
+        each chunk's and each decode's attention; docs/simulator.md, "Service times"); in
+        ``parts`` parts when interleaved.
         A shifted stage (Shift Parallelism) runs the step in SP mode when its ``step_tokens``
         (decode tokens + prompt chunk tokens) are above its threshold (``shift_mode``, the rule
         the executor's workers apply): the same sum with the SP-mode times, not interleaved."""
