@@ -331,9 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "prompts against their length and the LM head against logits rows (median of "
                                     "--repeats after --warmup), and write the cluster-file section "
                                     "gpu_types.GPU.profiles.MODEL: {decode_ms, prefill_ms} (ms per layer at TP 1), "
-                                    "lm_head_ms (ms per step at TP 1) and with --tp > 1 allreduce_ms (ms per all-reduce) "
-                                    "and allreduce_tp, which the cost model then uses instead of its rooflines for that "
-                                    "GPU type and model. Progress goes to stderr; stdout carries only the YAML. See "
+                                    "lm_head_ms (ms per step at TP 1); with --tp d > 1 the same tables as by_tp.d (the TP-d group's own) and "
+                                    "allreduce_ms (ms per all-reduce) with allreduce_tp. The cost model then uses them "
+                                    "instead of its rooflines for that GPU type and model. Progress goes to stderr; stdout carries only the YAML. See "
                                     "docs/cost-model.md, 'Measured profiles'.")
     pf.add_argument("--checkpoint", required=True, help="Hugging Face safetensors checkpoint directory")
     pf.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu; TP rank r on cuda:r)")
@@ -342,15 +342,18 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--tp", type=int, default=1,
                     help="tensor-parallel degree: one process per rank (gloo on 127.0.0.1, or NCCL); the tables hold the "
                          "slowest rank's compute time (all-reduces taken out) x TP, the TP-1 figure the cost model divides "
-                         "by TP, and allreduce_ms the rest of the step per all-reduce (default 1)")
+                         "by TP, written as by_tp.TP (what groups of that degree are charged), and allreduce_ms the rest "
+                         "of the step per all-reduce (default 1)")
     pf.add_argument("--gpu-type", help="GPU type the profile is for (default: cpu with --device cpu; with cuda the "
                                        "catalog type the device's name matches)")
     pf.add_argument("--model", help="model name the profile is for (default: the name `hexplan solve --model DIR` gives "
                                     "the checkpoint, its directory's name); a profile is used only for that name")
     pf.add_argument("-o", "--output", help="file to write the section to ('-': stdout; default stdout, or nothing with --merge)")
     pf.add_argument("--merge", metavar="CLUSTER.yaml",
-                    help="add or replace gpu_types.GPU.profiles.MODEL in this cluster file, keeping the rest of it "
-                         "(comments too, where the file's layout allows; stderr says when it did not)")
+                    help="add or replace the measured tables in gpu_types.GPU.profiles.MODEL of this cluster file, "
+                         "keeping the rest of it (comments too, where the file's layout allows; stderr says when it did "
+                         "not): a TP-1 run replaces the TP-1 tables, a --tp d run by_tp.d and allreduce_ms, each keeping "
+                         "the other's")
     g = pf.add_argument_group("grid")
     g.add_argument("--decode-batches", metavar="B,B,...",
                    help="decode batch sizes, also the LM head's rows (default: 1,2,...,16,32,64 on the CPU, "
@@ -964,6 +967,29 @@ def _ms(v: float) -> float:
     return max(float(f"{v:.4g}"), 1e-6)
 
 
+def _merged_profile(old: dict, new: dict, tp: int) -> tuple[dict, str]:
+    """A cluster file's profile entry ``old`` with what a ``hexplan profile --tp tp`` run measured
+    (``new``) put in, and what of ``old`` stayed, in words ('' when nothing did). A TP-1 run
+    replaces the TP-1 tables (``call_ms`` too: one run's split) and keeps the other degrees' tables
+    and the all-reduce's; a TP-d run replaces ``by_tp.d`` and the all-reduce's table and keeps the
+    rest."""
+    degrees = {k: v for k, v in (old.get("by_tp") or {}).items() if k != tp} if isinstance(old.get("by_tp"), dict) else {}
+    if tp == 1:
+        entry = dict(new)
+        keep = [k for k in ("allreduce_ms", "allreduce_tp") if k in old]
+    else:
+        entry = {k: v for k, v in old.items() if k not in ("by_tp", "allreduce_ms", "allreduce_tp")}
+        entry.update({k: v for k, v in new.items() if k != "by_tp"})
+        keep = [k for k in entry if k not in new]
+        degrees[tp] = new["by_tp"][tp]
+    for k in keep:
+        entry.setdefault(k, old[k])
+    if degrees:
+        entry["by_tp"] = dict(sorted(degrees.items(), key=lambda kv: int(kv[0]) if str(kv[0]).isdigit() else 0))
+    kept = keep + [f"by_tp.{d}" for d in degrees if d != tp]
+    return entry, ", ".join(kept)
+
+
 def cmd_profile(args) -> int:
     from .yamlio import dumps, load_document, set_entry
 
@@ -1096,10 +1122,13 @@ def cmd_profile(args) -> int:
     except torch.OutOfMemoryError:
         raise HexplanError(f"out of memory on {args.device}: try fewer --layers or smaller --decode-batches / "
                            "--prefill-tokens") from None
-    tables = {"decode_ms": {x: _ms(v) for x, v in result.decode_ms.items()},
-              "prefill_ms": {x: _ms(v) for x, v in result.prefill_ms.items()}}
+    group = {"decode_ms": {x: _ms(v) for x, v in result.decode_ms.items()},
+             "prefill_ms": {x: _ms(v) for x, v in result.prefill_ms.items()}}
     if result.lm_head_ms:
-        tables["lm_head_ms"] = {x: _ms(v) for x, v in result.lm_head_ms.items()}
+        group["lm_head_ms"] = {x: _ms(v) for x, v in result.lm_head_ms.items()}
+    # TP 1: the profile's own tables; TP d: the degree's own (by_tp.d), which the cost model
+    # charges groups of that degree by, beside the all-reduce's table
+    tables = dict(group) if args.tp == 1 else {"by_tp": {args.tp: group}}
     if result.allreduce_ms:
         tables["allreduce_ms"] = {x: _ms(v) for x, v in result.allreduce_ms.items()}
         tables["allreduce_tp"] = args.tp
@@ -1114,19 +1143,22 @@ def cmd_profile(args) -> int:
         print(f"hexplan: warning: {len(noisy)} of {len(result.points)} points varied by more than {NOISY:g}x between "
               "repetitions: is the machine busy? More --repeats, or fewer --threads than free cores, steady them",
               file=err, flush=True)
-    norm = f"measured compute (all-reduces taken out) x {args.tp}" if args.tp > 1 else "measured"
+    where = "" if args.tp == 1 else f"by_tp.{args.tp}."
+    norm = (f"the TP-{args.tp} group's own: its slowest rank's measured compute (all-reduces taken out) x {args.tp}, "
+            f"what TP-{args.tp} groups of this GPU type are charged (docs/cost-model.md)" if args.tp > 1 else "measured")
     text = (f"# hexplan profile --checkpoint {ckpt} --device {args.device} --dtype {args.dtype} --tp {args.tp}\n"
             f"# {result.device_name}; layers 0-{layers - 1} of {model.num_layers}; decode context {context}; "
             f"median of {args.repeats} after {args.warmup} warm-up\n"
-            f"# decode_ms, prefill_ms: ms per layer at TP 1 ({norm}); x = decode batch size / prompt tokens\n"
+            f"# {where}decode_ms, {where}prefill_ms: ms per layer as at TP 1 ({norm}); x = decode batch size / "
+            "prompt tokens\n"
             + ("# decode_ms, prefill_ms: through a served worker (--served: Forward calls to a local hexplan node, "
                "less the LM head's step" + (" and the call's own cost" if "call_ms" in tables else "") + ")\n"
                if args.served else "")
             + ("# call_ms: ms per Forward call to a stage beyond its layers and LM head (gRPC, (de)serialising, "
                "per-call work), from a served 1-layer shard, non-decreasing over the batches; x = sequences in "
                "the step\n" if "call_ms" in tables else "")
-            + ("# lm_head_ms: ms per step at TP 1 (final norm, LM head, logits out); x = logits rows\n"
-               if "lm_head_ms" in tables else "")
+            + (f"# {where}lm_head_ms: ms per step as at TP 1 (final norm, LM head, logits out"
+               + (f"; x {args.tp}" if args.tp > 1 else "") + "); x = logits rows\n" if "lm_head_ms" in group else "")
             + (f"# allreduce_ms: ms per all-reduce at TP {args.tp} (the step beyond the slowest rank's compute, "
                "over 2 x layers); x = rows of hidden state\n" if "allreduce_ms" in tables else "")
             + dumps({"gpu_types": {gpu: {"profiles": {name: tables}}}}))
@@ -1137,10 +1169,13 @@ def cmd_profile(args) -> int:
         _write(out, text, "--output")
         print(f"hexplan: profile written to {out}", file=err)
     if args.merge:
-        merged, kept = set_entry(merge_text, ("gpu_types", gpu, "profiles", name), tables, file=args.merge)
+        old = ((defined.get(gpu) or {}).get("profiles") or {}).get(name) if isinstance(defined.get(gpu), dict) else None
+        entry, kept_old = _merged_profile(old if isinstance(old, dict) else {}, tables, args.tp)
+        merged, kept = set_entry(merge_text, ("gpu_types", gpu, "profiles", name), entry, file=args.merge)
         loads_cluster(merged, file=args.merge)   # never write a file that does not load
         _write(args.merge, merged, "--merge")
         print(f"hexplan: gpu_types.{gpu}.profiles.{name} merged into {args.merge}"
+              + (f", keeping its {kept_old}" if kept_old else "")
               + ("" if kept else " (rewritten from its data: its comments and layout were not kept)"), file=err)
     return 0
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from .gpus import CATALOG, GpuType, Profile, ProfileTable
+from .gpus import CATALOG, GROUP_TABLES, GpuType, Profile, ProfileTable
 from .units import UnitError, exact_bandwidth, exact_size, exact_time, parse_bandwidth, parse_size, parse_time
 from .yamlio import Locator, load_document, loads_document, plain, show
 
@@ -240,8 +240,9 @@ def _profile(tables: dict, pp, loc: Locator) -> Profile:
     """One model's profile: the per-layer tables, the LM head's table, the TP all-reduce's
     (``allreduce_ms`` with the degree it was measured at, ``allreduce_tp``) and a call's own
     cost per stage (``call_ms``)."""
-    _check_keys(tables, {*_PROFILE_TABLES, "allreduce_tp"}, pp, loc)
+    _check_keys(tables, {*_PROFILE_TABLES, "allreduce_tp", "by_tp"}, pp, loc)
     got = {k: _table(tables[k], pp + (k,), loc) for k in _PROFILE_TABLES if k in tables}
+    by_tp = _by_tp(tables["by_tp"], pp + ("by_tp",), loc) if "by_tp" in tables else ()
     degree = 0
     if "allreduce_tp" in tables:
         degree = tables["allreduce_tp"]
@@ -253,7 +254,30 @@ def _profile(tables: dict, pp, loc: Locator) -> Profile:
     elif "allreduce_ms" in tables:
         raise loc.error(pp + ("allreduce_ms",), "needs allreduce_tp, the TP degree it was measured at (e.g. "
                         "allreduce_tp: 2)")
-    return Profile(**got, allreduce_tp=degree)
+    return Profile(**got, allreduce_tp=degree, by_tp=by_tp)
+
+
+def _by_tp(d, path, loc: Locator) -> tuple:
+    """``by_tp``: {degree: {decode_ms, prefill_ms, lm_head_ms}}, each degree's own tables
+    (``hexplan profile --tp d`` writes them), sorted by degree."""
+    if not isinstance(d, dict) or not d:
+        raise loc.error(path, "expected a mapping of TP degree -> {decode_ms, prefill_ms, lm_head_ms} "
+                        "(e.g. by_tp: {2: {decode_ms: {...}, prefill_ms: {...}}})")
+    out = {}
+    for k, tables in d.items():
+        degree = _json_key(k)   # a JSON key "2" reads as 2.0
+        if isinstance(degree, float) and degree.is_integer():
+            degree = int(degree)
+        if isinstance(degree, bool) or not isinstance(degree, int) or degree < 2:
+            raise loc.error(path + (k,), f"a TP degree must be an integer >= 2 (the TP-1 tables are the "
+                            f"profile's own), got {show(k)}")
+        if degree in out:
+            raise loc.error(path + (k,), f"TP degree {degree} given twice")
+        if not isinstance(tables, dict) or not tables:
+            raise loc.error(path + (k,), "expected {decode_ms: {...}, prefill_ms: {...}} (and optionally lm_head_ms)")
+        _check_keys(tables, set(GROUP_TABLES), path + (k,), loc)
+        out[degree] = Profile(**{t: _table(tables[t], path + (k, t), loc) for t in GROUP_TABLES if t in tables})
+    return tuple(sorted(out.items()))
 
 
 def _json_key(k):
@@ -499,4 +523,6 @@ def _profile_dict(p: Profile) -> dict:
     d = {k: table(getattr(p, k)) for k in _PROFILE_TABLES if getattr(p, k) is not None}
     if p.allreduce_ms is not None:
         d["allreduce_tp"] = p.allreduce_tp
+    if p.by_tp:
+        d["by_tp"] = {degree: _profile_dict(q) for degree, q in p.by_tp}
     return d

@@ -15,7 +15,8 @@ element, d TP degree, B decode batch (sequences per step), P prompt tokens, O ou
   last position of every prompt.
 * A measured profile of the model on the GPU type (gpus.Profile) replaces rooflines: per-layer
   ``decode_ms`` / ``prefill_ms``, the LM head's ``lm_head_ms``, and ``allreduce_ms`` in place of
-  the ring formula (scaled by the ring's steps from the degree it was measured at).
+  the ring formula (scaled by the ring's steps from the degree it was measured at). A TP degree
+  with its own measured tables (``by_tp``) is charged by them (``group_profile``).
 * Interleaving (``Workload.interleave`` N > 1, Liger-style): a step runs as N parts. Compute is
   the sum of the N parts' rooflines (the weights are read N times), the all-reduces move the same
   bytes in N times as many messages, and communication hides under compute up to
@@ -35,7 +36,7 @@ import math
 from dataclasses import dataclass
 
 from .errors import SpecError
-from .gpus import GpuType
+from .gpus import GpuType, Profile
 from .models import ModelSpec
 
 TOKEN_ID_BYTES = 4
@@ -144,6 +145,14 @@ def ring_allreduce_time(nbytes: float, d: int, bandwidth: float, alpha: float) -
     if d <= 1:
         return 0.0
     return 2 * (d - 1) * (alpha + nbytes / (d * bandwidth))
+
+
+def group_profile(model: ModelSpec, gpu: GpuType, tp: int) -> Profile | None:
+    """The GPU type's measured profile of the model as a TP group of degree ``tp`` is charged by
+    it (``Profile.at_tp``: that degree's own layer and head tables where ``hexplan profile --tp``
+    measured them, ``by_tp``), or None."""
+    prof = gpu.profile_for(model.name)
+    return prof.at_tp(tp) if prof is not None else None
 
 
 def allreduce_time(model: ModelSpec, gpu: GpuType, tp: int, rows: float, interconnect: float,
@@ -285,7 +294,7 @@ def decode_layer_split(model: ModelSpec, gpu: GpuType, tp: int, batch: float, co
     heads_local = model.num_heads // tp
     kv_tok = 2 * local_kv_heads(model, tp) * hd * b
     n = _parts(parts, batch)
-    prof = gpu.profile_for(model.name)
+    prof = group_profile(model, gpu, tp)
     if n == 1:
         if prof and prof.decode_ms:
             compute = prof.decode_ms.ms(batch) / 1e3 / tp
@@ -325,7 +334,7 @@ def prefill_layer_split(model: ModelSpec, gpu: GpuType, tp: int, tokens: int, in
     heads_local = model.num_heads // tp
     kv_tok = 2 * local_kv_heads(model, tp) * hd * b
     n = _parts(parts, tokens)
-    prof = gpu.profile_for(model.name)
+    prof = group_profile(model, gpu, tp)
     if n == 1:
         if prof and prof.prefill_ms:
             compute = prof.prefill_ms.ms(tokens) / 1e3 / tp
@@ -393,7 +402,7 @@ def step_fixed_time(model: ModelSpec, gpu: GpuType, tp: int) -> float:
     (``Engine._layer_times``).
     0 without a measured table: a roofline prefill of a prompt is its FLOPs or its reads, not
     a fixed cost plus per-token work."""
-    prof = gpu.profile_for(model.name)
+    prof = group_profile(model, gpu, tp)
     if prof is None or prof.prefill_ms is None:
         return 0.0
     fit = _quadratic_fit(prof.prefill_ms)
@@ -409,7 +418,7 @@ def attention_pair_time(model: ModelSpec, gpu: GpuType, tp: int, p: CostParams =
     a layer more than a 32-token prompt from 0, where bench/served_step_bench.py measured
     0.3-0.8); else the prefill roofline's attention FLOPs per unit, 2 x d_h x heads / tp, at its
     FLOP rate."""
-    prof = gpu.profile_for(model.name)
+    prof = group_profile(model, gpu, tp)
     if prof is not None and prof.prefill_ms is not None:
         return _quadratic(prof.prefill_ms) / 1e3 / tp
     return 2 * model.dim_head * (model.num_heads // tp) / (gpu.flops * p.flops_efficiency)
@@ -427,7 +436,7 @@ def decode_attention_time(model: ModelSpec, gpu: GpuType, tp: int, context: floa
     at the profiled context (a CPU profile: 0.12-0.14 ms, where served steps of n decodes and a
     32-token chunk grew by about 0.14 ms a layer per decode, docs/fidelity.md); else the
     roofline of reading its KV cache."""
-    prof = gpu.profile_for(model.name)
+    prof = group_profile(model, gpu, tp)
     if prof is not None and prof.decode_ms is not None and prof.prefill_ms is not None \
             and len(prof.decode_ms.points) >= 2:
         (b1, d1), (b2, d2) = prof.decode_ms.points[-2:]
@@ -452,7 +461,7 @@ def lm_head_time(model: ModelSpec, gpu: GpuType, tp: int, tokens: int, p: CostPa
     TP mode's: the executor gathers the step's hidden states over the SP ranks and runs the d-way
     head of TP mode on all rows (the gather itself is not modelled)."""
     n = _parts(parts, tokens)
-    prof = gpu.profile_for(model.name)
+    prof = group_profile(model, gpu, tp)
     if prof is not None and prof.lm_head_ms is not None:
         return n * prof.lm_head_ms.ms(tokens / n) / 1e3 / tp
     if n == 1:
@@ -512,7 +521,7 @@ def sp_layer_split(model: ModelSpec, gpu: GpuType, tp: int, sp: int, tokens: flo
     heads = model.num_heads // tp          # query heads per GPU in attention (head-parallel over all tp)
     kv_tok = 2 * local_kv_heads(model, tp) * hd * b
     n = math.ceil(tokens / sp)
-    prof = gpu.profile_for(model.name)
+    prof = group_profile(model, gpu, t)
     table = (prof.decode_ms if context is not None else prof.prefill_ms) if prof else None
     if table:
         compute = max(table.ms(n) / t, table.ms(tokens) / tp) / 1e3

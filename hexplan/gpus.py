@@ -8,6 +8,7 @@ on-demand cloud list price per GPU-hour (2024-2025), used only for budget compar
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import re
 from dataclasses import dataclass, field
 
@@ -39,11 +40,18 @@ class ProfileTable:
         return max(0.0, y0 + (y1 - y0) * (x - x0) / (x1 - x0))
 
 
+GROUP_TABLES = ("decode_ms", "prefill_ms", "lm_head_ms")   # the tables a TP degree may have its own of
+
+
 @dataclass(frozen=True)
 class Profile:
     """Measured times of one model on one GPU type: per-layer tables at TP 1, the step's LM head
     at TP 1, one TP all-reduce as measured at TP ``allreduce_tp``, and what one call to a stage
-    costs beyond its layers (``hexplan profile --served``: gRPC, (de)serialising, per-call work)."""
+    costs beyond its layers (``hexplan profile --served``: gRPC, (de)serialising, per-call work).
+
+    ``by_tp``: a TP degree's own layer and head tables (``hexplan profile --tp d``: the slowest
+    rank's compute x d, in the same units as the TP-1 ones), for the groups of that degree;
+    ``at_tp`` picks them."""
 
     decode_ms: ProfileTable | None = None   # x = batch size (sequences per decode step)
     prefill_ms: ProfileTable | None = None  # x = prompt tokens in the step
@@ -51,6 +59,26 @@ class Profile:
     allreduce_ms: ProfileTable | None = None  # x = rows of the hidden state (tokens in the step); one all-reduce
     allreduce_tp: int = 0                   # the TP degree allreduce_ms was measured at (>= 2 when it is set)
     call_ms: ProfileTable | None = None     # x = sequences in the step; once per stage a step visits
+    by_tp: tuple[tuple[int, Profile], ...] = ()   # (degree >= 2, its decode_ms / prefill_ms / lm_head_ms)
+
+    def at_tp(self, tp: int) -> Profile:
+        """The profile a TP group of degree ``tp`` is charged by: each of ``GROUP_TABLES`` from the
+        largest measured degree not above ``tp`` (the top-level tables are degree 1), else from the
+        smallest measured degree above it; the all-reduce and call tables as they are. Without
+        ``by_tp``, this profile itself."""
+        if not self.by_tp:
+            return self
+        cache = self.__dict__.setdefault("_at_tp", {})   # not a field: eq and hash ignore it
+        got = cache.get(tp)
+        if got is None:
+            measured = [(1, self)] + list(self.by_tp)
+            chosen = {}
+            for kind in GROUP_TABLES:
+                have = sorted((d, getattr(p, kind)) for d, p in measured if getattr(p, kind) is not None)
+                below = [t for d, t in have if d <= tp]
+                chosen[kind] = below[-1] if below else (have[0][1] if have else None)
+            got = cache[tp] = dataclasses.replace(self, by_tp=(), **chosen)
+        return got
 
 
 @dataclass(frozen=True)

@@ -193,10 +193,16 @@ class Locator:
         self.lines = lines
 
     def line(self, path) -> int | None:
-        path = tuple(path)
-        while path and path not in self.lines:
-            path = path[:-1]
-        return self.lines.get(path)
+        """The line of the deepest part of ``path`` the document has (a number in the path may be
+        a mapping key, which the lines hold as written: ``by_tp: {2: ...}`` is under "2")."""
+        prefix, found = (), self.lines.get(())
+        for part in path:
+            keys = (part, str(part)) if isinstance(part, (int, float)) and not isinstance(part, bool) else (part,)
+            key = next((prefix + (k,) for k in keys if prefix + (k,) in self.lines), None)
+            if key is None:
+                break
+            prefix, found = key, self.lines[key]
+        return found
 
     def error(self, path, message: str) -> SpecError:
         return SpecError(message, file=self.file, line=self.line(path), field=_dotted(path) or None)

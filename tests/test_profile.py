@@ -65,8 +65,11 @@ def tables_of(doc, gpu="cpu", model="tiny-llama", tp=1, served=False):
     assert list(doc) == ["gpu_types"] and list(doc["gpu_types"]) == [gpu], doc
     assert list(doc["gpu_types"][gpu]) == ["profiles"] and list(doc["gpu_types"][gpu]["profiles"]) == [model], doc
     t = doc["gpu_types"][gpu]["profiles"][model]
-    assert list(t) == (["decode_ms", "prefill_ms", "lm_head_ms"] + (["allreduce_ms", "allreduce_tp"] if tp > 1 else [])
-                       + (["call_ms"] if served else [])), t
+    if tp > 1:   # the degree's own tables, beside the all-reduce's
+        assert list(t) == ["by_tp", "allreduce_ms", "allreduce_tp"] and list(t["by_tp"]) == [tp], t
+        assert list(t["by_tp"][tp]) == ["decode_ms", "prefill_ms", "lm_head_ms"], t
+        return {**t["by_tp"][tp], "allreduce_ms": t["allreduce_ms"], "allreduce_tp": t["allreduce_tp"]}
+    assert list(t) == ["decode_ms", "prefill_ms", "lm_head_ms"] + (["call_ms"] if served else []), t
     return t
 
 
@@ -228,6 +231,61 @@ def test_tp2_on_cpu_over_gloo(ckpt):
         assert allreduce_time(model, gpu, 2, b, 1e9) == pytest.approx(ms / 1e3)
     assert decode_layer_time(model, gpu, 2, 4, 100, 1e9) == pytest.approx(
         (t["decode_ms"][4] / 2 + 2 * t["allreduce_ms"][4]) / 1e3)
+
+
+TP1_ENTRY = """gpu_types:
+  cpu:
+    profiles:
+      tiny-llama:   # measured at TP 1 earlier
+        decode_ms: {1: 100.0, 4: 200.0}
+        prefill_ms: {8: 300.0, 128: 900.0}
+        lm_head_ms: {1: 50.0, 4: 60.0}
+        call_ms: {1: 1.0, 4: 2.0}
+"""
+
+
+def test_tp2_merge_keeps_the_tp1_tables_and_each_degree_is_charged_its_own(ckpt, tmp_path):
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(TP1_ENTRY + CLUSTER)
+    r = hexplan("profile", "--checkpoint", ckpt, *GRID, "--tp", "2", "--merge", cluster)
+    assert r.returncode == 0, r.stderr
+    assert "keeping its decode_ms, prefill_ms, lm_head_ms, call_ms" in r.stderr, r.stderr
+    text = cluster.read_text()
+    assert "# measured at TP 1 earlier" in text and "# the end" in text, text
+    entry = yaml.safe_load(text)["gpu_types"]["cpu"]["profiles"]["tiny-llama"]
+    assert entry["decode_ms"] == {1: 100.0, 4: 200.0} and entry["call_ms"] == {1: 1.0, 4: 2.0}, entry
+    own = entry["by_tp"][2]
+    check_tables(own)
+    c, model = load_cluster(cluster), load_model(ckpt)
+    gpu = c.nodes[0].gpu
+    # a TP-1 group is charged the TP-1 table, a TP-2 group its own degree's (the measured ones)
+    assert decode_layer_time(model, gpu, 1, 4, 100, 1e9) == pytest.approx(0.2)
+    assert prefill_layer_time(model, gpu, 1, 128, 1e9) == pytest.approx(0.9)
+    assert lm_head_time(model, gpu, 1, 4) == pytest.approx(0.06)
+    assert decode_layer_time(model, gpu, 2, 4, 100, 1e9) == pytest.approx(
+        (own["decode_ms"][4] / 2 + 2 * entry["allreduce_ms"][4]) / 1e3)
+    assert prefill_layer_time(model, gpu, 2, 128, 1e9) == pytest.approx(
+        (own["prefill_ms"][128] / 2 + 2 * entry["allreduce_ms"][128]) / 1e3)
+    assert lm_head_time(model, gpu, 2, 4) == pytest.approx(own["lm_head_ms"][4] / 2e3)
+
+
+def test_merged_profile_keeps_the_other_degrees():
+    from hexplan.cli import _merged_profile
+
+    tp1 = {"decode_ms": {1: 1.0}, "prefill_ms": {8: 2.0}, "call_ms": {1: 0.5}}
+    tp2 = {"by_tp": {2: {"decode_ms": {1: 3.0}, "prefill_ms": {8: 4.0}}}, "allreduce_ms": {1: 0.2}, "allreduce_tp": 2}
+    tp4 = {"by_tp": {4: {"decode_ms": {1: 5.0}, "prefill_ms": {8: 6.0}}}, "allreduce_ms": {1: 0.3}, "allreduce_tp": 4}
+    e, kept = _merged_profile({}, tp2, 2)
+    assert e == tp2 and kept == ""
+    e, kept = _merged_profile(e, tp4, 4)      # the newer all-reduce table wins; both degrees stay
+    assert e["by_tp"] == {2: tp2["by_tp"][2], 4: tp4["by_tp"][4]} and e["allreduce_tp"] == 4 and kept == "by_tp.2"
+    e, kept = _merged_profile(e, tp1, 1)      # a TP-1 run replaces the TP-1 tables only
+    assert e["decode_ms"] == {1: 1.0} and e["call_ms"] == {1: 0.5} and list(e["by_tp"]) == [2, 4]
+    assert e["allreduce_ms"] == {1: 0.3} and kept == "allreduce_ms, allreduce_tp, by_tp.2, by_tp.4"
+    e, kept = _merged_profile(e, {"decode_ms": {1: 9.0}, "prefill_ms": {8: 9.0}}, 1)   # no call_ms this time
+    assert "call_ms" not in e and e["decode_ms"] == {1: 9.0}
+    e, kept = _merged_profile(e, tp2, 2)      # re-profiling a degree replaces it
+    assert e["by_tp"][2] == tp2["by_tp"][2] and e["decode_ms"] == {1: 9.0} and e["allreduce_tp"] == 2
 
 
 @pytest.mark.parametrize("args, flag", [

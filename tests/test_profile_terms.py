@@ -6,6 +6,8 @@ simulator in place of the LM head's roofline and the ring all-reduce formula. No
 Expected numbers are plain arithmetic on the tables written below."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from hexplan.cluster import cluster_from_dict, cluster_to_dict, loads_cluster
@@ -81,7 +83,7 @@ FIELD = "gpu_types.A100-40G.profiles.llama-2-7b."
     ("allreduce_tp: 2", "", 9, "allreduce_ms", "needs allreduce_tp"),
     ("allreduce_ms: {1: 0.1, 16: 0.3, 512: 1.1}", "", 10, "allreduce_tp", "given without allreduce_ms"),
     ("lm_head_ms:", "lm_head:", 8, "lm_head", "unknown field 'lm_head'; expected one of allreduce_ms, "
-                                              "allreduce_tp, call_ms, decode_ms, lm_head_ms, prefill_ms"),
+                                              "allreduce_tp, by_tp, call_ms, decode_ms, lm_head_ms, prefill_ms"),
 ])
 def test_bad_tables_are_one_line_naming_the_field(old, new, line, field, message):
     assert old in TABLES
@@ -173,3 +175,80 @@ def test_the_simulator_uses_the_lm_head_table():
     base = tpot(TABLES)
     slow = tpot(TABLES.replace("lm_head_ms: {1: 0.8, 16: 2.4}", "lm_head_ms: {1: 10.8, 16: 12.4}"))
     assert slow - base == pytest.approx(10e-3, rel=1e-3)     # every 4-row decode step: 10 ms more
+
+
+# ---- a TP degree's own tables (by_tp) --------------------------------------------------------------
+
+BY_TP = TABLES.replace("        allreduce_tp: 2\n", """\
+        allreduce_tp: 2
+        by_tp:                              # hexplan profile --tp d: the slowest rank's compute x d
+          2: {decode_ms: {1: 0.7, 16: 0.9}, prefill_ms: {512: 2.6}}
+          4:
+            decode_ms: {1: 1.0, 16: 1.2}
+            prefill_ms: {512: 3.0}
+            lm_head_ms: {1: 1.6, 16: 4.0}
+""")
+
+
+def test_each_degree_is_charged_its_own_tables():
+    g = loads_cluster(BY_TP).node("n0").gpu
+    ar = lambda rows, tp: allreduce_time(M, g, tp, rows, NVL)   # noqa: E731
+    # TP 1: the profile's own tables; TP 2 and 3: degree 2's; TP 4 and 8: degree 4's
+    for tp, dec16, pre in ((1, 0.6, 2.0), (2, 0.9, 2.6), (3, 0.9, 2.6), (4, 1.2, 3.0), (8, 1.2, 3.0)):
+        if M.tp_degree_ok(tp):
+            continue
+        assert decode_layer_time(M, g, tp, 16, 512, NVL) == pytest.approx(dec16 / 1e3 / tp + 2 * ar(16, tp)), tp
+        assert prefill_layer_time(M, g, tp, 512, NVL) == pytest.approx(pre / 1e3 / tp + 2 * ar(512, tp)), tp
+    # a table a degree lacks comes from the largest degree below it that has one
+    assert lm_head_time(M, g, 2, 16) == pytest.approx(2.4e-3 / 2)      # degree 2 has no head table: TP 1's
+    assert lm_head_time(M, g, 4, 16) == pytest.approx(4.0e-3 / 4)
+    # and a planned pipeline's stage of TP 4 decodes at degree 4's table
+    w = Workload(batch_size=16)
+    m = evaluate_pipeline(loads_cluster(BY_TP), CostCache(M, w), ["n0"], [4], [32])
+    m2 = evaluate_pipeline(loads_cluster(TABLES), CostCache(M, w), ["n0"], [4], [32])
+    assert m.tpot_s - m2.tpot_s == pytest.approx(32 * (1.2 - 0.6) / 4e3 + (4.0 - 2.4) / 4e3, rel=1e-6)
+
+
+def test_without_tp1_tables_every_degree_takes_the_nearest_measured():
+    prof = loads_cluster(BY_TP).node("n0").gpu.profile_for("llama-2-7b")
+    only = dataclasses.replace(prof, decode_ms=None, prefill_ms=None, lm_head_ms=None)
+    assert only.at_tp(1).decode_ms == prof.by_tp[0][1].decode_ms      # the smallest measured degree, 2
+    assert only.at_tp(1).lm_head_ms == prof.by_tp[1][1].lm_head_ms    # the head only at degree 4
+    assert only.at_tp(2).lm_head_ms == prof.by_tp[1][1].lm_head_ms
+    assert prof.at_tp(2).by_tp == () and prof.at_tp(2).allreduce_ms == prof.allreduce_ms
+    assert prof.at_tp(2) is prof.at_tp(2)                              # computed once per degree
+    plain = loads_cluster(TABLES).node("n0").gpu.profile_for("llama-2-7b")
+    assert plain.at_tp(4) is plain
+
+
+def test_by_tp_is_written_back():
+    c = loads_cluster(BY_TP)
+    d = cluster_to_dict(c, model="llama-2-7b")
+    written = d["gpu_types"]["A100-40G"]["profiles"]["llama-2-7b"]["by_tp"]
+    assert written == {2: {"decode_ms": {1: 0.7, 16: 0.9}, "prefill_ms": {512: 2.6}},
+                       4: {"decode_ms": {1: 1.0, 16: 1.2}, "prefill_ms": {512: 3.0}, "lm_head_ms": {1: 1.6, 16: 4.0}}}
+    assert cluster_from_dict(d, Locator(None, {})).node("n0") == c.node("n0")
+    # a plan's JSON cluster section has string keys: "2" reads as degree 2
+    js = {**d, "gpu_types": {"A100-40G": {"profiles": {"llama-2-7b": {
+        **d["gpu_types"]["A100-40G"]["profiles"]["llama-2-7b"], "by_tp": {str(k): v for k, v in written.items()}}}}}}
+    assert cluster_from_dict(js, Locator(None, {})).node("n0") == c.node("n0")
+
+
+@pytest.mark.parametrize("old, new, line, field, message", [
+    ("          2: {", "          1: {", 12, "by_tp[1]", "a TP degree must be an integer >= 2"),
+    ("          2: {", "          two: {", 12, "by_tp.two", "a TP degree must be an integer >= 2 (the TP-1 tables are the profile's own), got 'two'"),
+    ("          4:\n", "          2:\n", 13, "by_tp.2", "duplicate key '2'"),
+    ("            prefill_ms: {512: 3.0}", "            call_ms: {1: 3.0}", 15, "by_tp[4].call_ms",
+     "unknown field 'call_ms'; expected one of decode_ms, lm_head_ms, prefill_ms"),
+    ("          2: {decode_ms: {1: 0.7, 16: 0.9}, prefill_ms: {512: 2.6}}", "          2: {}", 12, "by_tp[2]",
+     "expected {decode_ms"),
+    ("          2: {decode_ms: {1: 0.7, 16: 0.9}, prefill_ms: {512: 2.6}}", "          2: {decode_ms: {1: -1}}", 12,
+     "by_tp[2].decode_ms[1]", "milliseconds must be positive"),
+])
+def test_bad_by_tp_is_one_line_naming_the_field(old, new, line, field, message):
+    assert old in BY_TP
+    with pytest.raises(SpecError) as ei:
+        loads_cluster(BY_TP.replace(old, new), file="c.yaml")
+    text = str(ei.value)
+    assert "\n" not in text and text.startswith(f"c.yaml:{line}: {FIELD}{field}: "), text
+    assert message in text, text

@@ -560,7 +560,7 @@ def test_profile_tables_are_checked():
     assert str(ei.value).startswith("p.yaml:4: gpu_types.A100-40G.profiles.llama-2-70b.decode_ms")
     assert "milliseconds must be positive, got -1.4" in str(ei.value)
     bad = PROFILED.replace("decode_ms:", "decode_us:")
-    with pytest.raises(SpecError, match="unknown field 'decode_us'; expected one of allreduce_ms, allreduce_tp, "
+    with pytest.raises(SpecError, match="unknown field 'decode_us'; expected one of allreduce_ms, allreduce_tp, by_tp, "
                                         "call_ms, decode_ms, lm_head_ms, prefill_ms"):
         loads_cluster(bad)
     bad = PROFILED.replace("{1000: 8}", "[8]")
