@@ -132,20 +132,23 @@ PROFILE_LAYERS = 6       # layers `hexplan profile` loads (the plans' stages hol
 SERVED_PROFILE = True    # TP-1 profiles: decode through a served worker (`hexplan profile --served`)
 
 
-def run_profile(ckpt: str, threads: int, context: int, out: Path, tp: int = 1) -> dict:
+def run_profile(ckpt: str, threads: int, context: int, out: Path, tp: int = 1, lone: bool = False,
+                batches: str | None = None) -> dict:
     """``hexplan profile --checkpoint CKPT --device cpu -o OUT`` with ``threads`` torch threads per
     process (a worker's), decode at ``context`` (the plan workload's mean decode context: a
     profiled decode step does not depend on context in the cost model, so it must be measured at
     the one served), 6 layers (a stage of these plans holds 6 or 12), median of 5, the default
     grid (decode 1..16, 32, 64; the LM head at the same rows); at ``tp`` 2 for the all-reduce
-    table (decode 1..16 only). Returns the `cpu` type's profiles in OUT ({model name: {decode_ms,
-    prefill_ms, lm_head_ms[, allreduce_ms, allreduce_tp]}})."""
+    table (decode 1..16 only). ``lone``: in the profiling process (no --served) at TP 1 too;
+    ``batches``: the decode batches. Returns the `cpu` type's profiles in OUT ({model name:
+    {decode_ms, prefill_ms, lm_head_ms[, allreduce_ms, allreduce_tp]}}; a TP-2 run's own tables
+    are lifted out of its by_tp.2)."""
     cmd = [sys.executable, "-m", "hexplan.cli", "profile", "--checkpoint", ckpt, "--device", "cpu", "-o", str(out),
            "--threads", str(threads), "--context", str(context), "--layers", str(PROFILE_LAYERS), "--repeats", "5",
            "--tp", str(tp)]
-    if tp > 1:
-        cmd += ["--decode-batches", ALLREDUCE_BATCHES]
-    elif SERVED_PROFILE:
+    if batches or tp > 1:
+        cmd += ["--decode-batches", batches or ALLREDUCE_BATCHES]
+    if tp == 1 and SERVED_PROFILE and not lone:
         cmd += ["--served"]
     log(f"  hexplan {' '.join(cmd[3:])}")
     t = time.perf_counter()
@@ -153,7 +156,15 @@ def run_profile(ckpt: str, threads: int, context: int, out: Path, tp: int = 1) -
     if r.returncode != 0:
         raise RuntimeError(f"hexplan profile failed ({r.returncode}): {r.stderr.strip()[-2000:]}")
     log(f"  profiled in {time.perf_counter() - t:.0f} s")
-    return read_profile(out)
+    return {name: lifted(entry, tp) for name, entry in read_profile(out).items()}
+
+
+def lifted(entry: dict, tp: int) -> dict:
+    """A profile entry of `hexplan profile --tp ``tp```, which writes its layer tables as
+    by_tp.tp, with them at the top, where the bench reads a run's tables."""
+    out = {k: v for k, v in entry.items() if k != "by_tp"}
+    out.update((entry.get("by_tp") or {}).get(tp, {}))
+    return out
 
 
 def read_profile(path: Path) -> dict:
@@ -170,7 +181,7 @@ TABLES = ("decode_ms", "prefill_ms", "lm_head_ms", "allreduce_ms")   # the media
 
 
 def get_profile(ckpt: str, threads: int, context: int, tmp: str, saved: str | None, runs: int = 3,
-                tp: int = 1) -> dict:
+                tp: int = 1, lone: bool = False, batches: str | None = None) -> dict:
     """This model's tables ({decode_ms, prefill_ms, lm_head_ms, call_ms}; at ``tp`` 2 also
     allreduce_ms, allreduce_tp) for workers of ``threads`` torch threads (plan one's worker has 2, the others'
     1: the same layer is slower): ``runs`` runs of `hexplan profile`, the median of each point
@@ -190,8 +201,10 @@ def get_profile(ckpt: str, threads: int, context: int, tmp: str, saved: str | No
         return p.get(name) or next(iter(p.values()))
     tables = []
     for k in range(runs):
-        log(f"profiling {name} with {threads} thread(s) at TP {tp}, run {k + 1}/{runs}")
-        p = run_profile(ckpt, threads, context, Path(tmp) / f"profile-{threads}t-tp{tp}-{k}.yaml", tp)
+        log(f"profiling {name} with {threads} thread(s) at TP {tp}{' (lone)' if lone and tp == 1 else ''}, "
+            f"run {k + 1}/{runs}")
+        p = run_profile(ckpt, threads, context, Path(tmp) / f"profile-{threads}t-tp{tp}-{k}{'-lone' * lone}.yaml", tp,
+                        lone, batches)
         tables.append(p.get(name) or next(iter(p.values())))
     out: dict = {}
     for kind in TABLES:
@@ -215,18 +228,50 @@ def get_profile(ckpt: str, threads: int, context: int, tmp: str, saved: str | No
     return out
 
 
-def with_allreduce(tables: dict, ckpt: str, threads: int, context: int, tmp: str, saved: str | None) -> dict:
-    """``tables`` (a TP-1 profile) with the all-reduce table of a `hexplan profile --tp 2` run at
-    ``threads`` per rank (its own decode and prefill tables, TP-2 compute x 2, are not used: the
-    plans' TP-1 stages need the TP-1 ones). Unchanged when they have one already or ``saved``
-    has none (then the cost model's ring formula stands in)."""
-    if "allreduce_ms" in tables:
+def _table(d: dict) -> ProfileTable:
+    return ProfileTable(tuple(sorted((float(k), float(v)) for k, v in d.items())))
+
+
+TP_TABLES = ("decode_ms", "prefill_ms")   # the layer tables a TP-2 group gets its own of
+
+
+def tp_own_tables(served: dict, lone1: dict, lone2: dict) -> dict:
+    """A TP-2 group's own tables (``by_tp: {2: ...}``): the served TP-1 table at each of its
+    points times what a lone `hexplan profile --tp 2` (compute x 2) measured over a lone
+    `hexplan profile --tp 1` beside it (``lone1``, ``lone2``: their tables, interpolated). The
+    served tables carry what a served step costs beyond a lone one, which the lone runs do not;
+    the lone pair, measured the same way back to back, carries what TP 2 loses to splitting a
+    layer (on this CPU 1.0-1.5x the TP-1 compute, not the cost model's perfect halving)."""
+    out = {}
+    for kind in TP_TABLES:
+        t1, t2 = _table(lone1[kind]), _table(lone2[kind])
+        out[kind] = {x: round(float(v) * t2.ms(float(x)) / t1.ms(float(x)), 4) for x, v in served[kind].items()}
+    return out
+
+
+def with_tp_tables(tables: dict, ckpt: str, threads: int, context: int, tmp: str, saved: str | None,
+                   lone: dict) -> dict:
+    """``tables`` (a TP-1 profile) with, from a `hexplan profile --tp 2` run at ``threads`` per rank
+    between two lone TP-1 runs on the same grid: the all-reduce table, and the TP-2 group's own
+    tables (``tp_own_tables`` over the lone runs, TP-1's the mean of the two). The lone tables go
+    into ``lone`` (the --json's ``meta.tp_lone``, for --resimulate --tp-tables). Unchanged when
+    they have both already or ``saved`` lacks them (then the ring formula and the TP-1 tables /
+    2 stand in)."""
+    if "allreduce_ms" in tables and "by_tp" in tables:
         return tables
     if saved:
-        log("  the saved profile has no allreduce_ms: TP stages get the ring formula")
+        log("  the saved profile has no allreduce_ms or by_tp: TP stages get the ring formula or the TP-1 tables / 2")
         return tables
-    tp2 = get_profile(ckpt, threads, context, tmp, None, runs=1, tp=2)
-    return {**tables, "allreduce_ms": tp2["allreduce_ms"], "allreduce_tp": tp2["allreduce_tp"]}
+    grid = ",".join(map(str, list(range(1, 17)) + [32, 64]))
+    runs = [get_profile(ckpt, threads, context, tmp, None, runs=1, tp=tp, lone=True, batches=grid) for tp in (1, 2, 1)]
+    lone1 = {k: {x: statistics.mean(float(_get(r[k], x)) for r in (runs[0], runs[2])) for x in runs[0][k]}
+             for k in TP_TABLES}
+    lone2 = {k: runs[1][k] for k in TP_TABLES}
+    lone.update(tp1=lone1, tp2=lone2)
+    own = tp_own_tables(tables, lone1, lone2)
+    log("  TP-2 compute x 2 over TP-1, lone runs: " + "; ".join(
+        f"{k} " + ", ".join(f"{x}: {own[k][x] / float(tables[k][x]):.2f}" for x in tables[k]) for k in TP_TABLES))
+    return {**tables, "allreduce_ms": runs[1]["allreduce_ms"], "allreduce_tp": runs[1]["allreduce_tp"], "by_tp": {2: own}}
 
 
 # ---- the host's contention ---------------------------------------------------------------------------
@@ -346,8 +391,19 @@ def calibrated_cluster_dict(base: dict, stages, cal: dict) -> dict:
     cpu = d["gpu_types"]["cpu"]
     if cal.get("decode_table"):
         for tables in cpu["profiles"].values():
+            for own in (tables.get("by_tp") or {}).values():   # a TP degree's own table keeps its ratio to TP 1's
+                if "decode_ms" in own:
+                    own["decode_ms"] = {b: v * tp_decode_ratio(tables, own, b) for b, v in cal["decode_table"].items()}
             tables["decode_ms"] = dict(cal["decode_table"])
     return d
+
+
+def tp_decode_ratio(tables: dict, own: dict | None, batch) -> float:
+    """A TP degree's own decode table (``own``, from by_tp) over the profile's TP-1 one at
+    ``batch`` (1 without one)."""
+    if not own or "decode_ms" not in own:
+        return 1.0
+    return _table(own["decode_ms"]).ms(float(batch)) / _table(tables["decode_ms"]).ms(float(batch))
 
 
 def make_cluster(d: dict):
@@ -925,11 +981,15 @@ def calibrate_terms(pr: dict, ckpt: str) -> dict:
     out: dict = {"cost_params": cost_params}
     if rpc:
         cluster = make_cluster(calibrated_cluster_dict(pr["cluster"], pr["stages"], cal))
-        span = sum((b - a) / tp for _, tp, a, b in pr["stages"])
+        tables = next(iter(pr["cluster"]["gpu_types"]["cpu"]["profiles"].values()))
+        by_tp = tables.get("by_tp") or {}
         ctx = probe_prompt_for(pr["workload"]) + 15
         table, rows = {}, []
         prof = ProfileTable(tuple(sorted((float(k), float(v)) for k, v in pr["profile"]["decode_ms"].items())))
         for b, meas in sorted(rpc.items()):
+            # the plan's layers at TP 1's table: a TP-d stage's own table is TP 1's times its ratio
+            span = sum((hi - lo) / tp * (tp_decode_ratio(tables, _get(by_tp, tp), b) if tp > 1 and _has(by_tp, tp)
+                                         else 1.0) for _, tp, lo, hi in pr["stages"])
             # the model's step with a zero decode table: LM head, all-reduces, links (the profile's)
             zero = dict(cal, decode_table={b: 1e-6})
             rest = model_step_s(plan, make_cluster(calibrated_cluster_dict(pr["cluster"], pr["stages"], zero)), b, ctx)
@@ -1034,6 +1094,9 @@ def main() -> int:
                     help="simulate the traces of a saved --json run again with this checkout's simulator (its "
                          "clusters, profiles and measured terms; needs --checkpoint for the model) and print the "
                          "tables against the run's measurements")
+    ap.add_argument("--tp-tables", nargs=2, metavar=("TP1.yaml", "TP2.yaml"),
+                    help="with --resimulate: a lone `hexplan profile --tp 1` and a `--tp 2` one (same grid, back to "
+                         "back) that give a run without them its TP-2 group's own tables (tp_own_tables)")
     ap.add_argument("--combine", nargs="+", metavar="JSON",
                     help="print the medians over saved --json runs (alternate their plan order with --only), the "
                          "measurement's own spread between runs and the target judged on the medians")
@@ -1070,7 +1133,11 @@ def main() -> int:
         if not args.checkpoint:
             ap.error("--resimulate needs --checkpoint (the benchmark model's folder)")
         saved = json.loads(Path(args.resimulate).read_text())
-        resimulate(saved["results"], args.checkpoint)
+        tp_tables = None
+        if args.tp_tables:
+            tp_tables = tuple(lifted(next(iter(read_profile(Path(f)).values())), tp)
+                              for f, tp in zip(args.tp_tables, (1, 2)))
+        resimulate(saved["results"], args.checkpoint, tp_tables)
         report(saved["meta"], saved["results"])
         if args.json:
             Path(args.json).write_text(json.dumps(saved, indent=1))
@@ -1125,9 +1192,11 @@ def main() -> int:
             if threads not in profiles or not args.no_measure:
                 profiles[threads] = get_profile(ckpt, threads, context, tmp.name, args.profile)
             if any(tp > 1 for _, tp, _, _ in stages):
-                profiles[threads] = with_allreduce(profiles[threads], ckpt, threads, context, tmp.name, args.profile)
+                lone = meta.setdefault("tp_lone", {}).setdefault(threads, {})
+                profiles[threads] = with_tp_tables(profiles[threads], ckpt, threads, context, tmp.name, args.profile,
+                                                   lone)
             log(f"[{pname}] profile, {threads} thread(s): " + "; ".join(
-                f"{k} {profiles[threads][k]}" for k in TABLES + ("call_ms",) if k in profiles[threads]))
+                f"{k} {profiles[threads][k]}" for k in TABLES + ("call_ms", "by_tp") if k in profiles[threads]))
             results[pname] = run_plan(pname, label, stages, ckpt, model_name, profiles, sat, n_poisson, args,
                                       cores, vocab, calibrating, host)
             log(f"[{pname}] done at {time.perf_counter() - t_all:.0f} s")
@@ -1264,11 +1333,18 @@ def kinds_summary_table(rows: list) -> str:
     return "\n".join(lines)
 
 
-def resimulate(results: dict, ckpt: str) -> None:
+def resimulate(results: dict, ckpt: str, tp_tables: tuple[dict, dict] | None = None) -> None:
     """``sim`` and ``sim+cal`` of a saved run again, on its clusters (profile, host) and its
     measured terms, with this checkout's simulator: a change to the simulator checked against
-    measurements already taken (a run on a shared host moves by up to 20% between hours)."""
+    measurements already taken (a run on a shared host moves by up to 20% between hours).
+    ``tp_tables``: (a lone TP-1 profile, a TP-2 one) giving a plan with a TP stage whose profile
+    has no ``by_tp`` its TP-2 group's own tables (``tp_own_tables``), as a run now measures them."""
     for pname, pr in results.items():
+        tables = next(iter(pr["cluster"]["gpu_types"]["cpu"]["profiles"].values()))
+        if tp_tables and any(tp > 1 for _, tp, _, _ in pr["stages"]) and "by_tp" not in tables:
+            tables["by_tp"] = {2: tp_own_tables(tables, *tp_tables)}
+            pr["profile"]["by_tp"] = tables["by_tp"]
+            log(f"[{pname}] TP-2 group's own tables from --tp-tables: {tables['by_tp'][2]}")
         plan = plan_for(ckpt, pr["stages"], pr["workload"])
         cluster = make_cluster(pr["cluster"])
         cal = None
@@ -1291,6 +1367,10 @@ def resimulate(results: dict, ckpt: str) -> None:
 def _get(d: dict, k):
     """d[k] whether the key is k or, read back from JSON, str(k)."""
     return d[k] if k in d else d[str(k)]
+
+
+def _has(d: dict, k) -> bool:
+    return k in d or str(k) in d
 
 
 def _median(x) -> float:

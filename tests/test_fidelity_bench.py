@@ -174,3 +174,37 @@ def test_kinds_sets_each_saved_step_beside_the_simulators_time_for_it(tmp_path, 
     s0 = next(line for line in out.splitlines() if line.startswith("| p0s0 |")).split("|")
     assert float(s0[2]) == pytest.approx(ratio0, abs=0.006) and s0[3].strip() == "-"
     assert float(s0[6]) == pytest.approx(float(p1.rsplit("|", 2)[-2].split("/")[0]), abs=0.006)
+
+
+def test_a_tp2_groups_own_tables_are_the_served_ones_times_the_lone_ratio():
+    served = {"decode_ms": {1: 2.0, 16: 8.0, 64: 20.0}, "prefill_ms": {32: 6.0}, "call_ms": {1: 1.0}}
+    lone1 = {"decode_ms": {1: 1.0, 16: 4.0}, "prefill_ms": {16: 4.0, 64: 8.0}}
+    lone2 = {"decode_ms": {1: 1.5, 16: 4.4}, "prefill_ms": {16: 5.0, 64: 8.0}}
+    own = fb.tp_own_tables(served, lone1, lone2)
+    assert list(own) == ["decode_ms", "prefill_ms"]          # the layer tables only; the call stays TP 1's
+    assert own["decode_ms"] == {1: 3.0, 16: 8.8, 64: pytest.approx(20.0 * (4.4 + 2.9 * 48 / 15) / (4.0 + 3.0 * 48 / 15),
+                                                                   abs=1e-4)}
+    assert own["prefill_ms"] == {32: pytest.approx(6.0 * (5.0 + 3.0 * 16 / 48) / (4.0 + 4.0 * 16 / 48), abs=1e-4)}
+    # `hexplan profile --tp 2` writes its tables under by_tp.2: the bench reads them at the top
+    entry = {"by_tp": {2: lone2}, "allreduce_ms": {1: 0.5}, "allreduce_tp": 2}
+    assert fb.lifted(entry, 2) == {**lone2, "allreduce_ms": {1: 0.5}, "allreduce_tp": 2}
+    assert fb.lifted(lone1, 1) == lone1
+
+
+def test_the_served_decode_table_keeps_a_tp_groups_ratio():
+    # sim+cal puts the decode table measured in service in place of the profile's; a TP-2
+    # group's own table keeps its ratio to TP 1's at every batch
+    tables = {"decode_ms": {"1": 2.0, "16": 8.0}, "prefill_ms": {"16": 1.0},
+              "by_tp": {"2": {"decode_ms": {"1": 3.0, "16": 8.0}, "prefill_ms": {"16": 1.5}}}}
+    base = {"nodes": [{"name": "cpu0", "gpu": "cpu", "count": 2}, {"name": "cpu1", "gpu": "cpu", "count": 1}],
+            "network": {"default": {"bandwidth": "10Gbps", "latency": "0.1ms"}},
+            "gpu_types": {"cpu": {"profiles": {"m": tables}}}}
+    d = fb.calibrated_cluster_dict(base, [("cpu0", 2, 0, 6), ("cpu1", 1, 6, 12)],
+                                   {"fixed_s": 0.0, "decode_table": {1: 1.0, 8: 4.0, 16: 10.0}})
+    got = d["gpu_types"]["cpu"]["profiles"]["m"]
+    assert got["decode_ms"] == {1: 1.0, 8: 4.0, 16: 10.0}
+    assert got["by_tp"]["2"]["decode_ms"] == {1: pytest.approx(1.5), 8: pytest.approx(4.0 * (3 + 5 * 7 / 15) / (2 + 6 * 7 / 15)),
+                                              16: pytest.approx(10.0)}
+    assert got["by_tp"]["2"]["prefill_ms"] == {"16": 1.5}                     # the prefill tables stay the profile's
+    assert tables["decode_ms"] == {"1": 2.0, "16": 8.0}                       # the base is not changed
+    assert fb.tp_decode_ratio(tables, None, 4) == 1.0
