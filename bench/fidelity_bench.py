@@ -3,7 +3,7 @@
     python bench/fidelity_bench.py [--quick] [--only one,pp2,tp2pp] [--json out.json]
                                    [--checkpoint DIR] [--profile FILE] [--no-calibrate] [--wait-quiet S]
                                    [--lone-profile] [--contention F | --no-host]
-    python bench/fidelity_bench.py --resimulate RUN.json --checkpoint DIR
+    python bench/fidelity_bench.py --resimulate RUN.json --checkpoint DIR [--tp-tables TP1.yaml TP2.yaml]
     python bench/fidelity_bench.py --combine RUN1.json RUN2.json ...
 
 The model of bench/executor_bench.py (a random-weight Llama, hidden 768, 12 layers, 12 heads,
@@ -14,7 +14,8 @@ type gets a profile of that model measured on this machine by `hexplan profile` 
 at the plan's worker thread count, the decode and prefill tables timed through a served worker
 and a call's own cost per stage apart from them (`--served`: `call_ms`; `--lone-profile`: in the
 profiling process, as before, no call) and, for a plan with a TP stage, the all-reduce table of
-a `hexplan profile --tp 2` run. Three hand-written plans:
+a `hexplan profile --tp 2` run and the TP-2 group's own tables (`by_tp: {2: ...}`: the served
+TP-1 tables times that run's over a lone TP-1 run's, `tp_own_tables`). Three hand-written plans:
 
   one    one stage holding layers 0-11 on cpu0 (1 worker, 2 threads)
   pp2    two pipeline stages, layers 0-5 on cpu0 and 6-11 on cpu1 (2 workers x 1 thread)
@@ -1460,6 +1461,42 @@ def report(meta: dict, results: dict) -> None:
                   f"{len(ok)} cells")
 
 
+def median_neighbours(c: dict, key: str, q: float = 10.0) -> tuple[float, float, float] | None:
+    """The measured ``key`` ("ttft" or "tpot") of a cell's requests at P(50 - q), P50 and
+    P(50 + q) (None without its requests): how far one or two requests changing sides moves the
+    P50. At 30% load the TPOTs split in two groups (requests decoding mostly alone, and those
+    sharing steps with others' prompts), and the P50 of 32 falls between them."""
+    recs = c.get("meas_detail", {}).get("per_request")
+    if not recs:
+        return None
+    v = sorted(r[key] for r in recs if not math.isnan(r[key]))
+    return percentile(v, 50 - q), percentile(v, 50), percentile(v, 50 + q)
+
+
+def neighbour_rows(runs: list, names: list, sources: list) -> list:
+    """For each run's cell that a simulator source misses by more than TARGET on P50 TTFT or
+    TPOT: the measured P40 / P50 / P60 and the source's P50, and whether it lies between P40 and
+    P60 (then moving one or two of the 32 requests across the P50 would put it within)."""
+    rows = []
+    for n, r in zip(names, runs):
+        for p, pr in r["results"].items():
+            for load, c in pr["cells"].items():
+                if "meas" not in c:
+                    continue
+                for s in sources:
+                    for key, k in (("ttft", "ttft_p50_s"), ("tpot", "tpot_p50_s")):
+                        if s not in c or abs(err(c[s][k], c["meas"][k])) <= TARGET:
+                            continue
+                        nb = median_neighbours(c, key)
+                        if nb is None:
+                            continue
+                        inside = nb[0] <= c[s][k] <= nb[2]
+                        rows.append(f"| {Path(n).name} | {p} | {load} | {s} | {key.upper()} | "
+                                    + " / ".join(f"{x * 1e3:.0f}" for x in nb) + f" | {c[s][k] * 1e3:.0f} "
+                                    f"({err(c[s][k], c['meas'][k]) * 100:+.0f}%) | {'yes' if inside else 'no'} |")
+    return rows
+
+
 def combine(runs: list, names: list) -> None:
     """Several saved runs as one: each figure of each cell is the median over the runs that have
     the cell (a shared host moves a single run's cell by up to 23%, more than the target), the
@@ -1505,6 +1542,16 @@ def combine(runs: list, names: list) -> None:
         ok = [within(c, s) for c in cells if s in c]
         print(f"\ntarget on the medians ({s} within {TARGET:.0%} of measured on tok/s, P50 TTFT, P50 TPOT): "
               f"{sum(ok)} of {len(ok)} cells")
+    rows = neighbour_rows(runs, names, sources[1:-1])
+    if rows:
+        print("\nThe runs' P50 misses beside the measured P40 / P50 / P60 of the same requests (ms): where the "
+              "simulated P50 lies between P40 and P60, one or two of the 32 requests changing sides decide the "
+              "cell\n")
+        print("| run | plan | load | source | figure | measured P40 / P50 / P60 | simulated P50 | between P40 and P60 |")
+        print("|---|---|---|---|---|---|---|---|")
+        print("\n".join(rows))
+        inside = sum(r.endswith("| yes |") for r in rows)
+        print(f"\n{inside} of {len(rows)} P50 misses lie between the measured P40 and P60")
 
 
 if __name__ == "__main__":

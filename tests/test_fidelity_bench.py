@@ -208,3 +208,27 @@ def test_the_served_decode_table_keeps_a_tp_groups_ratio():
     assert got["by_tp"]["2"]["prefill_ms"] == {"16": 1.5}                     # the prefill tables stay the profile's
     assert tables["decode_ms"] == {"1": 2.0, "16": 8.0}                       # the base is not changed
     assert fb.tp_decode_ratio(tables, None, 4) == 1.0
+
+
+def test_a_p50_miss_is_set_beside_the_measured_p40_and_p60(capsys):
+    # 32 requests: 16 decoding alone at 30 ms a token, 16 sharing steps at 50-65 ms. The measured
+    # P50 falls between the two groups (40 ms); a simulated 33 ms misses it by 18% but lies
+    # between the P40 (30) and the P60 (~53): two requests changing sides decide the cell.
+    tpots = [0.030] * 16 + [0.050 + 0.001 * i for i in range(16)]
+    recs = [{"ttft": 0.2, "tpot": t} for t in tpots]
+    run = _run(100.0, 100.0, "a")
+    cell = run["results"]["one"]["cells"]["30%"]
+    cell["meas"]["tpot_p50_s"] = fb.percentile(sorted(tpots), 50)
+    cell["sim"]["tpot_p50_s"] = 0.033
+    cell["meas_detail"] = {"per_request": recs}
+    lo, mid, hi = fb.median_neighbours(cell, "tpot")
+    assert (lo, mid, hi) == (pytest.approx(0.030), pytest.approx(0.040), pytest.approx(0.0526, abs=1e-4))
+    rows = fb.neighbour_rows([run], ["r.json"], ["sim"])
+    assert rows == ["| r.json | one | 30% | sim | TPOT | 30 / 40 / 53 | 33 (-18%) | yes |"]
+    cell["sim"]["tpot_p50_s"] = 0.060                                        # +50%: outside P40-P60
+    assert fb.neighbour_rows([run], ["r.json"], ["sim"])[0].endswith("| no |")
+    cell["sim"]["tpot_p50_s"] = 0.041                                        # within 15%: no row
+    assert fb.neighbour_rows([run], ["r.json"], ["sim"]) == []
+    del cell["meas_detail"]                                                  # an old run without its requests
+    cell["sim"]["tpot_p50_s"] = 0.060
+    assert fb.neighbour_rows([run], ["r.json"], ["sim"]) == []
