@@ -3,7 +3,7 @@
     python bench/fidelity_bench.py [--quick] [--only one,pp2,tp2pp] [--json out.json]
                                    [--checkpoint DIR] [--profile FILE] [--no-calibrate] [--wait-quiet S]
                                    [--lone-profile] [--contention F | --no-host]
-    python bench/fidelity_bench.py --resimulate RUN.json --checkpoint DIR [--tp-tables TP1.yaml TP2.yaml]
+    python bench/fidelity_bench.py --resimulate RUN.json --checkpoint DIR [--tp-tables TP1.yaml TP2.yaml | --no-tp-tables]
     python bench/fidelity_bench.py --combine RUN1.json RUN2.json ...
 
 The model of bench/executor_bench.py (a random-weight Llama, hidden 768, 12 layers, 12 heads,
@@ -1098,6 +1098,9 @@ def main() -> int:
     ap.add_argument("--tp-tables", nargs=2, metavar=("TP1.yaml", "TP2.yaml"),
                     help="with --resimulate: a lone `hexplan profile --tp 1` and a `--tp 2` one (same grid, back to "
                          "back) that give a run without them its TP-2 group's own tables (tp_own_tables)")
+    ap.add_argument("--no-tp-tables", action="store_true",
+                    help="with --resimulate: drop the runs' TP-2 group tables (by_tp), charging the TP-2 stage the "
+                         "TP-1 tables / 2 as before they were measured")
     ap.add_argument("--combine", nargs="+", metavar="JSON",
                     help="print the medians over saved --json runs (alternate their plan order with --only), the "
                          "measurement's own spread between runs and the target judged on the medians")
@@ -1133,12 +1136,14 @@ def main() -> int:
     if args.resimulate:
         if not args.checkpoint:
             ap.error("--resimulate needs --checkpoint (the benchmark model's folder)")
+        if args.tp_tables and args.no_tp_tables:
+            ap.error("--tp-tables and --no-tp-tables contradict each other")
         saved = json.loads(Path(args.resimulate).read_text())
         tp_tables = None
         if args.tp_tables:
             tp_tables = tuple(lifted(next(iter(read_profile(Path(f)).values())), tp)
                               for f, tp in zip(args.tp_tables, (1, 2)))
-        resimulate(saved["results"], args.checkpoint, tp_tables)
+        resimulate(saved["results"], args.checkpoint, tp_tables, args.no_tp_tables)
         report(saved["meta"], saved["results"])
         if args.json:
             Path(args.json).write_text(json.dumps(saved, indent=1))
@@ -1334,14 +1339,18 @@ def kinds_summary_table(rows: list) -> str:
     return "\n".join(lines)
 
 
-def resimulate(results: dict, ckpt: str, tp_tables: tuple[dict, dict] | None = None) -> None:
+def resimulate(results: dict, ckpt: str, tp_tables: tuple[dict, dict] | None = None, drop_tp: bool = False) -> None:
     """``sim`` and ``sim+cal`` of a saved run again, on its clusters (profile, host) and its
     measured terms, with this checkout's simulator: a change to the simulator checked against
     measurements already taken (a run on a shared host moves by up to 20% between hours).
     ``tp_tables``: (a lone TP-1 profile, a TP-2 one) giving a plan with a TP stage whose profile
-    has no ``by_tp`` its TP-2 group's own tables (``tp_own_tables``), as a run now measures them."""
+    has no ``by_tp`` its TP-2 group's own tables (``tp_own_tables``), as a run now measures them;
+    ``drop_tp``: without them (the TP-1 tables / 2, as before they were measured)."""
     for pname, pr in results.items():
         tables = next(iter(pr["cluster"]["gpu_types"]["cpu"]["profiles"].values()))
+        if drop_tp:
+            tables.pop("by_tp", None)
+            pr.get("profile", {}).pop("by_tp", None)
         if tp_tables and any(tp > 1 for _, tp, _, _ in pr["stages"]) and "by_tp" not in tables:
             tables["by_tp"] = {2: tp_own_tables(tables, *tp_tables)}
             pr["profile"]["by_tp"] = tables["by_tp"]
