@@ -331,9 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
                                     "prompts against their length and the LM head against logits rows (median of "
                                     "--repeats after --warmup), and write the cluster-file section "
                                     "gpu_types.GPU.profiles.MODEL: {decode_ms, prefill_ms} (ms per layer at TP 1), "
-                                    "lm_head_ms (ms per step at TP 1); with --tp d > 1 the same tables as by_tp.d (the TP-d group's own) and "
-                                    "allreduce_ms (ms per all-reduce) with allreduce_tp. The cost model then uses them "
-                                    "instead of its rooflines for that GPU type and model. Progress goes to stderr; stdout carries only the YAML. See "
+                                    "lm_head_ms (ms per step at TP 1); with --tp d > 1 the same tables as by_tp.d (the "
+                                    "TP-d group's own) and allreduce_ms (ms per all-reduce) with allreduce_tp. The cost "
+                                    "model then uses them instead of its rooflines for that GPU type and model. Progress "
+                                    "goes to stderr; stdout carries only the YAML. See "
                                     "docs/cost-model.md, 'Measured profiles'.")
     pf.add_argument("--checkpoint", required=True, help="Hugging Face safetensors checkpoint directory")
     pf.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu; TP rank r on cuda:r)")
