@@ -986,11 +986,11 @@ def calibrate_terms(pr: dict, ckpt: str) -> dict:
         by_tp = tables.get("by_tp") or {}
         ctx = probe_prompt_for(pr["workload"]) + 15
         table, rows = {}, []
-        prof = ProfileTable(tuple(sorted((float(k), float(v)) for k, v in pr["profile"]["decode_ms"].items())))
+        prof = _table(pr["profile"]["decode_ms"])
         for b, meas in sorted(rpc.items()):
             # the plan's layers at TP 1's table: a TP-d stage's own table is TP 1's times its ratio
-            span = sum((hi - lo) / tp * (tp_decode_ratio(tables, _get(by_tp, tp), b) if tp > 1 and _has(by_tp, tp)
-                                         else 1.0) for _, tp, lo, hi in pr["stages"])
+            span = sum((hi - lo) / tp * tp_decode_ratio(tables, by_tp.get(tp, by_tp.get(str(tp))), b)
+                       for _, tp, lo, hi in pr["stages"])
             # the model's step with a zero decode table: LM head, all-reduces, links (the profile's)
             zero = dict(cal, decode_table={b: 1e-6})
             rest = model_step_s(plan, make_cluster(calibrated_cluster_dict(pr["cluster"], pr["stages"], zero)), b, ctx)
@@ -1379,10 +1379,6 @@ def _get(d: dict, k):
     return d[k] if k in d else d[str(k)]
 
 
-def _has(d: dict, k) -> bool:
-    return k in d or str(k) in d
-
-
 def _median(x) -> float:
     """A median saved as a number, or the values of an older run."""
     return float(x) if isinstance(x, (int, float)) else statistics.median(x)
@@ -1472,8 +1468,8 @@ def report(meta: dict, results: dict) -> None:
 
 def median_neighbours(c: dict, key: str, q: float = 10.0) -> tuple[float, float, float] | None:
     """The measured ``key`` ("ttft" or "tpot") of a cell's requests at P(50 - q), P50 and
-    P(50 + q) (None without its requests): how far one or two requests changing sides moves the
-    P50. At 30% load the TPOTs split in two groups (requests decoding mostly alone, and those
+    P(50 + q) (None without its requests): how far a few requests changing sides (three of 32
+    at q = 10) move the P50. At 30% load the TPOTs split in two groups (requests decoding mostly alone, and those
     sharing steps with others' prompts), and the P50 of 32 falls between them."""
     recs = c.get("meas_detail", {}).get("per_request")
     if not recs:
@@ -1485,7 +1481,7 @@ def median_neighbours(c: dict, key: str, q: float = 10.0) -> tuple[float, float,
 def neighbour_rows(runs: list, names: list, sources: list) -> list:
     """For each run's cell that a simulator source misses by more than TARGET on P50 TTFT or
     TPOT: the measured P40 / P50 / P60 and the source's P50, and whether it lies between P40 and
-    P60 (then moving one or two of the 32 requests across the P50 would put it within)."""
+    P60 (then moving about three of the 32 requests across the P50 would put it within)."""
     rows = []
     for n, r in zip(names, runs):
         for p, pr in r["results"].items():
@@ -1554,7 +1550,7 @@ def combine(runs: list, names: list) -> None:
     rows = neighbour_rows(runs, names, sources[1:-1])
     if rows:
         print("\nThe runs' P50 misses beside the measured P40 / P50 / P60 of the same requests (ms): where the "
-              "simulated P50 lies between P40 and P60, one or two of the 32 requests changing sides decide the "
+              "simulated P50 lies between P40 and P60, about three of the 32 requests changing sides decide the "
               "cell\n")
         print("| run | plan | load | source | figure | measured P40 / P50 / P60 | simulated P50 | between P40 and P60 |")
         print("|---|---|---|---|---|---|---|---|")

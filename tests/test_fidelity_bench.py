@@ -213,7 +213,7 @@ def test_the_served_decode_table_keeps_a_tp_groups_ratio():
 def test_a_p50_miss_is_set_beside_the_measured_p40_and_p60(capsys):
     # 32 requests: 16 decoding alone at 30 ms a token, 16 sharing steps at 50-65 ms. The measured
     # P50 falls between the two groups (40 ms); a simulated 33 ms misses it by 18% but lies
-    # between the P40 (30) and the P60 (~53): two requests changing sides decide the cell.
+    # between the P40 (30) and the P60 (~53): a few requests changing sides decide the cell.
     tpots = [0.030] * 16 + [0.050 + 0.001 * i for i in range(16)]
     recs = [{"ttft": 0.2, "tpot": t} for t in tpots]
     run = _run(100.0, 100.0, "a")
