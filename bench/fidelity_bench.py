@@ -494,9 +494,13 @@ def simulate_trace(plan, cluster, reqs: list) -> dict:
     ttft = sorted(res.samples["ttft_s"])
     tpot = sorted(res.samples["tpot_s"])
     tokens = sum(t.output_tokens for t in trace)
+    per = [None] * n                       # request by request, in the trace's order: [TTFT, TPOT or None]
+    for r, f, e in zip(res.samples["request"], res.samples["ttft_s"], res.samples["e2e_s"]):
+        o = trace[r].output_tokens
+        per[r] = [f, (e - f) / (o - 1) if o > 1 else None]
     return {"tokens_per_s": tokens / span, "ttft_p50_s": percentile(ttft, 50), "ttft_p90_s": percentile(ttft, 90),
             "tpot_p50_s": percentile(tpot, 50), "makespan_s": span, "steps": res.steps,
-            "stage_utilisation": [list(u) for u in res.stage_utilisation]}
+            "stage_utilisation": [list(u) for u in res.stage_utilisation], "per_request": per}
 
 
 # ---- measured -------------------------------------------------------------------------------------
@@ -1464,6 +1468,16 @@ def report(meta: dict, results: dict) -> None:
         if ok:
             print(f"\ntarget ({s} within {TARGET:.0%} of measured on tok/s, P50 TTFT, P50 TPOT): {sum(ok)} of "
                   f"{len(ok)} cells")
+    pr_rows = [(p, l, [paired(c, s) for s in sources[1:-1]]) for p, l, c in cells]
+    if any(g is not None for _, _, gs in pr_rows for g in gs):
+        print("\nRequest by request: the median over a cell's requests of simulated / measured - 1, each request "
+              "beside its own simulation (a P50 miss with a small figure here is a few requests crossing a gap, "
+              "not the model):\n")
+        print("| plan | load | " + " | ".join(f"{s}: TTFT, TPOT" for s in sources[1:-1]) + " |")
+        print("|---|---|" + "---|" * len(sources[1:-1]))
+        for p, l, gs in pr_rows:
+            print(f"| {p} | {l} | " + " | ".join("-" if g is None else f"{g[0] * 100:+.0f}%, {g[1] * 100:+.0f}%"
+                                                 for g in gs) + " |")
 
 
 def median_neighbours(c: dict, key: str, q: float = 10.0) -> tuple[float, float, float] | None:
@@ -1476,6 +1490,45 @@ def median_neighbours(c: dict, key: str, q: float = 10.0) -> tuple[float, float,
         return None
     v = sorted(r[key] for r in recs if not math.isnan(r[key]))
     return percentile(v, 50 - q), percentile(v, 50), percentile(v, 50 + q)
+
+
+def paired(c: dict, source: str) -> tuple[float, float] | None:
+    """``source``'s error request by request: the median over the cell's requests of simulated /
+    measured - 1 for TTFT and for TPOT, each request set beside itself (the trace's order: measured
+    requests by arrival, as ``saved_trace``); None without both sides' requests. A P50 compares two
+    order statistics and moves when a few requests cross a gap between groups of requests (see
+    ``median_neighbours``); this pairs each request with its own simulation, so what is left is
+    the model's bias."""
+    sim = c.get(source, {}).get("per_request")
+    recs = c.get("meas_detail", {}).get("per_request")
+    if not sim or not recs or len(sim) != len(recs):
+        return None
+    recs = sorted(recs, key=lambda r: (r["arrival"], r["id"]))
+    out = []
+    for i, key in enumerate(("ttft", "tpot")):
+        v = [s[i] / r[key] - 1.0 for r, s in zip(recs, sim)
+             if s is not None and s[i] is not None and r[key] and not math.isnan(r[key])]
+        out.append(statistics.median(v) if v else math.nan)
+    return out[0], out[1]
+
+
+def paired_rows(runs: list, names: list, source: str) -> list:
+    """A table row per cell: ``paired`` (TTFT, TPOT) in each run, and their medians over the runs."""
+    rows = []
+    for p in PLANS:
+        for load, _ in LOADS:
+            got = []
+            for r in runs:
+                c = r["results"].get(p, {}).get("cells", {}).get(load)
+                got.append(paired(c, source) if c else None)
+            have = [g for g in got if g is not None]
+            if not have:
+                continue
+            meds = [statistics.median(g[i] for g in have) for i in (0, 1)]
+            rows.append(f"| {p} | {load} | " + " | ".join(
+                " ".join("-" if g is None else f"{g[i] * 100:+.0f}" for g in got) + f" | **{meds[i] * 100:+.0f}%**"
+                for i in (0, 1)) + " |")
+    return rows
 
 
 def neighbour_rows(runs: list, names: list, sources: list) -> list:
@@ -1557,6 +1610,16 @@ def combine(runs: list, names: list) -> None:
         print("\n".join(rows))
         inside = sum(r.endswith("| yes |") for r in rows)
         print(f"\n{inside} of {len(rows)} P50 misses lie between the measured P40 and P60")
+    for s in sources[1:-1]:
+        rows = paired_rows(runs, names, s)
+        if not rows:
+            continue
+        print(f"\n{s}, request by request (``paired``): the median over each cell's requests of simulated / "
+              f"measured - 1, in each run ({', '.join(Path(n).name for n in names)}), then the median over the "
+              f"runs (a run without the simulated requests, saved before they were kept: -)\n")
+        print("| plan | load | TTFT, run by run (%) | TTFT, median | TPOT, run by run (%) | TPOT, median |")
+        print("|---|---|---|---|---|---|")
+        print("\n".join(rows))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 medians of several saved runs (`--combine`). The runs themselves need minutes of a quiet host and
 live in docs/fidelity.md, not here."""
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -232,3 +233,45 @@ def test_a_p50_miss_is_set_beside_the_measured_p40_and_p60(capsys):
     del cell["meas_detail"]                                                  # an old run without its requests
     cell["sim"]["tpot_p50_s"] = 0.060
     assert fb.neighbour_rows([run], ["r.json"], ["sim"]) == []
+
+
+def test_paired_sets_each_request_beside_its_own_simulation():
+    # Measured requests saved out of order: paired() sorts them by arrival, as the trace the
+    # simulator ran. Simulated TTFT 10% under each request's own, TPOT 20% over; a one-token
+    # request has no TPOT on either side and is left out of the TPOT figure.
+    meas = [{"id": i, "arrival": 0.5 * i, "ttft": 0.1 * (i + 1), "tpot": 0.02 * (i + 1) if i != 3 else math.nan}
+            for i in range(5)]
+    sim = [[0.9 * r["ttft"], None if i == 3 else 1.2 * r["tpot"]] for i, r in enumerate(meas)]
+    cell = {"sim": {"per_request": sim}, "meas_detail": {"per_request": list(reversed(meas))}}
+    ttft, tpot = fb.paired(cell, "sim")
+    assert ttft == pytest.approx(-0.1) and tpot == pytest.approx(0.2)
+    cell["sim"]["per_request"] = sim[1:] + sim[:1]         # each request beside the next one's simulation
+    assert fb.paired(cell, "sim")[0] == pytest.approx(0.2)   # 0.9 x 0.3 / 0.2 - 1, the median of five
+    cell["sim"]["per_request"] = sim
+    assert fb.paired(cell, "sim+cal") is None              # no such source
+    assert fb.paired({"sim": {"per_request": sim[:3]}, "meas_detail": {"per_request": meas}}, "sim") is None
+    run = {"results": {"one": {"cells": {"30%": cell}}}}
+    old = {"results": {"one": {"cells": {"30%": {"sim": {}, "meas_detail": {"per_request": meas}}}}}}
+    assert fb.paired_rows([run, old, run], ["a", "b", "c"], "sim") == \
+        ["| one | 30% | -10 - -10 | **-10%** | +20 - +20 | **+20%** |"]
+
+
+def test_simulate_trace_keeps_each_request_in_the_traces_order(tmp_path):
+    # Four requests far apart, so each runs alone: the per-request figures are in the trace's
+    # order (the long prompt's TTFT is the longest) and agree with the cell's P50s.
+    ckpt = tmp_path / "llama-134m"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps(dict(fb.MODEL, model_type="llama", architectures=["LlamaForCausalLM"])))
+    tables = {"decode_ms": {1: 2.5, 4: 5.0}, "prefill_ms": {16: 5.0, 64: 8.0, 256: 30.0}}
+    stages = [["cpu0", 1, 0, 12]]
+    plan = fb.plan_for(str(ckpt), stages, {"prompt_tokens": 64, "output_tokens": 16})
+    cluster = fb.make_cluster(fb.base_cluster_dict(ckpt.name, tables))
+    lens = [(32, 8), (250, 4), (16, 1), (64, 20)]
+    trace = [{"arrival": 5.0 * i, "prompt": [0] * p, "output_len": o} for i, (p, o) in enumerate(lens)]
+    got = fb.simulate_trace(plan, cluster, trace)
+    per = got["per_request"]
+    assert len(per) == 4 and per[2][1] is None                       # one output token: no TPOT
+    assert max(range(4), key=lambda i: per[i][0]) == 1                # the 250-token prompt
+    assert per[0][0] < per[3][0] < per[1][0]                          # 32 < 64 < 250 prompt tokens
+    assert got["ttft_p50_s"] == pytest.approx(fb.percentile(sorted(r[0] for r in per), 50))
+    assert got["tpot_p50_s"] == pytest.approx(fb.percentile(sorted(r[1] for r in per if r[1] is not None), 50))

@@ -127,6 +127,7 @@ class EngineStats:
     ttft: list = field(default_factory=list)           # per request completed in the window
     tpot: list = field(default_factory=list)           # nan where output is one token
     e2e: list = field(default_factory=list)
+    request: list = field(default_factory=list)        # each one's index among the admitted, in arrival order
     pipe_tokens: list = field(default_factory=list)    # per pipeline, in the window
     pipe_completed: list = field(default_factory=list)
     pipe_routed: list = field(default_factory=list)
@@ -743,4 +744,5 @@ class Engine:
             st.ttft.append(f - a)
             st.e2e.append(now - a)
             st.tpot.append((now - f) / (o - 1) if o > 1 else math.nan)
+            st.request.append(r)
             st.pipe_completed[pipe.index] += 1

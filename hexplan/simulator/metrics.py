@@ -100,7 +100,9 @@ class SimResult:
     seed: int = 0
     kv_offloads: int = 0                # mlfq: requests whose KV cache was offloaded to host memory (whole run)
     scheduler: dict = field(default_factory=dict)   # policy, and for mlfq its counts (whole run)
-    samples: dict = field(default_factory=dict, repr=False, compare=False)   # ttft/tpot/e2e lists (plots)
+    # ttft/tpot/e2e lists (plots); "request": each ttft_s / e2e_s entry's request, its index among
+    # the admitted requests in arrival order (a trace's own order), to pair them with a measured run
+    samples: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def window_length_s(self) -> float:
@@ -219,6 +221,6 @@ def summarise(st: EngineStats, *, slo: Slo, weights, predicted: float, workload:
         scheduler={"policy": st.policy} | ({"preemptions": st.preemptions, "demotions": st.demotions,
                                             "promotions": st.promotions, "kv_offloads": st.offloads,
                                             "kv_swap_ins": st.swap_ins} if st.policy == "mlfq" else {}),
-        samples={"ttft_s": st.ttft, "tpot_s": [x for x in st.tpot if not math.isnan(x)], "e2e_s": st.e2e}
-        if keep_samples else {},
+        samples={"ttft_s": st.ttft, "tpot_s": [x for x in st.tpot if not math.isnan(x)], "e2e_s": st.e2e,
+                 "request": st.request} if keep_samples else {},
     )
