@@ -214,3 +214,28 @@ def test_an_attention_pair_is_the_prefill_tables_quadratic_term():
     bare = loads_cluster("name: g\nnodes:\n  - {name: a, gpu: A100-80G, count: 1}\n").node("a").gpu
     flops = 2 * model.dim_head * model.num_heads
     assert attention_pair_time(model, bare, 1) == pytest.approx(flops / (bare.flops * DEFAULT_PARAMS.flops_efficiency))
+
+
+def test_three_stages_that_together_exceed_the_cores_share_them():
+    # Three one-stage pipelines of one 1-thread worker each on a 2-core host, no contention: no
+    # two of them exceed the cores, all three do (3 threads on 2 cores: 1.5x while all run).
+    # Saturated, all three run nearly all the time: together they serve 2/3 of the rate they
+    # would on separate machines. (The pairwise rule before gave them the whole rate.)
+    def c(host):
+        on = ", host: box" if host else ""
+        return loads_cluster(("hosts:\n  box: {cores: 2, contention: 0.0}\n" if host else "") + "name: three\nnodes:\n"
+                             f"  - {{name: a, gpu: A100-80G, count: 2{on}}}\n  - {{name: b, gpu: A100-80G, count: 1{on}}}\n"
+                             "network:\n  default: {bandwidth: 100Gbps, latency: 0.01ms}\n")
+    m = hexplan.load_model("llama-2-13b")
+    one = Workload(512, 128, 16, 16)
+    pipes = tuple(Pipeline((Stage(n, (g,), 1, (0, 40), "A100-80G"),), 1 / 3) for n, g in (("a", 0), ("a", 1), ("b", 0)))
+    plan = Plan(m, pipes, assumptions={"workload": one.to_dict()})
+    trace = (TraceRequest(0.0, 512, 128),) * 3000
+    spec = WorkloadSpec(arrival="trace", trace=trace, duration=120.0)
+    free, shared = simulate(plan, c(False), spec), simulate(plan, c(True), spec)
+    assert shared.requests_unfinished > 0
+    assert free.throughput_tokens_per_s / shared.throughput_tokens_per_s == pytest.approx(1.5, rel=0.05)
+    # two of them alone on the host: no slowdown (2 threads, 2 cores)
+    two = Plan(m, pipes[:2], assumptions={"workload": one.to_dict()})
+    r2f, r2s = simulate(two, c(False), spec), simulate(two, c(True), spec)
+    assert r2f.throughput_tokens_per_s == pytest.approx(r2s.throughput_tokens_per_s, rel=1e-9)

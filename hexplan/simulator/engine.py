@@ -53,8 +53,10 @@ percentiles or output formats (metrics.py) or where requests come from (workload
   time, booked when it starts, slowed by its own ``Host.slowdown``, and further for the time it
   overlaps a step on another stage of the host, which is lengthened the same way
   (``_hosted_end``; its departure is an event that moves with it). A step's compute share
-  (``_share``: 1, less a TP stage's all-reduces) goes into the slowdown. Processor sharing,
-  exact for two steps at once. Nodes without a host take the path above, unchanged.
+  (``_share``: 1, less a TP stage's all-reduces) goes into the slowdown. Processor sharing:
+  where several steps overlap this one, each piece of the overlap is slowed by the set running
+  then (three 1-thread stages on 2 cores: 1.5x, though no pair of them exceeds the cores). Nodes
+  without a host take the path above, unchanged.
 
 * Shift Parallelism (a stage with ``shift: {sp: S}``): every step on a shifted stage takes the
   mode ``hexplan.serving.shift.shift_mode(step tokens, threshold)`` gives, the rule the
@@ -366,10 +368,10 @@ class Engine:
         """When a step of modelled time ``d`` that starts at ``start`` on stage resource ``r``
         (on a shared host) ends, its workers computing for ``share`` of it (``_share``). Alone
         they run ``Host.slowdown`` of their own slower than the profile (a TP stage's ranks share
-        the host too); for the time it overlaps the step running on another stage of the host,
-        each runs at its slowdown beside the other: this step is lengthened, and so is the other
-        one (its ``free`` end moves; its HOSTED departure event sees that and waits for the new
-        end). Sets this stage's ``hstart`` and ``hshare``; the caller books ``free`` and ``busy``
+        the host too); for the time it overlaps steps running on other stages of the host, each
+        runs at its slowdown beside the others running then (the overlap cut into pieces where
+        one of them ends): this step is lengthened, and so are the others (their ``free`` ends
+        move; a HOSTED departure event sees that and waits for the new end). Sets this stage's ``hstart`` and ``hshare``; the caller books ``free`` and ``busy``
         for this step."""
         host, threads, w, members = self.host_info[r]
         free, hstart, busy, hshare = self.free, self.hstart, self.busy, self.hshare
@@ -378,19 +380,35 @@ class Engine:
         dur = d * m0
         end = start + dur
         extra = 0.0
+        over = []                      # the other stages' steps this one overlaps: (from, to, stage, its tuple)
         for o in members:
             if o == r:
                 continue
+            a, b = max(start, hstart[o]), free[o]
+            if (end if end < b else b) > a:
+                over.append((a, end if end < b else b, o, (self.host_info[o][2], self.host_info[o][1], hshare[o])))
+        if len(over) == 1:             # one other step: processor sharing of the pair
+            a, b, o, other = over[0]
+            extra = (b - a) * (host.slowdown(me, (other,)) / m0 - 1.0)
+            grow = {o: (b - a) * (host.slowdown(other, (me,)) / host.slowdown(other) - 1.0)}
+        elif over:                     # several: cut the overlap where one starts or ends; in each
+            cuts = sorted({t for a, b, _, _ in over for t in (a, b)})   # piece, the set running then
+            grow = dict.fromkeys((o for _, _, o, _ in over), 0.0)
+            for t0, t1 in zip(cuts, cuts[1:]):
+                on = [(o, other) for a, b, o, other in over if a <= t0 and t1 <= b]
+                if not on:
+                    continue
+                extra += (t1 - t0) * (host.slowdown(me, tuple(x for _, x in on)) / m0 - 1.0)
+                for o, other in on:
+                    rest = tuple(x for q, x in on if q != o)
+                    grow[o] += (t1 - t0) * (host.slowdown(other, rest + (me,)) / host.slowdown(other, rest) - 1.0)
+        else:
+            grow = {}
+        for o, g in grow.items():      # the others' steps are lengthened too
             b = free[o]
-            ov = (end if end < b else b) - max(start, hstart[o])
-            if ov <= 0.0:
-                continue
-            other = (self.host_info[o][2], self.host_info[o][1], hshare[o])
-            extra += ov * (host.slowdown(me, (other,)) / m0 - 1.0)
-            grow = ov * (host.slowdown(other, (me,)) / host.slowdown(other) - 1.0)
-            free[o] = b + grow
-            if b + grow > self.w0 and b < self.w1:
-                busy[o] += min(b + grow, self.w1) - max(b, self.w0)
+            free[o] = b + g
+            if b + g > self.w0 and b < self.w1:
+                busy[o] += min(b + g, self.w1) - max(b, self.w0)
         hstart[r] = start
         hshare[r] = share
         return end + extra
