@@ -454,6 +454,9 @@ def cmd_solve(args) -> int:
     text = plan.dump(args.format)
     table_stream = sys.stderr if out == "-" else sys.stdout
     print(format_plan(plan, cluster), file=table_stream)
+    from .validate import shared_host_notes
+    for note in shared_host_notes(plan, cluster):
+        print(f"hexplan: note: {note}", file=sys.stderr)
     if out == "-":
         sys.stdout.write(text)
     else:

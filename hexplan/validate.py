@@ -203,3 +203,26 @@ def check_plan(plan: Plan, cluster: Cluster, check_predictions: bool = True) -> 
     problems = validate_plan(plan, cluster, check_predictions)
     if problems:
         raise PlanInvalid(problems)
+
+
+def shared_host_notes(plan: Plan, cluster: Cluster) -> list[str]:
+    """One line per machine (``hosts:``) the plan puts more workers on than it has cores: each
+    worker gets max(1, cores // workers) threads (`hexplan launch`), so there the workers' threads
+    exceed the cores whenever they all compute. The planner's cost model rates every stage as if
+    it had its GPUs to itself; the simulator slows stages that compute at once on a shared host
+    (docs/cluster-format.md, "Shared machines"). Not a problem with the plan: a note on its
+    predictions."""
+    workers: dict[str, int] = {}
+    for p in plan.pipelines:
+        for s in p.stages:
+            node = next((n for n in cluster.nodes if n.name == s.node), None)
+            if node is not None and node.host:
+                workers[node.host] = workers.get(node.host, 0) + s.tp
+    notes = []
+    for name, w in workers.items():
+        host = cluster.host(name)
+        if host is not None and w > host.cores:
+            notes.append(f"host {name!r} runs {w} workers on {host.cores} cores (1 thread each): the predictions rate "
+                         f"each stage as if it had them to itself; `hexplan simulate` slows stages that compute at "
+                         f"once there (docs/cluster-format.md, \"Shared machines\")")
+    return notes

@@ -239,3 +239,40 @@ def test_three_stages_that_together_exceed_the_cores_share_them():
     two = Plan(m, pipes[:2], assumptions={"workload": one.to_dict()})
     r2f, r2s = simulate(two, c(False), spec), simulate(two, c(True), spec)
     assert r2f.throughput_tokens_per_s == pytest.approx(r2s.throughput_tokens_per_s, rel=1e-9)
+
+
+def test_solve_notes_a_host_with_more_workers_than_cores(tmp_path):
+    # cluster_specs/local-cpu.yaml with its two nodes on one 2-core machine: the planner puts a
+    # replica on each of the three CPU "GPUs" (three workers, 1 thread each, 2 cores) and says on
+    # stderr that its predictions rate them as if alone; without `hosts:` it says nothing.
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from hexplan.validate import shared_host_notes
+
+    root = Path(__file__).resolve().parent.parent
+    spec = (root / "cluster_specs" / "local-cpu.yaml").read_text()
+    shared = spec.replace("address: 127.0.0.1:50061}", "address: 127.0.0.1:50061, host: box}") \
+                 .replace("address: 127.0.0.1:50062}", "address: 127.0.0.1:50062, host: box}") \
+        + "hosts:\n  box: {cores: 2}\n"
+    assert shared.count("host: box") == 2
+    cfg = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 256,
+           "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4,
+           "vocab_size": 1000, "max_position_embeddings": 512, "torch_dtype": "float32"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    out = {}
+    for name, text in (("shared", shared), ("apart", spec)):
+        (tmp_path / f"{name}.yaml").write_text(text)
+        r = subprocess.run([sys.executable, "-m", "hexplan.cli", "solve", str(tmp_path / f"{name}.yaml"), "-m",
+                            str(tmp_path / "config.json"), "--time-limit", "10", "-q", "-o", str(tmp_path / f"{name}.plan.yaml")],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        out[name] = r
+    plan = hexplan.load_plan(tmp_path / "shared.plan.yaml")
+    assert plan.num_gpus == 3
+    note = "hexplan: note: host 'box' runs 3 workers on 2 cores (1 thread each)"
+    assert note in out["shared"].stderr and note not in out["shared"].stdout
+    assert "hexplan: note" not in out["apart"].stderr
+    assert shared_host_notes(plan, loads_cluster(spec)) == []

@@ -371,8 +371,8 @@ class Engine:
         the host too); for the time it overlaps steps running on other stages of the host, each
         runs at its slowdown beside the others running then (the overlap cut into pieces where
         one of them ends): this step is lengthened, and so are the others (their ``free`` ends
-        move; a HOSTED departure event sees that and waits for the new end). Sets this stage's ``hstart`` and ``hshare``; the caller books ``free`` and ``busy``
-        for this step."""
+        move; a HOSTED departure event sees that and waits for the new end). Sets this stage's
+        ``hstart`` and ``hshare``; the caller books ``free`` and ``busy`` for this step."""
         host, threads, w, members = self.host_info[r]
         free, hstart, busy, hshare = self.free, self.hstart, self.busy, self.hshare
         me = (w, threads, share)
