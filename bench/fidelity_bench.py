@@ -1276,10 +1276,15 @@ def run_plan(pname, label, stages, ckpt, model_name, profiles, sat, n_poisson, a
     return pr
 
 
+def by_arrival(recs: list) -> list:
+    """Measured requests in the order of the trace the simulator runs (``saved_trace``, ``paired``)."""
+    return sorted(recs, key=lambda r: (r["arrival"], r["id"]))
+
+
 def saved_trace(cell: dict) -> list:
     """A measured cell's trace as the simulator takes it: every request's arrival, prompt length
     and output tokens, in arrival order."""
-    recs = sorted(cell["meas_detail"]["per_request"], key=lambda r: (r["arrival"], r["id"]))
+    recs = by_arrival(cell["meas_detail"]["per_request"])
     return [{"arrival": r["arrival"], "prompt": [0] * r["prompt_len"], "output_len": r["tokens"]} for r in recs]
 
 
@@ -1503,7 +1508,7 @@ def paired(c: dict, source: str) -> tuple[float, float] | None:
     recs = c.get("meas_detail", {}).get("per_request")
     if not sim or not recs or len(sim) != len(recs):
         return None
-    recs = sorted(recs, key=lambda r: (r["arrival"], r["id"]))
+    recs = by_arrival(recs)
     out = []
     for i, key in enumerate(("ttft", "tpot")):
         v = [s[i] / r[key] - 1.0 for r, s in zip(recs, sim)
@@ -1512,7 +1517,7 @@ def paired(c: dict, source: str) -> tuple[float, float] | None:
     return out[0], out[1]
 
 
-def paired_rows(runs: list, names: list, source: str) -> list:
+def paired_rows(runs: list, source: str) -> list:
     """A table row per cell: ``paired`` (TTFT, TPOT) in each run, and their medians over the runs."""
     rows = []
     for p in PLANS:
@@ -1611,7 +1616,7 @@ def combine(runs: list, names: list) -> None:
         inside = sum(r.endswith("| yes |") for r in rows)
         print(f"\n{inside} of {len(rows)} P50 misses lie between the measured P40 and P60")
     for s in sources[1:-1]:
-        rows = paired_rows(runs, names, s)
+        rows = paired_rows(runs, s)
         if not rows:
             continue
         print(f"\n{s}, request by request (``paired``): the median over each cell's requests of simulated / "

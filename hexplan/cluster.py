@@ -119,6 +119,16 @@ class Cluster:
     def node(self, name: str) -> Node:
         return self._by_name[name]
 
+    def workers_by_host(self, stages) -> dict[str, int]:
+        """Workers (TP ranks) that ``stages`` put on each shared machine: {host name: workers}.
+        `hexplan launch` gives each max(1, cores // workers) threads."""
+        out: dict[str, int] = {}
+        for s in stages:
+            h = self._by_name[s.node].host
+            if h:
+                out[h] = out.get(h, 0) + s.tp
+        return out
+
     def host(self, name: str) -> Host | None:
         """The shared machine named ``name`` (a node's ``host``), or None."""
         for h in self.hosts:

@@ -212,14 +212,8 @@ def shared_host_notes(plan: Plan, cluster: Cluster) -> list[str]:
     it had its GPUs to itself; the simulator slows stages that compute at once on a shared host
     (docs/cluster-format.md, "Shared machines"). Not a problem with the plan: a note on its
     predictions."""
-    workers: dict[str, int] = {}
-    for p in plan.pipelines:
-        for s in p.stages:
-            node = next((n for n in cluster.nodes if n.name == s.node), None)
-            if node is not None and node.host:
-                workers[node.host] = workers.get(node.host, 0) + s.tp
     notes = []
-    for name, w in workers.items():
+    for name, w in cluster.workers_by_host(s for p in plan.pipelines for s in p.stages).items():
         host = cluster.host(name)
         if host is not None and w > host.cores:
             notes.append(f"host {name!r} runs {w} workers on {host.cores} cores (1 thread each): the predictions rate "

@@ -252,7 +252,7 @@ def test_paired_sets_each_request_beside_its_own_simulation():
     assert fb.paired({"sim": {"per_request": sim[:3]}, "meas_detail": {"per_request": meas}}, "sim") is None
     run = {"results": {"one": {"cells": {"30%": cell}}}}
     old = {"results": {"one": {"cells": {"30%": {"sim": {}, "meas_detail": {"per_request": meas}}}}}}
-    assert fb.paired_rows([run, old, run], ["a", "b", "c"], "sim") == \
+    assert fb.paired_rows([run, old, run], "sim") == \
         ["| one | 30% | -10 - -10 | **-10%** | +20 - +20 | **+20%** |"]
 
 

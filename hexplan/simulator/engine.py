@@ -346,12 +346,7 @@ class Engine:
         """Stages on nodes that share a machine (``Node.host``): each stage resource on one gets
         (host, threads per worker, its workers, the host's stage resources), for ``_hosted_end``."""
         self.host_info: list = [None] * self.n_res
-        workers: dict = {}
-        for pl in plan.pipelines:
-            for s in pl.stages:
-                h = cluster.node(s.node).host
-                if h:
-                    workers[h] = workers.get(h, 0) + s.tp
+        workers = cluster.workers_by_host(s for pl in plan.pipelines for s in pl.stages)
         members: dict = {}
         for pp, pl in zip(self.pipes, plan.pipelines):
             pp.hosted = False
@@ -387,23 +382,18 @@ class Engine:
             a, b = max(start, hstart[o]), free[o]
             if (end if end < b else b) > a:
                 over.append((a, end if end < b else b, o, (self.host_info[o][2], self.host_info[o][1], hshare[o])))
-        if len(over) == 1:             # one other step: processor sharing of the pair
-            a, b, o, other = over[0]
-            extra = (b - a) * (host.slowdown(me, (other,)) / m0 - 1.0)
-            grow = {o: (b - a) * (host.slowdown(other, (me,)) / host.slowdown(other) - 1.0)}
-        elif over:                     # several: cut the overlap where one starts or ends; in each
-            cuts = sorted({t for a, b, _, _ in over for t in (a, b)})   # piece, the set running then
-            grow = dict.fromkeys((o for _, _, o, _ in over), 0.0)
-            for t0, t1 in zip(cuts, cuts[1:]):
-                on = [(o, other) for a, b, o, other in over if a <= t0 and t1 <= b]
-                if not on:
-                    continue
-                extra += (t1 - t0) * (host.slowdown(me, tuple(x for _, x in on)) / m0 - 1.0)
-                for o, other in on:
-                    rest = tuple(x for q, x in on if q != o)
-                    grow[o] += (t1 - t0) * (host.slowdown(other, rest + (me,)) / host.slowdown(other, rest) - 1.0)
-        else:
-            grow = {}
+        # cut the overlap where one of the others starts or ends; each piece is slowed by the set
+        # running then (with one other step: processor sharing of the pair)
+        cuts = sorted({t for a, b, _, _ in over for t in (a, b)})
+        grow = dict.fromkeys((o for _, _, o, _ in over), 0.0)
+        for t0, t1 in zip(cuts, cuts[1:]):
+            on = [(o, other) for a, b, o, other in over if a <= t0 and t1 <= b]
+            if not on:
+                continue
+            extra += (t1 - t0) * (host.slowdown(me, tuple(x for _, x in on)) / m0 - 1.0)
+            for o, other in on:
+                rest = tuple(x for q, x in on if q != o)
+                grow[o] += (t1 - t0) * (host.slowdown(other, rest + (me,)) / host.slowdown(other, rest) - 1.0)
         for o, g in grow.items():      # the others' steps are lengthened too
             b = free[o]
             free[o] = b + g
