@@ -84,3 +84,76 @@ def _catch(sink, fn):
         fn()
     except BaseException as e:
         sink.append(e)
+
+
+class _Cache:
+    """A stage model's cache bookkeeping, enough for Release and Stats: which requests it holds,
+    and in what order the compute thread released them."""
+
+    def __init__(self, held):
+        self.held = set(held)
+        self.order: list = []
+
+    def release(self, rid):
+        self.order.append(rid)
+        if rid in self.held:
+            self.held.remove(rid)
+            return True
+        return False
+
+    def num_sequences(self):
+        return len(self.held)
+
+    def kv_bytes(self):
+        return 0
+
+    def offloaded_bytes(self):
+        return 0
+
+
+def test_release_is_queued_not_waited_for(monkeypatch):
+    """Release answers while the compute thread is still in another step, and the caches go
+    before any later call runs on the stage (Stats sees them gone)."""
+    from hexplan.executor._proto import hexplan_v1_pb2 as pb
+    from hexplan.executor.distributed import TPContext
+    from hexplan.executor.worker import StageWorker
+
+    monkeypatch.delenv("HEXPLAN_STEP_LOG", raising=False)
+    cache = _Cache({"a", "b"})
+    worker = StageWorker(cache, TPContext(), {"stage_id": "s0"}, None)   # this thread computes
+    done = threading.Event()
+    in_step, step_may_end = threading.Event(), threading.Event()
+    out: dict = {}
+
+    def step():                               # another loop's step, holding the compute thread
+        in_step.set()
+        step_may_end.wait(10)
+        cache.order.append("step")
+
+    def caller():
+        try:
+            busy = threading.Thread(target=worker.compute.call, args=(step,))
+            busy.start()
+            in_step.wait(10)
+            t0 = time.monotonic()
+            reply = worker.Release(pb.ReleaseRequest(request_ids=["a", "x"]), None)
+            out["release_s"] = time.monotonic() - t0
+            out["released"] = reply.released
+            out["step_running"] = "step" not in cache.order
+            step_may_end.set()
+            stats = worker.Stats(pb.StatsRequest(), None)       # queued after the release
+            out["sequences"] = stats.sequences
+        finally:
+            step_may_end.set()
+            done.set()
+
+    t = threading.Thread(target=caller)
+    t.start()
+    deadline = time.monotonic() + 30
+    worker.compute.serve(lambda: done.is_set() or time.monotonic() > deadline, poll_s=0.05)
+    t.join(10)
+    assert out["step_running"], "Release waited for the step on the compute thread"
+    assert out["release_s"] < 5
+    assert out["released"] == 2                       # the ids it took
+    assert cache.order == ["step", "a", "x"]          # in the order the calls came
+    assert out["sequences"] == 1                      # "b" alone is held

@@ -20,6 +20,8 @@ The worker exits when its node executor (its parent process) goes away.
 """
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import queue
 import threading
@@ -37,6 +39,8 @@ from .shift import init_shift
 from .limits import worker_message_limit
 from .wire import (Tls, add_health_and_reflection, bind, channel, from_proto, make_server, server_interceptors,
                    to_proto)
+
+log = logging.getLogger("hexplan.worker")
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -108,9 +112,21 @@ class ComputeThread:
         here. Called on the compute thread itself, it just runs it."""
         if threading.get_ident() == self._owner:
             return fn(*args, **kwargs)
+        return self.submit(fn, *args, **kwargs).result()
+
+    def submit(self, fn, *args, **kwargs) -> futures.Future:
+        """Queue ``fn(*args, **kwargs)`` for the compute thread and return at once: a future of
+        its result. It runs after every call queued before it and before every call queued
+        after it. Called on the compute thread itself, it runs it now."""
         fut: futures.Future = futures.Future()
+        if threading.get_ident() == self._owner:
+            try:
+                fut.set_result(fn(*args, **kwargs))
+            except BaseException as e:
+                fut.set_exception(e)
+            return fut
         self._q.put((fut, fn, args, kwargs))
-        return fut.result()
+        return fut
 
     def serve(self, stopped, poll_s: float = 0.5) -> None:
         """Run the calls handed over, in order, until ``stopped()`` (checked at least every
@@ -261,16 +277,25 @@ class StageWorker(pbg.StageServicer):
         return self._sender.submit(call)
 
     def Release(self, request, context):
+        """Queue the release (or offload) of these requests' caches on the compute thread, pass
+        the call down the pipeline, and answer once every stage after this one has queued it,
+        without waiting for the compute thread. Every later call to a stage (Forward, Stats,
+        Release) runs after it there, in the order the calls came, so a caller that goes on
+        once Release returns never sees the caches held. Waiting would hold the caller for the
+        rest of whatever step the compute thread is in: with two micro-batch loops, the other
+        loop's step on every stage, 30-65 ms for each step in which a request ended on the
+        2-core machine (docs/executor.md, "Release")."""
         ids = list(request.request_ids)
         op = "offload" if request.offload else "release"
-        released = self.compute.call(self._run, {"op": op, "ids": ids}, [])
+        self.compute.submit(self._run, {"op": op, "ids": ids}, []).add_done_callback(
+            functools.partial(_log_failure, f"stage {self.spec['stage_id']}: {op} of {len(ids)} cache(s)"))
         if self.downstream:
             try:
                 self._stub(self.downstream[0]).Release(
                     pb.ReleaseRequest(request_ids=ids, offload=request.offload), timeout=10)
             except grpc.RpcError:
                 pass  # a dead stage holds no cache worth freeing
-        return pb.ReleaseResponse(released=released)
+        return pb.ReleaseResponse(released=len(ids))
 
     def Stats(self, request, context):
         return self.compute.call(lambda: pb.StatsResponse(
@@ -281,6 +306,13 @@ class StageWorker(pbg.StageServicer):
     def stop_followers(self):
         if self.ctx.size > 1:
             self.compute.call(broadcast_message, self.ctx, {"op": "stop"}, [])
+
+
+def _log_failure(what: str, fut: futures.Future) -> None:
+    """A queued call's failure, which no caller waits for: logged on the stage."""
+    e = fut.exception()
+    if e is not None:
+        log.error("%s failed: %s: %s", what, type(e).__name__, e)
 
 
 def greedy_tokens(logits: torch.Tensor) -> list[int]:
