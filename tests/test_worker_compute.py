@@ -157,3 +157,23 @@ def test_release_is_queued_not_waited_for(monkeypatch):
     assert out["released"] == 2                       # the ids it took
     assert cache.order == ["step", "a", "x"]          # in the order the calls came
     assert out["sequences"] == 1                      # "b" alone is held
+
+
+def test_a_release_that_fails_on_the_stage_is_logged(monkeypatch, caplog):
+    """No caller waits for a queued release, so its failure is logged on the stage."""
+    import logging
+
+    from hexplan.executor._proto import hexplan_v1_pb2 as pb
+    from hexplan.executor.distributed import TPContext
+    from hexplan.executor.worker import StageWorker
+
+    class Broken(_Cache):
+        def release(self, rid):
+            raise RuntimeError(f"cannot free {rid}")
+
+    monkeypatch.delenv("HEXPLAN_STEP_LOG", raising=False)
+    worker = StageWorker(Broken({"a"}), TPContext(), {"stage_id": "s0"}, None)
+    with caplog.at_level(logging.ERROR, logger="hexplan.worker"):
+        reply = worker.Release(pb.ReleaseRequest(request_ids=["a"]), None)   # on the compute thread: runs now
+    assert reply.released == 1
+    assert "stage s0: release of 1 cache(s) failed: RuntimeError: cannot free a" in caplog.text

@@ -110,8 +110,6 @@ class ComputeThread:
     def call(self, fn, *args, **kwargs):
         """``fn(*args, **kwargs)`` on the compute thread; its result, or its exception raised
         here. Called on the compute thread itself, it just runs it."""
-        if threading.get_ident() == self._owner:
-            return fn(*args, **kwargs)
         return self.submit(fn, *args, **kwargs).result()
 
     def submit(self, fn, *args, **kwargs) -> futures.Future:
