@@ -1309,10 +1309,31 @@ def print_kinds(runs: list, ckpt: str, names: list | None = None) -> None:
                       "step's median), per stage: the hop to it, the wait for the other loop, the rest before its "
                       "compute, its compute; then the way back\n")
                 print(step_kinds_table(rows))
+                if not md.get("per_request"):
+                    continue
+                ended, rest = ending_back(rows, md["per_request"])
+                print("\nThe way back, ms (mean, steps): " + "; ".join(
+                    f"{what} {statistics.mean(v) * 1e3:.1f} ({len(v)}), {sum(v):.2f} s in all" if v else f"{what} - (0)"
+                    for what, v in (("steps in which a request ended", ended), ("the others", rest))))
     for pname, rows in everything.items():
         print(f"\n{pname}, {len(runs)} run(s), every load: each stage's compute over the simulator's time for the "
               "same steps, by kind\n")
         print(kinds_summary_table(rows))
+
+
+def ending_back(rows: list, requests: list) -> tuple[list, list]:
+    """``step_rows``' way back (``back``, seconds) of the steps in which a request ended (a
+    request's end, as its client saw it, between the last stage's compute end and 10 ms after
+    the step's end: the stream ends after the step's release) and of the others."""
+    import bisect
+
+    ends = sorted(r["end"] for r in requests)
+    ended, rest = [], []
+    for r in rows:
+        e = r["t"] + r["step"]
+        i = bisect.bisect_left(ends, e - r["back"])
+        (ended if i < len(ends) and ends[i] <= e + 0.01 else rest).append(r["back"])
+    return ended, rest
 
 
 KIND_BUCKETS = ((1, 3), (4, 8), (9, None))   # decodes in a step: 1-3, 4-8, 9 and more

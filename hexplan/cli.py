@@ -23,7 +23,7 @@ from .logconfig import FORMATS as LOG_FORMATS, LEVELS as LOG_LEVELS, configure a
 from .models import BUILTIN_MODELS, load_model
 from .plan import load_plan
 from .render import format_plan, gpu_summary as _gpu_summary, table as _table
-from .validate import describe_problems, validate_plan
+from .validate import describe_problems, shared_host_notes, validate_plan
 
 
 class _Parser(argparse.ArgumentParser):
@@ -454,7 +454,6 @@ def cmd_solve(args) -> int:
     text = plan.dump(args.format)
     table_stream = sys.stderr if out == "-" else sys.stdout
     print(format_plan(plan, cluster), file=table_stream)
-    from .validate import shared_host_notes
     for note in shared_host_notes(plan, cluster):
         print(f"hexplan: note: {note}", file=sys.stderr)
     if out == "-":

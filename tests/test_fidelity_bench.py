@@ -275,3 +275,13 @@ def test_simulate_trace_keeps_each_request_in_the_traces_order(tmp_path):
     assert per[0][0] < per[3][0] < per[1][0]                          # 32 < 64 < 250 prompt tokens
     assert got["ttft_p50_s"] == pytest.approx(fb.percentile(sorted(r[0] for r in per), 50))
     assert got["tpot_p50_s"] == pytest.approx(fb.percentile(sorted(r[1] for r in per if r[1] is not None), 50))
+
+
+def test_ending_back_splits_steps_by_a_request_ending_in_them():
+    # steps at t = 0, 1, 2 (0.1 s each, 0.02 s of way back); a request ends inside the second
+    # step's way back, another 5 ms after the third step: both of those ended a request
+    rows = [{"t": float(i), "step": 0.1, "back": 0.02} for i in range(3)]
+    requests = [{"end": 1.09}, {"end": 2.105}, {"end": 0.5}]
+    ended, rest = fb.ending_back(rows, requests)
+    assert (len(ended), len(rest)) == (2, 1)
+    assert fb.ending_back(rows, [{"end": 0.2}]) == ([], [0.02] * 3)   # 100 ms after: not that step's

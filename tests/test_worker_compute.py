@@ -130,9 +130,10 @@ def test_release_is_queued_not_waited_for(monkeypatch):
         step_may_end.wait(10)
         cache.order.append("step")
 
+    busy = threading.Thread(target=worker.compute.call, args=(step,))
+
     def caller():
         try:
-            busy = threading.Thread(target=worker.compute.call, args=(step,))
             busy.start()
             in_step.wait(10)
             t0 = time.monotonic()
@@ -152,6 +153,7 @@ def test_release_is_queued_not_waited_for(monkeypatch):
     deadline = time.monotonic() + 30
     worker.compute.serve(lambda: done.is_set() or time.monotonic() > deadline, poll_s=0.05)
     t.join(10)
+    busy.join(10)
     assert out["step_running"], "Release waited for the step on the compute thread"
     assert out["release_s"] < 5
     assert out["released"] == 2                       # the ids it took

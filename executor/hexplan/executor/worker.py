@@ -281,7 +281,7 @@ class StageWorker(pbg.StageServicer):
         Release) runs after it there, in the order the calls came, so a caller that goes on
         once Release returns never sees the caches held. Waiting would hold the caller for the
         rest of whatever step the compute thread is in: with two micro-batch loops, the other
-        loop's step on every stage, 30-65 ms for each step in which a request ended on the
+        loop's step on every stage, 24-70 ms for each step in which a request ended on the
         2-core machine (docs/executor.md, "Release")."""
         ids = list(request.request_ids)
         op = "offload" if request.offload else "release"
