@@ -1046,7 +1046,11 @@ def served_host_terms(ov: dict | None, stages, cluster: dict) -> dict:
     for i, (_, tp, _, _) in enumerate(stages):
         k = f"p0s{i}"
         share = two.get(f"overlap_{k}", 0.0)
-        if tp == 1 and workers > 1 and share >= 0.3 and one.get(f"compute_{k}"):
+        # only beside 1-worker stages: beside a TP stage, what a 1-worker stage loses is not a
+        # per-worker cost the TP ranks pay too (they show none beyond the cores' sharing:
+        # docs/fidelity.md, "A lone worker beside a TP group")
+        lone_beside = all(otp == 1 for j, (_, otp, _, _) in enumerate(stages) if j != i)
+        if tp == 1 and lone_beside and workers > 1 and share >= 0.3 and one.get(f"compute_{k}"):
             full = 1.0 + (two[f"compute_{k}"] / one[f"compute_{k}"] - 1.0) / share   # all through beside the other
             others = tuple((otp, threads, shares[j]) for j, (_, otp, _, _) in enumerate(stages) if j != i)
             cs.append((full / bare.slowdown((1, threads, 1.0), others) - 1.0) / (workers - 1))

@@ -63,6 +63,12 @@ class Host:
           over the others' phases (each computing for its share of the time, independently).
           Its own threads count whole: a TP stage's ranks run in lockstep, so a rank waiting
           for its core holds the others up, and their waits stretch with it.
+        * To a 1-worker stage, a TP stage beside it counts one worker's threads, not all its
+          ranks': its ranks take turns on the cores it leaves (a rank waiting at an all-reduce
+          sleeps and hands its core to its peer), and the lone worker, never waiting on a
+          peer, keeps its own. Measured on the 2-core development host (docs/fidelity.md, "A
+          lone worker beside a TP group"): a TP-1 stage overlapped by a TP-2 stage's step
+          computed 1.11x its profile, 1.02x alone, as beside another TP-1 stage.
         * Every running worker beyond the first adds ``contention`` (memory bandwidth, caches).
         """
         w, t, _ = stage
@@ -71,7 +77,7 @@ class Host:
         for ow, ot, share in others:
             if share <= 0.0:
                 continue
-            n, nxt = ow * ot, {}
+            n, nxt = (ot if w == 1 else ow * ot), {}
             for k, p in dist.items():
                 if share < 1.0:
                     nxt[k] = nxt.get(k, 0.0) + p * (1.0 - share)

@@ -44,17 +44,26 @@ def _probe(stages, cores, contention, tp_compute_ms, tp1_alone_ms, overlap, allr
     return {"one_loop": one, "two_loops": two}
 
 
-@pytest.mark.parametrize("stages", [[("cpu0", 1, 0, 6), ("cpu1", 1, 6, 12)],       # pp2
-                                    [("cpu0", 2, 0, 6), ("cpu1", 1, 6, 12)]])      # tp2pp
+@pytest.mark.parametrize("stages", [[("cpu0", 1, 0, 6), ("cpu1", 1, 6, 12)],                        # pp2
+                                    [("cpu0", 1, 0, 4), ("cpu1", 1, 4, 8), ("cpu2", 1, 8, 12)]])    # 3 on 2 cores
 @pytest.mark.parametrize("contention", [0.0, 0.04, 0.15])
 def test_served_host_terms_recover_the_hosts_contention(stages, contention):
-    # The TP-1 stage's slowdown beside the others is core sharing (Host.slowdown with no
-    # contention) times contention: only the contention is taken, so the simulator's rule does
-    # not count the core sharing twice.
+    # A TP-1 stage's slowdown beside the others is core sharing (Host.slowdown with no
+    # contention; three 1-thread stages on 2 cores share them) times contention: only the
+    # contention is taken, so the simulator's rule does not count the core sharing twice.
     ov = _probe(stages, 2, contention, tp_compute_ms=40.0, tp1_alone_ms=50.0, overlap=0.8, allreduce_ms=1.5)
     got = fb.served_host_terms(ov, stages, _cluster(2, 1.5))
     assert got["contention"] == pytest.approx(contention, abs=1e-9)
     assert got["hop_s"] == pytest.approx(3e-3)
+
+
+def test_served_host_terms_take_no_contention_beside_a_tp_stage():
+    # Beside a TP-2 stage a TP-1 stage's loss is not a per-worker cost the ranks pay too (they
+    # show none beyond the cores' sharing), so tp2pp's probe gives the hops and no contention.
+    stages = [("cpu0", 2, 0, 6), ("cpu1", 1, 6, 12)]
+    ov = _probe(stages, 2, 0.1, tp_compute_ms=40.0, tp1_alone_ms=50.0, overlap=0.8, allreduce_ms=1.5)
+    got = fb.served_host_terms(ov, stages, _cluster(2, 1.5))
+    assert "contention" not in got and got["hop_s"] == pytest.approx(3e-3)
 
 
 def test_served_host_terms_without_a_host_or_probe():

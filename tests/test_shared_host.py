@@ -67,19 +67,26 @@ def test_slowdown():
     assert h.slowdown(tp2) == pytest.approx(1.2)                     # alone: its ranks have the cores
     # Beside a 1-worker stage its ranks share the cores with it, in lockstep: 3 threads on 2.
     assert h.slowdown(tp2, (one,)) == pytest.approx(1.5 * 1.4)
-    # The 1-worker stage beside it: 3 threads on 2 cores while the ranks compute (60% of the
-    # time), its own core while they wait on all-reduces.
-    assert h.slowdown(one, (tp2,)) == pytest.approx((0.6 * 1.5 + 0.4 * 1.0) * 1.4)
+    # The 1-worker stage beside it keeps its core: the ranks take turns on the other (they count
+    # one worker's thread), so only bandwidth slows it.
+    assert h.slowdown(one, (tp2,)) == pytest.approx(1.4)
+    assert h.slowdown(one, ((2, 1, 1.0),)) == pytest.approx(1.4)     # ranks computing all through too
     assert h.slowdown(one, ((2, 1, 0.0),)) == pytest.approx(1.4)     # ranks that only wait: bandwidth only
-    # Two TP-2 stages computing half the time beside a 1-worker stage, no contention: 1, 3 or 5
-    # threads on 2 cores with probability 1/4, 1/2, 1/4.
+    # On one core it shares that core with the ranks' turns while they compute (60% of the time).
+    single = Host("box", 1, 0.0)
+    assert single.slowdown(one, (tp2,)) == pytest.approx(0.6 * 2.0 + 0.4 * 1.0)
+    # Two TP-2 stages computing half the time beside a 1-worker stage, no contention: each
+    # counts one thread to it, so 1, 2 or 3 threads on 2 cores with probability 1/4, 1/2, 1/4.
     bare = Host("box", 2, 0.0)
-    assert bare.slowdown(one, ((2, 1, 0.5), (2, 1, 0.5))) == pytest.approx(0.25 * 1 + 0.5 * 1.5 + 0.25 * 2.5)
+    assert bare.slowdown(one, ((2, 1, 0.5), (2, 1, 0.5))) == pytest.approx(0.25 * 1 + 0.5 * 1 + 0.25 * 1.5)
+    # A TP-2 stage beside them counts every rank, its own and the others': 2 + 2 + 1 threads.
+    assert bare.slowdown((2, 1, 1.0), ((2, 1, 1.0), one)) == pytest.approx(2.5)
 
 
 def test_slowdown_averages_the_others_phases():
     # Against a brute force over which of the other stages compute at a moment (each for its
-    # share of the time, independently): max(1, threads / cores), weighted, x contention.
+    # share of the time, independently): max(1, threads / cores), weighted, x contention; to a
+    # 1-worker stage, each other stage counts one worker's threads.
     import itertools
     import random
     rng = random.Random(7)
@@ -93,7 +100,7 @@ def test_slowdown_averages_the_others_phases():
             p, threads = 1.0, stage[0] * stage[1]
             for (w, t, share), o in zip(others, on):
                 p *= share if o else 1.0 - share
-                threads += w * t if o else 0
+                threads += (t if stage[0] == 1 else w * t) if o else 0
             want += p * max(1.0, threads / h.cores)
         want *= 1.0 + h.contention * (stage[0] + sum(o[0] for o in others) - 1)
         assert h.slowdown(stage, others) == pytest.approx(want, rel=1e-12), (h, stage, others)
