@@ -1323,6 +1323,9 @@ def print_kinds(runs: list, ckpt: str, names: list | None = None) -> None:
         print(f"\n{pname}, {len(runs)} run(s), every load: each stage's compute over the simulator's time for the "
               "same steps, by kind\n")
         print(kinds_summary_table(rows))
+        print(f"\n{pname}, {len(runs)} run(s), every load: each stage's compute over the simulator's time for the "
+              "same steps alone, by how much of it another stage computed too\n")
+        print(overlap_table(rows))
 
 
 def ending_back(rows: list, requests: list) -> tuple[list, list]:
@@ -1370,6 +1373,27 @@ def kinds_summary_table(rows: list) -> str:
     lines = [f"| stage | {head} |", "|---|" + "---|" * len(names)]
     for k in sids:
         lines.append(f"| {k} | " + " | ".join(_ratio_text(_model_ratio(groups.get(n, []), k)) for n in names) + " |")
+    return "\n".join(lines)
+
+
+OVERLAP_SPLIT = (0.1, 0.9)
+
+
+def overlap_table(rows: list) -> str:
+    """``step_rows`` with a model, per stage: summed compute over summed simulated time alone
+    (``StepModel``: no shared host) of the steps another stage overlapped for under 10% of this
+    stage's compute, for 10-90%, and for over 90%, with their counts. What the shared-host rule
+    (``Host.slowdown``) should give a stage beside the others is the last over the first."""
+    if not rows:
+        return ""
+    lo, hi = OVERLAP_SPLIT
+    sids = list(rows[0]["stages"])
+    lines = [f"| stage | overlapped < {lo:.0%} | {lo:.0%}-{hi:.0%} | > {hi:.0%} |", "|---|---|---|---|"]
+    for k in sids:
+        parts = [[r for r in rows if r["stages"][k]["overlap"] < lo],
+                 [r for r in rows if lo <= r["stages"][k]["overlap"] <= hi],
+                 [r for r in rows if r["stages"][k]["overlap"] > hi]]
+        lines.append(f"| {k} | " + " | ".join(f"{_ratio_text(_model_ratio(g, k))} ({len(g)})" for g in parts) + " |")
     return "\n".join(lines)
 
 

@@ -3,6 +3,7 @@ medians of several saved runs (`--combine`). The runs themselves need minutes of
 live in docs/fidelity.md, not here."""
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -184,6 +185,24 @@ def test_kinds_sets_each_saved_step_beside_the_simulators_time_for_it(tmp_path, 
     s0 = next(line for line in out.splitlines() if line.startswith("| p0s0 |")).split("|")
     assert float(s0[2]) == pytest.approx(ratio0, abs=0.006) and s0[3].strip() == "-"
     assert float(s0[6]) == pytest.approx(float(p1.rsplit("|", 2)[-2].split("/")[0]), abs=0.006)
+    # and by overlap: the stages never computed at once here, so every step is in the first column
+    assert "pp2, 2 run(s), every load: each stage's compute over the simulator's time for the same steps alone, by how" in out
+    assert re.search(r"\| p0s1 \| \d\.\d\d \(4\) \| - \(0\) \| - \(0\) \|", out)
+
+
+def test_overlap_table_splits_each_stages_ratio_by_how_much_another_stage_ran_beside_it():
+    def row(o0, c0, o1, c1):
+        return {"stages": {"p0s0": {"overlap": o0, "compute": c0, "model": 0.010},
+                           "p0s1": {"overlap": o1, "compute": c1, "model": 0.020}}}
+    rows = [row(0.0, 0.011, 1.0, 0.022), row(0.05, 0.009, 0.95, 0.026), row(0.5, 0.012, 0.1, 0.020),
+            row(0.95, 0.015, 0.0, 0.021)]
+    lines = fb.overlap_table(rows).splitlines()
+    assert lines[0] == "| stage | overlapped < 10% | 10%-90% | > 90% |"
+    assert lines[2] == "| p0s0 | 1.00 (2) | 1.20 (1) | 1.50 (1) |"        # (11 + 9) / 20; 12 / 10; 15 / 10
+    assert lines[3] == "| p0s1 | 1.05 (1) | 1.00 (1) | 1.20 (2) |"        # 21 / 20; 20 / 20; (22 + 26) / 40
+    # a stage without a model for its steps shows "-"
+    bare = [{"stages": {"p0s0": {"overlap": 0.0, "compute": 0.01}}}]
+    assert fb.overlap_table(bare).splitlines()[2] == "| p0s0 | - (1) | - (0) | - (0) |"
 
 
 def test_a_tp2_groups_own_tables_are_the_served_ones_times_the_lone_ratio():
