@@ -68,7 +68,7 @@ class Host:
           sleeps and hands its core to its peer), and the lone worker, never waiting on a
           peer, keeps its own. Measured on the 2-core development host (docs/fidelity.md, "A
           lone worker beside a TP group"): a TP-1 stage overlapped by a TP-2 stage's step
-          computed 1.11x its profile, 1.02x alone, as beside another TP-1 stage.
+          computed 1.11x its modelled time, 1.02x alone, as beside another TP-1 stage.
         * Every running worker beyond the first adds ``contention`` (memory bandwidth, caches).
         """
         w, t, _ = stage
