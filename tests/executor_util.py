@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
+import subprocess
 import time
 
 import torch
@@ -180,7 +182,10 @@ def ray_cluster_on_loopback(*resources: dict, attempts: int = 2):
 
     Ray waits a fixed 30 s for a raylet to register; on two shared cores right after another
     module's cluster has shut down, a raylet can miss that ("The current node timed out during
-    startup"). A start that fails so is torn down and tried again, at most ``attempts`` times."""
+    startup"), and the head's GCS server can be late to write its port file ("Timed out waiting
+    for file .../session_.../gcs_server_port_..."; once in a CI run, 2026-12-02). A start that
+    fails so is torn down (the late GCS server's processes too: no Cluster holds them) and tried
+    again, at most ``attempts`` times."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -200,6 +205,9 @@ def ray_cluster_on_loopback(*resources: dict, attempts: int = 2):
             ray.shutdown()
             if c is not None:
                 c.shutdown()
-            if attempt == attempts or "timed out during startup" not in str(e):
+            late_gcs = re.search(r"Timed out waiting for file (\S*/session_[^/\s]+)/", str(e))
+            if late_gcs:   # the half-started head's processes run in its session folder
+                subprocess.run(["pkill", "-f", late_gcs.group(1)], check=False)
+            if attempt == attempts or not (late_gcs or "timed out during startup" in str(e)):
                 raise
             time.sleep(2.0)
