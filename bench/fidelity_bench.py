@@ -1017,43 +1017,31 @@ def calibrate_terms(pr: dict, ckpt: str) -> dict:
 def served_host_terms(ov: dict | None, stages, cluster: dict) -> dict:
     """From ``overlap_probe``: ``hop_s``, what the hops of a step with two loops in flight add to
     a lone step's, over the links the model has (one each way and one between stages:
-    ``len(stages) + 1``), as latency on each; and the host's ``contention``, from each 1-worker
-    stage's compute beside the other loop against alone: its slowdown over the time it
-    overlapped, less what ``Host.slowdown`` gives it for sharing the cores (the other stages
-    computing for their share: 1, or a TP stage's compute less its all-reduces, from the
-    profile's table), per other worker on the host."""
+    ``len(stages) + 1``), as latency on each; and, on a plan of 1-worker stages only, the
+    host's ``contention``, from each stage's compute beside the other loop against alone: its
+    slowdown over the time it overlapped, less what ``Host.slowdown`` gives it for sharing the
+    cores, per other worker on the host. Beside a TP stage none is taken: what a 1-worker stage
+    loses there is not a per-worker cost the TP ranks pay too (they show none beyond the cores'
+    sharing: docs/fidelity.md, "A lone worker beside a TP group")."""
     if not ov or not ov.get("two_loops", {}).get("matched") or not ov.get("one_loop", {}).get("matched"):
         return {}
     one, two = ov["one_loop"], ov["two_loops"]
     # the hops of a lone step are in the served decode table already (the probe's step less the
     # model's compute): what two loops add, per link, on top of the links' own latency
     out = {"hop_s": max(0.0, (two["hops"] - one["hops"]) / 1e3 / (len(stages) + 1))}
-    if not cluster.get("hosts"):
+    workers = len(stages)
+    if not cluster.get("hosts") or workers < 2 or any(tp > 1 for _, tp, _, _ in stages):
         return out
-    workers = sum(tp for _, tp, _, _ in stages)
     cores = next(iter(cluster["hosts"].values()))["cores"]
     threads = max(1, cores // workers)
-    tables = next(iter(cluster["gpu_types"]["cpu"]["profiles"].values()))
-    shares = []
-    for i, (_, tp, a, b) in enumerate(stages):
-        c = two.get(f"compute_p0s{i}")
-        if tp == 1 or not c or "allreduce_ms" not in tables:
-            shares.append(1.0)
-        else:   # 2 all-reduces per layer, of the probe's smaller batch
-            shares.append(max(0.0, 1.0 - 2 * (b - a) * float(_get(tables["allreduce_ms"], OVERLAP_BATCH)) / c))
-    bare = Host("probe", cores, 0.0)
+    shared = Host("probe", cores, 0.0).slowdown((1, threads, 1.0), ((1, threads, 1.0),) * (workers - 1))
     cs = []
-    for i, (_, tp, _, _) in enumerate(stages):
+    for i in range(workers):
         k = f"p0s{i}"
         share = two.get(f"overlap_{k}", 0.0)
-        # only beside 1-worker stages: beside a TP stage, what a 1-worker stage loses is not a
-        # per-worker cost the TP ranks pay too (they show none beyond the cores' sharing:
-        # docs/fidelity.md, "A lone worker beside a TP group")
-        lone_beside = all(otp == 1 for j, (_, otp, _, _) in enumerate(stages) if j != i)
-        if tp == 1 and lone_beside and workers > 1 and share >= 0.3 and one.get(f"compute_{k}"):
-            full = 1.0 + (two[f"compute_{k}"] / one[f"compute_{k}"] - 1.0) / share   # all through beside the other
-            others = tuple((otp, threads, shares[j]) for j, (_, otp, _, _) in enumerate(stages) if j != i)
-            cs.append((full / bare.slowdown((1, threads, 1.0), others) - 1.0) / (workers - 1))
+        if share >= 0.3 and one.get(f"compute_{k}"):
+            full = 1.0 + (two[f"compute_{k}"] / one[f"compute_{k}"] - 1.0) / share   # all through beside the others
+            cs.append((full / shared - 1.0) / (workers - 1))
     if cs:
         out["contention"] = max(0.0, statistics.mean(cs))
     return out
