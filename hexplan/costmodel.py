@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import SpecError
 from .gpus import GpuType, Profile
@@ -239,6 +239,17 @@ class StageCost:
         """Bytes per GPU for ``layers`` layers (without the headroom)."""
         extra = (self.embed_bytes if first else 0.0) + (self.head_bytes if last else 0.0)
         return layers * self.mem_per_layer + extra
+
+    def slowed(self, factor: float) -> "StageCost":
+        """These costs on a machine that runs the group ``factor`` times slower than its profile
+        (a shared host's ``Host.slowdown``): every time scaled, the layer rate divided."""
+        if factor == 1.0:
+            return self
+        return replace(self, decode_layer_s=self.decode_layer_s * factor,
+                       prefill_layer_s=self.prefill_layer_s * factor, layer_rate=self.layer_rate / factor,
+                       head_decode_s=self.head_decode_s * factor, head_prefill_s=self.head_prefill_s * factor,
+                       prefill_whole_s=None if self.prefill_whole_s is None else self.prefill_whole_s * factor,
+                       call_decode_s=self.call_decode_s * factor, call_prefill_s=self.call_prefill_s * factor)
 
     def capacity(self, layers: int, last: bool = False) -> float:
         """Output tokens/s this stage sustains when it holds ``layers`` layers (and, for the

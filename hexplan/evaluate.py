@@ -160,9 +160,46 @@ def pipeline_latencies(ov: Overheads, w: Workload, layer_counts) -> tuple[float,
     return tpot, ttft, round_s
 
 
+def host_slowdowns(cluster: Cluster, nodes, tps, beside=()) -> tuple[list[float], list[float]] | None:
+    """Each stage's slowdown on a machine it shares with other nodes' workers (``Node.host``,
+    ``Host.slowdown``; docs/cluster-format.md, "Shared machines"): (alone, beside every other
+    stage on its host computing all the time), 1.0 for a stage on a machine of its own; None
+    when no stage is on a shared one. ``beside``: (node, TP) of the stages of the plan's other
+    pipelines. Each worker gets max(1, cores // workers on the host) threads, as `hexplan
+    launch` gives them. The second is the steady state the throughput is rated at: at capacity
+    every stage computes nearly all the time (a TP stage's all-reduce waits, during which the
+    simulator lets others have its cores, are counted as compute here)."""
+    if not cluster.hosts:
+        return None
+    hosts = [cluster.host(cluster.node(n).host) for n in nodes]
+    if all(h is None for h in hosts):
+        return None
+    everyone = list(zip(nodes, tps)) + list(beside)
+    workers = cluster.workers_by_host(_Placed(n, tp) for n, tp in everyone)
+    alone, busy = [], []
+    for i, (tp, h) in enumerate(zip(tps, hosts)):
+        if h is None:
+            alone.append(1.0)
+            busy.append(1.0)
+            continue
+        threads = max(1, h.cores // workers[h.name])
+        others = tuple((t, threads, 1.0) for j, (m, t) in enumerate(everyone)
+                       if j != i and cluster.node(m).host == h.name)
+        alone.append(h.slowdown((tp, threads, 1.0)))
+        busy.append(h.slowdown((tp, threads, 1.0), others))
+    return alone, busy
+
+
+@dataclass(frozen=True)
+class _Placed:          # what Cluster.workers_by_host reads of a stage
+    node: str
+    tp: int
+
+
 def pipeline_overheads(cluster: Cluster, costs: CostCache, nodes, tps,
-                       shares: Counter | None = None, shifts=None) -> Overheads:
-    """``shifts``: each stage's Shift Parallelism SP ranks (None: no stage is shifted)."""
+                       shares: Counter | None = None, shifts=None, slow=None) -> Overheads:
+    """``shifts``: each stage's Shift Parallelism SP ranks (None: no stage is shifted). ``slow``:
+    each stage's time multiplier (a shared host's, ``host_slowdowns``; None: 1)."""
     model, w = costs.model, costs.workload
     coord = cluster.coordinator_node.name
     sc = []
@@ -170,6 +207,8 @@ def pipeline_overheads(cluster: Cluster, costs: CostCache, nodes, tps,
     for n, tp, sp in zip(nodes, tps, shifts or [1] * len(tps)):
         node = cluster.node(n)
         sc.append(costs.get(node.gpu, tp, node.interconnect, split, sp))
+    if slow is not None:
+        sc = [s.slowed(f) for s, f in zip(sc, slow)]
     link_in, link_out = cluster.link(coord, nodes[0]), cluster.link(nodes[-1], coord)
     hops = [cluster.link(a, b) for a, b in zip(nodes, nodes[1:])]
     tpot = (send_time(w.batch_size * TOKEN_ID_BYTES, link_in.bandwidth, link_in.latency)
@@ -199,14 +238,21 @@ def pipeline_overheads(cluster: Cluster, costs: CostCache, nodes, tps,
 
 
 def evaluate_pipeline(cluster: Cluster, costs: CostCache, nodes, tps, layer_counts,
-                      shares: Counter | None = None, shifts=None) -> PipelineMetrics:
+                      shares: Counter | None = None, shifts=None, beside=()) -> PipelineMetrics:
     """Metrics of one pipeline: ``nodes[i]`` hosts stage i with TP ``tps[i]`` and ``layer_counts[i]``
-    layers (and, with ``shifts``, Shift Parallelism's SP ranks ``shifts[i]``; 1: not shifted)."""
+    layers (and, with ``shifts``, Shift Parallelism's SP ranks ``shifts[i]``; 1: not shifted).
+    Stages on a shared machine (``host_slowdowns``; ``beside``: the other pipelines' (node, TP))
+    are rated at their slowdown with every stage there computing, and TPOT and TTFT, a request
+    alone, at their slowdown alone."""
     w = costs.workload
     k = len(nodes)
-    ov = pipeline_overheads(cluster, costs, nodes, tps, shares, shifts)
+    slow = host_slowdowns(cluster, nodes, tps, beside)
+    ov = pipeline_overheads(cluster, costs, nodes, tps, shares, shifts, slow and slow[1])
     sc = ov.costs
     tpot, ttft, round_s = pipeline_latencies(ov, w, layer_counts)
+    if slow is not None:
+        tpot, ttft, _ = pipeline_latencies(pipeline_overheads(cluster, costs, nodes, tps, shares, shifts, slow[0]),
+                                           w, layer_counts)
     limits = [(s.capacity(l, last=(i == k - 1)), f"stage {i} compute") for i, (l, s) in enumerate(zip(layer_counts, sc))]
     limits += list(ov.limits)
     limits.append((w.concurrency / round_s, "concurrency / round trip"))
@@ -225,8 +271,11 @@ def evaluate_plan_pipelines(cluster: Cluster, costs: CostCache, plan_pipelines) 
     """Metrics for each pipeline of a plan (stages carry node, tp and layer ranges)."""
     node_lists = [[s.node for s in p.stages] for p in plan_pipelines]
     shares = hop_shares(cluster, node_lists)
+    placed = [[(s.node, s.tp) for s in p.stages] for p in plan_pipelines]
     return [evaluate_pipeline(cluster, costs, [s.node for s in p.stages], [s.tp for s in p.stages],
-                              [s.num_layers for s in p.stages], shares, stage_shifts(p)) for p in plan_pipelines]
+                              [s.num_layers for s in p.stages], shares, stage_shifts(p),
+                              [x for j, q in enumerate(placed) if j != i for x in q])
+            for i, p in enumerate(plan_pipelines)]
 
 
 def stage_shifts(pipeline) -> list[int] | None:

@@ -125,6 +125,41 @@ def test_saturated_stages_share_the_host(cores, contention, want):
     assert ratio == pytest.approx(want, rel=0.06), (free.throughput_tokens_per_s, shared.throughput_tokens_per_s)
 
 
+def test_the_cost_model_rates_a_shared_host_with_every_stage_computing():
+    from hexplan.evaluate import CostCache, evaluate_plan_pipelines, host_slowdowns, pipeline_overheads
+    # A TP-2 stage then a TP-1 stage on 2 cores, contention 0.2: 3 workers of 1 thread. Alone,
+    # the TP-2 stage's ranks contend (1.2) and fill the cores; with both computing it gets 1.5
+    # (3 threads on 2 cores) x 1.4 (two workers beyond the first), the TP-1 stage 1.0 x 1.4.
+    shared, own = cluster("box", 2, 0.2), cluster(None)
+    assert host_slowdowns(own, ["a", "b"], [2, 1]) is None
+    alone_f, busy = host_slowdowns(shared, ["a", "b"], [2, 1])
+    assert alone_f == pytest.approx([1.2, 1.0]) and busy == pytest.approx([2.1, 1.4])
+    # another pipeline's stage on the host counts too: beside a second TP-1 worker the threads
+    # are max(1, 2 // 4) = 1 each, and it adds a worker
+    _, busy4 = host_slowdowns(shared, ["a", "b"], [2, 1], beside=[("b", 1)])
+    assert busy4 == pytest.approx([2.0 * 1.6, 1.5 * 1.6])
+    plan = two_stages(tp0=2)
+    cache = CostCache(plan.model, W)
+    (m,), (m0,) = evaluate_plan_pipelines(shared, cache, plan.pipelines), evaluate_plan_pipelines(own, cache, plan.pipelines)
+    # capacity at the slowdown with both computing
+    assert m.stage_capacity == pytest.approx([c / f for c, f in zip(m0.stage_capacity, busy)])
+    assert m.throughput < m0.throughput
+    # TPOT and TTFT, a request alone: the TP-2 stage's layers at 1.2, the rest as without the host
+    sc = pipeline_overheads(own, cache, ["a", "b"], [2, 1]).costs
+    assert m.tpot_s == pytest.approx(m0.tpot_s + 20 * sc[0].decode_layer_s * 0.2)
+    assert m.ttft_s == pytest.approx(m0.ttft_s + 20 * sc[0].prefill_layer_s * 0.2)
+
+
+@pytest.mark.parametrize("cores, contention, want", [(2, 0.2, 1.2), (1, 0.0, 2.0), (2, 0.0, 1.0)])
+def test_the_cost_model_and_the_simulator_agree_on_a_saturated_shared_host(cores, contention, want):
+    from hexplan.evaluate import CostCache, evaluate_plan_pipelines
+    plan = two_stages()
+    cache = CostCache(plan.model, W)
+    (free,), (shared,) = (evaluate_plan_pipelines(c, cache, plan.pipelines)
+                          for c in (cluster(None), cluster("box", cores, contention)))
+    assert free.throughput / shared.throughput == pytest.approx(want, rel=0.01)
+
+
 def test_a_tp_stage_alone_shares_the_host_between_its_ranks():
     # A TP-2 stage then a TP-1 stage on a 2-core host: 3 workers, 1 thread each. Alone, the TP-2
     # stage's two ranks contend (1 + c); the TP-1 stage runs at its profile.
