@@ -208,15 +208,17 @@ def check_plan(plan: Plan, cluster: Cluster, check_predictions: bool = True) -> 
 def shared_host_notes(plan: Plan, cluster: Cluster) -> list[str]:
     """One line per machine (``hosts:``) the plan puts more workers on than it has cores: each
     worker gets max(1, cores // workers) threads (`hexplan launch`), so there the workers' threads
-    exceed the cores whenever they all compute. The planner's cost model rates every stage as if
-    it had its GPUs to itself; the simulator slows stages that compute at once on a shared host
-    (docs/cluster-format.md, "Shared machines"). Not a problem with the plan: a note on its
-    predictions."""
+    exceed the cores whenever they all compute. The plan's predictions rate its stages there at
+    their slowdown with all of them computing, but the planner placed the layers as if each stage
+    had its GPUs to itself; the simulator slows stages while they compute at once
+    (docs/cluster-format.md, "Shared machines"). Not a problem with the plan: a note on how it
+    was made."""
     notes = []
     for name, w in cluster.workers_by_host(s for p in plan.pipelines for s in p.stages).items():
         host = cluster.host(name)
         if host is not None and w > host.cores:
-            notes.append(f"host {name!r} runs {w} workers on {host.cores} cores (1 thread each): the predictions rate "
-                         f"each stage as if it had them to itself; `hexplan simulate` slows stages that compute at "
-                         f"once there (docs/cluster-format.md, \"Shared machines\")")
+            notes.append(f"host {name!r} runs {w} workers on {host.cores} cores (1 thread each): the predictions "
+                         f"slow its stages as if all computed at once, but the layers were placed as if each "
+                         f"had the cores to itself; `hexplan simulate` slows stages while they compute at once "
+                         f"there (docs/cluster-format.md, \"Shared machines\")")
     return notes
