@@ -247,7 +247,7 @@ def evaluate_pipeline(cluster: Cluster, costs: CostCache, nodes, tps, layer_coun
     w = costs.workload
     k = len(nodes)
     slow = host_slowdowns(cluster, nodes, tps, beside)
-    ov = pipeline_overheads(cluster, costs, nodes, tps, shares, shifts, slow and slow[1])
+    ov = pipeline_overheads(cluster, costs, nodes, tps, shares, shifts, None if slow is None else slow[1])
     sc = ov.costs
     tpot, ttft, round_s = pipeline_latencies(ov, w, layer_counts)
     if slow is not None:
