@@ -152,6 +152,8 @@ def test_the_cost_model_rates_a_shared_host_with_every_stage_computing():
 
 @pytest.mark.parametrize("cores, contention, want", [(2, 0.2, 1.2), (1, 0.0, 2.0), (2, 0.0, 1.0)])
 def test_the_cost_model_and_the_simulator_agree_on_a_saturated_shared_host(cores, contention, want):
+    # the same plans and ``want`` as test_saturated_stages_share_the_host, where the simulator's
+    # saturated throughput drops by that ratio: here the cost model's capacity must too
     from hexplan.evaluate import CostCache, evaluate_plan_pipelines
     plan = two_stages()
     cache = CostCache(plan.model, W)
