@@ -53,6 +53,10 @@ class Host:
     cores: int
     contention: float = 0.0
 
+    def threads(self, workers: int) -> int:
+        """Threads each of ``workers`` workers here gets: `hexplan launch`'s default."""
+        return max(1, self.cores // workers)
+
     def slowdown(self, stage: tuple, others: tuple = ()) -> float:
         """Step-time multiplier of a stage while ``others`` run beside it here. Each is
         (workers, threads per worker, compute share): the share of its step its workers compute;

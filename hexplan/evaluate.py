@@ -182,7 +182,7 @@ def host_slowdowns(cluster: Cluster, nodes, tps, beside=()) -> tuple[list[float]
             alone.append(1.0)
             busy.append(1.0)
             continue
-        threads = max(1, h.cores // workers[h.name])
+        threads = h.threads(workers[h.name])
         others = tuple((t, threads, 1.0) for j, (m, t) in enumerate(everyone)
                        if j != i and cluster.node(m).host == h.name)
         alone.append(h.slowdown((tp, threads, 1.0)))

@@ -354,7 +354,7 @@ class Engine:
                 host = cluster.host(cluster.node(s.node).host)
                 if host is None:
                     continue
-                threads = max(1, host.cores // workers[host.name])   # `hexplan launch`'s default
+                threads = host.threads(workers[host.name])
                 self.host_info[rid] = (host, threads, s.tp, members.setdefault(host.name, []))
                 members[host.name].append(rid)
                 pp.hosted = True
