@@ -1108,7 +1108,8 @@ def main() -> int:
                     help="the host's contention for the simulator (default: measured: a 1-thread decode step "
                          "with another process stepping beside it, against alone; 0 with --no-host)")
     ap.add_argument("--no-host", action="store_true",
-                    help="simulate cpu0 and cpu1 as separate machines (no `hosts`), as before")
+                    help="simulate cpu0 and cpu1 as separate machines (no `hosts`), as before; with "
+                         "--resimulate, predict and simulate a saved run's traces that way")
     ap.add_argument("--kinds", metavar="JSON", nargs="+",
                     help="only print, for every plan and load of saved --json runs, the measured steps by kind "
                          "(step_kinds_table: each stage's hop, queue and compute; compute over the simulator's "
@@ -1139,7 +1140,9 @@ def main() -> int:
         if args.tp_tables:
             tp_tables = tuple(lifted(next(iter(read_profile(Path(f)).values())), tp)
                               for f, tp in zip(args.tp_tables, (1, 2)))
-        resimulate(saved["results"], args.checkpoint, tp_tables, args.no_tp_tables)
+        resimulate(saved["results"], args.checkpoint, tp_tables, args.no_tp_tables, args.no_host)
+        if args.no_host:
+            saved["meta"].pop("host", None)
         report(saved["meta"], saved["results"])
         if args.json:
             Path(args.json).write_text(json.dumps(saved, indent=1))
@@ -1385,14 +1388,26 @@ def overlap_table(rows: list) -> str:
     return "\n".join(lines)
 
 
-def resimulate(results: dict, ckpt: str, tp_tables: tuple[dict, dict] | None = None, drop_tp: bool = False) -> None:
-    """``sim`` and ``sim+cal`` of a saved run again, on its clusters (profile, host) and its
-    measured terms, with this checkout's simulator: a change to the simulator checked against
-    measurements already taken (a run on a shared host moves by up to 20% between hours).
+def without_host(d: dict) -> dict:
+    """A cluster dict with its nodes on separate machines: no ``hosts``, no node ``host``."""
+    d = {k: v for k, v in d.items() if k != "hosts"}
+    d["nodes"] = [{k: v for k, v in n.items() if k != "host"} for n in d.get("nodes", [])]
+    return d
+
+
+def resimulate(results: dict, ckpt: str, tp_tables: tuple[dict, dict] | None = None, drop_tp: bool = False,
+               no_host: bool = False) -> None:
+    """``pred``, ``sim`` and ``sim+cal`` of a saved run again, on its clusters (profile, host) and
+    its measured terms, with this checkout's cost model and simulator: a change to either checked
+    against measurements already taken (a run on a shared host moves by up to 20% between hours).
+    The traces stay the ones the run offered (their rates came from the run's own prediction).
     ``tp_tables``: (a lone TP-1 profile, a TP-2 one) giving a plan with a TP stage whose profile
     has no ``by_tp`` its TP-2 group's own tables (``tp_own_tables``), as a run now measures them;
-    ``drop_tp``: without them (the TP-1 tables / 2, as before they were measured)."""
+    ``drop_tp``: without them (the TP-1 tables / 2, as before they were measured);
+    ``no_host``: the plan's nodes on separate machines (the cluster without ``hosts``)."""
     for pname, pr in results.items():
+        if no_host:
+            pr["cluster"] = without_host(pr["cluster"])
         tables = next(iter(pr["cluster"]["gpu_types"]["cpu"]["profiles"].values()))
         if drop_tp:
             tables.pop("by_tp", None)
@@ -1403,21 +1418,27 @@ def resimulate(results: dict, ckpt: str, tp_tables: tuple[dict, dict] | None = N
             log(f"[{pname}] TP-2 group's own tables from --tp-tables: {tables['by_tp'][2]}")
         plan = plan_for(ckpt, pr["stages"], pr["workload"])
         cluster = make_cluster(pr["cluster"])
+        pr["predicted"] = pred = predict(plan, cluster)
         cal = None
         if "calibration" in pr:
             cal, cplan, ccluster = calibrate_terms(pr, ckpt)
             pr["calibration"] = cal
+        sat = pr["cells"].get("sat", {})
+        mean_out = statistics.mean(r["output_len"] for r in saved_trace(sat)) if "meas_detail" in sat else None
         for load, c in pr["cells"].items():
             if "meas_detail" not in c:
                 continue
             trace = saved_trace(c)
+            offered = c.get("offered_rate")
+            if offered is None or mean_out is not None:   # the offered tokens/s as run_plan reckons them
+                c["pred"] = predicted_cell(pred, offered * mean_out if offered else None)
             c["sim"] = simulate_trace(plan, cluster, trace)
             md = c["meas_detail"]
             if md.get("step_logs"):   # the measured steps split again, beside this checkout's model
                 c["meas"]["breakdown"] = step_breakdown(md["steps"], 0.0, saved_step_logs(md), StepModel(plan, cluster))
             if cal is not None:
                 c["sim+cal"] = simulate_trace(cplan, ccluster, trace)
-        log(f"[{pname}] simulated again")
+        log(f"[{pname}] predicted and simulated again" + (" without the shared host" if no_host else ""))
 
 
 def _get(d: dict, k):
@@ -1453,6 +1474,18 @@ def breakdown_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def capacity_rows(results: dict) -> list:
+    """(plan, predicted capacity tokens/s, bottleneck, measured saturated tokens/s) per plan that
+    was measured saturated."""
+    out = []
+    for p, pr in results.items():
+        meas = pr["cells"].get("sat", {}).get("meas")
+        if meas and pr.get("predicted"):
+            out.append((p, pr["predicted"]["capacity_tokens_per_s"], pr["predicted"]["bottleneck"],
+                        meas["tokens_per_s"]))
+    return out
+
+
 def report(meta: dict, results: dict) -> None:
     sources = meta["sources"]
     print(f"\nfidelity bench, started {meta['started']}; {meta['n_poisson']} Poisson requests per load, "
@@ -1466,6 +1499,13 @@ def report(meta: dict, results: dict) -> None:
                  f"{_median(c['alone_ms']):.1f} ms, another process stepping beside it "
                  f"{_median(c['together_ms']):.1f} ms)" if c else " (given)") + "\n")
     print(table(results, sources))
+    caps = capacity_rows(results)
+    if caps:
+        print("\nPredicted capacity against the measured saturated throughput (the loads' shares are of the "
+              "prediction):\n\n| plan | predicted tokens/s | bottleneck | measured saturated | predicted / measured - 1 |"
+              "\n|---|---|---|---|---|")
+        for p, cap, neck, meas in caps:
+            print(f"| {p} | {cap:.1f} | {neck} | {meas:.1f} | {(cap / meas - 1) * 100:+.0f}% |")
     rows = [(p, pr) for p, pr in results.items() if pr.get("calibration", {}).get("probe")]
     if rows:
         print("\nDecode steps of B sequences at the workload's mean decode context sent straight to the launched plan's first stage (served), against the "

@@ -4,6 +4,7 @@ live in docs/fidelity.md, not here."""
 import json
 import math
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -313,3 +314,42 @@ def test_ending_back_splits_steps_by_a_request_ending_in_them():
     ended, rest = fb.ending_back(rows, requests)
     assert (len(ended), len(rest)) == (2, 1)
     assert fb.ending_back(rows, [{"end": 0.2}]) == ([], [0.02] * 3)   # 100 ms after: not that step's
+
+
+def test_resimulate_predicts_again_and_without_the_host(tmp_path):
+    # `--resimulate`: the saved run's prediction is recomputed with this checkout's cost model
+    # (the saturated cell's pred is the capacity, a Poisson cell's the offered tokens/s up to it),
+    # and with `--no-host` the two stages are rated on machines of their own: faster than
+    # sharing 2 cores with contention, and the same as a cluster that never had the host.
+    ckpt = tmp_path / "llama-134m"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps(dict(fb.MODEL, model_type="llama", architectures=["LlamaForCausalLM"])))
+    tables = {"decode_ms": {1: 2.5, 4: 5.0, 16: 9.0}, "prefill_ms": {16: 5.0, 64: 8.0, 256: 30.0}}
+    stages = [["cpu0", 1, 0, 6], ["cpu1", 1, 6, 12]]
+    workload = {"prompt_tokens": 64, "output_tokens": 16}
+
+    def run() -> dict:
+        recs = [{"id": f"r{i}", "arrival": 0.5 * i, "prompt_len": 32 + i, "tokens": 8 + 4 * i} for i in range(4)]
+        cells = {"30%": {"offered_rate": 0.02, "meas_detail": {"per_request": recs}},
+                 "sat": {"offered_rate": None, "meas": {"tokens_per_s": 50.0},
+                         "meas_detail": {"per_request": recs}}}
+        return {"pp2": {"stages": stages, "workload": workload, "predicted": {"capacity_tokens_per_s": 1.0},
+                        "cluster": fb.base_cluster_dict(ckpt.name, tables, {"cores": 2, "contention": 0.1}),
+                        "cells": cells}}
+
+    shared, apart = run(), run()
+    fb.resimulate(shared, str(ckpt))
+    fb.resimulate(apart, str(ckpt), no_host=True)
+    cap_shared = shared["pp2"]["predicted"]["capacity_tokens_per_s"]
+    cap_apart = apart["pp2"]["predicted"]["capacity_tokens_per_s"]
+    assert cap_apart > cap_shared > 1.0
+    assert "hosts" not in apart["pp2"]["cluster"] and all("host" not in n for n in apart["pp2"]["cluster"]["nodes"])
+    plan = fb.plan_for(str(ckpt), stages, workload)
+    alone = fb.predict(plan, fb.make_cluster(fb.base_cluster_dict(ckpt.name, tables)))
+    assert cap_apart == pytest.approx(alone["capacity_tokens_per_s"])
+    for res, cap in ((shared, cap_shared), (apart, cap_apart)):
+        cells = res["pp2"]["cells"]
+        assert cells["sat"]["pred"]["tokens_per_s"] == pytest.approx(cap)
+        assert cells["30%"]["pred"]["tokens_per_s"] == pytest.approx(0.02 * statistics.mean(8 + 4 * i for i in range(4)))
+        assert "sim" in cells["sat"] and len(cells["sat"]["sim"]["per_request"]) == 4
+    assert fb.capacity_rows(shared) == [("pp2", cap_shared, shared["pp2"]["predicted"]["bottleneck"], 50.0)]
