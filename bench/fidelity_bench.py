@@ -4,6 +4,7 @@
                                    [--checkpoint DIR] [--profile FILE] [--no-calibrate] [--wait-quiet S]
                                    [--lone-profile] [--contention F | --no-host]
     python bench/fidelity_bench.py --resimulate RUN.json --checkpoint DIR [--tp-tables TP1.yaml TP2.yaml | --no-tp-tables]
+                                   [--no-host] [--no-drift]
     python bench/fidelity_bench.py --combine RUN1.json RUN2.json ...
 
 The model of bench/executor_bench.py (a random-weight Llama, hidden 768, 12 layers, 12 heads,
@@ -50,7 +51,11 @@ first stage, less the profile's LM head, all-reduces and calls and the links), t
 per step (the same step through the gateway, as latency on the coordinator's links), and from two
 loops of decode steps sent at once (`overlap_probe`) the hops of a step between busy processes
 (as latency on every link) and the host's contention as the stages' compute shows it in service
-(`served_host_terms`). Target: simulated within 15% of measured on throughput, P50 TTFT and P50
+(`served_host_terms`). After each load the first probe's steps (1 and 8 sequences) run again,
+and `sim+cal` runs each load at the host's speed around it: the steps just before and after it
+over those at launch (`host_speeds`; the profile's tables that much longer, `at_speed`). This
+machine's speed drifts by 10-40% within minutes (docs/fidelity.md), and `sim` (the profile as
+taken before the launch) cannot know. Target: simulated within 15% of measured on throughput, P50 TTFT and P50
 TPOT in every cell. The probes' table (served step against the model's, per batch) is printed
 after the main one, then where the measured steps' time went: the stage workers log each
 forward's compute (HEXPLAN_STEP_LOG, docs/executor.md), and each gateway step is split into each
@@ -64,8 +69,9 @@ steps by kind (n decodes, with or without a chunk), each stage's hop, queue and 
 the simulator's (`step_kinds_table`), then each plan's stages over all the runs
 (`kinds_summary_table`).
 
-`--resimulate` runs a saved run's traces through this checkout's simulator again (a simulator
-change checked on measurements already taken); `--combine` prints the medians of several saved
+`--resimulate` runs a saved run's traces through this checkout's cost model and simulator again
+(a change checked on measurements already taken; `--no-host` without the shared host,
+`--no-drift` with `sim+cal` at the launch's speed throughout); `--combine` prints the medians of several saved
 runs (run them with the plan order alternated, `--only tp2pp,pp2,one`), the measured figures'
 own spread between runs, and the target judged on the medians: one run on a shared host moves a
 cell by up to 23% (docs/fidelity.md), more than the target.
@@ -882,15 +888,11 @@ def run_plan_measured(name: str, ckpt: str, stages, plan, loads: dict, probes: b
             f"schedule {sched}")
         generate(L.address, token_ids=list(range(1, 9)), max_new_tokens=4, timeout=300)   # warm-up
         out["calibration_gflops"] = calibrate(os.cpu_count() or 1, 0.5)
+        addrs = list(gw.pipelines[0].stages)
         if probes:
             # decode steps sent straight to the first stage worker (compute, gRPC, hops,
             # all-reduces, the logits back; no gateway): the served decode table
-            out["rpc"] = {}
-            addrs = list(gw.pipelines[0].stages)
-            for b in PROBE_BATCHES:
-                out["rpc"][b] = statistics.median(time_rpc(addrs[0], addrs[1:],
-                                                           decode_sequence(probe_prompt, 25, b, f"rpc{b}", 512),
-                                                           vocab, seed, L.auth_token)[5:])
+            out["rpc"] = served_steps(addrs, PROBE_BATCHES, probe_prompt, vocab, seed, L.auth_token, "rpc")
             # two loops of decode steps at once, straight to the first stage: each stage's compute
             # beside the other's (and the gRPC work of the other loop) against one loop alone
             out["overlap"] = overlap_probe(addrs, probe_prompt, vocab, seed, L.auth_token, logdir, step_model)
@@ -916,6 +918,9 @@ def run_plan_measured(name: str, ckpt: str, stages, plan, loads: dict, probes: b
             logs = read_step_logs(logdir)
             cell["breakdown"] = step_breakdown(steps, t0_ref[0], logs, step_model)
             cell["step_logs"] = cell_step_logs(logs, t0_ref[0], steps)
+            if probes:   # the same served steps again: how fast the host ran around this load (host_speeds)
+                cell["rpc_after"] = served_steps(addrs, DRIFT_BATCHES, probe_prompt, vocab, seed, L.auth_token,
+                                                 f"drift-{load}")
             out["cells"][load] = cell
             log(f"  {name} {load}: {cell['tokens_per_s']:.1f} tokens/s, TTFT P50 {cell['ttft_p50_s']:.2f} s, "
                 f"TPOT P50 {cell['tpot_p50_s'] * 1e3:.0f} ms, makespan {cell['makespan_s']:.1f} s; cores busy "
@@ -925,7 +930,66 @@ def run_plan_measured(name: str, ckpt: str, stages, plan, loads: dict, probes: b
     return out
 
 
+def served_steps(addrs: list, batches, prompt: int, vocab: int, seed: int, token: str, tag: str) -> dict:
+    """Seconds per decode step of B sequences sent straight to the first stage (the median of
+    the last 20 of 25), for each B of ``batches``."""
+    return {b: statistics.median(time_rpc(addrs[0], addrs[1:], decode_sequence(prompt, 25, b, f"{tag}{b}", 512),
+                                          vocab, seed, token)[5:]) for b in batches}
+
+
 # ---- measured terms the profile leaves out -----------------------------------------------------------
+
+DRIFT_BATCHES = (1, 8)
+
+
+def host_speeds(run: dict, cells: dict) -> dict:
+    """How slow the host ran around each load against when the plan was calibrated: per load,
+    the served decode steps just before it and just after it (their mean; before the first load,
+    the probe at launch ``run["rpc"]``; after each, ``rpc_after``) over the probe at launch, the
+    geometric mean over ``DRIFT_BATCHES``. 1.2: the host ran the same steps 20% slower around
+    that load. Loads without the probes (a run saved before them) are left out."""
+    launch = {int(k): v for k, v in (run.get("rpc") or {}).items()}
+    before, out = launch, {}
+    for load, _ in LOADS:
+        after = cells.get(load, {}).get("meas", {}).get("rpc_after")
+        if not after or not launch:
+            break
+        after = {int(k): v for k, v in after.items()}
+        bs = [b for b in after if b in before and b in launch]
+        if not bs:
+            break
+        out[load] = math.exp(statistics.mean(math.log((before[b] + after[b]) / 2 / launch[b]) for b in bs))
+        before = after
+    return out
+
+
+def at_speed(d: dict, speed: float) -> dict:
+    """A cluster dict whose `cpu` profile tables (every ``*_ms`` table, a TP degree's own ones
+    included) are ``speed`` times as long: the host running that much slower."""
+    d = json.loads(json.dumps(d))
+    for tables in d["gpu_types"]["cpu"]["profiles"].values():
+        for t in [tables] + list((tables.get("by_tp") or {}).values()):
+            for k, v in t.items():
+                if k.endswith("_ms") and isinstance(v, dict):
+                    t[k] = {b: x * speed for b, x in v.items()}
+    return d
+
+
+def calibrated_sims(pr: dict, cal: dict, plan, loads: dict, drift: bool = True) -> None:
+    """``sim+cal`` of every load's trace (``loads``): the calibrated plan and cluster
+    (``calibrate_terms``), with ``drift`` at the host's speed around that load (``host_speeds``,
+    recorded in the cell as ``host_speed``)."""
+    speeds = host_speeds(pr.get("measured_run", {}), pr["cells"]) if drift else {}
+    for load, trace in loads.items():
+        c = pr["cells"][load]
+        f = speeds.get(load)
+        c.pop("host_speed", None)
+        if f is not None:
+            c["host_speed"] = f
+        d = cal["cluster"] if f is None else at_speed(cal["cluster"], f)
+        c["sim+cal"] = simulate_trace(plan, make_cluster(d), trace)
+
+
 
 # ---- report -------------------------------------------------------------------------------------------
 
@@ -1110,6 +1174,9 @@ def main() -> int:
     ap.add_argument("--no-host", action="store_true",
                     help="simulate cpu0 and cpu1 as separate machines (no `hosts`), as before; with "
                          "--resimulate, predict and simulate a saved run's traces that way")
+    ap.add_argument("--no-drift", action="store_true",
+                    help="with --resimulate: sim+cal at the speed of the plan's calibration for every load, "
+                         "not at the host's speed measured around each load (host_speeds)")
     ap.add_argument("--kinds", metavar="JSON", nargs="+",
                     help="only print, for every plan and load of saved --json runs, the measured steps by kind "
                          "(step_kinds_table: each stage's hop, queue and compute; compute over the simulator's "
@@ -1140,7 +1207,8 @@ def main() -> int:
         if args.tp_tables:
             tp_tables = tuple(lifted(next(iter(read_profile(Path(f)).values())), tp)
                               for f, tp in zip(args.tp_tables, (1, 2)))
-        resimulate(saved["results"], args.checkpoint, tp_tables, args.no_tp_tables, args.no_host)
+        resimulate(saved["results"], args.checkpoint, tp_tables, args.no_tp_tables, args.no_host,
+                   not args.no_drift)
         if args.no_host:
             saved["meta"].pop("host", None)
         report(saved["meta"], saved["results"])
@@ -1266,8 +1334,7 @@ def run_plan(pname, label, stages, ckpt, model_name, profiles, sat, n_poisson, a
         log(f"[{pname}] calibrated: {cal.get('probe')}; terms {cal['terms']}, cost params {cal['cost_params']}; "
             f"predicted {cpred['capacity_tokens_per_s']:.1f} tokens/s ({cpred['bottleneck']}), TTFT "
             f"{cpred['ttft_s']:.3f} s, TPOT {cpred['tpot_s'] * 1e3:.1f} ms")
-        for load in pr["cells"]:
-            pr["cells"][load]["sim+cal"] = simulate_trace(cplan, ccluster, loads[load])
+        calibrated_sims(pr, cal, cplan, loads)
     return pr
 
 
@@ -1396,7 +1463,7 @@ def without_host(d: dict) -> dict:
 
 
 def resimulate(results: dict, ckpt: str, tp_tables: tuple[dict, dict] | None = None, drop_tp: bool = False,
-               no_host: bool = False) -> None:
+               no_host: bool = False, drift: bool = True) -> None:
     """``pred``, ``sim`` and ``sim+cal`` of a saved run again, on its clusters (profile, host) and
     its measured terms, with this checkout's cost model and simulator: a change to either checked
     against measurements already taken (a run on a shared host moves by up to 20% between hours).
@@ -1404,7 +1471,8 @@ def resimulate(results: dict, ckpt: str, tp_tables: tuple[dict, dict] | None = N
     ``tp_tables``: (a lone TP-1 profile, a TP-2 one) giving a plan with a TP stage whose profile
     has no ``by_tp`` its TP-2 group's own tables (``tp_own_tables``), as a run now measures them;
     ``drop_tp``: without them (the TP-1 tables / 2, as before they were measured);
-    ``no_host``: the plan's nodes on separate machines (the cluster without ``hosts``)."""
+    ``no_host``: the plan's nodes on separate machines (the cluster without ``hosts``);
+    ``drift``: ``sim+cal`` at the host's speed around each load where the run measured it."""
     for pname, pr in results.items():
         if no_host:
             pr["cluster"] = without_host(pr["cluster"])
@@ -1421,7 +1489,7 @@ def resimulate(results: dict, ckpt: str, tp_tables: tuple[dict, dict] | None = N
         pr["predicted"] = pred = predict(plan, cluster)
         cal = None
         if "calibration" in pr:
-            cal, cplan, ccluster = calibrate_terms(pr, ckpt)
+            cal, cplan, _ = calibrate_terms(pr, ckpt)
             pr["calibration"] = cal
         sat = pr["cells"].get("sat", {})
         mean_out = statistics.mean(r["output_len"] for r in saved_trace(sat)) if "meas_detail" in sat else None
@@ -1436,8 +1504,9 @@ def resimulate(results: dict, ckpt: str, tp_tables: tuple[dict, dict] | None = N
             md = c["meas_detail"]
             if md.get("step_logs"):   # the measured steps split again, beside this checkout's model
                 c["meas"]["breakdown"] = step_breakdown(md["steps"], 0.0, saved_step_logs(md), StepModel(plan, cluster))
-            if cal is not None:
-                c["sim+cal"] = simulate_trace(cplan, ccluster, trace)
+        if cal is not None:
+            calibrated_sims(pr, cal, cplan, {load: saved_trace(c) for load, c in pr["cells"].items()
+                                             if "meas_detail" in c}, drift)
         log(f"[{pname}] predicted and simulated again" + (" without the shared host" if no_host else ""))
 
 
@@ -1506,6 +1575,22 @@ def report(meta: dict, results: dict) -> None:
               "\n|---|---|---|---|---|")
         for p, cap, neck, meas in caps:
             print(f"| {p} | {cap:.1f} | {neck} | {meas:.1f} | {(cap / meas - 1) * 100:+.0f}% |")
+    speed_rows = [(p, pr) for p, pr in results.items() if any("host_speed" in c for c in pr["cells"].values())]
+    if speed_rows:
+        print("\nThe host's speed around each load: decode steps of B sequences straight to the first stage "
+              "(ms; at launch, then after each load), and the mean of those just before and after a load over "
+              "those at launch (geometric mean over B; sim+cal runs each load at it):\n")
+        loads = [l for l, _ in LOADS]
+        print("| plan | B | at launch | " + " | ".join(f"after {l}" for l in loads) + " | "
+              + " | ".join(f"speed {l}" for l in loads) + " |\n|---|---|---|" + "---|" * (2 * len(loads)))
+        for p, pr in speed_rows:
+            launch = pr["measured_run"]["rpc"]
+            for i, b in enumerate(DRIFT_BATCHES):
+                after = [pr["cells"].get(l, {}).get("meas", {}).get("rpc_after") for l in loads]
+                print(f"| {p} | {b} | {_get(launch, b) * 1e3:.1f} | "
+                      + " | ".join("-" if a is None else f"{_get(a, b) * 1e3:.1f}" for a in after) + " | "
+                      + " | ".join((f"{pr['cells'][l]['host_speed']:.2f}" if i == 0 and "host_speed"
+                                    in pr["cells"].get(l, {}) else "") for l in loads) + " |")
     rows = [(p, pr) for p, pr in results.items() if pr.get("calibration", {}).get("probe")]
     if rows:
         print("\nDecode steps of B sequences at the workload's mean decode context sent straight to the launched plan's first stage (served), against the "

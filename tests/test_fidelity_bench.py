@@ -353,3 +353,42 @@ def test_resimulate_predicts_again_and_without_the_host(tmp_path):
         assert cells["30%"]["pred"]["tokens_per_s"] == pytest.approx(0.02 * statistics.mean(8 + 4 * i for i in range(4)))
         assert "sim" in cells["sat"] and len(cells["sat"]["sim"]["per_request"]) == 4
     assert fb.capacity_rows(shared) == [("pp2", cap_shared, shared["pp2"]["predicted"]["bottleneck"], 50.0)]
+
+
+def test_host_speeds_take_the_served_steps_around_each_load_over_those_at_launch():
+    run = {"rpc": {"1": 0.040, "2": 0.050, "8": 0.080}}
+    cells = {"30%": {"meas": {"rpc_after": {"1": 0.060, "8": 0.080}}},     # slower after 30%, at B=1 only
+             "70%": {"meas": {"rpc_after": {"1": 0.040, "8": 0.160}}},
+             "sat": {"meas": {}}}                                          # no probe after: left out
+    got = fb.host_speeds(run, cells)
+    assert set(got) == {"30%", "70%"}
+    assert got["30%"] == pytest.approx(math.sqrt(1.25 * 1.0))              # (40+60)/2/40, (80+80)/2/80
+    assert got["70%"] == pytest.approx(math.sqrt(1.25 * 1.5))              # (60+40)/2/40, (80+160)/2/80
+    assert fb.host_speeds({}, cells) == {} and fb.host_speeds(run, {"30%": {"meas": {}}}) == {}
+
+
+def test_sim_cal_runs_each_load_at_the_hosts_speed_around_it(tmp_path):
+    ckpt = tmp_path / "llama-134m"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps(dict(fb.MODEL, model_type="llama", architectures=["LlamaForCausalLM"])))
+    tables = {"decode_ms": {1: 2.5, 4: 5.0, 16: 9.0}, "prefill_ms": {16: 5.0, 64: 8.0, 256: 30.0},
+              "lm_head_ms": {1: 3.0, 16: 8.0}, "by_tp": {2: {"decode_ms": {1: 1.5, 16: 5.0}}}}
+    d = fb.at_speed(fb.base_cluster_dict(ckpt.name, tables), 2.0)
+    got = d["gpu_types"]["cpu"]["profiles"][ckpt.name]
+    assert got["decode_ms"] == {"1": 5.0, "4": 10.0, "16": 18.0} and got["lm_head_ms"] == {"1": 6.0, "16": 16.0}
+    assert got["by_tp"]["2"]["decode_ms"] == {"1": 3.0, "16": 10.0} and tables["decode_ms"][1] == 2.5   # a copy
+    stages = [["cpu0", 1, 0, 12]]
+    workload = {"prompt_tokens": 64, "output_tokens": 16}
+    trace = [{"arrival": 2.0 * i, "prompt": [0] * 48, "output_len": 12} for i in range(4)]
+    pr = {"stages": stages, "workload": workload, "profile": tables,
+          "cluster": fb.base_cluster_dict(ckpt.name, tables),
+          "measured_run": {"rpc": {1: 0.040, 8: 0.080}},
+          "cells": {"30%": {"meas": {"rpc_after": {1: 0.080, 8: 0.160}}}, "70%": {"meas": {}}}}
+    cal, cplan, _ = fb.calibrate_terms(pr, str(ckpt))
+    fb.calibrated_sims(pr, cal, cplan, {"30%": trace, "70%": trace})
+    c30, c70 = pr["cells"]["30%"], pr["cells"]["70%"]
+    assert c30["host_speed"] == pytest.approx(1.5) and "host_speed" not in c70
+    ratio = c30["sim+cal"]["tpot_p50_s"] / c70["sim+cal"]["tpot_p50_s"]
+    assert 1.3 < ratio <= 1.5 + 1e-9                                       # the compute 1.5x, the links not
+    fb.calibrated_sims(pr, cal, cplan, {"30%": trace}, drift=False)
+    assert "host_speed" not in c30 and c30["sim+cal"]["tpot_p50_s"] == pytest.approx(c70["sim+cal"]["tpot_p50_s"])
