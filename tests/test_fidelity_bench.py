@@ -367,7 +367,7 @@ def test_host_speeds_take_the_served_steps_around_each_load_over_those_at_launch
     assert fb.host_speeds({}, cells) == {} and fb.host_speeds(run, {"30%": {"meas": {}}}) == {}
 
 
-def test_sim_cal_runs_each_load_at_the_hosts_speed_around_it(tmp_path):
+def test_sim_cal_with_drift_runs_each_load_at_the_hosts_speed_around_it(tmp_path):
     ckpt = tmp_path / "llama-134m"
     ckpt.mkdir()
     (ckpt / "config.json").write_text(json.dumps(dict(fb.MODEL, model_type="llama", architectures=["LlamaForCausalLM"])))
@@ -385,10 +385,10 @@ def test_sim_cal_runs_each_load_at_the_hosts_speed_around_it(tmp_path):
           "measured_run": {"rpc": {1: 0.040, 8: 0.080}},
           "cells": {"30%": {"meas": {"rpc_after": {1: 0.080, 8: 0.160}}}, "70%": {"meas": {}}}}
     cal, cplan, _ = fb.calibrate_terms(pr, str(ckpt))
-    fb.calibrated_sims(pr, cal, cplan, {"30%": trace, "70%": trace})
+    fb.calibrated_sims(pr, cal, cplan, {"30%": trace, "70%": trace}, drift=True)
     c30, c70 = pr["cells"]["30%"], pr["cells"]["70%"]
     assert c30["host_speed"] == pytest.approx(1.5) and "host_speed" not in c70
     ratio = c30["sim+cal"]["tpot_p50_s"] / c70["sim+cal"]["tpot_p50_s"]
     assert 1.3 < ratio <= 1.5 + 1e-9                                       # the compute 1.5x, the links not
-    fb.calibrated_sims(pr, cal, cplan, {"30%": trace}, drift=False)
+    fb.calibrated_sims(pr, cal, cplan, {"30%": trace})                    # by default: the launch's speed
     assert "host_speed" not in c30 and c30["sim+cal"]["tpot_p50_s"] == pytest.approx(c70["sim+cal"]["tpot_p50_s"])
