@@ -994,7 +994,6 @@ def calibrated_sims(pr: dict, cal: dict, plan, loads: dict, drift: bool = False)
         c["sim+cal"] = simulate_trace(plan, make_cluster(d), trace)
 
 
-
 # ---- report -------------------------------------------------------------------------------------------
 
 METRICS = (("tokens_per_s", "tok/s", 1.0, "{:.1f}"), ("ttft_p50_s", "TTFT P50 s", 1.0, "{:.2f}"),
