@@ -54,7 +54,7 @@ loops of decode steps sent at once (`overlap_probe`) the hops of a step between 
 (`served_host_terms`). After each load the first probe's steps (1 and 8 sequences) run again,
 and the report prints the host's speed around each load: the steps just before and after it
 over those at launch (`host_speeds`). `--resimulate --drift` runs `sim+cal` of each load at
-that speed (the profile's tables that much longer, `at_speed`); it made `sim+cal` worse on the
+that speed (the profile's tables that much longer, `at_speed`); it did not help on the
 development VM, whose speed moves from second to second more than a 1-2 s probe can average
 (docs/fidelity.md). Target: simulated within 15% of measured on throughput, P50 TTFT and P50
 TPOT in every cell. The probes' table (served step against the model's, per batch) is printed
@@ -981,8 +981,8 @@ def calibrated_sims(pr: dict, cal: dict, plan, loads: dict, drift: bool = False)
     (``calibrate_terms``); with ``drift``, at the host's speed around that load (``host_speeds``,
     recorded in the cell as ``host_speed``). Off by default: on the development VM the 1-2 s
     probes around a load sample the host's second-to-second noise, and at their speeds
-    ``sim+cal`` met the target in 5 of 9 cells on the medians of three runs, 8 of 9 without
-    (docs/fidelity.md, "The host's speed around each load")."""
+    ``sim+cal`` met the target in 23 cells of 36 over four runs against 22 without, 7 of 9 on
+    their medians against 8 (docs/fidelity.md, session 33)."""
     speeds = host_speeds(pr.get("measured_run", {}), pr["cells"]) if drift else {}
     for load, trace in loads.items():
         c = pr["cells"][load]
