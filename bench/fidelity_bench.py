@@ -4,7 +4,7 @@
                                    [--checkpoint DIR] [--profile FILE] [--no-calibrate] [--wait-quiet S]
                                    [--lone-profile] [--contention F | --no-host]
     python bench/fidelity_bench.py --resimulate RUN.json --checkpoint DIR [--tp-tables TP1.yaml TP2.yaml | --no-tp-tables]
-                                   [--no-host] [--drift]
+                                   [--no-host] [--drift] [--pool RUN.json ...]
     python bench/fidelity_bench.py --combine RUN1.json RUN2.json ...
 
 The model of bench/executor_bench.py (a random-weight Llama, hidden 768, 12 layers, 12 heads,
@@ -72,7 +72,9 @@ the simulator's (`step_kinds_table`), then each plan's stages over all the runs
 
 `--resimulate` runs a saved run's traces through this checkout's cost model and simulator again
 (a change checked on measurements already taken; `--no-host` without the shared host,
-`--drift` with `sim+cal` at the host's speed around each load); `--combine` prints the medians of several saved
+`--drift` with `sim+cal` at the host's speed around each load, `--pool RUN.json ...` with each
+plan timed by the pointwise median of the profiles it had in those runs, a profile taken over
+as long as the runs rather than minutes before the plan's loads); `--combine` prints the medians of several saved
 runs (run them with the plan order alternated, `--only tp2pp,pp2,one`), the measured figures'
 own spread between runs, and the target judged on the medians: one run on a shared host moves a
 cell by up to 23% (docs/fidelity.md), more than the target.
@@ -1179,6 +1181,9 @@ def main() -> int:
     ap.add_argument("--drift", action="store_true",
                     help="with --resimulate: sim+cal of each load at the host's speed measured around it "
                          "(host_speeds), not at the speed of the plan's calibration")
+    ap.add_argument("--pool", metavar="JSON", nargs="+",
+                    help="with --resimulate: time each plan by the pointwise median of the profiles it was given "
+                         "in these saved runs (the run itself among them or not), not by its own")
     ap.add_argument("--kinds", metavar="JSON", nargs="+",
                     help="only print, for every plan and load of saved --json runs, the measured steps by kind "
                          "(step_kinds_table: each stage's hop, queue and compute; compute over the simulator's "
@@ -1199,6 +1204,8 @@ def main() -> int:
             ap.error("--kinds needs --checkpoint (the benchmark model's folder)")
         print_kinds([json.loads(Path(f).read_text())["results"] for f in args.kinds], args.checkpoint, args.kinds)
         return 0
+    if args.pool and not args.resimulate:
+        ap.error("--pool goes with --resimulate")
     if args.resimulate:
         if not args.checkpoint:
             ap.error("--resimulate needs --checkpoint (the benchmark model's folder)")
@@ -1209,7 +1216,8 @@ def main() -> int:
         if args.tp_tables:
             tp_tables = tuple(lifted(next(iter(read_profile(Path(f)).values())), tp)
                               for f, tp in zip(args.tp_tables, (1, 2)))
-        resimulate(saved["results"], args.checkpoint, tp_tables, args.no_tp_tables, args.no_host, args.drift)
+        pool = [json.loads(Path(f).read_text())["results"] for f in args.pool or ()]
+        resimulate(saved["results"], args.checkpoint, tp_tables, args.no_tp_tables, args.no_host, args.drift, pool)
         if args.no_host:
             saved["meta"].pop("host", None)
         report(saved["meta"], saved["results"])
@@ -1463,8 +1471,42 @@ def without_host(d: dict) -> dict:
     return d
 
 
+def pooled(values: list):
+    """The pointwise median of profile tables (nested dicts of numbers, as ``by_tp``): each
+    point present in all of ``values``; a field equal in all of them (``allreduce_tp``) kept."""
+    v0 = values[0]
+    if isinstance(v0, dict):
+        keys = [k for k in v0 if all(k in v or str(k) in v for v in values)]
+        return {k: pooled([_get(v, k) for v in values]) for k in keys}
+    if all(v == v0 for v in values) or isinstance(v0, bool) or not isinstance(v0, (int, float)):
+        return v0
+    return statistics.median(values)
+
+
+def plan_tables(pr: dict) -> dict:
+    """The profile tables a saved plan's cluster gives its `cpu` type."""
+    return next(iter(pr["cluster"]["gpu_types"]["cpu"]["profiles"].values()))
+
+
+def pool_profiles(results: dict, pool: list[dict]) -> None:
+    """Each plan of ``results`` timed by the pointwise median (``pooled``) of the profiles that
+    plan was given in every run of ``pool`` (saved ``results``; the run itself among them or
+    not): one profile taken over as long as the runs, in place of the three taken minutes
+    before the plan's own loads. A plan no run of ``pool`` has keeps its own."""
+    for pname, pr in results.items():
+        tables = [plan_tables(run[pname]) for run in pool if pname in run]
+        if not tables:
+            continue
+        merged = pooled(tables)
+        tables = plan_tables(pr)
+        tables.clear()
+        tables.update(merged)
+        pr["profile"] = json.loads(json.dumps(merged))
+        log(f"[{pname}] profile: the median of {len([1 for run in pool if pname in run])} runs' profiles")
+
+
 def resimulate(results: dict, ckpt: str, tp_tables: tuple[dict, dict] | None = None, drop_tp: bool = False,
-               no_host: bool = False, drift: bool = False) -> None:
+               no_host: bool = False, drift: bool = False, pool: list[dict] | None = None) -> None:
     """``pred``, ``sim`` and ``sim+cal`` of a saved run again, on its clusters (profile, host) and
     its measured terms, with this checkout's cost model and simulator: a change to either checked
     against measurements already taken (a run on a shared host moves by up to 20% between hours).
@@ -1473,11 +1515,14 @@ def resimulate(results: dict, ckpt: str, tp_tables: tuple[dict, dict] | None = N
     has no ``by_tp`` its TP-2 group's own tables (``tp_own_tables``), as a run now measures them;
     ``drop_tp``: without them (the TP-1 tables / 2, as before they were measured);
     ``no_host``: the plan's nodes on separate machines (the cluster without ``hosts``);
-    ``drift``: ``sim+cal`` at the host's speed around each load where the run measured it."""
+    ``drift``: ``sim+cal`` at the host's speed around each load where the run measured it;
+    ``pool``: saved runs' ``results`` whose profiles, pooled, time the plans (``pool_profiles``)."""
+    if pool:
+        pool_profiles(results, pool)
     for pname, pr in results.items():
         if no_host:
             pr["cluster"] = without_host(pr["cluster"])
-        tables = next(iter(pr["cluster"]["gpu_types"]["cpu"]["profiles"].values()))
+        tables = plan_tables(pr)
         if drop_tp:
             tables.pop("by_tp", None)
             pr.get("profile", {}).pop("by_tp", None)

@@ -355,6 +355,43 @@ def test_resimulate_predicts_again_and_without_the_host(tmp_path):
     assert fb.capacity_rows(shared) == [("pp2", cap_shared, shared["pp2"]["predicted"]["bottleneck"], 50.0)]
 
 
+def test_pooled_profile_is_the_pointwise_median_of_the_runs_profiles(tmp_path):
+    # `--resimulate --pool`: a plan is timed by the median, point by point, of the profiles it
+    # had in the pooled runs (JSON: string keys), nested tables included; a point missing from
+    # one run is left out, a field equal in all (allreduce_tp) is kept as it is.
+    a = {"decode_ms": {"1": 2.0, "16": 9.0, "32": 12.0}, "allreduce_tp": 2, "by_tp": {"2": {"decode_ms": {"1": 1.0}}}}
+    b = {"decode_ms": {"1": 3.0, "16": 6.0}, "allreduce_tp": 2, "by_tp": {"2": {"decode_ms": {"1": 4.0}}}}
+    c = {"decode_ms": {"1": 5.0, "16": 7.0}, "allreduce_tp": 2, "by_tp": {"2": {"decode_ms": {"1": 2.0}}}}
+    got = fb.pooled([a, b, c])
+    assert got == {"decode_ms": {"1": 3.0, "16": 7.0}, "allreduce_tp": 2, "by_tp": {"2": {"decode_ms": {"1": 2.0}}}}
+    assert isinstance(got["allreduce_tp"], int)
+
+    ckpt = tmp_path / "llama-134m"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps(dict(fb.MODEL, model_type="llama", architectures=["LlamaForCausalLM"])))
+    stages = [["cpu0", 1, 0, 12]]
+    workload = {"prompt_tokens": 64, "output_tokens": 16}
+    recs = [{"id": f"r{i}", "arrival": 0.5 * i, "prompt_len": 32 + i, "tokens": 8 + 4 * i} for i in range(4)]
+
+    def run(decode: dict) -> dict:
+        tables = {"decode_ms": decode, "prefill_ms": {"16": 5.0, "64": 8.0, "256": 30.0}}
+        cells = {"sat": {"offered_rate": None, "meas": {"tokens_per_s": 50.0}, "meas_detail": {"per_request": recs}}}
+        d = json.loads(json.dumps({"one": {"stages": stages, "workload": workload, "cluster":
+                                           fb.base_cluster_dict(ckpt.name, tables), "profile": tables, "cells": cells}}))
+        return d
+
+    fast, slow, mid = run({"1": 1.0, "16": 4.0}), run({"1": 4.0, "16": 16.0}), run({"1": 2.0, "16": 8.0})
+    fb.resimulate(fast, str(ckpt), pool=[fast, json.loads(json.dumps(slow)), json.loads(json.dumps(mid))])
+    fb.resimulate(mid, str(ckpt))
+    for k in ("decode_ms", "prefill_ms"):
+        assert fb.plan_tables(fast["one"])[k] == fb.plan_tables(mid["one"])[k] == fast["one"]["profile"][k]
+    assert fast["one"]["predicted"] == mid["one"]["predicted"]
+    assert fast["one"]["cells"]["sat"]["sim"]["tokens_per_s"] == pytest.approx(mid["one"]["cells"]["sat"]["sim"]["tokens_per_s"])
+    other = run({"1": 1.0, "16": 4.0})
+    fb.resimulate(other, str(ckpt), pool=[{"pp2": {}}])         # no run of the pool has the plan: its own
+    assert fb.plan_tables(other["one"])["decode_ms"] == {"1": 1.0, "16": 4.0}
+
+
 def test_host_speeds_take_the_served_steps_around_each_load_over_those_at_launch():
     run = {"rpc": {"1": 0.040, "2": 0.050, "8": 0.080}}
     cells = {"30%": {"meas": {"rpc_after": {"1": 0.060, "8": 0.080}}},     # slower after 30%, at B=1 only
