@@ -6,6 +6,7 @@ shape and sanity, not speed."""
 from __future__ import annotations
 
 import copy
+import statistics
 import subprocess
 import sys
 
@@ -167,6 +168,27 @@ def test_split_calls_keeps_the_call_non_decreasing_and_the_layers_keep_the_rest_
     got_layer, got_call = split_calls(bare, fast, 6, 1, head)
     assert got_call == {1: 0.0, 4: 0.0, 16: 0.0}
     assert got_layer == pytest.approx(layer)
+
+
+def test_timed_in_rounds_gives_every_key_the_same_share_of_a_drifting_host():
+    from hexplan.executor.profile_served import timed_in_rounds
+
+    # every key costs the same, the host slows 1% a call: each key's median must come out alike
+    # (back to back, the last key's would be 1.5x the first's here)
+    calls = []
+
+    def step(k):
+        calls.append(k)
+        return 1.0 + 0.01 * len(calls)
+
+    keys = list(range(1, 17)) + [32, 64]
+    times = timed_in_rounds(keys, 1, 4, step)
+    assert len(calls) == 5 * len(keys) and all(len(times[k]) == 5 for k in keys)
+    assert calls[:len(keys)] == keys and calls[len(keys):2 * len(keys)] == keys[::-1]   # forward, then back
+    medians = [statistics.median(times[k][1:]) for k in keys]
+    assert max(medians) / min(medians) < 1.05, medians
+    means = [statistics.mean(times[k][1:]) for k in keys]   # an even number of timed rounds: exactly alike
+    assert max(means) - min(means) == pytest.approx(0.0, abs=1e-9)
 
 
 def test_output_file_and_names(ckpt, tmp_path):

@@ -10,8 +10,9 @@ This module measures the decode table that way. It starts a ``hexplan node`` on 
 random token, the worker thread count a served worker gets), has it load layers ``[0, layers)``
 as a first and last stage (embedding, the layers, final norm and LM head), prefills the largest
 batch's sequences at ``context`` tokens, and then sends decode steps of B sequences as Forward
-calls, the gateway's own call, logits back. It does that twice: with ``layers`` layers and with
-one (``CALL_LAYERS``), and splits each step in three,
+calls, the gateway's own call, logits back. It loads two such shards at once, ``layers`` layers
+and one (``CALL_LAYERS``), times a batch's steps on both side by side, every batch once a round
+(``timed_in_rounds``), and splits each step in three,
 
     served step(B, L) = call(B) + L x layer(B) + LM head(B)
 
@@ -31,6 +32,8 @@ all-reduces are measured by ``--tp`` without ``--served``.
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import secrets
 import statistics
@@ -101,12 +104,15 @@ def served_profile(spec: ProfileSpec, head_ms: dict[int, float], progress=None) 
 
     try:
         with channel(node_address, None, token) as node:
-            steps, pre = _served_steps(pb, pbg, node, ckpt, model, spec.layers, batches, spec, ids, token, "profile",
-                                       whole, prompts)
-            small = None
-            if spec.layers > CALL_LAYERS:
-                small, _ = _served_steps(pb, pbg, node, ckpt, model, CALL_LAYERS, batches, spec, ids, token,
-                                         "profile-call", split)
+            shards = [(spec.layers, "profile")] + ([(CALL_LAYERS, "profile-call")] if spec.layers > CALL_LAYERS else [])
+            timed = _served_steps(pb, pbg, node, ckpt, model, shards, batches, spec, ids, token, prompts)
+        (steps, pre), small = timed[0], (timed[1][0] if len(timed) > 1 else None)
+        for b in batches:
+            whole("decode", b, *steps[b])
+        for n in prompts:
+            whole("prefill", n, *pre[n])
+        for b in batches if small is not None else ():
+            split("decode", b, *small[b])
         if small is None:   # one layer: no second shard to split the call from the layers
             per_layer = {b: (steps[b][0] * 1e3 - head_ms[b]) / spec.layers for b in batches}
             call = {}
@@ -173,65 +179,97 @@ def monotone(ys: list[float]) -> list[float]:
     return [s / n for s, n in blocks for _ in range(n)]
 
 
-def _served_steps(pb, pbg, node, ckpt: Path, model, layers: int, batches, spec: ProfileSpec, ids, token: str,
-                  stage_id: str, measured=None, prompts=()) -> tuple[dict, dict]:
-    """Load layers [0, ``layers``) as a first and last stage on the node, prefill the largest
-    batch's sequences, time decode steps of every batch as Forward calls, then a prompt of each
-    of ``prompts`` tokens alone from position 0 (a fresh sequence each time, released after it;
-    in rounds of every length), unload. Returns ({batch: (median step s, mean context, slowest /
-    fastest)}, {prompt tokens: the same, context 0}); ``measured(kind, x, *that)`` after each
-    point."""
+def timed_in_rounds(keys, warmup: int, repeats: int, step) -> dict:
+    """{key: [seconds of ``step(key)``, in the order taken]}, ``warmup + repeats`` of each, taken
+    in rounds of every key, the rounds alternately forward and backward: a host whose speed
+    drifts over the seconds this takes then slows or speeds every key alike (a linear drift
+    exactly, over an even number of rounds), where timing each key's repeats back to back gave
+    each key a different moment of the host."""
+    keys = list(keys)
+    times: dict = {k: [] for k in keys}
+    for i in range(warmup + repeats):
+        for k in (keys if i % 2 == 0 else keys[::-1]):
+            times[k].append(step(k))
+    return times
+
+
+def _served_steps(pb, pbg, node, ckpt: Path, model, shards, batches, spec: ProfileSpec, ids, token: str,
+                  prompts=()) -> list[tuple[dict, dict]]:
+    """Load each of ``shards`` ((layers, stage id): layers [0, layers) as a first and last stage)
+    on the node at once, prefill the largest batch's sequences on each, time decode steps of
+    every batch on every shard in the same rounds (a batch's steps on the shards side by side,
+    so the split between them is not a split between two moments of the host), then a prompt of
+    each of ``prompts`` tokens alone from position 0 on the first shard (a fresh sequence each
+    time, released after it; in rounds of every length), unload. Returns, per shard, ({batch:
+    (median step s, mean context, slowest / fastest)}, {prompt tokens: the same, context 0}; the
+    first shard's only)."""
     from .wire import channel, to_proto
 
-    resp = pbg.StageStub(node).LoadShard(pb.LoadShardRequest(
-        stage_id=stage_id, checkpoint=str(ckpt), layer_start=0, layer_end=layers, is_first=True,
-        is_last=True, tp=1, gpus=[0] if spec.device == "cuda" else [], dtype=spec.dtype,
-        model_json=json.dumps(model.to_dict())), timeout=STEP_TIMEOUT_S)
-    try:
-        with channel(resp.address, None, token) as ch:
-            stub = pbg.StageStub(ch)
+    with contextlib.ExitStack() as stack:
+        stubs = []
+        for layers, stage_id in shards:
+            resp = pbg.StageStub(node).LoadShard(pb.LoadShardRequest(
+                stage_id=stage_id, checkpoint=str(ckpt), layer_start=0, layer_end=layers, is_first=True,
+                is_last=True, tp=1, gpus=[0] if spec.device == "cuda" else [], dtype=spec.dtype,
+                model_json=json.dumps(model.to_dict())), timeout=STEP_TIMEOUT_S)
+            stack.callback(lambda sid=stage_id: pbg.StageStub(node).UnloadShard(
+                pb.UnloadShardRequest(stage_id=sid), timeout=60))
+            stubs.append(pbg.StageStub(stack.enter_context(channel(resp.address, None, token))))
 
-            def forward(chunks: list[tuple[str, int, int]]) -> float:
-                n = sum(c[2] for c in chunks)
-                req = pb.ForwardRequest(chunks=[pb.SeqChunk(request_id=r, start=s, length=k) for r, s, k in chunks],
-                                        inputs=to_proto(ids(n)))
-                t = time.perf_counter()
-                stub.Forward(req, timeout=STEP_TIMEOUT_S)
-                return time.perf_counter() - t
+        def forward(stub, chunks: list[tuple[str, int, int]]) -> float:
+            n = sum(c[2] for c in chunks)
+            req = pb.ForwardRequest(chunks=[pb.SeqChunk(request_id=r, start=s, length=k) for r, s, k in chunks],
+                                    inputs=to_proto(ids(n)))
+            t = time.perf_counter()
+            stub.Forward(req, timeout=STEP_TIMEOUT_S)
+            return time.perf_counter() - t
 
-            seqs = [f"served-{j}" for j in range(batches[-1])]
-            pos = dict.fromkeys(seqs, spec.context)
+        seqs = [f"served-{j}" for j in range(batches[-1])]
+        pos = [dict.fromkeys(seqs, spec.context) for _ in stubs]
+        for stub in stubs:
             for a in range(0, len(seqs), PREFILL_SEQS_PER_CALL):
-                forward([(r, 0, spec.context) for r in seqs[a:a + PREFILL_SEQS_PER_CALL]])
-            out = {}
-            for b in batches:
-                mine = seqs[:b]
-                context = statistics.mean(pos[r] for r in mine)
-                times = []
-                for _ in range(spec.warmup + spec.repeats):
-                    times.append(forward([(r, pos[r], 1) for r in mine]))
-                    for r in mine:
-                        pos[r] += 1
-                timed = times[spec.warmup:]
-                out[b] = (statistics.median(timed), context, max(timed) / max(min(timed), 1e-12))
-                if measured is not None:
-                    measured("decode", b, *out[b])
+                forward(stub, [(r, 0, spec.context) for r in seqs[a:a + PREFILL_SEQS_PER_CALL]])
+        # decode steps in rounds, every batch once a round, as the prompts below: timed back to
+        # back, a batch's repeats took whatever the host did in those seconds, and one run's
+        # table rose and fell between neighbours; the first batch also took the steps right
+        # after the prefill. Three runs of `--served` at 2 threads moved a served step by 1.33x
+        # (the median over the batches) timed back to back and 1.19x in rounds (docs/fidelity.md,
+        # session 35)
+        contexts: dict = {}
+
+        def decode(key: tuple[int, int]) -> float:
+            shard, b = key
+            mine = seqs[:b]
+            contexts.setdefault(key, []).append(statistics.mean(pos[shard][r] for r in mine))
+            took = forward(stubs[shard], [(r, pos[shard][r], 1) for r in mine])
+            for r in mine:
+                pos[shard][r] += 1
+            return took
+
+        keys = [(shard, b) for b in batches for shard in range(len(stubs))]
+        times = timed_in_rounds(keys, spec.warmup, spec.repeats, decode)
+        out: list[dict] = [{} for _ in stubs]
+        for shard, b in keys:
+            timed = times[shard, b][spec.warmup:]
+            out[shard][b] = (statistics.median(timed), statistics.mean(contexts[shard, b][spec.warmup:]),
+                             max(timed) / max(min(timed), 1e-12))
+        for stub in stubs:
             stub.Release(pb.ReleaseRequest(request_ids=seqs), timeout=60)
-            # prompts in rounds, every length once a round: a shared host's speed drifts over
-            # seconds, and timing each length's repeats back to back gave one length the host's
-            # fast minute and the next its slow one (a 32-token prompt 5.6 to 7.0 ms a layer
-            # between runs, against 5-7% for its neighbours), a kink in the table
-            pre, times = {}, {n: [] for n in prompts}
-            for i in range(spec.warmup + spec.repeats):
-                for n in prompts:
-                    rid = f"prompt-{n}-{i}"
-                    times[n].append(forward([(rid, 0, n)]))
-                    stub.Release(pb.ReleaseRequest(request_ids=[rid]), timeout=60)
-            for n in prompts:
-                timed = times[n][spec.warmup:]
-                pre[n] = (statistics.median(timed), 0.0, max(timed) / max(min(timed), 1e-12))
-                if measured is not None:
-                    measured("prefill", n, *pre[n])
-        return out, pre
-    finally:
-        pbg.StageStub(node).UnloadShard(pb.UnloadShardRequest(stage_id=stage_id), timeout=60)
+        # prompts in rounds, every length once a round: a shared host's speed drifts over
+        # seconds, and timing each length's repeats back to back gave one length the host's
+        # fast minute and the next its slow one (a 32-token prompt 5.6 to 7.0 ms a layer
+        # between runs, against 5-7% for its neighbours), a kink in the table
+        fresh = itertools.count()
+
+        def prompt(n: int) -> float:
+            rid = f"prompt-{n}-{next(fresh)}"
+            took = forward(stubs[0], [(rid, 0, n)])
+            stubs[0].Release(pb.ReleaseRequest(request_ids=[rid]), timeout=60)
+            return took
+
+        times = timed_in_rounds(prompts, spec.warmup, spec.repeats, prompt)
+        pre = {}
+        for n in prompts:
+            timed = times[n][spec.warmup:]
+            pre[n] = (statistics.median(timed), 0.0, max(timed) / max(min(timed), 1e-12))
+        return [(out[0], pre)] + [(o, {}) for o in out[1:]]
