@@ -174,7 +174,7 @@ def test_timed_in_rounds_gives_every_key_the_same_share_of_a_drifting_host():
     from hexplan.executor.profile_served import timed_in_rounds
 
     # every key costs the same, the host slows 1% a call: each key's median must come out alike
-    # (back to back, the last key's would be 1.5x the first's here)
+    # (back to back, the last key's would be 1.8x the first's here)
     calls = []
 
     def step(k):

@@ -193,6 +193,11 @@ def timed_in_rounds(keys, warmup: int, repeats: int, step) -> dict:
     return times
 
 
+def _summary(timed: list[float], context: float) -> tuple[float, float, float]:
+    """(median step s, ``context``, slowest / fastest) of one point's timed steps."""
+    return statistics.median(timed), context, max(timed) / max(min(timed), 1e-12)
+
+
 def _served_steps(pb, pbg, node, ckpt: Path, model, shards, batches, spec: ProfileSpec, ids, token: str,
                   prompts=()) -> list[tuple[dict, dict]]:
     """Load each of ``shards`` ((layers, stage id): layers [0, layers) as a first and last stage)
@@ -232,9 +237,9 @@ def _served_steps(pb, pbg, node, ckpt: Path, model, shards, batches, spec: Profi
         # decode steps in rounds, every batch once a round, as the prompts below: timed back to
         # back, a batch's repeats took whatever the host did in those seconds, and one run's
         # table rose and fell between neighbours; the first batch also took the steps right
-        # after the prefill. Three runs of `--served` at 2 threads moved a served step by 1.33x
-        # (the median over the batches) timed back to back and 1.19x in rounds (docs/fidelity.md,
-        # session 35)
+        # after the prefill. With the two shards side by side, three runs of `--served` at 2
+        # threads moved a step's call by 1.55x between runs (3.14x timed back to back, a shard
+        # after the other) and its layer by 1.24x (1.52x) (docs/fidelity.md, session 35)
         contexts: dict = {}
 
         def decode(key: tuple[int, int]) -> float:
@@ -250,9 +255,7 @@ def _served_steps(pb, pbg, node, ckpt: Path, model, shards, batches, spec: Profi
         times = timed_in_rounds(keys, spec.warmup, spec.repeats, decode)
         out: list[dict] = [{} for _ in stubs]
         for shard, b in keys:
-            timed = times[shard, b][spec.warmup:]
-            out[shard][b] = (statistics.median(timed), statistics.mean(contexts[shard, b][spec.warmup:]),
-                             max(timed) / max(min(timed), 1e-12))
+            out[shard][b] = _summary(times[shard, b][spec.warmup:], statistics.mean(contexts[shard, b][spec.warmup:]))
         for stub in stubs:
             stub.Release(pb.ReleaseRequest(request_ids=seqs), timeout=60)
         # prompts in rounds, every length once a round: a shared host's speed drifts over
@@ -268,8 +271,5 @@ def _served_steps(pb, pbg, node, ckpt: Path, model, shards, batches, spec: Profi
             return took
 
         times = timed_in_rounds(prompts, spec.warmup, spec.repeats, prompt)
-        pre = {}
-        for n in prompts:
-            timed = times[n][spec.warmup:]
-            pre[n] = (statistics.median(timed), 0.0, max(timed) / max(min(timed), 1e-12))
+        pre = {n: _summary(times[n][spec.warmup:], 0.0) for n in prompts}
         return [(out[0], pre)] + [(o, {}) for o in out[1:]]
