@@ -1,10 +1,13 @@
 """Helpers for executor tests: tiny random checkpoints, the transformers reference, plans."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import socket
 import subprocess
+import tempfile
 import time
 
 import torch
@@ -174,6 +177,26 @@ def stop_ranks(inbox, procs, what: str = "TP workers") -> None:
 
 
 RAY_NODE = dict(num_cpus=1, node_ip_address="127.0.0.1", object_store_memory=100 * 2**20)
+
+
+@contextlib.contextmanager
+def loopback_ray(*resources: dict):
+    """``ray_cluster_on_loopback`` for the ``with`` block, then its driver and raylets shut down.
+    One such cluster on the machine at a time: the suite runs its files in parallel (pytest-xdist),
+    and two Ray clusters starting at once on two shared cores miss Ray's fixed 30 s raylet
+    registration (``ray_cluster_on_loopback``), so a second waits here, on a lock file that
+    every worker of the run shares."""
+    import ray
+
+    lock = os.path.join(tempfile.gettempdir(), f"hexplan-tests-ray-{os.getuid()}.lock")
+    with open(lock, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        c = ray_cluster_on_loopback(*resources)
+        try:
+            yield c
+        finally:
+            ray.shutdown()
+            c.shutdown()
 
 
 def ray_cluster_on_loopback(*resources: dict, attempts: int = 2):

@@ -17,7 +17,7 @@ pytest.importorskip("torch")
 pytest.importorskip("grpc")
 pytest.importorskip("transformers")
 
-from executor_util import hf_greedy, make_checkpoint, plan, ray_cluster_on_loopback, wait_for  # noqa: E402
+from executor_util import hf_greedy, loopback_ray, make_checkpoint, plan, wait_for  # noqa: E402
 
 from hexplan.cli import main  # noqa: E402
 from hexplan.cluster import load_cluster  # noqa: E402
@@ -28,12 +28,8 @@ from hexplan.cluster import load_cluster  # noqa: E402
 def cluster():
     """Two raylets on loopback: hexplan_node:a (the head) and hexplan_node:b; this process is
     connected as a driver (hexplan.discover.connect keeps it on loopback)."""
-    c = ray_cluster_on_loopback({"hexplan_node:a": 1}, {"hexplan_node:b": 1})
-    try:
+    with loopback_ray({"hexplan_node:a": 1}, {"hexplan_node:b": 1}) as c:
         yield c
-    finally:
-        ray.shutdown()
-        c.shutdown()
 
 
 @pytest.fixture(scope="module")

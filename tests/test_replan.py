@@ -16,7 +16,7 @@ pytest.importorskip("grpc")
 pytest.importorskip("transformers")
 
 from executor_util import RAY_NODE as NODE  # noqa: E402
-from executor_util import hf_greedy, make_checkpoint, plan, ray_cluster_on_loopback, wait_for  # noqa: E402
+from executor_util import hf_greedy, loopback_ray, make_checkpoint, plan, wait_for  # noqa: E402
 
 from hexplan.cluster import loads_cluster  # noqa: E402
 from hexplan.executor.sampling import Sampling  # noqa: E402
@@ -208,13 +208,9 @@ def test_replan_cli_errors_are_one_line(argv, want, ckpt, tmp_path, capsys):
 @pytest.fixture
 def ray_cluster():
     """A fresh loopback Ray cluster per test (head: hexplan_node:a); this process is its driver."""
-    ray = pytest.importorskip("ray")
-    c = ray_cluster_on_loopback({"hexplan_node:a": 1})
-    try:
+    pytest.importorskip("ray")
+    with loopback_ray({"hexplan_node:a": 1}) as c:
         yield c
-    finally:
-        ray.shutdown()
-        c.shutdown()
 
 
 def tokens_of(req, timeout: float = 240.0) -> list[int]:
