@@ -191,6 +191,29 @@ def test_timed_in_rounds_gives_every_key_the_same_share_of_a_drifting_host():
     assert max(means) - min(means) == pytest.approx(0.0, abs=1e-9)
 
 
+def test_timed_in_rounds_settles_each_timed_step_on_its_own_key():
+    from hexplan.executor.profile_served import timed_in_rounds
+
+    # a step right after another key's is 1.3x slower (a CPU's caches and kernels set up for
+    # another size); with settle=1 every timed step follows one of its own key, as in a server
+    calls = []
+
+    def step(k):
+        took = 1.0 if calls and calls[-1] == k else 1.3
+        calls.append(k)
+        return took
+
+    keys = [1, 2, 4, 8]
+    cold = timed_in_rounds(keys, 1, 4, step)
+    assert all(t == 1.3 for k in keys[1:-1] for t in cold[k])   # (the end keys repeat at the turns)
+    calls.clear()
+    warm = timed_in_rounds(keys, 1, 4, step, settle=1)
+    assert len(calls) == 2 * 5 * len(keys) and all(len(warm[k]) == 5 for k in keys)
+    assert all(t == 1.0 for k in keys for t in warm[k])
+    assert calls[:2 * len(keys)] == [k for k in keys for _ in range(2)]   # still in rounds
+    assert calls[2 * len(keys):4 * len(keys)] == [k for k in keys[::-1] for _ in range(2)]
+
+
 def test_output_file_and_names(ckpt, tmp_path):
     out = tmp_path / "p.yaml"
     r = hexplan("profile", "--checkpoint", ckpt, *GRID, "--gpu-type", "A100-40G", "--model", "my-llama", "-o", out)

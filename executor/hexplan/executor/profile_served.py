@@ -47,6 +47,10 @@ from .profile import Point, ProfileError, ProfileSpec, worker_threads
 PREFILL_SEQS_PER_CALL = 8     # prompts per prefill Forward (bounded messages)
 CALL_LAYERS = 1               # the second, smaller shard that splits a call's own cost from its layers'
 STEP_TIMEOUT_S = 300.0
+# untimed steps of the same batch on the same shard before each timed decode step: a server
+# steps its batch again and again, and on the Intel VM of session 36 a step right after another
+# batch's came out up to 1.3x slower than those the gateway's loop takes (docs/fidelity.md)
+DECODE_SETTLE = 1
 
 
 def served_profile(spec: ProfileSpec, head_ms: dict[int, float], progress=None) -> tuple[Point, ...]:
@@ -179,16 +183,23 @@ def monotone(ys: list[float]) -> list[float]:
     return [s / n for s, n in blocks for _ in range(n)]
 
 
-def timed_in_rounds(keys, warmup: int, repeats: int, step) -> dict:
+def timed_in_rounds(keys, warmup: int, repeats: int, step, settle: int = 0) -> dict:
     """{key: [seconds of ``step(key)``, in the order taken]}, ``warmup + repeats`` of each, taken
     in rounds of every key, the rounds alternately forward and backward: a host whose speed
     drifts over the seconds this takes then slows or speeds every key alike (a linear drift
     exactly, over an even number of rounds), where timing each key's repeats back to back gave
-    each key a different moment of the host."""
+    each key a different moment of the host.
+
+    With ``settle`` > 0 each timed step comes right after ``settle`` untimed steps of its own
+    key (so a key's calls are ``settle`` untimed, one timed, and again): a step taken right after
+    another key's, of another size, ran up to 1.3x slower on a CPU than the same step repeated,
+    which is how a server steps its batch (docs/fidelity.md, session 36)."""
     keys = list(keys)
     times: dict = {k: [] for k in keys}
     for i in range(warmup + repeats):
         for k in (keys if i % 2 == 0 else keys[::-1]):
+            for _ in range(settle):
+                step(k)
             times[k].append(step(k))
     return times
 
@@ -252,10 +263,11 @@ def _served_steps(pb, pbg, node, ckpt: Path, model, shards, batches, spec: Profi
             return took
 
         keys = [(shard, b) for b in batches for shard in range(len(stubs))]
-        times = timed_in_rounds(keys, spec.warmup, spec.repeats, decode)
+        times = timed_in_rounds(keys, spec.warmup, spec.repeats, decode, settle=DECODE_SETTLE)
         out: list[dict] = [{} for _ in stubs]
         for shard, b in keys:
-            out[shard][b] = _summary(times[shard, b][spec.warmup:], statistics.mean(contexts[shard, b][spec.warmup:]))
+            timed_contexts = contexts[shard, b][DECODE_SETTLE::DECODE_SETTLE + 1]
+            out[shard][b] = _summary(times[shard, b][spec.warmup:], statistics.mean(timed_contexts[spec.warmup:]))
         for stub in stubs:
             stub.Release(pb.ReleaseRequest(request_ids=seqs), timeout=60)
         # prompts in rounds, every length once a round: a shared host's speed drifts over
