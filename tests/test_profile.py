@@ -194,8 +194,8 @@ def test_timed_in_rounds_gives_every_key_the_same_share_of_a_drifting_host():
 def test_timed_in_rounds_settles_each_timed_step_on_its_own_key():
     from hexplan.executor.profile_served import timed_in_rounds
 
-    # a step right after another key's is 1.3x slower (a CPU's caches and kernels set up for
-    # another size); with settle=1 every timed step follows one of its own key, as in a server
+    # a step right after another key's is 1.3x slower (on a CPU: the other shard's worker process
+    # still on the cores); with settle=1 every timed step follows one of its own key, as in a server
     calls = []
 
     def step(k):

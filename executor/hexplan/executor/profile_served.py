@@ -47,9 +47,11 @@ from .profile import Point, ProfileError, ProfileSpec, worker_threads
 PREFILL_SEQS_PER_CALL = 8     # prompts per prefill Forward (bounded messages)
 CALL_LAYERS = 1               # the second, smaller shard that splits a call's own cost from its layers'
 STEP_TIMEOUT_S = 300.0
-# untimed steps of the same batch on the same shard before each timed decode step: a server
-# steps its batch again and again, and on the Intel VM of session 36 a step right after another
-# batch's came out up to 1.3x slower than those the gateway's loop takes (docs/fidelity.md)
+# untimed steps of the same batch on the same shard before each timed decode step. The two
+# shards are two worker processes; a step taken right after the other one's came out 19% slower
+# at one sequence, 12% at two, none from eight (the other process's threads still on the cores),
+# where a server's loop steps the same worker again and again. The batch size switching alone
+# cost nothing (0.97-1.01x). Both on the Intel VM of session 36 (docs/fidelity.md).
 DECODE_SETTLE = 1
 
 
@@ -191,9 +193,9 @@ def timed_in_rounds(keys, warmup: int, repeats: int, step, settle: int = 0) -> d
     each key a different moment of the host.
 
     With ``settle`` > 0 each timed step comes right after ``settle`` untimed steps of its own
-    key (so a key's calls are ``settle`` untimed, one timed, and again): a step taken right after
-    another key's, of another size, ran up to 1.3x slower on a CPU than the same step repeated,
-    which is how a server steps its batch (docs/fidelity.md, session 36)."""
+    key (so a key's calls are ``settle`` untimed, one timed, and again): where the keys are
+    served by different processes, a step right after another process's is slower on a CPU than
+    the same step repeated, which is how a server steps its batch (``DECODE_SETTLE``)."""
     keys = list(keys)
     times: dict = {k: [] for k in keys}
     for i in range(warmup + repeats):
