@@ -48,10 +48,11 @@ PREFILL_SEQS_PER_CALL = 8     # prompts per prefill Forward (bounded messages)
 CALL_LAYERS = 1               # the second, smaller shard that splits a call's own cost from its layers'
 STEP_TIMEOUT_S = 300.0
 # untimed steps of the same batch on the same shard before each timed decode step. The two
-# shards are two worker processes; a step taken right after the other one's came out 19% slower
-# at one sequence, 12% at two, none from eight (the other process's threads still on the cores),
-# where a server's loop steps the same worker again and again. The batch size switching alone
-# cost nothing (0.97-1.01x). Both on the Intel VM of session 36 (docs/fidelity.md).
+# shards are two worker processes; a step taken right after the other one's came out 16-19%
+# slower at one sequence, 12-17% at two, 2-3% from eight (the other process's threads still on
+# the cores), where a server's loop steps the same worker again and again; settled, 0.96-1.03x
+# the steps back to back. Switching the batch size alone cost nothing. bench/step_order_bench.py,
+# on the Intel VM of session 36 (docs/fidelity.md).
 DECODE_SETTLE = 1
 
 
