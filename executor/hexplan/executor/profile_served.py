@@ -12,7 +12,8 @@ as a first and last stage (embedding, the layers, final norm and LM head), prefi
 batch's sequences at ``context`` tokens, and then sends decode steps of B sequences as Forward
 calls, the gateway's own call, logits back. It loads two such shards at once, ``layers`` layers
 and one (``CALL_LAYERS``), times a batch's steps on both side by side, every batch once a round
-(``timed_in_rounds``), and splits each step in three,
+(``timed_in_rounds``), each timed step right after an untimed one of its own batch and shard
+(``DECODE_SETTLE``), and splits each step in three,
 
     served step(B, L) = call(B) + L x layer(B) + LM head(B)
 
@@ -49,7 +50,7 @@ CALL_LAYERS = 1               # the second, smaller shard that splits a call's o
 STEP_TIMEOUT_S = 300.0
 # untimed steps of the same batch on the same shard before each timed decode step. The two
 # shards are two worker processes; a step taken right after the other one's came out 16-19%
-# slower at one sequence, 12-17% at two, 2-3% from eight (the other process's threads still on
+# slower at one sequence, 12-17% at two, at most 3% from eight (the other process's threads still on
 # the cores), where a server's loop steps the same worker again and again; settled, 0.96-1.03x
 # the steps back to back. Switching the batch size alone cost nothing. bench/step_order_bench.py,
 # on the Intel VM of session 36 (docs/fidelity.md).
@@ -187,16 +188,16 @@ def monotone(ys: list[float]) -> list[float]:
 
 
 def timed_in_rounds(keys, warmup: int, repeats: int, step, settle: int = 0) -> dict:
-    """{key: [seconds of ``step(key)``, in the order taken]}, ``warmup + repeats`` of each, taken
-    in rounds of every key, the rounds alternately forward and backward: a host whose speed
-    drifts over the seconds this takes then slows or speeds every key alike (a linear drift
-    exactly, over an even number of rounds), where timing each key's repeats back to back gave
-    each key a different moment of the host.
+    """{key: [what ``step(key)`` returned (its seconds), in the order taken]}, ``warmup +
+    repeats`` of each, taken in rounds of every key, the rounds alternately forward and backward:
+    a host whose speed drifts over the seconds this takes then slows or speeds every key alike (a
+    linear drift exactly, over an even number of rounds), where timing each key's repeats back to
+    back gave each key a different moment of the host.
 
-    With ``settle`` > 0 each timed step comes right after ``settle`` untimed steps of its own
-    key (so a key's calls are ``settle`` untimed, one timed, and again): where the keys are
-    served by different processes, a step right after another process's is slower on a CPU than
-    the same step repeated, which is how a server steps its batch (``DECODE_SETTLE``)."""
+    With ``settle`` > 0 each timed step comes right after ``settle`` untimed steps of its own key,
+    whose results are dropped: where the keys are served by different processes, a step right
+    after another process's is slower on a CPU than the same step repeated, which is how a server
+    steps its batch (``DECODE_SETTLE``)."""
     keys = list(keys)
     times: dict = {k: [] for k in keys}
     for i in range(warmup + repeats):
@@ -217,7 +218,8 @@ def _served_steps(pb, pbg, node, ckpt: Path, model, shards, batches, spec: Profi
     """Load each of ``shards`` ((layers, stage id): layers [0, layers) as a first and last stage)
     on the node at once, prefill the largest batch's sequences on each, time decode steps of
     every batch on every shard in the same rounds (a batch's steps on the shards side by side,
-    so the split between them is not a split between two moments of the host), then a prompt of
+    so the split between them is not a split between two moments of the host; each settled by
+    ``DECODE_SETTLE`` untimed steps of its own), then a prompt of
     each of ``prompts`` tokens alone from position 0 on the first shard (a fresh sequence each
     time, released after it; in rounds of every length), unload. Returns, per shard, ({batch:
     (median step s, mean context, slowest / fastest)}, {prompt tokens: the same, context 0}; the
@@ -254,23 +256,22 @@ def _served_steps(pb, pbg, node, ckpt: Path, model, shards, batches, spec: Profi
         # after the prefill. With the two shards side by side, three runs of `--served` at 2
         # threads moved a step's call by 1.55x between runs (3.14x timed back to back, a shard
         # after the other) and its layer by 1.24x (1.52x) (docs/fidelity.md, session 35)
-        contexts: dict = {}
-
-        def decode(key: tuple[int, int]) -> float:
+        def decode(key: tuple[int, int]) -> tuple[float, float]:
+            """(seconds, the batch's mean context) of one decode step."""
             shard, b = key
             mine = seqs[:b]
-            contexts.setdefault(key, []).append(statistics.mean(pos[shard][r] for r in mine))
+            context = statistics.mean(pos[shard][r] for r in mine)
             took = forward(stubs[shard], [(r, pos[shard][r], 1) for r in mine])
             for r in mine:
                 pos[shard][r] += 1
-            return took
+            return took, context
 
         keys = [(shard, b) for b in batches for shard in range(len(stubs))]
         times = timed_in_rounds(keys, spec.warmup, spec.repeats, decode, settle=DECODE_SETTLE)
         out: list[dict] = [{} for _ in stubs]
         for shard, b in keys:
-            timed_contexts = contexts[shard, b][DECODE_SETTLE::DECODE_SETTLE + 1]
-            out[shard][b] = _summary(times[shard, b][spec.warmup:], statistics.mean(timed_contexts[spec.warmup:]))
+            took, context = zip(*times[shard, b][spec.warmup:])
+            out[shard][b] = _summary(list(took), statistics.mean(context))
         for stub in stubs:
             stub.Release(pb.ReleaseRequest(request_ids=seqs), timeout=60)
         # prompts in rounds, every length once a round: a shared host's speed drifts over
