@@ -2,7 +2,7 @@
 
     python bench/fidelity_bench.py [--quick] [--only one,pp2,tp2pp] [--json out.json]
                                    [--checkpoint DIR] [--profile FILE] [--no-calibrate] [--wait-quiet S]
-                                   [--lone-profile] [--contention F | --no-host]
+                                   [--lone-profile] [--contention F | --no-host] [--around N]
     python bench/fidelity_bench.py --resimulate RUN.json --checkpoint DIR [--tp-tables TP1.yaml TP2.yaml | --no-tp-tables]
                                    [--no-host] [--drift] [--pool RUN.json ...]
     python bench/fidelity_bench.py --combine RUN1.json RUN2.json ...
@@ -69,6 +69,12 @@ and duration), the workers' compute logs, the CPU each process group used per lo
 steps by kind (n decodes, with or without a chunk), each stage's hop, queue and compute beside
 the simulator's (`step_kinds_table`), then each plan's stages over all the runs
 (`kinds_summary_table`).
+
+`--around N` profiles each plan again, N runs, once its loads are served, and adds a column,
+`sim@loads`: the simulator timed by all the plan's profile runs, the three before its loads and
+the N after (`combined_runs`), so that the profile's moments bracket the loads it times, as a
+shared host's level moves over minutes. The loads' rates stay those the profile before gave;
+`sim` stays the profile before alone.
 
 `--resimulate` runs a saved run's traces through this checkout's cost model and simulator again
 (a change checked on measurements already taken; `--no-host` without the shared host,
@@ -191,11 +197,12 @@ TABLES = ("decode_ms", "prefill_ms", "lm_head_ms", "allreduce_ms")   # the media
 
 
 def get_profile(ckpt: str, threads: int, context: int, tmp: str, saved: str | None, runs: int = 3,
-                tp: int = 1, lone: bool = False, batches: str | None = None) -> dict:
+                tp: int = 1, lone: bool = False, batches: str | None = None, runs_out: list | None = None) -> dict:
     """This model's tables ({decode_ms, prefill_ms, lm_head_ms, call_ms}; at ``tp`` 2 also
     allreduce_ms, allreduce_tp) for workers of ``threads`` torch threads (plan one's worker has 2, the others'
     1: the same layer is slower): ``runs`` runs of `hexplan profile`, the median of each point
-    (the mean of two); or the saved ones (``--profile``).
+    (the mean of two; ``combined_runs``); or the saved ones (``--profile``). ``runs_out``, if
+    given, gets each run's own tables.
 
     Not the smallest: this host's speed drifts both ways over minutes (a 32-token prompt took
     5.6 to 7.0 ms a layer in twelve runs), the loads are served at its usual speed, and with
@@ -216,6 +223,17 @@ def get_profile(ckpt: str, threads: int, context: int, tmp: str, saved: str | No
         p = run_profile(ckpt, threads, context, Path(tmp) / f"profile-{threads}t-tp{tp}-{k}{'-lone' * lone}.yaml", tp,
                         lone, batches)
         tables.append(p.get(name) or next(iter(p.values())))
+    for t in tables:
+        log("  run: " + "; ".join(f"{k} {t[k]}" for k in TABLES + ("call_ms",) if k in t))
+    if runs_out is not None:
+        runs_out.extend(tables)
+    return combined_runs(tables)
+
+
+def combined_runs(tables: list) -> dict:
+    """One profile from the tables of several `hexplan profile` runs: the median of each point
+    (the mean of the middle two of an even count); a served step's layers and call from the
+    same run(s)."""
     out: dict = {}
     for kind in TABLES:
         if kind in tables[0]:
@@ -233,8 +251,6 @@ def get_profile(ckpt: str, threads: int, context: int, tmp: str, saved: str | No
             out["call_ms"][x] = statistics.mean(t["call_ms"][x] for t in mid)
     if "allreduce_tp" in tables[0]:
         out["allreduce_tp"] = tables[0]["allreduce_tp"]
-    for t in tables:
-        log("  run: " + "; ".join(f"{k} {t[k]}" for k in TABLES + ("call_ms",) if k in t))
     return out
 
 
@@ -995,6 +1011,43 @@ def calibrated_sims(pr: dict, cal: dict, plan, loads: dict, drift: bool = False)
         c["sim+cal"] = simulate_trace(plan, make_cluster(d), trace)
 
 
+def around_tables(pr: dict) -> dict:
+    """The profile of a plan whose runs were taken both before and after its loads
+    (``pr["profile_runs"]``, ``--around``): ``combined_runs`` over all of them, so its moments
+    bracket the loads it times. A TP stage's own tables (``by_tp``) come from the same lone TP-1 /
+    TP-2 runs as the profile before (``pr["tp_lone"]``, ``tp_own_tables``); the all-reduce table
+    stays that profile's."""
+    runs = pr["profile_runs"]
+    tables = combined_runs(list(runs["before"]) + list(runs["after"]))
+    prof = pr.get("profile", {})
+    for k in ("allreduce_ms", "allreduce_tp"):
+        if k in prof:
+            tables[k] = prof[k]
+    lone = pr.get("tp_lone")
+    if lone and "by_tp" in prof:
+        tables["by_tp"] = {2: tp_own_tables(tables, lone["tp1"], lone["tp2"])}
+    return tables
+
+
+def with_profile_tables(d: dict, tables: dict) -> dict:
+    """A copy of cluster dict ``d`` whose `cpu` type has ``tables`` for its (one) model."""
+    out = json.loads(json.dumps(d))
+    profiles = out["gpu_types"]["cpu"]["profiles"]
+    profiles[next(iter(profiles))] = tables
+    return out
+
+
+def around_sims(pr: dict, plan, loads: dict) -> None:
+    """``sim@loads`` of every load's trace (``loads``): the simulator on the plan's cluster timed
+    by ``around_tables``. Nothing when the plan has no runs after its loads."""
+    if not pr.get("profile_runs", {}).get("after"):
+        return
+    pr["profile_around"] = tables = around_tables(pr)
+    cluster = make_cluster(with_profile_tables(pr["cluster"], tables))
+    for load, trace in loads.items():
+        pr["cells"][load]["sim@loads"] = simulate_trace(plan, cluster, trace)
+
+
 # ---- report -------------------------------------------------------------------------------------------
 
 METRICS = (("tokens_per_s", "tok/s", 1.0, "{:.1f}"), ("ttft_p50_s", "TTFT P50 s", 1.0, "{:.2f}"),
@@ -1181,6 +1234,10 @@ def main() -> int:
     ap.add_argument("--drift", action="store_true",
                     help="with --resimulate: sim+cal of each load at the host's speed measured around it "
                          "(host_speeds), not at the speed of the plan's calibration")
+    ap.add_argument("--around", type=int, default=0, metavar="N",
+                    help="after each plan's loads, N more `hexplan profile` runs; `sim@loads` is the simulator "
+                         "timed by all the plan's runs, before and after its loads (the loads' rates stay the "
+                         "profile before's). Not with --profile")
     ap.add_argument("--pool", metavar="JSON", nargs="+",
                     help="with --resimulate: time each plan by the pointwise median of the profiles it was given "
                          "in these saved runs (the run itself among them or not), not by its own")
@@ -1204,6 +1261,10 @@ def main() -> int:
             ap.error("--kinds needs --checkpoint (the benchmark model's folder)")
         print_kinds([json.loads(Path(f).read_text())["results"] for f in args.kinds], args.checkpoint, args.kinds)
         return 0
+    if args.around < 0:
+        ap.error(f"--around: {args.around} runs; give 0 or more")
+    if args.around and (args.profile or args.no_measure):
+        ap.error("--around profiles again after the loads: not with --profile or --no-measure")
     if args.pool and not args.resimulate:
         ap.error("--pool goes with --resimulate")
     if args.resimulate:
@@ -1218,6 +1279,8 @@ def main() -> int:
                               for f, tp in zip(args.tp_tables, (1, 2)))
         pool = [json.loads(Path(f).read_text())["results"] for f in args.pool or ()]
         resimulate(saved["results"], args.checkpoint, tp_tables, args.no_tp_tables, args.no_host, args.drift, pool)
+        if any("profile_around" in pr for pr in saved["results"].values()) and "sim@loads" not in saved["meta"]["sources"]:
+            saved["meta"]["sources"].insert(2, "sim@loads")
         if args.no_host:
             saved["meta"].pop("host", None)
         report(saved["meta"], saved["results"])
@@ -1239,7 +1302,9 @@ def main() -> int:
     calibrating = not args.no_calibrate and not args.no_measure
     meta = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join([Path(sys.executable).name] + sys.argv),
             "cores": cores, "torch": torch.__version__, "python": platform.python_version(), "n_poisson": n_poisson,
-            "n_saturated": n_sat, "sources": ["pred", "sim"] + (["sim+cal"] if calibrating else [])
+            "n_saturated": n_sat, "sources": ["pred", "sim"] + (["sim@loads"] if args.around and not args.no_measure
+                                                                 and not args.profile else [])
+            + (["sim+cal"] if calibrating else [])
             + ([] if args.no_measure else ["meas"])}
     t_all = time.perf_counter()
     tmp = tempfile.TemporaryDirectory(prefix="hexplan-fidelity-")
@@ -1265,6 +1330,7 @@ def main() -> int:
                     if args.contention is None else args.contention}
             meta["host"] = host
         profiles: dict = {}
+        before_runs: dict = {}   # per thread count: the runs of the profile last taken (--around)
         for pname in only:
             label, stages = PLANS[pname]
             threads = max(1, cores // sum(tp for _, tp, _, _ in stages))
@@ -1272,7 +1338,10 @@ def main() -> int:
                 wait_quiet(args.wait_quiet, args.quiet_gflops, cores, f"plan {pname}")
             # profiled just before the plan runs: the host's speed drifts as others use it
             if threads not in profiles or not args.no_measure:
-                profiles[threads] = get_profile(ckpt, threads, context, tmp.name, args.profile)
+                before_runs[threads] = []
+                profiles[threads] = get_profile(ckpt, threads, context, tmp.name, args.profile,
+                                                runs_out=before_runs[threads])
+            lone = None
             if any(tp > 1 for _, tp, _, _ in stages):
                 lone = meta.setdefault("tp_lone", {}).setdefault(threads, {})
                 profiles[threads] = with_tp_tables(profiles[threads], ckpt, threads, context, tmp.name, args.profile,
@@ -1280,7 +1349,8 @@ def main() -> int:
             log(f"[{pname}] profile, {threads} thread(s): " + "; ".join(
                 f"{k} {profiles[threads][k]}" for k in TABLES + ("call_ms", "by_tp") if k in profiles[threads]))
             results[pname] = run_plan(pname, label, stages, ckpt, model_name, profiles, sat, n_poisson, args,
-                                      cores, vocab, calibrating, host)
+                                      cores, vocab, calibrating, host, before_runs.get(threads), lone, context,
+                                      tmp.name)
             log(f"[{pname}] done at {time.perf_counter() - t_all:.0f} s")
     finally:
         tmp.cleanup()
@@ -1296,7 +1366,7 @@ def main() -> int:
 
 
 def run_plan(pname, label, stages, ckpt, model_name, profiles, sat, n_poisson, args, cores, vocab,
-             calibrating, host=None) -> dict:
+             calibrating, host=None, before_runs=None, lone=None, context=None, tmp=None) -> dict:
     workers = sum(tp for _, tp, _, _ in stages)
     threads = max(1, cores // workers)
     workload = plan_workload(sat, stages)
@@ -1331,6 +1401,17 @@ def run_plan(pname, label, stages, ckpt, model_name, profiles, sat, n_poisson, a
         pr["cells"][load]["meas"] = {k: v for k, v in c.items() if k not in ("per_request", "steps", "step_logs")}
         pr["cells"][load]["meas_detail"] = {"per_request": c["per_request"], "steps": c["steps"],
                                             "step_logs": c["step_logs"]}
+    if args.around and before_runs and not args.profile:
+        # the same profile again once the loads are served: with the runs taken before them, a
+        # profile whose moments bracket the loads (`sim@loads`; the loads' rates stay the ones
+        # the profile before gave)
+        log(f"[{pname}] profiling again after the loads ({args.around} run(s))")
+        after: list = []
+        get_profile(ckpt, threads, context, tmp, None, runs=args.around, runs_out=after)
+        pr["profile_runs"] = {"before": before_runs, "after": after}
+        if lone:
+            pr["tp_lone"] = lone
+        around_sims(pr, plan, {load: loads[load] for load in pr["cells"]})
     if calibrating:
         try:
             cal, cplan, ccluster = calibrate_terms(pr, ckpt)
@@ -1553,6 +1634,7 @@ def resimulate(results: dict, ckpt: str, tp_tables: tuple[dict, dict] | None = N
         if cal is not None:
             calibrated_sims(pr, cal, cplan, {load: saved_trace(c) for load, c in pr["cells"].items()
                                              if "meas_detail" in c}, drift)
+        around_sims(pr, plan, {load: saved_trace(c) for load, c in pr["cells"].items() if "meas_detail" in c})
         log(f"[{pname}] predicted and simulated again" + (" without the shared host" if no_host else ""))
 
 
@@ -1773,7 +1855,11 @@ def combine(runs: list, names: list) -> None:
     the cell (a shared host moves a single run's cell by up to 23%, more than the target), the
     target judged on those medians; with each run's own count, and how far the measured figures
     of a cell spread between runs ((max - min) / median), which bounds what any model can match."""
-    sources = runs[0]["meta"]["sources"]
+    sources: list = []   # every run's, in order (a run with --around has sim@loads too)
+    for r in runs:
+        for i, src in enumerate(r["meta"]["sources"]):
+            if src not in sources:
+                sources.insert(min(i, len(sources)), src)
     print(f"\nfidelity bench, {len(runs)} runs combined: " + ", ".join(
         f"{Path(n).name} ({r['meta']['started']}, plans {', '.join(r['results'])}, contention "
         f"{r['meta'].get('host', {}).get('contention', 0):.3f})" for n, r in zip(names, runs)) + "\n")

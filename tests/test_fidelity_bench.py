@@ -429,3 +429,54 @@ def test_sim_cal_with_drift_runs_each_load_at_the_hosts_speed_around_it(tmp_path
     assert 1.3 < ratio <= 1.5 + 1e-9                                       # the compute 1.5x, the links not
     fb.calibrated_sims(pr, cal, cplan, {"30%": trace})                    # by default: the launch's speed
     assert "host_speed" not in c30 and c30["sim+cal"]["tpot_p50_s"] == pytest.approx(c70["sim+cal"]["tpot_p50_s"])
+
+
+def test_sim_at_loads_is_timed_by_the_profile_runs_before_and_after_the_loads(tmp_path, monkeypatch):
+    # `--around N`: the plan is profiled again after its loads, and `sim@loads` is the simulator
+    # timed by all the runs, before and after (combined_runs: each point's median, a step's layers
+    # and call from the same runs). A TP-2 group's own tables are the combined served table times
+    # the lone runs' TP-2 / TP-1 ratio; the all-reduce table stays the profile's before.
+    def one_run(layer: float, call: float) -> dict:
+        return {"m": {"decode_ms": {1: layer, 16: 3 * layer}, "prefill_ms": {16: 5.0, 64: 8.0, 256: 30.0},
+                      "lm_head_ms": {1: 3.0, 16: 8.0}, "call_ms": {1: call, 16: call}}}
+
+    runs = iter([one_run(2.0, 1.0), one_run(2.2, 0.5), one_run(1.8, 1.5)])
+    monkeypatch.setattr(fb, "run_profile", lambda *a, **k: next(runs))
+    before: list = []
+    prof = fb.get_profile("/ckpt/m", 1, 100, "/tmp", None, runs=3, runs_out=before)
+    assert [t["decode_ms"][1] for t in before] == [2.0, 2.2, 1.8] and prof["decode_ms"][1] == 2.0
+    after = [one_run(4.0, 1.0)["m"], one_run(4.4, 1.0)["m"], one_run(3.6, 1.0)["m"]]
+
+    ckpt = tmp_path / "llama-134m"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps(dict(fb.MODEL, model_type="llama", architectures=["LlamaForCausalLM"])))
+    stages = [["cpu0", 2, 0, 6], ["cpu1", 1, 6, 12]]
+    workload = {"prompt_tokens": 64, "output_tokens": 16}
+    lone = {"tp1": {"decode_ms": {1: 1.0, 16: 3.0}, "prefill_ms": {16: 1.0, 256: 1.0}},
+            "tp2": {"decode_ms": {1: 1.5, 16: 3.0}, "prefill_ms": {16: 1.2, 256: 1.2}}}
+    tables = dict(prof, allreduce_ms={1: 0.3, 16: 0.5}, allreduce_tp=2, by_tp={2: fb.tp_own_tables(prof, **{
+        "lone1": lone["tp1"], "lone2": lone["tp2"]})})
+    pr = json.loads(json.dumps({"stages": stages, "workload": workload, "profile": tables,
+                                "cluster": fb.base_cluster_dict(ckpt.name, tables, {"cores": 2, "contention": 0.1}),
+                                "profile_runs": {"before": before, "after": after}, "tp_lone": lone,
+                                "cells": {"sat": {}}}))
+    got = fb.around_tables(pr)
+    # six runs per point: 1.8 2.0 2.2 | 3.6 4.0 4.4 -> the middle two (2.2 and 3.6), layers and call alike
+    assert got["decode_ms"]["1"] == pytest.approx(2.9) and got["decode_ms"]["16"] == pytest.approx(8.7)
+    assert got["call_ms"]["1"] == pytest.approx(0.75)                   # the 2.2 run's 0.5 and the 3.6 run's 1.0
+    assert got["allreduce_ms"] == {"1": 0.3, "16": 0.5} and got["allreduce_tp"] == 2
+    assert got["by_tp"][2]["decode_ms"]["1"] == pytest.approx(2.9 * 1.5)  # the lone ratio at one sequence
+    assert got["by_tp"][2]["decode_ms"]["16"] == pytest.approx(8.7)       # 1.0 at 16
+
+    trace = [{"arrival": 0.005 * i, "prompt": [0] * 48, "output_len": 12} for i in range(6)]
+    plan = fb.plan_for(str(ckpt), stages, workload)
+    fb.around_sims(pr, plan, {"sat": trace})
+    sim = fb.simulate_trace(plan, fb.make_cluster(pr["cluster"]), trace)
+    c = pr["cells"]["sat"]
+    assert pr["profile_around"] == got and "hosts" in pr["cluster"]
+    assert c["sim@loads"]["tpot_p50_s"] > 1.2 * sim["tpot_p50_s"]       # the layers 1.45x slower
+    assert fb.plan_tables(pr)["decode_ms"]["1"] == 2.0                   # the plan's own cluster unchanged
+    del pr["profile_runs"]["after"][:]
+    c.pop("sim@loads")
+    fb.around_sims(pr, plan, {"sat": trace})                             # no runs after: no sim@loads
+    assert "sim@loads" not in c
