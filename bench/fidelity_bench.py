@@ -73,7 +73,8 @@ the simulator's (`step_kinds_table`), then each plan's stages over all the runs
 `--around N` profiles each plan again, N runs, once its loads are served, and adds a column,
 `sim@loads`: the simulator timed by all the plan's profile runs, the three before its loads and
 the N after (`combined_runs`), so that the profile's moments bracket the loads it times, as a
-shared host's level moves over minutes. The loads' rates stay those the profile before gave;
+shared host's level moves over minutes; a plan with a TP stage also takes its lone TP-1 / TP-2
+trio again (`lone_tp_runs`), and its TP-2 group's own tables take the mean of the two trios. The loads' rates stay those the profile before gave;
 `sim` stays the profile before alone.
 
 `--resimulate` runs a saved run's traces through this checkout's cost model and simulator again
@@ -288,16 +289,22 @@ def with_tp_tables(tables: dict, ckpt: str, threads: int, context: int, tmp: str
     if saved:
         log("  the saved profile has no allreduce_ms or by_tp: TP stages get the ring formula or the TP-1 tables / 2")
         return tables
-    grid = ",".join(map(str, list(range(1, 17)) + [32, 64]))
-    runs = [get_profile(ckpt, threads, context, tmp, None, runs=1, tp=tp, lone=True, batches=grid) for tp in (1, 2, 1)]
-    lone1 = {k: {x: statistics.mean(float(_get(r[k], x)) for r in (runs[0], runs[2])) for x in runs[0][k]}
-             for k in TP_TABLES}
-    lone2 = {k: runs[1][k] for k in TP_TABLES}
+    lone1, lone2, tp2 = lone_tp_runs(ckpt, threads, context, tmp)
     lone.update(tp1=lone1, tp2=lone2)
     own = tp_own_tables(tables, lone1, lone2)
     log("  TP-2 compute x 2 over TP-1, lone runs: " + "; ".join(
         f"{k} " + ", ".join(f"{x}: {own[k][x] / float(tables[k][x]):.2f}" for x in tables[k]) for k in TP_TABLES))
-    return {**tables, "allreduce_ms": runs[1]["allreduce_ms"], "allreduce_tp": runs[1]["allreduce_tp"], "by_tp": {2: own}}
+    return {**tables, "allreduce_ms": tp2["allreduce_ms"], "allreduce_tp": tp2["allreduce_tp"], "by_tp": {2: own}}
+
+
+def lone_tp_runs(ckpt: str, threads: int, context: int, tmp: str) -> tuple[dict, dict, dict]:
+    """A lone `hexplan profile --tp 2` run between two lone `--tp 1` runs on the same grid: the
+    TP-1 tables (the mean of the two), the TP-2 ones, and the TP-2 run's whole profile."""
+    grid = ",".join(map(str, list(range(1, 17)) + [32, 64]))
+    runs = [get_profile(ckpt, threads, context, tmp, None, runs=1, tp=tp, lone=True, batches=grid) for tp in (1, 2, 1)]
+    lone1 = {k: {x: statistics.mean(float(_get(r[k], x)) for r in (runs[0], runs[2])) for x in runs[0][k]}
+             for k in TP_TABLES}
+    return lone1, {k: runs[1][k] for k in TP_TABLES}, runs[1]
 
 
 # ---- the host's contention ---------------------------------------------------------------------------
@@ -1014,9 +1021,10 @@ def calibrated_sims(pr: dict, cal: dict, plan, loads: dict, drift: bool = False)
 def around_tables(pr: dict) -> dict:
     """The profile of a plan whose runs were taken both before and after its loads
     (``pr["profile_runs"]``, ``--around``): ``combined_runs`` over all of them, so its moments
-    bracket the loads it times. A TP stage's own tables (``by_tp``) come from the same lone TP-1 /
-    TP-2 runs as the profile before (``pr["tp_lone"]``, ``tp_own_tables``); the all-reduce table
-    stays that profile's."""
+    bracket the loads it times. A TP stage's own tables (``by_tp``) take the lone TP-1 / TP-2 runs
+    before the loads (``pr["tp_lone"]``) and, where taken, after them (``pr["tp_lone_after"]``),
+    each table the mean of the two (``tp_own_tables``); the all-reduce table stays the profile's
+    before."""
     runs = pr["profile_runs"]
     tables = combined_runs(list(runs["before"]) + list(runs["after"]))
     prof = pr.get("profile", {})
@@ -1025,6 +1033,8 @@ def around_tables(pr: dict) -> dict:
             tables[k] = prof[k]
     lone = pr.get("tp_lone")
     if lone and "by_tp" in prof:
+        if pr.get("tp_lone_after"):
+            lone = pooled([lone, pr["tp_lone_after"]])
         tables["by_tp"] = {2: tp_own_tables(tables, lone["tp1"], lone["tp2"])}
     return tables
 
@@ -1411,6 +1421,8 @@ def run_plan(pname, label, stages, ckpt, model_name, profiles, sat, n_poisson, a
         pr["profile_runs"] = {"before": before_runs, "after": after}
         if lone:
             pr["tp_lone"] = lone
+            lone1, lone2, _ = lone_tp_runs(ckpt, threads, context, tmp)   # the lone TP trio again too
+            pr["tp_lone_after"] = {"tp1": lone1, "tp2": lone2}
         around_sims(pr, plan, {load: loads[load] for load in pr["cells"]})
     if calibrating:
         try:

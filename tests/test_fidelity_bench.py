@@ -476,6 +476,10 @@ def test_sim_at_loads_is_timed_by_the_profile_runs_before_and_after_the_loads(tm
     assert pr["profile_around"] == got and "hosts" in pr["cluster"]
     assert c["sim@loads"]["tpot_p50_s"] > 1.2 * sim["tpot_p50_s"]       # the layers 1.45x slower
     assert fb.plan_tables(pr)["decode_ms"]["1"] == 2.0                   # the plan's own cluster unchanged
+    # the lone TP trio taken again after the loads: each lone table the mean of the two trios
+    pr["tp_lone_after"] = {"tp1": {"decode_ms": {"1": 1.0, "16": 3.0}, "prefill_ms": {"16": 1.0, "256": 1.0}},
+                           "tp2": {"decode_ms": {"1": 2.5, "16": 3.0}, "prefill_ms": {"16": 1.2, "256": 1.2}}}
+    assert fb.around_tables(pr)["by_tp"][2]["decode_ms"]["1"] == pytest.approx(2.9 * 2.0)   # (1.5 + 2.5) / 2
     del pr["profile_runs"]["after"][:]
     c.pop("sim@loads")
     fb.around_sims(pr, plan, {"sat": trace})                             # no runs after: no sim@loads
