@@ -86,7 +86,7 @@ runs (run them with the plan order alternated, `--only tp2pp,pp2,one`), the meas
 own spread between runs, and the target judged on the medians: one run on a shared host moves a
 cell by up to 23% (docs/fidelity.md), more than the target.
 
-Progress on stderr, markdown tables on stdout. About 13-14 minutes in full on the 2-core
+Progress on stderr, markdown tables on stdout. About 30-35 minutes in full (45 with --around 3) on the 2-core
 development machine when it is otherwise idle (--wait-quiet S waits for that before the profile
 and each plan), about 3 with --quick (plan `one`, 12 Poisson and 16 saturated requests).
 """
