@@ -74,8 +74,9 @@ the simulator's (`step_kinds_table`), then each plan's stages over all the runs
 `sim@loads`: the simulator timed by all the plan's profile runs, the three before its loads and
 the N after (`combined_runs`), so that the profile's moments bracket the loads it times, as a
 shared host's level moves over minutes; a plan with a TP stage also takes its lone TP-1 / TP-2
-trio again (`lone_tp_runs`), and its TP-2 group's own tables take the mean of the two trios. The loads' rates stay those the profile before gave;
-`sim` stays the profile before alone.
+trio again (`lone_tp_runs`), and its TP-2 group's own tables take the mean of the two trios.
+The loads' rates stay those the profile before gave; `sim` stays the profile before alone. The
+report prints each run's served step before and after the loads (`around_rows`).
 
 `--resimulate` runs a saved run's traces through this checkout's cost model and simulator again
 (a change checked on measurements already taken; `--no-host` without the shared host,
@@ -86,9 +87,10 @@ runs (run them with the plan order alternated, `--only tp2pp,pp2,one`), the meas
 own spread between runs, and the target judged on the medians: one run on a shared host moves a
 cell by up to 23% (docs/fidelity.md), more than the target.
 
-Progress on stderr, markdown tables on stdout. About 30-35 minutes in full (45 with --around 3) on the 2-core
-development machine when it is otherwise idle (--wait-quiet S waits for that before the profile
-and each plan), about 3 with --quick (plan `one`, 12 Poisson and 16 saturated requests).
+Progress on stderr, markdown tables on stdout. About 30-35 minutes in full (45 with --around 3)
+on the 2-core development machine when it is otherwise idle (--wait-quiet S waits for that
+before the profile and each plan), about 3 with --quick (plan `one`, 12 Poisson and 16
+saturated requests).
 """
 from __future__ import annotations
 
@@ -1058,6 +1060,23 @@ def around_sims(pr: dict, plan, loads: dict) -> None:
         pr["cells"][load]["sim@loads"] = simulate_trace(plan, cluster, trace)
 
 
+def around_rows(results: dict, batches=(1, 4, 16)) -> list:
+    """Table rows, per plan with runs after its loads (``--around``) and per batch in
+    ``batches``: the served step of each profile run (``PROFILE_LAYERS`` layers and the call, ms)
+    before the loads and after them, and the median after over the median before."""
+    rows = []
+    for p, pr in results.items():
+        runs = pr.get("profile_runs", {})
+        if not runs.get("after"):
+            continue
+        for b in batches:
+            step = {when: [PROFILE_LAYERS * float(_get(t["decode_ms"], b)) + float(_get(t.get("call_ms", {b: 0}), b))
+                           for t in runs[when]] for when in ("before", "after")}
+            rows.append(f"| {p} | {b} | " + " | ".join(", ".join(f"{v:.1f}" for v in step[w]) for w in ("before", "after"))
+                        + f" | {statistics.median(step['after']) / statistics.median(step['before']):.2f} |")
+    return rows
+
+
 # ---- report -------------------------------------------------------------------------------------------
 
 METRICS = (("tokens_per_s", "tok/s", 1.0, "{:.1f}"), ("ttft_p50_s", "TTFT P50 s", 1.0, "{:.2f}"),
@@ -1312,8 +1331,7 @@ def main() -> int:
     calibrating = not args.no_calibrate and not args.no_measure
     meta = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join([Path(sys.executable).name] + sys.argv),
             "cores": cores, "torch": torch.__version__, "python": platform.python_version(), "n_poisson": n_poisson,
-            "n_saturated": n_sat, "sources": ["pred", "sim"] + (["sim@loads"] if args.around and not args.no_measure
-                                                                 and not args.profile else [])
+            "n_saturated": n_sat, "sources": ["pred", "sim"] + (["sim@loads"] if args.around else [])
             + (["sim+cal"] if calibrating else [])
             + ([] if args.no_measure else ["meas"])}
     t_all = time.perf_counter()
@@ -1411,7 +1429,7 @@ def run_plan(pname, label, stages, ckpt, model_name, profiles, sat, n_poisson, a
         pr["cells"][load]["meas"] = {k: v for k, v in c.items() if k not in ("per_request", "steps", "step_logs")}
         pr["cells"][load]["meas_detail"] = {"per_request": c["per_request"], "steps": c["steps"],
                                             "step_logs": c["step_logs"]}
-    if args.around and before_runs and not args.profile:
+    if args.around and before_runs:
         # the same profile again once the loads are served: with the runs taken before them, a
         # profile whose moments bracket the loads (`sim@loads`; the loads' rates stay the ones
         # the profile before gave)
@@ -1423,7 +1441,7 @@ def run_plan(pname, label, stages, ckpt, model_name, profiles, sat, n_poisson, a
             pr["tp_lone"] = lone
             lone1, lone2, _ = lone_tp_runs(ckpt, threads, context, tmp)   # the lone TP trio again too
             pr["tp_lone_after"] = {"tp1": lone1, "tp2": lone2}
-        around_sims(pr, plan, {load: loads[load] for load in pr["cells"]})
+        around_sims(pr, plan, loads)
     if calibrating:
         try:
             cal, cplan, ccluster = calibrate_terms(pr, ckpt)
@@ -1643,10 +1661,10 @@ def resimulate(results: dict, ckpt: str, tp_tables: tuple[dict, dict] | None = N
             md = c["meas_detail"]
             if md.get("step_logs"):   # the measured steps split again, beside this checkout's model
                 c["meas"]["breakdown"] = step_breakdown(md["steps"], 0.0, saved_step_logs(md), StepModel(plan, cluster))
+        traces = {load: saved_trace(c) for load, c in pr["cells"].items() if "meas_detail" in c}
         if cal is not None:
-            calibrated_sims(pr, cal, cplan, {load: saved_trace(c) for load, c in pr["cells"].items()
-                                             if "meas_detail" in c}, drift)
-        around_sims(pr, plan, {load: saved_trace(c) for load, c in pr["cells"].items() if "meas_detail" in c})
+            calibrated_sims(pr, cal, cplan, traces, drift)
+        around_sims(pr, plan, traces)
         log(f"[{pname}] predicted and simulated again" + (" without the shared host" if no_host else ""))
 
 
@@ -1731,6 +1749,11 @@ def report(meta: dict, results: dict) -> None:
                 print(f"| {p} | {b} | {_get(launch, b) * 1e3:.1f} | "
                       + " | ".join("-" if a is None else f"{_get(a, b) * 1e3:.1f}" for a in after) + " | "
                       + " | ".join((f"{speeds[l]:.2f}" if i == 0 and l in speeds else "") for l in loads) + " |")
+    rows = around_rows(results)
+    if rows:
+        print(f"\nThe profile before the loads and after them (--around): each run's served step ({PROFILE_LAYERS} "
+              "layers and the call, ms) and the median after over the median before:\n\n"
+              "| plan | B | before | after | after / before |\n|---|---|---|---|---|\n" + "\n".join(rows))
     rows = [(p, pr) for p, pr in results.items() if pr.get("calibration", {}).get("probe")]
     if rows:
         print("\nDecode steps of B sequences at the workload's mean decode context sent straight to the launched plan's first stage (served), against the "

@@ -476,6 +476,8 @@ def test_sim_at_loads_is_timed_by_the_profile_runs_before_and_after_the_loads(tm
     assert pr["profile_around"] == got and "hosts" in pr["cluster"]
     assert c["sim@loads"]["tpot_p50_s"] > 1.2 * sim["tpot_p50_s"]       # the layers 1.45x slower
     assert fb.plan_tables(pr)["decode_ms"]["1"] == 2.0                   # the plan's own cluster unchanged
+    # the report's rows: each run's served step (6 layers + call) before and after, and the ratio
+    assert fb.around_rows({"p": pr}, batches=(1,)) == ["| p | 1 | 13.0, 13.7, 12.3 | 25.0, 27.4, 22.6 | 1.92 |"]
     # the lone TP trio taken again after the loads: each lone table the mean of the two trios
     pr["tp_lone_after"] = {"tp1": {"decode_ms": {"1": 1.0, "16": 3.0}, "prefill_ms": {"16": 1.0, "256": 1.0}},
                            "tp2": {"decode_ms": {"1": 2.5, "16": 3.0}, "prefill_ms": {"16": 1.2, "256": 1.2}}}
