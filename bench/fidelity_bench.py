@@ -2,7 +2,7 @@
 
     python bench/fidelity_bench.py [--quick] [--only one,pp2,tp2pp] [--json out.json]
                                    [--checkpoint DIR] [--profile FILE] [--no-calibrate] [--wait-quiet S]
-                                   [--lone-profile] [--contention F | --no-host] [--around N]
+                                   [--lone-profile] [--contention F | --no-host] [--around N] [--rates-from RUN.json]
     python bench/fidelity_bench.py --resimulate RUN.json --checkpoint DIR [--tp-tables TP1.yaml TP2.yaml | --no-tp-tables]
                                    [--no-host] [--drift] [--pool RUN.json ...]
     python bench/fidelity_bench.py --combine RUN1.json RUN2.json ...
@@ -85,7 +85,11 @@ plan timed by the pointwise median of the profiles it had in those runs, a profi
 as long as the runs rather than minutes before the plan's loads); `--combine` prints the medians of several saved
 runs (run them with the plan order alternated, `--only tp2pp,pp2,one`), the measured figures'
 own spread between runs, and the target judged on the medians: one run on a shared host moves a
-cell by up to 23% (docs/fidelity.md), more than the target.
+cell by up to 23% (docs/fidelity.md), more than the target. `--rates-from RUN.json` offers each
+plan's Poisson loads at a saved run's rates rather than at shares of this run's predicted
+capacity, so that runs share all nine traces (saturated they always do); `--combine` then sets
+the measurement against itself (`repeat_rows`): the pairs of runs whose measurements of a cell
+with the same trace agree within the target, beside the simulator's count over the same runs.
 
 Progress on stderr, markdown tables on stdout. About 30-35 minutes in full (45 with --around 3)
 on the 2-core development machine when it is otherwise idle (--wait-quiet S waits for that
@@ -1270,6 +1274,10 @@ def main() -> int:
     ap.add_argument("--pool", metavar="JSON", nargs="+",
                     help="with --resimulate: time each plan by the pointwise median of the profiles it was given "
                          "in these saved runs (the run itself among them or not), not by its own")
+    ap.add_argument("--rates-from", metavar="JSON",
+                    help="offer each plan's Poisson loads at the rates of a saved --json run (the same seed and "
+                         "request counts: the same traces), not at 30%% and 70%% of this run's predicted capacity; "
+                         "runs that share their traces measure the measurement's own repeatability (--combine)")
     ap.add_argument("--kinds", metavar="JSON", nargs="+",
                     help="only print, for every plan and load of saved --json runs, the measured steps by kind "
                          "(step_kinds_table: each stage's hop, queue and compute; compute over the simulator's "
@@ -1296,6 +1304,13 @@ def main() -> int:
         ap.error("--around profiles again after the loads: not with --profile or --no-measure")
     if args.pool and not args.resimulate:
         ap.error("--pool goes with --resimulate")
+    rates_from = None
+    if args.rates_from:
+        try:
+            rates_from = saved_rates(json.loads(Path(args.rates_from).read_text()), args.seed,
+                                     args.requests or (12 if args.quick else 32))
+        except (OSError, ValueError, KeyError) as e:
+            ap.error(f"--rates-from {args.rates_from}: {e}")
     if args.resimulate:
         if not args.checkpoint:
             ap.error("--resimulate needs --checkpoint (the benchmark model's folder)")
@@ -1331,8 +1346,8 @@ def main() -> int:
     calibrating = not args.no_calibrate and not args.no_measure
     meta = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join([Path(sys.executable).name] + sys.argv),
             "cores": cores, "torch": torch.__version__, "python": platform.python_version(), "n_poisson": n_poisson,
-            "n_saturated": n_sat, "sources": ["pred", "sim"] + (["sim@loads"] if args.around else [])
-            + (["sim+cal"] if calibrating else [])
+            "n_saturated": n_sat, "seed": args.seed, "rates_from": args.rates_from,
+            "sources": ["pred", "sim"] + (["sim@loads"] if args.around else []) + (["sim+cal"] if calibrating else [])
             + ([] if args.no_measure else ["meas"])}
     t_all = time.perf_counter()
     tmp = tempfile.TemporaryDirectory(prefix="hexplan-fidelity-")
@@ -1378,7 +1393,7 @@ def main() -> int:
                 f"{k} {profiles[threads][k]}" for k in TABLES + ("call_ms", "by_tp") if k in profiles[threads]))
             results[pname] = run_plan(pname, label, stages, ckpt, model_name, profiles, sat, n_poisson, args,
                                       cores, vocab, calibrating, host, before_runs.get(threads), lone, context,
-                                      tmp.name)
+                                      tmp.name, (rates_from or {}).get(pname))
             log(f"[{pname}] done at {time.perf_counter() - t_all:.0f} s")
     finally:
         tmp.cleanup()
@@ -1393,8 +1408,28 @@ def main() -> int:
     return 0
 
 
+def saved_rates(run: dict, seed: int, n_poisson: int) -> dict:
+    """{plan: {load: requests/s}} of a saved run's Poisson loads, for --rates-from: the same seed
+    and request count make the same traces. ValueError where they differ (a run saved before
+    the seed was kept ran the default, 0)."""
+    meta = run["meta"]
+    if meta.get("seed", 0) != seed:
+        raise ValueError(f"seed {meta.get('seed', 0)} there, {seed} here")
+    if meta["n_poisson"] != n_poisson:
+        raise ValueError(f"{meta['n_poisson']} requests per Poisson load there, {n_poisson} here (--requests)")
+    return {pname: {load: c["offered_rate"] for load, c in pr["cells"].items() if c.get("offered_rate")}
+            for pname, pr in run["results"].items()}
+
+
+def load_rates(cap_rate: float, rates: dict | None = None) -> dict:
+    """{load: requests/s} of a plan's loads: each Poisson load a share of the capacity predicted
+    here (LOADS), or the saved run's rate for it (``rates``, --rates-from); saturated None."""
+    return {load: (rates or {}).get(load, share * cap_rate) if share else None for load, share in LOADS}
+
+
 def run_plan(pname, label, stages, ckpt, model_name, profiles, sat, n_poisson, args, cores, vocab,
-             calibrating, host=None, before_runs=None, lone=None, context=None, tmp=None) -> dict:
+             calibrating, host=None, before_runs=None, lone=None, context=None, tmp=None,
+             rates: dict | None = None) -> dict:
     workers = sum(tp for _, tp, _, _ in stages)
     threads = max(1, cores // workers)
     workload = plan_workload(sat, stages)
@@ -1406,18 +1441,22 @@ def run_plan(pname, label, stages, ckpt, model_name, profiles, sat, n_poisson, a
     cap_rate = capacity_requests(plan, cluster)
     log(f"[{pname}] {label}: predicted {pred['capacity_tokens_per_s']:.1f} tokens/s ({pred['bottleneck']}), "
         f"{cap_rate:.3f} requests/s, TTFT {pred['ttft_s']:.3f} s, TPOT {pred['tpot_s'] * 1e3:.1f} ms; workload {workload}")
+    offered = load_rates(cap_rate, rates)
+    if rates:
+        log(f"[{pname}] Poisson loads at the saved run's rates: " + ", ".join(
+            f"{load} {r:.3f} requests/s ({r / cap_rate:.0%} of this capacity)" for load, r in offered.items() if r))
     loads = {}
     for li, (load, share) in enumerate(LOADS):
         loads[load] = sat if share is None else make_workload(n_poisson, PROMPT_RANGE, OUTPUT_RANGE, vocab,
-                                                              args.seed + 1000 * (li + 1), share * cap_rate)
+                                                              args.seed + 1000 * (li + 1), offered[load])
     pr: dict = {"label": label, "stages": stages, "workload": workload, "threads_per_worker": threads,
                 "predicted": pred, "capacity_requests_per_s": cap_rate, "cluster": base, "profile": pr_profile,
                 "cells": {}}
     mean_out = statistics.mean(r["output_len"] for r in sat)
     for load, share in LOADS:
-        offered = share * cap_rate if share else None
-        pr["cells"][load] = {"offered_rate": offered, "requests": len(loads[load]),
-                             "pred": predicted_cell(pred, offered * mean_out if offered else None),
+        rate = offered[load]
+        pr["cells"][load] = {"offered_rate": rate, "requests": len(loads[load]),
+                             "pred": predicted_cell(pred, rate * mean_out if rate else None),
                              "sim": simulate_trace(plan, cluster, loads[load])}
     if args.no_measure:
         return pr
@@ -1885,6 +1924,49 @@ def neighbour_rows(runs: list, names: list, sources: list) -> list:
     return rows
 
 
+def trace_key(run: dict, cell: dict) -> tuple:
+    """What makes two runs' traces for a cell the same: the seed, the request count and the
+    offered rate (None saturated). A run saved before the seed was kept ran the default, 0."""
+    rate = cell.get("offered_rate")
+    return run["meta"].get("seed", 0), cell.get("requests"), None if rate is None else round(rate, 9)
+
+
+def agree(a: dict, b: dict) -> bool:
+    """Whether two measurements of a cell agree within TARGET on every CHECKED figure, the larger
+    over the smaller (the symmetric form of ``within``'s error)."""
+    return all(max(a[k], b[k]) <= (1 + TARGET) * min(a[k], b[k]) for k in CHECKED)
+
+
+def repeat_rows(runs: list, sources: list) -> tuple[list, dict]:
+    """The measurement against itself: per cell, the pairs of runs that offered it the same trace
+    (``trace_key``) whose measurements ``agree``, beside each source's cells within TARGET of
+    their own run's measurement, over the same runs. Returns the table's rows and the totals
+    {"meas": [agreeing, pairs], source: [within, cells]}; a cell no two runs offered alike has no row."""
+    rows, totals = [], {"meas": [0, 0], **{s: [0, 0] for s in sources}}
+    for p in [p for p in PLANS if any(p in r["results"] for r in runs)]:
+        for load, _ in LOADS:
+            groups: dict = {}
+            for r in runs:
+                c = r["results"].get(p, {}).get("cells", {}).get(load)
+                if c and "meas" in c:
+                    groups.setdefault(trace_key(r, c), []).append(c)
+            for key, cs in groups.items():
+                if len(cs) < 2:
+                    continue
+                pairs = [(a, b) for i, a in enumerate(cs) for b in cs[i + 1:]]
+                ok = sum(agree(a["meas"], b["meas"]) for a, b in pairs)
+                totals["meas"][0] += ok
+                totals["meas"][1] += len(pairs)
+                row = f"| {p} | {load} | {'burst' if key[2] is None else f'{key[2]:.3f}'} | {len(cs)} | {ok} of {len(pairs)} |"
+                for s in sources:
+                    have = [within(c, s) for c in cs if s in c]
+                    totals[s][0] += sum(have)
+                    totals[s][1] += len(have)
+                    row += f" {sum(have)} of {len(have)} |" if have else " - |"
+                rows.append(row)
+    return rows, totals
+
+
 def combine(runs: list, names: list) -> None:
     """Several saved runs as one: each figure of each cell is the median over the runs that have
     the cell (a shared host moves a single run's cell by up to 23%, more than the target), the
@@ -1934,6 +2016,18 @@ def combine(runs: list, names: list) -> None:
         ok = [within(c, s) for c in cells if s in c]
         print(f"\ntarget on the medians ({s} within {TARGET:.0%} of measured on tok/s, P50 TTFT, P50 TPOT): "
               f"{sum(ok)} of {len(ok)} cells")
+    rows, totals = repeat_rows(runs, sources[1:-1])
+    if rows:
+        print(f"\nThe measurement against itself: per cell, the pairs of runs that offered it the same trace (the "
+              f"same rate, or saturated; `--rates-from`) whose measured tok/s, P50 TTFT and P50 TPOT all agree within "
+              f"{TARGET:.0%} (the larger over the smaller), beside the same runs' cells within {TARGET:.0%} of their "
+              f"own measurement\n")
+        print("| plan | load | offered req/s | runs | measured pairs that agree | "
+              + " | ".join(f"{s} within" for s in sources[1:-1]) + " |")
+        print("|---|---|---|---|---|" + "---|" * len(sources[1:-1]))
+        print("\n".join(rows))
+        print(f"\nmeasured against measured: {totals['meas'][0]} of {totals['meas'][1]} pairs agree; " + "; ".join(
+            f"{s} against measured: {a} of {b} cells" for s, (a, b) in totals.items() if s != "meas" and b))
     rows = neighbour_rows(runs, names, sources[1:-1])
     if rows:
         print("\nThe runs' P50 misses beside the measured P40 / P50 / P60 of the same requests (ms): where the "

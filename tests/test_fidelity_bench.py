@@ -486,3 +486,55 @@ def test_sim_at_loads_is_timed_by_the_profile_runs_before_and_after_the_loads(tm
     c.pop("sim@loads")
     fb.around_sims(pr, plan, {"sat": trace})                             # no runs after: no sim@loads
     assert "sim@loads" not in c
+
+
+def _repeat_run(meas_tok: float, sim_tok: float, rate: float | None, seed: int | None = None) -> dict:
+    r = _run(meas_tok, sim_tok, "x")
+    r["results"]["one"]["cells"]["30%"].update(offered_rate=rate, requests=32)
+    if seed is not None:
+        r["meta"]["seed"] = seed
+    return r
+
+
+def test_the_measurement_is_set_against_itself_over_runs_that_offered_the_same_trace(tmp_path, capsys):
+    # Three runs offered the same trace (rate 0.5, seed 0: one saved before the seed was kept)
+    # and measured 100, 110 and 130 tokens/s: 110/100 agrees, 130/100 and 130/110 (1.18) do not.
+    # A run at another rate and one with another seed are other traces: alone, no pair.
+    runs = [_repeat_run(100.0, 100.0, 0.5), _repeat_run(110.0, 100.0, 0.5, seed=0), _repeat_run(130.0, 100.0, 0.5, 0),
+            _repeat_run(100.0, 100.0, 0.6, 0), _repeat_run(100.0, 100.0, 0.5, 1)]
+    rows, totals = fb.repeat_rows(runs, ["sim"])
+    assert rows == ["| one | 30% | 0.500 | 3 | 1 of 3 | 2 of 3 |"]   # sim 100 against 130: -23%
+    assert totals == {"meas": [1, 3], "sim": [2, 3]}
+    assert fb.agree({k: 1.15 for k in fb.CHECKED}, {k: 1.0 for k in fb.CHECKED})
+    assert not fb.agree({k: 1.0 for k in fb.CHECKED}, {k: 1.16 for k in fb.CHECKED})
+    names = [str(tmp_path / f"r{i}.json") for i in range(len(runs))]
+    fb.combine(runs, names)
+    out = capsys.readouterr().out
+    assert "| one | 30% | 0.500 | 3 | 1 of 3 | 2 of 3 |" in out
+    assert "measured against measured: 1 of 3 pairs agree; sim against measured: 2 of 3 cells" in out
+
+
+def test_rates_from_offers_a_saved_runs_rates_for_the_same_traces(tmp_path, monkeypatch, capsys):
+    saved = {"meta": {"n_poisson": 32, "seed": 0},
+             "results": {"one": {"cells": {"30%": {"offered_rate": 0.25}, "70%": {"offered_rate": 0.6},
+                                           "sat": {"offered_rate": None}}}}}
+    rates = fb.saved_rates(saved, 0, 32)
+    assert rates == {"one": {"30%": 0.25, "70%": 0.6}}
+    assert fb.load_rates(2.0, rates["one"]) == {"30%": 0.25, "70%": 0.6, "sat": None}
+    assert fb.load_rates(2.0) == {"30%": pytest.approx(0.6), "70%": pytest.approx(1.4), "sat": None}
+    with pytest.raises(ValueError, match="seed 0 there, 3 here"):
+        fb.saved_rates(saved, 3, 32)
+    with pytest.raises(ValueError, match="12 here"):
+        fb.saved_rates(saved, 0, 12)
+    del saved["meta"]["seed"]                       # saved before the seed was kept: the default
+    assert fb.saved_rates(saved, 0, 32) == rates
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(saved))
+    for argv, said in ((["--rates-from", str(tmp_path / "none.json")], "none.json"),
+                       (["--rates-from", str(path), "--seed", "2"], "seed 0 there, 2 here")):
+        monkeypatch.setattr(sys, "argv", ["fidelity_bench.py", "--no-measure", *argv])
+        with pytest.raises(SystemExit) as e:
+            fb.main()
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("fidelity_bench.py: error: --rates-from") and said in err
