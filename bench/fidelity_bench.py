@@ -1982,7 +1982,8 @@ def combine(runs: list, names: list) -> None:
         f"{r['meta'].get('host', {}).get('contention', 0):.3f})" for n, r in zip(names, runs)) + "\n")
     for n, r in zip(names, runs):
         cells = [c for pr in r["results"].values() for c in pr["cells"].values() if "meas" in c]
-        counts = [f"{s} {sum(within(c, s) for c in cells if s in c)}" for s in sources[1:-1]]
+        counts = [f"{s} {sum(within(c, s) for c in cells if s in c)}" for s in sources[1:-1]
+                  if s in r["meta"]["sources"]]   # a source this run did not take (sim@loads): none
         print(f"{Path(n).name}: cells within {TARGET:.0%} as it ran: " + ", ".join(counts) + f" of {len(cells)}")
     med: dict = {}
     spread_rows = ["| plan | load | runs | measured tok/s | TTFT P50 s | TPOT P50 ms | spread (tok/s, TTFT50, TPOT50) |",

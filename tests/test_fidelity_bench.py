@@ -507,11 +507,17 @@ def test_the_measurement_is_set_against_itself_over_runs_that_offered_the_same_t
     assert totals == {"meas": [1, 3], "sim": [2, 3]}
     assert fb.agree({k: 1.15 for k in fb.CHECKED}, {k: 1.0 for k in fb.CHECKED})
     assert not fb.agree({k: 1.0 for k in fb.CHECKED}, {k: 1.16 for k in fb.CHECKED})
+    # one run with a source the others did not take: counted over the run that has it only
+    runs[0]["meta"]["sources"] = ["pred", "sim", "sim+cal", "meas"]
+    runs[0]["results"]["one"]["cells"]["30%"]["sim+cal"] = dict(runs[0]["results"]["one"]["cells"]["30%"]["sim"])
     names = [str(tmp_path / f"r{i}.json") for i in range(len(runs))]
     fb.combine(runs, names)
     out = capsys.readouterr().out
-    assert "| one | 30% | 0.500 | 3 | 1 of 3 | 2 of 3 |" in out
-    assert "measured against measured: 1 of 3 pairs agree; sim against measured: 2 of 3 cells" in out
+    assert "| one | 30% | 0.500 | 3 | 1 of 3 | 2 of 3 | 1 of 1 |" in out
+    assert ("measured against measured: 1 of 3 pairs agree; sim against measured: 2 of 3 cells; "
+            "sim+cal against measured: 1 of 1 cells") in out
+    assert "r0.json: cells within 15% as it ran: sim 1, sim+cal 1 of 1" in out
+    assert "r1.json: cells within 15% as it ran: sim 1 of 1" in out           # no sim+cal 0 of 1
 
 
 def test_rates_from_offers_a_saved_runs_rates_for_the_same_traces(tmp_path, monkeypatch, capsys):
