@@ -1306,6 +1306,8 @@ def main() -> int:
         ap.error("--pool goes with --resimulate")
     rates_from = None
     if args.rates_from:
+        if args.resimulate:
+            ap.error("--rates-from sets a new run's loads: --resimulate keeps the saved run's traces")
         try:
             rates_from = saved_rates(json.loads(Path(args.rates_from).read_text()), args.seed,
                                      args.requests or (12 if args.quick else 32))
@@ -1442,6 +1444,8 @@ def run_plan(pname, label, stages, ckpt, model_name, profiles, sat, n_poisson, a
     log(f"[{pname}] {label}: predicted {pred['capacity_tokens_per_s']:.1f} tokens/s ({pred['bottleneck']}), "
         f"{cap_rate:.3f} requests/s, TTFT {pred['ttft_s']:.3f} s, TPOT {pred['tpot_s'] * 1e3:.1f} ms; workload {workload}")
     offered = load_rates(cap_rate, rates)
+    if args.rates_from and not rates:
+        log(f"[{pname}] {args.rates_from} has no {pname}: its Poisson loads are shares of this capacity")
     if rates:
         log(f"[{pname}] Poisson loads at the saved run's rates: " + ", ".join(
             f"{load} {r:.3f} requests/s ({r / cap_rate:.0%} of this capacity)" for load, r in offered.items() if r))

@@ -537,7 +537,8 @@ def test_rates_from_offers_a_saved_runs_rates_for_the_same_traces(tmp_path, monk
     path = tmp_path / "run.json"
     path.write_text(json.dumps(saved))
     for argv, said in ((["--rates-from", str(tmp_path / "none.json")], "none.json"),
-                       (["--rates-from", str(path), "--seed", "2"], "seed 0 there, 2 here")):
+                       (["--rates-from", str(path), "--seed", "2"], "seed 0 there, 2 here"),
+                       (["--rates-from", str(path), "--resimulate", str(path)], "keeps the saved run's traces")):
         monkeypatch.setattr(sys, "argv", ["fidelity_bench.py", "--no-measure", *argv])
         with pytest.raises(SystemExit) as e:
             fb.main()
