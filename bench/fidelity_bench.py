@@ -1311,8 +1311,10 @@ def main() -> int:
         try:
             rates_from = saved_rates(json.loads(Path(args.rates_from).read_text()), args.seed,
                                      args.requests or (12 if args.quick else 32))
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError) as e:
             ap.error(f"--rates-from {args.rates_from}: {e}")
+        except KeyError as e:
+            ap.error(f"--rates-from {args.rates_from}: not a --json run of this bench (no {e})")
     if args.resimulate:
         if not args.checkpoint:
             ap.error("--resimulate needs --checkpoint (the benchmark model's folder)")

@@ -1,5 +1,6 @@
-"""How steady is this host? A fixed matmul, counted second by second, beside the CPU time the
-hypervisor stole from this guest in the same second (/proc/stat's `steal`).
+"""How steady is this host? The executor benchmark's matmul calibration (executor_bench.calibrate,
+the GFLOPS the fidelity bench records before each plan), taken second by second, beside the CPU
+time the hypervisor stole from this guest in the same second (/proc/stat's `steal`).
 
     python bench/host_noise_bench.py [--seconds 40] [--threads 2] [--json out.json]
 
@@ -7,8 +8,8 @@ On a shared VM the benchmarks here move from minute to minute (docs/fidelity.md)
 guest can see why decides what a benchmark can do about it: where the slow seconds are stolen
 ones, the steal counter could flag or correct them; where steal stays near 0 while the matmul
 still moves, the host's noise (other tenants on the same cores, caches and memory bandwidth) is
-invisible from inside, and only repeated runs and medians help. One table row per second (the
-matmuls done, GFLOPS, steal %), then the spread: min, median and max, the coefficient of
+invisible from inside, and only repeated runs and medians help. One table row per second
+(GFLOPS, steal %), then the spread: min, median and max, the coefficient of
 variation, and the correlation of the matmul rate with steal. Progress and the summary on
 stderr and stdout as the other benches; --json keeps every second. Linux only for steal (other
 systems print '-').
@@ -19,10 +20,10 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
-M, K, N = 512, 2048, 2048   # one matmul: 2 M K N = 4.3 GFLOP
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from executor_bench import calibrate  # noqa: E402
 
 
 def cpu_times() -> tuple[int, int] | None:
@@ -36,21 +37,15 @@ def cpu_times() -> tuple[int, int] | None:
 
 
 def sample(seconds: int, threads: int) -> list[dict]:
-    import torch
-    torch.set_num_threads(threads)
-    a, b = torch.randn(M, K), torch.randn(K, N)
-    a @ b   # warm
     rows = []
     for i in range(seconds):
-        c0, w0, n = cpu_times(), time.perf_counter(), 0
-        while time.perf_counter() - w0 < 1.0:
-            a @ b
-            n += 1
-        wall, c1 = time.perf_counter() - w0, cpu_times()
+        c0 = cpu_times()
+        gflops = calibrate(threads, 1.0)
+        c1 = cpu_times()
         steal = (100.0 * (c1[1] - c0[1]) / max(1, c1[0] - c0[0])) if c0 and c1 else None
-        rows.append({"second": i, "matmuls": n, "gflops": 2 * M * K * N * n / wall / 1e9, "steal_pct": steal})
-        print(f"[{i + 1}/{seconds}] {n} matmuls, {rows[-1]['gflops']:.0f} GFLOPS, steal "
-              + ("-" if steal is None else f"{steal:.1f}%"), file=sys.stderr, flush=True)
+        rows.append({"second": i, "gflops": gflops, "steal_pct": steal})
+        print(f"[{i + 1}/{seconds}] {gflops:.0f} GFLOPS, steal " + ("-" if steal is None else f"{steal:.1f}%"),
+              file=sys.stderr, flush=True)
     return rows
 
 
@@ -66,8 +61,8 @@ def summary(rows: list[dict]) -> dict:
 
 
 def table(rows: list[dict], summ: dict) -> str:
-    lines = ["| second | matmuls | GFLOPS | steal % |", "|---|---|---|---|"]
-    lines += [f"| {r['second']} | {r['matmuls']} | {r['gflops']:.0f} | "
+    lines = ["| second | GFLOPS | steal % |", "|---|---|---|"]
+    lines += [f"| {r['second']} | {r['gflops']:.0f} | "
               + ("-" if r["steal_pct"] is None else f"{r['steal_pct']:.1f}") + " |" for r in rows]
     corr = summ["corr_gflops_steal"]
     lines.append(f"\nGFLOPS over {summ['seconds']} s: min {summ['gflops_min']:.0f}, median {summ['gflops_median']:.0f}, "
